@@ -1,0 +1,1759 @@
+#!/usr/bin/env python3
+"""dogestry: Docker images stored in S3 or a plain directory, no registry to run.
+
+    dogestry push STORE IMAGE[:TAG]     store an image (layers are shared and never sent twice)
+    dogestry pull STORE IMAGE[:TAG]     load it into a Docker engine (only the layers it lacks)
+
+Standard library only; Python 3.8 or newer.  The module reads top to bottom:
+
+     1. Errors
+     2. Small helpers: digests, sizes, image references
+     3. Progress reporting
+     4. Docker Engine API client
+     5. Stores: the key/value seam (local directory)
+     6. Store layout: tags, images, layers
+     7. Reading `docker save` streams
+     8. Compression
+     9. Push
+    10. Pull
+    11. Commands
+    12. Command line and main()
+"""
+
+import argparse
+import base64
+import collections
+import concurrent.futures
+import contextlib
+import datetime
+import hashlib
+import http.client
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import urllib.parse
+import zlib
+from typing import (IO, Any, BinaryIO, Callable, Dict, Iterable, Iterator, List,
+                    Mapping, NamedTuple, Optional, Sequence, Set, Tuple)
+
+__version__ = "0.1.0"
+
+# === 1. Errors ===
+
+
+class DogestryError(Exception):
+    """A failure that main() reports as one line and exit status 1."""
+
+    exit_code = 1
+
+
+class UsageError(DogestryError):
+    """The command line itself is wrong (exit status 2)."""
+
+    exit_code = 2
+
+
+class DockerError(DogestryError):
+    """The Docker engine refused a request or could not be reached."""
+
+
+class StoreError(DogestryError):
+    """The store failed to read or write a key."""
+
+
+class NotFound(StoreError):
+    """A key, tag or image is not in the store."""
+
+
+class IntegrityError(DogestryError):
+    """Stored bytes do not match the digest that names them."""
+
+
+class FormatError(DogestryError):
+    """A `docker save` stream or a stored document is malformed."""
+
+
+class Interrupted(DogestryError):
+    """The user or the system asked us to stop (Ctrl-C, SIGTERM)."""
+
+    exit_code = 130
+
+
+# === 2. Small helpers: digests, sizes, image references ===
+
+CHUNK = 1 << 20
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def sha256_digest(data: bytes) -> str:
+    """'sha256:<hex>' of a byte string."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def digest_hex(digest: str) -> str:
+    """The hex part of 'sha256:<hex>', checked so it is safe inside a key or a path."""
+    algo, _, hexpart = digest.partition(":")
+    if algo != "sha256" or not _HEX64.match(hexpart):
+        raise FormatError("not a sha256 digest: %r" % digest[:80])
+    return hexpart
+
+
+def human_size(n: float) -> str:
+    """Bytes as docker prints them: 1.5kB, 12.3MB (powers of 1000)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return ("%d%s" if unit == "B" else "%.1f%s") % (n, unit)
+        n /= 1000.0
+    return "%dB" % n
+
+
+def chain_ids(diff_ids: Sequence[str]) -> List[str]:
+    """Docker's layer chain IDs: chain[0] = diff[0], chain[i] = sha256(chain[i-1] + ' ' + diff[i])."""
+    chains = []  # type: List[str]
+    for diff_id in diff_ids:
+        if chains:
+            diff_id = sha256_digest((chains[-1] + " " + diff_id).encode())
+        chains.append(diff_id)
+    return chains
+
+
+# Docker's reference grammar (distribution/reference): a name is path components of
+# lowercase alphanumerics joined by separators, optionally after a registry host[:port].
+_NAME_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_DOMAIN = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::[0-9]+)?"
+_NAME_RE = re.compile(r"^(?:%s/)?%s(?:/%s)*$" % (_DOMAIN, _NAME_COMPONENT, _NAME_COMPONENT))
+_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_ID_RE = re.compile(r"^(?:sha256:)?([0-9a-f]{4,64})$")
+
+
+class ImageRef(NamedTuple):
+    """A repository name and tag, e.g. hipache:latest."""
+
+    name: str
+    tag: str
+
+    def __str__(self) -> str:
+        return "%s:%s" % (self.name, self.tag)
+
+
+def parse_image_ref(text: str) -> ImageRef:
+    """Parse NAME[:TAG]; a bare name means NAME:latest. Digests are not supported."""
+    if "@" in text:
+        raise UsageError("invalid reference %r: digests (@sha256:...) are not supported, use a tag" % text)
+    name, tag = text, "latest"
+    slash, colon = text.rfind("/"), text.rfind(":")
+    if colon > slash:
+        name, tag = text[:colon], text[colon + 1:]
+        if not _TAG_RE.match(tag):
+            raise UsageError("invalid tag %r in %r" % (tag, text))
+    if len(name) > 255 or not _NAME_RE.match(name):
+        raise UsageError("invalid image name %r: names are lowercase letters, digits and "
+                         "separators (. _ -), components joined by /" % name)
+    return ImageRef(name, tag)
+
+
+def image_id_prefix(text: str) -> Optional[str]:
+    """The hex of an image ID or ID prefix (4+ hex digits, 'sha256:' optional), else None."""
+    m = _ID_RE.match(text)
+    return m.group(1) if m else None
+
+
+class HashingReader:
+    """Wraps a readable, hashing and counting what passes through, calling on_read(n)."""
+
+    def __init__(self, raw: IO[bytes], on_read: Optional[Callable[[int], None]] = None):
+        self.raw, self.sha, self.count, self.on_read = raw, hashlib.sha256(), 0, on_read
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.sha.update(data)
+        self.count += len(data)
+        if self.on_read and data:
+            self.on_read(len(data))
+        return data
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self.sha.hexdigest()
+
+
+# === 3. Progress reporting ===
+
+
+class Progress:
+    """Per-task progress on stderr: redrawn bars on a TTY, plain lines otherwise, nothing with -q."""
+
+    def __init__(self, stream: IO[str], quiet: bool = False, tty: Optional[bool] = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.stream, self.quiet, self.clock = stream, quiet, clock
+        self.tty = (stream.isatty() if hasattr(stream, "isatty") else False) if tty is None else tty
+        self._lock = threading.Lock()
+        self._tasks = []  # type: List[ProgressTask]
+        self._drawn = 0
+        self._last_draw = 0.0
+
+    def note(self, message: str) -> None:
+        """A plain status line (suppressed by -q)."""
+        if self.quiet:
+            return
+        with self._lock:
+            self._write_above(message)
+
+    def task(self, label: str, action: str, total: Optional[int]) -> "ProgressTask":
+        """Start tracking a transfer of `total` bytes."""
+        task = ProgressTask(self, label, action, total)
+        with self._lock:
+            self._tasks.append(task)
+            self._redraw(force=True)
+        return task
+
+    def _write_above(self, message: str) -> None:
+        if self.tty and self._drawn:
+            self.stream.write("\x1b[%dA\x1b[J" % self._drawn)
+            self._drawn = 0
+        self.stream.write(message + "\n")
+        if self.tty:
+            self._redraw(force=True)
+        self.stream.flush()
+
+    def _redraw(self, force: bool = False) -> None:
+        if self.quiet or not self.tty:
+            return
+        now = self.clock()
+        if not force and now - self._last_draw < 0.1:
+            return
+        self._last_draw = now
+        out = []
+        if self._drawn:
+            out.append("\x1b[%dA" % self._drawn)
+        for task in self._tasks:
+            out.append("\x1b[2K" + task.render(now) + "\n")
+        self._drawn = len(self._tasks)
+        self.stream.write("".join(out))
+        self.stream.flush()
+
+    def _finished(self, task: "ProgressTask", message: str) -> None:
+        with self._lock:
+            if self.tty and not self.quiet:
+                self._redraw(force=True)
+                if all(t.done for t in self._tasks):
+                    self._tasks, self._drawn = [], 0
+            elif not self.quiet:
+                self.stream.write(message + "\n")
+                self.stream.flush()
+
+
+class ProgressTask:
+    """One tracked transfer: advance(n) as bytes move, finish() at the end."""
+
+    def __init__(self, owner: Progress, label: str, action: str, total: Optional[int]):
+        self.owner, self.label, self.action, self.total = owner, label, action, total
+        self.done_bytes, self.done, self.status = 0, False, action
+        self.started = owner.clock()
+
+    def advance(self, n: int) -> None:
+        """Count n more bytes."""
+        with self.owner._lock:
+            self.done_bytes += n
+            self.owner._redraw()
+
+    def finish(self, status: str = "done") -> None:
+        """Mark the task finished with a short status word."""
+        if self.done:
+            return
+        self.done, self.status = True, status
+        elapsed = max(self.owner.clock() - self.started, 1e-6)
+        message = "%s: %s" % (self.label, status)
+        if self.done_bytes:
+            message += " %s in %.1fs (%s/s)" % (human_size(self.done_bytes), elapsed,
+                                                 human_size(self.done_bytes / elapsed))
+        self.owner._finished(self, message)
+
+    def render(self, now: float) -> str:
+        """One line: label, bar, bytes, rate, ETA."""
+        elapsed = max(now - self.started, 1e-6)
+        rate = self.done_bytes / elapsed
+        if self.done or not self.total:
+            bar, eta = "", ""
+        else:
+            frac = min(self.done_bytes / self.total, 1.0)
+            fill = int(frac * 30)
+            bar = "[" + "=" * fill + (">" if fill < 30 else "") + " " * (29 - fill) + "] "
+            eta = " ETA %ds" % ((self.total - self.done_bytes) / rate) if rate > 0 else ""
+        size = human_size(self.done_bytes) + ("/" + human_size(self.total) if self.total else "")
+        return "%s: %-11s %s%s %s/s%s" % (self.label, self.status, bar, size, human_size(rate), eta)
+
+
+# === 4. Docker Engine API client ===
+
+DOCKER_DEFAULT_SOCKET = "/var/run/docker.sock"
+DOCKER_MIN_API = "1.24"
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over an AF_UNIX socket (the Docker daemon's default endpoint)."""
+
+    def __init__(self, path: str, timeout: Optional[float] = None):
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.unix_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class DockerEndpoint(NamedTuple):
+    """Where the Docker API lives: a unix socket path or a tcp host:port, maybe TLS."""
+
+    url: str
+    unix_path: Optional[str]
+    host: Optional[str]
+    port: Optional[int]
+    tls: Optional[ssl.SSLContext]
+
+    def connect(self, timeout: Optional[float]) -> http.client.HTTPConnection:
+        """A fresh, unconnected HTTP connection to this endpoint."""
+        if self.unix_path:
+            return UnixHTTPConnection(self.unix_path, timeout=timeout)
+        if self.tls:
+            return http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self.tls)
+        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+
+
+def docker_tls_context(environ: Mapping[str, str], home: str) -> Optional[ssl.SSLContext]:
+    """TLS settings the docker CLI way: DOCKER_TLS_VERIFY / DOCKER_TLS and DOCKER_CERT_PATH."""
+    verify = bool(environ.get("DOCKER_TLS_VERIFY"))
+    if not verify and not environ.get("DOCKER_TLS"):
+        return None
+    cert_dir = environ.get("DOCKER_CERT_PATH") or os.path.join(home, ".docker")
+    ca, cert, key = (os.path.join(cert_dir, n) for n in ("ca.pem", "cert.pem", "key.pem"))
+    try:
+        if verify:
+            ctx = ssl.create_default_context(cafile=ca if os.path.exists(ca) else None)
+        else:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        if os.path.exists(cert) and os.path.exists(key):
+            ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise DockerError("cannot use the TLS files in %s: %s" % (cert_dir, e))
+    return ctx
+
+
+def docker_endpoint(url: Optional[str], environ: Mapping[str, str], home: str) -> DockerEndpoint:
+    """Parse a Docker host URL (unix://PATH, tcp://HOST[:PORT]); default DOCKER_HOST or the socket."""
+    url = url or environ.get("DOCKER_HOST") or "unix://" + DOCKER_DEFAULT_SOCKET
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise UsageError("invalid Docker host %r: expected unix:///path or tcp://host:port" % url)
+    if scheme == "unix":
+        if not rest.startswith("/"):
+            raise UsageError("invalid Docker host %r: a unix socket needs an absolute path" % url)
+        return DockerEndpoint(url, rest, None, None, None)
+    if scheme in ("tcp", "http", "https"):
+        tls = docker_tls_context(environ, home)
+        if scheme == "https" and tls is None:
+            tls = ssl.create_default_context()
+        parsed = urllib.parse.urlsplit("//" + rest)
+        try:
+            port = parsed.port or (2376 if tls else 2375)
+        except ValueError:
+            raise UsageError("invalid Docker host %r: bad port" % url)
+        if not parsed.hostname:
+            raise UsageError("invalid Docker host %r: no host name" % url)
+        return DockerEndpoint(url, None, parsed.hostname, port, tls)
+    raise UsageError("unsupported Docker host scheme %r in %r (use unix:// or tcp://)" % (scheme, url))
+
+
+def _docker_message(body: bytes) -> str:
+    try:
+        doc = json.loads(body.decode("utf-8", "replace"))
+        return str(doc.get("message") or doc.get("cause") or doc)
+    except (ValueError, AttributeError):
+        return body.decode("utf-8", "replace").strip()[:300]
+
+
+class DockerClient:
+    """The parts of the Docker Engine API that dogestry needs, over http.client."""
+
+    def __init__(self, endpoint: DockerEndpoint, timeout: float = 60.0):
+        self.endpoint, self.timeout = endpoint, timeout
+        self._api_version = None  # type: Optional[str]
+        self._local = threading.local()
+
+    # -- transport --
+
+    def _connection(self, timeout: Optional[float]) -> http.client.HTTPConnection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None or conn.timeout != timeout:
+            conn = self.endpoint.connect(timeout)
+            self._local.conn = conn
+        return conn
+
+    def _drop_connection(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def request(self, method: str, path: str, body: Any = None, headers: Optional[Dict[str, str]] = None,
+                timeout: Optional[float] = -1.0, versioned: bool = True) -> http.client.HTTPResponse:
+        """Send a request; return the response (status checked, body unread)."""
+        if versioned:
+            path = "/v%s%s" % (self.api_version(), path)
+        timeout = self.timeout if timeout == -1.0 else timeout
+        headers = dict(headers or {})
+        conn = self._connection(timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers,
+                         encode_chunked=body is not None and not isinstance(body, (bytes, str)))
+            resp = conn.getresponse()
+        except DogestryError:
+            self._drop_connection()
+            raise
+        except (OSError, http.client.HTTPException) as e:
+            self._drop_connection()
+            raise DockerError("cannot talk to Docker at %s: %s" % (self.endpoint.url, _os_reason(e)))
+        if resp.status >= 400:
+            message = _docker_message(resp.read())
+            self._drop_connection()
+            raise DockerError("docker %s %s: %s (HTTP %d)" % (method, path.split("?")[0], message, resp.status))
+        return resp
+
+    def json(self, method: str, path: str, timeout: Optional[float] = -1.0) -> Any:
+        """A request whose answer is one JSON document."""
+        resp = self.request(method, path, timeout=timeout)
+        try:
+            return json.loads(resp.read())
+        except (ValueError, OSError, http.client.HTTPException) as e:
+            self._drop_connection()
+            raise DockerError("bad answer from Docker at %s: %s" % (self.endpoint.url, e))
+
+    # -- API --
+
+    def api_version(self) -> str:
+        """The API version to speak, negotiated once from GET /_ping."""
+        if self._api_version is None:
+            resp = self.request("GET", "/_ping", timeout=min(self.timeout, 10.0), versioned=False)
+            resp.read()
+            self._api_version = resp.getheader("Api-Version") or DOCKER_MIN_API
+        return self._api_version
+
+    def version(self) -> Dict[str, Any]:
+        """GET /version."""
+        return self.json("GET", "/version")
+
+    def inspect_image(self, ref: str) -> Optional[Dict[str, Any]]:
+        """GET /images/{ref}/json, or None when the engine has no such image."""
+        try:
+            return self.json("GET", "/images/%s/json" % urllib.parse.quote(ref, safe="/:@"))
+        except DockerError as e:
+            if "(HTTP 404)" in str(e):
+                return None
+            raise
+
+    def list_images(self) -> List[Dict[str, Any]]:
+        """GET /images/json?all=1."""
+        return self.json("GET", "/images/json?all=1")
+
+    def layer_chains(self) -> Set[str]:
+        """The chain IDs of every layer the engine has (from all its images' RootFS)."""
+        chains = set()  # type: Set[str]
+        for summary in self.list_images():
+            info = self.inspect_image(summary["Id"])
+            if info:
+                chains.update(chain_ids((info.get("RootFS") or {}).get("Layers") or []))
+        return chains
+
+    def save(self, image_id: str) -> http.client.HTTPResponse:
+        """GET /images/get: the `docker save` tar stream of one image."""
+        return self.request("GET", "/images/get?names=" + urllib.parse.quote(image_id), timeout=None)
+
+    def load(self, body: Iterable[bytes]) -> str:
+        """POST /images/load with a streamed tar; return what the engine said it loaded."""
+        resp = self.request("POST", "/images/load?quiet=1", body=body, timeout=None,
+                            headers={"Content-Type": "application/x-tar"})
+        messages = []
+        try:
+            for line in resp.read().decode("utf-8", "replace").splitlines():
+                if not line.strip():
+                    continue
+                try:
+                    doc = json.loads(line)
+                except ValueError:
+                    messages.append(line.strip())
+                    continue
+                if doc.get("errorDetail") or doc.get("error"):
+                    err = (doc.get("errorDetail") or {}).get("message") or doc.get("error")
+                    raise DockerError("docker load failed: %s" % err)
+                if doc.get("stream"):
+                    messages.append(doc["stream"].strip())
+        except (OSError, http.client.HTTPException) as e:
+            self._drop_connection()
+            raise DockerError("docker load failed: %s" % e)
+        return "; ".join(m for m in messages if m)
+
+    def tag(self, image_id: str, ref: ImageRef) -> None:
+        """POST /images/{id}/tag."""
+        query = urllib.parse.urlencode({"repo": ref.name, "tag": ref.tag})
+        self.request("POST", "/images/%s/tag?%s" % (image_id, query)).read()
+
+
+def _os_reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e) or type(e).__name__
+
+
+# === 5. Stores: the key/value seam (local directory) ===
+#
+# A store is a flat namespace of '/'-separated keys holding immutable bytes.  Every
+# store offers the same five verbs, streaming, so push and pull never care whether the
+# bytes live in a directory or (later) in an S3 bucket.
+
+_KEY_COMPONENT = re.compile(r"^[^/\x00]+$")
+
+
+def check_key(key: str) -> str:
+    """Refuse keys that could escape the store: empty, absolute, '.' or '..' components."""
+    parts = key.split("/")
+    if not key or any(p in ("", ".", "..") or not _KEY_COMPONENT.match(p) for p in parts):
+        raise StoreError("refusing unsafe store key %r" % key)
+    return key
+
+
+class Store:
+    """The store interface: stat/open/put/list/delete of keys (subclasses implement it)."""
+
+    url = ""
+
+    def stat(self, key: str) -> Optional[int]:
+        """Size of the object at key, or None if absent."""
+        raise NotImplementedError
+
+    def open(self, key: str) -> BinaryIO:
+        """A readable stream of the object's bytes (NotFound if absent)."""
+        raise NotImplementedError
+
+    def put(self, key: str, src: BinaryIO, size: int) -> None:
+        """Store exactly `size` bytes read from src at key, atomically."""
+        raise NotImplementedError
+
+    def list(self, prefix: str) -> Iterator[str]:
+        """Every key starting with prefix, in sorted order."""
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        """Remove key (no error if absent)."""
+        raise NotImplementedError
+
+    def ensure(self) -> None:
+        """Create the store if it can be (a missing directory), before writing."""
+
+    def check(self) -> None:
+        """Raise NotFound unless the store exists."""
+
+    # Conveniences built on the five verbs.
+
+    def get_bytes(self, key: str, limit: int = 64 << 20) -> bytes:
+        """A small object's whole content."""
+        with contextlib.closing(self.open(key)) as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise StoreError("%s: %s is larger than %s" % (self.url, key, human_size(limit)))
+        return data
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        """Store a small object."""
+        self.put(key, io.BytesIO(data), len(data))
+
+
+class LocalStore(Store):
+    """A store in a directory: key 'a/b' is the file ROOT/a/b, written via rename."""
+
+    def __init__(self, root: str):
+        self.root = os.path.abspath(root)
+        self.url = self.root
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, *check_key(key).split("/"))
+
+    def check(self) -> None:
+        if not os.path.isdir(self.root):
+            raise NotFound("store %s does not exist (or is not a directory)" % self.root)
+
+    def ensure(self) -> None:
+        try:
+            os.makedirs(self.root, exist_ok=True)
+        except OSError as e:
+            raise StoreError("cannot create store directory %s: %s" % (self.root, _os_reason(e)))
+
+    def stat(self, key: str) -> Optional[int]:
+        try:
+            st = os.stat(self._path(key))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as e:
+            raise StoreError("%s: cannot read %s: %s" % (self.url, key, _os_reason(e)))
+        return st.st_size if not os.path.isdir(self._path(key)) else None
+
+    def open(self, key: str) -> BinaryIO:
+        try:
+            return open(self._path(key), "rb")
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise NotFound("%s: no %s in the store" % (self.url, key))
+        except OSError as e:
+            raise StoreError("%s: cannot read %s: %s" % (self.url, key, _os_reason(e)))
+
+    def put(self, key: str, src: BinaryIO, size: int) -> None:
+        path = self._path(key)
+        tmp = None
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
+            with os.fdopen(fd, "wb") as out:
+                copied = copy_stream(src, out, size)
+                out.flush()
+                os.fsync(out.fileno())
+            if copied != size:
+                raise StoreError("%s: short write of %s (%d of %d bytes)" % (self.url, key, copied, size))
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+            tmp = None
+        except OSError as e:
+            raise StoreError("%s: cannot write %s: %s" % (self.url, key, _os_reason(e)))
+        finally:
+            if tmp:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+
+    def list(self, prefix: str) -> Iterator[str]:
+        base = self.root
+        keys = []
+        for dirpath, dirnames, filenames in os.walk(base):
+            rel = os.path.relpath(dirpath, base)
+            rel = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+            dirnames[:] = [d for d in dirnames if (rel + d + "/").startswith(prefix) or prefix.startswith(rel + d + "/")]
+            keys.extend(rel + f for f in filenames if not f.startswith(".tmp-") and (rel + f).startswith(prefix))
+        return iter(sorted(keys))
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise StoreError("%s: cannot delete %s: %s" % (self.url, key, _os_reason(e)))
+        self._prune_dirs(os.path.dirname(path))
+
+    def _prune_dirs(self, path: str) -> None:
+        while path.startswith(self.root + os.sep):
+            try:
+                os.rmdir(path)
+            except OSError:
+                return
+            path = os.path.dirname(path)
+
+
+def copy_stream(src: IO[bytes], dst: IO[bytes], limit: Optional[int] = None,
+                abort: Optional[threading.Event] = None) -> int:
+    """Copy up to `limit` bytes (all if None) in CHUNK pieces; return the count."""
+    copied = 0
+    while limit is None or copied < limit:
+        if abort is not None and abort.is_set():
+            raise Interrupted("stopped")
+        data = src.read(CHUNK if limit is None else min(CHUNK, limit - copied))
+        if not data:
+            break
+        dst.write(data)
+        copied += len(data)
+    return copied
+
+
+def open_store(url: str) -> Store:
+    """A store from a path, file:///path, or (not yet) s3://bucket/prefix."""
+    if "://" not in url:
+        if not url:
+            raise UsageError("empty store location")
+        return LocalStore(url)
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise UsageError("file:// store URLs must be local: file:///path (got %r)" % url)
+        return LocalStore(urllib.parse.unquote(parsed.path) or "/")
+    if parsed.scheme == "s3":
+        raise UsageError("s3:// stores are not available in this version yet (use a directory or file:///path)")
+    raise UsageError("unsupported store URL %r: use a directory, file:///path or s3://bucket/prefix" % url)
+
+
+# === 6. Store layout: tags, images, layers ===
+#
+#   repositories/<name>/<tag>      the image ID (64 hex), as the original dogestry wrote it
+#   images/<id>/config.json        the image config, byte for byte (its sha256 is the ID)
+#   images/<id>/manifest.json      the layers in order; written after all of them are stored
+#   layers/<diff-id hex>.json      which blob holds a layer (the dedup index)
+#   blobs/sha256/<hex>             a layer as stored (gzip or raw), named by its own digest
+#
+# The original (Go) layout is read too: images/<v1-id>/{json,layer.tar,VERSION},
+# chained by "parent", with repositories/<name>/<tag> naming the top v1 id.
+
+MANIFEST_MEDIA_TYPE = "application/vnd.dogestry.image.v2+json"
+
+
+def tag_key(ref: ImageRef) -> str:
+    return "repositories/%s/%s" % (ref.name, ref.tag)
+
+
+def image_key(image_hex: str, leaf: str) -> str:
+    return "images/%s/%s" % (image_hex, leaf)
+
+
+def layer_index_key(diff_id: str) -> str:
+    return "layers/%s.json" % digest_hex(diff_id)
+
+
+def blob_key(digest: str) -> str:
+    return "blobs/sha256/" + digest_hex(digest)
+
+
+class LayerRecord(NamedTuple):
+    """One layer as stored: its diffID, the blob holding it, and how that blob is encoded."""
+
+    diff_id: str
+    digest: str
+    size: int
+    compression: str  # "gzip", "zstd" or "none"
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"diffID": self.diff_id, "digest": self.digest, "size": self.size,
+                "compression": self.compression}
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> "LayerRecord":
+        try:
+            record = cls(str(doc["diffID"]), str(doc["digest"]), int(doc["size"]), str(doc["compression"]))
+        except (KeyError, TypeError, ValueError):
+            raise FormatError("malformed layer record: %.200s" % json.dumps(doc))
+        digest_hex(record.diff_id), digest_hex(record.digest)
+        return record
+
+
+class StoredImage(NamedTuple):
+    """An image as the store describes it; legacy images carry their v1 chain instead."""
+
+    image_id: str            # 'sha256:<hex>' (new layout) or the top v1 id (legacy)
+    layers: List[LayerRecord]
+    legacy_chain: List[str]  # v1 ids, bottom first (legacy only)
+
+    @property
+    def legacy(self) -> bool:
+        return bool(self.legacy_chain)
+
+
+def read_json(store: Store, key: str) -> Any:
+    """A stored JSON document."""
+    data = store.get_bytes(key)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except ValueError as e:
+        raise FormatError("%s: %s is not valid JSON: %s" % (store.url, key, e))
+
+
+def write_json(store: Store, key: str, doc: Any) -> None:
+    """Store a JSON document (sorted keys, so equal documents are equal bytes)."""
+    store.put_bytes(key, json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n")
+
+
+def read_tag(store: Store, ref: ImageRef) -> str:
+    """The image hex a tag points to (NotFound if the tag is absent)."""
+    try:
+        text = store.get_bytes(tag_key(ref), limit=4096).decode("ascii", "replace").strip()
+    except NotFound:
+        raise NotFound("%s not found in %s" % (ref, store.url))
+    hexpart = text[7:] if text.startswith("sha256:") else text
+    if not _HEX64.match(hexpart):
+        raise FormatError("%s: tag %s holds %r, not an image id" % (store.url, ref, text[:80]))
+    return hexpart
+
+
+def list_tags(store: Store) -> List[Tuple[ImageRef, str]]:
+    """Every (ref, image hex) in the store, sorted by name and tag."""
+    out = []
+    for key in store.list("repositories/"):
+        name, _, tag = key[len("repositories/"):].rpartition("/")
+        if not name:
+            continue
+        ref = ImageRef(name, tag)
+        with contextlib.suppress(DogestryError):
+            out.append((ref, read_tag(store, ref)))
+    return out
+
+
+def list_image_ids(store: Store) -> List[str]:
+    """Every image id (hex) with a directory under images/."""
+    ids = set()
+    for key in store.list("images/"):
+        parts = key.split("/")
+        if len(parts) == 3 and _HEX64.match(parts[1]):
+            ids.add(parts[1])
+    return sorted(ids)
+
+
+def resolve_image(store: Store, text: str) -> Tuple[str, Optional[ImageRef]]:
+    """Find an image by NAME[:TAG] or by (a prefix of) its ID; return (hex, ref or None)."""
+    ref = None  # type: Optional[ImageRef]
+    with contextlib.suppress(UsageError):
+        ref = parse_image_ref(text)
+    if ref is not None and store.stat(tag_key(ref)) is not None:
+        return read_tag(store, ref), ref
+    prefix = image_id_prefix(text)
+    if prefix is not None:
+        matches = [i for i in list_image_ids(store) if i.startswith(prefix)]
+        if len(matches) == 1:
+            return matches[0], None
+        if len(matches) > 1:
+            raise UsageError("image id prefix %r is ambiguous in %s (%d matches)" % (text, store.url, len(matches)))
+    if ref is None:
+        parse_image_ref(text)  # raises the reference's own usage error
+    raise NotFound("%s not found in %s" % (text, store.url))
+
+
+def load_stored_image(store: Store, image_hex: str) -> StoredImage:
+    """Read an image's manifest (or, for the original layout, walk its v1 chain)."""
+    if store.stat(image_key(image_hex, "manifest.json")) is not None:
+        doc = read_json(store, image_key(image_hex, "manifest.json"))
+        try:
+            layers = [LayerRecord.from_json(d) for d in doc["layers"]]
+            config_digest = doc["config"]["digest"]
+        except (KeyError, TypeError):
+            raise FormatError("%s: malformed image manifest for %s" % (store.url, image_hex[:12]))
+        if config_digest != "sha256:" + image_hex:
+            raise FormatError("%s: manifest of %s names another config" % (store.url, image_hex[:12]))
+        return StoredImage("sha256:" + image_hex, layers, [])
+    if store.stat(image_key(image_hex, "json")) is not None:
+        return StoredImage(image_hex, [], legacy_chain(store, image_hex))
+    raise NotFound("%s: image %s is missing (the tag points to an image that is not stored)"
+                   % (store.url, image_hex[:12]))
+
+
+def legacy_chain(store: Store, top_hex: str) -> List[str]:
+    """The v1 ids from the base layer up to top_hex, following "parent"."""
+    chain, seen = [], set()
+    current = top_hex  # type: Optional[str]
+    while current:
+        if current in seen or len(chain) > 1000:
+            raise FormatError("%s: legacy image %s has a parent loop" % (store.url, top_hex[:12]))
+        if not _HEX64.match(current):
+            raise FormatError("%s: legacy image names a bad parent %r" % (store.url, current[:80]))
+        seen.add(current)
+        chain.append(current)
+        doc = read_json(store, image_key(current, "json"))
+        current = doc.get("parent") or None
+    chain.reverse()
+    return chain
+
+
+# === 7. Reading `docker save` streams ===
+#
+# `docker save` writes one of three shapes (moby image/tarexport):
+#  - dockerd <= 24: <v1-id>/{VERSION,json,layer.tar} directories, <config-hex>.json,
+#    then manifest.json and repositories at the end; a layer seen twice is a symlink.
+#  - dockerd 25+: an OCI layout (oci-layout, index.json, blobs/sha256/<hex>) plus a
+#    manifest.json whose Layers name blobs/sha256/<diff-id> (uncompressed tars).
+#  - dockerd 29 with the containerd store: the same, but layer blobs may be the stored
+#    (compressed) blobs, so a blob's digest need not be its diffID.
+# We spool each large member to disk while hashing it; the hash tells which layer it is.
+
+SMALL_MEMBER = 1 << 20
+
+
+class Spool(NamedTuple):
+    """A member of the save stream spooled to disk, with its digest and size."""
+
+    path: str
+    digest: str
+    size: int
+
+
+class SaveContents:
+    """What a save stream held: small files in memory, large ones spooled, symlinks."""
+
+    def __init__(self) -> None:
+        self.small = {}     # type: Dict[str, bytes]
+        self.spooled = {}   # type: Dict[str, Spool]
+        self.links = {}     # type: Dict[str, str]
+        self.digests = {}   # type: Dict[str, str]   member name -> sha256 digest
+
+    def resolve(self, name: str) -> str:
+        """Follow symlinks (relative to the member's directory) to a regular member name."""
+        for _ in range(40):
+            if name not in self.links:
+                return name
+            target = self.links[name]
+            name = os.path.normpath(os.path.join(os.path.dirname(name), target)).replace(os.sep, "/")
+        raise FormatError("symlink loop in docker save stream at %r" % name)
+
+    def read_small(self, name: str) -> bytes:
+        name = self.resolve(name)
+        if name in self.small:
+            return self.small[name]
+        if name in self.spooled:
+            with open(self.spooled[name].path, "rb") as f:
+                return f.read()
+        raise FormatError("docker save stream has no %r" % name)
+
+
+def read_save_stream(stream: IO[bytes], spool_dir: str, on_layer: Callable[[Spool], bool],
+                     abort: Optional[threading.Event] = None) -> SaveContents:
+    """Walk a `docker save` tar: keep small members, spool big ones and offer each to on_layer.
+
+    on_layer(spool) returns True when it took ownership of the spooled file (a needed layer),
+    False to keep it for later resolution through manifest.json.
+    """
+    contents = SaveContents()
+    try:
+        archive = tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK)
+        for member in archive:
+            if abort is not None and abort.is_set():
+                raise Interrupted("stopped")
+            name = member.name.lstrip("./") if member.name.startswith("./") else member.name
+            if member.issym() or member.islnk():
+                contents.links[name] = member.linkname if member.issym() else "/" + member.linkname
+                if member.islnk():
+                    contents.links[name] = os.path.relpath(member.linkname, os.path.dirname(name) or ".")
+                continue
+            if not member.isfile():
+                continue
+            src = archive.extractfile(member)
+            if src is None:
+                continue
+            if member.size <= SMALL_MEMBER and not name.endswith("layer.tar"):
+                data = src.read()
+                contents.small[name] = data
+                contents.digests[name] = sha256_digest(data)
+                continue
+            spool = _spool_member(src, spool_dir, len(contents.spooled), member.size, abort)
+            contents.digests[name] = spool.digest
+            if not on_layer(spool):
+                contents.spooled[name] = spool
+            else:
+                contents.spooled[name] = Spool("", spool.digest, spool.size)
+    except tarfile.TarError as e:
+        raise FormatError("broken docker save stream: %s" % e)
+    except (OSError, http.client.HTTPException) as e:
+        if isinstance(e, OSError) and e.errno is not None and e.filename:
+            raise DogestryError("cannot spool to %s: %s" % (spool_dir, _os_reason(e)))
+        raise DockerError("docker save stream broke: %s" % _os_reason(e))
+    return contents
+
+
+def _spool_member(src: IO[bytes], spool_dir: str, index: int, size: int,
+                  abort: Optional[threading.Event]) -> Spool:
+    path = os.path.join(spool_dir, "member-%d" % index)
+    reader = HashingReader(src)
+    with open(path, "wb") as out:
+        copied = copy_stream(reader, out, size, abort)
+    if copied != size:
+        raise FormatError("docker save stream ended inside a layer (%d of %d bytes)" % (copied, size))
+    return Spool(path, reader.digest, size)
+
+
+class SavedImage(NamedTuple):
+    """The image a save stream describes: config bytes and per-layer member names."""
+
+    config: bytes
+    layer_members: List[str]
+    diff_ids: List[str]
+
+
+def parse_saved_image(contents: SaveContents, image_id: str) -> SavedImage:
+    """Find the image's config and layer list in manifest.json (any save format)."""
+    try:
+        manifest = json.loads(contents.read_small("manifest.json"))
+    except ValueError as e:
+        raise FormatError("docker save stream has a bad manifest.json: %s" % e)
+    entries = [e for e in manifest if isinstance(e, dict) and "Config" in e]
+    if not entries:
+        raise FormatError("docker save stream's manifest.json lists no image")
+    chosen = None
+    for entry in entries:
+        name = contents.resolve(entry["Config"])
+        if contents.digests.get(name) == image_id:
+            chosen = entry
+    if chosen is None:
+        if len(entries) != 1:
+            raise FormatError("docker save stream does not contain image %s" % image_id)
+        chosen = entries[0]
+    config = contents.read_small(chosen["Config"])
+    try:
+        diff_ids = json.loads(config)["rootfs"]["diff_ids"]
+    except (ValueError, KeyError, TypeError):
+        raise FormatError("image config has no rootfs.diff_ids")
+    layers = [contents.resolve(name) for name in chosen.get("Layers") or []]
+    if len(layers) != len(diff_ids):
+        raise FormatError("manifest.json lists %d layers but the config %d" % (len(layers), len(diff_ids)))
+    return SavedImage(config, layers, list(diff_ids))
+
+
+# === 8. Compression ===
+#
+# Layers are gzip-compressed in CHUNK_GZ pieces on all cores: each piece becomes an
+# independent gzip member, and concatenated members form one valid gzip stream
+# (RFC 1952 section 2.2), which docker load and any gunzip read as a whole.
+
+CHUNK_GZ = 4 << 20
+GZIP_LEVEL = 1
+INCOMPRESSIBLE_RATIO = 0.9
+COMPRESSIONS = ("gzip", "none")
+
+
+def gzip_member(data: bytes, level: int = GZIP_LEVEL) -> bytes:
+    """One complete gzip member (zlib releases the GIL, so members compress in parallel)."""
+    comp = zlib.compressobj(level, zlib.DEFLATED, 31)
+    return comp.compress(data) + comp.flush()
+
+
+def looks_compressible(sample: bytes) -> bool:
+    """Judge from a sample whether gzip is worth its CPU (random or packed data is not)."""
+    if len(sample) < 4096:
+        return True
+    return len(gzip_member(sample[:CHUNK_GZ])) < INCOMPRESSIBLE_RATIO * len(sample[:CHUNK_GZ])
+
+
+def detect_compression(head: bytes) -> str:
+    """The compression a blob already has, from its magic number."""
+    if head[:2] == b"\x1f\x8b":
+        return "gzip"
+    if head[:4] == b"\x28\xb5\x2f\xfd":
+        return "zstd"
+    return "none"
+
+
+def gzip_file(src_path: str, dst_path: str, pool: concurrent.futures.Executor, window: int,
+              abort: threading.Event, on_progress: Callable[[int], None]) -> Tuple[str, int]:
+    """Compress a file into concatenated gzip members, in parallel, in order; return (digest, size)."""
+    sha, size = hashlib.sha256(), 0
+    pending = collections.deque()  # type: collections.deque
+    with open(src_path, "rb") as src, open(dst_path, "wb") as dst:
+
+        def drain_one() -> None:
+            nonlocal size
+            raw_len, future = pending.popleft()
+            data = future.result()
+            sha.update(data)
+            dst.write(data)
+            size += len(data)
+            on_progress(raw_len)
+
+        while True:
+            if abort.is_set():
+                raise Interrupted("stopped")
+            chunk = src.read(CHUNK_GZ)
+            if not chunk:
+                break
+            pending.append((len(chunk), pool.submit(gzip_member, chunk)))
+            if len(pending) >= window:
+                drain_one()
+        while pending:
+            drain_one()
+    return "sha256:" + sha.hexdigest(), size
+
+
+# === 9. Push ===
+
+
+class PushOptions(NamedTuple):
+    """How to push: compression choice, temp dir, worker counts."""
+
+    compression: str = "gzip"
+    tempdir: Optional[str] = None
+    workers: int = max(os.cpu_count() or 1, 1)
+    uploads: int = 4
+
+
+class LayerPipeline:
+    """Compress and upload layers in the background while the save stream is still read."""
+
+    def __init__(self, store: Store, work_dir: str, progress: Progress, options: PushOptions):
+        self.store, self.work_dir, self.progress, self.options = store, work_dir, progress, options
+        self.abort = threading.Event()
+        self.records = {}  # type: Dict[str, LayerRecord]
+        self._lock = threading.Lock()
+        self._gzip_pool = concurrent.futures.ThreadPoolExecutor(options.workers, "dogestry-gzip")
+        self._stage_pool = concurrent.futures.ThreadPoolExecutor(1, "dogestry-compress")
+        self._upload_pool = concurrent.futures.ThreadPoolExecutor(options.uploads, "dogestry-upload")
+        self._futures = []  # type: List[concurrent.futures.Future]
+
+    def submit(self, diff_id: str, spool: Spool, stored_compression: Optional[str] = None) -> None:
+        """Queue a spooled layer: compress it (unless told it already is), then upload it."""
+        self._futures.append(self._stage_pool.submit(self._prepare, diff_id, spool, stored_compression))
+
+    def _prepare(self, diff_id: str, spool: Spool, stored_compression: Optional[str]) -> None:
+        label = diff_id[7:19]
+        compression = stored_compression or "none"
+        blob = spool
+        if stored_compression is None and self.options.compression == "gzip":
+            with open(spool.path, "rb") as f:
+                sample = f.read(CHUNK_GZ)
+            if looks_compressible(sample):
+                task = self.progress.task(label, "compressing", spool.size)
+                gz_path = spool.path + ".gz"
+                digest, size = gzip_file(spool.path, gz_path, self._gzip_pool, 2 * self.options.workers,
+                                         self.abort, task.advance)
+                task.finish("compressed %s ->" % human_size(spool.size))
+                os.unlink(spool.path)
+                blob, compression = Spool(gz_path, digest, size), "gzip"
+        record = LayerRecord(diff_id, blob.digest, blob.size, compression)
+        self._futures.append(self._upload_pool.submit(self._upload, record, blob.path))
+
+    def _upload(self, record: LayerRecord, path: str) -> None:
+        task = self.progress.task(record.diff_id[7:19], "uploading", record.size)
+        try:
+            with open(path, "rb") as f:
+                self.store.put(blob_key(record.digest), HashingReader(f, task.advance), record.size)  # type: ignore
+            write_json(self.store, layer_index_key(record.diff_id), record.to_json())
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        task.finish("pushed")
+        with self._lock:
+            self.records[record.diff_id] = record
+
+    def finish(self) -> Dict[str, LayerRecord]:
+        """Wait for every queued layer; raise the first failure."""
+        done = 0
+        while done < len(self._futures):  # uploads are appended while compressions finish
+            self._futures[done].result()
+            done += 1
+        return dict(self.records)
+
+    def close(self) -> None:
+        """Stop all work (on error or interrupt) and wait for the threads."""
+        self.abort.set()
+        for pool in (self._stage_pool, self._upload_pool, self._gzip_pool):
+            pool.shutdown(wait=True)
+
+
+def stored_layer(store: Store, diff_id: str) -> Optional[LayerRecord]:
+    """The record of a layer already in the store, if its blob is really there."""
+    try:
+        record = LayerRecord.from_json(read_json(store, layer_index_key(diff_id)))
+    except NotFound:
+        return None
+    except FormatError:
+        return None
+    if record.diff_id != diff_id or store.stat(blob_key(record.digest)) != record.size:
+        return None
+    return record
+
+
+@contextlib.contextmanager
+def work_directory(tempdir: Optional[str]) -> Iterator[str]:
+    """A private temp dir under -tempdir, always removed afterwards."""
+    base = tempdir or tempfile.gettempdir()
+    try:
+        path = tempfile.mkdtemp(prefix="dogestry-", dir=base)
+    except OSError as e:
+        raise DogestryError("cannot create a temp dir in %s: %s" % (base, _os_reason(e)))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def push_image(docker: DockerClient, store: Store, text: str, progress: Progress,
+               options: PushOptions) -> str:
+    """Push one local image (NAME[:TAG] or ID) and its tag; return the image ID."""
+    ref = None  # type: Optional[ImageRef]
+    if image_id_prefix(text) is None or ":" in text and not text.startswith("sha256:"):
+        ref = parse_image_ref(text)
+    info = docker.inspect_image(str(ref) if ref else text)
+    if info is None:
+        raise NotFound("no such image on the Docker host: %s" % (ref or text))
+    image_id = info["Id"]
+    image_hex = digest_hex(image_id)
+    diff_ids = list((info.get("RootFS") or {}).get("Layers") or [])
+    store.ensure()
+    if store.stat(image_key(image_hex, "manifest.json")) is not None:
+        progress.note("%s: image %s is already stored" % (ref or text, image_hex[:12]))
+    else:
+        _push_new_image(docker, store, image_id, diff_ids, progress, options)
+    if ref is not None:
+        store.put_bytes(tag_key(ref), image_hex.encode())
+        progress.note("pushed %s (%s) to %s" % (ref, image_hex[:12], store.url))
+    return image_id
+
+
+def _push_new_image(docker: DockerClient, store: Store, image_id: str, diff_ids: List[str],
+                    progress: Progress, options: PushOptions) -> None:
+    known = {}  # type: Dict[str, LayerRecord]
+    for diff_id in set(diff_ids):
+        record = stored_layer(store, diff_id)
+        if record is not None:
+            known[diff_id] = record
+    if known:
+        progress.note("%d of %d layers already stored" % (len(set(known)), len(set(diff_ids))))
+    wanted = set(diff_ids) - set(known)
+    with work_directory(options.tempdir) as work:
+        pipeline = LayerPipeline(store, work, progress, options)
+        try:
+            def on_layer(spool: Spool) -> bool:
+                if spool.digest in wanted:
+                    wanted.discard(spool.digest)
+                    pipeline.submit(spool.digest, spool)
+                    return True
+                if spool.digest in known:
+                    os.unlink(spool.path)
+                    return True
+                return False
+
+            contents = read_save_stream(docker.save(image_id), work, on_layer, pipeline.abort)
+            saved = parse_saved_image(contents, image_id)
+            if saved.diff_ids != diff_ids:
+                raise FormatError("docker save returned other layers than docker inspect reported")
+            _submit_precompressed(contents, saved, wanted, pipeline)
+            known.update(pipeline.finish())
+        finally:
+            pipeline.close()
+    config_digest = sha256_digest(saved.config)
+    if config_digest != image_id:
+        raise IntegrityError("the saved config hashes to %s, not to the image ID %s" % (config_digest, image_id))
+    _write_image(store, image_id, saved.config, [known[d] for d in diff_ids])
+
+
+def _submit_precompressed(contents: SaveContents, saved: SavedImage, wanted: Set[str],
+                          pipeline: LayerPipeline) -> None:
+    """Layers the hash did not identify: docker 29 exports them compressed; store them as they are."""
+    for member, diff_id in zip(saved.layer_members, saved.diff_ids):
+        if diff_id not in wanted:
+            continue
+        spool = contents.spooled.get(member)
+        if spool is None or not spool.path:
+            if member in contents.small:  # a tiny compressed layer kept in memory
+                path = os.path.join(pipeline.work_dir, "small-%s" % diff_id[7:19])
+                with open(path, "wb") as f:
+                    f.write(contents.small[member])
+                data = contents.small[member]
+                spool = Spool(path, sha256_digest(data), len(data))
+            else:
+                raise FormatError("docker save stream lacks layer %s" % diff_id)
+        compression = detect_compression(open(spool.path, "rb").read(4))
+        if compression == "none":
+            raise IntegrityError("layer %s in the save stream does not match its diffID" % diff_id)
+        wanted.discard(diff_id)
+        pipeline.submit(diff_id, spool, compression)
+    if wanted:
+        raise FormatError("docker save stream lacks layers: %s" % ", ".join(sorted(wanted)))
+
+
+def _write_image(store: Store, image_id: str, config: bytes, layers: List[LayerRecord]) -> None:
+    """Verify every layer blob is stored, then write config and manifest (the manifest last)."""
+    for record in layers:
+        if store.stat(blob_key(record.digest)) != record.size:
+            raise IntegrityError("%s: layer blob %s is missing or has the wrong size"
+                                 % (store.url, record.digest))
+    image_hex = digest_hex(image_id)
+    store.put_bytes(image_key(image_hex, "config.json"), config)
+    write_json(store, image_key(image_hex, "manifest.json"), {
+        "mediaType": MANIFEST_MEDIA_TYPE,
+        "schemaVersion": 2,
+        "config": {"digest": image_id, "size": len(config)},
+        "layers": [r.to_json() for r in layers],
+        "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "dogestry": __version__,
+    })
+
+
+# === 10. Pull ===
+
+
+def tar_header(name: str, size: int) -> bytes:
+    """A tar header block for a regular file (mode 0644, mtime 0)."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = size, 0o644, 0
+    return info.tobuf(format=tarfile.PAX_FORMAT)
+
+
+def tar_padding(size: int) -> bytes:
+    """Zero bytes that fill a member's data up to the next 512-byte block."""
+    return b"\0" * (-size % 512)
+
+
+TAR_END = b"\0" * 1024
+
+
+def tar_bytes_member(name: str, data: bytes) -> bytes:
+    """A whole small tar member."""
+    return tar_header(name, len(data)) + data + tar_padding(len(data))
+
+
+def verified_blob_chunks(store: Store, record: LayerRecord, on_read: Callable[[int], None]) -> Iterator[bytes]:
+    """Stream a blob, holding back its last chunk until its digest and size are verified.
+
+    Withholding the tail means a corrupt blob never reaches docker whole: the load sees
+    a truncated tar and fails, so nothing is loaded or tagged.
+    """
+    sha, seen, held = hashlib.sha256(), 0, None  # type: Any, int, Optional[bytes]
+    with contextlib.closing(store.open(blob_key(record.digest))) as f:
+        while True:
+            data = f.read(CHUNK)
+            if not data:
+                break
+            sha.update(data)
+            seen += len(data)
+            if held is not None:
+                yield held
+                on_read(len(held))
+            held = data
+    if seen != record.size or "sha256:" + sha.hexdigest() != record.digest:
+        raise IntegrityError("%s: blob %s is corrupt (%d bytes, sha256:%s); nothing was loaded"
+                             % (store.url, record.digest, seen, sha.hexdigest()))
+    if held is not None:
+        yield held
+        on_read(len(held))
+
+
+def load_tar_stream(store: Store, image: StoredImage, config: bytes, repo_tags: List[str],
+                    missing: Set[int], progress: Progress) -> Iterator[bytes]:
+    """The tar docker load reads: config, the missing layers as stored, manifest.json."""
+    image_hex = digest_hex(image.image_id)
+    yield tar_bytes_member("%s.json" % image_hex, config)
+    paths, sent = [], set()  # type: List[str], Set[str]
+    for index, record in enumerate(image.layers):
+        path = "%s/layer.tar" % digest_hex(record.diff_id)
+        paths.append(path)
+        if index not in missing or path in sent:
+            continue
+        sent.add(path)
+        task = progress.task(record.diff_id[7:19], "loading", record.size)
+        yield tar_header(path, record.size)
+        yield from verified_blob_chunks(store, record, task.advance)
+        yield tar_padding(record.size)
+        task.finish("loaded")
+    manifest = [{"Config": "%s.json" % image_hex, "RepoTags": repo_tags or None, "Layers": paths}]
+    yield tar_bytes_member("manifest.json", json.dumps(manifest).encode())
+    yield TAR_END
+
+
+def pull_image(docker: DockerClient, store: Store, text: str, progress: Progress) -> str:
+    """Pull one image (NAME[:TAG] or ID prefix) into the engine and tag it; return its ID there."""
+    store.check()
+    image_hex, ref = resolve_image(store, text)
+    image = load_stored_image(store, image_hex)
+    repo_tags = [str(ref)] if ref else []
+    if image.legacy:
+        image_id = _pull_legacy(docker, store, image, repo_tags, progress)
+    else:
+        image_id = _pull_image(docker, store, image, repo_tags, progress)
+    if ref is not None:
+        docker.tag(image_id, ref)
+    progress.note("pulled %s (%s)" % (ref or text, digest_hex(image_id)[:12]))
+    return image_id
+
+
+def _pull_image(docker: DockerClient, store: Store, image: StoredImage, repo_tags: List[str],
+                progress: Progress) -> str:
+    if docker.inspect_image(image.image_id) is not None:
+        progress.note("%s: already on the Docker host" % image.image_id[7:19])
+        return image.image_id
+    config = store.get_bytes(image_key(digest_hex(image.image_id), "config.json"))
+    if sha256_digest(config) != image.image_id:
+        raise IntegrityError("%s: the config of %s is corrupt; nothing was loaded" % (store.url, image.image_id))
+    host_chains = docker.layer_chains()
+    missing = {i for i, chain in enumerate(chain_ids([r.diff_id for r in image.layers]))
+               if chain not in host_chains}
+    if len(missing) < len(image.layers):
+        progress.note("%d of %d layers already on the Docker host" % (len(image.layers) - len(missing),
+                                                                      len(image.layers)))
+    docker.load(load_tar_stream(store, image, config, repo_tags, missing, progress))
+    if docker.inspect_image(image.image_id) is None:
+        raise DockerError("docker load finished but the engine has no image %s" % image.image_id)
+    return image.image_id
+
+
+# Legacy (original dogestry) images: v1 layer directories chained by "parent".  Docker
+# 29 cannot load v1 tars, so we send the layers first and, at the end of the tar, a
+# manifest.json and a config built from the top layer's v1 json (dockerd reads the
+# whole tar before it looks at the manifest).
+
+V1_ONLY_KEYS = ("id", "parent", "Size", "parent_id", "layer_id", "checksum", "throwaway")
+
+
+def v1_config(top: Dict[str, Any], history: List[Dict[str, Any]], diff_ids: List[str]) -> bytes:
+    """An image config from a v1 json, with rootfs and history for the given layers."""
+    config = {k: v for k, v in top.items() if k not in V1_ONLY_KEYS}
+    config.setdefault("os", "linux")
+    config.setdefault("architecture", "amd64")
+    config["rootfs"] = {"type": "layers", "diff_ids": diff_ids}
+    config["history"] = history
+    return json.dumps(config, sort_keys=True).encode()
+
+
+def v1_history(doc: Dict[str, Any]) -> Dict[str, Any]:
+    """One history entry for a v1 layer json."""
+    cmd = (doc.get("container_config") or {}).get("Cmd") or []
+    entry = {"created": doc.get("created") or "1970-01-01T00:00:00Z", "created_by": " ".join(cmd)}
+    for key in ("author", "comment"):
+        if doc.get(key):
+            entry[key] = doc[key]
+    return entry
+
+
+class DiffIdHasher:
+    """sha256 of a layer's uncompressed tar, whether the stored bytes are gzip or not."""
+
+    def __init__(self) -> None:
+        self.sha = hashlib.sha256()
+        self.inflate = None  # type: Optional[Any]
+        self.started = False
+
+    def update(self, data: bytes) -> None:
+        if not self.started:
+            self.started = True
+            if data[:2] == b"\x1f\x8b":
+                self.inflate = zlib.decompressobj(31)
+        if self.inflate is None:
+            self.sha.update(data)
+            return
+        while data:
+            self.sha.update(self.inflate.decompress(data))
+            data = self.inflate.unused_data
+            if data:
+                self.inflate = zlib.decompressobj(31)
+
+    def digest(self) -> str:
+        return "sha256:" + self.sha.hexdigest()
+
+
+def legacy_tar_stream(store: Store, chain: List[str], repo_tags: List[str], progress: Progress,
+                      result: Dict[str, str]) -> Iterator[bytes]:
+    """Layers of a v1 chain, then a config and manifest.json built from them."""
+    diff_ids, history, paths = [], [], []
+    top = {}  # type: Dict[str, Any]
+    for v1_id in chain:
+        top = read_json(store, image_key(v1_id, "json"))
+        key = image_key(v1_id, "layer.tar")
+        size = store.stat(key)
+        if size is None:
+            raise NotFound("%s: legacy layer %s has no layer.tar" % (store.url, v1_id[:12]))
+        path = "%s/layer.tar" % v1_id
+        hasher = DiffIdHasher()
+        task = progress.task(v1_id[:12], "loading", size)
+        yield tar_header(path, size)
+        seen = 0
+        with contextlib.closing(store.open(key)) as f:
+            while True:
+                data = f.read(CHUNK)
+                if not data:
+                    break
+                hasher.update(data)
+                seen += len(data)
+                if seen > size:
+                    raise IntegrityError("%s: %s changed while it was read" % (store.url, key))
+                yield data
+                task.advance(len(data))
+        if seen != size:
+            raise IntegrityError("%s: %s is truncated (%d of %d bytes)" % (store.url, key, seen, size))
+        yield tar_padding(size)
+        task.finish("loaded")
+        diff_ids.append(hasher.digest())
+        history.append(v1_history(top))
+        paths.append(path)
+    config = v1_config(top, history, diff_ids)
+    result["image_id"] = sha256_digest(config)
+    config_name = "%s.json" % digest_hex(result["image_id"])
+    yield tar_bytes_member(config_name, config)
+    manifest = [{"Config": config_name, "RepoTags": repo_tags or None, "Layers": paths}]
+    yield tar_bytes_member("manifest.json", json.dumps(manifest).encode())
+    yield TAR_END
+
+
+def _pull_legacy(docker: DockerClient, store: Store, image: StoredImage, repo_tags: List[str],
+                 progress: Progress) -> str:
+    result = {}  # type: Dict[str, str]
+    progress.note("%s is in the original dogestry layout: loading all %d layers"
+                  % (image.image_id[:12], len(image.legacy_chain)))
+    docker.load(legacy_tar_stream(store, image.legacy_chain, repo_tags, progress, result))
+    return result["image_id"]
+
+
+# === 11. Commands ===
+
+
+class Context:
+    """Everything a command touches from the outside world, injected (no globals)."""
+
+    def __init__(self, environ: Mapping[str, str], stdout: IO[str], stderr: IO[str],
+                 options: argparse.Namespace):
+        self.environ, self.stdout, self.stderr, self.options = environ, stdout, stderr, options
+        self.progress = Progress(stderr, quiet=getattr(options, "quiet", False))
+
+    def docker(self) -> DockerClient:
+        """A client for DOCKER_HOST (or the default socket)."""
+        home = self.environ.get("HOME") or os.path.expanduser("~")
+        return DockerClient(docker_endpoint(None, self.environ, home))
+
+    def store(self) -> Store:
+        """The store named on the command line."""
+        return open_store(self.options.store)
+
+    def push_options(self) -> PushOptions:
+        return PushOptions(compression=getattr(self.options, "compress", "gzip") or "gzip",
+                           tempdir=self.options.tempdir)
+
+
+def cmd_push(ctx: Context) -> int:
+    """push STORE IMAGE[:TAG]...: store images and their tags."""
+    docker, store = ctx.docker(), ctx.store()
+    for image in ctx.options.images:
+        push_image(docker, store, image, ctx.progress, ctx.push_options())
+    return 0
+
+
+def cmd_pull(ctx: Context) -> int:
+    """pull STORE IMAGE[:TAG]...: load images into the Docker host and tag them."""
+    docker, store = ctx.docker(), ctx.store()
+    for image in ctx.options.images:
+        pull_image(docker, store, image, ctx.progress)
+    return 0
+
+
+def cmd_list(ctx: Context) -> int:
+    """list STORE: the REPOSITORY TAG table of a store."""
+    store = ctx.store()
+    store.check()
+    rows = [("REPOSITORY", "TAG", "IMAGE ID")]
+    rows += [(ref.name, ref.tag, image_hex[:12]) for ref, image_hex in list_tags(store)]
+    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    for row in rows:
+        ctx.stdout.write("%-*s   %-*s   %s\n" % (widths[0], row[0], widths[1], row[1], row[2]))
+    return 0
+
+
+def cmd_inspect(ctx: Context) -> int:
+    """inspect STORE IMAGE: what the store holds for an image, as JSON."""
+    store = ctx.store()
+    store.check()
+    image_hex, ref = resolve_image(store, ctx.options.image)
+    image = load_stored_image(store, image_hex)
+    tags = [str(r) for r, h in list_tags(store) if h == image_hex]
+    doc = {"Id": image.image_id if not image.legacy else image_hex, "RepoTags": tags}  # type: Dict[str, Any]
+    if image.legacy:
+        doc["Format"] = "dogestry-v1 (original layout)"
+        doc["Layers"] = [{"V1Id": v, "Size": store.stat(image_key(v, "layer.tar"))} for v in image.legacy_chain]
+        doc["Config"] = read_json(store, image_key(image_hex, "json"))
+    else:
+        doc["Format"] = MANIFEST_MEDIA_TYPE
+        doc["Layers"] = [r.to_json() for r in image.layers]
+        doc["Size"] = sum(r.size for r in image.layers)
+        doc["Config"] = read_json(store, image_key(image_hex, "config.json"))
+    ctx.stdout.write(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+def cmd_rm(ctx: Context) -> int:
+    """rm STORE IMAGE:TAG: delete a tag (images and layers stay for other tags)."""
+    store = ctx.store()
+    store.check()
+    for text in ctx.options.images:
+        ref = parse_image_ref(text)
+        if store.stat(tag_key(ref)) is None:
+            raise NotFound("%s not found in %s" % (ref, store.url))
+        store.delete(tag_key(ref))
+        ctx.progress.note("deleted %s from %s" % (ref, store.url))
+    return 0
+
+
+def cmd_remote(ctx: Context) -> int:
+    """remote STORE: describe a store."""
+    store = ctx.store()
+    store.check()
+    tags = list_tags(store)
+    images = list_image_ids(store)
+    blobs = list(store.list("blobs/"))
+    size = sum(store.stat(k) or 0 for k in blobs)
+    kind = "local directory" if isinstance(store, LocalStore) else type(store).__name__
+    ctx.stdout.write("Store:        %s (%s)\n" % (store.url, kind))
+    ctx.stdout.write("Repositories: %d\n" % len({r.name for r, _ in tags}))
+    ctx.stdout.write("Tags:         %d\n" % len(tags))
+    ctx.stdout.write("Images:       %d\n" % len(images))
+    ctx.stdout.write("Layer blobs:  %d (%s)\n" % (len(blobs), human_size(size)))
+    return 0
+
+
+def cmd_version(ctx: Context) -> int:
+    """version: print dogestry's version."""
+    ctx.stdout.write("dogestry version %s (Python %s)\n" % (__version__, sys.version.split()[0]))
+    return 0
+
+
+# === 12. Command line and main() ===
+
+NOT_YET = {
+    "pullhosts": "-pullhosts (pull to several hosts)",
+    "lockfile": "-lockfile",
+    "use_metaservice": "-use-metaservice (EC2 instance credentials)",
+    "server": "-server (the accelerator server)",
+    "force_local": "-force-local",
+    "config": "-config",
+}
+
+COMMANDS = (
+    ("push", cmd_push, "push STORE IMAGE[:TAG]...", "Store images (and their tags) in STORE."),
+    ("pull", cmd_pull, "pull STORE IMAGE[:TAG]...", "Load images from STORE into the Docker host."),
+    ("list", cmd_list, "list STORE", "List the repositories and tags in STORE."),
+    ("inspect", cmd_inspect, "inspect STORE IMAGE", "Show what STORE holds for IMAGE, as JSON."),
+    ("rm", cmd_rm, "rm STORE IMAGE:TAG...", "Delete tags from STORE."),
+    ("remote", cmd_remote, "remote STORE", "Describe STORE."),
+    ("version", cmd_version, "version", "Print the version."),
+    ("help", None, "help [COMMAND]", "Show help for dogestry or a command."),
+)
+
+STORE_HELP = "a directory, file:///path or s3://bucket/prefix/?region=REGION"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of exiting, so main() owns the exit."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+    def exit(self, status: int = 0, message: Optional[str] = None) -> None:  # type: ignore[override]
+        if message:
+            raise UsageError(message.strip())
+        raise _HelpShown(status)
+
+
+class _HelpShown(Exception):
+    def __init__(self, status: int):
+        super().__init__(status)
+        self.status = status
+
+
+def _add_global_options(parser: argparse.ArgumentParser) -> None:
+    """The original's single-dash options, also accepted as --long."""
+    def flag(name: str, **kw: Any) -> None:
+        parser.add_argument("-" + name, "--" + name, **kw)
+
+    flag("config", metavar="FILE", help="configuration file (not available yet)")
+    flag("pullhosts", metavar="HOSTS", help="comma-separated Docker hosts to pull to (not available yet)")
+    flag("lockfile", metavar="PATH", help="serialise dogestry runs on this machine (not available yet)")
+    flag("use-metaservice", action="store_true", help="use EC2 instance credentials (not available yet)")
+    flag("server", action="store_true", help="run the accelerator server (not available yet)")
+    flag("address", metavar="ADDR", default="0.0.0.0", help="server listen address")
+    flag("port", metavar="PORT", type=int, default=22375, help="server listen port")
+    flag("force-local", action="store_true", help="never delegate pulls to servers (not available yet)")
+    flag("tempdir", metavar="DIR", help="directory for temporary files (default: $TMPDIR or /tmp)")
+    flag("disable-checks", action="store_true", help="skip the Docker host checks")
+    parser.add_argument("-version", "--version", "-v", action="store_true", help="print the version and exit")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: global options, then a command and its arguments."""
+    parser = _Parser(prog="dogestry", allow_abbrev=False,
+                     usage="dogestry [OPTIONS] COMMAND [arg...]",
+                     description="Docker images stored in S3 or a directory, no registry needed.",
+                     epilog="STORE is %s. Run 'dogestry help COMMAND' for details." % STORE_HELP)
+    _add_global_options(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, func, usage, summary in COMMANDS:
+        p = sub.add_parser(name, help=summary, description=summary, usage="dogestry " + usage,
+                           allow_abbrev=False)
+        p.set_defaults(func=func)
+        p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
+        if name in ("push", "pull", "list", "inspect", "rm", "remote"):
+            p.add_argument("store", metavar="STORE", help=STORE_HELP)
+        if name in ("push", "pull", "rm"):
+            p.add_argument("images", metavar="IMAGE", nargs="+", help="NAME[:TAG] (or an image ID)")
+        if name == "inspect":
+            p.add_argument("image", metavar="IMAGE", help="NAME[:TAG] or an image ID prefix")
+        if name == "push":
+            p.add_argument("-compress", "--compress", choices=COMPRESSIONS, default="gzip",
+                           help="layer compression (default gzip; layers that do not compress are stored raw)")
+        if name == "help":
+            p.add_argument("topic", metavar="COMMAND", nargs="?")
+    return parser
+
+
+def _help_text(parser: argparse.ArgumentParser, topic: Optional[str]) -> str:
+    if not topic:
+        return parser.format_help()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and topic in action.choices:
+            return action.choices[topic].format_help()
+    raise UsageError("unknown command %r (try 'dogestry help')" % topic)
+
+
+def _refuse_unavailable(options: argparse.Namespace) -> None:
+    for attr, label in NOT_YET.items():
+        if getattr(options, attr, None):
+            raise UsageError("%s is not available in this version yet" % label)
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, str]] = None,
+         stdout: Optional[IO[str]] = None, stderr: Optional[IO[str]] = None) -> int:
+    """Run dogestry; the one place where errors become a message and an exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    environ = os.environ if environ is None else environ
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    parser = build_parser()
+    previous_sigterm = None
+    if threading.current_thread() is threading.main_thread():
+        previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        try:
+            options = parser.parse_args(argv)
+        except _HelpShown as shown:
+            stdout.write(parser.format_help() if not argv or argv[0] in ("-h", "--help") else "")
+            return shown.status
+        if options.version:
+            return cmd_version(Context(environ, stdout, stderr, options))
+        if not options.command:
+            stderr.write(parser.format_usage())
+            raise UsageError("no command given (try 'dogestry help')")
+        if options.command == "help":
+            stdout.write(_help_text(parser, options.topic))
+            return 0
+        _refuse_unavailable(options)
+        return options.func(Context(environ, stdout, stderr, options))
+    except _HelpShown as shown:
+        return shown.status
+    except KeyboardInterrupt:
+        stderr.write("dogestry: interrupted\n")
+        return Interrupted.exit_code
+    except DogestryError as e:
+        stderr.write("dogestry: error: %s\n" % str(e).replace("\n", " "))
+        return e.exit_code
+    except BrokenPipeError:
+        return 1
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+#!/bin/sh
+# Build dogestry.pyz: one executable file (a zip with an interpreter line).
+# Reproducible: fixed timestamps, modes and order, so two builds are byte-identical.
+set -eu
+here=$(cd "$(dirname "$0")" && pwd)
+out=${1:-"$here/dogestry.pyz"}
+python3 - "$here/dogestry.py" "$out" <<'PY'
+import os, sys, zipfile
+src, out = sys.argv[1], sys.argv[2]
+tmp = out + ".tmp"
+with open(tmp, "wb") as f:
+    f.write(b"#!/usr/bin/env python3\n")
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
+        def add(name, data):
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            z.writestr(info, data)
+        add("__main__.py", "import sys\nimport dogestry\nsys.exit(dogestry.main())\n")
+        with open(src, "rb") as s:
+            add("dogestry.py", s.read())
+os.chmod(tmp, 0o755)
+os.replace(tmp, out)
+print(out)
+PY
