@@ -1187,13 +1187,13 @@ def push_image(docker: DockerClient, store: Store, text: str, progress: Progress
         ref = parse_image_ref(text)
     info = docker.inspect_image(str(ref) if ref else text)
     if info is None:
-        raise NotFound("no such image on the Docker host: %s" % (ref or text))
+        raise NotFound("no such image on the Docker host: %s" % (ref or text,))
     image_id = info["Id"]
     image_hex = digest_hex(image_id)
     diff_ids = list((info.get("RootFS") or {}).get("Layers") or [])
     store.ensure()
     if store.stat(image_key(image_hex, "manifest.json")) is not None:
-        progress.note("%s: image %s is already stored" % (ref or text, image_hex[:12]))
+        progress.note("%s: image %s is already stored" % (str(ref or text), image_hex[:12]))
     else:
         _push_new_image(docker, store, image_id, diff_ids, progress, options)
     if ref is not None:
@@ -1365,7 +1365,7 @@ def pull_image(docker: DockerClient, store: Store, text: str, progress: Progress
         image_id = _pull_image(docker, store, image, repo_tags, progress)
     if ref is not None:
         docker.tag(image_id, ref)
-    progress.note("pulled %s (%s)" % (ref or text, digest_hex(image_id)[:12]))
+    progress.note("pulled %s (%s)" % (str(ref or text), digest_hex(image_id)[:12]))
     return image_id
 
 

@@ -1,0 +1,97 @@
+"""Shared pytest fixtures and hooks: one real dockerd per session, fleets, CI skip policy."""
+
+import os
+import tempfile
+
+import pytest
+
+from realdocker import (  # noqa: F401  (re-exported for tests that import from conftest)
+    DockerdError, DockerdHandle, build_image, client_env, docker_cli, find_docker,
+    image_layers, inspect_image, is_ci, random_bytes, remove_tree, run_dogestry, start_dockerd, stop_all,
+    text_bytes,
+)
+
+_SKIPPED = []
+
+
+def skip_or_fail(reason):
+    """Skip with REASON locally; fail hard when CI=true (a skip there hides a missing part)."""
+    if is_ci():
+        pytest.fail("CI=true, refusing to skip: %s" % reason, pytrace=False)
+    pytest.skip(reason)
+
+
+def pytest_configure(config):
+    """Register our markers."""
+    config.addinivalue_line("markers", "integration: needs a real dockerd (and maybe other daemons)")
+
+
+def pytest_runtest_logreport(report):
+    """Remember skipped tests (not xfails) for the CI check."""
+    if report.skipped and not hasattr(report, "wasxfail"):
+        _SKIPPED.append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """When CI=true, any skipped test fails the session."""
+    if is_ci() and _SKIPPED and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Explain why a CI session with skips failed."""
+    if is_ci() and _SKIPPED:
+        terminalreporter.section("CI skip policy", sep="=", red=True, bold=True)
+        terminalreporter.line("integration tests were skipped in CI (%d skipped); failing the run:"
+                              % len(_SKIPPED), red=True)
+        for nodeid in _SKIPPED:
+            terminalreporter.line("  " + nodeid)
+
+
+def _start_or_skip(workdir, tcp_address=None):
+    """start_dockerd(), turning a failure into skip_or_fail()."""
+    try:
+        return start_dockerd(workdir, tcp_address)
+    except DockerdError as e:
+        reason = "cannot start dockerd: %s" % e
+    skip_or_fail(reason)
+
+
+@pytest.fixture(scope="session")
+def docker_host():
+    """DOCKER_HOST of a real daemon: $DOCKER_HOST if set, else one dockerd for the session."""
+    if not find_docker():
+        skip_or_fail("docker CLI not found on PATH (install docker.io)")
+    if os.environ.get("DOCKER_HOST"):
+        yield os.environ["DOCKER_HOST"]
+        return
+    workdir = tempfile.mkdtemp(prefix="dgst", dir="/tmp")
+    try:
+        handle = _start_or_skip(workdir)
+        try:
+            yield handle.host
+        finally:
+            handle.stop()
+    finally:
+        remove_tree(workdir)
+
+
+@pytest.fixture
+def docker_env(docker_host):
+    """Copy of os.environ for subprocesses: DOCKER_HOST=the fixture host, DOCKER_BUILDKIT=0."""
+    return client_env(docker_host)
+
+
+@pytest.fixture
+def dockerd_fleet(tmp_path):
+    """Factory: start(tcp_address=None) -> ready DockerdHandle; all are stopped after the test."""
+    handles = []
+
+    def start(tcp_address=None):
+        """Start one more dockerd in its own dir under tmp_path."""
+        handle = _start_or_skip(tmp_path / ("dockerd%d" % len(handles)), tcp_address)
+        handles.append(handle)
+        return handle
+
+    yield start
+    stop_all(handles)

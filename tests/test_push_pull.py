@@ -1,0 +1,371 @@
+"""Push and pull between a real dockerd and a local directory store."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from realdocker import build_image, docker_cli, image_layers, random_bytes, run_dogestry, text_bytes
+
+pytestmark = pytest.mark.integration
+
+
+def dogestry_ok(env, *args):
+    """Run dogestry and insist it succeeded."""
+    proc = run_dogestry(*args, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def image_id(docker_host, ref):
+    """The engine's ID for ref, or None."""
+    proc = docker_cli(docker_host, "inspect", "-f", "{{.Id}}", ref, check=False)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def forget(docker_host, *refs):
+    """Remove images from the engine (as a fresh host would be)."""
+    docker_cli(docker_host, "rmi", "-f", *refs, check=False)
+
+
+def blobs(store):
+    """Stored layer blobs by name."""
+    root = Path(store) / "blobs" / "sha256"
+    return sorted(p.name for p in root.iterdir()) if root.exists() else []
+
+
+def manifest(store, image):
+    """The stored manifest of an image ID."""
+    return json.loads((Path(store) / "images" / image.split(":")[1] / "manifest.json").read_text())
+
+
+def assert_one_error_line(proc, *needles):
+    """A failure is one clear line on stderr, no traceback, non-zero exit."""
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("dogestry: error:")]
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], proc.stderr
+
+
+@pytest.fixture(scope="module")
+def app_image(docker_host):
+    """A 3-layer image: incompressible data, compressible text, a tiny file, and a label."""
+    layers = [{"data/random.bin": random_bytes(3 << 20, 1)},
+              {"data/words.txt": text_bytes(4 << 20, 2)},
+              {"etc/app.conf": b"answer = 42\n"}]
+    return build_image(docker_host, "dgtest/app:1.0", layers, extra_lines=["LABEL org.example=app"])
+
+
+def test_round_trip_keeps_the_image_id_and_tag(docker_host, docker_env, app_image, tmp_path):
+    store = tmp_path / "store"
+    dogestry_ok(docker_env, "push", store, "dgtest/app:1.0")
+    docker_cli(docker_host, "tag", "dgtest/app:1.0", "dgtest/app:keep")  # keep the layers cached...
+    forget(docker_host, "dgtest/app:1.0", "dgtest/app:keep")               # ...then drop the image
+    assert image_id(docker_host, "dgtest/app:1.0") is None
+
+    dogestry_ok(docker_env, "pull", store, "dgtest/app:1.0")
+
+    assert image_id(docker_host, "dgtest/app:1.0") == app_image
+
+
+def test_store_layout_names_tag_image_and_content_addressed_layers(docker_env, app_image, tmp_path):
+    store = tmp_path / "store"
+    dogestry_ok(docker_env, "push", store, "dgtest/app:1.0")
+
+    hexid = app_image.split(":")[1]
+    assert (store / "repositories" / "dgtest" / "app" / "1.0").read_text() == hexid
+    config = (store / "images" / hexid / "config.json").read_bytes()
+    assert "sha256:" + __import__("hashlib").sha256(config).hexdigest() == app_image
+    layers = manifest(store, app_image)["layers"]
+    assert [l["diffID"] for l in layers] == image_layers(docker_env["DOCKER_HOST"], app_image)
+    for layer in layers:
+        blob = store / "blobs" / "sha256" / layer["digest"].split(":")[1]
+        assert blob.stat().st_size == layer["size"]
+        assert "sha256:" + __import__("hashlib").sha256(blob.read_bytes()).hexdigest() == layer["digest"]
+    # random bytes do not compress: stored raw; text is gzip-compressed
+    assert [l["compression"] for l in layers][:2] == ["none", "gzip"]
+    assert layers[1]["size"] < (4 << 20) // 2
+
+
+def test_gzip_layers_are_one_valid_multi_member_stream(docker_env, app_image, tmp_path):
+    import gzip
+    store = tmp_path / "store"
+    dogestry_ok(docker_env, "push", store, "dgtest/app:1.0")
+    text_layer = manifest(store, app_image)["layers"][1]
+    raw = gzip.decompress((store / "blobs" / "sha256" / text_layer["digest"][7:]).read_bytes())
+    assert "sha256:" + __import__("hashlib").sha256(raw).hexdigest() == text_layer["diffID"]
+
+
+def test_compress_none_stores_layers_raw_and_still_pulls(docker_host, docker_env, app_image, tmp_path):
+    store = tmp_path / "store"
+    dogestry_ok(docker_env, "push", "--compress", "none", store, "dgtest/app:1.0")
+    layers = manifest(store, app_image)["layers"]
+    assert {l["compression"] for l in layers} == {"none"}
+    assert [l["digest"] for l in layers] == [l["diffID"] for l in layers]
+
+    docker_cli(docker_host, "tag", "dgtest/app:1.0", "dgtest/app:raw-keep")
+    forget(docker_host, "dgtest/app:1.0", "dgtest/app:raw-keep")
+    dogestry_ok(docker_env, "pull", store, "dgtest/app:1.0")
+    assert image_id(docker_host, "dgtest/app:1.0") == app_image
+
+
+def test_file_url_and_plain_path_are_the_same_store(docker_env, app_image, tmp_path):
+    store = tmp_path / "store"
+    dogestry_ok(docker_env, "push", "file://%s" % store, "dgtest/app:1.0")
+    listing = dogestry_ok(docker_env, "list", store).stdout.splitlines()
+    assert listing[0].split() == ["REPOSITORY", "TAG", "IMAGE", "ID"]
+    assert listing[1].split() == ["dgtest/app", "1.0", app_image[7:19]]
+
+
+def test_shared_layers_are_uploaded_once(docker_host, docker_env, app_image, tmp_path):
+    store = tmp_path / "store"
+    dogestry_ok(docker_env, "push", store, "dgtest/app:1.0")
+    before = {name: (store / "blobs" / "sha256" / name).stat().st_mtime_ns for name in blobs(store)}
+    child = build_image(docker_host, "dgtest/child:1", [
+        {"data/random.bin": random_bytes(3 << 20, 1)},
+        {"data/words.txt": text_bytes(4 << 20, 2)},
+        {"etc/app.conf": b"answer = 42\n"},
+        {"etc/extra.conf": b"child layer\n"}])
+
+    proc = dogestry_ok(docker_env, "push", store, "dgtest/child:1")
+
+    after = blobs(store)
+    assert len(after) == len(before) + 1
+    assert all((store / "blobs" / "sha256" / n).stat().st_mtime_ns == t for n, t in before.items())
+    assert "3 of 4 layers already stored" in proc.stderr
+    assert [l["diffID"] for l in manifest(store, child)["layers"]] == image_layers(docker_host, child)
+
+
+def test_repush_of_a_stored_image_writes_only_the_tag(docker_host, docker_env, app_image, tmp_path):
+    store = tmp_path / "store"
+    dogestry_ok(docker_env, "push", store, "dgtest/app:1.0")
+    docker_cli(docker_host, "tag", "dgtest/app:1.0", "dgtest/app:again")
+    # A missing -tempdir proves no `docker save` is spooled: only the tag is written.
+    start = time.monotonic()
+    dogestry_ok(docker_env, "-tempdir", tmp_path / "does-not-exist", "push", store, "dgtest/app:again")
+    assert time.monotonic() - start < 5
+    assert (store / "repositories" / "dgtest" / "app" / "again").read_text() == app_image[7:]
+    forget(docker_host, "dgtest/app:again")
+
+
+def test_pull_sends_only_the_layers_the_host_lacks(docker_host, docker_env, app_image, tmp_path):
+    store = tmp_path / "store"
+    child = build_image(docker_host, "dgtest/partial:1", [
+        {"data/random.bin": random_bytes(3 << 20, 1)},
+        {"data/words.txt": text_bytes(4 << 20, 2)},
+        {"etc/app.conf": b"answer = 42\n"},
+        {"etc/partial.conf": b"only this layer is new\n"}])
+    dogestry_ok(docker_env, "push", store, "dgtest/partial:1")
+    forget(docker_host, "dgtest/partial:1")  # dgtest/app:1.0 keeps the first three layers
+
+    proc = dogestry_ok(docker_env, "pull", store, "dgtest/partial:1")
+
+    assert "3 of 4 layers already on the Docker host" in proc.stderr
+    assert len([l for l in proc.stderr.splitlines() if ": loaded" in l]) == 1
+    assert image_id(docker_host, "dgtest/partial:1") == child
+
+
+def test_pull_of_an_image_the_host_has_only_tags_it(docker_host, docker_env, app_image, tmp_path):
+    store = tmp_path / "store"
+    dogestry_ok(docker_env, "push", store, "dgtest/app:1.0")
+    (store / "repositories" / "dgtest" / "app" / "other").write_text(app_image[7:])
+
+    proc = dogestry_ok(docker_env, "pull", store, "dgtest/app:other")
+
+    assert "already on the Docker host" in proc.stderr
+    assert ": loaded" not in proc.stderr
+    assert image_id(docker_host, "dgtest/app:other") == app_image
+    forget(docker_host, "dgtest/app:other")
+
+
+def test_bare_name_means_latest_and_every_tag_lands(docker_host, docker_env, tmp_path):
+    store = tmp_path / "store"
+    built = build_image(docker_host, "dgtest/bare", [{"f": b"bare\n"}])
+    dogestry_ok(docker_env, "push", store, "dgtest/bare")
+    assert (store / "repositories" / "dgtest" / "bare" / "latest").exists()
+    forget(docker_host, "dgtest/bare")
+
+    dogestry_ok(docker_env, "pull", store, "dgtest/bare")
+
+    assert image_id(docker_host, "dgtest/bare:latest") == built
+
+
+def test_pull_by_image_id_prefix(docker_host, docker_env, tmp_path):
+    store = tmp_path / "store"
+    built = build_image(docker_host, "dgtest/byid:1", [{"f": b"by id\n"}])
+    dogestry_ok(docker_env, "push", store, "dgtest/byid:1")
+    forget(docker_host, "dgtest/byid:1")
+
+    dogestry_ok(docker_env, "pull", store, built[7:19])
+
+    assert image_id(docker_host, built) == built
+
+
+def test_corrupt_blob_aborts_the_pull_with_nothing_loaded(docker_host, docker_env, tmp_path):
+    store = tmp_path / "store"
+    built = build_image(docker_host, "dgtest/corrupt:1", [{"a": text_bytes(3 << 20, 7)}, {"b": b"top\n"}])
+    dogestry_ok(docker_env, "push", store, "dgtest/corrupt:1")
+    forget(docker_host, "dgtest/corrupt:1")
+    bottom = manifest(store, built)["layers"][0]
+    blob = store / "blobs" / "sha256" / bottom["digest"][7:]
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+
+    proc = run_dogestry("pull", store, "dgtest/corrupt:1", env=docker_env)
+
+    assert_one_error_line(proc, "corrupt", bottom["digest"])
+    assert image_id(docker_host, built) is None
+    assert image_id(docker_host, "dgtest/corrupt:1") is None
+    assert bottom["diffID"] not in json.dumps(
+        [image_layers(docker_host, i) for i in docker_cli(docker_host, "images", "-aq").stdout.split()])
+
+
+def test_missing_blob_fails_cleanly(docker_host, docker_env, tmp_path):
+    store = tmp_path / "store"
+    built = build_image(docker_host, "dgtest/missing:1", [{"a": b"aaa\n"}, {"b": b"bbb\n"}])
+    dogestry_ok(docker_env, "push", store, "dgtest/missing:1")
+    forget(docker_host, "dgtest/missing:1")
+    for layer in manifest(store, built)["layers"]:
+        (store / "blobs" / "sha256" / layer["digest"][7:]).unlink()
+
+    proc = run_dogestry("pull", store, "dgtest/missing:1", env=docker_env)
+
+    assert_one_error_line(proc, "blobs/sha256/")
+    assert image_id(docker_host, "dgtest/missing:1") is None
+
+
+def test_tag_pointing_to_a_missing_image_fails_cleanly(docker_env, tmp_path):
+    store = tmp_path / "store"
+    (store / "repositories" / "ghost").mkdir(parents=True)
+    (store / "repositories" / "ghost" / "latest").write_text("ab" * 32)
+    proc = run_dogestry("pull", store, "ghost", env=docker_env)
+    assert_one_error_line(proc, "missing")
+
+
+def test_interrupted_push_writes_no_tag_and_cleans_its_temp_dir(docker_host, docker_env, tmp_path):
+    store, spool = tmp_path / "store", tmp_path / "spool"
+    spool.mkdir()
+    build_image(docker_host, "dgtest/big:1", [{"big": text_bytes(48 << 20, 3)}, {"big2": text_bytes(48 << 20, 4)}])
+    cmd = [sys.executable, str(Path(__file__).resolve().parent.parent / "dogestry.py"),
+           "-tempdir", str(spool), "push", str(store), "dgtest/big:1"]
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL):
+        proc = subprocess.Popen(cmd, env=docker_env, stderr=subprocess.PIPE, universal_newlines=True)
+        deadline = time.monotonic() + 30
+        while not any(spool.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode != 0
+        assert "Traceback" not in err
+        assert not (store / "repositories" / "dgtest" / "big" / "1").exists()
+        assert not list((store / "images").glob("*/manifest.json")) if (store / "images").exists() else True
+        if sig != signal.SIGKILL:
+            assert list(spool.iterdir()) == [], "temp dir left behind after %s" % sig
+    for leftover in spool.iterdir():
+        __import__("shutil").rmtree(str(leftover))
+    dogestry_ok(docker_env, "-tempdir", spool, "push", store, "dgtest/big:1")
+    assert (store / "repositories" / "dgtest" / "big" / "1").exists()
+    assert list(spool.iterdir()) == []
+    forget(docker_host, "dgtest/big:1")
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["push", "{store}", "Not/Valid:Name"], ["invalid image name"]),
+    (["push", "{store}", "dgtest/app:bad:tag:x"], ["invalid"]),
+    (["push", "{store}", "dgtest/none-such:1"], ["no such image", "dgtest/none-such:1"]),
+    (["pull", "{store}", "dgtest/none-such:1"], ["not found"]),
+    (["pull", "{store}", "../../etc/passwd"], ["invalid image name"]),
+    (["pull", "{missing}", "x"], ["does not exist"]),
+    (["list", "{missing}"], ["does not exist"]),
+    (["pull", "ftp://host/x", "x"], ["unsupported store URL"]),
+    (["pull", "file://otherhost/x", "x"], ["file:///path"]),
+    (["rm", "{store}", "dgtest/app:never"], ["not found"]),
+    (["inspect", "{store}", "dgtest/app:never"], ["not found"]),
+    (["-pullhosts", "tcp://h:2375", "pull", "{store}", "x"], ["not available"]),
+])
+def test_bad_input_gets_one_clear_line(docker_env, app_image, tmp_path, args, needles):
+    store = tmp_path / "store"
+    dogestry_ok(docker_env, "push", store, "dgtest/app:1.0")
+    args = [a.format(store=store, missing=tmp_path / "missing") for a in args]
+    proc = run_dogestry(*args, env=docker_env)
+    assert_one_error_line(proc, *needles)
+
+
+@pytest.mark.parametrize("host, needle", [
+    ("unix:///nonexistent/docker.sock", "No such file"),
+    ("tcp://127.0.0.1:1", "refused"),
+    ("ssh://user@host", "unsupported Docker host"),
+    ("nonsense", "invalid Docker host"),
+])
+def test_dead_or_wrong_docker_host(docker_env, tmp_path, host, needle):
+    env = dict(docker_env, DOCKER_HOST=host)
+    proc = run_dogestry("push", tmp_path / "store", "dgtest/app:1.0", env=env)
+    assert_one_error_line(proc, needle)
+
+
+def test_usage_errors_exit_2(docker_env):
+    assert run_dogestry("push", env=docker_env).returncode == 2
+    assert run_dogestry("frobnicate", env=docker_env).returncode == 2
+    assert run_dogestry(env=docker_env).returncode == 2
+
+
+def test_rm_deletes_only_the_tag(docker_env, app_image, tmp_path):
+    store = tmp_path / "store"
+    dogestry_ok(docker_env, "push", store, "dgtest/app:1.0")
+    count = len(blobs(store))
+    dogestry_ok(docker_env, "rm", store, "dgtest/app:1.0")
+    assert "dgtest/app" not in dogestry_ok(docker_env, "list", store).stdout
+    assert len(blobs(store)) == count
+
+
+def test_inspect_and_remote_describe_the_store(docker_env, app_image, tmp_path):
+    store = tmp_path / "store"
+    dogestry_ok(docker_env, "push", store, "dgtest/app:1.0")
+    doc = json.loads(dogestry_ok(docker_env, "inspect", store, "dgtest/app:1.0").stdout)
+    assert doc["Id"] == app_image
+    assert doc["RepoTags"] == ["dgtest/app:1.0"]
+    assert doc["Config"]["config"]["Labels"] == {"org.example": "app"}
+    remote = dogestry_ok(docker_env, "remote", store).stdout
+    assert "Tags:         1" in remote and "Images:       1" in remote
+
+
+def test_quiet_prints_nothing_on_success(docker_env, app_image, tmp_path):
+    proc = dogestry_ok(docker_env, "-q", "push", tmp_path / "store", "dgtest/app:1.0")
+    assert proc.stderr == "" and proc.stdout == ""
+
+
+def test_plain_progress_lines_when_not_a_tty(docker_env, app_image, tmp_path):
+    proc = dogestry_ok(docker_env, "push", tmp_path / "store", "dgtest/app:1.0")
+    assert "\x1b[" not in proc.stderr
+    assert any(line.endswith("/s)") and ": pushed" in line for line in proc.stderr.splitlines())
+
+
+def test_progress_bars_on_a_tty(docker_env, app_image, tmp_path):
+    import pty
+    master, slave = pty.openpty()
+    cmd = [sys.executable, str(Path(__file__).resolve().parent.parent / "dogestry.py"),
+           "push", str(tmp_path / "store"), "dgtest/app:1.0"]
+    proc = subprocess.Popen(cmd, env=docker_env, stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    output = b""
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        output += data
+    assert proc.wait(timeout=60) == 0
+    os.close(master)
+    text = output.decode()
+    assert "\x1b[" in text and "[" in text and "B/s" in text
