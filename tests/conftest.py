@@ -1,9 +1,12 @@
 """Shared pytest fixtures and hooks: one real dockerd per session, fleets, CI skip policy."""
 
 import os
+import sys
 import tempfile
 
 import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # dogestry.py
 
 from realdocker import (  # noqa: F401  (re-exported for tests that import from conftest)
     DockerdError, DockerdHandle, build_image, client_env, docker_cli, find_docker,

@@ -73,6 +73,16 @@ def _ping_tcp(host, port, timeout=1.0):
         return False
 
 
+def _tcp_open(docker_host, timeout=1.0):
+    """True if something accepts TCP connections at tcp://HOST:PORT (no HTTP: it may be TLS)."""
+    host, _, port = docker_host[len("tcp://"):].rstrip("/").rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _ping_over(sock):
     """Send GET /_ping on a connected socket and check for a 200 status."""
     sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
@@ -157,7 +167,7 @@ def remove_tree(path):
 class DockerdHandle:
     """A dockerd started by start_dockerd(); .host, .tcp, .stop()."""
 
-    def __init__(self, workdir, rundir, own_rundir, tcp):
+    def __init__(self, workdir, rundir, own_rundir, tcp, extra_args=()):
         self.proc = None
         self.pid = None
         self.workdir = Path(workdir)
@@ -169,7 +179,13 @@ class DockerdHandle:
         self.log_path = self.workdir / "dockerd.log"
         self.host = "unix://%s" % self.socket
         self.tcp = tcp
+        self.extra_args = [str(a) for a in extra_args]
         self.containerd_pid = None
+
+    @property
+    def tls(self):
+        """True if extra_args set any --tls* flag (then the TCP listener is not plain HTTP)."""
+        return any(a.startswith("--tls") for a in self.extra_args)
 
     def __repr__(self):
         return "<DockerdHandle pid=%s host=%s tcp=%s>" % (self.pid, self.host, self.tcp)
@@ -192,9 +208,11 @@ class DockerdHandle:
                 "--exec-root", str(self.exec_root), "--host", self.host,
                 "--pidfile", str(self.workdir / "dockerd.pid")]
         if self.tcp:
-            # explicit --tls=false: newer dockerd sleeps 15 s or refuses plain TCP otherwise
-            args += ["--host", self.tcp, "--tls=false"]
-        return args
+            args += ["--host", self.tcp]
+            if not self.tls:
+                # explicit --tls=false: newer dockerd sleeps 15 s or refuses plain TCP otherwise
+                args.append("--tls=false")
+        return args + self.extra_args
 
     def env(self, base=None):
         """Environment for subprocesses talking to this daemon."""
@@ -206,7 +224,12 @@ class DockerdHandle:
 
     def is_ready(self):
         """True if every listener of this daemon answers /_ping."""
-        return ping(self.host) and (self.tcp is None or ping(self.tcp))
+        if not ping(self.host):
+            return False
+        if self.tcp is None:
+            return True
+        # a TLS listener cannot answer a plain /_ping; it is served with the unix socket
+        return _tcp_open(self.tcp) if self.tls else ping(self.tcp)
 
     def wait_ready(self, timeout=START_TIMEOUT):
         """Poll /_ping until ready; raise DockerdError with the log tail otherwise."""
@@ -274,10 +297,12 @@ def _tcp_url(tcp_address):
     return tcp_address if tcp_address.startswith("tcp://") else "tcp://" + tcp_address
 
 
-def start_dockerd(workdir, tcp_address=None, timeout=START_TIMEOUT):
+def start_dockerd(workdir, tcp_address=None, timeout=START_TIMEOUT, extra_args=()):
     """Start an isolated dockerd keeping its state in WORKDIR; return a ready DockerdHandle.
 
     tcp_address: e.g. "127.0.0.2:2375" or "tcp://127.0.0.2:2375" for an extra TCP listener.
+    extra_args: more dockerd flags, e.g. ["--tlsverify", "--tlscacert", CA, ...]; any --tls*
+    flag drops the default --tls=false and makes readiness check the TCP port by connecting.
     The socket and exec-root go in a short directory under /tmp if WORKDIR's path is long.
     """
     dockerd = find_dockerd()
@@ -287,7 +312,7 @@ def start_dockerd(workdir, tcp_address=None, timeout=START_TIMEOUT):
     workdir.mkdir(parents=True, exist_ok=True)
     own_rundir = len(str(workdir)) > MAX_RUNDIR_LEN
     rundir = tempfile.mkdtemp(prefix="dgst", dir="/tmp") if own_rundir else str(workdir)
-    handle = DockerdHandle(workdir, rundir, own_rundir, _tcp_url(tcp_address))
+    handle = DockerdHandle(workdir, rundir, own_rundir, _tcp_url(tcp_address), extra_args)
     try:
         handle.launch(dockerd)
         return handle.wait_ready(timeout)

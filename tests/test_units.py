@@ -1,0 +1,211 @@
+"""Pure behaviour of dogestry's building blocks: references, keys, compression, tar streams."""
+
+import gzip
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+import dogestry
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("text, name, tag", [
+    ("hipache", "hipache", "latest"),
+    ("hipache:v1.2", "hipache", "v1.2"),
+    ("docker-repo/hipache:latest", "docker-repo/hipache", "latest"),
+    ("localhost:5000/team/app", "localhost:5000/team/app", "latest"),
+    ("opsgoodies.com/docker-repo/hipache:20131210", "opsgoodies.com/docker-repo/hipache", "20131210"),
+    ("a__b.c-d:T_1", "a__b.c-d", "T_1"),
+])
+def test_references_parse_like_docker(text, name, tag):
+    assert dogestry.parse_image_ref(text) == (name, tag)
+
+
+@pytest.mark.parametrize("text", ["", "UPPER", "../x", "a/../b", "/abs", "a//b", "a:", "a:-bad", "a@sha256:00",
+                                  "x" * 256, "a:" + "t" * 129, ".hidden", "a/.b"])
+def test_bad_references_are_usage_errors(text):
+    with pytest.raises(dogestry.UsageError):
+        dogestry.parse_image_ref(text)
+
+
+@pytest.mark.parametrize("key", ["", "/abs", "a//b", "a/../b", "..", "a/./b", "a/b/", "a\x00b"])
+def test_store_keys_cannot_escape(key, tmp_path):
+    store = dogestry.LocalStore(str(tmp_path))
+    with pytest.raises(dogestry.StoreError):
+        store.put_bytes(key, b"x")
+
+
+def test_local_store_put_is_atomic_and_lists_sorted(tmp_path):
+    store = dogestry.LocalStore(str(tmp_path / "s"))
+    store.ensure()
+    store.put_bytes("b/2", b"two")
+    store.put_bytes("a/1", b"one")
+    assert list(store.list("")) == ["a/1", "b/2"]
+    assert list(store.list("b/")) == ["b/2"]
+    assert store.stat("a/1") == 3 and store.stat("a/9") is None
+    with pytest.raises(dogestry.StoreError):
+        store.put("c/3", io.BytesIO(b"short"), 10)   # fewer bytes than promised
+    assert store.stat("c/3") is None
+    assert not [p for p in (tmp_path / "s").rglob(".tmp-*")]
+    store.delete("a/1")
+    assert not (tmp_path / "s" / "a").exists()
+
+
+def test_chain_ids_follow_docker():
+    a, b = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+    chain = dogestry.chain_ids([a, b])
+    assert chain[0] == a
+    assert chain[1] == "sha256:" + hashlib.sha256((a + " " + b).encode()).hexdigest()
+
+
+def test_parallel_gzip_members_form_one_stream(tmp_path):
+    data = os.urandom(1 << 20) + b"text " * 2000000
+    src, dst = tmp_path / "raw", tmp_path / "gz"
+    src.write_bytes(data)
+    import concurrent.futures, threading
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        digest, size = dogestry.gzip_file(str(src), str(dst), pool, 4, threading.Event(), lambda n: None)
+    packed = dst.read_bytes()
+    assert gzip.decompress(packed) == data
+    assert size == len(packed) and digest == "sha256:" + hashlib.sha256(packed).hexdigest()
+    assert packed.count(b"\x1f\x8b\x08") >= 2  # several members
+
+
+def test_compressibility_is_judged_from_a_sample():
+    assert dogestry.looks_compressible(b"hello world " * 100000)
+    assert not dogestry.looks_compressible(os.urandom(1 << 20))
+    assert not dogestry.looks_compressible(gzip.compress(os.urandom(1 << 20)))
+
+
+@pytest.mark.parametrize("url, expect", [
+    ("unix:///run/d.sock", ("/run/d.sock", None, None)),
+    ("tcp://10.0.0.1:2375", (None, "10.0.0.1", 2375)),
+    ("tcp://host", (None, "host", 2375)),
+])
+def test_docker_host_urls(url, expect):
+    endpoint = dogestry.docker_endpoint(url, {}, "/nonexistent")
+    assert (endpoint.unix_path, endpoint.host, endpoint.port) == expect
+
+
+def test_docker_host_default_is_the_socket():
+    assert dogestry.docker_endpoint(None, {}, "/x").unix_path == "/var/run/docker.sock"
+    assert dogestry.docker_endpoint(None, {"DOCKER_HOST": "tcp://h:1"}, "/x").host == "h"
+
+
+def test_tls_port_defaults_to_2376(tmp_path):
+    endpoint = dogestry.docker_endpoint("tcp://h", {"DOCKER_TLS": "1"}, str(tmp_path))
+    assert endpoint.port == 2376 and endpoint.tls is not None
+
+
+def _record(store, data):
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    store.put_bytes(dogestry.blob_key(digest), data)
+    return dogestry.LayerRecord("sha256:" + "0" * 64, digest, len(data), "none")
+
+
+def test_verified_stream_withholds_the_tail_of_a_corrupt_blob(tmp_path):
+    store = dogestry.LocalStore(str(tmp_path))
+    good = os.urandom(3 * dogestry.CHUNK + 10)
+    record = _record(store, good)
+    assert b"".join(dogestry.verified_blob_chunks(store, record, lambda n: None)) == good
+
+    bad = bytearray(good)
+    bad[-1] ^= 1
+    (tmp_path / "blobs" / "sha256" / record.digest[7:]).write_bytes(bytes(bad))
+    sent = []
+    with pytest.raises(dogestry.IntegrityError):
+        for chunk in dogestry.verified_blob_chunks(store, record, lambda n: None):
+            sent.append(chunk)
+    assert len(b"".join(sent)) < len(good)  # the receiver sees a truncated member
+
+
+def test_load_tar_is_a_valid_tar_with_only_missing_layers(tmp_path):
+    store = dogestry.LocalStore(str(tmp_path))
+    layers = []
+    for i in range(3):
+        data = b"layer %d" % i
+        rec = _record(store, data)
+        layers.append(rec._replace(diff_id="sha256:%064x" % i))
+    config = b'{"rootfs":{}}'
+    image = dogestry.StoredImage("sha256:" + hashlib.sha256(config).hexdigest(), layers, [])
+    quiet = dogestry.Progress(io.StringIO(), quiet=True)
+    data = b"".join(dogestry.load_tar_stream(store, image, config, ["a:b"], {2}, quiet))
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        names = tar.getnames()
+        manifest = tar.extractfile("manifest.json").read()
+    assert names == [image.image_id[7:] + ".json", "%064x/layer.tar" % 2, "manifest.json"]
+    assert b'"RepoTags": ["a:b"]' in manifest
+
+
+def test_main_turns_errors_into_one_line(tmp_path):
+    out, err = io.StringIO(), io.StringIO()
+    assert dogestry.main(["list", str(tmp_path / "nope")], environ={}, stdout=out, stderr=err) == 1
+    assert err.getvalue().count("\n") == 1 and err.getvalue().startswith("dogestry: error:")
+
+
+def test_version_flag_and_command(tmp_path):
+    out = io.StringIO()
+    assert dogestry.main(["-version"], environ={}, stdout=out, stderr=io.StringIO()) == 0
+    assert dogestry.__version__ in out.getvalue()
+    out = io.StringIO()
+    assert dogestry.main(["version"], environ={}, stdout=out, stderr=io.StringIO()) == 0
+    assert dogestry.__version__ in out.getvalue()
+
+
+def test_help_for_a_command():
+    out = io.StringIO()
+    assert dogestry.main(["help", "push"], environ={}, stdout=out, stderr=io.StringIO()) == 0
+    assert "push STORE IMAGE" in out.getvalue()
+
+
+def test_original_single_dash_and_long_options_both_parse():
+    parser = dogestry.build_parser()
+    a = parser.parse_args(["-tempdir", "/x", "push", "s", "i"])
+    b = parser.parse_args(["--tempdir=/x", "push", "s", "i"])
+    assert a.tempdir == b.tempdir == "/x"
+
+
+def test_zipapp_builds_reproducibly_and_runs(tmp_path):
+    one, two = tmp_path / "one.pyz", tmp_path / "two.pyz"
+    subprocess.run(["sh", str(ROOT / "zipapp.sh"), str(one)], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["sh", str(ROOT / "zipapp.sh"), str(two)], check=True, stdout=subprocess.DEVNULL)
+    assert one.read_bytes() == two.read_bytes()
+    assert os.access(str(one), os.X_OK)
+    proc = subprocess.run([str(one), "version"], stdout=subprocess.PIPE, universal_newlines=True)
+    assert proc.returncode == 0 and dogestry.__version__ in proc.stdout
+
+
+def test_launcher_runs_the_module():
+    proc = subprocess.run([str(ROOT / "dogestry"), "version"], stdout=subprocess.PIPE, universal_newlines=True)
+    assert proc.returncode == 0 and dogestry.__version__ in proc.stdout
+
+
+def _python38():
+    found = shutil.which("python3.8")
+    candidates = [found] if found else []
+    candidates += [str(p) for p in Path("/root/.pyenv/versions").glob("3.8*/bin/python3.8")]
+    for c in candidates:
+        if subprocess.run([c, "-c", "pass"], stderr=subprocess.DEVNULL).returncode == 0:
+            return c
+    return None
+
+
+def test_source_parses_as_python_3_8():
+    import ast
+    ast.parse((ROOT / "dogestry.py").read_text(), feature_version=(3, 8))
+
+
+def test_runs_on_python_3_8():
+    python = _python38() or sys.executable  # the grammar check above covers a machine without 3.8
+    proc = subprocess.run([python, str(ROOT / "dogestry.py"), "help"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "push" in proc.stdout
