@@ -344,16 +344,22 @@ def docker_tls_context(environ: Mapping[str, str], home: str) -> Optional[ssl.SS
         return None
     cert_dir = environ.get("DOCKER_CERT_PATH") or os.path.join(home, ".docker")
     ca, cert, key = (os.path.join(cert_dir, n) for n in ("ca.pem", "cert.pem", "key.pem"))
+    if os.path.exists(cert) != os.path.exists(key):
+        raise DockerError("TLS client files in %s: %s is there but %s is not"
+                          % ((cert_dir,) + (("cert.pem", "key.pem") if os.path.exists(cert) else ("key.pem", "cert.pem"))))
     try:
         if verify:
             ctx = ssl.create_default_context(cafile=ca if os.path.exists(ca) else None)
         else:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-        if os.path.exists(cert) and os.path.exists(key):
+    except (OSError, ssl.SSLError) as e:
+        raise DockerError("cannot use %s: %s" % (ca, e))
+    try:
+        if os.path.exists(cert):
             ctx.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as e:
-        raise DockerError("cannot use the TLS files in %s: %s" % (cert_dir, e))
+        raise DockerError("cannot use the TLS client certificate %s with key %s: %s" % (cert, key, e))
     return ctx
 
 
@@ -433,6 +439,8 @@ class DockerClient:
             raise DockerError("cannot talk to Docker at %s: %s" % (self.endpoint.url, _os_reason(e)))
         if resp.status >= 400:
             message = _docker_message(resp.read())
+            if "HTTP request to an HTTPS server" in message:
+                message += " (the daemon uses TLS: set DOCKER_TLS_VERIFY=1 and DOCKER_CERT_PATH)"
             self._drop_connection()
             raise DockerError("docker %s %s: %s (HTTP %d)" % (method, path.split("?")[0], message, resp.status))
         return resp
@@ -1118,7 +1126,7 @@ class LayerPipeline:
                 gz_path = spool.path + ".gz"
                 digest, size = gzip_file(spool.path, gz_path, self._gzip_pool, 2 * self.options.workers,
                                          self.abort, task.advance)
-                task.finish("compressed %s ->" % human_size(spool.size))
+                task.finish("compressed to %s," % human_size(size))
                 os.unlink(spool.path)
                 blob, compression = Spool(gz_path, digest, size), "gzip"
         record = LayerRecord(diff_id, blob.digest, blob.size, compression)
