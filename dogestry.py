@@ -11,26 +11,33 @@ Standard library only; Python 3.8 or newer.  The module reads top to bottom:
      3. Progress reporting
      4. Docker Engine API client
      5. Stores: the key/value seam (local directory)
-     6. Store layout: tags, images, layers
-     7. Reading `docker save` streams
-     8. Compression
-     9. Push
-    10. Pull
-    11. Commands
-    12. Command line and main()
+     6. SigV4 signing
+     7. AWS configuration and credentials
+     8. S3 client and store
+     9. Store layout: tags, images, layers
+    10. Reading `docker save` streams
+    11. Compression
+    12. Push
+    13. Pull
+    14. Commands
+    15. Command line and main()
 """
 
 import argparse
 import base64
 import collections
 import concurrent.futures
+import configparser
 import contextlib
 import datetime
+import email.utils
 import hashlib
+import hmac
 import http.client
 import io
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -43,6 +50,8 @@ import threading
 import time
 import urllib.parse
 import zlib
+from xml.etree import ElementTree
+from xml.sax.saxutils import escape as xml_escape
 from typing import (IO, Any, BinaryIO, Callable, Dict, Iterable, Iterator, List,
                     Mapping, NamedTuple, Optional, Sequence, Set, Tuple)
 
@@ -556,12 +565,17 @@ class Store:
         """Size of the object at key, or None if absent."""
         raise NotImplementedError
 
-    def open(self, key: str) -> BinaryIO:
-        """A readable stream of the object's bytes (NotFound if absent)."""
+    def open(self, key: str, size: Optional[int] = None) -> BinaryIO:
+        """A readable stream of the object's bytes (NotFound if absent); size, if known, helps."""
         raise NotImplementedError
 
-    def put(self, key: str, src: BinaryIO, size: int) -> None:
-        """Store exactly `size` bytes read from src at key, atomically."""
+    def put_bytes(self, key: str, data: bytes, if_absent: bool = False) -> None:
+        """Store a small object, atomically (if_absent: keep an object already there)."""
+        raise NotImplementedError
+
+    def put_file(self, key: str, path: str, size: int, digest: Optional[str] = None,
+                 on_progress: Callable[[int], None] = lambda n: None, if_absent: bool = False) -> None:
+        """Store a file's `size` bytes (sha256 `digest` if known), atomically."""
         raise NotImplementedError
 
     def list(self, prefix: str) -> Iterator[str]:
@@ -571,6 +585,15 @@ class Store:
     def delete(self, key: str) -> None:
         """Remove key (no error if absent)."""
         raise NotImplementedError
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """Remove several keys."""
+        for key in keys:
+            self.delete(key)
+
+    def kind(self) -> str:
+        """What sort of store this is, for people."""
+        return type(self).__name__
 
     def ensure(self) -> None:
         """Create the store if it can be (a missing directory), before writing."""
@@ -588,10 +611,6 @@ class Store:
             raise StoreError("%s: %s is larger than %s" % (self.url, key, human_size(limit)))
         return data
 
-    def put_bytes(self, key: str, data: bytes) -> None:
-        """Store a small object."""
-        self.put(key, io.BytesIO(data), len(data))
-
 
 class LocalStore(Store):
     """A store in a directory: key 'a/b' is the file ROOT/a/b, written via rename."""
@@ -602,6 +621,9 @@ class LocalStore(Store):
 
     def _path(self, key: str) -> str:
         return os.path.join(self.root, *check_key(key).split("/"))
+
+    def kind(self) -> str:
+        return "local directory"
 
     def check(self) -> None:
         if not os.path.isdir(self.root):
@@ -622,7 +644,7 @@ class LocalStore(Store):
             raise StoreError("%s: cannot read %s: %s" % (self.url, key, _os_reason(e)))
         return st.st_size if not os.path.isdir(self._path(key)) else None
 
-    def open(self, key: str) -> BinaryIO:
+    def open(self, key: str, size: Optional[int] = None) -> BinaryIO:
         try:
             return open(self._path(key), "rb")
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
@@ -630,7 +652,18 @@ class LocalStore(Store):
         except OSError as e:
             raise StoreError("%s: cannot read %s: %s" % (self.url, key, _os_reason(e)))
 
-    def put(self, key: str, src: BinaryIO, size: int) -> None:
+    def put_bytes(self, key: str, data: bytes, if_absent: bool = False) -> None:
+        if not (if_absent and self.stat(key) is not None):
+            self._put(key, io.BytesIO(data), len(data))
+
+    def put_file(self, key: str, path: str, size: int, digest: Optional[str] = None,
+                 on_progress: Callable[[int], None] = lambda n: None, if_absent: bool = False) -> None:
+        if if_absent and self.stat(key) == size:
+            return
+        with open(path, "rb") as f:
+            self._put(key, HashingReader(f, on_progress), size)  # type: ignore
+
+    def _put(self, key: str, src: BinaryIO, size: int) -> None:
         path = self._path(key)
         tmp = None
         try:
@@ -696,8 +729,944 @@ def copy_stream(src: IO[bytes], dst: IO[bytes], limit: Optional[int] = None,
     return copied
 
 
-def open_store(url: str) -> Store:
-    """A store from a path, file:///path, or (not yet) s3://bucket/prefix."""
+# === 6. SigV4 signing ===
+#
+# AWS Signature Version 4, as pure functions of (request, credentials, region, time).
+# Paths are passed unencoded; S3 encodes them once and keeps '//' and dot segments,
+# other services (STS) normalise and encode twice (AWS General Reference, "Create a
+# canonical request for Signature Version 4").
+
+SIGV4_ALGORITHM = "AWS4-HMAC-SHA256"
+UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_HEADER_SPACE = re.compile(r"[ \t\r\n]+")
+
+
+class Credentials(NamedTuple):
+    """AWS credentials; token for temporary ones, expires as a Unix time (None: never)."""
+
+    access_key: str
+    secret_key: str
+    token: Optional[str] = None
+    expires: Optional[float] = None
+    source: str = ""
+
+
+def uri_encode(text: str, safe: str = "") -> str:
+    """Percent-encode UTF-8 bytes the AWS way: keep A-Za-z0-9-._~ (and safe), %XX the rest."""
+    keep = _UNRESERVED.union(safe.encode("ascii"))
+    return "".join(chr(b) if b in keep else "%%%02X" % b for b in text.encode("utf-8"))
+
+
+def amz_date(now: datetime.datetime) -> str:
+    """The X-Amz-Date form of a time (naive times are taken as UTC)."""
+    if now.tzinfo is not None:
+        now = now.astimezone(datetime.timezone.utc)
+    return now.strftime("%Y%m%dT%H%M%SZ")
+
+
+def _pairs(items: Any) -> List[Tuple[str, Any]]:
+    if items is None:
+        return []
+    return list(items.items()) if hasattr(items, "items") else list(items)
+
+
+def remove_dot_segments(path: str) -> str:
+    """Normalise a path: drop empty and '.' segments, resolve '..' (generic services only)."""
+    out = []  # type: List[str]
+    for segment in path.split("/"):
+        if segment == "..":
+            if out:
+                out.pop()
+        elif segment not in ("", "."):
+            out.append(segment)
+    result = "/" + "/".join(out)
+    return result + "/" if path.endswith("/") and result != "/" else result
+
+
+def canonical_uri(path: str, normalize: bool = False, double_encode: bool = False) -> str:
+    """The canonical URI of an unencoded path."""
+    path = path or "/"
+    if normalize:
+        path = remove_dot_segments(path)
+    encoded = uri_encode(path, safe="/")
+    return uri_encode(encoded, safe="/") if double_encode else encoded
+
+
+def canonical_query(query: Any) -> str:
+    """Sorted, encoded key=value pairs ('key=' for empty values)."""
+    encoded = sorted((uri_encode(str(k)), uri_encode("" if v is None else str(v))) for k, v in _pairs(query))
+    return "&".join("%s=%s" % pair for pair in encoded)
+
+
+def canonical_headers(headers: Any) -> Tuple[str, str]:
+    """(canonical header block, signed header names): lowercased, trimmed, repeats joined by ','."""
+    merged = {}  # type: Dict[str, List[str]]
+    for name, value in _pairs(headers):
+        values = value if isinstance(value, (list, tuple)) else [value]
+        merged.setdefault(name.strip().lower(), []).extend(
+            _HEADER_SPACE.sub(" ", str(v)).strip(" ") for v in values)
+    names = sorted(merged)
+    return "".join("%s:%s\n" % (n, ",".join(merged[n])) for n in names), ";".join(names)
+
+
+def canonical_request(method: str, path: str, query: Any, headers: Any, payload_hash: str,
+                      normalize: bool = False, double_encode: bool = False) -> str:
+    """The SigV4 canonical request (headers are exactly the signed ones)."""
+    block, signed = canonical_headers(headers)
+    return "\n".join([method.upper(), canonical_uri(path, normalize, double_encode),
+                      canonical_query(query), block, signed, payload_hash])
+
+
+def credential_scope(timestamp: str, region: str, service: str) -> str:
+    return "%s/%s/%s/aws4_request" % (timestamp[:8], region, service)
+
+
+def string_to_sign(timestamp: str, scope: str, canonical: str) -> str:
+    """Algorithm, time, scope and the hash of the canonical request."""
+    return "\n".join([SIGV4_ALGORITHM, timestamp, scope, hashlib.sha256(canonical.encode("utf-8")).hexdigest()])
+
+
+def signing_key(secret: str, timestamp: str, region: str, service: str) -> bytes:
+    """HMAC chain: date, region, service, 'aws4_request'."""
+    key = ("AWS4" + secret).encode("utf-8")
+    for part in (timestamp[:8], region, service, "aws4_request"):
+        key = hmac.new(key, part.encode("utf-8"), hashlib.sha256).digest()
+    return key
+
+
+def _signature(creds: Credentials, timestamp: str, region: str, service: str, canonical: str) -> str:
+    key = signing_key(creds.secret_key, timestamp, region, service)
+    to_sign = string_to_sign(timestamp, credential_scope(timestamp, region, service), canonical)
+    return hmac.new(key, to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def _service_path_rules(service: str, normalize: Optional[bool], double: Optional[bool]) -> Tuple[bool, bool]:
+    generic = service != "s3"
+    return (generic if normalize is None else normalize, generic if double is None else double)
+
+
+def sign_request(method: str, path: str, query: Any, headers: Any, payload_hash: str,
+                 creds: Credentials, region: str, service: str, now: datetime.datetime,
+                 normalize: Optional[bool] = None, double_encode: Optional[bool] = None,
+                 content_sha256: Optional[bool] = None, sign_token: bool = True) -> Dict[str, str]:
+    """Sign a request; return the headers to add (X-Amz-Date, X-Amz-Content-SHA256, token, Authorization)."""
+    normalize, double_encode = _service_path_rules(service, normalize, double_encode)
+    timestamp = amz_date(now)
+    added = {"X-Amz-Date": timestamp}
+    if creds.token:
+        added["X-Amz-Security-Token"] = creds.token
+    if service == "s3" if content_sha256 is None else content_sha256:
+        added["X-Amz-Content-SHA256"] = payload_hash
+    replaced = {n.lower() for n in added} | {"authorization"}
+    signed = [(k, v) for k, v in _pairs(headers) if k.strip().lower() not in replaced]
+    signed += [(k, v) for k, v in added.items() if sign_token or k != "X-Amz-Security-Token"]
+    canonical = canonical_request(method, path, query, signed, payload_hash, normalize, double_encode)
+    names = canonical_headers(signed)[1]
+    added["Authorization"] = "%s Credential=%s/%s, SignedHeaders=%s, Signature=%s" % (
+        SIGV4_ALGORITHM, creds.access_key, credential_scope(timestamp, region, service), names,
+        _signature(creds, timestamp, region, service, canonical))
+    return added
+
+
+def presign_query(method: str, host: str, path: str, query: Any, creds: Credentials, region: str,
+                  service: str, now: datetime.datetime, expires: int, headers: Any = None,
+                  payload_hash: Optional[str] = None, normalize: Optional[bool] = None,
+                  double_encode: Optional[bool] = None, sign_token: bool = True) -> List[Tuple[str, str]]:
+    """The query pairs of a presigned request, X-Amz-Signature last."""
+    if not 1 <= int(expires) <= 7 * 24 * 3600:
+        raise UsageError("presigned URLs expire within 1 second to 7 days")
+    normalize, double_encode = _service_path_rules(service, normalize, double_encode)
+    if payload_hash is None:
+        payload_hash = UNSIGNED_PAYLOAD if service == "s3" else EMPTY_SHA256
+    timestamp = amz_date(now)
+    signed = [("host", host)] + [(k, v) for k, v in _pairs(headers) if k.lower() != "host"]
+    params = [(str(k), str(v)) for k, v in _pairs(query)] + [
+        ("X-Amz-Algorithm", SIGV4_ALGORITHM),
+        ("X-Amz-Credential", "%s/%s" % (creds.access_key, credential_scope(timestamp, region, service))),
+        ("X-Amz-Date", timestamp),
+        ("X-Amz-Expires", str(int(expires))),
+        ("X-Amz-SignedHeaders", canonical_headers(signed)[1])]
+    if creds.token and sign_token:
+        params.append(("X-Amz-Security-Token", creds.token))
+    canonical = canonical_request(method, path, params, signed, payload_hash, normalize, double_encode)
+    signature = _signature(creds, timestamp, region, service, canonical)
+    if creds.token and not sign_token:
+        params.append(("X-Amz-Security-Token", creds.token))
+    return params + [("X-Amz-Signature", signature)]
+
+
+def presign_url(method: str, scheme: str, host: str, path: str, creds: Credentials, region: str,
+                now: datetime.datetime, expires: int, query: Any = None) -> str:
+    """A presigned S3 URL (query-string authentication) valid for `expires` seconds."""
+    params = presign_query(method, host, path, query, creds, region, "s3", now, expires)
+    return "%s://%s%s?%s" % (scheme, host, uri_encode(path or "/", safe="/"), canonical_query(params[:-1])
+                             + "&X-Amz-Signature=" + params[-1][1])
+
+
+# === 7. AWS configuration and credentials ===
+#
+# The AWS SDKs' order: environment, shared profile files, web identity (STS),
+# container credentials (ECS/EKS), EC2 instance metadata (IMDSv2, v1 fallback).
+
+CREDENTIAL_REFRESH_MARGIN = 300.0
+METADATA_TIMEOUT = 2.0
+
+
+def _parse_xml(body: bytes) -> Any:
+    """An XML document with namespaces stripped from tags, or None if it does not parse."""
+    try:
+        root = ElementTree.fromstring(body)
+    except ElementTree.ParseError:
+        return None
+    for elem in root.iter():
+        elem.tag = elem.tag.rsplit("}", 1)[-1]
+    return root
+
+
+def _xml_text(root: Any, path: str) -> Optional[str]:
+    """Text of the first element at path, or None."""
+    found = root.find(path) if root is not None else None
+    return found.text if found is not None else None
+
+
+def _iso_time(text: Optional[str]) -> Optional[float]:
+    """Unix time of an ISO 8601 timestamp like 2026-11-27T21:00:00Z, or None."""
+    if not text:
+        return None
+    text = text.strip().replace("Z", "+00:00")
+    text = re.sub(r"\.\d+", "", text)
+    try:
+        return datetime.datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
+
+
+def http_call(url: str, method: str = "GET", headers: Optional[Dict[str, str]] = None,
+              body: Optional[bytes] = None, timeout: float = METADATA_TIMEOUT,
+              context: Optional[ssl.SSLContext] = None) -> Tuple[int, bytes]:
+    """One small HTTP exchange (metadata services, STS); returns (status, body)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https":
+        conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout, context=context)
+    else:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read(1 << 20)
+    finally:
+        conn.close()
+
+
+class AwsConfig:
+    """AWS settings from the environment and ~/.aws/{credentials,config}, SDK conventions."""
+
+    def __init__(self, environ: Mapping[str, str], home: str):
+        self.environ, self.home = environ, home
+        self.profile = environ.get("AWS_PROFILE") or environ.get("AWS_DEFAULT_PROFILE") or "default"
+        self.credentials_file = environ.get("AWS_SHARED_CREDENTIALS_FILE") or os.path.join(home, ".aws", "credentials")
+        self.config_file = environ.get("AWS_CONFIG_FILE") or os.path.join(home, ".aws", "config")
+        self._sections = None  # type: Optional[Dict[str, str]]
+
+    def _read(self, path: str, section: str) -> Dict[str, str]:
+        parser = configparser.RawConfigParser()
+        try:
+            parser.read(path, encoding="utf-8")
+        except (configparser.Error, OSError, UnicodeDecodeError) as e:
+            raise DogestryError("cannot read AWS settings in %s: %s" % (path, str(e).splitlines()[0]))
+        return dict(parser.items(section)) if parser.has_section(section) else {}
+
+    def settings(self) -> Dict[str, str]:
+        """The profile's keys: config file ([profile NAME] or [default]) overlaid by the credentials file."""
+        if self._sections is None:
+            config_section = "default" if self.profile == "default" else "profile " + self.profile
+            merged = self._read(self.config_file, config_section)
+            merged.update(self._read(self.credentials_file, self.profile))
+            self._sections = merged
+        return self._sections
+
+    def region(self) -> Optional[str]:
+        """AWS_REGION, AWS_DEFAULT_REGION, or the profile's region."""
+        return self.environ.get("AWS_REGION") or self.environ.get("AWS_DEFAULT_REGION") or \
+            self.settings().get("region") or None
+
+    def ca_context(self) -> ssl.SSLContext:
+        """TLS verification with the system CAs, or AWS_CA_BUNDLE."""
+        bundle = self.environ.get("AWS_CA_BUNDLE") or self.settings().get("ca_bundle")
+        try:
+            return ssl.create_default_context(cafile=bundle or None)
+        except (OSError, ssl.SSLError) as e:
+            raise DogestryError("cannot use the CA bundle %s: %s" % (bundle, e))
+
+
+class CredentialChain:
+    """Finds credentials once, the SDK way, and refreshes temporary ones before they expire."""
+
+    def __init__(self, config: AwsConfig, clock: Callable[[], float] = time.time,
+                 force_metadata: bool = False, http: Callable[..., Tuple[int, bytes]] = http_call):
+        self.config, self.clock, self.force_metadata, self.http = config, clock, force_metadata, http
+        self._lock = threading.Lock()
+        self._current = None  # type: Optional[Credentials]
+
+    def get(self, force_refresh: bool = False) -> Credentials:
+        """Current credentials (looked up on first use, refreshed near expiry)."""
+        with self._lock:
+            current = self._current
+            stale = current is None or force_refresh or (
+                current.expires is not None and current.expires - self.clock() < CREDENTIAL_REFRESH_MARGIN)
+            if stale:
+                self._current = current = self._resolve()
+            return current
+
+    def _resolve(self) -> Credentials:
+        if self.force_metadata:
+            found = self._from_instance_metadata(required=True)
+            assert found is not None
+            return found
+        for source in (self._from_environment, self._from_profile, self._from_web_identity,
+                       self._from_container, self._from_instance_metadata):
+            found = source()
+            if found is not None:
+                return found
+        raise DogestryError(
+            "no AWS credentials found: looked in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+            "AWS_ACCESS_KEY/AWS_SECRET_KEY, profile %r in %s and %s, web identity "
+            "(AWS_WEB_IDENTITY_TOKEN_FILE), container credentials and EC2 instance metadata"
+            % (self.config.profile, self.config.credentials_file, self.config.config_file))
+
+    def _from_environment(self) -> Optional[Credentials]:
+        env = self.config.environ
+        for key_var, secret_var in (("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"),
+                                    ("AWS_ACCESS_KEY", "AWS_SECRET_KEY")):
+            if env.get(key_var) and env.get(secret_var):
+                return Credentials(env[key_var], env[secret_var], env.get("AWS_SESSION_TOKEN") or None,
+                                   None, "environment (%s)" % key_var)
+        return None
+
+    def _from_profile(self) -> Optional[Credentials]:
+        s = self.config.settings()
+        if s.get("aws_access_key_id") and s.get("aws_secret_access_key"):
+            return Credentials(s["aws_access_key_id"], s["aws_secret_access_key"],
+                               s.get("aws_session_token") or None, None, "profile %s" % self.config.profile)
+        return None
+
+    def _from_web_identity(self) -> Optional[Credentials]:
+        env, s = self.config.environ, self.config.settings()
+        token_file = env.get("AWS_WEB_IDENTITY_TOKEN_FILE") or s.get("web_identity_token_file")
+        role = env.get("AWS_ROLE_ARN") or s.get("role_arn")
+        if not token_file or not role:
+            return None
+        try:
+            with open(token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as e:
+            raise DogestryError("cannot read the web identity token %s: %s" % (token_file, _os_reason(e)))
+        region = self.config.region() or "us-east-1"
+        endpoint = env.get("AWS_ENDPOINT_URL_STS") or env.get("AWS_ENDPOINT_URL") or \
+            "https://sts.%s.amazonaws.com" % region
+        form = urllib.parse.urlencode({
+            "Action": "AssumeRoleWithWebIdentity", "Version": "2011-06-15", "RoleArn": role,
+            "RoleSessionName": env.get("AWS_ROLE_SESSION_NAME") or s.get("role_session_name") or
+            "dogestry-%d" % int(self.clock()), "WebIdentityToken": token}).encode()
+        try:
+            status, body = self.http(endpoint.rstrip("/") + "/", "POST", {
+                "Content-Type": "application/x-www-form-urlencoded"}, form, 10.0, self.config.ca_context())
+        except (OSError, http.client.HTTPException) as e:
+            raise DogestryError("cannot reach STS at %s for web identity credentials: %s" % (endpoint, _os_reason(e)))
+        root = _parse_xml(body)
+        if status != 200 or root is None:
+            code = (_xml_text(root, ".//Code") if root is not None else None) or "HTTP %d" % status
+            raise DogestryError("STS AssumeRoleWithWebIdentity for %s failed: %s" % (role, code))
+        return self._temporary(_xml_text(root, ".//Credentials/AccessKeyId"),
+                               _xml_text(root, ".//Credentials/SecretAccessKey"),
+                               _xml_text(root, ".//Credentials/SessionToken"),
+                               _xml_text(root, ".//Credentials/Expiration"), "web identity (%s)" % role)
+
+    def _temporary(self, key: Optional[str], secret: Optional[str], token: Optional[str],
+                   expiration: Optional[str], source: str) -> Credentials:
+        if not key or not secret:
+            raise DogestryError("%s returned no usable credentials" % source)
+        return Credentials(key, secret, token or None, _iso_time(expiration), source)
+
+    def _from_container(self) -> Optional[Credentials]:
+        env = self.config.environ
+        if env.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"):
+            url = "http://169.254.170.2" + env["AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"]
+        elif env.get("AWS_CONTAINER_CREDENTIALS_FULL_URI"):
+            url = env["AWS_CONTAINER_CREDENTIALS_FULL_URI"]
+        else:
+            return None
+        headers = {}
+        token = env.get("AWS_CONTAINER_AUTHORIZATION_TOKEN")
+        if env.get("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"):
+            try:
+                with open(env["AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"], encoding="utf-8") as f:
+                    token = f.read().strip()
+            except OSError as e:
+                raise DogestryError("cannot read AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE: %s" % _os_reason(e))
+        if token:
+            headers["Authorization"] = token
+        doc = self._metadata_json(url, headers, "container credentials")
+        return self._temporary(doc.get("AccessKeyId"), doc.get("SecretAccessKey"), doc.get("Token"),
+                               doc.get("Expiration"), "container credentials")
+
+    def _metadata_json(self, url: str, headers: Dict[str, str], what: str) -> Dict[str, Any]:
+        try:
+            status, body = self.http(url, "GET", headers, None, METADATA_TIMEOUT)
+            doc = json.loads(body.decode("utf-8")) if status == 200 else None
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            raise DogestryError("cannot get %s from %s: %s" % (what, url, _os_reason(e)))
+        if not isinstance(doc, dict):
+            raise DogestryError("cannot get %s from %s: HTTP %d" % (what, url, status))
+        return doc
+
+    def _from_instance_metadata(self, required: bool = False) -> Optional[Credentials]:
+        env = self.config.environ
+        if env.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true" and not required:
+            return None
+        base = (env.get("AWS_EC2_METADATA_SERVICE_ENDPOINT") or "http://169.254.169.254").rstrip("/")
+        headers = {}  # type: Dict[str, str]
+        try:
+            status, token = self.http(base + "/latest/api/token", "PUT",
+                                      {"X-aws-ec2-metadata-token-ttl-seconds": "21600"}, b"", METADATA_TIMEOUT)
+            if status == 200:
+                headers["X-aws-ec2-metadata-token"] = token.decode("ascii", "replace").strip()
+            # Other answers (403/404/405 from IMDSv1-only services) fall back to v1 requests.
+            status, body = self.http(base + "/latest/meta-data/iam/security-credentials/", "GET",
+                                     headers, None, METADATA_TIMEOUT)
+        except (OSError, http.client.HTTPException) as e:
+            if required:
+                raise DogestryError("cannot reach EC2 instance metadata at %s: %s" % (base, _os_reason(e)))
+            return None
+        roles = body.decode("utf-8", "replace").split() if status == 200 else []
+        if not roles:
+            if required:
+                raise DogestryError("EC2 instance metadata at %s has no IAM role (HTTP %d)" % (base, status))
+            return None
+        doc = self._metadata_json(base + "/latest/meta-data/iam/security-credentials/" + roles[0],
+                                  headers, "instance credentials")
+        return self._temporary(doc.get("AccessKeyId"), doc.get("SecretAccessKey"), doc.get("Token"),
+                               doc.get("Expiration"), "EC2 instance metadata (%s)" % roles[0])
+
+
+# === 8. S3 client and store ===
+#
+# S3 REST API over http.client: virtual-host addressing on AWS (path style for bucket
+# names with dots and for custom endpoints), per-thread keep-alive connections, every
+# request signed (SigV4, real payload hashes) and re-signed on each retry.
+
+S3_SINGLE_PUT_MAX = 16 << 20
+S3_MIN_PART = 8 << 20
+S3_MAX_PARTS = 10000
+S3_RANGE = 8 << 20
+S3_RETRY_STATUSES = (500, 502, 503, 504)
+S3_RETRY_CODES = ("SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable",
+                  "RequestTimeTooSkewed", "ExpiredToken", "TokenRefreshRequired")
+S3_REGION_CODES = ("PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException")
+
+
+class S3Error(StoreError):
+    """S3 answered with an error code (AccessDenied, NoSuchBucket, ...)."""
+
+    def __init__(self, message: str, code: str = "", status: int = 0):
+        super().__init__(message)
+        self.code, self.status = code, status
+
+
+class S3Location(NamedTuple):
+    """Where an S3 store lives: bucket, key prefix, and optional region and endpoint."""
+
+    bucket: str
+    prefix: str
+    region: Optional[str]
+    endpoint: Optional[str]
+
+
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,254}$", re.IGNORECASE)
+
+
+def parse_s3_url(url: str) -> S3Location:
+    """s3://bucket[/prefix/][?region=R&endpoint=URL] as the original dogestry took it."""
+    parts = urllib.parse.urlsplit(url)
+    if not parts.netloc or not _BUCKET_RE.match(parts.netloc):
+        raise UsageError("invalid S3 URL %r: expected s3://bucket/prefix/" % url)
+    query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
+    unknown = set(query) - {"region", "endpoint"}
+    if unknown:
+        raise UsageError("unknown S3 URL option %s in %r (known: region, endpoint)" % (", ".join(sorted(unknown)), url))
+    prefix = urllib.parse.unquote(parts.path).strip("/")
+    if prefix:
+        check_key(prefix)
+        prefix += "/"
+    endpoint = (query.get("endpoint") or [None])[0]
+    if endpoint and urllib.parse.urlsplit(endpoint).scheme not in ("http", "https"):
+        raise UsageError("invalid S3 endpoint %r: expected http://host:port or https://host" % endpoint)
+    return S3Location(parts.netloc, prefix, (query.get("region") or [None])[0] or None, endpoint)
+
+
+def _s3_error(body: bytes) -> Tuple[str, str, Optional[str]]:
+    """(code, message, region) from an S3 XML error body."""
+    root = _parse_xml(body) if body else None
+    if root is None:
+        return "", "", None
+    return (_xml_text(root, ".//Code") or "", _xml_text(root, ".//Message") or "",
+            _xml_text(root, ".//Region"))
+
+
+class S3Client:
+    """Signed, retried S3 requests against one bucket."""
+
+    def __init__(self, location: S3Location, credentials: CredentialChain, config: AwsConfig,
+                 clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep,
+                 rand: Callable[[], float] = random.random, max_attempts: Optional[int] = None):
+        self.bucket = location.bucket
+        self.credentials, self.clock, self.sleep, self.rand = credentials, clock, sleep, rand
+        env = config.environ
+        self.endpoint = location.endpoint or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+        self.region = location.region or config.region() or "us-east-1"
+        self.max_attempts = max_attempts or int(env.get("AWS_MAX_ATTEMPTS") or 5)
+        self.tls = None  # type: Optional[ssl.SSLContext]
+        self._config = config
+        self._local = threading.local()
+        self._skew = 0.0
+
+    # -- addressing --
+
+    def _target(self) -> Tuple[str, str, int, str]:
+        """(scheme, host, port, path prefix for this bucket)."""
+        if self.endpoint:
+            parts = urllib.parse.urlsplit(self.endpoint)
+            scheme = parts.scheme
+            port = parts.port or (443 if scheme == "https" else 80)
+            return scheme, parts.hostname or "", port, parts.path.rstrip("/") + "/" + self.bucket
+        host = "s3.%s.amazonaws.com" % self.region
+        if "." in self.bucket or not re.match(r"^[a-z0-9][a-z0-9-]*[a-z0-9]$", self.bucket):
+            return "https", host, 443, "/" + self.bucket
+        return "https", "%s.%s" % (self.bucket, host), 443, ""
+
+    def _connection(self, scheme: str, host: str, port: int) -> http.client.HTTPConnection:
+        conns = getattr(self._local, "conns", None)
+        if conns is None:
+            conns = self._local.conns = {}
+        conn = conns.get((scheme, host, port))
+        if conn is None:
+            if scheme == "https":
+                if self.tls is None:
+                    self.tls = self._config.ca_context()
+                conn = http.client.HTTPSConnection(host, port, timeout=60, context=self.tls, blocksize=CHUNK)
+            else:
+                conn = http.client.HTTPConnection(host, port, timeout=60, blocksize=CHUNK)
+            conns[(scheme, host, port)] = conn
+        return conn
+
+    def _drop(self, scheme: str, host: str, port: int) -> None:
+        conn = getattr(self._local, "conns", {}).pop((scheme, host, port), None)
+        if conn is not None:
+            conn.close()
+
+    def describe(self, key: str = "") -> str:
+        return "s3://%s/%s" % (self.bucket, key)
+
+    # -- requests --
+
+    def request(self, method: str, key: str = "", query: Any = None, headers: Optional[Dict[str, str]] = None,
+                body: Optional[Callable[[], Any]] = None, payload_hash: str = EMPTY_SHA256,
+                ok: Sequence[int] = (200,), idempotent: bool = True) -> http.client.HTTPResponse:
+        """Send a signed request, retrying transient failures; return the (unread) response.
+
+        body is a factory returning bytes or a fresh file object, so a retry can resend it.
+        """
+        attempt, redirected = 0, False
+        while True:
+            attempt += 1
+            scheme, host, port, base = self._target()
+            path = base + "/" + key if key else (base or "/")
+            netloc = host if port in (80, 443) else "%s:%d" % (host, port)
+            all_headers = dict(headers or {})
+            all_headers["Host"] = netloc
+            creds = self.credentials.get()
+            now = datetime.datetime.fromtimestamp(self.clock() + self._skew, datetime.timezone.utc)
+            all_headers.update(sign_request(method, path, query, all_headers, payload_hash, creds, self.region, "s3", now))
+            target = uri_encode(path, safe="/") + ("?" + canonical_query(query) if query else "")
+            conn = self._connection(scheme, host, port)
+            try:
+                conn.request(method, target, body=body() if body else None, headers=all_headers)
+                resp = conn.getresponse()
+            except (OSError, http.client.HTTPException) as e:
+                self._drop(scheme, host, port)
+                if idempotent and attempt < self.max_attempts:
+                    self._backoff(attempt)
+                    continue
+                raise S3Error("%s %s: %s (after %d attempts)" % (method, self.describe(key), _os_reason(e), attempt))
+            if resp.status in ok:
+                return resp
+            try:
+                data = resp.read() if method != "HEAD" else b""
+            except (OSError, http.client.HTTPException):
+                data = b""
+            if resp.getheader("Connection", "").lower() == "close" or resp.status >= 500:
+                self._drop(scheme, host, port)
+            code, message, region = _s3_error(data)
+            code = code or {301: "PermanentRedirect", 403: "AccessDenied", 404: "NotFound",
+                            412: "PreconditionFailed"}.get(resp.status, "HTTP%d" % resp.status)
+            new_region = resp.getheader("x-amz-bucket-region") or region
+            if code in S3_REGION_CODES or (resp.status == 301 and new_region):
+                if new_region and new_region != self.region and not redirected:
+                    self.region, redirected = new_region, True
+                    attempt -= 1
+                    continue
+            if code == "RequestTimeTooSkewed" and resp.getheader("Date"):
+                server = email.utils.parsedate_to_datetime(resp.getheader("Date")).timestamp()
+                self._skew = server - self.clock()
+            if code in ("ExpiredToken", "TokenRefreshRequired"):
+                self.credentials.get(force_refresh=True)
+            retriable = resp.status in S3_RETRY_STATUSES or code in S3_RETRY_CODES
+            if retriable and idempotent and attempt < self.max_attempts:
+                self._backoff(attempt)
+                continue
+            raise S3Error("%s %s: %s%s (HTTP %d)" % (method, self.describe(key), code,
+                                                      ": " + message if message else "", resp.status),
+                          code, resp.status)
+
+    def _backoff(self, attempt: int) -> None:
+        """Exponential backoff with full jitter (AWS Architecture Blog, 2015)."""
+        self.sleep(self.rand() * min(20.0, 0.25 * (2 ** attempt)))
+
+    # -- operations --
+
+    def head(self, key: str) -> Optional[http.client.HTTPResponse]:
+        """HEAD an object: its response (headers), or None if absent."""
+        try:
+            resp = self.request("HEAD", key)
+        except S3Error as e:
+            if e.status == 404:
+                return None
+            raise
+        resp.read()
+        return resp
+
+    def head_bucket(self) -> None:
+        """Check that the bucket exists and we may use it."""
+        try:
+            self.request("HEAD").read()
+        except S3Error as e:
+            if e.status == 404:
+                raise NotFound("S3 bucket %s does not exist (%s)" % (self.bucket, self.region))
+            raise
+
+    def put(self, key: str, body: Callable[[], Any], size: int, sha256_hex: str,
+            if_absent: bool = False, extra: Optional[Dict[str, str]] = None) -> bool:
+        """PUT an object (Content-Length always set); False if if_absent and it already existed."""
+        headers = {"Content-Length": str(size), "Content-Type": "application/octet-stream"}
+        headers.update(extra or {})
+        if if_absent:
+            headers["If-None-Match"] = "*"
+        try:
+            self.request("PUT", key, headers=headers, body=body, payload_hash=sha256_hex).read()
+        except S3Error as e:
+            if if_absent and e.status == 412:
+                return False
+            if if_absent and e.status == 501:  # a store without conditional writes
+                return self.put(key, body, size, sha256_hex, False, extra)
+            raise
+        return True
+
+    def get(self, key: str, start: int = 0, end: Optional[int] = None) -> http.client.HTTPResponse:
+        """GET an object, or a byte range of it (end inclusive)."""
+        headers = {}
+        if start or end is not None:
+            headers["Range"] = "bytes=%d-%s" % (start, "" if end is None else end)
+        try:
+            return self.request("GET", key, headers=headers, ok=(200, 206))
+        except S3Error as e:
+            if e.status == 404 or e.code == "NoSuchKey":
+                raise NotFound("%s: no such key" % self.describe(key))
+            raise
+
+    def list(self, prefix: str) -> Iterator[Tuple[str, int]]:
+        """(key, size) of every object under prefix (ListObjectsV2, all pages)."""
+        token = None  # type: Optional[str]
+        while True:
+            query = [("list-type", "2"), ("prefix", prefix), ("encoding-type", "url")]
+            if token:
+                query.append(("continuation-token", token))
+            root = _parse_xml(self.request("GET", query=query).read())
+            if root is None:
+                raise S3Error("ListObjectsV2 on %s: unreadable answer" % self.describe(prefix))
+            for item in root.findall("Contents"):
+                key = urllib.parse.unquote_plus(item.findtext("Key") or "")
+                yield key, int(item.findtext("Size") or 0)
+            if (root.findtext("IsTruncated") or "").lower() != "true":
+                return
+            token = root.findtext("NextContinuationToken")
+            if not token:
+                return
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """DeleteObjects, 1000 keys a request; raise on the first key S3 could not delete."""
+        for start in range(0, len(keys), 1000):
+            batch = keys[start:start + 1000]
+            body = ("<Delete><Quiet>true</Quiet>%s</Delete>" % "".join(
+                "<Object><Key>%s</Key></Object>" % xml_escape(k) for k in batch)).encode()
+            headers = {"Content-Type": "application/xml", "Content-Length": str(len(body)),
+                       "Content-MD5": base64.b64encode(hashlib.md5(body).digest()).decode()}
+            root = _parse_xml(self.request("POST", query=[("delete", "")], headers=headers,
+                                           body=lambda: body, payload_hash=hashlib.sha256(body).hexdigest()).read())
+            if root is not None:
+                error = root.find("Error")
+                if error is not None:
+                    raise S3Error("DeleteObjects %s: %s" % (self.describe(error.findtext("Key") or ""),
+                                                            error.findtext("Code")), error.findtext("Code") or "")
+
+    def multipart_upload(self, key: str, path: str, size: int, workers: int,
+                         on_progress: Callable[[int], None]) -> None:
+        """Upload a file in parallel parts (fewer than 10,000); abort the upload on any failure."""
+        part_size = max(S3_MIN_PART, -(-size // (S3_MAX_PARTS - 1)))
+        part_size = -(-part_size // (1 << 20)) << 20
+        root = _parse_xml(self.request("POST", key, query=[("uploads", "")], idempotent=True,
+                                       headers={"Content-Type": "application/octet-stream"}).read())
+        upload_id = _xml_text(root, ".//UploadId") if root is not None else None
+        if not upload_id:
+            raise S3Error("CreateMultipartUpload %s: no upload id in the answer" % self.describe(key))
+        try:
+            ranges = [(n + 1, off, min(part_size, size - off)) for n, off in enumerate(range(0, size, part_size))]
+            with concurrent.futures.ThreadPoolExecutor(max(1, min(workers, len(ranges))), "dogestry-part") as pool:
+                etags = list(pool.map(lambda r: self._upload_part(key, upload_id, path, r, on_progress), ranges))
+            body = ("<CompleteMultipartUpload>%s</CompleteMultipartUpload>" % "".join(
+                "<Part><PartNumber>%d</PartNumber><ETag>%s</ETag></Part>" % (n, xml_escape(etag))
+                for (n, _, _), etag in zip(ranges, etags))).encode()
+            resp = self.request("POST", key, query=[("uploadId", upload_id)], body=lambda: body,
+                                headers={"Content-Length": str(len(body)), "Content-Type": "application/xml"},
+                                payload_hash=hashlib.sha256(body).hexdigest())
+            answer = _parse_xml(resp.read())  # S3 may report a failure inside a 200 answer
+            if answer is not None and answer.tag == "Error":
+                raise S3Error("CompleteMultipartUpload %s: %s" % (self.describe(key), _xml_text(answer, ".//Code")))
+        except BaseException:
+            with contextlib.suppress(DogestryError):
+                self.request("DELETE", key, query=[("uploadId", upload_id)], ok=(204, 200, 404)).read()
+            raise
+
+    def _upload_part(self, key: str, upload_id: str, path: str, part: Tuple[int, int, int],
+                     on_progress: Callable[[int], None]) -> str:
+        number, offset, length = part
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            f.seek(offset)
+            remaining = length
+            while remaining:
+                data = f.read(min(CHUNK, remaining))
+                if not data:
+                    raise StoreError("%s shrank while it was uploaded" % path)
+                digest.update(data)
+                remaining -= len(data)
+        resp = self.request("PUT", key, query=[("partNumber", str(number)), ("uploadId", upload_id)],
+                            headers={"Content-Length": str(length)},
+                            body=lambda: FileRange(path, offset, length, on_progress),
+                            payload_hash=digest.hexdigest())
+        resp.read()
+        etag = resp.getheader("ETag")
+        if not etag:
+            raise S3Error("UploadPart %s part %d: no ETag in the answer" % (self.describe(key), number))
+        return etag
+
+
+class FileRange:
+    """A read-only window of a file, for request bodies; reports bytes as they are read."""
+
+    def __init__(self, path: str, offset: int, length: int, on_read: Optional[Callable[[int], None]] = None):
+        self.f = open(path, "rb")
+        self.f.seek(offset)
+        self.remaining, self.on_read = length, on_read
+
+    def read(self, n: int = -1) -> bytes:
+        if self.remaining <= 0:
+            self.f.close()
+            return b""
+        data = self.f.read(self.remaining if n is None or n < 0 else min(n, self.remaining))
+        self.remaining -= len(data)
+        if self.on_read and data:
+            self.on_read(len(data))
+        if not data or self.remaining <= 0:
+            self.f.close()
+        return data
+
+
+class S3Reader(io.RawIOBase):
+    """A GET that resumes where it broke (Range from the last byte received) and never returns short."""
+
+    def __init__(self, client: S3Client, key: str, size: Optional[int] = None, start: int = 0,
+                 end: Optional[int] = None):
+        super().__init__()
+        self.client, self.key, self.pos, self.end = client, key, start, end
+        self.resp = None  # type: Optional[http.client.HTTPResponse]
+        self.expected = None if end is None else end + 1
+        self.failures = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def start(self) -> None:
+        """Send the first GET now."""
+        self.resp = self._open()
+
+    def _open(self) -> http.client.HTTPResponse:
+        resp = self.client.get(self.key, self.pos, self.end)
+        if self.expected is None:
+            total = resp.getheader("Content-Range", "").rpartition("/")[2]
+            self.expected = int(total) if total.isdigit() else self.pos + int(resp.getheader("Content-Length") or 0)
+        return resp
+
+    def readinto(self, buffer: Any) -> int:
+        while True:
+            if self.expected is not None and self.pos >= self.expected:
+                return 0
+            try:
+                if self.resp is None:
+                    self.resp = self._open()
+                n = self.resp.readinto(buffer)
+            except (OSError, http.client.HTTPException) as e:
+                n, error = 0, e  # type: ignore
+            else:
+                error = None
+            if n:
+                self.pos += n
+                return n
+            # EOF or a broken connection before the expected end: resume with a Range request.
+            self._close_response()
+            if self.expected is not None and self.pos >= self.expected:
+                return 0
+            self.failures += 1
+            if self.failures >= self.client.max_attempts:
+                raise S3Error("GET %s: the body broke off at byte %d of %s (%s)" % (
+                    self.client.describe(self.key), self.pos, self.expected, error or "short body"))
+            self.client._backoff(self.failures)
+
+    def _close_response(self) -> None:
+        if self.resp is not None:
+            self.resp.close()
+            self.resp = None
+            scheme, host, port, _ = self.client._target()
+            self.client._drop(scheme, host, port)
+
+    def close(self) -> None:
+        if self.resp is not None and not self.resp.isclosed():
+            self._close_response()
+        super().close()
+
+
+class ParallelRangeReader(io.RawIOBase):
+    """Reads a large object as parallel ranged GETs, in order, with a bounded window in memory."""
+
+    def __init__(self, client: S3Client, key: str, size: int, workers: int = 4, piece: int = S3_RANGE):
+        super().__init__()
+        self.pool = concurrent.futures.ThreadPoolExecutor(workers, "dogestry-get")
+        self.ranges = collections.deque((off, min(off + piece, size) - 1) for off in range(0, size, piece))
+        self.client, self.key = client, key
+        self.window = collections.deque()  # type: collections.deque
+        self.buffer, self.workers = b"", workers
+        self._fill()
+
+    def _fetch(self, start: int, end: int) -> bytes:
+        with contextlib.closing(S3Reader(self.client, self.key, None, start, end)) as r:
+            data = r.read()
+        if len(data) != end - start + 1:
+            raise S3Error("GET %s: range %d-%d came back short" % (self.client.describe(self.key), start, end))
+        return data
+
+    def _fill(self) -> None:
+        while self.ranges and len(self.window) < self.workers:
+            start, end = self.ranges.popleft()
+            self.window.append(self.pool.submit(self._fetch, start, end))
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if not self.buffer:
+            if not self.window:
+                return 0
+            self.buffer = self.window.popleft().result()
+            self._fill()
+        n = min(len(buffer), len(self.buffer))
+        buffer[:n] = self.buffer[:n]
+        self.buffer = self.buffer[n:]
+        return n
+
+    def close(self) -> None:
+        for future in self.window:
+            future.cancel()
+        self.pool.shutdown(wait=True)
+        super().close()
+
+
+class S3Store(Store):
+    """A store in an S3 bucket under a key prefix."""
+
+    def __init__(self, location: S3Location, client: S3Client, workers: int = 4):
+        self.location, self.client, self.workers = location, client, workers
+        self.url = "s3://%s/%s" % (location.bucket, location.prefix)
+
+    def _key(self, key: str) -> str:
+        return self.location.prefix + check_key(key)
+
+    def kind(self) -> str:
+        return "S3 bucket %s, region %s, %s" % (self.location.bucket, self.client.region,
+                                                  self.client.endpoint or "AWS endpoint")
+
+    def check(self) -> None:
+        self.client.head_bucket()
+
+    def ensure(self) -> None:
+        self.client.head_bucket()
+
+    def stat(self, key: str) -> Optional[int]:
+        resp = self.client.head(self._key(key))
+        return None if resp is None else int(resp.getheader("Content-Length") or 0)
+
+    def open(self, key: str, size: Optional[int] = None) -> BinaryIO:
+        if size is not None and size > 2 * S3_RANGE:
+            return io.BufferedReader(ParallelRangeReader(self.client, self._key(key), size, self.workers), CHUNK)  # type: ignore
+        reader = S3Reader(self.client, self._key(key))
+        reader.start()  # a missing key raises NotFound here, not at the first read
+        return io.BufferedReader(reader, CHUNK)  # type: ignore
+
+    def put_bytes(self, key: str, data: bytes, if_absent: bool = False) -> None:
+        self.client.put(self._key(key), lambda: data, len(data), hashlib.sha256(data).hexdigest(), if_absent)
+
+    def put_file(self, key: str, path: str, size: int, digest: Optional[str] = None,
+                 on_progress: Callable[[int], None] = lambda n: None, if_absent: bool = False) -> None:
+        if size > S3_SINGLE_PUT_MAX:
+            if if_absent and self.stat(key) == size:
+                return
+            self.client.multipart_upload(self._key(key), path, size, self.workers, on_progress)
+            return
+        sha = digest_hex(digest) if digest else file_sha256(path)
+        self.client.put(self._key(key), lambda: FileRange(path, 0, size, on_progress), size, sha, if_absent)
+
+    def list(self, prefix: str) -> Iterator[str]:
+        start = len(self.location.prefix)
+        return iter(sorted(k[start:] for k, _ in self.client.list(self.location.prefix + prefix)))
+
+    def delete(self, key: str) -> None:
+        self.client.request("DELETE", self._key(key), ok=(204, 200)).read()
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        self.client.delete_many([self._key(k) for k in keys])
+
+
+def file_sha256(path: str) -> str:
+    """Hex sha256 of a file, read in CHUNK pieces."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for data in iter(lambda: f.read(CHUNK), b""):
+            sha.update(data)
+    return sha.hexdigest()
+
+
+def open_store(url: str, s3: Optional[Callable[[S3Location], Store]] = None) -> Store:
+    """A store from a path, file:///path, or s3://bucket/prefix/ (built by the s3 factory)."""
     if "://" not in url:
         if not url:
             raise UsageError("empty store location")
@@ -708,11 +1677,14 @@ def open_store(url: str) -> Store:
             raise UsageError("file:// store URLs must be local: file:///path (got %r)" % url)
         return LocalStore(urllib.parse.unquote(parsed.path) or "/")
     if parsed.scheme == "s3":
-        raise UsageError("s3:// stores are not available in this version yet (use a directory or file:///path)")
+        location = parse_s3_url(url)
+        if s3 is None:
+            raise UsageError("s3:// stores need AWS settings here")
+        return s3(location)
     raise UsageError("unsupported store URL %r: use a directory, file:///path or s3://bucket/prefix" % url)
 
 
-# === 6. Store layout: tags, images, layers ===
+# === 9. Store layout: tags, images, layers ===
 #
 #   repositories/<name>/<tag>      the image ID (64 hex), as the original dogestry wrote it
 #   images/<id>/config.json        the image config, byte for byte (its sha256 is the ID)
@@ -785,9 +1757,9 @@ def read_json(store: Store, key: str) -> Any:
         raise FormatError("%s: %s is not valid JSON: %s" % (store.url, key, e))
 
 
-def write_json(store: Store, key: str, doc: Any) -> None:
+def write_json(store: Store, key: str, doc: Any, if_absent: bool = False) -> None:
     """Store a JSON document (sorted keys, so equal documents are equal bytes)."""
-    store.put_bytes(key, json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n")
+    store.put_bytes(key, json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n", if_absent)
 
 
 def read_tag(store: Store, ref: ImageRef) -> str:
@@ -879,7 +1851,7 @@ def legacy_chain(store: Store, top_hex: str) -> List[str]:
     return chain
 
 
-# === 7. Reading `docker save` streams ===
+# === 10. Reading `docker save` streams ===
 #
 # `docker save` writes one of three shapes (moby image/tarexport):
 #  - dockerd <= 24: <v1-id>/{VERSION,json,layer.tar} directories, <config-hex>.json,
@@ -1021,7 +1993,7 @@ def parse_saved_image(contents: SaveContents, image_id: str) -> SavedImage:
     return SavedImage(config, layers, list(diff_ids))
 
 
-# === 8. Compression ===
+# === 11. Compression ===
 #
 # Layers are gzip-compressed in CHUNK_GZ pieces on all cores: each piece becomes an
 # independent gzip member, and concatenated members form one valid gzip stream
@@ -1085,7 +2057,7 @@ def gzip_file(src_path: str, dst_path: str, pool: concurrent.futures.Executor, w
     return "sha256:" + sha.hexdigest(), size
 
 
-# === 9. Push ===
+# === 12. Push ===
 
 
 class PushOptions(NamedTuple):
@@ -1135,8 +2107,8 @@ class LayerPipeline:
     def _upload(self, record: LayerRecord, path: str) -> None:
         task = self.progress.task(record.diff_id[7:19], "uploading", record.size)
         try:
-            with open(path, "rb") as f:
-                self.store.put(blob_key(record.digest), HashingReader(f, task.advance), record.size)  # type: ignore
+            self.store.put_file(blob_key(record.digest), path, record.size, record.digest, task.advance,
+                                if_absent=True)
             write_json(self.store, layer_index_key(record.diff_id), record.to_json())
         finally:
             with contextlib.suppress(OSError):
@@ -1279,8 +2251,8 @@ def _write_image(store: Store, image_id: str, config: bytes, layers: List[LayerR
             raise IntegrityError("%s: layer blob %s is missing or has the wrong size"
                                  % (store.url, record.digest))
     image_hex = digest_hex(image_id)
-    store.put_bytes(image_key(image_hex, "config.json"), config)
-    write_json(store, image_key(image_hex, "manifest.json"), {
+    store.put_bytes(image_key(image_hex, "config.json"), config, if_absent=True)
+    write_json(store, image_key(image_hex, "manifest.json"), if_absent=True, doc={
         "mediaType": MANIFEST_MEDIA_TYPE,
         "schemaVersion": 2,
         "config": {"digest": image_id, "size": len(config)},
@@ -1290,7 +2262,7 @@ def _write_image(store: Store, image_id: str, config: bytes, layers: List[LayerR
     })
 
 
-# === 10. Pull ===
+# === 13. Pull ===
 
 
 def tar_header(name: str, size: int) -> bytes:
@@ -1320,7 +2292,7 @@ def verified_blob_chunks(store: Store, record: LayerRecord, on_read: Callable[[i
     a truncated tar and fails, so nothing is loaded or tagged.
     """
     sha, seen, held = hashlib.sha256(), 0, None  # type: Any, int, Optional[bytes]
-    with contextlib.closing(store.open(blob_key(record.digest))) as f:
+    with contextlib.closing(store.open(blob_key(record.digest), record.size)) as f:
         while True:
             data = f.read(CHUNK)
             if not data:
@@ -1503,7 +2475,7 @@ def _pull_legacy(docker: DockerClient, store: Store, image: StoredImage, repo_ta
     return result["image_id"]
 
 
-# === 11. Commands ===
+# === 14. Commands ===
 
 
 class Context:
@@ -1514,14 +2486,23 @@ class Context:
         self.environ, self.stdout, self.stderr, self.options = environ, stdout, stderr, options
         self.progress = Progress(stderr, quiet=getattr(options, "quiet", False))
 
+    @property
+    def home(self) -> str:
+        return self.environ.get("HOME") or os.path.expanduser("~")
+
     def docker(self) -> DockerClient:
         """A client for DOCKER_HOST (or the default socket)."""
-        home = self.environ.get("HOME") or os.path.expanduser("~")
-        return DockerClient(docker_endpoint(None, self.environ, home))
+        return DockerClient(docker_endpoint(None, self.environ, self.home))
 
     def store(self) -> Store:
         """The store named on the command line."""
-        return open_store(self.options.store)
+        return open_store(self.options.store, self.s3_store)
+
+    def s3_store(self, location: S3Location) -> Store:
+        """An S3 store with the AWS SDKs' region, endpoint and credential rules."""
+        config = AwsConfig(self.environ, self.home)
+        chain = CredentialChain(config, force_metadata=bool(getattr(self.options, "use_metaservice", False)))
+        return S3Store(location, S3Client(location, chain, config))
 
     def push_options(self) -> PushOptions:
         return PushOptions(compression=getattr(self.options, "compress", "gzip") or "gzip",
@@ -1598,8 +2579,7 @@ def cmd_remote(ctx: Context) -> int:
     images = list_image_ids(store)
     blobs = list(store.list("blobs/"))
     size = sum(store.stat(k) or 0 for k in blobs)
-    kind = "local directory" if isinstance(store, LocalStore) else type(store).__name__
-    ctx.stdout.write("Store:        %s (%s)\n" % (store.url, kind))
+    ctx.stdout.write("Store:        %s (%s)\n" % (store.url, store.kind()))
     ctx.stdout.write("Repositories: %d\n" % len({r.name for r, _ in tags}))
     ctx.stdout.write("Tags:         %d\n" % len(tags))
     ctx.stdout.write("Images:       %d\n" % len(images))
@@ -1613,12 +2593,11 @@ def cmd_version(ctx: Context) -> int:
     return 0
 
 
-# === 12. Command line and main() ===
+# === 15. Command line and main() ===
 
 NOT_YET = {
     "pullhosts": "-pullhosts (pull to several hosts)",
     "lockfile": "-lockfile",
-    "use_metaservice": "-use-metaservice (EC2 instance credentials)",
     "server": "-server (the accelerator server)",
     "force_local": "-force-local",
     "config": "-config",
@@ -1664,7 +2643,7 @@ def _add_global_options(parser: argparse.ArgumentParser) -> None:
     flag("config", metavar="FILE", help="configuration file (not available yet)")
     flag("pullhosts", metavar="HOSTS", help="comma-separated Docker hosts to pull to (not available yet)")
     flag("lockfile", metavar="PATH", help="serialise dogestry runs on this machine (not available yet)")
-    flag("use-metaservice", action="store_true", help="use EC2 instance credentials (not available yet)")
+    flag("use-metaservice", action="store_true", help="take AWS credentials from EC2 instance metadata")
     flag("server", action="store_true", help="run the accelerator server (not available yet)")
     flag("address", metavar="ADDR", default="0.0.0.0", help="server listen address")
     flag("port", metavar="PORT", type=int, default=22375, help="server listen port")

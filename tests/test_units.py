@@ -51,8 +51,9 @@ def test_local_store_put_is_atomic_and_lists_sorted(tmp_path):
     assert list(store.list("")) == ["a/1", "b/2"]
     assert list(store.list("b/")) == ["b/2"]
     assert store.stat("a/1") == 3 and store.stat("a/9") is None
+    (tmp_path / "short").write_bytes(b"short")
     with pytest.raises(dogestry.StoreError):
-        store.put("c/3", io.BytesIO(b"short"), 10)   # fewer bytes than promised
+        store.put_file("c/3", str(tmp_path / "short"), 10)   # fewer bytes than promised
     assert store.stat("c/3") is None
     assert not [p for p in (tmp_path / "s").rglob(".tmp-*")]
     store.delete("a/1")
