@@ -880,8 +880,8 @@ def presign_query(method: str, host: str, path: str, query: Any, creds: Credenti
     if payload_hash is None:
         payload_hash = UNSIGNED_PAYLOAD if service == "s3" else EMPTY_SHA256
     timestamp = amz_date(now)
-    signed = [("host", host)] + [(k, v) for k, v in _pairs(headers) if k.lower() != "host"]
-    params = [(str(k), str(v)) for k, v in _pairs(query)] + [
+    signed = [("host", host)] + [(k, v) for k, v in _pairs(headers) if k.strip().lower() != "host"]
+    params = [(str(k), "" if v is None else str(v)) for k, v in _pairs(query)] + [
         ("X-Amz-Algorithm", SIGV4_ALGORITHM),
         ("X-Amz-Credential", "%s/%s" % (creds.access_key, credential_scope(timestamp, region, service))),
         ("X-Amz-Date", timestamp),
@@ -1184,14 +1184,15 @@ class S3Location(NamedTuple):
     endpoint: Optional[str]
 
 
-_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,254}$", re.IGNORECASE)
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-_]{2,254}$", re.IGNORECASE)
 
 
 def parse_s3_url(url: str) -> S3Location:
     """s3://bucket[/prefix/][?region=R&endpoint=URL] as the original dogestry took it."""
     parts = urllib.parse.urlsplit(url)
     if not parts.netloc or not _BUCKET_RE.match(parts.netloc):
-        raise UsageError("invalid S3 URL %r: expected s3://bucket/prefix/" % url)
+        raise UsageError("invalid S3 URL %r: expected s3://bucket/prefix/ (bucket names are 3-63 "
+                         "letters, digits, dots and hyphens)" % url)
     query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
     unknown = set(query) - {"region", "endpoint"}
     if unknown:
@@ -1326,8 +1327,11 @@ class S3Client:
             if retriable and idempotent and attempt < self.max_attempts:
                 self._backoff(attempt)
                 continue
-            raise S3Error("%s %s: %s%s (HTTP %d)" % (method, self.describe(key), code,
-                                                      ": " + message if message else "", resp.status),
+            hint = ""
+            if code in ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "ExpiredToken"):
+                hint = " [credentials from %s]" % (creds.source or "the caller")
+            raise S3Error("%s %s: %s%s (HTTP %d)%s" % (method, self.describe(key), code,
+                                                        ": " + message if message else "", resp.status, hint),
                           code, resp.status)
 
     def _backoff(self, attempt: int) -> None:
@@ -1347,10 +1351,10 @@ class S3Client:
         resp.read()
         return resp
 
-    def head_bucket(self) -> None:
-        """Check that the bucket exists and we may use it."""
+    def check_bucket(self) -> None:
+        """Check that the bucket exists and we may list it (a GET, so errors carry S3's code)."""
         try:
-            self.request("HEAD").read()
+            self.request("GET", query=[("list-type", "2"), ("max-keys", "1")]).read()
         except S3Error as e:
             if e.status == 404:
                 raise NotFound("S3 bucket %s does not exist (%s)" % (self.bucket, self.region))
@@ -1616,10 +1620,10 @@ class S3Store(Store):
                                                   self.client.endpoint or "AWS endpoint")
 
     def check(self) -> None:
-        self.client.head_bucket()
+        self.client.check_bucket()
 
     def ensure(self) -> None:
-        self.client.head_bucket()
+        self.client.check_bucket()
 
     def stat(self, key: str) -> Optional[int]:
         resp = self.client.head(self._key(key))
