@@ -1389,11 +1389,11 @@ class S3Client:
                 raise NotFound("%s: no such key" % self.describe(key))
             raise
 
-    def list(self, prefix: str) -> Iterator[Tuple[str, int]]:
+    def list(self, prefix: str, page_size: int = 1000) -> Iterator[Tuple[str, int]]:
         """(key, size) of every object under prefix (ListObjectsV2, all pages)."""
         token = None  # type: Optional[str]
         while True:
-            query = [("list-type", "2"), ("prefix", prefix), ("encoding-type", "url")]
+            query = [("list-type", "2"), ("prefix", prefix), ("encoding-type", "url"), ("max-keys", str(page_size))]
             if token:
                 query.append(("continuation-token", token))
             root = _parse_xml(self.request("GET", query=query).read())
@@ -2566,11 +2566,12 @@ def cmd_rm(ctx: Context) -> int:
     """rm STORE IMAGE:TAG: delete a tag (images and layers stay for other tags)."""
     store = ctx.store()
     store.check()
-    for text in ctx.options.images:
-        ref = parse_image_ref(text)
+    refs = [parse_image_ref(text) for text in ctx.options.images]
+    for ref in refs:  # all or nothing: check every tag before deleting any
         if store.stat(tag_key(ref)) is None:
             raise NotFound("%s not found in %s" % (ref, store.url))
-        store.delete(tag_key(ref))
+    store.delete_many([tag_key(ref) for ref in refs])
+    for ref in refs:
         ctx.progress.note("deleted %s from %s" % (ref, store.url))
     return 0
 

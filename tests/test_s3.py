@@ -155,3 +155,19 @@ def test_large_layers_use_multipart_and_parallel_ranges(docker_host, rgw, s3_env
 def test_clock_skew_is_corrected_from_the_server_date(rgw, bucket):
     client = s3_client(rgw, bucket, clock=lambda: time.time() - 3600, sleep=lambda s: None)
     assert list(client.list("")) == []
+
+
+def test_listing_follows_every_page_and_rm_deletes_many_tags(docker_host, rgw, s3_env, s3_image, bucket):
+    url = "s3://%s/paged/" % bucket
+    tags = ["t%d" % i for i in range(5)]
+    for tag in tags:
+        docker_cli(docker_host, "tag", "dgtest/s3app:1", "dgtest/s3app:" + tag)
+    ok(s3_env, "push", url, *["dgtest/s3app:" + t for t in tags])
+    paged = [k for k, _ in s3_client(rgw, bucket).list("paged/repositories/", page_size=2)]
+    assert paged == ["paged/repositories/dgtest/s3app/" + t for t in tags]
+
+    ok(s3_env, "rm", url, *["dgtest/s3app:" + t for t in tags[:4]])
+
+    assert s3_keys(rgw, bucket, "paged/repositories/") == ["paged/repositories/dgtest/s3app/t4"]
+    for tag in tags:
+        docker_cli(docker_host, "rmi", "dgtest/s3app:" + tag)
