@@ -31,6 +31,7 @@ import configparser
 import contextlib
 import datetime
 import email.utils
+import errno
 import hashlib
 import hmac
 import http.client
@@ -574,9 +575,17 @@ class Store:
         raise NotImplementedError
 
     def put_file(self, key: str, path: str, size: int, digest: Optional[str] = None,
-                 on_progress: Callable[[int], None] = lambda n: None, if_absent: bool = False) -> None:
-        """Store a file's `size` bytes (sha256 `digest` if known), atomically."""
+                 on_progress: Callable[[int], None] = lambda n: None, if_absent: bool = False,
+                 consume: bool = False) -> None:
+        """Store a file's `size` bytes (sha256 `digest` if known), atomically.
+
+        consume=True lets the store take the file itself (a rename) instead of a copy.
+        """
         raise NotImplementedError
+
+    def spool_dir(self) -> Optional[str]:
+        """Where temp files are best kept for this store (None: the system's temp dir)."""
+        return None
 
     def list(self, prefix: str) -> Iterator[str]:
         """Every key starting with prefix, in sorted order."""
@@ -657,11 +666,33 @@ class LocalStore(Store):
             self._put(key, io.BytesIO(data), len(data))
 
     def put_file(self, key: str, path: str, size: int, digest: Optional[str] = None,
-                 on_progress: Callable[[int], None] = lambda n: None, if_absent: bool = False) -> None:
+                 on_progress: Callable[[int], None] = lambda n: None, if_absent: bool = False,
+                 consume: bool = False) -> None:
         if if_absent and self.stat(key) == size:
+            return
+        if consume and os.path.getsize(path) == size and self._move_into_place(key, path):
+            on_progress(size)
             return
         with open(path, "rb") as f:
             self._put(key, HashingReader(f, on_progress), size)  # type: ignore
+
+    def spool_dir(self) -> Optional[str]:
+        return self.root if os.path.isdir(self.root) else None
+
+    def _move_into_place(self, key: str, path: str) -> bool:
+        """Rename a finished temp file into the store (same filesystem only); False to copy instead."""
+        target = self._path(key)
+        try:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+            os.chmod(path, 0o644)
+            os.rename(path, target)
+        except OSError as e:
+            if e.errno == errno.EXDEV:
+                return False
+            raise StoreError("%s: cannot write %s: %s" % (self.url, key, _os_reason(e)))
+        return True
 
     def _put(self, key: str, src: BinaryIO, size: int) -> None:
         path = self._path(key)
@@ -691,7 +722,8 @@ class LocalStore(Store):
         for dirpath, dirnames, filenames in os.walk(base):
             rel = os.path.relpath(dirpath, base)
             rel = "" if rel == "." else rel.replace(os.sep, "/") + "/"
-            dirnames[:] = [d for d in dirnames if (rel + d + "/").startswith(prefix) or prefix.startswith(rel + d + "/")]
+            dirnames[:] = [d for d in dirnames if not d.startswith(".tmp-") and (
+                (rel + d + "/").startswith(prefix) or prefix.startswith(rel + d + "/"))]
             keys.extend(rel + f for f in filenames if not f.startswith(".tmp-") and (rel + f).startswith(prefix))
         return iter(sorted(keys))
 
@@ -1640,7 +1672,8 @@ class S3Store(Store):
         self.client.put(self._key(key), lambda: data, len(data), hashlib.sha256(data).hexdigest(), if_absent)
 
     def put_file(self, key: str, path: str, size: int, digest: Optional[str] = None,
-                 on_progress: Callable[[int], None] = lambda n: None, if_absent: bool = False) -> None:
+                 on_progress: Callable[[int], None] = lambda n: None, if_absent: bool = False,
+                 consume: bool = False) -> None:
         if size > S3_SINGLE_PUT_MAX:
             if if_absent and self.stat(key) == size:
                 return
@@ -1725,16 +1758,22 @@ class LayerRecord(NamedTuple):
     digest: str
     size: int
     compression: str  # "gzip", "zstd" or "none"
+    raw_size: Optional[int] = None  # size of the uncompressed tar, when known
 
     def to_json(self) -> Dict[str, Any]:
-        return {"diffID": self.diff_id, "digest": self.digest, "size": self.size,
-                "compression": self.compression}
+        doc = {"diffID": self.diff_id, "digest": self.digest, "size": self.size,
+               "compression": self.compression}  # type: Dict[str, Any]
+        if self.raw_size is not None:
+            doc["rawSize"] = self.raw_size
+        return doc
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> "LayerRecord":
         try:
-            record = cls(str(doc["diffID"]), str(doc["digest"]), int(doc["size"]), str(doc["compression"]))
-        except (KeyError, TypeError, ValueError):
+            raw_size = doc.get("rawSize")
+            record = cls(str(doc["diffID"]), str(doc["digest"]), int(doc["size"]), str(doc["compression"]),
+                         None if raw_size is None else int(raw_size))
+        except (KeyError, TypeError, ValueError, AttributeError):
             raise FormatError("malformed layer record: %.200s" % json.dumps(doc))
         digest_hex(record.diff_id), digest_hex(record.digest)
         return record
@@ -1867,14 +1906,19 @@ def legacy_chain(store: Store, top_hex: str) -> List[str]:
 # We spool each large member to disk while hashing it; the hash tells which layer it is.
 
 SMALL_MEMBER = 1 << 20
+TAR_BLOCK = 512
 
 
 class Spool(NamedTuple):
-    """A member of the save stream spooled to disk, with its digest and size."""
+    """A member of the save stream on disk: the file, its bytes' digest and size, and the
+    digest and size of the member as docker sent it (before any compression we applied)."""
 
     path: str
     digest: str
     size: int
+    raw_digest: str
+    raw_size: int
+    compression: str  # "gzip", "zstd" or "none": how the file's bytes are encoded
 
 
 class SaveContents:
@@ -1884,7 +1928,7 @@ class SaveContents:
         self.small = {}     # type: Dict[str, bytes]
         self.spooled = {}   # type: Dict[str, Spool]
         self.links = {}     # type: Dict[str, str]
-        self.digests = {}   # type: Dict[str, str]   member name -> sha256 digest
+        self.digests = {}   # type: Dict[str, str]   member name -> sha256 of its content
 
     def resolve(self, name: str) -> str:
         """Follow symlinks (relative to the member's directory) to a regular member name."""
@@ -1899,65 +1943,141 @@ class SaveContents:
         name = self.resolve(name)
         if name in self.small:
             return self.small[name]
-        if name in self.spooled:
-            with open(self.spooled[name].path, "rb") as f:
+        spool = self.spooled.get(name)
+        if spool is not None and spool.path and spool.compression == "none":
+            with open(spool.path, "rb") as f:
                 return f.read()
         raise FormatError("docker save stream has no %r" % name)
 
 
-def read_save_stream(stream: IO[bytes], spool_dir: str, on_layer: Callable[[Spool], bool],
-                     abort: Optional[threading.Event] = None) -> SaveContents:
-    """Walk a `docker save` tar: keep small members, spool big ones and offer each to on_layer.
+class TarEntry(NamedTuple):
+    """One tar member's header: name, size, and kind ('file', 'link' or 'other')."""
 
-    on_layer(spool) returns True when it took ownership of the spooled file (a needed layer),
-    False to keep it for later resolution through manifest.json.
+    name: str
+    size: int
+    kind: str
+    linkname: str
+
+
+class MemberReader:
+    """Reads one tar member's data from the stream, never past its end."""
+
+    def __init__(self, stream: IO[bytes], size: int):
+        self.stream, self.left = stream, size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        data = read_exactly(self.stream, n) if n else b""
+        self.left -= len(data)
+        return data
+
+    def skip(self) -> None:
+        while self.left:
+            self.read(CHUNK)
+
+
+def read_exactly(stream: IO[bytes], n: int) -> bytes:
+    """n bytes from a stream, or a FormatError if it ends first."""
+    data = stream.read(n)
+    if len(data) == n:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < n:
+        more = stream.read(n - got)
+        if not more:
+            raise FormatError("docker save stream ended early (truncated tar)")
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def _pax_fields(data: bytes) -> Dict[str, str]:
+    """Records of a PAX extended header: 'LEN key=value\\n' (POSIX.1-2001 pax format)."""
+    fields, pos = {}, 0
+    while pos < len(data):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        fields[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+        pos += length
+    return fields
+
+
+def iter_tar(stream: IO[bytes]) -> Iterator[Tuple[TarEntry, MemberReader]]:
+    """Stream a tar's members (ustar, GNU long names, PAX headers); each reader must be read or skipped."""
+    pax = {}  # type: Dict[str, str]
+    long_name = long_link = None  # type: Optional[str]
+    while True:
+        block = stream.read(TAR_BLOCK)
+        if len(block) < TAR_BLOCK and block:
+            block += read_exactly(stream, TAR_BLOCK - len(block))
+        if not block or block == b"\0" * TAR_BLOCK:
+            return
+        try:
+            info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as e:
+            raise FormatError("broken docker save stream: bad tar header (%s)" % e)
+        reader = MemberReader(stream, info.size)
+        if info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK):
+            data = reader.read()
+            if info.type == tarfile.XHDTYPE:
+                try:
+                    pax = _pax_fields(data)
+                except ValueError:
+                    raise FormatError("broken docker save stream: bad PAX header")
+            elif info.type == tarfile.GNUTYPE_LONGNAME:
+                long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+            elif info.type == tarfile.GNUTYPE_LONGLINK:
+                long_link = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+            read_exactly(stream, -info.size % TAR_BLOCK)
+            continue
+        name = pax.get("path") or long_name or info.name
+        linkname = pax.get("linkpath") or long_link or info.linkname
+        size = int(pax["size"]) if "size" in pax else info.size
+        reader.left = size if info.type in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE) else info.size
+        pax, long_name, long_link = {}, None, None
+        kind = "file" if info.isreg() else "link" if info.issym() or info.islnk() else "other"
+        if info.islnk():
+            linkname = "/" + linkname  # hard links name a path from the archive root
+        yield TarEntry(name[2:] if name.startswith("./") else name, size, kind, linkname), reader
+        reader.skip()
+        read_exactly(stream, -size % TAR_BLOCK)
+
+
+def read_save_stream(stream: IO[bytes], spool: Callable[[TarEntry, MemberReader], Optional[Spool]],
+                     abort: Optional[threading.Event] = None) -> SaveContents:
+    """Walk a `docker save` tar: small members stay in memory, spool() decides about the rest.
+
+    spool(entry, reader) returns a Spool for a member it stored (or dropped: path ""),
+    or None to have the member kept in memory like a small one.
     """
     contents = SaveContents()
     try:
-        archive = tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK)
-        for member in archive:
+        for entry, reader in iter_tar(stream):
             if abort is not None and abort.is_set():
                 raise Interrupted("stopped")
-            name = member.name.lstrip("./") if member.name.startswith("./") else member.name
-            if member.issym() or member.islnk():
-                contents.links[name] = member.linkname if member.issym() else "/" + member.linkname
-                if member.islnk():
-                    contents.links[name] = os.path.relpath(member.linkname, os.path.dirname(name) or ".")
+            if entry.kind == "link":
+                target = entry.linkname
+                if target.startswith("/"):
+                    target = os.path.relpath(target, "/" + (os.path.dirname(entry.name) or "."))
+                contents.links[entry.name] = target
                 continue
-            if not member.isfile():
+            if entry.kind != "file":
                 continue
-            src = archive.extractfile(member)
-            if src is None:
-                continue
-            if member.size <= SMALL_MEMBER and not name.endswith("layer.tar"):
-                data = src.read()
-                contents.small[name] = data
-                contents.digests[name] = sha256_digest(data)
-                continue
-            spool = _spool_member(src, spool_dir, len(contents.spooled), member.size, abort)
-            contents.digests[name] = spool.digest
-            if not on_layer(spool):
-                contents.spooled[name] = spool
+            spooled = spool(entry, reader) if entry.size > SMALL_MEMBER or entry.name.endswith("layer.tar") else None
+            if spooled is None:
+                data = reader.read()
+                contents.small[entry.name] = data
+                contents.digests[entry.name] = sha256_digest(data)
             else:
-                contents.spooled[name] = Spool("", spool.digest, spool.size)
-    except tarfile.TarError as e:
-        raise FormatError("broken docker save stream: %s" % e)
+                contents.spooled[entry.name] = spooled
+                contents.digests[entry.name] = spooled.raw_digest
     except (OSError, http.client.HTTPException) as e:
-        if isinstance(e, OSError) and e.errno is not None and e.filename:
-            raise DogestryError("cannot spool to %s: %s" % (spool_dir, _os_reason(e)))
+        if isinstance(e, OSError) and e.filename:
+            raise DogestryError("cannot spool %s: %s" % (e.filename, _os_reason(e)))
         raise DockerError("docker save stream broke: %s" % _os_reason(e))
     return contents
-
-
-def _spool_member(src: IO[bytes], spool_dir: str, index: int, size: int,
-                  abort: Optional[threading.Event]) -> Spool:
-    path = os.path.join(spool_dir, "member-%d" % index)
-    reader = HashingReader(src)
-    with open(path, "wb") as out:
-        copied = copy_stream(reader, out, size, abort)
-    if copied != size:
-        raise FormatError("docker save stream ended inside a layer (%d of %d bytes)" % (copied, size))
-    return Spool(path, reader.digest, size)
 
 
 class SavedImage(NamedTuple):
@@ -2015,11 +2135,10 @@ def gzip_member(data: bytes, level: int = GZIP_LEVEL) -> bytes:
     return comp.compress(data) + comp.flush()
 
 
-def looks_compressible(sample: bytes) -> bool:
-    """Judge from a sample whether gzip is worth its CPU (random or packed data is not)."""
-    if len(sample) < 4096:
-        return True
-    return len(gzip_member(sample[:CHUNK_GZ])) < INCOMPRESSIBLE_RATIO * len(sample[:CHUNK_GZ])
+def compressed_sample(sample: bytes) -> Optional[bytes]:
+    """gzip the first piece of a layer; None if that is not worth the CPU (random or packed data)."""
+    packed = gzip_member(sample)
+    return packed if len(sample) < 4096 or len(packed) < INCOMPRESSIBLE_RATIO * len(sample) else None
 
 
 def detect_compression(head: bytes) -> str:
@@ -2029,36 +2148,6 @@ def detect_compression(head: bytes) -> str:
     if head[:4] == b"\x28\xb5\x2f\xfd":
         return "zstd"
     return "none"
-
-
-def gzip_file(src_path: str, dst_path: str, pool: concurrent.futures.Executor, window: int,
-              abort: threading.Event, on_progress: Callable[[int], None]) -> Tuple[str, int]:
-    """Compress a file into concatenated gzip members, in parallel, in order; return (digest, size)."""
-    sha, size = hashlib.sha256(), 0
-    pending = collections.deque()  # type: collections.deque
-    with open(src_path, "rb") as src, open(dst_path, "wb") as dst:
-
-        def drain_one() -> None:
-            nonlocal size
-            raw_len, future = pending.popleft()
-            data = future.result()
-            sha.update(data)
-            dst.write(data)
-            size += len(data)
-            on_progress(raw_len)
-
-        while True:
-            if abort.is_set():
-                raise Interrupted("stopped")
-            chunk = src.read(CHUNK_GZ)
-            if not chunk:
-                break
-            pending.append((len(chunk), pool.submit(gzip_member, chunk)))
-            if len(pending) >= window:
-                drain_one()
-        while pending:
-            drain_one()
-    return "sha256:" + sha.hexdigest(), size
 
 
 # === 12. Push ===
@@ -2074,7 +2163,8 @@ class PushOptions(NamedTuple):
 
 
 class LayerPipeline:
-    """Compress and upload layers in the background while the save stream is still read."""
+    """Spools save-stream members while compressing them on all cores, and uploads finished
+    layers in the background while the stream is still being read."""
 
     def __init__(self, store: Store, work_dir: str, progress: Progress, options: PushOptions):
         self.store, self.work_dir, self.progress, self.options = store, work_dir, progress, options
@@ -2082,37 +2172,73 @@ class LayerPipeline:
         self.records = {}  # type: Dict[str, LayerRecord]
         self._lock = threading.Lock()
         self._gzip_pool = concurrent.futures.ThreadPoolExecutor(options.workers, "dogestry-gzip")
-        self._stage_pool = concurrent.futures.ThreadPoolExecutor(1, "dogestry-compress")
         self._upload_pool = concurrent.futures.ThreadPoolExecutor(options.uploads, "dogestry-upload")
         self._futures = []  # type: List[concurrent.futures.Future]
+        self._count = 0
 
-    def submit(self, diff_id: str, spool: Spool, stored_compression: Optional[str] = None) -> None:
-        """Queue a spooled layer: compress it (unless told it already is), then upload it."""
-        self._futures.append(self._stage_pool.submit(self._prepare, diff_id, spool, stored_compression))
+    def spool(self, reader: MemberReader, size: int, label: str, may_compress: bool) -> Spool:
+        """Write a member to a temp file, hashing it, gzip-compressed in parallel when that pays."""
+        path = os.path.join(self.work_dir, "member-%d" % self._count)
+        self._count += 1
+        first = reader.read(CHUNK_GZ)
+        compression = detect_compression(first)
+        packed = None  # type: Optional[bytes]
+        if compression == "none" and may_compress and self.options.compression == "gzip":
+            packed = compressed_sample(first)
+        task = self.progress.task(label, "compressing" if packed is not None else "reading", size)
+        raw_sha, out_sha = hashlib.sha256(), hashlib.sha256()
+        raw_size = out_size = 0
+        pending = collections.deque()  # type: collections.deque
+        with open(path, "wb") as out:
 
-    def _prepare(self, diff_id: str, spool: Spool, stored_compression: Optional[str]) -> None:
-        label = diff_id[7:19]
-        compression = stored_compression or "none"
-        blob = spool
-        if stored_compression is None and self.options.compression == "gzip":
-            with open(spool.path, "rb") as f:
-                sample = f.read(CHUNK_GZ)
-            if looks_compressible(sample):
-                task = self.progress.task(label, "compressing", spool.size)
-                gz_path = spool.path + ".gz"
-                digest, size = gzip_file(spool.path, gz_path, self._gzip_pool, 2 * self.options.workers,
-                                         self.abort, task.advance)
-                task.finish("compressed to %s," % human_size(size))
-                os.unlink(spool.path)
-                blob, compression = Spool(gz_path, digest, size), "gzip"
-        record = LayerRecord(diff_id, blob.digest, blob.size, compression)
-        self._futures.append(self._upload_pool.submit(self._upload, record, blob.path))
+            def write_oldest() -> None:
+                nonlocal out_size
+                data = pending.popleft().result()
+                out_sha.update(data)
+                out.write(data)
+                out_size += len(data)
+
+            chunk = first
+            while chunk:
+                if self.abort.is_set():
+                    raise Interrupted("stopped")
+                raw_sha.update(chunk)
+                raw_size += len(chunk)
+                if packed is None:
+                    out.write(chunk)
+                else:
+                    done = concurrent.futures.Future()  # type: concurrent.futures.Future
+                    if raw_size == len(first):
+                        done.set_result(packed)  # the sample already is the first member
+                    else:
+                        done = self._gzip_pool.submit(gzip_member, chunk)
+                    pending.append(done)
+                    while len(pending) > self.options.workers:
+                        write_oldest()
+                task.advance(len(chunk))
+                chunk = reader.read(CHUNK_GZ)
+            while pending:
+                write_oldest()
+        if raw_size != size:
+            raise FormatError("docker save stream ended inside a layer (%d of %d bytes)" % (raw_size, size))
+        raw_digest = "sha256:" + raw_sha.hexdigest()
+        if packed is None:
+            task.finish("read")
+            return Spool(path, raw_digest, raw_size, raw_digest, raw_size, compression)
+        task.finish("compressed to %s from" % human_size(out_size))
+        return Spool(path, "sha256:" + out_sha.hexdigest(), out_size, raw_digest, raw_size, "gzip")
+
+    def upload(self, diff_id: str, spool: Spool) -> None:
+        """Store a spooled layer's blob and its index entry, in the background."""
+        raw_size = spool.raw_size if spool.raw_digest == diff_id else None
+        record = LayerRecord(diff_id, spool.digest, spool.size, spool.compression, raw_size)
+        self._futures.append(self._upload_pool.submit(self._upload, record, spool.path))
 
     def _upload(self, record: LayerRecord, path: str) -> None:
         task = self.progress.task(record.diff_id[7:19], "uploading", record.size)
         try:
             self.store.put_file(blob_key(record.digest), path, record.size, record.digest, task.advance,
-                                if_absent=True)
+                                if_absent=True, consume=True)
             write_json(self.store, layer_index_key(record.diff_id), record.to_json())
         finally:
             with contextlib.suppress(OSError):
@@ -2122,17 +2248,15 @@ class LayerPipeline:
             self.records[record.diff_id] = record
 
     def finish(self) -> Dict[str, LayerRecord]:
-        """Wait for every queued layer; raise the first failure."""
-        done = 0
-        while done < len(self._futures):  # uploads are appended while compressions finish
-            self._futures[done].result()
-            done += 1
+        """Wait for every upload; raise the first failure."""
+        for future in self._futures:
+            future.result()
         return dict(self.records)
 
     def close(self) -> None:
         """Stop all work (on error or interrupt) and wait for the threads."""
         self.abort.set()
-        for pool in (self._stage_pool, self._upload_pool, self._gzip_pool):
+        for pool in (self._upload_pool, self._gzip_pool):
             pool.shutdown(wait=True)
 
 
@@ -2154,7 +2278,7 @@ def work_directory(tempdir: Optional[str]) -> Iterator[str]:
     """A private temp dir under -tempdir, always removed afterwards."""
     base = tempdir or tempfile.gettempdir()
     try:
-        path = tempfile.mkdtemp(prefix="dogestry-", dir=base)
+        path = tempfile.mkdtemp(prefix=".tmp-dogestry-", dir=base)
     except OSError as e:
         raise DogestryError("cannot create a temp dir in %s: %s" % (base, _os_reason(e)))
     try:
@@ -2196,24 +2320,17 @@ def _push_new_image(docker: DockerClient, store: Store, image_id: str, diff_ids:
     if known:
         progress.note("%d of %d layers already stored" % (len(set(known)), len(set(diff_ids))))
     wanted = set(diff_ids) - set(known)
-    with work_directory(options.tempdir) as work:
+    with work_directory(options.tempdir or store.spool_dir()) as work:
         pipeline = LayerPipeline(store, work, progress, options)
         try:
-            def on_layer(spool: Spool) -> bool:
-                if spool.digest in wanted:
-                    wanted.discard(spool.digest)
-                    pipeline.submit(spool.digest, spool)
-                    return True
-                if spool.digest in known:
-                    os.unlink(spool.path)
-                    return True
-                return False
+            def spool(entry: TarEntry, reader: MemberReader) -> Optional[Spool]:
+                return _spool_member(entry, reader, image_id, wanted, known, pipeline)
 
-            contents = read_save_stream(docker.save(image_id), work, on_layer, pipeline.abort)
+            contents = read_save_stream(docker.save(image_id), spool, pipeline.abort)
             saved = parse_saved_image(contents, image_id)
             if saved.diff_ids != diff_ids:
                 raise FormatError("docker save returned other layers than docker inspect reported")
-            _submit_precompressed(contents, saved, wanted, pipeline)
+            _upload_precompressed(contents, saved, wanted, pipeline)
             known.update(pipeline.finish())
         finally:
             pipeline.close()
@@ -2223,27 +2340,58 @@ def _push_new_image(docker: DockerClient, store: Store, image_id: str, diff_ids:
     _write_image(store, image_id, saved.config, [known[d] for d in diff_ids])
 
 
-def _submit_precompressed(contents: SaveContents, saved: SavedImage, wanted: Set[str],
+_OCI_BLOB = re.compile(r"^blobs/sha256/([0-9a-f]{64})$")
+
+
+def _spool_member(entry: TarEntry, reader: MemberReader, image_id: str, wanted: Set[str],
+                  known: Dict[str, LayerRecord], pipeline: LayerPipeline) -> Optional[Spool]:
+    """Decide what to do with a large save-stream member: upload, drop, or keep for later.
+
+    v1 saves name layers <v1-id>/layer.tar, so only their hash tells which layer they are:
+    they are compressed speculatively while read.  OCI saves name blobs by digest, so a
+    layer the store already has is skipped unread.
+    """
+    blob = _OCI_BLOB.match(entry.name)
+    named = "sha256:" + blob.group(1) if blob else None
+    if named == image_id or not (blob or entry.name.endswith("/layer.tar")):
+        return None  # the config, or metadata: keep it in memory
+    if named in known:
+        reader.skip()
+        return Spool("", named, entry.size, named, entry.size, "none")
+    if named is not None and named not in wanted:  # e.g. docker 29's compressed layer blobs
+        return pipeline.spool(reader, entry.size, named[7:19], may_compress=False)
+    label = named[7:19] if named else entry.name.split("/")[0][:12]
+    spooled = pipeline.spool(reader, entry.size, label, may_compress=True)
+    if named is not None and spooled.raw_digest != named:
+        raise IntegrityError("save stream blob %s does not match its digest" % entry.name)
+    if spooled.raw_digest in wanted:
+        wanted.discard(spooled.raw_digest)
+        pipeline.upload(spooled.raw_digest, spooled)
+    else:
+        os.unlink(spooled.path)  # a layer the store already has (or none of this image's)
+    return spooled._replace(path="")
+
+
+def _upload_precompressed(contents: SaveContents, saved: SavedImage, wanted: Set[str],
                           pipeline: LayerPipeline) -> None:
-    """Layers the hash did not identify: docker 29 exports them compressed; store them as they are."""
+    """Layers whose hash is not their diffID: docker 29 exports stored (compressed) blobs; keep them as they are."""
     for member, diff_id in zip(saved.layer_members, saved.diff_ids):
         if diff_id not in wanted:
             continue
         spool = contents.spooled.get(member)
+        if spool is None and member in contents.small:  # a tiny compressed layer kept in memory
+            data = contents.small[member]
+            path = os.path.join(pipeline.work_dir, "small-%s" % diff_id[7:19])
+            with open(path, "wb") as f:
+                f.write(data)
+            spool = Spool(path, sha256_digest(data), len(data), sha256_digest(data), len(data),
+                          detect_compression(data[:4]))
         if spool is None or not spool.path:
-            if member in contents.small:  # a tiny compressed layer kept in memory
-                path = os.path.join(pipeline.work_dir, "small-%s" % diff_id[7:19])
-                with open(path, "wb") as f:
-                    f.write(contents.small[member])
-                data = contents.small[member]
-                spool = Spool(path, sha256_digest(data), len(data))
-            else:
-                raise FormatError("docker save stream lacks layer %s" % diff_id)
-        compression = detect_compression(open(spool.path, "rb").read(4))
-        if compression == "none":
+            raise FormatError("docker save stream lacks layer %s" % diff_id)
+        if spool.compression == "none":
             raise IntegrityError("layer %s in the save stream does not match its diffID" % diff_id)
         wanted.discard(diff_id)
-        pipeline.submit(diff_id, spool, compression)
+        pipeline.upload(diff_id, spool)
     if wanted:
         raise FormatError("docker save stream lacks layers: %s" % ", ".join(sorted(wanted)))
 

@@ -67,23 +67,62 @@ def test_chain_ids_follow_docker():
     assert chain[1] == "sha256:" + hashlib.sha256((a + " " + b).encode()).hexdigest()
 
 
-def test_parallel_gzip_members_form_one_stream(tmp_path):
-    data = os.urandom(1 << 20) + b"text " * 2000000
-    src, dst = tmp_path / "raw", tmp_path / "gz"
-    src.write_bytes(data)
-    import concurrent.futures, threading
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        digest, size = dogestry.gzip_file(str(src), str(dst), pool, 4, threading.Event(), lambda n: None)
-    packed = dst.read_bytes()
-    assert gzip.decompress(packed) == data
-    assert size == len(packed) and digest == "sha256:" + hashlib.sha256(packed).hexdigest()
+def test_spooling_compresses_in_parallel_members_that_form_one_stream(tmp_path):
+    data = b"text " * 4000000 + os.urandom(1 << 20)
+    store = dogestry.LocalStore(str(tmp_path / "store"))
+    quiet = dogestry.Progress(io.StringIO(), quiet=True)
+    pipeline = dogestry.LayerPipeline(store, str(tmp_path), quiet, dogestry.PushOptions(workers=2))
+    try:
+        spool = pipeline.spool(dogestry.MemberReader(io.BytesIO(data), len(data)), len(data), "x", True)
+    finally:
+        pipeline.close()
+    packed = Path(spool.path).read_bytes()
+    assert spool.compression == "gzip" and gzip.decompress(packed) == data
+    assert spool.size == len(packed) and spool.digest == "sha256:" + hashlib.sha256(packed).hexdigest()
+    assert spool.raw_digest == "sha256:" + hashlib.sha256(data).hexdigest() and spool.raw_size == len(data)
     assert packed.count(b"\x1f\x8b\x08") >= 2  # several members
 
 
+def test_incompressible_layers_are_spooled_raw(tmp_path):
+    data = os.urandom(5 << 20)
+    quiet = dogestry.Progress(io.StringIO(), quiet=True)
+    pipeline = dogestry.LayerPipeline(dogestry.LocalStore(str(tmp_path)), str(tmp_path), quiet, dogestry.PushOptions())
+    try:
+        spool = pipeline.spool(dogestry.MemberReader(io.BytesIO(data), len(data)), len(data), "x", True)
+    finally:
+        pipeline.close()
+    assert spool.compression == "none" and Path(spool.path).read_bytes() == data
+
+
 def test_compressibility_is_judged_from_a_sample():
-    assert dogestry.looks_compressible(b"hello world " * 100000)
-    assert not dogestry.looks_compressible(os.urandom(1 << 20))
-    assert not dogestry.looks_compressible(gzip.compress(os.urandom(1 << 20)))
+    assert dogestry.compressed_sample(b"hello world " * 100000) is not None
+    assert dogestry.compressed_sample(os.urandom(1 << 20)) is None
+    assert dogestry.compressed_sample(gzip.compress(os.urandom(1 << 20))) is None
+
+
+def test_tar_reader_handles_long_names_and_pax_headers():
+    def member(name, data, fmt):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        return info.tobuf(fmt) + data + b"\0" * (-len(data) % 512)
+
+    long_name = "d/" + "x" * 150 + "/layer.tar"
+    stream = io.BytesIO(member(long_name, b"abc", tarfile.GNU_FORMAT)
+                        + member("p/" + "ü" * 120, b"hi", tarfile.PAX_FORMAT) + b"\0" * 1024)
+    seen = [(e.name, r.read()) for e, r in dogestry.iter_tar(stream)]
+    assert seen == [(long_name, b"abc"), ("p/" + "ü" * 120, b"hi")]
+
+
+def test_truncated_tar_is_a_format_error():
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("a/layer.tar")
+        info.size = 10000
+        tar.addfile(info, io.BytesIO(b"x" * 10000))
+    cut = io.BytesIO(buf.getvalue()[:5000])
+    with pytest.raises(dogestry.FormatError):
+        for entry, reader in dogestry.iter_tar(cut):
+            reader.read()
 
 
 @pytest.mark.parametrize("url, expect", [
