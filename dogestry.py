@@ -38,6 +38,7 @@ import http.client
 import io
 import json
 import os
+import queue
 import random
 import re
 import shutil
@@ -2437,30 +2438,125 @@ def tar_bytes_member(name: str, data: bytes) -> bytes:
     return tar_header(name, len(data)) + data + tar_padding(len(data))
 
 
-def verified_blob_chunks(store: Store, record: LayerRecord, on_read: Callable[[int], None]) -> Iterator[bytes]:
-    """Stream a blob, holding back its last chunk until its digest and size are verified.
+class GzipInflater:
+    """Incremental gunzip of concatenated gzip members, in bounded pieces."""
 
-    Withholding the tail means a corrupt blob never reaches docker whole: the load sees
-    a truncated tar and fails, so nothing is loaded or tagged.
-    """
-    sha, seen, held = hashlib.sha256(), 0, None  # type: Any, int, Optional[bytes]
-    with contextlib.closing(store.open(blob_key(record.digest), record.size)) as f:
+    def __init__(self) -> None:
+        self.inflate = zlib.decompressobj(31)
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """Decompressed output for more input, at most CHUNK bytes a piece."""
+        while data:
+            out = self.inflate.decompress(data, CHUNK)
+            if out:
+                yield out
+            if self.inflate.eof:
+                data = self.inflate.unused_data
+                self.inflate = zlib.decompressobj(31)
+            else:
+                data = self.inflate.unconsumed_tail
+
+    def finish(self) -> Iterator[bytes]:
+        """Whatever output is still buffered at the end of the input."""
         while True:
-            data = f.read(CHUNK)
-            if not data:
+            out = self.inflate.decompress(b"", CHUNK)
+            if not out:
                 break
-            sha.update(data)
-            seen += len(data)
-            if held is not None:
-                yield held
-                on_read(len(held))
-            held = data
-    if seen != record.size or "sha256:" + sha.hexdigest() != record.digest:
-        raise IntegrityError("%s: blob %s is corrupt (%d bytes, sha256:%s); nothing was loaded"
-                             % (store.url, record.digest, seen, sha.hexdigest()))
-    if held is not None:
-        yield held
-        on_read(len(held))
+            yield out
+        tail = self.inflate.flush()
+        if tail:
+            yield tail
+
+
+class BlobFeeder:
+    """Reads, verifies and (for gzip blobs whose raw size is known) gunzips a blob in a
+    thread, so store reads and decompression overlap with docker reading the tar."""
+
+    def __init__(self, store: Store, record: LayerRecord, inflate: bool):
+        self.store, self.record, self.inflate = store, record, inflate
+        self.queue = queue.Queue(maxsize=8)  # type: queue.Queue
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="dogestry-blob", daemon=True)
+        self.thread.start()
+
+    def _put(self, item: Tuple[str, Any]) -> None:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def _run(self) -> None:
+        try:
+            record = self.record
+            stored, raw = hashlib.sha256(), hashlib.sha256()
+            stored_size = raw_size = 0
+            inflater = GzipInflater() if self.inflate else None
+            with contextlib.closing(self.store.open(blob_key(record.digest), record.size)) as f:
+                while not self.stop.is_set():
+                    data = f.read(CHUNK)
+                    if not data:
+                        break
+                    stored.update(data)
+                    stored_size += len(data)
+                    for out in (inflater.feed(data) if inflater else (data,)):
+                        raw.update(out)
+                        raw_size += len(out)
+                        self._put(("data", out))
+            if inflater:
+                for out in inflater.finish():
+                    raw.update(out)
+                    raw_size += len(out)
+                    self._put(("data", out))
+            self._put(("end", self._verify(stored, stored_size, raw, raw_size)))
+        except zlib.error as e:
+            self._put(("error", IntegrityError("%s: blob %s is corrupt (%s); nothing was loaded"
+                                               % (self.store.url, self.record.digest, e))))
+        except BaseException as e:  # handed to the consumer, which raises it
+            self._put(("error", e))
+
+    def _verify(self, stored: Any, stored_size: int, raw: Any, raw_size: int) -> Optional[Exception]:
+        record = self.record
+        if stored_size != record.size or "sha256:" + stored.hexdigest() != record.digest:
+            return IntegrityError("%s: blob %s is corrupt (%d bytes, sha256:%s); nothing was loaded"
+                                  % (self.store.url, record.digest, stored_size, stored.hexdigest()))
+        if self.inflate and (raw_size != record.raw_size or "sha256:" + raw.hexdigest() != record.diff_id):
+            return IntegrityError("%s: blob %s does not unpack to layer %s; nothing was loaded"
+                                  % (self.store.url, record.digest, record.diff_id))
+        return None
+
+    def chunks(self, on_read: Callable[[int], None]) -> Iterator[bytes]:
+        """The blob's bytes, the last piece held back until the whole blob is verified.
+
+        Withholding the tail means a corrupt blob never reaches docker whole: the load
+        sees a truncated tar and fails, so nothing is loaded or tagged.
+        """
+        held = None  # type: Optional[bytes]
+        try:
+            while True:
+                kind, value = self.queue.get()
+                if kind == "data":
+                    if held is not None:
+                        yield held
+                        on_read(len(held))
+                    held = value
+                    continue
+                if kind == "error" or value is not None:
+                    raise value
+                if held is not None:
+                    yield held
+                    on_read(len(held))
+                return
+        finally:
+            self.stop.set()
+            self.thread.join()
+
+
+def verified_blob_chunks(store: Store, record: LayerRecord, on_read: Callable[[int], None],
+                         inflate: bool = False) -> Iterator[bytes]:
+    """A stored blob's bytes (gunzipped if inflate), verified before its last piece is given out."""
+    return BlobFeeder(store, record, inflate).chunks(on_read)
 
 
 def load_tar_stream(store: Store, image: StoredImage, config: bytes, repo_tags: List[str],
@@ -2475,10 +2571,13 @@ def load_tar_stream(store: Store, image: StoredImage, config: bytes, repo_tags: 
         if index not in missing or path in sent:
             continue
         sent.add(path)
-        task = progress.task(record.diff_id[7:19], "loading", record.size)
-        yield tar_header(path, record.size)
-        yield from verified_blob_chunks(store, record, task.advance)
-        yield tar_padding(record.size)
+        # gunzip here, on a spare core, rather than leave it to dockerd's single thread
+        inflate = record.compression == "gzip" and record.raw_size is not None
+        size = record.raw_size if inflate else record.size
+        task = progress.task(record.diff_id[7:19], "loading", size)
+        yield tar_header(path, size)
+        yield from verified_blob_chunks(store, record, task.advance, inflate)
+        yield tar_padding(size)
         task.finish("loaded")
     manifest = [{"Config": "%s.json" % image_hex, "RepoTags": repo_tags or None, "Layers": paths}]
     yield tar_bytes_member("manifest.json", json.dumps(manifest).encode())
@@ -2596,7 +2695,10 @@ def legacy_tar_stream(store: Store, chain: List[str], repo_tags: List[str], prog
                 data = f.read(CHUNK)
                 if not data:
                     break
-                hasher.update(data)
+                try:
+                    hasher.update(data)
+                except zlib.error as e:
+                    raise IntegrityError("%s: %s is corrupt (%s)" % (store.url, key, e))
                 seen += len(data)
                 if seen > size:
                     raise IntegrityError("%s: %s changed while it was read" % (store.url, key))
