@@ -1016,9 +1016,22 @@ class AwsConfig:
         if self._sections is None:
             config_section = "default" if self.profile == "default" else "profile " + self.profile
             merged = self._read(self.config_file, config_section)
-            merged.update(self._read(self.credentials_file, self.profile))
+            found = bool(merged) or self._has_section(self.config_file, config_section)
+            credentials = self._read(self.credentials_file, self.profile)
+            found = found or bool(credentials) or self._has_section(self.credentials_file, self.profile)
+            explicit = self.environ.get("AWS_PROFILE") or self.environ.get("AWS_DEFAULT_PROFILE")
+            if explicit and not found:
+                raise DogestryError("AWS profile %r not found in %s or %s"
+                                    % (self.profile, self.credentials_file, self.config_file))
+            merged.update(credentials)
             self._sections = merged
         return self._sections
+
+    def _has_section(self, path: str, section: str) -> bool:
+        parser = configparser.RawConfigParser()
+        with contextlib.suppress(configparser.Error, OSError, UnicodeDecodeError):
+            parser.read(path, encoding="utf-8")
+        return parser.has_section(section)
 
     def region(self) -> Optional[str]:
         """AWS_REGION, AWS_DEFAULT_REGION, or the profile's region."""
@@ -1050,7 +1063,14 @@ class CredentialChain:
             stale = current is None or force_refresh or (
                 current.expires is not None and current.expires - self.clock() < CREDENTIAL_REFRESH_MARGIN)
             if stale:
-                self._current = current = self._resolve()
+                try:
+                    self._current = current = self._resolve()
+                except DogestryError:
+                    still_valid = current is not None and not force_refresh and (
+                        current.expires is None or current.expires > self.clock())
+                    if not still_valid:
+                        raise
+            assert current is not None
             return current
 
     def _resolve(self) -> Credentials:
@@ -1076,6 +1096,9 @@ class CredentialChain:
             if env.get(key_var) and env.get(secret_var):
                 return Credentials(env[key_var], env[secret_var], env.get("AWS_SESSION_TOKEN") or None,
                                    None, "environment (%s)" % key_var)
+            if bool(env.get(key_var)) != bool(env.get(secret_var)):
+                present, absent = (key_var, secret_var) if env.get(key_var) else (secret_var, key_var)
+                raise DogestryError("%s is set but %s is not" % (present, absent))
         return None
 
     def _from_profile(self) -> Optional[Credentials]:
@@ -1110,7 +1133,7 @@ class CredentialChain:
             raise DogestryError("cannot reach STS at %s for web identity credentials: %s" % (endpoint, _os_reason(e)))
         root = _parse_xml(body)
         if status != 200 or root is None:
-            code = (_xml_text(root, ".//Code") if root is not None else None) or "HTTP %d" % status
+            code = _xml_text(root, ".//Code") or ("HTTP %d" % status if status != 200 else "unreadable answer")
             raise DogestryError("STS AssumeRoleWithWebIdentity for %s failed: %s" % (role, code))
         return self._temporary(_xml_text(root, ".//Credentials/AccessKeyId"),
                                _xml_text(root, ".//Credentials/SecretAccessKey"),
@@ -1138,7 +1161,8 @@ class CredentialChain:
                 with open(env["AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"], encoding="utf-8") as f:
                     token = f.read().strip()
             except OSError as e:
-                raise DogestryError("cannot read AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE: %s" % _os_reason(e))
+                raise DogestryError("cannot read AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE %s: %s"
+                                    % (env["AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"], _os_reason(e)))
         if token:
             headers["Authorization"] = token
         doc = self._metadata_json(url, headers, "container credentials")
@@ -1152,7 +1176,8 @@ class CredentialChain:
         except (OSError, http.client.HTTPException, ValueError) as e:
             raise DogestryError("cannot get %s from %s: %s" % (what, url, _os_reason(e)))
         if not isinstance(doc, dict):
-            raise DogestryError("cannot get %s from %s: HTTP %d" % (what, url, status))
+            raise DogestryError("cannot get %s from %s: %s" % (what, url, "HTTP %d" % status if status != 200
+                                                                else "unreadable answer"))
         return doc
 
     def _from_instance_metadata(self, required: bool = False) -> Optional[Credentials]:
@@ -1162,11 +1187,13 @@ class CredentialChain:
         base = (env.get("AWS_EC2_METADATA_SERVICE_ENDPOINT") or "http://169.254.169.254").rstrip("/")
         headers = {}  # type: Dict[str, str]
         try:
-            status, token = self.http(base + "/latest/api/token", "PUT",
-                                      {"X-aws-ec2-metadata-token-ttl-seconds": "21600"}, b"", METADATA_TIMEOUT)
-            if status == 200:
-                headers["X-aws-ec2-metadata-token"] = token.decode("ascii", "replace").strip()
-            # Other answers (403/404/405 from IMDSv1-only services) fall back to v1 requests.
+            # IMDSv2 first; any other answer (403/404/405 from v1-only services) or a timeout
+            # (a container behind a hop limit of 1) falls back to v1 requests.
+            with contextlib.suppress(socket.timeout):
+                status, token = self.http(base + "/latest/api/token", "PUT",
+                                          {"X-aws-ec2-metadata-token-ttl-seconds": "21600"}, b"", METADATA_TIMEOUT)
+                if status == 200:
+                    headers["X-aws-ec2-metadata-token"] = token.decode("ascii", "replace").strip()
             status, body = self.http(base + "/latest/meta-data/iam/security-credentials/", "GET",
                                      headers, None, METADATA_TIMEOUT)
         except (OSError, http.client.HTTPException) as e:
