@@ -1364,16 +1364,17 @@ class S3Client:
             if resp.status in ok:
                 return resp
             try:
-                data = resp.read() if method != "HEAD" else b""
+                data = resp.read()  # b"" for HEAD; reading frees the connection for reuse
             except (OSError, http.client.HTTPException):
                 data = b""
+                self._drop(scheme, host, port)
             if resp.getheader("Connection", "").lower() == "close" or resp.status >= 500:
                 self._drop(scheme, host, port)
             code, message, region = _s3_error(data)
             code = code or {301: "PermanentRedirect", 403: "AccessDenied", 404: "NotFound",
                             412: "PreconditionFailed"}.get(resp.status, "HTTP%d" % resp.status)
             new_region = resp.getheader("x-amz-bucket-region") or region
-            if code in S3_REGION_CODES or (resp.status == 301 and new_region):
+            if code in S3_REGION_CODES or (resp.status in (301, 400) and resp.getheader("x-amz-bucket-region")):
                 if new_region and new_region != self.region and not redirected:
                     self.region, redirected = new_region, True
                     attempt -= 1
@@ -1394,6 +1395,21 @@ class S3Client:
                                                         ": " + message if message else "", resp.status, hint),
                           code, resp.status)
 
+    def call(self, method: str, key: str = "", **kw: Any) -> Tuple[http.client.HTTPResponse, bytes]:
+        """A request whose whole (small) answer is read; a break while reading is retried too."""
+        attempt = 0
+        while True:
+            attempt += 1
+            resp = self.request(method, key, **kw)
+            try:
+                return resp, resp.read()
+            except (OSError, http.client.HTTPException) as e:
+                scheme, host, port, _ = self._target()
+                self._drop(scheme, host, port)
+                if not kw.get("idempotent", True) or attempt >= self.max_attempts:
+                    raise S3Error("%s %s: the answer broke off: %s" % (method, self.describe(key), _os_reason(e)))
+                self._backoff(attempt)
+
     def _backoff(self, attempt: int) -> None:
         """Exponential backoff with full jitter (AWS Architecture Blog, 2015)."""
         self.sleep(self.rand() * min(20.0, 0.25 * (2 ** attempt)))
@@ -1403,18 +1419,17 @@ class S3Client:
     def head(self, key: str) -> Optional[http.client.HTTPResponse]:
         """HEAD an object: its response (headers), or None if absent."""
         try:
-            resp = self.request("HEAD", key)
+            resp, _ = self.call("HEAD", key)
         except S3Error as e:
             if e.status == 404:
                 return None
             raise
-        resp.read()
         return resp
 
     def check_bucket(self) -> None:
         """Check that the bucket exists and we may list it (a GET, so errors carry S3's code)."""
         try:
-            self.request("GET", query=[("list-type", "2"), ("max-keys", "1")]).read()
+            self.call("GET", query=[("list-type", "2"), ("max-keys", "1")])
         except S3Error as e:
             if e.status == 404:
                 raise NotFound("S3 bucket %s does not exist (%s)" % (self.bucket, self.region))
@@ -1428,7 +1443,7 @@ class S3Client:
         if if_absent:
             headers["If-None-Match"] = "*"
         try:
-            self.request("PUT", key, headers=headers, body=body, payload_hash=sha256_hex).read()
+            self.call("PUT", key, headers=headers, body=body, payload_hash=sha256_hex)
         except S3Error as e:
             if if_absent and e.status == 412:
                 return False
@@ -1456,7 +1471,7 @@ class S3Client:
             query = [("list-type", "2"), ("prefix", prefix), ("encoding-type", "url"), ("max-keys", str(page_size))]
             if token:
                 query.append(("continuation-token", token))
-            root = _parse_xml(self.request("GET", query=query).read())
+            root = _parse_xml(self.call("GET", query=query)[1])
             if root is None:
                 raise S3Error("ListObjectsV2 on %s: unreadable answer" % self.describe(prefix))
             for item in root.findall("Contents"):
@@ -1476,8 +1491,8 @@ class S3Client:
                 "<Object><Key>%s</Key></Object>" % xml_escape(k) for k in batch)).encode()
             headers = {"Content-Type": "application/xml", "Content-Length": str(len(body)),
                        "Content-MD5": base64.b64encode(hashlib.md5(body).digest()).decode()}
-            root = _parse_xml(self.request("POST", query=[("delete", "")], headers=headers,
-                                           body=lambda: body, payload_hash=hashlib.sha256(body).hexdigest()).read())
+            root = _parse_xml(self.call("POST", query=[("delete", "")], headers=headers,
+                                        body=lambda: body, payload_hash=hashlib.sha256(body).hexdigest())[1])
             if root is not None:
                 error = root.find("Error")
                 if error is not None:
@@ -1489,8 +1504,8 @@ class S3Client:
         """Upload a file in parallel parts (fewer than 10,000); abort the upload on any failure."""
         part_size = max(S3_MIN_PART, -(-size // (S3_MAX_PARTS - 1)))
         part_size = -(-part_size // (1 << 20)) << 20
-        root = _parse_xml(self.request("POST", key, query=[("uploads", "")], idempotent=True,
-                                       headers={"Content-Type": "application/octet-stream"}).read())
+        root = _parse_xml(self.call("POST", key, query=[("uploads", "")],
+                                    headers={"Content-Type": "application/octet-stream"})[1])
         upload_id = _xml_text(root, ".//UploadId") if root is not None else None
         if not upload_id:
             raise S3Error("CreateMultipartUpload %s: no upload id in the answer" % self.describe(key))
@@ -1501,15 +1516,15 @@ class S3Client:
             body = ("<CompleteMultipartUpload>%s</CompleteMultipartUpload>" % "".join(
                 "<Part><PartNumber>%d</PartNumber><ETag>%s</ETag></Part>" % (n, xml_escape(etag))
                 for (n, _, _), etag in zip(ranges, etags))).encode()
-            resp = self.request("POST", key, query=[("uploadId", upload_id)], body=lambda: body,
-                                headers={"Content-Length": str(len(body)), "Content-Type": "application/xml"},
-                                payload_hash=hashlib.sha256(body).hexdigest())
-            answer = _parse_xml(resp.read())  # S3 may report a failure inside a 200 answer
+            _, answer_body = self.call("POST", key, query=[("uploadId", upload_id)], body=lambda: body,
+                                       headers={"Content-Length": str(len(body)), "Content-Type": "application/xml"},
+                                       payload_hash=hashlib.sha256(body).hexdigest())
+            answer = _parse_xml(answer_body)  # S3 may report a failure inside a 200 answer
             if answer is not None and answer.tag == "Error":
                 raise S3Error("CompleteMultipartUpload %s: %s" % (self.describe(key), _xml_text(answer, ".//Code")))
         except BaseException:
             with contextlib.suppress(DogestryError):
-                self.request("DELETE", key, query=[("uploadId", upload_id)], ok=(204, 200, 404)).read()
+                self.call("DELETE", key, query=[("uploadId", upload_id)], ok=(204, 200, 404))
             raise
 
     def _upload_part(self, key: str, upload_id: str, path: str, part: Tuple[int, int, int],
@@ -1525,11 +1540,10 @@ class S3Client:
                     raise StoreError("%s shrank while it was uploaded" % path)
                 digest.update(data)
                 remaining -= len(data)
-        resp = self.request("PUT", key, query=[("partNumber", str(number)), ("uploadId", upload_id)],
+        resp, _ = self.call("PUT", key, query=[("partNumber", str(number)), ("uploadId", upload_id)],
                             headers={"Content-Length": str(length)},
                             body=lambda: FileRange(path, offset, length, on_progress),
                             payload_hash=digest.hexdigest())
-        resp.read()
         etag = resp.getheader("ETag")
         if not etag:
             raise S3Error("UploadPart %s part %d: no ETag in the answer" % (self.describe(key), number))
@@ -1715,7 +1729,7 @@ class S3Store(Store):
         return iter(sorted(k[start:] for k, _ in self.client.list(self.location.prefix + prefix)))
 
     def delete(self, key: str) -> None:
-        self.client.request("DELETE", self._key(key), ok=(204, 200)).read()
+        self.client.call("DELETE", self._key(key), ok=(204, 200))
 
     def delete_many(self, keys: Sequence[str]) -> None:
         self.client.delete_many([self._key(k) for k in keys])
