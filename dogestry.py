@@ -2115,6 +2115,8 @@ def read_save_stream(stream: IO[bytes], spool: Callable[[TarEntry, MemberReader]
             else:
                 contents.spooled[entry.name] = spooled
                 contents.digests[entry.name] = spooled.raw_digest
+        while stream.read(CHUNK):  # the tar's trailing padding: read to the end of the response
+            pass
     except (OSError, http.client.HTTPException) as e:
         if isinstance(e, OSError) and e.filename:
             raise DogestryError("cannot spool %s: %s" % (e.filename, _os_reason(e)))
