@@ -19,12 +19,15 @@ Standard library only; Python 3.8 or newer.  The module reads top to bottom:
     11. Compression
     12. Push
     13. Pull
-    14. Commands
-    15. Command line and main()
+    14. Fleets: -pullhosts, the lock file and the config file
+    15. The accelerator server (-server)
+    16. Commands
+    17. Command line and main()
 """
 
 import argparse
 import base64
+import binascii
 import collections
 import concurrent.futures
 import configparser
@@ -32,9 +35,12 @@ import contextlib
 import datetime
 import email.utils
 import errno
+import fcntl
+import getpass
 import hashlib
 import hmac
 import http.client
+import http.server
 import io
 import json
 import os
@@ -44,6 +50,7 @@ import re
 import shutil
 import signal
 import socket
+import socketserver
 import ssl
 import sys
 import tarfile
@@ -2603,7 +2610,7 @@ def verified_blob_chunks(store: Store, record: LayerRecord, on_read: Callable[[i
 
 
 def load_tar_stream(store: Store, image: StoredImage, config: bytes, repo_tags: List[str],
-                    missing: Set[int], progress: Progress) -> Iterator[bytes]:
+                    missing: Set[int], progress: Progress, inflate: bool = True) -> Iterator[bytes]:
     """The tar docker load reads: config, the missing layers as stored, manifest.json."""
     image_hex = digest_hex(image.image_id)
     yield tar_bytes_member("%s.json" % image_hex, config)
@@ -2614,12 +2621,11 @@ def load_tar_stream(store: Store, image: StoredImage, config: bytes, repo_tags: 
         if index not in missing or path in sent:
             continue
         sent.add(path)
-        # gunzip here, on a spare core, rather than leave it to dockerd's single thread
-        inflate = record.compression == "gzip" and record.raw_size is not None
-        size = record.raw_size if inflate else record.size
+        gunzip = inflate and record.compression == "gzip" and record.raw_size is not None
+        size = record.raw_size if gunzip else record.size
         task = progress.task(record.diff_id[7:19], "loading", size)
         yield tar_header(path, size)
-        yield from verified_blob_chunks(store, record, task.advance, inflate)
+        yield from verified_blob_chunks(store, record, task.advance, gunzip)
         yield tar_padding(size)
         task.finish("loaded")
     manifest = [{"Config": "%s.json" % image_hex, "RepoTags": repo_tags or None, "Layers": paths}]
@@ -2627,18 +2633,23 @@ def load_tar_stream(store: Store, image: StoredImage, config: bytes, repo_tags: 
     yield TAR_END
 
 
-def pull_image(docker: DockerClient, store: Store, text: str, progress: Progress) -> str:
-    """Pull one image (NAME[:TAG] or ID prefix) into the engine and tag it; return its ID there."""
+def pull_image(docker: DockerClient, store: Store, text: str, progress: Progress,
+               tag_as: Optional[List[ImageRef]] = None) -> str:
+    """Pull one image (NAME[:TAG] or ID prefix) into the engine and tag it; return its ID there.
+
+    tag_as: the tags to give it on the host (default: the tag pulled).
+    """
     store.check()
     image_hex, ref = resolve_image(store, text)
     image = load_stored_image(store, image_hex)
-    repo_tags = [str(ref)] if ref else []
+    tags = ([ref] if ref else []) if tag_as is None else tag_as
+    repo_tags = [str(t) for t in tags]
     if image.legacy:
         image_id = _pull_legacy(docker, store, image, repo_tags, progress)
     else:
         image_id = _pull_image(docker, store, image, repo_tags, progress)
-    if ref is not None:
-        docker.tag(image_id, ref)
+    for tag in tags:
+        docker.tag(image_id, tag)
     progress.note("pulled %s (%s)" % (str(ref or text), digest_hex(image_id)[:12]))
     return image_id
 
@@ -2657,7 +2668,10 @@ def _pull_image(docker: DockerClient, store: Store, image: StoredImage, repo_tag
     if len(missing) < len(image.layers):
         progress.note("%d of %d layers already on the Docker host" % (len(image.layers) - len(missing),
                                                                       len(image.layers)))
-    docker.load(load_tar_stream(store, image, config, repo_tags, missing, progress))
+    # A local engine gets layers gunzipped here, on a spare core, rather than leave it to
+    # dockerd's single thread; a remote one gets them as stored, to spare the network.
+    inflate = docker.endpoint.unix_path is not None
+    docker.load(load_tar_stream(store, image, config, repo_tags, missing, progress, inflate))
     if docker.inspect_image(image.image_id) is None:
         raise DockerError("docker load finished but the engine has no image %s" % image.image_id)
     return image.image_id
@@ -2772,16 +2786,539 @@ def _pull_legacy(docker: DockerClient, store: Store, image: StoredImage, repo_ta
     return result["image_id"]
 
 
-# === 14. Commands ===
+# === 14. Fleets: -pullhosts, the lock file and the config file ===
+#
+# A fleet pull checks every host, works out per host which layers it lacks, downloads
+# the union once into a local spool store (verified on the way), then loads every host
+# in parallel from that spool, each getting only what it lacks.
+
+HOST_CHECK_TIMEOUT = 10.0
+SERVER_PORT = 22375
+
+
+class FileConfig(NamedTuple):
+    """The original's optional config file (git-config style): remotes, S3 keys, docker host."""
+
+    remotes: Dict[str, str]
+    access_key: Optional[str]
+    secret_key: Optional[str]
+    docker: Optional[str]
+
+
+def read_config_file(path: str) -> FileConfig:
+    """Parse [remote "NAME"] url=..., [s3] access-key-id/secret-key, [docker] connection."""
+    parser = configparser.RawConfigParser()
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError("cannot read config file %s: %s" % (path, _os_reason(e)))
+    except configparser.Error as e:
+        raise UsageError("bad config file %s: %s" % (path, str(e).splitlines()[0]))
+
+    def value(section: str, key: str) -> Optional[str]:
+        if not parser.has_option(section, key):
+            return None
+        return parser.get(section, key).strip().strip('"') or None
+
+    remotes = {}
+    for section in parser.sections():
+        m = re.match(r'^remote\s+"([^"]+)"$', section.strip())
+        if m and value(section, "url"):
+            remotes[m.group(1)] = value(section, "url") or ""
+    return FileConfig(remotes, value("s3", "access-key-id"), value("s3", "secret-key"),
+                      value("docker", "connection"))
+
+
+@contextlib.contextmanager
+def file_lock(path: str, progress: Progress) -> Iterator[None]:
+    """Hold an exclusive lock on path (waiting for it); the kernel releases it however we exit."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise DogestryError("cannot open lock file %s: %s" % (path, _os_reason(e)))
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress.note("waiting for the lock %s (another dogestry is running)" % path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def parse_pullhosts(text: str, environ: Mapping[str, str], home: str) -> List[DockerEndpoint]:
+    """-pullhosts tcp://host-1:2375,unix:///path,... as Docker endpoints."""
+    hosts = [h.strip() for h in text.split(",") if h.strip()]
+    if not hosts:
+        raise UsageError("-pullhosts needs at least one host (tcp://host:port or unix:///path)")
+    return [docker_endpoint(h, environ, home) for h in hosts]
+
+
+def check_hosts(clients: Sequence[DockerClient]) -> None:
+    """GET /version on every host (in parallel, 10 s each); fail up front naming a dead one."""
+    def check(client: DockerClient) -> Optional[str]:
+        try:
+            client.version()
+            return None
+        except DogestryError as e:
+            return "%s: %s" % (client.endpoint.url, e)
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(8, len(clients)))) as pool:
+        problems = [p for p in pool.map(check, clients) if p]
+    if problems:
+        raise DockerError("Docker host check failed (use -disable-checks to skip it): " + "; ".join(problems))
+
+
+def spool_image(store: Store, text: str, spool: "LocalStore", clients: Sequence[DockerClient],
+                progress: Progress) -> None:
+    """Copy what the hosts lack of one image into the spool store, verifying every blob once."""
+    store.check()
+    image_hex, ref = resolve_image(store, text)
+    image = load_stored_image(store, image_hex)
+    keys = [tag_key(ref)] if ref else []
+    if image.legacy:
+        for v1_id in image.legacy_chain:
+            keys += [image_key(v1_id, "json"), image_key(v1_id, "layer.tar")]
+        _copy_keys(store, spool, keys, progress)
+        return
+    keys += [image_key(image_hex, "config.json"), image_key(image_hex, "manifest.json")]
+    _copy_keys(store, spool, keys, progress)
+    needed = {}  # type: Dict[str, LayerRecord]
+    for client in clients:
+        if client.inspect_image(image.image_id) is not None:
+            continue
+        chains = client.layer_chains()
+        for record, chain in zip(image.layers, chain_ids([r.diff_id for r in image.layers])):
+            if chain not in chains:
+                needed[record.digest] = record
+    for record in needed.values():
+        task = progress.task(record.diff_id[7:19], "downloading", record.size)
+        path = os.path.join(spool.root, ".tmp-blob-" + digest_hex(record.digest))
+        with open(path, "wb") as out:
+            for data in verified_blob_chunks(store, record, task.advance):
+                out.write(data)
+        spool.put_file(blob_key(record.digest), path, record.size, consume=True)
+        task.finish("downloaded")
+
+
+def _copy_keys(store: Store, spool: "LocalStore", keys: Sequence[str], progress: Progress) -> None:
+    for key in keys:
+        size = store.stat(key)
+        if size is None:
+            raise NotFound("%s: no %s in the store" % (store.url, key))
+        path = os.path.join(spool.root, ".tmp-copy")
+        with contextlib.closing(store.open(key, size)) as src, open(path, "wb") as out:
+            copied = copy_stream(src, out)
+        if copied != size:
+            raise IntegrityError("%s: %s changed while it was read" % (store.url, key))
+        spool.put_file(key, path, size, consume=True)
+
+
+def fleet_pull(clients: Sequence[DockerClient], store: Store, images: Sequence[str], progress: Progress,
+               tempdir: Optional[str]) -> List[Dict[str, str]]:
+    """Download once, load every host in parallel; one status per host (the original's JSON)."""
+    with work_directory(tempdir) as work:
+        spool = LocalStore(work)
+        for text in images:
+            spool_image(store, text, spool, clients, progress)
+
+        def load(client: DockerClient) -> Dict[str, str]:
+            status = {"Host": client.endpoint.url, "Status": "ok"}
+            try:
+                for text in images:
+                    pull_image(client, spool, text, HostProgress(progress, client.endpoint.url))  # type: ignore
+            except DogestryError as e:
+                status.update(Status="failed", Error=str(e).replace(spool.url, store.url))
+            return status
+
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(16, len(clients)))) as pool:
+            return list(pool.map(load, clients))
+
+
+class HostProgress:
+    """A Progress for one host of a fleet: the same output, lines prefixed with the host."""
+
+    def __init__(self, progress: Progress, host: str):
+        self.progress, self.host = progress, host
+
+    def note(self, message: str) -> None:
+        self.progress.note("%s: %s" % (self.host, message))
+
+    def task(self, label: str, action: str, total: Optional[int]) -> "ProgressTask":
+        return self.progress.task("%s %s" % (self.host, label), action, total)
+
+
+# --- delegation to dogestry servers on the hosts ---
+
+def server_url(endpoint: DockerEndpoint, port: int) -> Optional[str]:
+    """Where a dogestry server would listen next to a tcp:// Docker host (None for unix sockets)."""
+    if endpoint.host is None:
+        return None
+    host = endpoint.host if ":" not in endpoint.host else "[%s]" % endpoint.host
+    return "http://%s:%d" % (host, port)
+
+
+def server_answers(url: str, timeout: float = 3.0) -> bool:
+    """Does a dogestry server answer GET /status/check with OK?"""
+    try:
+        status, body = http_call(url + "/status/check", timeout=timeout)
+    except (OSError, http.client.HTTPException):
+        return False
+    return status == 200 and body.strip() == b"OK"
+
+
+def registry_auth(creds: Credentials, store_url: str) -> str:
+    """An X-Registry-Auth header the way the original used it: keys as user and password, S3 URL as email."""
+    doc = {"username": creds.access_key, "password": creds.secret_key, "email": store_url}
+    if creds.token:
+        doc["identitytoken"] = creds.token
+    return base64.urlsafe_b64encode(json.dumps(doc).encode()).decode()
+
+
+def delegate_pull(url: str, auth: str, text: str, progress: Progress) -> Dict[str, str]:
+    """Ask a dogestry server to pull an image into its host; relay its progress."""
+    ref = parse_image_ref(text)
+    query = urllib.parse.urlencode({"fromImage": ref.name, "tag": ref.tag})
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=3600)
+    status = {"Host": url, "Status": "ok"}
+    try:
+        conn.request("POST", "/v1.41/images/create?" + query, headers={"X-Registry-Auth": auth})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise DogestryError(_docker_message(resp.read()))
+        for line in resp:
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            if doc.get("errorDetail") or doc.get("error"):
+                raise DogestryError((doc.get("errorDetail") or {}).get("message") or doc.get("error"))
+            if doc.get("status") and not doc.get("progressDetail"):
+                progress.note("%s: %s%s" % (url, doc.get("id") + ": " if doc.get("id") else "", doc["status"]))
+    except (OSError, http.client.HTTPException, DogestryError) as e:
+        status.update(Status="failed", Error=_os_reason(e) if isinstance(e, OSError) else str(e))
+    finally:
+        conn.close()
+    return status
+
+
+# === 15. The accelerator server (-server) ===
+#
+# Speaks just enough of the Docker Engine API for `docker pull` and dogestry clients:
+# HEAD/GET /_ping, GET /version, POST /images/create, and the original's /status/check.
+# Everything else is refused; nothing is ever proxied to dockerd.
+
+SERVER_MAX_PULLS = 2
+SERVER_BODY_LIMIT = 1 << 20
+_VERSION_PREFIX = re.compile(r"^/v[0-9]+(?:\.[0-9]+)?(/.*)$")
+
+
+class JsonProgress:
+    """Progress as docker's JSON lines, written to an HTTP response."""
+
+    def __init__(self, emit: Callable[[Dict[str, Any]], None], clock: Callable[[], float] = time.monotonic):
+        self.emit, self.clock = emit, clock
+
+    def note(self, message: str) -> None:
+        self.emit({"status": message})
+
+    def task(self, label: str, action: str, total: Optional[int]) -> "JsonTask":
+        return JsonTask(self, label, action.capitalize(), total)
+
+
+class JsonTask:
+    """One layer's progress lines (throttled to a few a second)."""
+
+    def __init__(self, owner: JsonProgress, label: str, action: str, total: Optional[int]):
+        self.owner, self.label, self.action, self.total = owner, label, action, total
+        self.current, self.last = 0, 0.0
+        owner.emit({"status": action, "id": label})
+
+    def advance(self, n: int) -> None:
+        self.current += n
+        now = self.owner.clock()
+        if now - self.last >= 0.25:
+            self.last = now
+            detail = {"current": self.current}
+            if self.total:
+                detail["total"] = self.total
+            self.owner.emit({"status": self.action, "id": self.label, "progressDetail": detail,
+                             "progress": human_size(self.current) + ("/" + human_size(self.total) if self.total else "")})
+
+    def finish(self, status: str = "done") -> None:
+        self.owner.emit({"status": status.capitalize(), "id": self.label})
+
+
+class PullRequest(NamedTuple):
+    """What a docker client asked for: the store, the image in it, and the name to tag."""
+
+    store_key: str
+    store: Store
+    image: str
+    tag_as: ImageRef
+
+
+class DogestryServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    """The accelerator: pulls from the store into the local dockerd, for docker and dogestry clients."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: Tuple[str, int], docker: DockerClient, make_store: Callable[[str, Optional[Credentials]], Store],
+                 default_store: Optional[str], log: IO[str], max_pulls: int = SERVER_MAX_PULLS):
+        super().__init__(address, ServerHandler)
+        self.docker, self.make_store, self.default_store, self.log = docker, make_store, default_store, log
+        self.pull_slots = threading.Semaphore(max_pulls)
+        self.inflight = {}  # type: Dict[Tuple[str, str], "concurrent.futures.Future[str]"]
+        self.inflight_lock = threading.Lock()
+        self.log_lock = threading.Lock()
+        self._api_version = None  # type: Optional[str]
+
+    def api_version(self) -> str:
+        """The local dockerd's API version (what docker clients should speak), else 1.41."""
+        if self._api_version is None:
+            try:
+                self._api_version = self.docker.api_version()
+            except DogestryError:
+                return "1.41"
+        return self._api_version
+
+    def pull(self, request: PullRequest, progress: JsonProgress) -> str:
+        """Pull once per (store, image) at a time: later identical requests share the result."""
+        key = (request.store_key, request.image)
+        with self.inflight_lock:
+            future = self.inflight.get(key)
+            leader = future is None
+            if leader:
+                future = self.inflight[key] = concurrent.futures.Future()
+        if not leader:
+            progress.note("Waiting for the pull of %s already under way" % request.image)
+            image_id = future.result()
+        else:
+            try:
+                with self.pull_slots:
+                    image_id = pull_image(self.docker, request.store, request.image, progress, tag_as=[])
+                future.set_result(image_id)
+            except BaseException as e:
+                future.set_exception(e)
+                raise
+            finally:
+                with self.inflight_lock:
+                    self.inflight.pop(key, None)
+        self.docker.tag(image_id, request.tag_as)
+        return image_id
+
+
+def resolve_docker_name(name: str) -> Tuple[str, str]:
+    """Split a docker image name into (store prefix, image name in the store).
+
+    The registry host (a first component with a '.' or ':', or 'localhost') is dropped;
+    the remaining components but the last are a prefix under the S3 URL, the last is the
+    image: opsgoodies.com/docker-repo/hipache -> ('docker-repo/', 'hipache'), and
+    docker.io/library/hipache (what `docker pull hipache` sends) -> ('', 'hipache').
+    """
+    parts = name.split("/")
+    if len(parts) > 1 and ("." in parts[0] or ":" in parts[0] or parts[0] == "localhost"):
+        host, parts = parts[0], parts[1:]
+        if host in ("docker.io", "index.docker.io", "registry-1.docker.io") and len(parts) > 1 \
+                and parts[0] == "library":
+            parts = parts[1:]  # docker's implicit namespace for bare names: hipache = docker.io/library/hipache
+    return "".join(p + "/" for p in parts[:-1]), parts[-1]
+
+
+class ServerHandler(http.server.BaseHTTPRequestHandler):
+    """One client connection: keep-alive HTTP/1.1, JSON answers, access log lines on stdout."""
+
+    server_version = "dogestry/" + __version__
+    protocol_version = "HTTP/1.1"
+    timeout = 60
+    server: DogestryServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002  (http.server's name)
+        with self.server.log_lock:
+            self.server.log.write("%s - - [%s] %s\n" % (self.client_address[0], self.log_date_time_string(),
+                                                         format % args))
+            self.server.log.flush()
+
+    def _route(self) -> str:
+        path = urllib.parse.urlsplit(self.path).path
+        m = _VERSION_PREFIX.match(path)
+        return m.group(1) if m else path
+
+    def _send(self, status: int, body: bytes, content_type: str = "application/json",
+              extra: Optional[Dict[str, str]] = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Api-Version", self.server.api_version())
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _refuse(self, status: int, message: str) -> None:
+        self._send(status, json.dumps({"message": message}).encode() + b"\n")
+
+    def _drain_body(self) -> bool:
+        length = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            return True
+        try:
+            n = int(length or 0)
+        except ValueError:
+            return False
+        if n < 0 or n > SERVER_BODY_LIMIT:
+            return False
+        while n:
+            data = self.rfile.read(min(n, CHUNK))
+            if not data:
+                return False
+            n -= len(data)
+        return True
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+    def do_GET(self) -> None:
+        route = self._route()
+        if route == "/_ping":
+            self._send(200, b"OK", "text/plain; charset=utf-8",
+                       {"Docker-Experimental": "false", "OSType": "linux", "Cache-Control": "no-cache"})
+        elif route == "/status/check":
+            self._send(200, b"OK", "text/plain; charset=utf-8")
+        elif route == "/version":
+            self._send(200, json.dumps({
+                "Version": __version__, "ApiVersion": self.server.api_version(), "MinAPIVersion": "1.24",
+                "Os": "linux", "Arch": "amd64", "Components": [{"Name": "dogestry", "Version": __version__}],
+            }).encode())
+        elif route == "/":
+            self._refuse(404, "dogestry API, nothing to see here")
+        else:
+            self._refuse(403, "dogestry server: %s is not served (only image pulls are)" % route)
+
+    def do_POST(self) -> None:
+        if not self._drain_body():
+            self.close_connection = True
+            return self._refuse(413, "request body too large or malformed")
+        route = self._route()
+        if route != "/images/create":
+            return self._refuse(403, "dogestry server: %s is not served (only image pulls are)" % route)
+        try:
+            request = self._pull_request()
+        except DogestryError as e:
+            return self._refuse(400, str(e))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        lock = threading.Lock()
+
+        def emit(doc: Dict[str, Any]) -> None:
+            data = json.dumps(doc).encode() + b"\r\n"
+            with lock:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+
+        progress = JsonProgress(emit)
+        try:
+            progress.note("Pulling %s from %s" % (request.image, request.store.url))
+            image_id = self.server.pull(request, progress)
+            progress.note("Digest: %s" % image_id)
+            progress.note("Status: Image is up to date for %s" % (request.tag_as,))
+        except DogestryError as e:
+            message = "dogestry: " + str(e)
+            emit({"errorDetail": {"message": message}, "error": message})
+        except OSError:
+            self.close_connection = True
+            return
+        with lock:
+            self.wfile.write(b"0\r\n\r\n")
+
+    def do_PUT(self) -> None:
+        self._drain_body()
+        self._refuse(403, "dogestry server: %s is not served (only image pulls are)" % self._route())
+
+    do_DELETE = do_PATCH = do_PUT
+
+    def _pull_request(self) -> PullRequest:
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+        if query.get("fromSrc"):
+            raise UsageError("importing images is not served")
+        name = (query.get("fromImage") or [""])[0]
+        tag = (query.get("tag") or [""])[0]
+        if "@" in name or "@" in tag:
+            raise UsageError("pulls by digest are not served; use a tag")
+        if ":" in name.rsplit("/", 1)[-1] and not tag:
+            name, tag = name.rsplit(":", 1)
+        wanted = parse_image_ref("%s:%s" % (name, tag or "latest"))
+        prefix, image = resolve_docker_name(wanted.name)
+        auth = self._registry_auth()
+        store_url = auth.get("email") or self.server.default_store
+        if not store_url:
+            raise UsageError("no store: log in with `dogestry login` (S3_URL) or start the server with a store")
+        creds = None
+        if auth.get("username") or auth.get("password"):
+            if not auth.get("username") or not auth.get("password"):
+                raise UsageError("X-Registry-Auth needs both the AWS access key (username) and secret (password)")
+            creds = Credentials(auth["username"], auth["password"], auth.get("identitytoken") or None, None,
+                                "X-Registry-Auth")
+        if not store_url.startswith("s3://") and store_url != self.server.default_store:
+            raise UsageError("only s3:// stores may be named by clients (got %r)" % store_url[:100])
+        base = store_url.split("?", 1)
+        full = base[0].rstrip("/") + "/" + prefix + ("?" + base[1] if len(base) > 1 else "")
+        store = self.server.make_store(full, creds)
+        who = hashlib.sha256(("%s\0%s" % (creds.access_key, creds.secret_key)).encode()).hexdigest() if creds else ""
+        return PullRequest(full + "#" + who, store, "%s:%s" % (image, wanted.tag), wanted)
+
+    def _registry_auth(self) -> Dict[str, str]:
+        header = self.headers.get("X-Registry-Auth")
+        if not header or header.strip() in ("", "e30=", "e30"):
+            return {}
+        try:
+            padded = header.strip() + "=" * (-len(header.strip()) % 4)
+            doc = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")).decode("utf-8"))
+        except (ValueError, UnicodeError, binascii.Error):
+            raise UsageError("X-Registry-Auth is not base64url JSON")
+        if not isinstance(doc, dict) or not all(isinstance(v, str) for v in doc.values()):
+            raise UsageError("X-Registry-Auth is not a JSON object of strings")
+        return doc
+
+
+# === 16. Commands ===
+
+
+class StaticCredentials:
+    """Fixed credentials where a CredentialChain is expected (the server's X-Registry-Auth keys)."""
+
+    def __init__(self, creds: Credentials):
+        self.creds = creds
+
+    def get(self, force_refresh: bool = False) -> Credentials:
+        return self.creds
 
 
 class Context:
     """Everything a command touches from the outside world, injected (no globals)."""
 
     def __init__(self, environ: Mapping[str, str], stdout: IO[str], stderr: IO[str],
-                 options: argparse.Namespace):
-        self.environ, self.stdout, self.stderr, self.options = environ, stdout, stderr, options
+                 options: argparse.Namespace, stdin: Optional[IO[str]] = None):
+        self.stdout, self.stderr, self.stdin, self.options = stdout, stderr, stdin, options
         self.progress = Progress(stderr, quiet=getattr(options, "quiet", False))
+        self.remotes = {}  # type: Dict[str, str]
+        environ = dict(environ)
+        if getattr(options, "config", None):
+            config = read_config_file(options.config)
+            self.remotes = config.remotes
+            if config.access_key and config.secret_key:
+                environ.update(AWS_ACCESS_KEY_ID=config.access_key, AWS_SECRET_ACCESS_KEY=config.secret_key)
+            if config.docker:
+                environ["DOCKER_HOST"] = config.docker
+        self.environ = environ
 
     @property
     def home(self) -> str:
@@ -2791,15 +3328,29 @@ class Context:
         """A client for DOCKER_HOST (or the default socket)."""
         return DockerClient(docker_endpoint(None, self.environ, self.home))
 
-    def store(self) -> Store:
-        """The store named on the command line."""
-        return open_store(self.options.store, self.s3_store)
+    def store(self, url: Optional[str] = None) -> Store:
+        """The store named on the command line (or a remote of the config file)."""
+        url = url or self.options.store
+        return open_store(self.remotes.get(url, url), self.s3_store)
 
-    def s3_store(self, location: S3Location) -> Store:
+    def credentials(self) -> CredentialChain:
+        """The AWS credential chain (-use-metaservice forces instance metadata)."""
+        return CredentialChain(AwsConfig(self.environ, self.home),
+                               force_metadata=bool(getattr(self.options, "use_metaservice", False)))
+
+    def s3_store(self, location: S3Location, creds: Optional[Credentials] = None) -> Store:
         """An S3 store with the AWS SDKs' region, endpoint and credential rules."""
         config = AwsConfig(self.environ, self.home)
-        chain = CredentialChain(config, force_metadata=bool(getattr(self.options, "use_metaservice", False)))
-        return S3Store(location, S3Client(location, chain, config))
+        chain = StaticCredentials(creds) if creds else self.credentials()
+        return S3Store(location, S3Client(location, chain, config))  # type: ignore
+
+    def client_store(self, url: str, creds: Optional[Credentials]) -> Store:
+        """A store a server client named: S3 only, on the server's own endpoint (no SSRF)."""
+        location = parse_s3_url(url)
+        own = self.environ.get("AWS_ENDPOINT_URL_S3") or self.environ.get("AWS_ENDPOINT_URL")
+        if location.endpoint and location.endpoint.rstrip("/") != (own or "").rstrip("/"):
+            raise UsageError("this server does not take S3 endpoints from clients")
+        return self.s3_store(location, creds)
 
     def push_options(self) -> PushOptions:
         return PushOptions(compression=getattr(self.options, "compress", "gzip") or "gzip",
@@ -2815,11 +3366,144 @@ def cmd_push(ctx: Context) -> int:
 
 
 def cmd_pull(ctx: Context) -> int:
-    """pull STORE IMAGE[:TAG]...: load images into the Docker host and tag them."""
+    """pull STORE IMAGE[:TAG]...: load images into the Docker host (or -pullhosts) and tag them."""
+    if ctx.options.pullhosts:
+        return fleet_command(ctx)
     docker, store = ctx.docker(), ctx.store()
     for image in ctx.options.images:
         pull_image(docker, store, image, ctx.progress)
     return 0
+
+
+def fleet_command(ctx: Context) -> int:
+    """pull to every -pullhosts host: through their dogestry servers if all have one, else directly."""
+    options = ctx.options
+    endpoints = parse_pullhosts(options.pullhosts, ctx.environ, ctx.home)
+    if not options.disable_checks:
+        check_hosts([DockerClient(e, timeout=HOST_CHECK_TIMEOUT) for e in endpoints])
+    store = ctx.store()
+    servers = [server_url(e, options.port) for e in endpoints]
+    delegate = isinstance(store, S3Store) and not options.force_local and \
+        all(url and server_answers(url) for url in servers)
+    if delegate:
+        auth = registry_auth(ctx.credentials().get(), store.url)
+        with concurrent.futures.ThreadPoolExecutor(len(servers)) as pool:
+            statuses = list(pool.map(lambda url: _delegate_all(url, auth, options.images, ctx.progress), servers))
+    else:
+        statuses = fleet_pull([DockerClient(e) for e in endpoints], store, options.images, ctx.progress,
+                              options.tempdir)
+    ctx.stdout.write(json.dumps(statuses) + "\n")
+    return 0 if all(s["Status"] == "ok" for s in statuses) else 1
+
+
+def _delegate_all(url: str, auth: str, images: Sequence[str], progress: Progress) -> Dict[str, str]:
+    status = {"Host": url, "Status": "ok"}
+    for text in images:
+        status = delegate_pull(url, auth, text, progress)
+        if status["Status"] != "ok":
+            break
+    return status
+
+
+def cmd_server(ctx: Context) -> int:
+    """-server [STORE]: serve image pulls to docker clients and dogestry -pullhosts."""
+    options = ctx.options
+    default = options.store
+    if default:
+        ctx.store(default).check()
+
+    def make(url: str, creds: Optional[Credentials]) -> Store:
+        if default and (url == default or url.startswith(default.rstrip("/") + "/")):
+            return ctx.store(url)  # the server's own store (and prefixes under it)
+        return ctx.client_store(url, creds)
+
+    try:
+        server = DogestryServer((options.address, options.port), ctx.docker(), make, default, ctx.stdout)
+    except OSError as e:
+        raise DogestryError("cannot listen on %s:%d: %s" % (options.address, options.port, _os_reason(e)))
+    ctx.stdout.write("dogestry server %s listening on %s:%d (Docker at %s)\n"
+                     % (__version__, options.address, server.server_address[1], server.docker.endpoint.url))
+    ctx.stdout.flush()
+    try:
+        server.serve_forever(poll_interval=0.5)
+    except KeyboardInterrupt:
+        ctx.stdout.write("dogestry server stopped\n")
+    finally:
+        server.server_close()
+    return 0
+
+
+def docker_config_path(environ: Mapping[str, str], home: str) -> str:
+    """$DOCKER_CONFIG/config.json, or ~/.docker/config.json."""
+    return os.path.join(environ.get("DOCKER_CONFIG") or os.path.join(home, ".docker"), "config.json")
+
+
+def cmd_login(ctx: Context) -> int:
+    """login REGISTRY: store AWS keys and the S3 URL as docker credentials for REGISTRY."""
+    stdin = ctx.stdin or sys.stdin
+    tty = hasattr(stdin, "isatty") and stdin.isatty()
+
+    def ask(prompt: str, secret: bool) -> str:
+        if tty and secret:
+            answer = getpass.getpass(prompt, stream=ctx.stderr)
+        else:
+            ctx.stderr.write(prompt)
+            ctx.stderr.flush()
+            answer = stdin.readline()
+            if not tty:
+                ctx.stderr.write("\n")
+        answer = answer.strip()
+        if not answer:
+            raise UsageError("%s cannot be blank" % prompt.rstrip(": "))
+        return answer
+
+    path = docker_config_path(ctx.environ, ctx.home)
+    ctx.stderr.write("Updating docker file %s...\n" % path)
+    access_key = ask("AWS_ACCESS_KEY: ", True)
+    secret_key = ask("AWS_SECRET_KEY: ", True)
+    s3_url = ask("S3_URL: ", False)
+    parse_s3_url(s3_url)
+    update_docker_config(path, ctx.options.registry, {
+        "auth": base64.b64encode(("%s:%s" % (access_key, secret_key)).encode()).decode(), "email": s3_url})
+    ctx.stdout.write("Login saved for %s in %s\n" % (ctx.options.registry, path))
+    return 0
+
+
+def update_docker_config(path: str, registry: str, entry: Dict[str, str]) -> None:
+    """Set auths[registry] in a docker config.json, keeping every other key; atomic, mode 0600."""
+    doc = {}  # type: Dict[str, Any]
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as e:
+        raise DogestryError("cannot read %s: %s" % (path, e))
+    if not isinstance(doc, dict):
+        raise DogestryError("%s is not a JSON object" % path)
+    auths = doc.setdefault("auths", {})
+    if not isinstance(auths, dict):
+        raise DogestryError("%s: \"auths\" is not a JSON object" % path)
+    auths[registry] = entry
+    directory = os.path.dirname(path) or "."
+    tmp = None
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".config.json.", dir=directory)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent="\t")
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise DogestryError("cannot write %s: %s" % (path, _os_reason(e)))
+    finally:
+        if tmp:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def cmd_list(ctx: Context) -> int:
@@ -2891,15 +3575,7 @@ def cmd_version(ctx: Context) -> int:
     return 0
 
 
-# === 15. Command line and main() ===
-
-NOT_YET = {
-    "pullhosts": "-pullhosts (pull to several hosts)",
-    "lockfile": "-lockfile",
-    "server": "-server (the accelerator server)",
-    "force_local": "-force-local",
-    "config": "-config",
-}
+# === 17. Command line and main() ===
 
 COMMANDS = (
     ("push", cmd_push, "push STORE IMAGE[:TAG]...", "Store images (and their tags) in STORE."),
@@ -2908,6 +3584,7 @@ COMMANDS = (
     ("inspect", cmd_inspect, "inspect STORE IMAGE", "Show what STORE holds for IMAGE, as JSON."),
     ("rm", cmd_rm, "rm STORE IMAGE:TAG...", "Delete tags from STORE."),
     ("remote", cmd_remote, "remote STORE", "Describe STORE."),
+    ("login", cmd_login, "login REGISTRY", "Save AWS keys and an S3 URL as docker credentials for REGISTRY."),
     ("version", cmd_version, "version", "Print the version."),
     ("help", None, "help [COMMAND]", "Show help for dogestry or a command."),
 )
@@ -2938,16 +3615,16 @@ def _add_global_options(parser: argparse.ArgumentParser) -> None:
     def flag(name: str, **kw: Any) -> None:
         parser.add_argument("-" + name, "--" + name, **kw)
 
-    flag("config", metavar="FILE", help="configuration file (not available yet)")
-    flag("pullhosts", metavar="HOSTS", help="comma-separated Docker hosts to pull to (not available yet)")
-    flag("lockfile", metavar="PATH", help="serialise dogestry runs on this machine (not available yet)")
+    flag("config", metavar="FILE", help="config file: [remote \"NAME\"] url, [s3] keys, [docker] connection")
+    flag("pullhosts", metavar="HOSTS", help="pull to these Docker hosts (tcp://host:port,unix:///path,...)")
+    flag("lockfile", metavar="PATH", help="wait for and hold this lock, so runs on a machine take turns")
     flag("use-metaservice", action="store_true", help="take AWS credentials from EC2 instance metadata")
-    flag("server", action="store_true", help="run the accelerator server (not available yet)")
-    flag("address", metavar="ADDR", default="0.0.0.0", help="server listen address")
-    flag("port", metavar="PORT", type=int, default=22375, help="server listen port")
-    flag("force-local", action="store_true", help="never delegate pulls to servers (not available yet)")
+    flag("server", action="store_true", help="run the accelerator server: dogestry -server [STORE]")
+    flag("address", metavar="ADDR", default="0.0.0.0", help="server listen address (default 0.0.0.0)")
+    flag("port", metavar="PORT", type=int, default=SERVER_PORT, help="server port (default %d)" % SERVER_PORT)
+    flag("force-local", action="store_true", help="with -pullhosts: never delegate to dogestry servers")
     flag("tempdir", metavar="DIR", help="directory for temporary files (default: $TMPDIR or /tmp)")
-    flag("disable-checks", action="store_true", help="skip the Docker host checks")
+    flag("disable-checks", action="store_true", help="with -pullhosts: skip the Docker host checks")
     parser.add_argument("-version", "--version", "-v", action="store_true", help="print the version and exit")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
@@ -2965,6 +3642,8 @@ def build_parser() -> argparse.ArgumentParser:
                            allow_abbrev=False)
         p.set_defaults(func=func)
         p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
+        if name == "login":
+            p.add_argument("registry", metavar="REGISTRY", help="the registry name docker users pull from")
         if name in ("push", "pull", "list", "inspect", "rm", "remote"):
             p.add_argument("store", metavar="STORE", help=STORE_HELP)
         if name in ("push", "pull", "rm"):
@@ -2988,10 +3667,27 @@ def _help_text(parser: argparse.ArgumentParser, topic: Optional[str]) -> str:
     raise UsageError("unknown command %r (try 'dogestry help')" % topic)
 
 
-def _refuse_unavailable(options: argparse.Namespace) -> None:
-    for attr, label in NOT_YET.items():
-        if getattr(options, attr, None):
-            raise UsageError("%s is not available in this version yet" % label)
+def parse_command_line(parser: argparse.ArgumentParser, argv: List[str]) -> argparse.Namespace:
+    """argparse, plus the original's forms: `-server [STORE]`, and `-pullhosts H STORE IMAGE` without `pull`."""
+    head = _Parser(add_help=False, allow_abbrev=False)
+    _add_global_options(head)
+    head.add_argument("-h", "--help", action="store_true")
+    early, rest = head.parse_known_args(argv)
+    if early.help:
+        return parser.parse_args(argv)
+    if early.server:
+        if len(rest) > 1 or any(r.startswith("-") for r in rest):
+            raise UsageError("usage: dogestry -server [-address ADDR] [-port PORT] [STORE]")
+        early.command, early.store, early.func = "server", rest[0] if rest else None, cmd_server
+        return early
+    names = {name for name, _, _, _ in COMMANDS}
+    if early.pullhosts and rest and rest[0] not in names and not rest[0].startswith("-"):
+        at = len(argv) - len(rest)
+        argv = argv[:at] + ["pull"] + argv[at:]
+    options = parser.parse_args(argv)
+    if options.pullhosts and options.command not in (None, "pull", "help"):
+        raise UsageError("-pullhosts goes with pull, not %s" % options.command)
+    return options
 
 
 def _raise_interrupted(signum: int, frame: Any) -> None:
@@ -2999,7 +3695,8 @@ def _raise_interrupted(signum: int, frame: Any) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, str]] = None,
-         stdout: Optional[IO[str]] = None, stderr: Optional[IO[str]] = None) -> int:
+         stdout: Optional[IO[str]] = None, stderr: Optional[IO[str]] = None,
+         stdin: Optional[IO[str]] = None) -> int:
     """Run dogestry; the one place where errors become a message and an exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     environ = os.environ if environ is None else environ
@@ -3011,7 +3708,7 @@ def main(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, st
         previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         try:
-            options = parser.parse_args(argv)
+            options = parse_command_line(parser, argv)
         except _HelpShown as shown:
             stdout.write(parser.format_help() if not argv or argv[0] in ("-h", "--help") else "")
             return shown.status
@@ -3023,8 +3720,11 @@ def main(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, st
         if options.command == "help":
             stdout.write(_help_text(parser, options.topic))
             return 0
-        _refuse_unavailable(options)
-        return options.func(Context(environ, stdout, stderr, options))
+        ctx = Context(environ, stdout, stderr, options, stdin)
+        if options.lockfile:
+            with file_lock(options.lockfile, ctx.progress):
+                return options.func(ctx)
+        return options.func(ctx)
     except _HelpShown as shown:
         return shown.status
     except KeyboardInterrupt:
