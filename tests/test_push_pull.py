@@ -290,7 +290,11 @@ def test_interrupted_push_writes_no_tag_and_cleans_its_temp_dir(docker_host, doc
     (["pull", "file://otherhost/x", "x"], ["file:///path"]),
     (["rm", "{store}", "dgtest/app:never"], ["not found"]),
     (["inspect", "{store}", "dgtest/app:never"], ["not found"]),
-    (["-pullhosts", "tcp://h:2375", "pull", "{store}", "x"], ["not available"]),
+    (["-pullhosts", "tcp://127.0.0.1:1", "pull", "{store}", "x"], ["Docker host check failed", "127.0.0.1:1"]),
+    (["-pullhosts", "tcp://127.0.0.1:1", "{store}", "x"], ["Docker host check failed"]),
+    (["-pullhosts", "ftp://x", "{store}", "x"], ["unsupported Docker host scheme"]),
+    (["-pullhosts", "tcp://127.0.0.1:1", "push", "{store}", "x"], ["-pullhosts goes with pull"]),
+    (["-config", "{missing}", "list", "{store}"], ["cannot read config file"]),
 ])
 def test_bad_input_gets_one_clear_line(docker_env, app_image, tmp_path, args, needles):
     store = tmp_path / "store"
