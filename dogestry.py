@@ -2710,24 +2710,22 @@ class DiffIdHasher:
 
     def __init__(self) -> None:
         self.sha = hashlib.sha256()
-        self.inflate = None  # type: Optional[Any]
+        self.inflater = None  # type: Optional[GzipInflater]
         self.started = False
 
     def update(self, data: bytes) -> None:
         if not self.started:
             self.started = True
-            if data[:2] == b"\x1f\x8b":
-                self.inflate = zlib.decompressobj(31)
-        if self.inflate is None:
-            self.sha.update(data)
-            return
-        while data:
-            self.sha.update(self.inflate.decompress(data))
-            data = self.inflate.unused_data
-            if data:
-                self.inflate = zlib.decompressobj(31)
+            if detect_compression(data) == "gzip":
+                self.inflater = GzipInflater()
+        for out in (self.inflater.feed(data) if self.inflater else (data,)):
+            self.sha.update(out)
 
     def digest(self) -> str:
+        if self.inflater:
+            for out in self.inflater.finish():
+                self.sha.update(out)
+            self.inflater = None
         return "sha256:" + self.sha.hexdigest()
 
 
