@@ -1227,7 +1227,7 @@ class CredentialChain:
 S3_SINGLE_PUT_MAX = 16 << 20
 S3_MIN_PART = 8 << 20
 S3_MAX_PARTS = 10000
-S3_RANGE = 8 << 20
+S3_RANGE = 4 << 20
 S3_RETRY_STATUSES = (500, 502, 503, 504)
 S3_RETRY_CODES = ("SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable",
                   "RequestTimeTooSkewed", "ExpiredToken", "TokenRefreshRequired")
@@ -1650,7 +1650,7 @@ class ParallelRangeReader(io.RawIOBase):
         self.ranges = collections.deque((off, min(off + piece, size) - 1) for off in range(0, size, piece))
         self.client, self.key = client, key
         self.window = collections.deque()  # type: collections.deque
-        self.buffer, self.workers = b"", workers
+        self.piece, self.offset, self.workers = b"", 0, workers
         self._fill()
 
     def _fetch(self, start: int, end: int) -> bytes:
@@ -1669,20 +1669,21 @@ class ParallelRangeReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
-        if not self.buffer:
+        if self.offset >= len(self.piece):
             if not self.window:
                 return 0
-            self.buffer = self.window.popleft().result()
+            self.piece, self.offset = self.window.popleft().result(), 0
             self._fill()
-        n = min(len(buffer), len(self.buffer))
-        buffer[:n] = self.buffer[:n]
-        self.buffer = self.buffer[n:]
+        n = min(len(buffer), len(self.piece) - self.offset)
+        buffer[:n] = memoryview(self.piece)[self.offset:self.offset + n]
+        self.offset += n
         return n
 
     def close(self) -> None:
         for future in self.window:
             future.cancel()
         self.pool.shutdown(wait=True)
+        self.piece = b""
         super().close()
 
 
@@ -1711,7 +1712,7 @@ class S3Store(Store):
         return None if resp is None else int(resp.getheader("Content-Length") or 0)
 
     def open(self, key: str, size: Optional[int] = None) -> BinaryIO:
-        if size is not None and size > 2 * S3_RANGE:
+        if size is not None and size > S3_SINGLE_PUT_MAX:
             return io.BufferedReader(ParallelRangeReader(self.client, self._key(key), size, self.workers), CHUNK)  # type: ignore
         reader = S3Reader(self.client, self._key(key))
         reader.start()  # a missing key raises NotFound here, not at the first read
@@ -2524,7 +2525,7 @@ class BlobFeeder:
 
     def __init__(self, store: Store, record: LayerRecord, inflate: bool):
         self.store, self.record, self.inflate = store, record, inflate
-        self.queue = queue.Queue(maxsize=8)  # type: queue.Queue
+        self.queue = queue.Queue(maxsize=4)  # type: queue.Queue
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="dogestry-blob", daemon=True)
         self.thread.start()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark dogestry push/pull against floors measured in the same run (a script, not a test).
 
-    python3 tests/bench.py [--size-mib 512] [--keep] [--repeat N] [--workdir DIR]
+    python3 tests/bench.py [--size-mib 512] [--keep] [--repeat N] [--workdir DIR] [--s3 | --no-s3]
 
 Starts its own dockerd (unless DOCKER_HOST is set) in a temp dir on the same disk as the
 stores, builds a FROM-scratch image of three roughly equal layers (random, text, mixed)
@@ -13,7 +13,16 @@ from a build context written in 4 MiB pieces, and measures:
             (also: only the layers dogestry would compress, for reference)
   dogestry  push to an empty store, re-push, push --compress none, pull after docker rmi
             (from the gzip store, and from the uncompressed one for reference); each runs
-            as a subprocess whose peak RSS and CPU come from wait4()
+            as a subprocess whose CPU comes from wait4() and whose peak RSS is its VmHWM,
+            polled every 2 ms (wait4's ru_maxrss would start at this script's own peak RSS,
+            which a child started with vfork inherits)
+  S3        (--s3, the default when radosgw is installed; --no-s3 skips it) a throw-away
+            radosgw (tests/radosgw.py) and a bucket; floors: the bytes dogestry stores (the
+            gzip store's blobs, concatenated into one object) PUT and GET in-process with
+            dogestry.S3Client -- one signed PUT (payload sha256 computed beforehand, not
+            timed), a multipart PUT of 8 MiB parts on 4 connections (part hashes beforehand),
+            one GET, 8 MiB ranged GETs on 4 connections -- after an untimed warm-up round
+            trip; then dogestry push to s3://BUCKET/bench/, re-push, pull after docker rmi
 
 then prints a table (seconds, MB/s of the saved image, peak RSS, CPU of the process and of
 dockerd+containerd, ratio to the floor), the targets with PASS/FAIL, and dogestry's own
@@ -21,17 +30,19 @@ progress lines with timestamps.  --repeat N keeps the best of N runs of every st
 
 Exit status 0 whether the targets pass or not; 1 if something failed to run (including a
 pulled image whose ID differs); 130 on Ctrl-C or SIGTERM.  Everything it started or
-created is removed at the end (--keep keeps the work directory: stores, saved tar, dockerd
-data and log).  MB = 10^6 bytes, MiB = 2^20 bytes.
+created is removed at the end, radosgw included (--keep keeps the work directory: stores,
+saved tar, dockerd and radosgw data and logs).  MB = 10^6 bytes, MiB = 2^20 bytes.
 """
 
 import argparse
 import concurrent.futures
 import collections
 import hashlib
+import importlib.util
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import subprocess
@@ -49,6 +60,7 @@ from realdocker import (  # noqa: E402
     DOGESTRY, FIXED_MTIME, client_env, docker_cli, find_docker, random_bytes, remove_tree,
     start_dockerd, text_bytes,
 )
+from radosgw import RadosGWError, start_radosgw  # noqa: E402
 
 MiB = 1 << 20
 MB = 1000 * 1000
@@ -61,6 +73,11 @@ TARGET_PUSH_RATIO = 1.2
 TARGET_PULL_RATIO = 1.2
 TARGET_RSS_MIB = 80
 TARGET_REPUSH_S = 1.0
+
+S3_PART = 8 * MiB         # dogestry's S3_MIN_PART and S3_RANGE: multipart part / ranged GET size
+S3_STREAMS = 4            # dogestry's S3 workers: parallel parts / ranges per object
+S3_PREFIX = "bench/"      # where dogestry's S3 store lives in the bucket
+WARMUP_TOUCH = 1 << 30    # bytes of fresh memory touched once before the S3 stage (first-touch cost)
 
 
 class BenchError(RuntimeError):
@@ -254,7 +271,10 @@ def timed_process(cmd, env, sink=False, stdin_path=None, timeout=900):
     sink: False = stdout goes with stderr into timestamped lines; None = read and discard
     stdout; a binary file = copy stdout there (both note when the first byte came).
     stdin_path: a file streamed into the child's stdin.
-    Peak RSS and CPU come from wait4() on that one process.
+    CPU comes from wait4() on that one process; peak RSS is the most VmHWM (the high-water
+    mark of the exec'd program's own memory) seen while polling it every 2 ms, or wait4's
+    ru_maxrss if the process ended before the first look (ru_maxrss is no lower than this
+    script's own peak: a child started with vfork inherits it at exec).
     """
     run, threads = Run(), []
     start = time.perf_counter()
@@ -275,17 +295,22 @@ def timed_process(cmd, env, sink=False, stdin_path=None, timeout=900):
     reaped = False
     try:
         deadline = time.monotonic() + timeout
+        hwm = None
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
+            seen = vm_hwm_kib(proc.pid)  # Popen returned after the exec, so this is the new program
+            if seen is not None:
+                hwm = seen if hwm is None else max(hwm, seen)
             if time.monotonic() > deadline:
                 raise BenchError("%s took more than %d s" % (" ".join(str(c) for c in cmd[:4]), timeout))
             time.sleep(0.002)
         reaped = True
         run.wall = time.perf_counter() - start
         proc.returncode = exit_code(status)
-        run.rss_kib, run.cpu = usage.ru_maxrss, usage.ru_utime + usage.ru_stime
+        run.rss_kib = hwm if hwm is not None else usage.ru_maxrss
+        run.cpu = usage.ru_utime + usage.ru_stime
         for t in threads:
             t.join(30)
     finally:
@@ -299,6 +324,18 @@ def timed_process(cmd, env, sink=False, stdin_path=None, timeout=900):
         text = "\n".join(l for _, l in run.lines[-30:])
         raise BenchError("%s exited %d:\n%s" % (" ".join(str(c) for c in cmd), proc.returncode, text))
     return run
+
+
+def vm_hwm_kib(pid):
+    """VmHWM (peak resident set of the current program, KiB) of a live process, or None."""
+    try:
+        with open("/proc/%d/status" % pid, "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def exit_code(status):
@@ -331,6 +368,13 @@ class EngineCpu:
     def since(self, before):
         after = self.now()
         return None if before is None or after is None else after - before
+
+
+class PidsCpu(EngineCpu):
+    """CPU seconds used by the given processes (the radosgw, OSD and monitor daemons)."""
+
+    def __init__(self, pids):
+        self.pids, self.tick = list(pids), os.sysconf("SC_CLK_TCK")
 
 
 def gzip_single(path):
@@ -417,6 +461,143 @@ def dir_bytes(path):
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
+# --- S3 --------------------------------------------------------------------------------
+
+def radosgw_installed():
+    """True if the Ceph daemons tests/radosgw.py needs are on PATH."""
+    return all(shutil.which(b) for b in ("radosgw", "ceph-mon", "ceph-osd", "ceph", "radosgw-admin"))
+
+
+def load_dogestry():
+    """dogestry.py as a module (for its S3 client)."""
+    spec = importlib.util.spec_from_file_location("dogestry", str(DOGESTRY))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def s3_client(dogestry, gw, bucket):
+    """An in-process dogestry.S3Client for BUCKET on the radosgw GW (keys given, nothing else AWS-ish)."""
+    env = {"AWS_ACCESS_KEY_ID": gw.access_key, "AWS_SECRET_ACCESS_KEY": gw.secret_key,
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    config = dogestry.AwsConfig(env, "/nonexistent")
+    location = dogestry.S3Location(bucket, "", "us-east-1", gw.endpoint)
+    return dogestry.S3Client(location, dogestry.CredentialChain(config), config)
+
+
+def make_bucket(client):
+    """Create the client's bucket (as tests/conftest.py does: no location body for radosgw)."""
+    client.request("PUT").read()
+
+
+def part_ranges(size, piece):
+    """(number from 1, offset, length) of PIECE-sized parts of SIZE bytes."""
+    return [(n + 1, off, min(piece, size - off)) for n, off in enumerate(range(0, size, piece))]
+
+
+def file_part_hashes(path, parts):
+    """Hex sha256 of each (number, offset, length) part of a file."""
+    hashes = []
+    with open(str(path), "rb") as f:
+        for _, offset, length in parts:
+            f.seek(offset)
+            hashes.append(hashlib.sha256(f.read(length)).hexdigest())
+    return hashes
+
+
+def s3_put_single(dogestry, client, key, path, size, sha256_hex):
+    """One signed PUT of the whole file, streamed from disk."""
+    client.put(key, lambda: dogestry.FileRange(str(path), 0, size), size, sha256_hex)
+
+
+def s3_put_multipart(dogestry, client, key, path, size, parts, hashes, streams):
+    """A multipart upload of PARTS (hashes known) on STREAMS connections; aborted on failure."""
+    root = dogestry._parse_xml(client.call("POST", key, query=[("uploads", "")],
+                                           headers={"Content-Type": "application/octet-stream"})[1])
+    upload_id = dogestry._xml_text(root, ".//UploadId") if root is not None else None
+    if not upload_id:
+        raise BenchError("CreateMultipartUpload %s: no upload id" % key)
+
+    def put_part(part):
+        (number, offset, length), sha = part
+        resp, _ = client.call("PUT", key, query=[("partNumber", str(number)), ("uploadId", upload_id)],
+                              headers={"Content-Length": str(length)},
+                              body=lambda: dogestry.FileRange(str(path), offset, length), payload_hash=sha)
+        return resp.getheader("ETag")
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(streams) as pool:
+            etags = list(pool.map(put_part, zip(parts, hashes)))
+        body = ("<CompleteMultipartUpload>%s</CompleteMultipartUpload>" % "".join(
+            "<Part><PartNumber>%d</PartNumber><ETag>%s</ETag></Part>" % (n, dogestry.xml_escape(etag))
+            for (n, _, _), etag in zip(parts, etags))).encode()
+        _, answer = client.call("POST", key, query=[("uploadId", upload_id)], body=lambda: body,
+                                headers={"Content-Length": str(len(body)), "Content-Type": "application/xml"},
+                                payload_hash=hashlib.sha256(body).hexdigest())
+        root = dogestry._parse_xml(answer)
+        if root is not None and root.tag == "Error":
+            raise BenchError("CompleteMultipartUpload %s: %s" % (key, dogestry._xml_text(root, ".//Code")))
+    except BaseException:
+        try:
+            client.call("DELETE", key, query=[("uploadId", upload_id)], ok=(204, 200, 404))
+        except Exception:  # noqa: BLE001 - the first failure is the one to report
+            pass
+        raise
+
+
+def _drain(resp, buf):
+    """Read a response to its end into the reusable buffer BUF; the byte count."""
+    view, total = memoryview(buf), 0
+    while True:
+        n = resp.readinto(view)
+        if not n:
+            return total
+        total += n
+
+
+_GET_BUFFERS = threading.local()
+
+
+def s3_get_single(client, key, size):
+    """One GET of the whole object, read and discarded."""
+    got = _drain(client.get(key), bytearray(MiB))
+    if got != size:
+        raise BenchError("GET %s: %d bytes, expected %d" % (key, got, size))
+
+
+def s3_get_ranges(client, key, size, piece, streams):
+    """The whole object as PIECE-sized ranged GETs on STREAMS connections, read and discarded."""
+    def fetch(part):
+        _, offset, length = part
+        buf = getattr(_GET_BUFFERS, "buf", None)
+        if buf is None:
+            buf = _GET_BUFFERS.buf = bytearray(MiB)
+        got = _drain(client.get(key, offset, offset + length - 1), buf)
+        if got != length:
+            raise BenchError("GET %s range at %d: %d bytes, expected %d" % (key, offset, got, length))
+        return got
+
+    with concurrent.futures.ThreadPoolExecutor(streams) as pool:
+        total = sum(pool.map(fetch, part_ranges(size, piece)))
+    if total != size:
+        raise BenchError("ranged GETs of %s: %d bytes, expected %d" % (key, total, size))
+
+
+def s3_keys(client, prefix):
+    """{key: size} of every object under PREFIX."""
+    return dict(client.list(prefix))
+
+
+def touch_memory(nbytes):
+    """Allocate, fill and free NBYTES once (the VM's first touch of fresh memory is slow).
+
+    In a child process: a child started with vfork inherits this script's peak RSS as the
+    start of its own ru_maxrss, so this script must stay small."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "block = b'\\x01' * %d" % nbytes], check=True)
+    return time.perf_counter() - start
+
+
 # --- machine facts ----------------------------------------------------------------------
 
 def machine_facts(host, workdir):
@@ -473,15 +654,23 @@ def print_report(facts, image, results, floors, checks):
     for line in facts:
         print("  " + line)
     print("  load average at end: %s" % loadavg())
+    print("  this script's own peak RSS: %.1f MiB (not in the RSS column, which is each child's VmHWM)"
+          % (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
     print("  image: %s  %s" % (TAG, image["id"]))
     print("    layers (diffID, kind): %s" % ", ".join(image["layers"]))
-    print("    saved tar %.1f MiB (%.1f MB); every MB/s below is of this size" % (image["tar"] / MiB, image["tar"] / MB))
+    print("    saved tar %.1f MiB (%.1f MB); every MB/s below is of this size, except the S3 floors'"
+          " (of the object they move)" % (image["tar"] / MiB, image["tar"] / MB))
+    for line in image.get("s3", ()):
+        print("  " + line)
     print()
     head = "%-44s %8s %8s %8s %7s %7s  %s" % ("stage", "seconds", "MB/s", "RSS MiB", "CPU s",
                                                "eng CPU", "vs floor")
     print(head)
     print("-" * len(head))
     for r in results:
+        if isinstance(r, str):  # a section heading
+            print(r)
+            continue
         ratio = ""
         if r.stage in floors:
             name, seconds = floors[r.stage]
@@ -491,8 +680,8 @@ def print_report(facts, image, results, floors, checks):
                                                   fmt(r.cpu, "%.2f"), fmt(r.engine_cpu, "%.2f"), ratio))
         if r.note:
             print("%-46s%s" % ("", r.note))
-    print("(CPU s: the measured process itself, or this script's threads for gzip; eng CPU: dockerd +"
-          " containerd)")
+    print("(CPU s: the measured process itself, or this script's threads for gzip and the S3 floors;"
+          " eng CPU: dockerd + containerd)")
     print()
     print("targets")
     print("-------")
@@ -502,7 +691,7 @@ def print_report(facts, image, results, floors, checks):
     print("dogestry output (t = seconds since the process started; the best run of each stage)")
     print("------------------------------------------------------------------------------------")
     for r in results:
-        if r.lines:
+        if not isinstance(r, str) and r.lines:
             print("  %s:" % r.stage)
             for t, line in r.lines:
                 print("    %6.2f  %s" % (t, line))
@@ -546,6 +735,7 @@ def run(args, state):
 
     results, floors = [], {}
     save_path = workdir / "image.tar"
+    s3cpu = None  # CPU of the S3 daemons, once they run
     tar_bytes = None
 
     def add(result):
@@ -575,22 +765,35 @@ def run(args, state):
             raise BenchError("docker load gave image %s, not %s" % (image_id(host, TAG), img))
         return result
 
-    def measure_dogestry(*cmd_args, store=None, fresh=True, pull=False, moves_image=True):
+    def measure_dogestry(*cmd_args, store=None, fresh=True, pull=False, moves_image=True,
+                         run_env=None, reset=None, holds=None, also=None):
+        """RESET() empties a store that is not a directory, HOLDS() says what it holds, ALSO(seconds)
+        (with S3 daemons' CPU seconds) adds to the note."""
         if fresh and store is not None:
             remove_tree(store)
+        if fresh and reset is not None:
+            reset()
         if pull:
             remove_image(host, TAG, diff_ids, handle)
         e0 = engine.now()
-        run = timed_process(dogestry_cmd(workdir, *cmd_args), env)
+        s0 = s3cpu.now() if s3cpu is not None else None
+        run = timed_process(dogestry_cmd(workdir, *cmd_args), run_env or env)
+        s3_cpu = s3cpu.since(s0) if s3cpu is not None else None
         result = Result("", run.wall, tar_bytes if moves_image else None, run.rss_kib, run.cpu,
                         engine.since(e0), run.lines)
+        notes = []
         if pull:
             pulled = image_id(host, TAG)
             if pulled != img:
                 raise BenchError("dogestry pull gave image %s, not %s" % (pulled, img))
-            result.note = "image ID after pull: the same"
+            notes.append("image ID after pull: the same")
         elif store is not None:
-            result.note = "store holds %.1f MiB" % (dir_bytes(store) / MiB)
+            notes.append("store holds %.1f MiB" % (dir_bytes(store) / MiB))
+        elif holds is not None and moves_image:
+            notes.append(holds())
+        if also is not None:
+            notes.append(also(run.wall, s3_cpu))
+        result.note = "; ".join(n for n in notes if n)
         return result
 
     def named(stage, result):
@@ -649,6 +852,147 @@ def run(args, state):
                          best_of(args.repeat, lambda: measure_dogestry("pull", store_raw, TAG, pull=True))))
     floors[pull_raw.stage] = ("load", load.seconds)
 
+    # the S3 store: floors of the bytes dogestry stores, then dogestry push / re-push / pull
+    def run_s3():
+        nonlocal s3cpu
+        dogestry = load_dogestry()
+        log("starting radosgw in %s" % (workdir / "rgw"))
+        try:
+            gw = start_radosgw(str(workdir / "rgw"))
+        except RadosGWError as e:
+            if not args.s3_auto:
+                raise
+            log("radosgw did not start; S3 skipped (--s3 makes this an error): %s" % e)
+            image["s3"] = ["S3: skipped, radosgw did not start: %s" % str(e).splitlines()[0]]
+            return []
+        state["rgw"] = gw
+        s3cpu = PidsCpu(gw.pids().values())
+        version = subprocess.run(["radosgw", "--version"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                 universal_newlines=True).stdout.split(" (")[0].strip()
+        log("radosgw up at %s in %.1f s" % (gw.endpoint, gw.startup_seconds))
+        bucket = "dgbench-%d-%s" % (os.getpid(), os.urandom(4).hex())
+        client = s3_client(dogestry, gw, bucket)
+        make_bucket(client)
+
+        # the floor object: the blobs of the gzip store (what dogestry stores) back to back
+        blob_dir = store_gz / "blobs" / "sha256"
+        blobs = sorted(blob_dir.iterdir())
+        obj = workdir / "s3-object.bin"
+        with open(str(obj), "wb") as out:
+            for blob in blobs:
+                with open(str(blob), "rb") as f:
+                    shutil.copyfileobj(f, out, MiB)
+        size = obj.stat().st_size
+        t = time.perf_counter()
+        sha = dogestry.file_sha256(str(obj))
+        hash_s = time.perf_counter() - t
+        parts = part_ranges(size, S3_PART)
+        t = time.perf_counter()
+        part_hashes = file_part_hashes(obj, parts)
+        part_hash_s = time.perf_counter() - t
+        touch_s = touch_memory(WARMUP_TOUCH)
+        t = time.perf_counter()
+        s3_put_single(dogestry, client, "floor/warm-up", obj, size, sha)
+        warm_put = time.perf_counter() - t
+        t = time.perf_counter()
+        s3_get_single(client, "floor/warm-up", size)
+        warm_get = time.perf_counter() - t
+        log("S3 warm-up: touched %d MiB in %.2f s; PUT %.2f s, GET %.2f s of %.1f MiB"
+            % (WARMUP_TOUCH // MiB, touch_s, warm_put, warm_get, size / MiB))
+        image["s3"] = [
+            "S3: %s, one OSD (bluestore on a sparse file in the work dir), %s, started in %.1f s; bucket %s"
+            % (version or "radosgw", gw.endpoint, gw.startup_seconds, bucket),
+            "  floor object: the %d blobs of the gzip store back to back = the bytes dogestry stores,"
+            " %.1f MiB (%.1f MB)" % (len(blobs), size / MiB, size / MB),
+            "  not timed: its sha256 %.2f s, its 8 MiB parts' sha256 %.2f s; warm-up first: %d MiB of"
+            " memory touched (%.2f s), one PUT %.2f s + GET %.2f s of the object"
+            % (hash_s, part_hash_s, WARMUP_TOUCH // MiB, touch_s, warm_put, warm_get),
+        ]
+
+        def measure_floor(fn, *fn_args, note=""):
+            s0, c0, t0 = s3cpu.now(), time.process_time(), time.perf_counter()
+            fn(*fn_args)
+            wall = time.perf_counter() - t0
+            return Result("", wall, size, cpu=time.process_time() - c0,
+                          note="%s%.1f MB/s of the saved tar; S3 daemons CPU %.2f s"
+                          % (note, tar_bytes / wall / MB, s3cpu.since(s0)))
+
+        results.append("-- S3 store: radosgw on %s, bucket %s; S3 floors move the %.1f MB object"
+                       % (gw.endpoint, bucket, size / MB))
+        put1 = add(named("S3 floor: PUT, 1 request",
+                         best_of(args.repeat, lambda: measure_floor(
+                             s3_put_single, dogestry, client, "floor/single", obj, size, sha))))
+        putm = add(named("S3 floor: PUT, %d MiB parts, %d conns" % (S3_PART // MiB, S3_STREAMS),
+                         best_of(args.repeat, lambda: measure_floor(
+                             s3_put_multipart, dogestry, client, "floor/multipart", obj, size, parts,
+                             part_hashes, S3_STREAMS, note="%d parts; " % len(parts)))))
+        get1 = add(named("S3 floor: GET, 1 request",
+                         best_of(args.repeat, lambda: measure_floor(s3_get_single, client, "floor/single", size))))
+        getr = add(named("S3 floor: GET, %d MiB ranges, %d conns" % (S3_PART // MiB, S3_STREAMS),
+                         best_of(args.repeat, lambda: measure_floor(
+                             s3_get_ranges, client, "floor/single", size, S3_PART, S3_STREAMS))))
+        s3_put = min((put1, putm), key=lambda r: r.seconds)
+        s3_get = min((get1, getr), key=lambda r: r.seconds)
+
+        s3_env = {k: v for k, v in env.items() if not k.startswith("AWS_")}
+        home = workdir / "home"
+        home.mkdir(exist_ok=True)
+        s3_env.update(HOME=str(home), AWS_ACCESS_KEY_ID=gw.access_key, AWS_SECRET_ACCESS_KEY=gw.secret_key,
+                      AWS_ENDPOINT_URL=gw.endpoint, AWS_EC2_METADATA_DISABLED="true")
+        url = "s3://%s/%s" % (bucket, S3_PREFIX)
+
+        def reset():
+            keys = sorted(s3_keys(client, S3_PREFIX))
+            if keys:
+                client.delete_many(keys)
+
+        def holds():
+            keys = s3_keys(client, S3_PREFIX)
+            stored = sum(n for k, n in keys.items() if k.startswith(S3_PREFIX + "blobs/"))
+            return "bucket holds %.1f MiB in %d objects, blobs %.1f MiB (%s)" % (
+                sum(keys.values()) / MiB, len(keys), stored / MiB,
+                "= the floor object" if stored == size else "the floor object: %.1f MiB" % (size / MiB))
+
+        def also(wall, daemons_cpu):
+            return "%.1f MB/s of the stored bytes; S3 daemons CPU %.2f s" % (size / wall / MB, daemons_cpu)
+
+        s3push = add(named("dogestry push s3:// (gzip, empty prefix)",
+                           best_of(args.repeat, lambda: measure_dogestry(
+                               "push", url, TAG, run_env=s3_env, reset=reset, holds=holds, also=also))))
+        s3repush = add(named("dogestry re-push s3:// (unchanged image)",
+                             best_of(args.repeat, lambda: measure_dogestry(
+                                 "push", url, TAG, run_env=s3_env, fresh=False, moves_image=False))))
+        s3pull = add(named("dogestry pull s3:// (after rmi)",
+                           best_of(args.repeat, lambda: measure_dogestry(
+                               "pull", url, TAG, pull=True, run_env=s3_env, also=also))))
+        put_name = "S3 PUT floor (%s)" % ("1 request" if s3_put is put1 else "%d conns" % S3_STREAMS)
+        get_name = "S3 GET floor (%s)" % ("1 request" if s3_get is get1 else "%d conns" % S3_STREAMS)
+        push_floor_s3 = max((("save", save.seconds), ("gzip", gzip_floor.seconds),
+                             ("S3 PUT", s3_put.seconds)), key=lambda f: f[1])
+        pull_floor_s3 = max((("load", load.seconds), ("S3 GET", s3_get.seconds)), key=lambda f: f[1])
+        floors[s3push.stage] = push_floor_s3
+        floors[s3pull.stage] = pull_floor_s3
+        return [
+            (s3push.seconds <= TARGET_PUSH_RATIO * push_floor_s3[1],
+             "S3 push %.2f s <= %.1f x slowest of (save %.2f s, gzip floor %.2f s, %s %.2f s) = %.2f s  [%.2fx]"
+             % (s3push.seconds, TARGET_PUSH_RATIO, save.seconds, gzip_floor.seconds, put_name,
+                s3_put.seconds, TARGET_PUSH_RATIO * push_floor_s3[1], s3push.seconds / push_floor_s3[1])),
+            (s3pull.seconds <= TARGET_PULL_RATIO * pull_floor_s3[1],
+             "S3 pull %.2f s <= %.1f x slower of (docker load %.2f s, %s %.2f s) = %.2f s  [%.2fx]"
+             % (s3pull.seconds, TARGET_PULL_RATIO, load.seconds, get_name, s3_get.seconds,
+                TARGET_PULL_RATIO * pull_floor_s3[1], s3pull.seconds / pull_floor_s3[1])),
+            (s3push.rss_kib / 1024 <= TARGET_RSS_MIB,
+             "S3 push peak RSS %.1f MiB <= %d MiB" % (s3push.rss_kib / 1024, TARGET_RSS_MIB)),
+            (s3pull.rss_kib / 1024 <= TARGET_RSS_MIB,
+             "S3 pull peak RSS %.1f MiB <= %d MiB" % (s3pull.rss_kib / 1024, TARGET_RSS_MIB)),
+            (s3repush.seconds < TARGET_REPUSH_S,
+             "S3 re-push %.2f s < %.1f s" % (s3repush.seconds, TARGET_REPUSH_S)),
+        ]
+
+    s3_checks = []
+    if args.s3:
+        s3_checks = run_s3()
+
     checks = [
         (push.seconds <= TARGET_PUSH_RATIO * push_floor[1],
          "push %.2f s <= %.1f x slowest of (save %.2f s, gzip floor %.2f s) = %.2f s  [%.2fx]"
@@ -664,13 +1008,16 @@ def run(args, state):
          "pull peak RSS %.1f MiB <= %d MiB" % (pull.rss_kib / 1024, TARGET_RSS_MIB)),
         (repush.seconds < TARGET_REPUSH_S,
          "re-push %.2f s < %.1f s" % (repush.seconds, TARGET_REPUSH_S)),
-    ]
+    ] + s3_checks
     print_report(facts, image, results, floors, checks)
 
 
 def cleanup(state, keep):
-    """Remove the image (external engine), stop our dockerd, remove the work dir."""
+    """Stop radosgw, remove the image (external engine), stop our dockerd, remove the work dir."""
     host, handle, workdir = state.get("host"), state.get("dockerd"), state.get("workdir")
+    if state.get("rgw") is not None:
+        log("stopping radosgw")
+        state["rgw"].stop(keep_workdir=keep)
     if host and handle is None and state.get("image_built"):
         docker_cli(host, "rmi", "-f", TAG, check=False)
     if handle is not None:
@@ -691,7 +1038,16 @@ def main(argv=None):
     parser.add_argument("--workdir", help="where to make the work directory (default $TMPDIR or /tmp)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="measure every stage N times and report the best (default 1)")
+    s3 = parser.add_mutually_exclusive_group()
+    s3.add_argument("--s3", dest="s3", action="store_true", default=None,
+                    help="also benchmark an S3 store on a throw-away radosgw (default: when radosgw is installed)")
+    s3.add_argument("--no-s3", dest="s3", action="store_false", help="skip the S3 store")
     args = parser.parse_args(argv)
+    args.s3_auto = args.s3 is None
+    if args.s3 is None:
+        args.s3 = radosgw_installed()
+    elif args.s3 and not radosgw_installed():
+        parser.error("--s3 needs radosgw, ceph-mon, ceph-osd, ceph and radosgw-admin on PATH")
     if args.size_mib < 3:
         parser.error("--size-mib must be at least 3")
     if args.repeat < 1:
