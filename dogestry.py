@@ -3070,7 +3070,7 @@ class DogestryServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
                  default_store: Optional[str], log: IO[str], max_pulls: int = SERVER_MAX_PULLS):
         super().__init__(address, ServerHandler)
         self.docker, self.make_store, self.default_store, self.log = docker, make_store, default_store, log
-        self.pull_slots = threading.Semaphore(max_pulls)
+        self.pull_slots, self.max_pulls = threading.Semaphore(max_pulls), max_pulls
         self.inflight = {}  # type: Dict[Tuple[str, str], "concurrent.futures.Future[str]"]
         self.inflight_lock = threading.Lock()
         self.log_lock = threading.Lock()
@@ -3098,8 +3098,13 @@ class DogestryServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
             image_id = future.result()
         else:
             try:
-                with self.pull_slots:
+                if not self.pull_slots.acquire(blocking=False):
+                    progress.note("Waiting for a free pull slot (%d pulls at a time)" % self.max_pulls)
+                    self.pull_slots.acquire()
+                try:
                     image_id = pull_image(self.docker, request.store, request.image, progress, tag_as=[])
+                finally:
+                    self.pull_slots.release()
                 future.set_result(image_id)
             except BaseException as e:
                 future.set_exception(e)
