@@ -2871,8 +2871,11 @@ def check_hosts(clients: Sequence[DockerClient]) -> None:
 
 
 def spool_image(store: Store, text: str, spool: "LocalStore", clients: Sequence[DockerClient],
-                progress: Progress) -> None:
-    """Copy what the hosts lack of one image into the spool store, verifying every blob once."""
+                progress: Progress, failed: Dict[str, str]) -> None:
+    """Copy what the hosts lack of one image into the spool store, verifying every blob once.
+
+    A host that cannot say what it has is put in `failed` (its URL -> the error) and skipped.
+    """
     store.check()
     image_hex, ref = resolve_image(store, text)
     image = load_stored_image(store, image_hex)
@@ -2886,9 +2889,15 @@ def spool_image(store: Store, text: str, spool: "LocalStore", clients: Sequence[
     _copy_keys(store, spool, keys, progress)
     needed = {}  # type: Dict[str, LayerRecord]
     for client in clients:
-        if client.inspect_image(image.image_id) is not None:
+        if client.endpoint.url in failed:
             continue
-        chains = client.layer_chains()
+        try:
+            if client.inspect_image(image.image_id) is not None:
+                continue
+            chains = client.layer_chains()
+        except DogestryError as e:
+            failed[client.endpoint.url] = str(e)
+            continue
         for record, chain in zip(image.layers, chain_ids([r.diff_id for r in image.layers])):
             if chain not in chains:
                 needed[record.digest] = record
@@ -2918,13 +2927,17 @@ def _copy_keys(store: Store, spool: "LocalStore", keys: Sequence[str], progress:
 def fleet_pull(clients: Sequence[DockerClient], store: Store, images: Sequence[str], progress: Progress,
                tempdir: Optional[str]) -> List[Dict[str, str]]:
     """Download once, load every host in parallel; one status per host (the original's JSON)."""
+    failed = {}  # type: Dict[str, str]
     with work_directory(tempdir) as work:
         spool = LocalStore(work)
         for text in images:
-            spool_image(store, text, spool, clients, progress)
+            spool_image(store, text, spool, clients, progress, failed)
 
         def load(client: DockerClient) -> Dict[str, str]:
             status = {"Host": client.endpoint.url, "Status": "ok"}
+            if client.endpoint.url in failed:
+                status.update(Status="failed", Error=failed[client.endpoint.url])
+                return status
             try:
                 for text in images:
                     pull_image(client, spool, text, HostProgress(progress, client.endpoint.url))  # type: ignore
@@ -3686,12 +3699,21 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: List[str]) -> argp
         return early
     names = {name for name, _, _, _ in COMMANDS}
     if early.pullhosts and rest and rest[0] not in names and not rest[0].startswith("-"):
-        at = len(argv) - len(rest)
+        at = _first_positional(head, argv)
         argv = argv[:at] + ["pull"] + argv[at:]
     options = parser.parse_args(argv)
     if options.pullhosts and options.command not in (None, "pull", "help"):
         raise UsageError("-pullhosts goes with pull, not %s" % options.command)
     return options
+
+
+def _first_positional(parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
+    """Index of the first argument that is neither an option nor an option's value."""
+    takes_value = {s for a in parser._actions if a.nargs is None for s in a.option_strings}
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        i += 2 if argv[i] in takes_value else 1
+    return i
 
 
 def _raise_interrupted(signum: int, frame: Any) -> None:
