@@ -1654,11 +1654,17 @@ class ParallelRangeReader(io.RawIOBase):
         self._fill()
 
     def _fetch(self, start: int, end: int) -> bytes:
+        piece = bytearray(end - start + 1)  # read straight into place: no growing copies
+        view, got = memoryview(piece), 0
         with contextlib.closing(S3Reader(self.client, self.key, None, start, end)) as r:
-            data = r.read()
-        if len(data) != end - start + 1:
+            while got < len(piece):
+                n = r.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+        if got != len(piece):
             raise S3Error("GET %s: range %d-%d came back short" % (self.client.describe(self.key), start, end))
-        return data
+        return piece  # type: ignore
 
     def _fill(self) -> None:
         while self.ranges and len(self.window) < self.workers:
@@ -2211,7 +2217,7 @@ class PushOptions(NamedTuple):
     compression: str = "gzip"
     tempdir: Optional[str] = None
     workers: int = max(os.cpu_count() or 1, 1)
-    uploads: int = 4
+    uploads: int = 2
 
 
 class LayerPipeline:

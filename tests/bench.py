@@ -2,6 +2,7 @@
 """Benchmark dogestry push/pull against floors measured in the same run (a script, not a test).
 
     python3 tests/bench.py [--size-mib 512] [--keep] [--repeat N] [--workdir DIR] [--s3 | --no-s3]
+                           [--fleet | --no-fleet]
 
 Starts its own dockerd (unless DOCKER_HOST is set) in a temp dir on the same disk as the
 stores, builds a FROM-scratch image of three roughly equal layers (random, text, mixed)
@@ -23,10 +24,26 @@ from a build context written in 4 MiB pieces, and measures:
             timed), a multipart PUT of 8 MiB parts on 4 connections (part hashes beforehand),
             one GET, 8 MiB ranged GETs on 4 connections -- after an untimed warm-up round
             trip; then dogestry push to s3://BUCKET/bench/, re-push, pull after docker rmi
+  fleet     (--fleet, the default; --no-fleet skips it) three more dockerds, each with its
+            own dirs and a plain TCP listener on 127.0.0.61/62/63:2375, started only for
+            these stages; floor: docker load of the saved tar into one of them over TCP;
+            then `dogestry -pullhosts tcp://127.0.0.61:2375 pull STORE IMAGE` (1 host) and
+            the same with all three hosts, from the gzip directory store and (with S3) from
+            the S3 store.  Before every run the image is removed from all three hosts and
+            their layers are checked to be gone, so every host lacks every layer.  Bytes
+            fetched from the store: for S3, radosgw's own access log (one line per request
+            with the bytes it sent; its request counter says the log is complete, its get_b
+            counter must agree); for the directory store, inotify IN_OPEN events on the
+            store's blob, image and tag directories times the files' sizes (dogestry reads
+            every blob it opens to the end, to verify it); for both, dogestry's "downloaded"
+            progress lines mapped to the stored blob sizes as a cross-check.  3 hosts must
+            fetch exactly the bytes 1 host does (the union of missing layers is downloaded
+            once, and every blob exactly once): two targets per store
 
 then prints a table (seconds, MB/s of the saved image, peak RSS, CPU of the process and of
-dockerd+containerd, ratio to the floor), the targets with PASS/FAIL, and dogestry's own
-progress lines with timestamps.  --repeat N keeps the best of N runs of every stage.
+dockerd+containerd, bytes fetched from the store by fleet pulls, ratio to the floor), the
+targets with PASS/FAIL, and dogestry's own progress lines with timestamps.  --repeat N keeps
+the best of N runs of every stage.
 
 Exit status 0 whether the targets pass or not; 1 if something failed to run (including a
 pulled image whose ID differs); 130 on Ctrl-C or SIGTERM.  Everything it started or
@@ -42,15 +59,19 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tarfile
 import tempfile
 import threading
 import time
+import urllib.parse
 import zlib
 from pathlib import Path
 
@@ -78,6 +99,12 @@ S3_PART = 8 * MiB         # dogestry's S3_MIN_PART and S3_RANGE: multipart part 
 S3_STREAMS = 4            # dogestry's S3 workers: parallel parts / ranges per object
 S3_PREFIX = "bench/"      # where dogestry's S3 store lives in the bucket
 WARMUP_TOUCH = 1 << 30    # bytes of fresh memory touched once before the S3 stage (first-touch cost)
+
+# the fleet's extra dockerds: addresses no test uses (tests take 127.0.0.2-3, .5, .9, .41-43)
+FLEET_ADDRESSES = ("127.0.0.61", "127.0.0.62", "127.0.0.63")
+FLEET_PORT = 2375
+SERVER_PORT = 22375        # dogestry's server port: -pullhosts would delegate S3 pulls to servers there
+BLOB_DIR = "blobs/sha256"  # where a dogestry store keeps its blobs
 
 
 class BenchError(RuntimeError):
@@ -186,9 +213,10 @@ def engine_chains(host):
     return chains
 
 
-def remove_image(host, ref, diff_ids, handle):
-    """docker rmi REF and make sure the engine really dropped its layers."""
-    docker_cli(host, "rmi", "-f", ref)
+def remove_image(host, ref, diff_ids, handle, missing_ok=False):
+    """docker rmi REF and make sure the engine really dropped its layers (MISSING_OK: REF may be absent)."""
+    if not missing_ok or image_id(host, ref) is not None:
+        docker_cli(host, "rmi", "-f", ref)
     if image_id(host, ref) is not None:
         raise BenchError("docker rmi %s left the image in place" % ref)
     mine = set(chain_ids(diff_ids))
@@ -209,10 +237,11 @@ class Result:
     """One measured stage."""
 
     def __init__(self, stage, seconds, nbytes=None, rss_kib=None, cpu=None, engine_cpu=None,
-                 lines=(), note=""):
+                 lines=(), note="", fetched=None):
         self.stage, self.seconds, self.nbytes = stage, seconds, nbytes
         self.rss_kib, self.cpu, self.engine_cpu = rss_kib, cpu, engine_cpu
         self.lines, self.note = list(lines), note
+        self.fetched = fetched  # bytes fetched from the store (fleet pulls)
 
     @property
     def mbps(self):
@@ -598,6 +627,219 @@ def touch_memory(nbytes):
     return time.perf_counter() - start
 
 
+# --- fleet: extra dockerds, and what a pull fetched from the store ------------------------
+
+def port_open(address, port, timeout=0.5):
+    """True if something accepts TCP connections at ADDRESS:PORT."""
+    try:
+        with socket.create_connection((address, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def start_fleet(workdir, state):
+    """Start one dockerd per FLEET_ADDRESSES (own dirs, tcp://ADDR:2375); the list is state["fleet"].
+
+    Called from the main thread: realdocker's die-with-parent option ties each dockerd to
+    the thread that launched it."""
+    busy = ["%s:%d" % (a, port) for a in FLEET_ADDRESSES for port in (FLEET_PORT, SERVER_PORT)
+            if port_open(a, port)]
+    if busy:
+        raise BenchError("something already listens on %s (another benchmark?); --no-fleet skips the fleet"
+                         % ", ".join(busy))
+    fleet = state.setdefault("fleet", [])
+    for address in FLEET_ADDRESSES:
+        t = time.perf_counter()
+        handle = start_dockerd(workdir / ("fleet-%s" % address.rsplit(".", 1)[1]),
+                               "%s:%d" % (address, FLEET_PORT))
+        fleet.append(handle)
+        log("fleet dockerd %s up in %.1f s (pid %d)" % (handle.tcp, time.perf_counter() - t, handle.pid))
+    return list(fleet)
+
+
+def stop_fleet(state, keep=False):
+    """Stop the fleet's dockerds (all signalled first, so they stop in parallel)."""
+    fleet = state.pop("fleet", None)
+    if fleet:
+        log("stopping %d fleet dockerds" % len(fleet))
+        for handle in fleet:
+            handle.terminate()
+        for handle in fleet:
+            handle.stop(remove_data=not keep)
+
+
+def stored_layers(manifest_bytes):
+    """{diffID[7:19] (as dogestry's progress labels it): (blob hex, blob size)} from a stored manifest.json."""
+    doc = json.loads(manifest_bytes.decode("utf-8"))
+    return {layer["diffID"][7:19]: (layer["digest"][7:], int(layer["size"])) for layer in doc["layers"]}
+
+
+_DOWNLOADED = re.compile(r"^([0-9a-f]{12}): downloaded\b")
+
+
+def downloaded_blobs(lines, layers):
+    """[(label, blob size)] of dogestry's 'LABEL: downloaded ...' progress lines (the fleet spool's downloads)."""
+    found = []
+    for _, line in lines:
+        m = _DOWNLOADED.match(line)
+        if m:
+            if m.group(1) not in layers:
+                raise BenchError("dogestry downloaded %s, which is not a layer of the image" % m.group(1))
+            found.append((m.group(1), layers[m.group(1)][1]))
+    return found
+
+
+class FileOpens:
+    """Counts opens of the files in some directories of a tree (inotify IN_OPEN; Linux)."""
+
+    IN_OPEN, IN_Q_OVERFLOW, IN_NONBLOCK, IN_CLOEXEC = 0x20, 0x4000, 0o4000, 0o2000000
+
+    def __init__(self, root, subdirs):
+        """Watch ROOT/SUBDIR for each of SUBDIRS (its files, not below); names are relative to ROOT."""
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = libc.inotify_init1(self.IN_NONBLOCK | self.IN_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1: %s" % os.strerror(ctypes.get_errno()))
+        self.dirs = {}  # watch descriptor -> subdir
+        for subdir in subdirs:
+            wd = libc.inotify_add_watch(self.fd, os.fsencode(str(Path(root) / subdir)), self.IN_OPEN)
+            if wd < 0:
+                err = ctypes.get_errno()
+                os.close(self.fd)
+                raise OSError(err, "inotify_add_watch %s: %s" % (Path(root) / subdir, os.strerror(err)))
+            self.dirs[wd] = subdir
+
+    def take(self):
+        """{SUBDIR/file name: opens} since the last take()."""
+        counts = collections.Counter()
+        while True:
+            try:
+                data = os.read(self.fd, 1 << 16)
+            except BlockingIOError:
+                return counts
+            offset = 0
+            while offset + 16 <= len(data):
+                wd, mask, _, length = struct.unpack_from("iIII", data, offset)
+                name = data[offset + 16:offset + 16 + length].split(b"\0", 1)[0].decode("utf-8", "replace")
+                offset += 16 + length
+                if mask & self.IN_Q_OVERFLOW:
+                    raise BenchError("inotify queue overflowed: file opens were lost")
+                if name and wd in self.dirs:
+                    counts["%s/%s" % (self.dirs[wd], name)] += 1
+
+    def close(self):
+        os.close(self.fd)
+
+
+def admin_socket(path, command, timeout=10.0):
+    """A Ceph daemon's answer (JSON) to COMMAND (a dict) on its admin socket."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(json.dumps(command).encode() + b"\0")
+        head = b""
+        while len(head) < 4:
+            data = sock.recv(4 - len(head))
+            if not data:
+                raise BenchError("admin socket %s: no answer to %s" % (path, command))
+            head += data
+        size, body = struct.unpack(">I", head)[0], b""
+        while len(body) < size:
+            data = sock.recv(min(1 << 16, size - len(body)))
+            if not data:
+                raise BenchError("admin socket %s: answer cut short" % path)
+            body += data
+    return json.loads(body.decode("utf-8"))
+
+
+# radosgw's beast frontend logs every request at debug_rgw 1 (the default):
+#   ... beast: 0x..: 127.0.0.1 - tester [date] "GET /bucket/key HTTP/1.1" 206 8388608 - - bytes=0-8388607 ...
+# the number after the status is the body bytes it sent (plus those it received, 0 for a GET)
+_BEAST_LINE = re.compile(r' beast: \S+ \S+ - \S+ \[[^\]]*\] "(\S+) (\S+) [^"]*" (\d{3}) (\d+) ')
+
+
+class RgwMeter:
+    """What radosgw served between mark() and served(): from its access log, checked by its counters."""
+
+    def __init__(self, gw):
+        self.log_path = gw.log_path("client.rgw.a")
+        self.asok = os.path.join(gw.run_dir, "ceph-client.rgw.a.asok")
+
+    def counters(self):
+        return admin_socket(self.asok, {"prefix": "perf dump"})["rgw"]
+
+    def mark(self):
+        return os.path.getsize(self.log_path), self.counters()
+
+    def served(self, mark, bucket, prefix):
+        """A RgwServed for the requests since MARK (waits until the log holds all of them)."""
+        offset, before = mark
+        after = self.counters()
+        expected = after["req"] - before["req"]
+        deadline = time.monotonic() + 15
+        while True:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                text = f.read().decode("utf-8", "replace")
+            requests = [m.groups() for m in map(_BEAST_LINE.search, text.splitlines()) if m]
+            if len(requests) >= expected:
+                break
+            if time.monotonic() > deadline:
+                raise BenchError("radosgw's log shows %d requests, its counter %d: the log is incomplete"
+                                 % (len(requests), expected))
+            time.sleep(0.1)
+        return RgwServed(requests, expected, after["get_b"] - before["get_b"], bucket, prefix)
+
+
+class RgwServed:
+    """Requests radosgw served: GET bytes in all, per blob, the rest; and its own get_b counter."""
+
+    def __init__(self, requests, counted, get_b, bucket, prefix):
+        self.requests, self.counted, self.get_b = len(requests), counted, get_b
+        self.blobs = collections.Counter()        # blob hex -> bytes sent
+        self.blob_gets = self.other_gets = self.other_bytes = self.heads = self.failed = 0
+        self.object_gets = self.object_bytes = 0  # GETs of objects (what get_b counts)
+        blob_path = "/%s/%sblobs/sha256/" % (bucket, prefix)
+        for method, target, status, nbytes in requests:
+            path = urllib.parse.unquote(urllib.parse.urlsplit(target).path)
+            status, nbytes = int(status), int(nbytes)
+            if method == "HEAD":
+                self.heads += 1
+            elif method != "GET" or not 200 <= status < 300:
+                self.failed += 1
+            elif path.startswith(blob_path):
+                self.blobs[path[len(blob_path):]] += nbytes
+                self.blob_gets += 1
+            else:
+                self.other_gets += 1
+                self.other_bytes += nbytes
+            if method == "GET" and 200 <= status < 300 and path.strip("/").count("/"):
+                self.object_gets += 1
+                self.object_bytes += nbytes
+
+    @property
+    def fetched(self):
+        return sum(self.blobs.values()) + self.other_bytes
+
+    @property
+    def get_b_agrees(self):
+        """radosgw's get_b adds end - start of each GET's inclusive byte range: one byte short per GET."""
+        return self.get_b + self.object_gets == self.object_bytes
+
+    def describe(self, layers):
+        sizes = {hexd: size for hexd, size in layers.values()}
+        once = sum(1 for h, n in self.blobs.items() if sizes.get(h) == n)
+        return ("radosgw's log: %d requests; %d blob(s) %s B in %d GETs (%d of %d blobs exactly once)"
+                ",\n  %d other GETs %s B, %d HEADs%s; radosgw's get_b counter %s"
+                % (self.requests, len(self.blobs), "{:,}".format(sum(self.blobs.values())), self.blob_gets,
+                   once, len(sizes), self.other_gets, "{:,}".format(self.other_bytes), self.heads,
+                   ", %d failed/other requests" % self.failed if self.failed else "",
+                   "agrees (+1 B per GET)" if self.get_b_agrees else "says %s B (DIFFERS)"
+                   % "{:,}".format(self.get_b)))
+
+
 # --- machine facts ----------------------------------------------------------------------
 
 def machine_facts(host, workdir):
@@ -660,11 +902,11 @@ def print_report(facts, image, results, floors, checks):
     print("    layers (diffID, kind): %s" % ", ".join(image["layers"]))
     print("    saved tar %.1f MiB (%.1f MB); every MB/s below is of this size, except the S3 floors'"
           " (of the object they move)" % (image["tar"] / MiB, image["tar"] / MB))
-    for line in image.get("s3", ()):
+    for line in list(image.get("fleet", ())) + list(image.get("s3", ())):
         print("  " + line)
     print()
-    head = "%-44s %8s %8s %8s %7s %7s  %s" % ("stage", "seconds", "MB/s", "RSS MiB", "CPU s",
-                                               "eng CPU", "vs floor")
+    head = "%-44s %8s %8s %8s %7s %7s %9s  %s" % ("stage", "seconds", "MB/s", "RSS MiB", "CPU s",
+                                                    "eng CPU", "fetch MB", "vs floor")
     print(head)
     print("-" * len(head))
     for r in results:
@@ -675,13 +917,15 @@ def print_report(facts, image, results, floors, checks):
         if r.stage in floors:
             name, seconds = floors[r.stage]
             ratio = "%.2fx %s" % (r.seconds / seconds, name)
-        print("%-44s %8.2f %8s %8s %7s %7s  %s" % (r.stage, r.seconds, fmt(r.mbps, "%.1f"),
-                                                  fmt(r.rss_kib and r.rss_kib / 1024, "%.1f"),
-                                                  fmt(r.cpu, "%.2f"), fmt(r.engine_cpu, "%.2f"), ratio))
-        if r.note:
-            print("%-46s%s" % ("", r.note))
+        print("%-44s %8.2f %8s %8s %7s %7s %9s  %s" % (r.stage, r.seconds, fmt(r.mbps, "%.1f"),
+                                                       fmt(r.rss_kib and r.rss_kib / 1024, "%.1f"),
+                                                       fmt(r.cpu, "%.2f"), fmt(r.engine_cpu, "%.2f"),
+                                                       fmt(r.fetched and r.fetched / MB, "%.1f"), ratio))
+        for line in r.note.split("\n") if r.note else ():
+            print("%-46s%s" % ("", line))
     print("(CPU s: the measured process itself, or this script's threads for gzip and the S3 floors;"
-          " eng CPU: dockerd + containerd)")
+          " eng CPU: dockerd + containerd,")
+    print(" of every host a fleet pull loads; fetch MB: bytes fetched from the store, see each fleet row's note)")
     print()
     print("targets")
     print("-------")
@@ -852,6 +1096,136 @@ def run(args, state):
                          best_of(args.repeat, lambda: measure_dogestry("pull", store_raw, TAG, pull=True))))
     floors[pull_raw.stage] = ("load", load.seconds)
 
+    # the fleet: three more dockerds, each lacking every layer before every run
+    fleet, fleet_checks = [], []
+    tcp_load = None
+
+    def clear_fleet():
+        for h in fleet:
+            remove_image(h.tcp, TAG, diff_ids, h, missing_ok=True)
+
+    def fleet_cpu(hosts):
+        return PidsCpu([p for h in hosts for p in (h.pid, h.containerd_pid) if p])
+
+    def measure_tcp_load():
+        clear_fleet()
+        h = fleet[0]
+        cpu = fleet_cpu([h])
+        e0 = cpu.now()
+        run = timed_process([docker, "-H", h.tcp, "load", "-q"], client_env(h.tcp), sink=None,
+                            stdin_path=save_path)
+        result = Result("", run.wall, tar_bytes, engine_cpu=cpu.since(e0),
+                        note="into %s; tar sent after %.2f s, engine busy %.2f s more"
+                        % (h.tcp, run.input_done, run.wall - run.input_done))
+        if image_id(h.tcp, TAG) != img:
+            raise BenchError("docker load into %s gave image %s, not %s" % (h.tcp, image_id(h.tcp, TAG), img))
+        return result
+
+    def measure_fleet(store_arg, hosts, layers, run_env=None, opens=None, meter=None, bucket=None):
+        """dogestry -pullhosts HOSTS pull STORE_ARG TAG after clearing every fleet host; bytes fetched
+        from the store come from METER (radosgw) or OPENS (inotify on a directory store's blobs)."""
+        clear_fleet()
+        cpu = fleet_cpu(hosts)
+        if opens is not None:
+            opens.take()
+        mark = meter.mark() if meter is not None else None
+        e0, s0 = cpu.now(), (s3cpu.now() if meter is not None and s3cpu is not None else None)
+        run = timed_process(dogestry_cmd(workdir, "-pullhosts", ",".join(h.tcp for h in hosts),
+                                         "pull", store_arg, TAG), run_env or env)
+        engine_s = cpu.since(e0)
+        daemons_s = s3cpu.since(s0) if s0 is not None else None
+        statuses = None
+        for _, line in run.lines:
+            if line.startswith("[{"):
+                statuses = json.loads(line)
+        if statuses is None or sorted(st.get("Host") for st in statuses) != sorted(h.tcp for h in hosts) \
+                or any(st.get("Status") != "ok" for st in statuses):
+            raise BenchError("dogestry -pullhosts: host statuses %s" % statuses)
+        for h in hosts:
+            if image_id(h.tcp, TAG) != img:
+                raise BenchError("dogestry -pullhosts gave %s image %s, not %s"
+                                 % (h.tcp, image_id(h.tcp, TAG), img))
+        sizes = {hexd: size for hexd, size in layers.values()}
+        downloaded = downloaded_blobs(run.lines, layers)
+        notes = ["%d host%s ok, image ID the same on %s" % (len(hosts), "s" if len(hosts) > 1 else "",
+                                                             "each" if len(hosts) > 1 else "it")]
+        if len(hosts) > 1:
+            notes[0] += "; %d x the image = %.1f MB/s into the hosts" % (
+                len(hosts), len(hosts) * tar_bytes / run.wall / MB)
+        if meter is not None:
+            served = meter.served(mark, bucket, S3_PREFIX)
+            fetched, blob_fetch = served.fetched, dict(served.blobs)
+            notes.append("fetched %s B: %s" % ("{:,}".format(fetched), served.describe(layers)))
+        else:
+            opened = opens.take()
+            blob_opens = {n[len(BLOB_DIR) + 1:]: c for n, c in opened.items() if n.startswith(BLOB_DIR + "/")}
+            stray = sorted(n for n in blob_opens if n not in sizes)
+            if stray:
+                raise BenchError("dogestry opened files in the blob dir that are not this image's: %s" % stray)
+            blob_fetch = {n: sizes[n] * c for n, c in blob_opens.items()}
+            other = {n: c for n, c in opened.items() if not n.startswith(BLOB_DIR + "/")}
+            other_bytes = sum((store_arg / n).stat().st_size * c for n, c in other.items())
+            fetched = sum(blob_fetch.values()) + other_bytes
+            notes.append("fetched %s B: inotify saw %d blob file opens (%d of %d blobs exactly once) x their sizes"
+                         " = %s B,\n  %d other file opens (tag, image config, manifest) %s B"
+                         % ("{:,}".format(fetched), sum(blob_opens.values()),
+                            sum(1 for c in blob_opens.values() if c == 1), len(sizes),
+                            "{:,}".format(sum(blob_fetch.values())), sum(other.values()),
+                            "{:,}".format(other_bytes)))
+        down = sum(n for _, n in downloaded)
+        notes.append("dogestry's 'downloaded' lines: %d blobs, %s B%s"
+                     % (len(downloaded), "{:,}".format(down),
+                        "" if down == sum(blob_fetch.values()) else " (the store's count of blob bytes differs)"))
+        if daemons_s is not None:
+            notes[-1] += "; S3 daemons CPU %.2f s" % daemons_s
+        result = Result("", run.wall, tar_bytes, run.rss_kib, run.cpu, engine_s, run.lines, "\n".join(notes),
+                        fetched=fetched)
+        result.blob_fetch, result.downloaded = blob_fetch, down
+        return result
+
+    def check_fleet(what, one, three, layers):
+        """Targets: 3 hosts fetch what 1 host does, and that is every blob of the image exactly once."""
+        blobs = {hexd: size for hexd, size in layers.values()}
+        total = sum(blobs.values())
+        return [
+            (three.fetched == one.fetched and three.blob_fetch == one.blob_fetch,
+             "%s: 3 hosts fetched %s B from the store, 1 host %s B (the union of missing layers once)"
+             % (what, "{:,}".format(three.fetched), "{:,}".format(one.fetched))),
+            (one.blob_fetch == blobs == three.blob_fetch and one.downloaded == total == three.downloaded,
+             "%s: each of the image's %d blobs (%s B) fetched exactly once, by 1 host and by 3 hosts;"
+             " dogestry's 'downloaded' lines agree" % (what, len(blobs), "{:,}".format(total))),
+        ]
+
+    if args.fleet:
+        log("starting the fleet: %d dockerds on %s" % (len(FLEET_ADDRESSES), ", ".join(
+            "tcp://%s:%d" % (a, FLEET_PORT) for a in FLEET_ADDRESSES)))
+        fleet = start_fleet(workdir, state)
+        image["fleet"] = [
+            "fleet: %d more dockerds (vfs, own data roots in the work dir): %s"
+            % (len(fleet), ", ".join(h.tcp for h in fleet)),
+            "  before every fleet run the image is removed from all of them and its layers are checked gone"
+            " (image ls,",
+            "  inspect, the layerdb), so every host lacks every layer; no dogestry server listens next to them"
+            " (port %d)," % SERVER_PORT,
+            "  so dogestry pulls itself: checks the hosts, spools the missing layers once, loads the hosts"
+            " in parallel",
+        ]
+        results.append("-- fleet: dogestry -pullhosts to 1 host (%s) and to 3 hosts; MB/s of one image"
+                       % fleet[0].tcp)
+        tcp_load = add(named("floor: docker load over TCP (fresh host)", best_of(args.repeat, measure_tcp_load)))
+        gz_layers = stored_layers((store_gz / "images" / img[7:] / "manifest.json").read_bytes())
+        opens = FileOpens(store_gz, [BLOB_DIR, "images/" + img[7:], "layers",
+                                     "repositories/" + TAG.rsplit(":", 1)[0]])
+        try:
+            one = add(named("fleet pull, gzip dir store, 1 host", best_of(args.repeat, lambda: measure_fleet(
+                store_gz, fleet[:1], gz_layers, opens=opens))))
+            three = add(named("fleet pull, gzip dir store, 3 hosts", best_of(args.repeat, lambda: measure_fleet(
+                store_gz, fleet, gz_layers, opens=opens))))
+        finally:
+            opens.close()
+        floors[one.stage] = floors[three.stage] = ("TCP load", tcp_load.seconds)
+        fleet_checks += check_fleet("fleet, dir store", one, three, gz_layers)
+
     # the S3 store: floors of the bytes dogestry stores, then dogestry push / re-push / pull
     def run_s3():
         nonlocal s3cpu
@@ -972,6 +1346,17 @@ def run(args, state):
         pull_floor_s3 = max((("load", load.seconds), ("S3 GET", s3_get.seconds)), key=lambda f: f[1])
         floors[s3push.stage] = push_floor_s3
         floors[s3pull.stage] = pull_floor_s3
+        s3_fleet_checks = []
+        if fleet:
+            s3_layers = stored_layers(client.get(S3_PREFIX + "images/%s/manifest.json" % img[7:]).read())
+            meter = RgwMeter(gw)
+            one = add(named("fleet pull s3://, 1 host", best_of(args.repeat, lambda: measure_fleet(
+                url, fleet[:1], s3_layers, run_env=s3_env, meter=meter, bucket=bucket))))
+            three = add(named("fleet pull s3://, 3 hosts", best_of(args.repeat, lambda: measure_fleet(
+                url, fleet, s3_layers, run_env=s3_env, meter=meter, bucket=bucket))))
+            floors[one.stage] = floors[three.stage] = max(
+                (("TCP load", tcp_load.seconds), ("S3 GET", s3_get.seconds)), key=lambda f: f[1])
+            s3_fleet_checks = check_fleet("fleet, S3 store", one, three, s3_layers)
         return [
             (s3push.seconds <= TARGET_PUSH_RATIO * push_floor_s3[1],
              "S3 push %.2f s <= %.1f x slowest of (save %.2f s, gzip floor %.2f s, %s %.2f s) = %.2f s  [%.2fx]"
@@ -987,11 +1372,12 @@ def run(args, state):
              "S3 pull peak RSS %.1f MiB <= %d MiB" % (s3pull.rss_kib / 1024, TARGET_RSS_MIB)),
             (s3repush.seconds < TARGET_REPUSH_S,
              "S3 re-push %.2f s < %.1f s" % (s3repush.seconds, TARGET_REPUSH_S)),
-        ]
+        ] + s3_fleet_checks
 
     s3_checks = []
     if args.s3:
         s3_checks = run_s3()
+    stop_fleet(state, args.keep)
 
     checks = [
         (push.seconds <= TARGET_PUSH_RATIO * push_floor[1],
@@ -1008,13 +1394,14 @@ def run(args, state):
          "pull peak RSS %.1f MiB <= %d MiB" % (pull.rss_kib / 1024, TARGET_RSS_MIB)),
         (repush.seconds < TARGET_REPUSH_S,
          "re-push %.2f s < %.1f s" % (repush.seconds, TARGET_REPUSH_S)),
-    ] + s3_checks
+    ] + fleet_checks + s3_checks
     print_report(facts, image, results, floors, checks)
 
 
 def cleanup(state, keep):
-    """Stop radosgw, remove the image (external engine), stop our dockerd, remove the work dir."""
+    """Stop the fleet and radosgw, remove the image (external engine), stop our dockerd, remove the work dir."""
     host, handle, workdir = state.get("host"), state.get("dockerd"), state.get("workdir")
+    stop_fleet(state, keep)
     if state.get("rgw") is not None:
         log("stopping radosgw")
         state["rgw"].stop(keep_workdir=keep)
@@ -1042,6 +1429,11 @@ def main(argv=None):
     s3.add_argument("--s3", dest="s3", action="store_true", default=None,
                     help="also benchmark an S3 store on a throw-away radosgw (default: when radosgw is installed)")
     s3.add_argument("--no-s3", dest="s3", action="store_false", help="skip the S3 store")
+    fleet = parser.add_mutually_exclusive_group()
+    fleet.add_argument("--fleet", dest="fleet", action="store_true", default=True,
+                       help="also benchmark dogestry -pullhosts to 1 and 3 extra dockerds on 127.0.0.61-63:2375"
+                       " (the default)")
+    fleet.add_argument("--no-fleet", dest="fleet", action="store_false", help="skip the fleet")
     args = parser.parse_args(argv)
     args.s3_auto = args.s3 is None
     if args.s3 is None:
