@@ -1610,7 +1610,7 @@ class S3Reader(io.RawIOBase):
             try:
                 if self.resp is None:
                     self.resp = self._open()
-                n = self.resp.readinto(buffer)
+                n = self.resp.readinto(memoryview(buffer)[:CHUNK])  # progress survives a reset
             except (OSError, http.client.HTTPException) as e:
                 n, error = 0, e  # type: ignore
             else:
