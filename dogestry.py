@@ -1257,6 +1257,8 @@ _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-_]{2,254}$", re.IGNORECASE)
 def parse_s3_url(url: str) -> S3Location:
     """s3://bucket[/prefix/][?region=R&endpoint=URL] as the original dogestry took it."""
     parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "s3":
+        raise UsageError("invalid S3 URL %r: expected s3://bucket/prefix/" % url)
     if not parts.netloc or not _BUCKET_RE.match(parts.netloc):
         raise UsageError("invalid S3 URL %r: expected s3://bucket/prefix/ (bucket names are 3-63 "
                          "letters, digits, dots and hyphens)" % url)
@@ -3095,6 +3097,14 @@ class DogestryServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.log_lock = threading.Lock()
         self._api_version = None  # type: Optional[str]
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """One log line, never a traceback (a client hanging up is routine)."""
+        error = sys.exc_info()[1]
+        with self.log_lock:
+            self.log.write("%s - - connection error: %s\n" % (client_address[0], _os_reason(error)
+                                                               if isinstance(error, OSError) else repr(error)))
+            self.log.flush()
+
     def api_version(self) -> str:
         """The local dockerd's API version (what docker clients should speak), else 1.41."""
         if self._api_version is None:
@@ -3204,6 +3214,16 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
             n -= len(data)
         return True
 
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        """http.server's own refusals (bad request line, huge headers, ...) as JSON too."""
+        self.close_connection = True
+        self.request_version = "HTTP/1.1"  # answer junk with a status line, not as HTTP/0.9
+        try:
+            self._send(code, json.dumps({"message": message or self.responses.get(code, ("error",))[0]}).encode()
+                       + b"\n", extra={"Connection": "close"})
+        except OSError:
+            pass
+
     def do_HEAD(self) -> None:
         self.do_GET()
 
@@ -3240,12 +3260,20 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         lock = threading.Lock()
+        gone = threading.Event()
 
         def emit(doc: Dict[str, Any]) -> None:
+            """Send one progress line; a client that hung up just stops getting them."""
+            if gone.is_set():
+                return
             data = json.dumps(doc).encode() + b"\r\n"
             with lock:
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-                self.wfile.flush()
+                try:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                    self.wfile.flush()
+                except OSError:
+                    gone.set()
+                    self.close_connection = True
 
         progress = JsonProgress(emit)
         try:
@@ -3256,10 +3284,9 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
         except DogestryError as e:
             message = "dogestry: " + str(e)
             emit({"errorDetail": {"message": message}, "error": message})
-        except OSError:
-            self.close_connection = True
+        if gone.is_set():
             return
-        with lock:
+        with lock, contextlib.suppress(OSError):
             self.wfile.write(b"0\r\n\r\n")
 
     def do_PUT(self) -> None:
@@ -3290,8 +3317,11 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
                 raise UsageError("X-Registry-Auth needs both the AWS access key (username) and secret (password)")
             creds = Credentials(auth["username"], auth["password"], auth.get("identitytoken") or None, None,
                                 "X-Registry-Auth")
-        if not store_url.startswith("s3://") and store_url != self.server.default_store:
-            raise UsageError("only s3:// stores may be named by clients (got %r)" % store_url[:100])
+        if store_url != self.server.default_store:
+            if not store_url.startswith("s3://"):
+                raise UsageError("only s3:// stores may be named by clients (got %r)" % store_url[:100])
+            if creds is None:  # never lend the server's own AWS identity to a client's choice of bucket
+                raise UsageError("a store named by the client needs its AWS keys (dogestry login)")
         base = store_url.split("?", 1)
         full = base[0].rstrip("/") + "/" + prefix + ("?" + base[1] if len(base) > 1 else "")
         store = self.server.make_store(full, creds)
