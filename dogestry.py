@@ -3197,10 +3197,10 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
         self._send(status, json.dumps({"message": message}).encode() + b"\n")
 
     def _drain_body(self) -> bool:
+        """Read and drop a request body (at most SERVER_BODY_LIMIT); False if it is bad or too big."""
         length = self.headers.get("Content-Length")
-        if self.headers.get("Transfer-Encoding"):
-            self.close_connection = True
-            return True
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            return self._drain_chunked()
         try:
             n = int(length or 0)
         except ValueError:
@@ -3223,6 +3223,24 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
                        + b"\n", extra={"Connection": "close"})
         except OSError:
             pass
+
+    def _drain_chunked(self) -> bool:
+        total = 0
+        while True:
+            line = self.rfile.readline(1024)
+            try:
+                size = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                return False
+            total += size
+            if size < 0 or total > SERVER_BODY_LIMIT:
+                return False
+            if size == 0:
+                while self.rfile.readline(1024).strip():  # trailers, up to the blank line
+                    pass
+                return True
+            if len(self.rfile.read(size + 2)) != size + 2:
+                return False
 
     def do_HEAD(self) -> None:
         self.do_GET()
