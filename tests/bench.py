@@ -78,7 +78,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from realdocker import (  # noqa: E402
-    DOGESTRY, FIXED_MTIME, client_env, docker_cli, find_docker, random_bytes, remove_tree,
+    DOGESTRY, FIXED_MTIME, client_env, docker_cli, find_docker, image_id, random_bytes, remove_tree,
     start_dockerd, text_bytes,
 )
 from radosgw import RadosGWError, start_radosgw  # noqa: E402
@@ -186,11 +186,6 @@ def build_bench_image(host, workdir, size_bytes):
         shutil.rmtree(str(ctx), ignore_errors=True)
     return image_id(host, TAG)
 
-
-def image_id(host, ref):
-    """The engine's ID for REF, or None."""
-    proc = docker_cli(host, "image", "inspect", "-f", "{{.Id}}", ref, check=False)
-    return proc.stdout.strip() if proc.returncode == 0 else None
 
 
 def chain_ids(diff_ids):

@@ -360,6 +360,12 @@ def inspect_image(docker_host, ref):
     return json.loads(docker_cli(docker_host, "image", "inspect", ref).stdout)[0]
 
 
+def image_id(docker_host, ref):
+    """The engine's ID for REF, or None when it has no such image."""
+    proc = docker_cli(docker_host, "image", "inspect", "-f", "{{.Id}}", ref, check=False)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
 def image_layers(docker_host, ref):
     """RootFS diffIDs of image REF."""
     return inspect_image(docker_host, ref)["RootFS"].get("Layers") or []

@@ -2,13 +2,12 @@
 
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from conftest import skip_or_fail
-from realdocker import (DockerdError, build_image, client_env, docker_cli, find_docker, random_bytes,
-                        run_dogestry, start_dockerd)
+from realdocker import (DockerdError, build_image, client_env, docker_cli, find_docker, image_id,
+                        random_bytes, run_dogestry, start_dockerd)
 
 pytestmark = pytest.mark.integration
 
@@ -104,11 +103,6 @@ def tls_dockerd(certs, tmp_path_factory):
         return
     skip_or_fail(reason)
 
-
-def image_id(docker_host, ref):
-    """The engine's ID for REF, or None."""
-    proc = docker_cli(docker_host, "inspect", "-f", "{{.Id}}", ref, check=False)
-    return proc.stdout.strip() if proc.returncode == 0 else None
 
 
 @pytest.fixture

@@ -27,9 +27,8 @@ import pytest
 
 import dogestry
 from conftest import make_bucket, skip_or_fail
-from faultproxy import FaultProxy
 from realdocker import (DOGESTRY, client_env, DockerdError, DockerdHandle, build_image, docker_cli, find_dockerd,
-                        image_layers, random_bytes, remove_tree, run_dogestry, stop_all, text_bytes)
+                        image_id, image_layers, random_bytes, remove_tree, run_dogestry, stop_all, text_bytes)
 
 pytestmark = pytest.mark.integration
 
@@ -155,29 +154,9 @@ def procs():
             proc.wait(10)
 
 
-@pytest.fixture
-def proxies(rgw):
-    """Factory: start(rule) -> a FaultProxy in front of radosgw; stopped after the test."""
-    made = []
-
-    def start(rule=None):
-        proxy = FaultProxy(rgw.endpoint, rule).start()
-        made.append(proxy)
-        return proxy
-
-    yield start
-    for proxy in made:
-        proxy.stop()
-    for proxy in made:
-        assert not proxy.errors, "the proxy itself failed: %r" % proxy.errors
 
 
 # --- helpers -------------------------------------------------------------------------------------
-
-def image_id(host, ref):
-    """The engine's ID for ref on host, or None."""
-    proc = docker_cli(host, "inspect", "-f", "{{.Id}}", ref, check=False)
-    return proc.stdout.strip() if proc.returncode == 0 else None
 
 
 def ok(proc):
@@ -328,8 +307,8 @@ def test_each_host_gets_only_the_layers_it_lacks(fleet, app, base, docker_env):
 
 # --- 3. download once ----------------------------------------------------------------------------
 
-def test_s3_blobs_are_downloaded_once_for_the_whole_fleet(fleet, app, s3_app, s3_env, proxies):
-    proxy = proxies()
+def test_s3_blobs_are_downloaded_once_for_the_whole_fleet(fleet, app, s3_app, s3_env, fault_proxy):
+    proxy = fault_proxy()
     hosts = [h.tcp for h in fleet]
 
     proc = ok(run_dogestry("-pullhosts", ",".join(hosts), "pull", s3_app, app.ref,
@@ -416,13 +395,13 @@ def test_lockfile_waits_for_a_holder_and_runs_after_release(fleet, app, docker_e
 
 
 @pytest.mark.parametrize("holder_ends", ["exits", "is_killed"])
-def test_lockfile_serialises_two_dogestry_runs(holder_ends, fleet, app, s3_app, s3_env, docker_env, proxies,
+def test_lockfile_serialises_two_dogestry_runs(holder_ends, fleet, app, s3_app, s3_env, docker_env, fault_proxy,
                                                tmp_path, procs):
     """Run A (S3 to fleet[0], held mid-download by the proxy) owns the lock; run B (directory
     store to fleet[1]) waits until A has exited, or been killed."""
     lock = tmp_path / "dogestry.lock"
     gate = BlobGate()
-    proxy = proxies(gate.rule)
+    proxy = fault_proxy(gate.rule)
     try:
         a = start_dogestry(procs, tmp_path, "a", ["-lockfile", lock, "-pullhosts", fleet[0].tcp, "pull",
                                                   s3_app, app.ref], dict(s3_env, AWS_ENDPOINT_URL=proxy.url))
@@ -466,12 +445,12 @@ def test_lockfile_that_cannot_be_opened_is_one_clear_error(fleet, app, docker_en
 
 # --- 7. -tempdir ---------------------------------------------------------------------------------
 
-def test_tempdir_holds_the_spool_and_is_left_empty(fleet, app, s3_app, s3_env, proxies, tmp_path, procs):
+def test_tempdir_holds_the_spool_and_is_left_empty(fleet, app, s3_app, s3_env, fault_proxy, tmp_path, procs):
     mine, system = tmp_path / "mine", tmp_path / "system"
     mine.mkdir()
     system.mkdir()
     gate = BlobGate()
-    proxy = proxies(gate.rule)
+    proxy = fault_proxy(gate.rule)
     env = dict(s3_env, AWS_ENDPOINT_URL=proxy.url, TMPDIR=str(system))
     hosts = [h.tcp for h in fleet[:2]]
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from realdocker import build_image, docker_cli, image_layers, random_bytes, run_dogestry, text_bytes
+from realdocker import build_image, docker_cli, image_id, image_layers, random_bytes, run_dogestry, text_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -21,11 +21,6 @@ def dogestry_ok(env, *args):
     assert proc.returncode == 0, proc.stderr
     return proc
 
-
-def image_id(docker_host, ref):
-    """The engine's ID for ref, or None."""
-    proc = docker_cli(docker_host, "inspect", "-f", "{{.Id}}", ref, check=False)
-    return proc.stdout.strip() if proc.returncode == 0 else None
 
 
 def forget(docker_host, *refs):

@@ -6,7 +6,7 @@ import time
 import pytest
 
 import dogestry
-from realdocker import build_image, docker_cli, image_layers, random_bytes, run_dogestry, text_bytes
+from realdocker import build_image, docker_cli, image_id, random_bytes, run_dogestry, text_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -16,10 +16,6 @@ def ok(env, *args):
     assert proc.returncode == 0, proc.stderr
     return proc
 
-
-def image_id(docker_host, ref):
-    proc = docker_cli(docker_host, "inspect", "-f", "{{.Id}}", ref, check=False)
-    return proc.stdout.strip() if proc.returncode == 0 else None
 
 
 def s3_client(rgw, bucket, **kw):

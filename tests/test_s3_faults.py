@@ -16,8 +16,8 @@ import uuid
 import pytest
 
 import dogestry
-from faultproxy import FaultProxy, Reset, Truncate, s3_error
-from realdocker import build_image, docker_cli, image_layers, random_bytes, run_dogestry, text_bytes
+from faultproxy import Reset, Truncate, s3_error
+from realdocker import build_image, docker_cli, image_id, image_layers, random_bytes, run_dogestry, text_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -27,22 +27,6 @@ BIG = dogestry.S3_SINGLE_PUT_MAX + (1 << 20)  # a random layer this big is store
 
 # --- fixtures and helpers ------------------------------------------------------------------------
 
-@pytest.fixture
-def fault_proxy(rgw):
-    """Factory: start(rule) -> a running FaultProxy to radosgw; all are stopped after the test."""
-    proxies = []
-
-    def start(rule=None):
-        proxy = FaultProxy(rgw.endpoint, rule).start()
-        proxies.append(proxy)
-        return proxy
-
-    yield start
-    for proxy in proxies:
-        proxy.stop()
-    for proxy in proxies:
-        assert not proxy.alive_threads, "proxy threads still running: %r" % proxy.alive_threads
-        assert not proxy.errors, "the proxy itself failed: %r" % proxy.errors
 
 
 def via(env, proxy, **extra):
@@ -93,10 +77,6 @@ def unique_image(docker_host, tmp_path, big=False):
     image = build_image(docker_host, ref, layers, workdir=tmp_path, extra_lines=["LABEL token=" + token])
     return ref, image
 
-
-def image_id(docker_host, ref):
-    proc = docker_cli(docker_host, "inspect", "-f", "{{.Id}}", ref, check=False)
-    return proc.stdout.strip() if proc.returncode == 0 else None
 
 
 def forget(docker_host, ref):

@@ -12,7 +12,6 @@ import io
 import json
 import posixpath
 import tarfile
-from pathlib import Path
 
 import pytest
 

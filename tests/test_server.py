@@ -35,9 +35,8 @@ import pytest
 
 import dogestry
 from conftest import make_bucket, skip_or_fail
-from faultproxy import FaultProxy
 from realdocker import (DOGESTRY, DockerdError, _die_with_parent, build_image, client_env, docker_cli, find_docker,
-                        random_bytes, remove_tree, run_dogestry, start_dockerd, stop_all, text_bytes)
+                        image_id, random_bytes, remove_tree, run_dogestry, start_dockerd, stop_all, text_bytes)
 
 pytestmark = pytest.mark.integration
 
@@ -150,10 +149,6 @@ def wipe(handle):
     if ids:
         docker_cli(handle.host, "rmi", "-f", *sorted(set(ids)), check=False)
 
-
-def image_id(docker_host, ref):
-    proc = docker_cli(docker_host, "inspect", "-f", "{{.Id}}", ref, check=False)
-    return proc.stdout.strip() if proc.returncode == 0 else None
 
 
 def auth_header(doc):
@@ -367,21 +362,6 @@ def server_env(base_env, handle, endpoint):
     return dict(base_env, DOCKER_HOST=handle.host, AWS_ENDPOINT_URL=endpoint)
 
 
-@pytest.fixture
-def proxies(rgw):
-    """Factory: start(rule=None) -> a FaultProxy to radosgw that records every request."""
-    started = []
-
-    def start(rule=None):
-        proxy = FaultProxy(rgw.endpoint, rule).start()
-        started.append(proxy)
-        return proxy
-
-    yield start
-    for proxy in started:
-        proxy.stop()
-    for proxy in started:
-        assert not proxy.errors, proxy.errors
 
 
 def blob_gets(proxy, bucket):
@@ -554,7 +534,7 @@ def test_ping_version_and_status_check(fleet, rgw, base_env, servers):
 
 # --- concurrency ------------------------------------------------------------------------------------
 
-def test_identical_concurrent_pulls_share_one_download(fleet, pushed, rgw, base_env, servers, proxies):
+def test_identical_concurrent_pulls_share_one_download(fleet, pushed, rgw, base_env, servers, fault_proxy):
     """5 simultaneous pulls of one image (plus one with a wrong secret): each blob is read once,
     the valid pulls all succeed, and the wrong key does not ride along on the shared pull."""
     host = fleet[0]
@@ -565,7 +545,7 @@ def test_identical_concurrent_pulls_share_one_download(fleet, pushed, rgw, base_
             time.sleep(1.0)  # keep the leader's download in flight while the others arrive
         return None
 
-    proxy = proxies(rule)
+    proxy = fault_proxy(rule)
     server = servers(HOSTS[0], server_env(base_env, host, proxy.url))
     good, bad = user_auth(rgw, pushed.bucket), user_auth(rgw, pushed.bucket, secret="wrong-secret")
     barrier = threading.Barrier(6)
@@ -595,7 +575,7 @@ def test_identical_concurrent_pulls_share_one_download(fleet, pushed, rgw, base_
     assert len(server.posts_to_create()) == 6
 
 
-def test_a_leader_hanging_up_does_not_fail_the_followers(fleet, pushed, rgw, base_env, servers, proxies):
+def test_a_leader_hanging_up_does_not_fail_the_followers(fleet, pushed, rgw, base_env, servers, fault_proxy):
     host = fleet[0]
     wipe(host)
 
@@ -604,8 +584,8 @@ def test_a_leader_hanging_up_does_not_fail_the_followers(fleet, pushed, rgw, bas
             time.sleep(1.5)
         return None
 
-    proxy = proxies(rule)
-    server = servers(HOSTS[0], server_env(base_env, host, proxy.url))
+    proxy = fault_proxy(rule)
+    servers(HOSTS[0], server_env(base_env, host, proxy.url))
     auth = user_auth(rgw, pushed.bucket)
     leader = http.client.HTTPConnection(HOSTS[0], PORT, timeout=30)
     leader.request("POST", "/v1.41/images/create?fromImage=%s&tag=latest" % IMAGE.replace("/", "%2F"),
@@ -628,7 +608,7 @@ def test_a_leader_hanging_up_does_not_fail_the_followers(fleet, pushed, rgw, bas
     assert image_id(host.host, IMAGE) == pushed.ids["hipache"]
 
 
-def test_parallel_pulls_are_bounded(fleet, pushed, rgw, base_env, servers, proxies):
+def test_parallel_pulls_are_bounded(fleet, pushed, rgw, base_env, servers, fault_proxy):
     """Three different images at once: at most SERVER_MAX_PULLS (2) download at the same time;
     the third waits for a slot and still succeeds.  Observed: exactly 2 in flight."""
     host = fleet[0]
@@ -646,7 +626,7 @@ def test_parallel_pulls_are_bounded(fleet, pushed, rgw, base_env, servers, proxi
                 state["now"] -= 1
         return None
 
-    proxy = proxies(rule)
+    proxy = fault_proxy(rule)
     servers(HOSTS[0], server_env(base_env, host, proxy.url))
     auth = user_auth(rgw, pushed.bucket)
     names = ["dgbound1", "dgbound2", "dgbound3"]
@@ -915,11 +895,11 @@ def fleet_pull(aws_env, proxy, *extra):
 
 
 @pytest.fixture
-def delegation(fleet, pushed, rgw, base_env, servers, proxies):
+def delegation(fleet, pushed, rgw, base_env, servers, fault_proxy):
     """Both hosts wiped; a recording proxy for the client and one for the servers."""
     for handle in fleet:
         wipe(handle)
-    client_proxy, server_proxy = proxies(), proxies()
+    client_proxy, server_proxy = fault_proxy(), fault_proxy()
     client_proxy.bucket = server_proxy.bucket = pushed.bucket
 
     def start(addresses):
