@@ -2350,10 +2350,12 @@ def work_directory(tempdir: Optional[str]) -> Iterator[str]:
 def push_image(docker: DockerClient, store: Store, text: str, progress: Progress,
                options: PushOptions) -> str:
     """Push one local image (NAME[:TAG] or ID) and its tag; return the image ID."""
-    ref = None  # type: Optional[ImageRef]
-    if image_id_prefix(text) is None or ":" in text and not text.startswith("sha256:"):
-        ref = parse_image_ref(text)
-    info = docker.inspect_image(str(ref) if ref else text)
+    ref, info = None, None  # type: Optional[ImageRef], Optional[Dict[str, Any]]
+    if not text.startswith("sha256:") and not _HEX64.match(text):
+        ref = parse_image_ref(text)  # a name first, as docker resolves it...
+        info = docker.inspect_image(str(ref))
+    if info is None and image_id_prefix(text) is not None:
+        ref, info = None, docker.inspect_image(text)  # ...then an image ID (prefix): stored untagged
     if info is None:
         raise NotFound("no such image on the Docker host: %s" % (ref or text,))
     image_id = info["Id"]

@@ -203,6 +203,19 @@ def test_pull_by_image_id_prefix(docker_host, docker_env, tmp_path):
     assert image_id(docker_host, built) == built
 
 
+def test_push_by_image_id_stores_the_image_without_a_tag(docker_host, docker_env, tmp_path):
+    store = tmp_path / "store"
+    built = build_image(docker_host, "dgtest/pushid:1", [{"f": b"pushed by id\n"}])
+    dogestry_ok(docker_env, "push", store, built[7:19])
+    assert (store / "images" / built[7:] / "manifest.json").exists()
+    assert not (store / "repositories").exists()
+    forget(docker_host, "dgtest/pushid:1")
+
+    dogestry_ok(docker_env, "pull", store, built)
+
+    assert image_id(docker_host, built) == built
+
+
 def test_corrupt_blob_aborts_the_pull_with_nothing_loaded(docker_host, docker_env, tmp_path):
     store = tmp_path / "store"
     built = build_image(docker_host, "dgtest/corrupt:1", [{"a": text_bytes(3 << 20, 7)}, {"b": b"top\n"}])
