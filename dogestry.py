@@ -1669,7 +1669,7 @@ class ParallelRangeReader(io.RawIOBase):
         return piece  # type: ignore
 
     def _fill(self) -> None:
-        while self.ranges and len(self.window) < self.workers:
+        while self.ranges and len(self.window) < max(1, self.workers - 1):  # + the piece being read
             start, end = self.ranges.popleft()
             self.window.append(self.pool.submit(self._fetch, start, end))
 
@@ -2535,7 +2535,7 @@ class BlobFeeder:
 
     def __init__(self, store: Store, record: LayerRecord, inflate: bool):
         self.store, self.record, self.inflate = store, record, inflate
-        self.queue = queue.Queue(maxsize=4)  # type: queue.Queue
+        self.queue = queue.Queue(maxsize=2)  # type: queue.Queue
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="dogestry-blob", daemon=True)
         self.thread.start()
@@ -3772,6 +3772,16 @@ def _first_positional(parser: argparse.ArgumentParser, argv: Sequence[str]) -> i
     return i
 
 
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """glibc gives each thread its own malloc arena, where freed buffers linger; a few suffice.
+
+    mallopt(M_ARENA_MAX) is glibc's; elsewhere this quietly does nothing.
+    """
+    with contextlib.suppress(Exception):
+        import ctypes
+        ctypes.CDLL(None).mallopt(-8, arenas)  # -8 is M_ARENA_MAX in glibc's malloc.h
+
+
 def _raise_interrupted(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -3782,6 +3792,7 @@ def main(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, st
     """Run dogestry; the one place where errors become a message and an exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     environ = os.environ if environ is None else environ
+    limit_malloc_arenas()
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     parser = build_parser()
