@@ -249,3 +249,17 @@ def test_runs_on_python_3_8():
                           stderr=subprocess.PIPE, universal_newlines=True)
     assert proc.returncode == 0, proc.stderr
     assert "push" in proc.stdout
+
+
+@pytest.mark.parametrize("url, environ, expect", [
+    ("s3://ops-goodies/repo/", {}, ("https", "ops-goodies.s3.us-east-1.amazonaws.com", 443, "")),
+    ("s3://ops-goodies/?region=eu-west-1", {}, ("https", "ops-goodies.s3.eu-west-1.amazonaws.com", 443, "")),
+    ("s3://my.dotted.bucket/", {"AWS_REGION": "us-west-2"}, ("https", "s3.us-west-2.amazonaws.com", 443, "/my.dotted.bucket")),
+    ("s3://bkt/?endpoint=http://127.0.0.1:7480", {}, ("http", "127.0.0.1", 7480, "/bkt")),
+    ("s3://bkt/", {"AWS_ENDPOINT_URL": "https://minio.local"}, ("https", "minio.local", 443, "/bkt")),
+    ("s3://bkt/", {"AWS_ENDPOINT_URL": "http://a:1", "AWS_ENDPOINT_URL_S3": "http://b:2"}, ("http", "b", 2, "/bkt")),
+])
+def test_s3_addressing_virtual_host_on_aws_path_style_elsewhere(url, environ, expect):
+    config = dogestry.AwsConfig(environ, "/nonexistent")
+    client = dogestry.S3Client(dogestry.parse_s3_url(url), dogestry.CredentialChain(config), config)
+    assert client._target() == expect
