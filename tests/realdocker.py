@@ -439,6 +439,24 @@ def text_bytes(n, seed):
     return out[:n]
 
 
+def ok(proc):
+    """Insist a finished dogestry run succeeded, without a traceback; return it."""
+    assert proc.returncode == 0, "exit %d\nstdout:\n%s\nstderr:\n%s" % (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
+def one_error_line(proc, *needles):
+    """A failure is one 'dogestry: error:' line holding every needle, no traceback, non-zero exit."""
+    assert proc.returncode != 0, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("dogestry: error:")]
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], proc.stderr
+    return lines[0]
+
+
 def run_dogestry(*args, env=None, input=None, timeout=300, cwd=None):
     """Run `python dogestry.py ARGS`; return CompletedProcess with text stdout/stderr."""
     cmd = [sys.executable, str(DOGESTRY)] + [str(a) for a in args]

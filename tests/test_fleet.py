@@ -28,7 +28,7 @@ import pytest
 import dogestry
 from conftest import make_bucket, skip_or_fail
 from realdocker import (DOGESTRY, client_env, DockerdError, DockerdHandle, build_image, docker_cli, find_dockerd,
-                        image_id, image_layers, random_bytes, remove_tree, run_dogestry, stop_all, text_bytes)
+                        image_id, ok, one_error_line, image_layers, random_bytes, remove_tree, run_dogestry, stop_all, text_bytes)
 
 pytestmark = pytest.mark.integration
 
@@ -159,21 +159,6 @@ def procs():
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def ok(proc):
-    assert proc.returncode == 0, "exit %d\nstdout:\n%s\nstderr:\n%s" % (proc.returncode, proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return proc
-
-
-def one_error_line(proc, *needles):
-    """A failure is one 'dogestry: error:' line, no traceback, non-zero exit; return the line."""
-    assert proc.returncode != 0, proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [l for l in proc.stderr.splitlines() if l.startswith("dogestry: error:")]
-    assert len(lines) == 1, proc.stderr
-    for needle in needles:
-        assert needle in lines[0], proc.stderr
-    return lines[0]
 
 
 def statuses(proc):

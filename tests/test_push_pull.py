@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from realdocker import build_image, docker_cli, image_id, image_layers, random_bytes, run_dogestry, text_bytes
+from realdocker import (build_image, docker_cli, image_id, image_layers, one_error_line, random_bytes,
+                        run_dogestry, text_bytes)
 
 pytestmark = pytest.mark.integration
 
@@ -39,14 +40,6 @@ def manifest(store, image):
     return json.loads((Path(store) / "images" / image.split(":")[1] / "manifest.json").read_text())
 
 
-def assert_one_error_line(proc, *needles):
-    """A failure is one clear line on stderr, no traceback, non-zero exit."""
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    lines = [l for l in proc.stderr.splitlines() if l.startswith("dogestry: error:")]
-    assert len(lines) == 1, proc.stderr
-    for needle in needles:
-        assert needle in lines[0], proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +222,7 @@ def test_corrupt_blob_aborts_the_pull_with_nothing_loaded(docker_host, docker_en
 
     proc = run_dogestry("pull", store, "dgtest/corrupt:1", env=docker_env)
 
-    assert_one_error_line(proc, "corrupt", bottom["digest"])
+    one_error_line(proc, "corrupt", bottom["digest"])
     assert image_id(docker_host, built) is None
     assert image_id(docker_host, "dgtest/corrupt:1") is None
     assert bottom["diffID"] not in json.dumps(
@@ -246,7 +239,7 @@ def test_missing_blob_fails_cleanly(docker_host, docker_env, tmp_path):
 
     proc = run_dogestry("pull", store, "dgtest/missing:1", env=docker_env)
 
-    assert_one_error_line(proc, "blobs/sha256/")
+    one_error_line(proc, "blobs/sha256/")
     assert image_id(docker_host, "dgtest/missing:1") is None
 
 
@@ -255,7 +248,7 @@ def test_tag_pointing_to_a_missing_image_fails_cleanly(docker_env, tmp_path):
     (store / "repositories" / "ghost").mkdir(parents=True)
     (store / "repositories" / "ghost" / "latest").write_text("ab" * 32)
     proc = run_dogestry("pull", store, "ghost", env=docker_env)
-    assert_one_error_line(proc, "missing")
+    one_error_line(proc, "missing")
 
 
 def test_interrupted_push_writes_no_tag_and_cleans_its_temp_dir(docker_host, docker_env, tmp_path):
@@ -309,7 +302,7 @@ def test_bad_input_gets_one_clear_line(docker_env, app_image, tmp_path, args, ne
     dogestry_ok(docker_env, "push", store, "dgtest/app:1.0")
     args = [a.format(store=store, missing=tmp_path / "missing") for a in args]
     proc = run_dogestry(*args, env=docker_env)
-    assert_one_error_line(proc, *needles)
+    one_error_line(proc, *needles)
 
 
 @pytest.mark.parametrize("host, needle", [
@@ -321,7 +314,7 @@ def test_bad_input_gets_one_clear_line(docker_env, app_image, tmp_path, args, ne
 def test_dead_or_wrong_docker_host(docker_env, tmp_path, host, needle):
     env = dict(docker_env, DOCKER_HOST=host)
     proc = run_dogestry("push", tmp_path / "store", "dgtest/app:1.0", env=env)
-    assert_one_error_line(proc, needle)
+    one_error_line(proc, needle)
 
 
 def test_usage_errors_exit_2(docker_env):

@@ -17,7 +17,8 @@ import pytest
 
 import dogestry
 from faultproxy import Reset, Truncate, s3_error
-from realdocker import build_image, docker_cli, image_id, image_layers, random_bytes, run_dogestry, text_bytes
+from realdocker import (build_image, docker_cli, image_id, image_layers, ok, one_error_line, random_bytes,
+                        run_dogestry, text_bytes)
 
 pytestmark = pytest.mark.integration
 
@@ -85,21 +86,6 @@ def forget(docker_host, ref):
     assert image_id(docker_host, ref) is None
 
 
-def ok(proc):
-    assert proc.returncode == 0, "exit %d\nstdout:\n%s\nstderr:\n%s" % (proc.returncode, proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return proc
-
-
-def one_error_line(proc, *needles):
-    """A failure is one clear 'dogestry: error:' line, no traceback, non-zero exit."""
-    assert proc.returncode != 0, proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [l for l in proc.stderr.splitlines() if l.startswith("dogestry: error:")]
-    assert len(lines) == 1, proc.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def round_trip(docker_host, env, bucket, ref, image, pull_env=None):
