@@ -1010,35 +1010,27 @@ class AwsConfig:
         self.config_file = environ.get("AWS_CONFIG_FILE") or os.path.join(home, ".aws", "config")
         self._sections = None  # type: Optional[Dict[str, str]]
 
-    def _read(self, path: str, section: str) -> Dict[str, str]:
+    def _read(self, path: str, section: str) -> Optional[Dict[str, str]]:
+        """A section's keys, or None when the file has no such section."""
         parser = configparser.RawConfigParser()
         try:
             parser.read(path, encoding="utf-8")
         except (configparser.Error, OSError, UnicodeDecodeError) as e:
             raise DogestryError("cannot read AWS settings in %s: %s" % (path, str(e).splitlines()[0]))
-        return dict(parser.items(section)) if parser.has_section(section) else {}
+        return dict(parser.items(section)) if parser.has_section(section) else None
 
     def settings(self) -> Dict[str, str]:
         """The profile's keys: config file ([profile NAME] or [default]) overlaid by the credentials file."""
         if self._sections is None:
             config_section = "default" if self.profile == "default" else "profile " + self.profile
-            merged = self._read(self.config_file, config_section)
-            found = bool(merged) or self._has_section(self.config_file, config_section)
+            config = self._read(self.config_file, config_section)
             credentials = self._read(self.credentials_file, self.profile)
-            found = found or bool(credentials) or self._has_section(self.credentials_file, self.profile)
             explicit = self.environ.get("AWS_PROFILE") or self.environ.get("AWS_DEFAULT_PROFILE")
-            if explicit and not found:
+            if explicit and config is None and credentials is None:
                 raise DogestryError("AWS profile %r not found in %s or %s"
                                     % (self.profile, self.credentials_file, self.config_file))
-            merged.update(credentials)
-            self._sections = merged
+            self._sections = dict(config or {}, **(credentials or {}))
         return self._sections
-
-    def _has_section(self, path: str, section: str) -> bool:
-        parser = configparser.RawConfigParser()
-        with contextlib.suppress(configparser.Error, OSError, UnicodeDecodeError):
-            parser.read(path, encoding="utf-8")
-        return parser.has_section(section)
 
     def region(self) -> Optional[str]:
         """AWS_REGION, AWS_DEFAULT_REGION, or the profile's region."""
