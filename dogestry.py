@@ -599,6 +599,11 @@ class Store:
         """Every key starting with prefix, in sorted order."""
         raise NotImplementedError
 
+    def list_sizes(self, prefix: str) -> Iterator[Tuple[str, int]]:
+        """(key, size) of every key starting with prefix (stores that list sizes override this)."""
+        for key in self.list(prefix):
+            yield key, self.stat(key) or 0
+
     def delete(self, key: str) -> None:
         """Remove key (no error if absent)."""
         raise NotImplementedError
@@ -1733,8 +1738,11 @@ class S3Store(Store):
         self.client.put(self._key(key), lambda: FileRange(path, 0, size, on_progress), size, sha, if_absent)
 
     def list(self, prefix: str) -> Iterator[str]:
+        return (key for key, _ in self.list_sizes(prefix))
+
+    def list_sizes(self, prefix: str) -> Iterator[Tuple[str, int]]:
         start = len(self.location.prefix)
-        return iter(sorted(k[start:] for k, _ in self.client.list(self.location.prefix + prefix)))
+        return iter(sorted((k[start:], size) for k, size in self.client.list(self.location.prefix + prefix)))
 
     def delete(self, key: str) -> None:
         self.client.call("DELETE", self._key(key), ok=(204, 200))
@@ -3624,8 +3632,8 @@ def cmd_remote(ctx: Context) -> int:
     store.check()
     tags = list_tags(store)
     images = list_image_ids(store)
-    blobs = list(store.list("blobs/"))
-    size = sum(store.stat(k) or 0 for k in blobs)
+    blobs = list(store.list_sizes("blobs/"))  # one listing, not a HEAD per blob
+    size = sum(blob_size for _, blob_size in blobs)
     ctx.stdout.write("Store:        %s (%s)\n" % (store.url, store.kind()))
     ctx.stdout.write("Repositories: %d\n" % len({r.name for r, _ in tags}))
     ctx.stdout.write("Tags:         %d\n" % len(tags))
