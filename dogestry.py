@@ -2222,6 +2222,57 @@ class PushOptions(NamedTuple):
     uploads: int = 2
 
 
+class SpoolWriter:
+    """A thread that writes pieces (bytes, or futures of bytes) to a file in the order given,
+    hashing them if asked; at most DEPTH pieces wait, so memory stays bounded."""
+
+    def __init__(self, path: str, depth: int, hashed: bool):
+        self.path, self.hashed = path, hashed
+        self.size = 0
+        self.digest = ""
+        self._sha = hashlib.sha256()
+        self._queue = queue.Queue(depth)  # type: queue.Queue
+        self._error = None  # type: Optional[BaseException]
+        self._file = open(path, "wb")
+        self._thread = threading.Thread(target=self._run, name="dogestry-spool", daemon=True)
+        self._thread.start()
+
+    def put(self, piece: Any) -> None:
+        """Queue the next piece; raise the writer's error, if it had one."""
+        if self._error is not None:
+            raise self._error
+        self._queue.put(piece)
+
+    def _run(self) -> None:
+        while True:
+            piece = self._queue.get()
+            if piece is None:
+                return
+            if self._error is not None:
+                continue  # keep draining so put() never blocks on a dead writer
+            try:
+                data = piece.result() if isinstance(piece, concurrent.futures.Future) else piece
+                if self.hashed:
+                    self._sha.update(data)
+                self._file.write(data)
+                self.size += len(data)
+            except OSError as e:  # handed to the reading thread by put() or __exit__
+                self._error = DogestryError("cannot write %s: %s" % (self.path, _os_reason(e)))
+            except BaseException as e:
+                self._error = e
+
+    def __enter__(self) -> "SpoolWriter":
+        return self
+
+    def __exit__(self, kind: Any, value: Any, tb: Any) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._file.close()
+        if kind is None and self._error is not None:
+            raise self._error
+        self.digest = "sha256:" + self._sha.hexdigest()
+
+
 class LayerPipeline:
     """Spools save-stream members while compressing them on all cores, and uploads finished
     layers in the background while the stream is still being read."""
@@ -2237,7 +2288,11 @@ class LayerPipeline:
         self._count = 0
 
     def spool(self, reader: MemberReader, size: int, label: str, may_compress: bool) -> Spool:
-        """Write a member to a temp file, hashing it, gzip-compressed in parallel when that pays."""
+        """Write a member to a temp file, hashing it, gzip-compressed in parallel when that pays.
+
+        This thread reads and hashes; gzip runs on the pool; a SpoolWriter thread hashes and
+        writes the output in order, so slow page-cache writes overlap with reading.
+        """
         path = os.path.join(self.work_dir, "member-%d" % self._count)
         self._count += 1
         first = reader.read(CHUNK_GZ)
@@ -2246,18 +2301,9 @@ class LayerPipeline:
         if compression == "none" and may_compress and self.options.compression == "gzip":
             packed = compressed_sample(first)
         task = self.progress.task(label, "compressing" if packed is not None else "reading", size)
-        raw_sha, out_sha = hashlib.sha256(), hashlib.sha256()
-        raw_size = out_size = 0
-        pending = collections.deque()  # type: collections.deque
-        with open(path, "wb") as out:
-
-            def write_oldest() -> None:
-                nonlocal out_size
-                data = pending.popleft().result()
-                out_sha.update(data)
-                out.write(data)
-                out_size += len(data)
-
+        raw_sha = hashlib.sha256()
+        raw_size = 0
+        with SpoolWriter(path, self.options.workers + 1, hashed=packed is not None) as writer:
             chunk = first
             while chunk:
                 if self.abort.is_set():
@@ -2265,28 +2311,21 @@ class LayerPipeline:
                 raw_sha.update(chunk)
                 raw_size += len(chunk)
                 if packed is None:
-                    out.write(chunk)
+                    writer.put(chunk)
+                elif raw_size == len(first):
+                    writer.put(packed)  # the sample already is the first member
                 else:
-                    done = concurrent.futures.Future()  # type: concurrent.futures.Future
-                    if raw_size == len(first):
-                        done.set_result(packed)  # the sample already is the first member
-                    else:
-                        done = self._gzip_pool.submit(gzip_member, chunk)
-                    pending.append(done)
-                    while len(pending) > self.options.workers:
-                        write_oldest()
+                    writer.put(self._gzip_pool.submit(gzip_member, chunk))
                 task.advance(len(chunk))
                 chunk = reader.read(CHUNK_GZ)
-            while pending:
-                write_oldest()
         if raw_size != size:
             raise FormatError("docker save stream ended inside a layer (%d of %d bytes)" % (raw_size, size))
         raw_digest = "sha256:" + raw_sha.hexdigest()
         if packed is None:
             task.finish("read")
             return Spool(path, raw_digest, raw_size, raw_digest, raw_size, compression)
-        task.finish("compressed to %s from" % human_size(out_size))
-        return Spool(path, "sha256:" + out_sha.hexdigest(), out_size, raw_digest, raw_size, "gzip")
+        task.finish("compressed to %s from" % human_size(writer.size))
+        return Spool(path, writer.digest, writer.size, raw_digest, raw_size, "gzip")
 
     def upload(self, diff_id: str, spool: Spool) -> None:
         """Store a spooled layer's blob and its index entry, in the background."""

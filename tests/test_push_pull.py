@@ -374,3 +374,26 @@ def test_progress_bars_on_a_tty(docker_env, app_image, tmp_path):
     os.close(master)
     text = output.decode()
     assert "\x1b[" in text and "[" in text and "B/s" in text
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 2 MiB tmpfs: a disk that fills up (the suite runs as root, as dockerd needs)."""
+    mount_point = tmp_path / "full"
+    mount_point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)], check=True)
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def test_push_onto_a_full_disk_says_so_and_writes_no_tag(docker_host, docker_env, tmp_path, small_tmpfs):
+    build_image(docker_host, "dgtest/fills:1", [{"a": random_bytes(6 << 20, 11)}])
+    as_tempdir = run_dogestry("-tempdir", small_tmpfs, "push", tmp_path / "store", "dgtest/fills:1",
+                              env=docker_env)
+    one_error_line(as_tempdir, "No space left on device")
+    assert not (tmp_path / "store" / "repositories" / "dgtest" / "fills" / "1").exists()
+    assert list(small_tmpfs.iterdir()) == []  # the temp dir went, too
+
+    as_store = run_dogestry("push", small_tmpfs / "store", "dgtest/fills:1", env=docker_env)
+    one_error_line(as_store, "No space left on device")
+    assert not (small_tmpfs / "store" / "repositories" / "dgtest" / "fills" / "1").exists()
