@@ -2183,7 +2183,7 @@ def parse_saved_image(contents: SaveContents, image_id: str) -> SavedImage:
 # independent gzip member, and concatenated members form one valid gzip stream
 # (RFC 1952 section 2.2), which docker load and any gunzip read as a whole.
 
-CHUNK_GZ = 4 << 20
+CHUNK_GZ = 2 << 20
 GZIP_LEVEL = 1
 INCOMPRESSIBLE_RATIO = 0.9
 COMPRESSIONS = ("gzip", "none")
@@ -2303,7 +2303,7 @@ class LayerPipeline:
         task = self.progress.task(label, "compressing" if packed is not None else "reading", size)
         raw_sha = hashlib.sha256()
         raw_size = 0
-        with SpoolWriter(path, self.options.workers + 1, hashed=packed is not None) as writer:
+        with SpoolWriter(path, self.options.workers, hashed=packed is not None) as writer:
             chunk = first
             while chunk:
                 if self.abort.is_set():

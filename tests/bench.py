@@ -10,7 +10,7 @@ from a build context written in 4 MiB pieces, and measures:
 
   floors    docker save > /dev/null; docker load of the saved tar after docker rmi (the
             layers are checked to be gone from the engine); gzip -1 of the saved tar on
-            one thread and, the floor, in 4 MiB members on os.cpu_count() threads
+            one thread and, the floor, in 2 MiB members on os.cpu_count() threads
             (also: only the layers dogestry would compress, for reference)
   dogestry  push to an empty store, re-push, push --compress none, pull after docker rmi
             (from the gzip store, and from the uncompressed one for reference); each runs
@@ -87,7 +87,7 @@ MiB = 1 << 20
 MB = 1000 * 1000
 GEN_CHUNK = 4 * MiB       # data is generated and written this much at a time
 FILE_SIZE = 32 * MiB      # each layer is split into files of at most this size
-GZ_CHUNK = 4 * MiB        # dogestry's CHUNK_GZ: independent gzip members of this size
+GZ_CHUNK = 2 * MiB        # dogestry's CHUNK_GZ: independent gzip members of this size
 TAG = "dogestry-bench/image:%d" % os.getpid()
 
 TARGET_PUSH_RATIO = 1.2
@@ -433,7 +433,7 @@ def _read_ranges(f, ranges):
 
 
 def gzip_parallel(path, workers, ranges=None):
-    """gzip -1 of a file (or of its byte RANGES) in independent 4 MiB members on WORKERS threads."""
+    """gzip -1 of a file (or of its byte RANGES) in independent 2 MiB members on WORKERS threads."""
     start, cpu0, size = time.perf_counter(), time.process_time(), 0
     pending = collections.deque()
     with concurrent.futures.ThreadPoolExecutor(workers) as pool, open(path, "rb") as f:
@@ -449,7 +449,7 @@ def gzip_parallel(path, workers, ranges=None):
 
 
 def compressible_layer_ranges(path):
-    """(offset, size) of the layer members dogestry would gzip: 4 MiB sample shrinks below 90%."""
+    """(offset, size) of the layer members dogestry would gzip: 2 MiB sample shrinks below 90%."""
     ranges = []
     with tarfile.open(str(path), "r:") as tar:
         members = {m.name: m for m in tar.getmembers()}
@@ -1059,7 +1059,7 @@ def run(args, state):
                                                             100.0 * size / input_bytes))
 
     add(named("  (gzip -1 of the saved tar, 1 thread)", best_of(args.repeat, lambda: measure_gzip(gzip_single))))
-    gzip_floor = add(named("floor: gzip -1, 4 MiB members, %d threads" % workers,
+    gzip_floor = add(named("floor: gzip -1, 2 MiB members, %d threads" % workers,
                            best_of(args.repeat, lambda: measure_gzip(gzip_parallel, workers))))
     ranges = compressible_layer_ranges(save_path)
     add(named("  (same, only layers dogestry compresses: %d)" % len(ranges),
