@@ -2372,18 +2372,57 @@ def stored_layer(store: Store, diff_id: str) -> Optional[LayerRecord]:
     return record
 
 
+WORK_PREFIX = ".tmp-dogestry-"
+WORK_LOCK = ".tmp-dogestry.lock"  # inside a work dir, flock'ed by its run for as long as it lives
+ABANDONED_UNLOCKED_AGE = 24 * 3600
+
+
 @contextlib.contextmanager
 def work_directory(tempdir: Optional[str]) -> Iterator[str]:
-    """A private temp dir under -tempdir, always removed afterwards."""
+    """A private temp dir under -tempdir, always removed afterwards (by the next run if we are killed)."""
     base = tempdir or tempfile.gettempdir()
     try:
-        path = tempfile.mkdtemp(prefix=".tmp-dogestry-", dir=base)
+        path = tempfile.mkdtemp(prefix=WORK_PREFIX, dir=base)
+        lock = open(os.path.join(path, WORK_LOCK + ".new"), "wb")
     except OSError as e:
         raise DogestryError("cannot create a temp dir in %s: %s" % (base, _os_reason(e)))
     try:
+        # Lock first, then give the lock its name: a sweeper never sees a named, unlocked lock
+        # of a live run.  The kernel drops the lock when the process dies, even by SIGKILL.
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        os.rename(lock.name, os.path.join(path, WORK_LOCK))
+        remove_abandoned_work_dirs(base)
         yield path
     finally:
+        lock.close()
         shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_abandoned_work_dirs(base: str) -> None:
+    """Remove the temp dirs that killed runs left in BASE: their lock is free (or, from older
+    versions, missing for a day)."""
+    try:
+        names = [n for n in os.listdir(base) if n.startswith(WORK_PREFIX)]
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(base, name)
+        try:
+            fd = os.open(os.path.join(path, WORK_LOCK), os.O_RDONLY)
+        except FileNotFoundError:
+            with contextlib.suppress(OSError):
+                if time.time() - os.stat(path).st_mtime > ABANDONED_UNLOCKED_AGE:
+                    shutil.rmtree(path, ignore_errors=True)
+            continue
+        except OSError:
+            continue  # someone else's
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass  # locked: its run is alive
+        finally:
+            os.close(fd)
 
 
 def push_image(docker: DockerClient, store: Store, text: str, progress: Progress,

@@ -271,12 +271,27 @@ def test_interrupted_push_writes_no_tag_and_cleans_its_temp_dir(docker_host, doc
         assert not list((store / "images").glob("*/manifest.json")) if (store / "images").exists() else True
         if sig != signal.SIGKILL:
             assert list(spool.iterdir()) == [], "temp dir left behind after %s" % sig
-    for leftover in spool.iterdir():
-        __import__("shutil").rmtree(str(leftover))
+    assert len(list(spool.iterdir())) == 1  # SIGKILL leaves the temp dir; the next run removes it
     dogestry_ok(docker_env, "-tempdir", spool, "push", store, "dgtest/big:1")
     assert (store / "repositories" / "dgtest" / "big" / "1").exists()
     assert list(spool.iterdir()) == []
     forget(docker_host, "dgtest/big:1")
+
+
+def test_a_run_removes_temp_dirs_of_killed_runs_but_not_of_live_ones(docker_host, docker_env, tmp_path):
+    import fcntl
+    spool = tmp_path / "spool"
+    dead, live, foreign = spool / ".tmp-dogestry-dead", spool / ".tmp-dogestry-live", spool / "mine"
+    for d in (dead, live, foreign):
+        d.mkdir(parents=True)
+        (d / "member-0").write_bytes(b"x" * 1000)
+    (dead / ".tmp-dogestry.lock").touch()
+    with open(str(live / ".tmp-dogestry.lock"), "wb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # as a running dogestry holds it
+        build_image(docker_host, "dgtest/sweep:1", [{"a": text_bytes(1 << 20, 5)}])
+        dogestry_ok(docker_env, "-tempdir", spool, "push", tmp_path / "store", "dgtest/sweep:1")
+    assert sorted(p.name for p in spool.iterdir()) == [".tmp-dogestry-live", "mine"]
+    assert (live / "member-0").exists()
 
 
 @pytest.mark.parametrize("args, needles", [
