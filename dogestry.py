@@ -3194,8 +3194,11 @@ class DogestryServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
                 return "1.41"
         return self._api_version
 
-    def pull(self, request: PullRequest, progress: JsonProgress) -> str:
-        """Pull once per (store, image) at a time: later identical requests share the result."""
+    def pull(self, request: PullRequest, progress: JsonProgress) -> Tuple[str, bool]:
+        """Pull once per (store, image) at a time: later identical requests share the result.
+
+        Returns the image ID and whether the requested tag now names another image than before.
+        """
         key = (request.store_key, request.image)
         with self.inflight_lock:
             future = self.inflight.get(key)
@@ -3221,8 +3224,9 @@ class DogestryServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
             finally:
                 with self.inflight_lock:
                     self.inflight.pop(key, None)
+        before = self.docker.inspect_image(str(request.tag_as))
         self.docker.tag(image_id, request.tag_as)
-        return image_id
+        return image_id, before is None or before.get("Id") != image_id
 
 
 def resolve_docker_name(name: str) -> Tuple[str, str]:
@@ -3376,9 +3380,10 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
         progress = JsonProgress(emit)
         try:
             progress.note("Pulling %s from %s" % (request.image, request.store.url))
-            image_id = self.server.pull(request, progress)
+            image_id, newer = self.server.pull(request, progress)
             progress.note("Digest: %s" % image_id)
-            progress.note("Status: Image is up to date for %s" % (request.tag_as,))
+            progress.note("Status: %s for %s" % ("Downloaded newer image" if newer else "Image is up to date",
+                                                 request.tag_as))
         except DogestryError as e:
             message = "dogestry: " + str(e)
             emit({"errorDetail": {"message": message}, "error": message})

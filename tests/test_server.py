@@ -403,7 +403,7 @@ def test_seed_walkthrough(fleet, pushed, rgw, base_env, servers, tmp_path):
 
     pulled = docker_user(HOSTS[0], "pull", IMAGE, config_dir=config_dir)
     assert pulled.returncode == 0, pulled.stdout + pulled.stderr
-    assert IMAGE in pulled.stdout
+    assert "Status: Downloaded newer image for %s:latest" % IMAGE in pulled.stdout
 
     assert image_id(host.host, IMAGE + ":latest") == pushed.ids["hipache"]
     tags = docker_cli(host.host, "image", "inspect", "-f", "{{json .RepoTags}}", IMAGE).stdout
@@ -416,6 +416,7 @@ def test_seed_walkthrough(fleet, pushed, rgw, base_env, servers, tmp_path):
     # pulling again is quick and still fine (the image is already there)
     again = docker_user(HOSTS[0], "pull", IMAGE, config_dir=config_dir)
     assert again.returncode == 0, again.stderr
+    assert "Status: Image is up to date for %s:latest" % IMAGE in again.stdout
 
 
 def test_missing_image_and_bad_keys_fail_the_docker_cli(fleet, pushed, rgw, base_env, servers, tmp_path):
