@@ -3185,6 +3185,15 @@ class DogestryServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
                                                                if isinstance(error, OSError) else repr(error)))
             self.log.flush()
 
+    def public(self, message: str) -> str:
+        """An error message fit for clients: the path of a directory store stays private."""
+        if self.default_store:
+            with contextlib.suppress(DogestryError):  # an s3:// store does not open without AWS settings
+                store = open_store(self.default_store)
+                if isinstance(store, LocalStore):
+                    message = message.replace(store.root, "<server store>")
+        return message
+
     def api_version(self) -> str:
         """The local dockerd's API version (what docker clients should speak), else 1.41."""
         if self._api_version is None:
@@ -3356,7 +3365,7 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
         try:
             request = self._pull_request()
         except DogestryError as e:
-            return self._refuse(400, str(e))
+            return self._refuse(400, self.server.public(str(e)))
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Transfer-Encoding", "chunked")
@@ -3385,7 +3394,7 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
             progress.note("Status: %s for %s" % ("Downloaded newer image" if newer else "Image is up to date",
                                                  request.tag_as))
         except DogestryError as e:
-            message = "dogestry: " + str(e)
+            message = "dogestry: " + self.server.public(str(e))
             emit({"errorDetail": {"message": message}, "error": message})
         if gone.is_set():
             return

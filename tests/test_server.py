@@ -869,6 +869,7 @@ def test_server_with_its_own_store_serves_logins_free_pulls(fleet, pushed, docke
 
     proc = docker_user(HOSTS[1], "pull", REGISTRY + "/elsewhere/hipache", config_dir=empty)
     assert proc.returncode == 1 and ("not found" in proc.stderr or "does not exist" in proc.stderr), proc.stderr
+    assert str(store) not in proc.stderr and "<server store>/elsewhere" in proc.stderr  # no server paths
     proc = docker_user(HOSTS[1], "pull", IMAGE + ":v2", config_dir=empty)
     assert proc.returncode == 1 and "not found" in proc.stderr, proc.stderr
     assert len(server.posts_to_create()) == 5
