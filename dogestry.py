@@ -1361,12 +1361,18 @@ class S3Client:
             try:
                 conn.request(method, target, body=body() if body else None, headers=all_headers)
                 resp = conn.getresponse()
+            except ssl.SSLCertVerificationError as e:  # will not go away by trying again
+                self._drop(scheme, host, port)
+                raise S3Error("%s %s: certificate verify failed for %s://%s: %s (a private CA is given with "
+                              "AWS_CA_BUNDLE or ca_bundle in ~/.aws/config)"
+                              % (method, self.describe(key), scheme, netloc, e.verify_message or e.reason))
             except (OSError, http.client.HTTPException) as e:
                 self._drop(scheme, host, port)
                 if idempotent and attempt < self.max_attempts:
                     self._backoff(attempt)
                     continue
-                raise S3Error("%s %s: %s (after %d attempts)" % (method, self.describe(key), _os_reason(e), attempt))
+                raise S3Error("%s %s: %s (after %d attempt%s)" % (method, self.describe(key), _os_reason(e), attempt,
+                                                                  "s" if attempt > 1 else ""))
             if resp.status in ok:
                 return resp
             try:
