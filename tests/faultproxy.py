@@ -38,7 +38,7 @@ import urllib.parse
 import uuid
 from xml.sax.saxutils import escape as xml_escape
 
-__all__ = ["FaultProxy", "Reply", "Reset", "Truncate", "Request", "s3_error"]
+__all__ = ["FaultProxy", "LoopbackServer", "Reply", "Reset", "Truncate", "Request", "s3_error"]
 
 IO_TIMEOUT = 30.0          # any single socket read/write
 MAX_HEAD = 64 << 10        # request or response head
@@ -263,27 +263,28 @@ def _is_loopback(host):
         info[4][0].startswith("127.") or info[4][0] == "::1" for info in infos)
 
 
-class FaultProxy:
-    """See the module docstring.  .url, .log (one dict per request), .start(), .stop()."""
+class LoopbackServer:
+    """What FaultProxy and tlsrelay.TLSRelay share: a listener on 127.0.0.1 with a thread per
+    loopback client calling self._handle(sock), a bounded life, and a stop() that wakes
+    every blocked thread.  Subclasses set URL_SCHEME and define _handle()."""
 
-    def __init__(self, upstream, rule=None, lifetime=DEFAULT_LIFETIME, name="faultproxy"):
+    URL_SCHEME = "http"
+
+    def __init__(self, upstream, lifetime, name):
         parts = urllib.parse.urlsplit(upstream)
         if parts.scheme != "http" or not parts.hostname or not _is_loopback(parts.hostname):
-            raise ValueError("FaultProxy only forwards to a plain-HTTP loopback upstream, not %r" % upstream)
+            raise ValueError("%s only forwards to a plain-HTTP loopback upstream, not %r"
+                             % (type(self).__name__, upstream))
         self.upstream = (parts.hostname, parts.port or 80)
-        self.rule = rule or (lambda req: None)
         self.lifetime, self.name = lifetime, name
-        self.log = []
-        self.errors = []  # exceptions raised inside the proxy (other than peers going away)
+        self.errors = []  # exceptions raised inside the server (other than peers going away)
         self._lock = threading.Lock()
-        self._counts = {}
-        self._n = 0
         self._stop = threading.Event()
         self._listener = None
         self._thread = None
-        self._conns = set()
+        self._socks = set()
         self._threads = []
-        self.url = None
+        self.port = self.url = None
 
     # -- life cycle --
 
@@ -294,7 +295,7 @@ class FaultProxy:
         self._listener.listen(64)
         self._listener.settimeout(0.2)
         self.port = self._listener.getsockname()[1]
-        self.url = "http://127.0.0.1:%d" % self.port
+        self.url = "%s://127.0.0.1:%d" % (self.URL_SCHEME, self.port)
         self._deadline = time.monotonic() + self.lifetime
         self._thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
         self._thread.start()
@@ -309,9 +310,9 @@ class FaultProxy:
         if self._thread is not None:
             self._thread.join(timeout)
         with self._lock:
-            conns = list(self._conns)
+            socks = list(self._socks)
             threads = list(self._threads)
-        for sock in conns:  # shutdown() wakes a thread blocked in recv(); close() alone does not
+        for sock in socks:  # shutdown() wakes a thread blocked in recv(); close() alone does not
             with _suppress_os():
                 sock.shutdown(socket.SHUT_RDWR)
         deadline = time.monotonic() + timeout
@@ -333,6 +334,15 @@ class FaultProxy:
     def _stopping(self):
         return self._stop.is_set() or time.monotonic() > self._deadline
 
+    def _track(self, sock):
+        with self._lock:
+            self._socks.add(sock)
+
+    def _untrack(self, sock):
+        with self._lock:
+            self._socks.discard(sock)
+        _close_quietly(sock)
+
     def _serve(self):
         try:
             accepted = 0
@@ -351,12 +361,26 @@ class FaultProxy:
                 thread = threading.Thread(target=self._handle, args=(sock,), daemon=True,
                                           name="%s-conn%d" % (self.name, accepted))
                 with self._lock:
-                    self._conns.add(sock)
+                    self._socks.add(sock)
                     self._threads = [t for t in self._threads if t.is_alive()] + [thread]
                 thread.start()
         finally:
             _close_quietly(self._listener)
             self._stop.set()
+
+    def _handle(self, sock):
+        raise NotImplementedError
+
+
+class FaultProxy(LoopbackServer):
+    """See the module docstring.  .url, .log (one dict per request), .start(), .stop()."""
+
+    def __init__(self, upstream, rule=None, lifetime=DEFAULT_LIFETIME, name="faultproxy"):
+        super().__init__(upstream, lifetime, name)
+        self.rule = rule or (lambda req: None)
+        self.log = []
+        self._counts = {}
+        self._n = 0
 
     # -- one client connection --
 
@@ -373,9 +397,7 @@ class FaultProxy:
         except Exception as e:  # a bug in the proxy or a rule: remember it for the test
             self.errors.append(e)
         finally:
-            with self._lock:
-                self._conns.discard(sock)
-            _close_quietly(sock)
+            self._untrack(sock)
 
     def _one_request(self, sock, client):
         """Serve one request; False when the client connection must close."""
@@ -409,7 +431,7 @@ class FaultProxy:
     def _forward(self, sock, head, request_body, method, headers, action, entry):
         up = socket.create_connection(self.upstream, timeout=IO_TIMEOUT)
         with self._lock:
-            self._conns.add(up)
+            self._socks.add(up)
         try:
             up.sendall(head)
             for data in request_body:
@@ -470,7 +492,7 @@ class FaultProxy:
             return not close
         finally:
             with self._lock:
-                self._conns.discard(up)
+                self._socks.discard(up)
             _close_quietly(up)
 
 

@@ -23,124 +23,30 @@ even if stop() is never called.  Standard library only.
 import select
 import socket
 import ssl
-import threading
 import time
-import urllib.parse
+
+from faultproxy import LoopbackServer
 
 __all__ = ["TLSRelay"]
 
 IO_TIMEOUT = 30.0          # any single socket read/write (and the handshake)
 CHUNK = 64 << 10
-MAX_CONNECTIONS = 10000    # over the relay's life
 DEFAULT_LIFETIME = 600.0
 POLL = 0.2                 # how often blocked loops look at the stop flag
 
 
-class TLSRelay:
+class TLSRelay(LoopbackServer):
     """See the module docstring.  .url, .port, .start(), .stop(), and what it saw."""
 
+    URL_SCHEME = "https"
+
     def __init__(self, upstream, certfile, keyfile, lifetime=DEFAULT_LIFETIME, name="tlsrelay"):
-        parts = urllib.parse.urlsplit(upstream)
-        if parts.scheme != "http" or parts.hostname not in ("127.0.0.1", "localhost", "::1"):
-            raise ValueError("TLSRelay only relays to a plain-HTTP loopback upstream, not %r" % upstream)
-        self.upstream = (parts.hostname, parts.port or 80)
+        super().__init__(upstream, lifetime, name)
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.load_cert_chain(str(certfile), str(keyfile))
-        self.lifetime, self.name = lifetime, name
         self.handshakes = 0
         self.failed_handshakes = []
         self.bytes_up = 0
-        self.errors = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._listener = None
-        self._thread = None
-        self._socks = set()
-        self._threads = []
-        self.port = None
-        self.url = None
-
-    # -- life cycle --
-
-    def start(self):
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(64)
-        self._listener.settimeout(POLL)
-        self.port = self._listener.getsockname()[1]
-        self.url = "https://127.0.0.1:%d" % self.port
-        self._deadline = time.monotonic() + self.lifetime
-        self._thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self, timeout=10.0):
-        """Stop accepting, close every connection, and wait for the threads (bounded)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-        with self._lock:
-            socks = list(self._socks)
-            threads = list(self._threads)
-        for sock in socks:
-            _shutdown_quietly(sock)
-        deadline = time.monotonic() + timeout
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-
-    @property
-    def alive_threads(self):
-        with self._lock:
-            threads = list(self._threads) + ([self._thread] if self._thread else [])
-        return [t for t in threads if t.is_alive()]
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
-
-    def _stopping(self):
-        return self._stop.is_set() or time.monotonic() > self._deadline
-
-    def _track(self, sock):
-        with self._lock:
-            self._socks.add(sock)
-
-    def _untrack(self, sock):
-        with self._lock:
-            self._socks.discard(sock)
-        _close_quietly(sock)
-
-    # -- accepting --
-
-    def _serve(self):
-        try:
-            for accepted in range(1, MAX_CONNECTIONS + 1):
-                sock = None
-                while sock is None and not self._stopping():
-                    try:
-                        sock, peer = self._listener.accept()
-                    except socket.timeout:
-                        continue
-                    if not peer[0].startswith("127."):
-                        _close_quietly(sock)
-                        sock = None
-                if sock is None:
-                    return
-                sock.settimeout(IO_TIMEOUT)
-                self._track(sock)
-                thread = threading.Thread(target=self._handle, args=(sock,), daemon=True,
-                                          name="%s-conn%d" % (self.name, accepted))
-                with self._lock:
-                    self._threads = [t for t in self._threads if t.is_alive()] + [thread]
-                thread.start()
-        except OSError:
-            pass
-        finally:
-            _close_quietly(self._listener)
-            self._stop.set()
 
     # -- one client connection --
 
@@ -199,19 +105,3 @@ class TLSRelay:
                 if not data:
                     return
                 tls.sendall(data)
-
-
-def _shutdown_quietly(sock):
-    """shutdown() wakes a thread blocked on the socket; close() alone does not."""
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except (OSError, ValueError):
-        pass
-
-
-def _close_quietly(sock):
-    if sock is not None:
-        try:
-            sock.close()
-        except (OSError, ValueError):
-            pass
