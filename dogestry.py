@@ -3182,6 +3182,11 @@ class DogestryServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.inflight_lock = threading.Lock()
         self.log_lock = threading.Lock()
         self._api_version = None  # type: Optional[str]
+        self._store_root = ""
+        if default_store:
+            with contextlib.suppress(DogestryError):  # an s3:// store does not open without AWS settings
+                store = open_store(default_store)
+                self._store_root = store.root if isinstance(store, LocalStore) else ""
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """One log line, never a traceback (a client hanging up is routine)."""
@@ -3191,14 +3196,9 @@ class DogestryServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
                                                                if isinstance(error, OSError) else repr(error)))
             self.log.flush()
 
-    def public(self, message: str) -> str:
-        """An error message fit for clients: the path of a directory store stays private."""
-        if self.default_store:
-            with contextlib.suppress(DogestryError):  # an s3:// store does not open without AWS settings
-                store = open_store(self.default_store)
-                if isinstance(store, LocalStore):
-                    message = message.replace(store.root, "<server store>")
-        return message
+    def public(self, text: str) -> str:
+        """Text fit for clients: the path of a directory store stays private."""
+        return text.replace(self._store_root, "<server store>") if self._store_root else text
 
     def api_version(self) -> str:
         """The local dockerd's API version (what docker clients should speak), else 1.41."""
@@ -3383,7 +3383,7 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
             """Send one progress line; a client that hung up just stops getting them."""
             if gone.is_set():
                 return
-            data = json.dumps(doc).encode() + b"\r\n"
+            data = self.server.public(json.dumps(doc)).encode() + b"\r\n"
             with lock:
                 try:
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
@@ -3400,7 +3400,7 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
             progress.note("Status: %s for %s" % ("Downloaded newer image" if newer else "Image is up to date",
                                                  request.tag_as))
         except DogestryError as e:
-            message = "dogestry: " + self.server.public(str(e))
+            message = "dogestry: " + str(e)
             emit({"errorDetail": {"message": message}, "error": message})
         if gone.is_set():
             return

@@ -857,6 +857,7 @@ def test_server_with_its_own_store_serves_logins_free_pulls(fleet, pushed, docke
     proc = docker_user(HOSTS[1], "pull", IMAGE, config_dir=empty)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert image_id(host.host, IMAGE + ":latest") == pushed.ids["hipache"]
+    assert str(store) not in proc.stdout + proc.stderr  # the server's paths stay on the server
 
     proc = docker_user(HOSTS[1], "pull", "hipache", config_dir=empty)  # docker.io/library/hipache
     assert proc.returncode == 0, proc.stdout + proc.stderr
