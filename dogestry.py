@@ -1881,17 +1881,27 @@ def read_tag(store: Store, ref: ImageRef) -> str:
     return hexpart
 
 
+TAG_READERS = 8  # tag files read at once by list/inspect/remote: one request each on S3
+
+
 def list_tags(store: Store) -> List[Tuple[ImageRef, str]]:
-    """Every (ref, image hex) in the store, sorted by name and tag."""
-    out = []
+    """Every (ref, image hex) in the store, in key order (by name, then tag); unreadable tags are left out."""
+    refs = []
     for key in store.list("repositories/"):
         name, _, tag = key[len("repositories/"):].rpartition("/")
-        if not name:
-            continue
-        ref = ImageRef(name, tag)
-        with contextlib.suppress(DogestryError):
-            out.append((ref, read_tag(store, ref)))
-    return out
+        if name:
+            refs.append(ImageRef(name, tag))
+
+    def read(ref: ImageRef) -> Optional[Tuple[ImageRef, str]]:
+        try:
+            return ref, read_tag(store, ref)
+        except DogestryError:
+            return None
+
+    if len(refs) < 2:
+        return [r for r in map(read, refs) if r is not None]
+    with concurrent.futures.ThreadPoolExecutor(min(TAG_READERS, len(refs)), "dogestry-tags") as pool:
+        return [r for r in pool.map(read, refs) if r is not None]
 
 
 def list_image_ids(store: Store) -> List[str]:

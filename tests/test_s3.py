@@ -167,3 +167,32 @@ def test_listing_follows_every_page_and_rm_deletes_many_tags(docker_host, rgw, s
     assert s3_keys(rgw, bucket, "paged/repositories/") == ["paged/repositories/dgtest/s3app/t4"]
     for tag in tags:
         docker_cli(docker_host, "rmi", "dgtest/s3app:" + tag)
+
+
+def test_list_reads_the_tags_concurrently(docker_host, rgw, s3_env, s3_image, bucket, fault_proxy):
+    """One GET per tag file: on S3 they go out several at a time, and the table keeps its order."""
+    import threading
+    url = "s3://%s/many/" % bucket
+    tags = ["v%02d" % i for i in range(12)]
+    for tag in tags:
+        docker_cli(docker_host, "tag", "dgtest/s3app:1", "dgtest/s3app:" + tag)
+    ok(s3_env, "push", url, *["dgtest/s3app:" + t for t in tags])
+    for tag in tags:
+        docker_cli(docker_host, "rmi", "dgtest/s3app:" + tag)
+    lock, state = threading.Lock(), {"now": 0, "most": 0}
+
+    def slow_tag_reads(req):
+        if req.method == "GET" and "/repositories/" in req.path:
+            with lock:
+                state["now"] += 1
+                state["most"] = max(state["most"], state["now"])
+            time.sleep(0.2)
+            with lock:
+                state["now"] -= 1
+
+    proxy = fault_proxy(slow_tag_reads)
+    listed = ok(dict(s3_env, AWS_ENDPOINT_URL=proxy.url), "list", url).stdout.splitlines()[1:]
+
+    assert [line.split()[:2] for line in listed] == [["dgtest/s3app", t] for t in tags]
+    assert state["most"] > 1, state  # the tag GETs overlapped
+    assert len([e for e in proxy.log if "/repositories/" in e["path"] and e["method"] == "GET"]) == len(tags)
