@@ -1,13 +1,13 @@
 """Talking to a dockerd over TCP with TLS, the docker CLI way (DOCKER_TLS_VERIFY, DOCKER_CERT_PATH)."""
 
 import shutil
-import subprocess
 
 import pytest
 
 from conftest import skip_or_fail
 from realdocker import (DockerdError, build_image, client_env, docker_cli, find_docker, image_id,
                         random_bytes, run_dogestry, start_dockerd)
+from testcerts import CLIENT_EXT, make_ca, make_leaf, server_ext
 
 pytestmark = pytest.mark.integration
 
@@ -18,44 +18,7 @@ IMAGE = "dgst-tls/app:v1"
 
 # --- certificates, as in docker's "Protect the Docker daemon socket" guide ---
 
-CA_EXT = ("basicConstraints = critical, CA:TRUE\n"
-          "keyUsage = critical, keyCertSign, cRLSign\n"
-          "subjectKeyIdentifier = hash\n")
-SERVER_EXT = ("subjectAltName = IP:%s\n" % TLS_IP +
-              "extendedKeyUsage = serverAuth\n"
-              "keyUsage = critical, digitalSignature, keyEncipherment\n"
-              "authorityKeyIdentifier = keyid, issuer\n")
-CLIENT_EXT = ("extendedKeyUsage = clientAuth\n"
-              "keyUsage = critical, digitalSignature\n"
-              "authorityKeyIdentifier = keyid, issuer\n")
-
-
-def openssl(cwd, *args):
-    """Run the openssl CLI in CWD; fail the test with its output if it fails."""
-    proc = subprocess.run(["openssl"] + [str(a) for a in args], cwd=str(cwd), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, universal_newlines=True, stdin=subprocess.DEVNULL)
-    if proc.returncode != 0:
-        pytest.fail("openssl %s failed:\n%s" % (" ".join(map(str, args)), proc.stdout), pytrace=False)
-
-
-def make_ca(d, name):
-    """A self-signed CA in D: NAME.pem and NAME-key.pem."""
-    (d / "ca-ext.cnf").write_text(CA_EXT)
-    openssl(d, "genrsa", "-out", name + "-key.pem", "2048")
-    openssl(d, "req", "-new", "-key", name + "-key.pem", "-subj", "/CN=dogestry test %s" % name,
-            "-out", name + ".csr")
-    openssl(d, "x509", "-req", "-days", "2", "-sha256", "-in", name + ".csr", "-signkey", name + "-key.pem",
-            "-extfile", "ca-ext.cnf", "-out", name + ".pem")
-
-
-def make_leaf(d, ca, name, subject, ext):
-    """A key NAME-key.pem and a cert NAME-cert.pem signed by CA (ca.pem/ca-key.pem) in D."""
-    (d / (name + "-ext.cnf")).write_text(ext)
-    openssl(d, "genrsa", "-out", name + "-key.pem", "2048")
-    openssl(d, "req", "-new", "-key", name + "-key.pem", "-subj", subject, "-out", name + ".csr")
-    openssl(d, "x509", "-req", "-days", "2", "-sha256", "-in", name + ".csr", "-CA", ca + ".pem",
-            "-CAkey", ca + "-key.pem", "-CAcreateserial", "-extfile", name + "-ext.cnf",
-            "-out", name + "-cert.pem")
+SERVER_EXT = server_ext("IP:%s" % TLS_IP)
 
 
 def cert_dir(path, ca, cert, key):

@@ -7,7 +7,6 @@ example.invalid.  The relay passes bytes on unchanged, so SigV4 signatures stay 
 """
 
 import shutil
-import subprocess
 from collections import namedtuple
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import dogestry
 from conftest import skip_or_fail
 from realdocker import (build_image, docker_cli, image_id, ok, one_error_line, random_bytes,
                         run_dogestry, text_bytes)
+from testcerts import make_ca, make_leaf, server_ext
 from tlsrelay import TLSRelay
 
 pytestmark = pytest.mark.integration
@@ -24,49 +24,7 @@ pytestmark = pytest.mark.integration
 IMAGE = "dgtest/tlsapp:1"
 
 
-# --- a throwaway CA and server certificates (EC keys: quick to make) ---
-
-CA_EXT = ("basicConstraints = critical, CA:TRUE\n"
-          "keyUsage = critical, keyCertSign, cRLSign\n"
-          "subjectKeyIdentifier = hash\n")
-SERVER_EXT = ("subjectAltName = %s\n"
-              "basicConstraints = CA:FALSE\n"
-              "extendedKeyUsage = serverAuth\n"
-              "keyUsage = critical, digitalSignature\n"
-              "authorityKeyIdentifier = keyid, issuer\n")
-
 Certs = namedtuple("Certs", "dir ca ca_key server server_key wrong_name wrong_name_key")
-
-
-def openssl(cwd, *args):
-    """Run the openssl CLI in CWD; fail the test with its output if it fails."""
-    proc = subprocess.run(["openssl"] + [str(a) for a in args], cwd=str(cwd), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, universal_newlines=True, stdin=subprocess.DEVNULL)
-    if proc.returncode != 0:
-        pytest.fail("openssl %s failed:\n%s" % (" ".join(map(str, args)), proc.stdout), pytrace=False)
-
-
-def new_key(d, name):
-    openssl(d, "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", name)
-
-
-def make_ca(d):
-    """ca.pem (self-signed, CA:TRUE) and ca-key.pem in D."""
-    (d / "ca-ext.cnf").write_text(CA_EXT)
-    new_key(d, "ca-key.pem")
-    openssl(d, "req", "-new", "-key", "ca-key.pem", "-subj", "/CN=dogestry test CA", "-out", "ca.csr")
-    openssl(d, "x509", "-req", "-days", "2", "-sha256", "-in", "ca.csr", "-signkey", "ca-key.pem",
-            "-extfile", "ca-ext.cnf", "-out", "ca.pem")
-
-
-def make_server_cert(d, name, common_name, alt_names):
-    """NAME.pem and NAME-key.pem in D, signed by the CA there, for ALT_NAMES (subjectAltName)."""
-    (d / (name + "-ext.cnf")).write_text(SERVER_EXT % alt_names)
-    new_key(d, name + "-key.pem")
-    openssl(d, "req", "-new", "-key", name + "-key.pem", "-subj", "/CN=" + common_name, "-out", name + ".csr")
-    openssl(d, "x509", "-req", "-days", "2", "-sha256", "-in", name + ".csr", "-CA", "ca.pem",
-            "-CAkey", "ca-key.pem", "-CAcreateserial", "-extfile", name + "-ext.cnf", "-out", name + ".pem")
-    openssl(d, "verify", "-CAfile", "ca.pem", name + ".pem")
 
 
 @pytest.fixture(scope="module")
@@ -75,11 +33,11 @@ def certs(tmp_path_factory):
     if not shutil.which("openssl"):
         skip_or_fail("openssl not found on PATH (install openssl)")
     d = tmp_path_factory.mktemp("s3tls")
-    make_ca(d)
-    make_server_cert(d, "server", "127.0.0.1", "IP:127.0.0.1, DNS:localhost")
-    make_server_cert(d, "wrong-name", "example.invalid", "DNS:example.invalid")
-    return Certs(d, d / "ca.pem", d / "ca-key.pem", d / "server.pem", d / "server-key.pem",
-                 d / "wrong-name.pem", d / "wrong-name-key.pem")
+    make_ca(d, "ca")
+    make_leaf(d, "ca", "server", "/CN=127.0.0.1", server_ext("IP:127.0.0.1, DNS:localhost"))
+    make_leaf(d, "ca", "wrong-name", "/CN=example.invalid", server_ext("DNS:example.invalid"))
+    return Certs(d, d / "ca.pem", d / "ca-key.pem", d / "server-cert.pem", d / "server-key.pem",
+                 d / "wrong-name-cert.pem", d / "wrong-name-key.pem")
 
 
 # --- the HTTPS endpoint: a TLS relay in front of radosgw ---
@@ -90,7 +48,7 @@ def tls_relay(rgw, certs):
     relays = []
 
     def start(cert="server"):
-        relay = TLSRelay(rgw.endpoint, certs.dir / (cert + ".pem"), certs.dir / (cert + "-key.pem")).start()
+        relay = TLSRelay(rgw.endpoint, certs.dir / (cert + "-cert.pem"), certs.dir / (cert + "-key.pem")).start()
         relays.append(relay)
         return relay
 
