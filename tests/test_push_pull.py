@@ -412,3 +412,25 @@ def test_push_onto_a_full_disk_says_so_and_writes_no_tag(docker_host, docker_env
     as_store = run_dogestry("push", small_tmpfs / "store", "dgtest/fills:1", env=docker_env)
     one_error_line(as_store, "No space left on device")
     assert not (small_tmpfs / "store" / "repositories" / "dgtest" / "fills" / "1").exists()
+
+
+def test_concurrent_pushes_of_images_sharing_a_layer(docker_host, docker_env, tmp_path):
+    """Two pushes at once into one store: both finish, the shared layer is stored once, both pull back."""
+    base = {"data/base.bin": random_bytes(6 << 20, 21)}
+    one = build_image(docker_host, "dgtest/twin:one", [base, {"one.txt": text_bytes(3 << 20, 22)}])
+    two = build_image(docker_host, "dgtest/twin:two", [base, {"two.txt": text_bytes(3 << 20, 23)}])
+    store = tmp_path / "store"
+    cmd = [sys.executable, str(Path(__file__).resolve().parent.parent / "dogestry.py"), "push", str(store)]
+    procs = [subprocess.Popen(cmd + [ref], env=docker_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True) for ref in ("dgtest/twin:one", "dgtest/twin:two")]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+
+    layers = {l["digest"] for i in (one, two) for l in manifest(store, i)["layers"]}
+    assert len(layers) == 3 and blobs(store) == sorted(d.split(":")[1] for d in layers)
+    assert not [p for p in store.iterdir() if p.name.startswith(".tmp-")]  # no temp dirs left
+    forget(docker_host, "dgtest/twin:one", "dgtest/twin:two")
+    dogestry_ok(docker_env, "pull", store, "dgtest/twin:one")
+    dogestry_ok(docker_env, "pull", store, "dgtest/twin:two")
+    assert (image_id(docker_host, "dgtest/twin:one"), image_id(docker_host, "dgtest/twin:two")) == (one, two)

@@ -1,7 +1,11 @@
 """Every command against a real, signature-checking S3 (Ceph radosgw), with the seed's URL syntax."""
 
 import json
+import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -171,7 +175,6 @@ def test_listing_follows_every_page_and_rm_deletes_many_tags(docker_host, rgw, s
 
 def test_list_reads_the_tags_concurrently(docker_host, rgw, s3_env, s3_image, bucket, fault_proxy):
     """One GET per tag file: on S3 they go out several at a time, and the table keeps its order."""
-    import threading
     url = "s3://%s/many/" % bucket
     tags = ["v%02d" % i for i in range(12)]
     for tag in tags:
@@ -196,3 +199,27 @@ def test_list_reads_the_tags_concurrently(docker_host, rgw, s3_env, s3_image, bu
     assert [line.split()[:2] for line in listed] == [["dgtest/s3app", t] for t in tags]
     assert state["most"] > 1, state  # the tag GETs overlapped
     assert len([e for e in proxy.log if "/repositories/" in e["path"] and e["method"] == "GET"]) == len(tags)
+
+
+def test_concurrent_pushes_of_images_sharing_a_layer(docker_host, rgw, s3_env, bucket):
+    """Two pushes at once into one S3 prefix (one multipart-sized shared layer): both finish, each
+    blob is stored once, no multipart upload is left open, and both images pull back."""
+    base = {"data/base.bin": random_bytes(20 << 20, 31)}
+    one = build_image(docker_host, "dgtest/s3twin:one", [base, {"one.txt": text_bytes(2 << 20, 32)}])
+    two = build_image(docker_host, "dgtest/s3twin:two", [base, {"two.txt": text_bytes(2 << 20, 33)}])
+    url = "s3://%s/twins/" % bucket
+    cmd = [sys.executable, str(Path(__file__).resolve().parent.parent / "dogestry.py"), "push", url]
+    procs = [subprocess.Popen(cmd + [ref], env=s3_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True) for ref in ("dgtest/s3twin:one", "dgtest/s3twin:two")]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+
+    blob_keys = [k for k in s3_keys(rgw, bucket, "twins/blobs/")]
+    assert len(blob_keys) == 3, blob_keys  # the shared layer once, each top layer once
+    uploads = s3_client(rgw, bucket).call("GET", "", query=[("uploads", "")])[1]
+    assert b"<Upload>" not in uploads  # no multipart upload left behind
+    docker_cli(docker_host, "rmi", "dgtest/s3twin:one", "dgtest/s3twin:two")
+    ok(s3_env, "pull", url, "dgtest/s3twin:one")
+    ok(s3_env, "pull", url, "dgtest/s3twin:two")
+    assert (image_id(docker_host, "dgtest/s3twin:one"), image_id(docker_host, "dgtest/s3twin:two")) == (one, two)
