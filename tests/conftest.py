@@ -149,17 +149,6 @@ def s3_env(rgw, docker_env, tmp_path):
 def fault_proxy(rgw):
     """Factory: start(rule=None) -> a running FaultProxy in front of radosgw that records every
     request (and injects the faults `rule` asks for); all are stopped after the test."""
-    from faultproxy import FaultProxy
-    proxies = []
-
-    def start(rule=None):
-        proxy = FaultProxy(rgw.endpoint, rule).start()
-        proxies.append(proxy)
-        return proxy
-
-    yield start
-    for proxy in proxies:
-        proxy.stop()
-    for proxy in proxies:
-        assert not proxy.alive_threads, "proxy threads still running: %r" % proxy.alive_threads
-        assert not proxy.errors, "the proxy itself failed: %r" % proxy.errors
+    from faultproxy import FaultProxy, started_servers
+    with started_servers(lambda rule=None: FaultProxy(rgw.endpoint, rule)) as start:
+        yield start

@@ -29,6 +29,7 @@ timeout, every loop is bounded, and the proxy shuts itself down after `lifetime`
 if stop() is never called.  Standard library only.
 """
 
+import contextlib
 import re
 import socket
 import struct
@@ -38,7 +39,7 @@ import urllib.parse
 import uuid
 from xml.sax.saxutils import escape as xml_escape
 
-__all__ = ["FaultProxy", "LoopbackServer", "Reply", "Reset", "Truncate", "Request", "s3_error"]
+__all__ = ["FaultProxy", "LoopbackServer", "Overlap", "started_servers", "Reply", "Reset", "Truncate", "Request", "s3_error"]
 
 IO_TIMEOUT = 30.0          # any single socket read/write
 MAX_HEAD = 64 << 10        # request or response head
@@ -370,6 +371,47 @@ class LoopbackServer:
 
     def _handle(self, sock):
         raise NotImplementedError
+
+
+@contextlib.contextmanager
+def started_servers(make):
+    """Yield start(*args) -> make(*args).start(); afterwards stop them all, then check that none
+    left a thread running or failed inside (the body of the fault_proxy and tls_relay fixtures)."""
+    started = []
+
+    def start(*args, **kwargs):
+        server = make(*args, **kwargs).start()
+        started.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()
+    for server in started:
+        assert not server.alive_threads, "%s threads still running: %r" % (server.name, server.alive_threads)
+        assert not server.errors, "%s itself failed: %r" % (server.name, server.errors)
+
+
+class Overlap:
+    """A rule that holds each request it picks for DELAY seconds and counts how many were held
+    at once: .most is the highest overlap seen (requests the client sent concurrently)."""
+
+    def __init__(self, picks, delay):
+        self.picks, self.delay = picks, delay
+        self.now = self.most = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, req):
+        if self.picks(req):
+            with self._lock:
+                self.now += 1
+                self.most = max(self.most, self.now)
+            time.sleep(self.delay)
+            with self._lock:
+                self.now -= 1
+        return None
 
 
 class FaultProxy(LoopbackServer):

@@ -3,13 +3,13 @@
 import json
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 import dogestry
+from faultproxy import Overlap
 from realdocker import build_image, docker_cli, image_id, random_bytes, run_dogestry, text_bytes
 
 pytestmark = pytest.mark.integration
@@ -182,22 +182,12 @@ def test_list_reads_the_tags_concurrently(docker_host, rgw, s3_env, s3_image, bu
     ok(s3_env, "push", url, *["dgtest/s3app:" + t for t in tags])
     for tag in tags:
         docker_cli(docker_host, "rmi", "dgtest/s3app:" + tag)
-    lock, state = threading.Lock(), {"now": 0, "most": 0}
-
-    def slow_tag_reads(req):
-        if req.method == "GET" and "/repositories/" in req.path:
-            with lock:
-                state["now"] += 1
-                state["most"] = max(state["most"], state["now"])
-            time.sleep(0.2)
-            with lock:
-                state["now"] -= 1
-
-    proxy = fault_proxy(slow_tag_reads)
+    tag_reads = Overlap(lambda req: req.method == "GET" and "/repositories/" in req.path, delay=0.2)
+    proxy = fault_proxy(tag_reads)
     listed = ok(dict(s3_env, AWS_ENDPOINT_URL=proxy.url), "list", url).stdout.splitlines()[1:]
 
     assert [line.split()[:2] for line in listed] == [["dgtest/s3app", t] for t in tags]
-    assert state["most"] > 1, state  # the tag GETs overlapped
+    assert tag_reads.most > 1  # the tag GETs overlapped
     assert len([e for e in proxy.log if "/repositories/" in e["path"] and e["method"] == "GET"]) == len(tags)
 
 

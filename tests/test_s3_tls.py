@@ -17,6 +17,7 @@ from conftest import skip_or_fail
 from realdocker import (build_image, docker_cli, image_id, ok, one_error_line, random_bytes,
                         run_dogestry, text_bytes)
 from testcerts import make_ca, make_leaf, server_ext
+from faultproxy import started_servers
 from tlsrelay import TLSRelay
 
 pytestmark = pytest.mark.integration
@@ -45,19 +46,11 @@ def certs(tmp_path_factory):
 @pytest.fixture
 def tls_relay(rgw, certs):
     """Factory: start(cert="server") -> a running TLSRelay to radosgw; all stopped after the test."""
-    relays = []
+    def make(cert="server"):
+        return TLSRelay(rgw.endpoint, certs.dir / (cert + "-cert.pem"), certs.dir / (cert + "-key.pem"))
 
-    def start(cert="server"):
-        relay = TLSRelay(rgw.endpoint, certs.dir / (cert + "-cert.pem"), certs.dir / (cert + "-key.pem")).start()
-        relays.append(relay)
-        return relay
-
-    yield start
-    for relay in relays:
-        relay.stop()
-    for relay in relays:
-        assert not relay.alive_threads, "relay threads still running: %r" % relay.alive_threads
-        assert not relay.errors, "the relay itself failed: %r" % relay.errors
+    with started_servers(make) as start:
+        yield start
 
 
 @pytest.fixture

@@ -35,6 +35,7 @@ import pytest
 
 import dogestry
 from conftest import make_bucket, skip_or_fail
+from faultproxy import Overlap
 from realdocker import (DOGESTRY, DockerdError, _die_with_parent, build_image, client_env, docker_cli, find_docker,
                         image_id, random_bytes, remove_tree, run_dogestry, start_dockerd, stop_all, text_bytes)
 
@@ -614,20 +615,8 @@ def test_parallel_pulls_are_bounded(fleet, pushed, rgw, base_env, servers, fault
     the third waits for a slot and still succeeds.  Observed: exactly 2 in flight."""
     host = fleet[0]
     wipe(host)
-    lock = threading.Lock()
-    state = {"now": 0, "max": 0}
-
-    def rule(req):
-        if req.method == "GET" and "/blobs/" in req.path:
-            with lock:
-                state["now"] += 1
-                state["max"] = max(state["max"], state["now"])
-            time.sleep(1.0)
-            with lock:
-                state["now"] -= 1
-        return None
-
-    proxy = fault_proxy(rule)
+    blob_reads = Overlap(lambda req: req.method == "GET" and "/blobs/" in req.path, delay=1.0)
+    proxy = fault_proxy(blob_reads)
     servers(HOSTS[0], server_env(base_env, host, proxy.url))
     auth = user_auth(rgw, pushed.bucket)
     names = ["dgbound1", "dgbound2", "dgbound3"]
@@ -648,7 +637,7 @@ def test_parallel_pulls_are_bounded(fleet, pushed, rgw, base_env, servers, fault
     for name in names:
         assert answers[name].status == 200 and not answers[name].errors(), answers[name]
         assert image_id(host.host, REGISTRY + "/docker-repo/" + name) == pushed.ids[name]
-    assert state["max"] == min(len(names), dogestry.SERVER_MAX_PULLS) == 2, state
+    assert blob_reads.most == min(len(names), dogestry.SERVER_MAX_PULLS) == 2
     assert elapsed >= 2.0  # two rounds of the 1 s blob read
     assert sum(blob_gets(proxy, pushed.bucket).values()) == 3
 
