@@ -1898,9 +1898,7 @@ def list_tags(store: Store) -> List[Tuple[ImageRef, str]]:
         except DogestryError:
             return None
 
-    if len(refs) < 2:
-        return [r for r in map(read, refs) if r is not None]
-    with concurrent.futures.ThreadPoolExecutor(min(TAG_READERS, len(refs)), "dogestry-tags") as pool:
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(TAG_READERS, len(refs))), "dogestry-tags") as pool:
         return [r for r in pool.map(read, refs) if r is not None]
 
 

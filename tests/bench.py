@@ -1002,12 +1002,16 @@ def run(args, state):
     def measure_save(dest):
         e0 = engine.now()
         at_first_byte = []
+
+        def mark():
+            at_first_byte.append(engine.now())
+
         cmd = [docker, "-H", host, "save", TAG]
         if dest is None:
-            run = timed_process(cmd, env, sink=None, on_first_byte=lambda: at_first_byte.append(engine.now()))
+            run = timed_process(cmd, env, sink=None, on_first_byte=mark)
         else:
             with open(str(dest), "wb") as f:
-                run = timed_process(cmd, env, sink=f, on_first_byte=lambda: at_first_byte.append(engine.now()))
+                run = timed_process(cmd, env, sink=f, on_first_byte=mark)
         result = Result("", run.wall, tar_bytes, engine_cpu=engine.since(e0))
         result.first_byte = run.first_byte
         result.stream_cpu = engine.since(at_first_byte[0]) if at_first_byte else None

@@ -7,7 +7,7 @@ import pytest
 from conftest import skip_or_fail
 from realdocker import (DockerdError, build_image, client_env, docker_cli, find_docker, image_id,
                         random_bytes, run_dogestry, start_dockerd)
-from testcerts import CLIENT_EXT, make_ca, make_leaf, server_ext
+from testcerts import CLIENT_EXT, ca_dir, make_ca, make_leaf, server_ext
 
 pytestmark = pytest.mark.integration
 
@@ -32,10 +32,7 @@ def cert_dir(path, ca, cert, key):
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
     """The CA, server and client files; plus cert dirs: good, wrong CA, broken key."""
-    if not shutil.which("openssl"):
-        skip_or_fail("openssl not found on PATH (install openssl)")
-    d = tmp_path_factory.mktemp("tls")
-    make_ca(d, "ca")
+    d = ca_dir(tmp_path_factory, "tls")
     make_leaf(d, "ca", "server", "/CN=%s" % TLS_IP, SERVER_EXT)
     make_leaf(d, "ca", "client", "/CN=client", CLIENT_EXT)
     make_ca(d, "other-ca")

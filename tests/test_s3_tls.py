@@ -6,17 +6,15 @@ the server certificate names IP 127.0.0.1 and DNS localhost, a second one only
 example.invalid.  The relay passes bytes on unchanged, so SigV4 signatures stay valid.
 """
 
-import shutil
 from collections import namedtuple
 from pathlib import Path
 
 import pytest
 
 import dogestry
-from conftest import skip_or_fail
 from realdocker import (build_image, docker_cli, image_id, ok, one_error_line, random_bytes,
                         run_dogestry, text_bytes)
-from testcerts import make_ca, make_leaf, server_ext
+from testcerts import ca_dir, make_leaf, server_ext
 from faultproxy import started_servers
 from tlsrelay import TLSRelay
 
@@ -31,10 +29,7 @@ Certs = namedtuple("Certs", "dir ca ca_key server server_key wrong_name wrong_na
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
     """The test CA, a server certificate for 127.0.0.1 and localhost, and one for example.invalid."""
-    if not shutil.which("openssl"):
-        skip_or_fail("openssl not found on PATH (install openssl)")
-    d = tmp_path_factory.mktemp("s3tls")
-    make_ca(d, "ca")
+    d = ca_dir(tmp_path_factory, "s3tls")
     make_leaf(d, "ca", "server", "/CN=127.0.0.1", server_ext("IP:127.0.0.1, DNS:localhost"))
     make_leaf(d, "ca", "wrong-name", "/CN=example.invalid", server_ext("DNS:example.invalid"))
     return Certs(d, d / "ca.pem", d / "ca-key.pem", d / "server-cert.pem", d / "server-key.pem",

@@ -6,9 +6,12 @@
 Keys are EC P-256 (quick to make); certificates last two days.
 """
 
+import shutil
 import subprocess
 
 import pytest
+
+from conftest import skip_or_fail
 
 CA_EXT = ("basicConstraints = critical, CA:TRUE\n"
           "keyUsage = critical, keyCertSign, cRLSign\n"
@@ -37,6 +40,15 @@ def openssl(cwd, *args):
 
 def new_key(d, path):
     openssl(d, "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", path)
+
+
+def ca_dir(tmp_path_factory, name):
+    """A fresh directory holding a CA as ca.pem and ca-key.pem (openssl must be installed)."""
+    if not shutil.which("openssl"):
+        skip_or_fail("openssl not found on PATH (install openssl)")
+    d = tmp_path_factory.mktemp(name)
+    make_ca(d, "ca")
+    return d
 
 
 def make_ca(d, name):
