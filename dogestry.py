@@ -101,6 +101,10 @@ class FormatError(DogestryError):
     """A `docker save` stream or a stored document is malformed."""
 
 
+class Refused(DogestryError):
+    """The server's policy does not allow what a client asked for."""
+
+
 class Interrupted(DogestryError):
     """The user or the system asked us to stop (Ctrl-C, SIGTERM)."""
 
@@ -187,6 +191,53 @@ def image_id_prefix(text: str) -> Optional[str]:
     return m.group(1) if m else None
 
 
+DOCKER_HUB = "docker.io"
+_HUB_ALIASES = ("docker.io", "index.docker.io", "registry-1.docker.io")
+
+
+def split_registry(name: str) -> Tuple[str, List[str]]:
+    """(registry host, path components) of a docker image name, the docker CLI's way.
+
+    The first component is a registry host if it has a '.' or ':' or is 'localhost';
+    otherwise the name is on Docker Hub, whose implicit 'library/' namespace is dropped:
+    hipache and docker.io/library/hipache are both ('docker.io', ['hipache']).
+    """
+    parts = name.split("/")
+    host = DOCKER_HUB
+    if len(parts) > 1 and ("." in parts[0] or ":" in parts[0] or parts[0] == "localhost"):
+        host, parts = parts[0].lower(), parts[1:]
+    if host in _HUB_ALIASES:
+        host = DOCKER_HUB
+        if len(parts) > 1 and parts[0] == "library":
+            parts = parts[1:]
+    return host, parts
+
+
+# Text that reaches a terminal or a log from elsewhere (servers, stores, clients) loses its
+# control characters, so nobody can move the cursor, retitle the window or forge lines.
+_CONTROL_CHARS = {c: "\\x%02x" % c for c in list(range(0x20)) + list(range(0x7f, 0xa0))}
+
+
+def printable(text: str) -> str:
+    """text with every control character (C0, DEL, C1) shown as \\xNN."""
+    return text.translate(_CONTROL_CHARS)
+
+
+DOCUMENT_LIMIT = 4 << 20  # the largest JSON document (manifest, config, index entry) read or written
+
+
+def parse_json(data: bytes, what: str) -> Any:
+    """A JSON document from bytes we did not write ourselves: size- and depth-bounded."""
+    if len(data) > DOCUMENT_LIMIT:
+        raise FormatError("%s is larger than %s" % (what, human_size(DOCUMENT_LIMIT)))
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FormatError("%s is not valid JSON: %s" % (what, e))
+    except RecursionError:
+        raise FormatError("%s is nested too deeply" % what)
+
+
 class HashingReader:
     """Wraps a readable, hashing and counting what passes through, calling on_read(n)."""
 
@@ -226,11 +277,11 @@ class Progress:
         if self.quiet:
             return
         with self._lock:
-            self._write_above(message)
+            self._write_above(printable(message))
 
     def task(self, label: str, action: str, total: Optional[int]) -> "ProgressTask":
         """Start tracking a transfer of `total` bytes."""
-        task = ProgressTask(self, label, action, total)
+        task = ProgressTask(self, printable(label), action, total)
         with self._lock:
             self._tasks.append(task)
             self._redraw(force=True)
@@ -290,7 +341,7 @@ class ProgressTask:
         """Mark the task finished with a short status word."""
         if self.done:
             return
-        self.done, self.status = True, status
+        self.done, self.status = True, printable(status)
         elapsed = max(self.owner.clock() - self.started, 1e-6)
         message = "%s: %s" % (self.label, status)
         if self.done_bytes:
@@ -410,7 +461,7 @@ def _docker_message(body: bytes) -> str:
     try:
         doc = json.loads(body.decode("utf-8", "replace"))
         return str(doc.get("message") or doc.get("cause") or doc)
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return body.decode("utf-8", "replace").strip()[:300]
 
 
@@ -1282,14 +1333,38 @@ def _s3_error(body: bytes) -> Tuple[str, str, Optional[str]]:
             _xml_text(root, ".//Region"))
 
 
+_REGION_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}[a-z0-9]$")
+
+
+def s3_target(bucket: str, region: str, endpoint: Optional[str]) -> Tuple[str, str, int, str]:
+    """Where a bucket's objects live: (scheme, host, port, path prefix).
+
+    AWS: virtual-hosted style, path style for bucket names with dots; a custom endpoint:
+    path style under the endpoint's own path.
+    """
+    if endpoint:
+        parts = urllib.parse.urlsplit(endpoint)
+        scheme = parts.scheme
+        port = parts.port or (443 if scheme == "https" else 80)
+        return scheme, parts.hostname or "", port, parts.path.rstrip("/") + "/" + bucket
+    if not _REGION_RE.match(region):
+        raise UsageError("invalid AWS region %r" % region[:80])
+    host = "s3.%s.amazonaws.com" % region
+    if "." in bucket or not re.match(r"^[a-z0-9][a-z0-9-]*[a-z0-9]$", bucket):
+        return "https", host, 443, "/" + bucket
+    return "https", "%s.%s" % (bucket, host), 443, ""
+
+
 class S3Client:
     """Signed, retried S3 requests against one bucket."""
 
     def __init__(self, location: S3Location, credentials: CredentialChain, config: AwsConfig,
                  clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep,
-                 rand: Callable[[], float] = random.random, max_attempts: Optional[int] = None):
+                 rand: Callable[[], float] = random.random, max_attempts: Optional[int] = None,
+                 presigned: Optional[Mapping[str, str]] = None):
         self.bucket = location.bucket
         self.credentials, self.clock, self.sleep, self.rand = credentials, clock, sleep, rand
+        self.presigned = presigned  # key -> URL: GET only these, with someone else's signatures
         env = config.environ
         self.endpoint = location.endpoint or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
         self.region = location.region or config.region() or "us-east-1"
@@ -1303,15 +1378,7 @@ class S3Client:
 
     def _target(self) -> Tuple[str, str, int, str]:
         """(scheme, host, port, path prefix for this bucket)."""
-        if self.endpoint:
-            parts = urllib.parse.urlsplit(self.endpoint)
-            scheme = parts.scheme
-            port = parts.port or (443 if scheme == "https" else 80)
-            return scheme, parts.hostname or "", port, parts.path.rstrip("/") + "/" + self.bucket
-        host = "s3.%s.amazonaws.com" % self.region
-        if "." in self.bucket or not re.match(r"^[a-z0-9][a-z0-9-]*[a-z0-9]$", self.bucket):
-            return "https", host, 443, "/" + self.bucket
-        return "https", "%s.%s" % (self.bucket, host), 443, ""
+        return s3_target(self.bucket, self.region, self.endpoint)
 
     def _connection(self, scheme: str, host: str, port: int) -> http.client.HTTPConnection:
         conns = getattr(self._local, "conns", None)
@@ -1353,10 +1420,15 @@ class S3Client:
             netloc = host if port in (80, 443) else "%s:%d" % (host, port)
             all_headers = dict(headers or {})
             all_headers["Host"] = netloc
-            creds = self.credentials.get()
-            now = datetime.datetime.fromtimestamp(self.clock() + self._skew, datetime.timezone.utc)
-            all_headers.update(sign_request(method, path, query, all_headers, payload_hash, creds, self.region, "s3", now))
-            target = uri_encode(path, safe="/") + ("?" + canonical_query(query) if query else "")
+            creds = None  # type: Optional[Credentials]
+            if self.presigned is None:
+                creds = self.credentials.get()
+                now = datetime.datetime.fromtimestamp(self.clock() + self._skew, datetime.timezone.utc)
+                all_headers.update(sign_request(method, path, query, all_headers, payload_hash, creds,
+                                                self.region, "s3", now))
+                target = uri_encode(path, safe="/") + ("?" + canonical_query(query) if query else "")
+            else:
+                target = self._presigned_target(method, key, query)
             conn = self._connection(scheme, host, port)
             try:
                 conn.request(method, target, body=body() if body else None, headers=all_headers)
@@ -1402,7 +1474,7 @@ class S3Client:
                 continue
             hint = ""
             if code in ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "ExpiredToken"):
-                hint = " [credentials from %s]" % (creds.source or "the caller")
+                hint = " [credentials from %s]" % ((creds.source or "the caller") if creds else "presigned URL")
             raise S3Error("%s %s: %s%s (HTTP %d)%s" % (method, self.describe(key), code,
                                                         ": " + message if message else "", resp.status, hint),
                           code, resp.status)
@@ -1421,6 +1493,24 @@ class S3Client:
                 if not kw.get("idempotent", True) or attempt >= self.max_attempts:
                     raise S3Error("%s %s: the answer broke off: %s" % (method, self.describe(key), _os_reason(e)))
                 self._backoff(attempt)
+
+    def _presigned_target(self, method: str, key: str, query: Any) -> str:
+        """The request target of a presigned URL for key (GET only, the URL's own query)."""
+        url = (self.presigned or {}).get(key)
+        if method != "GET" or query:
+            raise StoreError("%s %s: only reads of presigned objects are possible" % (method, self.describe(key)))
+        if url is None:
+            raise NotFound("%s: not among the objects presigned for this pull" % self.describe(key))
+        parts = urllib.parse.urlsplit(url)
+        return parts.path + "?" + parts.query
+
+    def presign(self, key: str, expires: int) -> str:
+        """A presigned GET URL for key, valid for `expires` seconds."""
+        scheme, host, port, base = self._target()
+        netloc = host if port in (80, 443) else "%s:%d" % (host, port)
+        now = datetime.datetime.fromtimestamp(self.clock() + self._skew, datetime.timezone.utc)
+        return presign_url("GET", scheme, netloc, base + "/" + key, self.credentials.get(), self.region,
+                           now, expires)
 
     def _backoff(self, attempt: int) -> None:
         """Exponential backoff with full jitter (AWS Architecture Blog, 2015)."""
@@ -1757,6 +1847,28 @@ class S3Store(Store):
         self.client.delete_many([self._key(k) for k in keys])
 
 
+class PresignedS3Store(S3Store):
+    """The objects of one pull, read through URLs their owner presigned: no keys, no writes."""
+
+    def __init__(self, location: S3Location, client: S3Client, sizes: Mapping[str, int]):
+        super().__init__(location, client)
+        self.sizes = dict(sizes)
+
+    def check(self) -> None:
+        pass
+
+    def stat(self, key: str) -> Optional[int]:
+        return self.sizes.get(check_key(key))
+
+    def list_sizes(self, prefix: str) -> Iterator[Tuple[str, int]]:
+        return iter(sorted((k, n) for k, n in self.sizes.items() if k.startswith(prefix)))
+
+    def _refuse(self, *args: Any, **kw: Any) -> None:
+        raise StoreError("%s: presigned objects are read-only" % self.url)
+
+    put_bytes = put_file = delete = delete_many = _refuse  # type: ignore
+
+
 def file_sha256(path: str) -> str:
     """Hex sha256 of a file, read in CHUNK pieces."""
     sha = hashlib.sha256()
@@ -1855,13 +1967,12 @@ class StoredImage(NamedTuple):
         return bool(self.legacy_chain)
 
 
-def read_json(store: Store, key: str) -> Any:
-    """A stored JSON document."""
-    data = store.get_bytes(key)
-    try:
-        return json.loads(data.decode("utf-8"))
-    except ValueError as e:
-        raise FormatError("%s: %s is not valid JSON: %s" % (store.url, key, e))
+def read_json(store: Store, key: str, shape: type = dict) -> Any:
+    """A stored JSON document (at most DOCUMENT_LIMIT bytes), checked to be a `shape`."""
+    doc = parse_json(store.get_bytes(key, limit=DOCUMENT_LIMIT), "%s: %s" % (store.url, key))
+    if not isinstance(doc, shape):
+        raise FormatError("%s: %s is not a JSON %s" % (store.url, key, "object" if shape is dict else shape.__name__))
+    return doc
 
 
 def write_json(store: Store, key: str, doc: Any, if_absent: bool = False) -> None:
@@ -2552,6 +2663,8 @@ def _upload_precompressed(contents: SaveContents, saved: SavedImage, wanted: Set
 
 def _write_image(store: Store, image_id: str, config: bytes, layers: List[LayerRecord]) -> None:
     """Verify every layer blob is stored, then write config and manifest (the manifest last)."""
+    if len(config) > DOCUMENT_LIMIT:  # pulls would refuse it: bigger documents are an attack
+        raise FormatError("the image config is larger than %s" % human_size(DOCUMENT_LIMIT))
     for record in layers:
         if store.stat(blob_key(record.digest)) != record.size:
             raise IntegrityError("%s: layer blob %s is missing or has the wrong size"
@@ -2746,15 +2859,19 @@ def pull_image(docker: DockerClient, store: Store, text: str, progress: Progress
     image_hex, ref = resolve_image(store, text)
     image = load_stored_image(store, image_hex)
     tags = ([ref] if ref else []) if tag_as is None else tag_as
-    repo_tags = [str(t) for t in tags]
-    if image.legacy:
-        image_id = _pull_legacy(docker, store, image, repo_tags, progress)
-    else:
-        image_id = _pull_image(docker, store, image, repo_tags, progress)
+    image_id = load_image(docker, store, image, [str(t) for t in tags], progress)
     for tag in tags:
         docker.tag(image_id, tag)
     progress.note("pulled %s (%s)" % (str(ref or text), digest_hex(image_id)[:12]))
     return image_id
+
+
+def load_image(docker: DockerClient, store: Store, image: StoredImage, repo_tags: List[str],
+               progress: Progress) -> str:
+    """Load a stored image into the engine (unless it has it); return its ID there."""
+    if image.legacy:
+        return _pull_legacy(docker, store, image, repo_tags, progress)
+    return _pull_image(docker, store, image, repo_tags, progress)
 
 
 def _pull_image(docker: DockerClient, store: Store, image: StoredImage, repo_tags: List[str],
@@ -2762,7 +2879,7 @@ def _pull_image(docker: DockerClient, store: Store, image: StoredImage, repo_tag
     if docker.inspect_image(image.image_id) is not None:
         progress.note("%s: already on the Docker host" % image.image_id[7:19])
         return image.image_id
-    config = store.get_bytes(image_key(digest_hex(image.image_id), "config.json"))
+    config = store.get_bytes(image_key(digest_hex(image.image_id), "config.json"), limit=DOCUMENT_LIMIT)
     if sha256_digest(config) != image.image_id:
         raise IntegrityError("%s: the config of %s is corrupt; nothing was loaded" % (store.url, image.image_id))
     host_chains = docker.layer_chains()
@@ -3065,69 +3182,302 @@ class HostProgress:
 
 
 # --- delegation to dogestry servers on the hosts ---
+#
+# A dogestry server next to a host's dockerd can fetch from S3 itself.  The client never
+# hands it keys: it resolves the image, then sends presigned GET URLs, valid for
+# DELEGATION_URL_TTL seconds, for exactly the objects this pull needs.  It talks to the
+# server as it talks to the host's engine (TLS, verified, when DOCKER_TLS_VERIFY is set),
+# and afterwards asks the engine whether the image really is there; a host whose server
+# fails or lies gets a regular pull.
+
+DELEGATION_ROUTE = "/dogestry/v1/pull"
+DELEGATION_HEADER = "Dogestry-Delegation"
+DELEGATION_PROTOCOL = "presigned-v1"
+DELEGATION_URL_TTL = 900
+DELEGATION_READ_TIMEOUT = 600.0
+SERVER_LINE_LIMIT = 64 << 10  # the longest progress line read from a server
+
 
 def server_url(endpoint: DockerEndpoint, port: int) -> Optional[str]:
     """Where a dogestry server would listen next to a tcp:// Docker host (None for unix sockets)."""
     if endpoint.host is None:
         return None
     host = endpoint.host if ":" not in endpoint.host else "[%s]" % endpoint.host
-    return "http://%s:%d" % (host, port)
+    return "%s://%s:%d" % ("https" if endpoint.tls else "http", host, port)
+
+
+def server_connection(url: str, tls: Optional[ssl.SSLContext], timeout: float) -> http.client.HTTPConnection:
+    """An unconnected HTTP(S) connection to a dogestry server."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https":
+        return http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout, context=tls)
+    return http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+
+
+def server_status(url: str, tls: Optional[ssl.SSLContext] = None, timeout: float = 3.0) -> Optional[str]:
+    """The delegation protocol of the dogestry server answering GET /status/check at url
+    ('' for servers too old to have one), or None if no dogestry server answers."""
+    conn = server_connection(url, tls, timeout)
+    try:
+        conn.request("GET", "/status/check")
+        resp = conn.getresponse()
+        body = resp.read(64)
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+    if resp.status != 200 or body.strip() != b"OK":
+        return None
+    return resp.getheader(DELEGATION_HEADER) or ""
 
 
 def server_answers(url: str, timeout: float = 3.0) -> bool:
     """Does a dogestry server answer GET /status/check with OK?"""
+    return server_status(url, None, timeout) is not None
+
+
+class Delegation(NamedTuple):
+    """One image as a server is asked to pull it: the request body, and what to check after."""
+
+    image_id: str
+    tag: Optional[ImageRef]
+    body: bytes
+
+
+def plan_delegation(store: "S3Store", text: str) -> Optional[Delegation]:
+    """Resolve an image and presign the objects a server needs to pull it (None: legacy layout)."""
+    store.check()
+    image_hex, ref = resolve_image(store, text)
+    image = load_stored_image(store, image_hex)
+    if image.legacy:
+        return None
+    sizes = {}  # type: Dict[str, int]
+    for key in (image_key(image_hex, "manifest.json"), image_key(image_hex, "config.json")):
+        size = store.stat(key)
+        if size is None:
+            raise NotFound("%s: no %s in the store" % (store.url, key))
+        sizes[key] = size
+    for record in image.layers:
+        sizes[blob_key(record.digest)] = record.size
+    objects = {key: {"url": store.client.presign(store.location.prefix + key, DELEGATION_URL_TTL), "size": size}
+               for key, size in sizes.items()}
+    doc = {"store": store.url, "image": image.image_id, "tag": str(ref) if ref else None, "objects": objects}
+    return Delegation(image.image_id, ref, json.dumps(doc).encode())
+
+
+def _json_line(line: bytes) -> Optional[Dict[str, Any]]:
+    """A JSON object from one line of a server's answer, or None."""
     try:
-        status, body = http_call(url + "/status/check", timeout=timeout)
-    except (OSError, http.client.HTTPException):
-        return False
-    return status == 200 and body.strip() == b"OK"
+        doc = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
-def registry_auth(creds: Credentials, store_url: str) -> str:
-    """An X-Registry-Auth header the way the original used it: keys as user and password, S3 URL as email."""
-    doc = {"username": creds.access_key, "password": creds.secret_key, "email": store_url}
-    if creds.token:
-        doc["identitytoken"] = creds.token
-    return base64.urlsafe_b64encode(json.dumps(doc).encode()).decode()
-
-
-def delegate_pull(url: str, auth: str, text: str, progress: Progress) -> Dict[str, str]:
-    """Ask a dogestry server to pull an image into its host; relay its progress."""
-    ref = parse_image_ref(text)
-    query = urllib.parse.urlencode({"fromImage": ref.name, "tag": ref.tag})
-    parts = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=3600)
-    status = {"Host": url, "Status": "ok"}
+def delegate_pull(url: str, tls: Optional[ssl.SSLContext], plan: Delegation, progress: Progress) -> Optional[str]:
+    """Ask a dogestry server to pull one image into its host, relaying its progress; its error, if any."""
+    conn = server_connection(url, tls, DELEGATION_READ_TIMEOUT)
     try:
-        conn.request("POST", "/v1.41/images/create?" + query, headers={"X-Registry-Auth": auth})
+        conn.request("POST", DELEGATION_ROUTE, body=plan.body, headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
         if resp.status != 200:
-            raise DogestryError(_docker_message(resp.read()))
-        for line in resp:
-            try:
-                doc = json.loads(line)
-            except ValueError:
+            return printable("HTTP %d: %s" % (resp.status, _docker_message(resp.read(SERVER_LINE_LIMIT))))
+        for line in iter(lambda: resp.readline(SERVER_LINE_LIMIT), b""):
+            doc = _json_line(line)
+            if doc is None:
                 continue
             if doc.get("errorDetail") or doc.get("error"):
-                raise DogestryError((doc.get("errorDetail") or {}).get("message") or doc.get("error"))
+                return printable(str((doc.get("errorDetail") or {}).get("message") or doc.get("error")))
             if doc.get("status") and not doc.get("progressDetail"):
-                progress.note("%s: %s%s" % (url, doc.get("id") + ": " if doc.get("id") else "", doc["status"]))
-    except (OSError, http.client.HTTPException, DogestryError) as e:
-        status.update(Status="failed", Error=_os_reason(e) if isinstance(e, OSError) else str(e))
+                progress.note("%s: %s%s" % (url, "%s: " % doc["id"] if doc.get("id") else "", doc["status"]))
+        return None
+    except (OSError, http.client.HTTPException, AttributeError) as e:
+        return _os_reason(e) if isinstance(e, OSError) else "bad answer: %s" % e
     finally:
         conn.close()
-    return status
+
+
+def image_missing(client: DockerClient, plan: Delegation) -> Optional[str]:
+    """None if the host's engine has the image under the pulled tag, else what is wrong."""
+    ref = str(plan.tag) if plan.tag else plan.image_id
+    try:
+        info = client.inspect_image(ref)
+    except DogestryError as e:
+        return "cannot check the host: %s" % e
+    if info is None or info.get("Id") != plan.image_id:
+        return "the server reported success, but the host has no %s = %s" % (ref, plan.image_id[7:19])
+    return None
+
+
+def delegate_to_servers(endpoints: Sequence[DockerEndpoint], store: "S3Store", images: Sequence[str],
+                        port: int, progress: Progress) -> Dict[str, Dict[str, str]]:
+    """Pull through the dogestry servers of the hosts that run one: {host URL: status}."""
+    urls = [server_url(e, port) for e in endpoints]
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(16, len(endpoints)))) as pool:
+        protocols = list(pool.map(lambda eu: server_status(eu[1], eu[0].tls) if eu[1] else None, zip(endpoints, urls)))
+    servers = [(e, u) for e, u, p in zip(endpoints, urls, protocols) if u and p == DELEGATION_PROTOCOL]
+    if not servers:
+        return {}
+    plans = [plan_delegation(store, text) for text in images]
+    if any(plan is None for plan in plans):
+        progress.note("images in the original dogestry layout are pulled directly, not through servers")
+        return {}
+
+    def run(endpoint: DockerEndpoint, url: str) -> Dict[str, str]:
+        client = DockerClient(endpoint)
+        for plan in plans:
+            assert plan is not None
+            error = delegate_pull(url, endpoint.tls, plan, progress) or image_missing(client, plan)
+            if error:
+                return {"Host": endpoint.url, "Status": "failed", "ServerError": "%s: %s" % (url, error)}
+        return {"Host": endpoint.url, "Status": "ok", "Server": url}
+
+    with concurrent.futures.ThreadPoolExecutor(len(servers)) as pool:
+        return {s["Host"]: s for s in pool.map(lambda eu: run(*eu), servers)}
 
 
 # === 15. The accelerator server (-server) ===
 #
 # Speaks just enough of the Docker Engine API for `docker pull` and dogestry clients:
-# HEAD/GET /_ping, GET /version, POST /images/create, and the original's /status/check.
-# Everything else is refused; nothing is ever proxied to dockerd.
+# HEAD/GET /_ping, GET /version, POST /images/create, the original's /status/check, and
+# POST /dogestry/v1/pull (delegated pulls with presigned URLs).  Everything else is
+# refused; nothing is ever proxied to dockerd.  See the README's security model.
 
 SERVER_MAX_PULLS = 2
 SERVER_BODY_LIMIT = 1 << 20
+SERVER_BACKLOG = 128
+SERVER_WRITE_TIMEOUT = 60.0
+NOT_SERVED = "dogestry server: %s is not served (only image pulls are)"
 _VERSION_PREFIX = re.compile(r"^/v[0-9]+(?:\.[0-9]+)?(/.*)$")
+_PRESIGN_PARAMS = frozenset(("X-Amz-Algorithm", "X-Amz-Credential", "X-Amz-Date", "X-Amz-Expires",
+                             "X-Amz-SignedHeaders", "X-Amz-Signature", "X-Amz-Security-Token", "x-id"))
+_BLOB_KEY = re.compile(r"^blobs/sha256/[0-9a-f]{64}$")
+
+
+class ServerLimits(NamedTuple):
+    """What one server lets its clients hold: connections, request time, pulls."""
+
+    max_connections: int = 512
+    read_timeout: float = 30.0      # from waiting for a request to the end of its body
+    max_pulls: int = SERVER_MAX_PULLS
+    pulls_per_client: int = 1
+
+
+class StoreChoice(NamedTuple):
+    """A store a request may read: its URL, and whose identity pays for the reads."""
+
+    url: str                        # a directory or an s3:// URL (for messages and shared pulls)
+    own: bool                       # the server's own store, read with the server's identity
+    location: Optional[S3Location]  # the S3 location (None for a directory store)
+
+
+def s3_url(location: S3Location) -> str:
+    """An S3 location as an s3:// URL, with its region and endpoint if it has them."""
+    query = [(k, v) for k, v in (("region", location.region), ("endpoint", location.endpoint)) if v]
+    return "s3://%s/%s" % (location.bucket, location.prefix) + ("?" + urllib.parse.urlencode(query) if query else "")
+
+
+def _under(location: S3Location, base: S3Location) -> bool:
+    return location.bucket == base.bucket and location.prefix.startswith(base.prefix)
+
+
+class ServerPolicy:
+    """Which stores and image names a server's clients may use: its STORE, -allow and -registry.
+
+    choose() is the one place that decides whether a store is the server's own (read with
+    its identity) or one the client pays for with its own keys; client query strings never
+    choose an endpoint or a region.
+    """
+
+    def __init__(self, own: Optional[str], allowed: Sequence[str], registries: Sequence[str],
+                 env_endpoint: Optional[str]):
+        self.own = own
+        self.own_location = parse_s3_url(own) if own and own.startswith("s3://") else None
+        self.allowed = [self._allowed_entry(url) for url in allowed]
+        self.registries = {self._registry_entry(name) for name in registries}
+        self.endpoint = (self.own_location.endpoint if self.own_location else None) or env_endpoint
+        self.region = self.own_location.region if self.own_location else None
+
+    @staticmethod
+    def _allowed_entry(url: str) -> S3Location:
+        location = parse_s3_url(url)
+        if location.endpoint or location.region:
+            raise UsageError("-allow takes s3://bucket/prefix/ (the server's own endpoint and region apply)")
+        return location
+
+    @staticmethod
+    def _registry_entry(name: str) -> str:
+        host, parts = split_registry(name.lower() + "/x")
+        if parts != ["x"] or not re.match(r"^%s$" % _DOMAIN, host):
+            raise UsageError("invalid -registry %r: expected a registry host name like registry.example.com[:5000]"
+                             % name)
+        return host
+
+    @property
+    def is_open(self) -> bool:
+        """No store and no -allow: any client may name any bucket (the original's behaviour)."""
+        return not self.own and not self.allowed
+
+    def image_path(self, name: str) -> List[str]:
+        """The path components of an image name, if -registry lets clients pull under its host."""
+        host, parts = split_registry(name)
+        if self.registries and host not in self.registries:
+            raise Refused("this server does not serve images of %s (it serves %s)"
+                          % (host, ", ".join(sorted(self.registries))))
+        return parts
+
+    def choose(self, named: Optional[str], prefix: str, has_keys: bool) -> StoreChoice:
+        """The store a client may read for an image under `prefix` when it names `named` (or none)."""
+        if not named or named == self.own:
+            if not self.own:
+                raise UsageError("no store: log in with `dogestry login` (S3_URL) or start the server with a store")
+            if self.own_location:
+                return self._s3_choice(self.own_location._replace(prefix=self.own_location.prefix + prefix), True)
+            return StoreChoice(self.own.rstrip("/") + "/" + prefix, True, None)
+        if not named.startswith("s3://"):
+            raise UsageError("only s3:// stores may be named by clients (got %r)" % named[:100])
+        location = parse_s3_url(named)
+        if location.endpoint or location.region:
+            raise Refused("this server does not take S3 endpoints or regions from clients: "
+                          "name the store as s3://bucket/prefix/")
+        location = location._replace(prefix=location.prefix + prefix)
+        if self.own_location and _under(location, self.own_location):
+            return self._s3_choice(location, True)
+        if not has_keys:  # never lend the server's own AWS identity to a client's choice of bucket
+            raise Refused("a store named by the client needs its AWS keys (dogestry login)")
+        if not self.is_open and not any(_under(location, a) for a in self.allowed):
+            raise Refused("s3://%s/%s is not a store this server serves (see its -allow list)"
+                          % (location.bucket, location.prefix))
+        return self._s3_choice(location, False)
+
+    def _s3_choice(self, location: S3Location, own: bool) -> StoreChoice:
+        location = location._replace(region=self.region, endpoint=self.endpoint)
+        return StoreChoice(s3_url(location), own, location)
+
+    def presigned_region(self, url: str, location: S3Location, key: str) -> str:
+        """Check that a presigned URL reads exactly `key` of `location` on this server's S3
+        endpoint (so a client cannot point the server anywhere else); return its region."""
+        parts = urllib.parse.urlsplit(url)
+        try:
+            pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True, strict_parsing=True)
+        except ValueError:
+            raise Refused("bad presigned URL for %s" % key)
+        names = [name for name, _ in pairs]
+        scope = dict(pairs).get("X-Amz-Credential", "").split("/")
+        if len(names) != len(set(names)) or not set(names) <= _PRESIGN_PARAMS or len(scope) != 5 \
+                or not _REGION_RE.match(scope[2]) or "X-Amz-Signature" not in names:
+            raise Refused("bad presigned URL for %s" % key)
+        scheme, host, port, base = s3_target(location.bucket, scope[2], location.endpoint)
+        try:
+            url_port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            url_port = -1
+        if (parts.scheme, parts.hostname, url_port, parts.path) != (
+                scheme, host, port, uri_encode(base + "/" + location.prefix + key, safe="/")) \
+                or parts.username or parts.password or parts.fragment:
+            raise Refused("the presigned URL for %s does not point to s3://%s/%s on this server's S3 endpoint"
+                          % (key, location.bucket, location.prefix))
+        return scope[2]
 
 
 class JsonProgress:
@@ -3166,47 +3516,160 @@ class JsonTask:
         self.owner.emit({"status": status.capitalize(), "id": self.label})
 
 
-class PullRequest(NamedTuple):
-    """What a docker client asked for: the store, the image in it, and the name to tag."""
+class Located(NamedTuple):
+    """A stored image found for a pull, what it is called there, and the key under which
+    identical pulls share one download."""
 
-    store_key: str
     store: Store
-    image: str
-    tag_as: ImageRef
+    image: StoredImage
+    label: str
+    share_key: str
+
+
+class PullRequest(NamedTuple):
+    """A pull a client asked for: how to find the image, the name to give it, who asked."""
+
+    locate: Callable[[], Located]
+    tag_as: Optional[ImageRef]
+    client: str
 
 
 class DogestryServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    """The accelerator: pulls from the store into the local dockerd, for docker and dogestry clients."""
+    """The accelerator: pulls from a store into the local dockerd, for docker and dogestry clients.
+
+    Connections are bounded (when all are taken, the one that has waited longest for its
+    request is closed to make room), each request must arrive within the read timeout, and
+    running out of file descriptors sheds new connections instead of spinning.
+    """
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = SERVER_BACKLOG
 
-    def __init__(self, address: Tuple[str, int], docker: DockerClient, make_store: Callable[[str, Optional[Credentials]], Store],
-                 default_store: Optional[str], log: IO[str], max_pulls: int = SERVER_MAX_PULLS):
+    def __init__(self, address: Tuple[str, int], docker: DockerClient, policy: ServerPolicy,
+                 open_store: Callable[[StoreChoice, Optional[Credentials]], Store],
+                 presigned_store: Callable[[S3Location, Dict[str, str], Dict[str, int]], Store],
+                 log: IO[str], errors: IO[str], tls: Optional[ssl.SSLContext] = None,
+                 limits: ServerLimits = ServerLimits(), private: str = ""):
         super().__init__(address, ServerHandler)
-        self.docker, self.make_store, self.default_store, self.log = docker, make_store, default_store, log
-        self.pull_slots, self.max_pulls = threading.Semaphore(max_pulls), max_pulls
-        self.inflight = {}  # type: Dict[Tuple[str, str], "concurrent.futures.Future[str]"]
+        self.docker, self.policy, self.open_store, self.presigned_store = docker, policy, open_store, presigned_store
+        self.log, self.errors, self.tls, self.limits = log, errors, tls, limits
+        self.inflight = {}  # type: Dict[str, "concurrent.futures.Future[str]"]
         self.inflight_lock = threading.Lock()
         self.log_lock = threading.Lock()
+        self.slots = threading.Condition()
+        self.pulls_by_client = collections.Counter()  # type: collections.Counter
+        self.connections = {}  # type: Dict[Any, Optional[float]]
+        # socket -> since when it waits for a request (None: busy with one)
+        self.connections_lock = threading.Lock()
+        self._spare_fd = os.open(os.devnull, os.O_RDONLY)  # given up to shed a connection at EMFILE
         self._api_version = None  # type: Optional[str]
-        self._store_root = ""
-        if default_store:
-            with contextlib.suppress(DogestryError):  # an s3:// store does not open without AWS settings
-                store = open_store(default_store)
-                self._store_root = store.root if isinstance(store, LocalStore) else ""
+        self._private = private  # a directory store's path: never shown to clients
+
+    # -- connections --
+
+    def get_request(self) -> Tuple[Any, Any]:
+        """accept(), shedding a connection when out of file descriptors; TLS is set up (not shaken) here."""
+        try:
+            sock, address = self.socket.accept()
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                self._shed_connection()
+            raise
+        if self.tls is not None:
+            try:
+                sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            except (OSError, ValueError):
+                sock.close()
+                raise
+        return sock, address
+
+    def _shed_connection(self) -> None:
+        """Out of file descriptors: close the spare one, accept and close the next connection with
+        it, take it back.  Without this, the listener stays readable and the loop spins."""
+        if self._spare_fd < 0:
+            return
+        os.close(self._spare_fd)
+        self._spare_fd = -1
+        try:
+            sock, _ = self.socket.accept()
+            sock.close()
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                self._spare_fd = os.open(os.devnull, os.O_RDONLY)
+        self.log_line("-", "out of file descriptors: a new connection was closed at once")
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Admit a connection within the bound, closing the longest-waiting idle one if need be."""
+        with self.connections_lock:
+            if len(self.connections) >= self.limits.max_connections:
+                idle = [(since, id(s), s) for s, since in self.connections.items() if since is not None]
+                if not idle:
+                    return False  # every connection is busy with a request: refuse the newcomer
+                _, _, oldest = min(idle)
+                del self.connections[oldest]
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(oldest, socket.SHUT_RDWR)  # its thread sees EOF and ends
+            self.connections[request] = time.monotonic()
+        return True
+
+    def set_waiting(self, request: Any, waiting: bool) -> None:
+        """Mark a connection as waiting for a request (may be closed for room) or busy with one."""
+        with self.connections_lock:
+            if request in self.connections:
+                self.connections[request] = time.monotonic() if waiting else None
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._forget(request)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)  # type: ignore[misc]
+        finally:
+            self._forget(request)
+
+    def _forget(self, request: Any) -> None:
+        with self.connections_lock:
+            self.connections.pop(request, None)
+
+    def server_close(self) -> None:
+        super().server_close()
+        if self._spare_fd >= 0:
+            os.close(self._spare_fd)
+            self._spare_fd = -1
+
+    # -- logs --
+
+    def log_line(self, client: str, message: str) -> None:
+        """One access-log line, control characters escaped."""
+        with self.log_lock:
+            self.log.write("%s - - [%s] %s\n" % (client, time.strftime("%d/%b/%Y %H:%M:%S"), printable(message)))
+            self.log.flush()
+
+    def report_bug(self, client: str) -> None:
+        """A handler bug: its traceback on the server's stderr (the client gets a 500)."""
+        import traceback
+        with self.log_lock:
+            self.errors.write("dogestry server: internal error serving %s:\n%s" % (client, traceback.format_exc()))
+            self.errors.flush()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        """One log line, never a traceback (a client hanging up is routine)."""
+        """A broken connection is one log line; anything else is a bug, with its traceback."""
         error = sys.exc_info()[1]
-        with self.log_lock:
-            self.log.write("%s - - connection error: %s\n" % (client_address[0], _os_reason(error)
-                                                               if isinstance(error, OSError) else repr(error)))
-            self.log.flush()
+        if isinstance(error, OSError):
+            self.log_line(client_address[0], "connection error: %s" % _os_reason(error))
+        else:
+            self.report_bug(client_address[0])
 
     def public(self, text: str) -> str:
         """Text fit for clients: the path of a directory store stays private."""
-        return text.replace(self._store_root, "<server store>") if self._store_root else text
+        return text.replace(self._private, "<server store>") if self._private else text
 
     def api_version(self) -> str:
         """The local dockerd's API version (what docker clients should speak), else 1.41."""
@@ -3217,71 +3680,275 @@ class DogestryServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
                 return "1.41"
         return self._api_version
 
-    def pull(self, request: PullRequest, progress: JsonProgress) -> Tuple[str, bool]:
-        """Pull once per (store, image) at a time: later identical requests share the result.
+    # -- pulls --
+
+    def pull(self, found: Located, tag_as: Optional[ImageRef], client: str, progress: JsonProgress) -> Tuple[str, bool]:
+        """Load an image unless the engine has it, then tag it.
 
         Returns the image ID and whether the requested tag now names another image than before.
         """
-        key = (request.store_key, request.image)
-        with self.inflight_lock:
-            future = self.inflight.get(key)
-            leader = future is None
-            if leader:
-                future = self.inflight[key] = concurrent.futures.Future()
-        if not leader:
-            progress.note("Waiting for the pull of %s already under way" % request.image)
-            image_id = future.result()
+        image = found.image
+        if not image.legacy and self.docker.inspect_image(image.image_id) is not None:
+            progress.note("%s: already on the Docker host" % image.image_id[7:19])  # no slot needed
+            image_id = image.image_id
         else:
-            try:
-                if not self.pull_slots.acquire(blocking=False):
-                    progress.note("Waiting for a free pull slot (%d pulls at a time)" % self.max_pulls)
-                    self.pull_slots.acquire()
-                try:
-                    image_id = pull_image(self.docker, request.store, request.image, progress, tag_as=[])
-                finally:
-                    self.pull_slots.release()
-                future.set_result(image_id)
-            except BaseException as e:
-                future.set_exception(e)
-                raise
-            finally:
-                with self.inflight_lock:
-                    self.inflight.pop(key, None)
-        before = self.docker.inspect_image(str(request.tag_as))
-        self.docker.tag(image_id, request.tag_as)
+            image_id = self._shared_pull(found, client, progress)
+        if tag_as is None:
+            return image_id, False
+        before = self.docker.inspect_image(str(tag_as))
+        self.docker.tag(image_id, tag_as)
         return image_id, before is None or before.get("Id") != image_id
 
+    def _shared_pull(self, found: Located, client: str, progress: JsonProgress) -> str:
+        """Pull once per image and store identity at a time: later identical requests share the result."""
+        with self.inflight_lock:
+            future = self.inflight.get(found.share_key)
+            leader = future is None
+            if leader:
+                future = self.inflight[found.share_key] = concurrent.futures.Future()
+        assert future is not None
+        if not leader:
+            progress.note("Waiting for the pull of %s already under way" % found.image.image_id[7:19])
+            return future.result()
+        try:
+            with self.pull_slot(client, progress):
+                image_id = load_image(self.docker, found.store, found.image, [], progress)  # type: ignore
+            future.set_result(image_id)
+            return image_id
+        except BaseException as e:
+            future.set_exception(e)
+            raise
+        finally:
+            with self.inflight_lock:
+                self.inflight.pop(found.share_key, None)
 
-def resolve_docker_name(name: str) -> Tuple[str, str]:
-    """Split a docker image name into (store prefix, image name in the store).
+    @contextlib.contextmanager
+    def pull_slot(self, client: str, progress: JsonProgress) -> Iterator[None]:
+        """Hold one of max_pulls slots, at most pulls_per_client of them per client address."""
+        def free() -> bool:
+            return sum(self.pulls_by_client.values()) < self.limits.max_pulls and \
+                self.pulls_by_client[client] < self.limits.pulls_per_client
 
-    The registry host (a first component with a '.' or ':', or 'localhost') is dropped;
-    the remaining components but the last are a prefix under the S3 URL, the last is the
-    image: opsgoodies.com/docker-repo/hipache -> ('docker-repo/', 'hipache'), and
-    docker.io/library/hipache (what `docker pull hipache` sends) -> ('', 'hipache').
-    """
-    parts = name.split("/")
-    if len(parts) > 1 and ("." in parts[0] or ":" in parts[0] or parts[0] == "localhost"):
-        host, parts = parts[0], parts[1:]
-        if host in ("docker.io", "index.docker.io", "registry-1.docker.io") and len(parts) > 1 \
-                and parts[0] == "library":
-            parts = parts[1:]  # docker's implicit namespace for bare names: hipache = docker.io/library/hipache
-    return "".join(p + "/" for p in parts[:-1]), parts[-1]
+        with self.slots:
+            if not free():
+                progress.note("Waiting for a free pull slot (%d pulls at a time, %d per client)"
+                              % (self.limits.max_pulls, self.limits.pulls_per_client))
+                self.slots.wait_for(free)
+            self.pulls_by_client[client] += 1
+        try:
+            yield
+        finally:
+            with self.slots:
+                self.pulls_by_client[client] -= 1
+                if not self.pulls_by_client[client]:
+                    del self.pulls_by_client[client]
+                self.slots.notify_all()
+
+
+def name_splits(parts: Sequence[str]) -> List[Tuple[str, str]]:
+    """(store prefix, image name) for every way to split path components, longest prefix first:
+    team/app -> ('team/', 'app'), ('', 'team/app')."""
+    return [("".join(p + "/" for p in parts[:i]), "/".join(parts[i:])) for i in range(len(parts) - 1, -1, -1)]
+
+
+class FramingError(DogestryError):
+    """A request's body is framed wrongly (RFC 9112 section 6) or too large: status to answer."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class RequestBody:
+    """A request's body as its headers frame it; only read whole, up to a limit."""
+
+    _CHUNK_LINE = re.compile(rb"^([0-9A-Fa-f]{1,8})[ \t]*(?:;[^\r\n]*)?\r\n$")
+
+    def __init__(self, rfile: Any, length: Optional[int]):
+        self.rfile, self.length = rfile, length  # length None: chunked
+        self.done = length == 0
+
+    @classmethod
+    def framed(cls, rfile: Any, headers: Any, version: str) -> "RequestBody":
+        """The body the headers announce; FramingError for anything ambiguous (RFC 9112 6.1-6.3)."""
+        codings = headers.get_all("Transfer-Encoding") or []
+        lengths = headers.get_all("Content-Length") or []
+        if codings:
+            if lengths:
+                raise FramingError(400, "a request may not have both Transfer-Encoding and Content-Length")
+            if version == "HTTP/1.0":
+                raise FramingError(400, "Transfer-Encoding is not allowed in HTTP/1.0")
+            if [c.strip().lower() for c in ",".join(codings).split(",")] != ["chunked"]:
+                raise FramingError(501, "only Transfer-Encoding: chunked is supported")
+            return cls(rfile, None)
+        if not lengths:
+            return cls(rfile, 0)
+        if len(lengths) > 1 or not re.match(r"^[0-9]{1,15}$", lengths[0].strip(" \t")):
+            raise FramingError(400, "bad Content-Length")
+        return cls(rfile, int(lengths[0].strip(" \t")))
+
+    def read(self, limit: int) -> bytes:
+        """The whole body (FramingError 413 if longer than limit, 400 if cut short or malformed)."""
+        if self.length is None:
+            data = self._read_chunked(limit)
+        else:
+            if self.length > limit:
+                raise FramingError(413, "request body too large (at most %s)" % human_size(limit))
+            data = self.rfile.read(self.length)
+            if len(data) != self.length:
+                raise FramingError(400, "request body cut short")
+        self.done = True
+        return data
+
+    def _read_chunked(self, limit: int) -> bytes:
+        parts, total = [], 0
+        while True:
+            m = self._CHUNK_LINE.match(self.rfile.readline(1024))
+            if not m:
+                raise FramingError(400, "malformed chunked request body")
+            size = int(m.group(1), 16)
+            if not size:
+                break
+            total += size
+            if total > limit:
+                raise FramingError(413, "request body too large (at most %s)" % human_size(limit))
+            data = self.rfile.read(size + 2)
+            if len(data) != size + 2 or not data.endswith(b"\r\n"):
+                raise FramingError(400, "malformed chunked request body")
+            parts.append(data[:-2])
+        for _ in range(64):  # trailer fields, up to the empty line
+            line = self.rfile.readline(8192)
+            if line == b"\r\n":
+                return b"".join(parts)
+            if not line.endswith(b"\r\n"):
+                break
+        raise FramingError(400, "malformed chunked request trailer")
+
+
+class DeadlineReader(io.RawIOBase):
+    """Reads a socket so that a request must arrive whole before a deadline: one byte every
+    few seconds cannot hold a connection (the socket's own timeout is per read)."""
+
+    def __init__(self, sock: socket.socket, write_timeout: float):
+        super().__init__()
+        self.sock, self.write_timeout = sock, write_timeout
+        self.deadline = time.monotonic()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("the request took too long")
+        self.sock.settimeout(left)
+        try:
+            return self.sock.recv_into(buffer)
+        finally:
+            self.sock.settimeout(self.write_timeout)
 
 
 class ServerHandler(http.server.BaseHTTPRequestHandler):
-    """One client connection: keep-alive HTTP/1.1, JSON answers, access log lines on stdout."""
+    """One client connection: strict HTTP/1.0 and 1.1, JSON answers, access log lines on stdout."""
 
     server_version = "dogestry/" + __version__
     protocol_version = "HTTP/1.1"
-    timeout = 60
     server: DogestryServer
 
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()
+        self.reader = DeadlineReader(self.connection, SERVER_WRITE_TIMEOUT)
+        self.rfile = io.BufferedReader(self.reader, 1 << 16)  # type: ignore[assignment]
+        self.body = RequestBody(self.rfile, 0)
+        self.answered = False
+
+    def version_string(self) -> str:
+        return self.server_version  # no Python version for the world to see
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002  (http.server's name)
-        with self.server.log_lock:
-            self.server.log.write("%s - - [%s] %s\n" % (self.client_address[0], self.log_date_time_string(),
-                                                         format % args))
-            self.server.log.flush()
+        self.server.log_line(self.client_address[0], format % args)
+
+    def handle(self) -> None:
+        """Shake hands (TLS) within the read timeout, then serve requests until the client is done."""
+        self.close_connection = True
+        if isinstance(self.connection, ssl.SSLSocket):
+            try:
+                self.connection.settimeout(self.server.limits.read_timeout)
+                self.connection.do_handshake()  # bounded as a whole by the timeout (CPython's _ssl)
+            except (OSError, ValueError) as e:
+                self.server.log_line(self.client_address[0], "TLS handshake failed: %s" % _os_reason(e))
+                return
+        self.close_connection = False
+        while not self.close_connection:
+            self.handle_one_request()
+
+    def handle_one_request(self) -> None:
+        """Read one request within the deadline, answer it; close when its body went unread."""
+        self.server.set_waiting(self.connection, True)
+        self.reader.deadline = time.monotonic() + self.server.limits.read_timeout
+        self.body, self.answered = RequestBody(self.rfile, 0), False
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+            if not self.raw_requestline:
+                self.close_connection = True
+                return
+            if len(self.raw_requestline) > 65536:
+                self.requestline, self.request_version, self.command = "", "", ""
+                self.send_error(414)
+                return
+            if not self.parse_request():
+                self.close_connection = True
+                return
+            self.server.set_waiting(self.connection, False)
+            method = getattr(self, "do_" + self.command, None)
+            if method is None:
+                self.send_error(501, "method %s is not supported" % self.command)
+                return
+            try:
+                method()
+            except OSError:
+                raise
+            except Exception:
+                self.server.report_bug(self.client_address[0])
+                if not self.answered:
+                    self._refuse(500, "dogestry server: internal error (see the server's log)")
+                self.close_connection = True
+            if not self.body.done:
+                self.close_connection = True  # what is left of the body must not be read as a request
+            self.wfile.flush()
+        except socket.timeout:
+            self.log_error("request timed out: connection closed")
+            self.close_connection = True
+
+    def parse_request(self) -> bool:
+        """http.server's parsing, then only HTTP/1.0 and 1.1, with unambiguous framing."""
+        if not super().parse_request():
+            return False
+        if self.request_version not in ("HTTP/1.0", "HTTP/1.1"):
+            self.send_error(505 if self.request_version.startswith("HTTP/") and
+                            self.request_version != "HTTP/0.9" else 400, "only HTTP/1.0 and HTTP/1.1 are served")
+            return False
+        try:
+            self.body = RequestBody.framed(self.rfile, self.headers, self.request_version)
+        except FramingError as e:
+            self.send_error(e.status, str(e))
+            return False
+        return True
+
+    def send_response(self, code: int, message: Optional[str] = None) -> None:
+        self.answered = True
+        super().send_response(code, message)
+
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        """http.server's own refusals (bad request line, huge headers, ...) as JSON too; then close."""
+        self.close_connection = True
+        self.request_version = "HTTP/1.1"  # answer junk with a status line, never as HTTP/0.9
+        try:
+            self._send(code, json.dumps({"message": message or self.responses.get(code, ("error",))[0]}).encode()
+                       + b"\n", extra={"Connection": "close"})
+        except OSError:
+            pass
 
     def _route(self) -> str:
         path = urllib.parse.urlsplit(self.path).path
@@ -3303,51 +3970,14 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
     def _refuse(self, status: int, message: str) -> None:
         self._send(status, json.dumps({"message": message}).encode() + b"\n")
 
-    def _drain_body(self) -> bool:
-        """Read and drop a request body (at most SERVER_BODY_LIMIT); False if it is bad or too big."""
-        length = self.headers.get("Content-Length")
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            return self._drain_chunked()
+    def _read_body(self) -> Optional[bytes]:
+        """The request body (at most SERVER_BODY_LIMIT), or None after refusing it and closing."""
         try:
-            n = int(length or 0)
-        except ValueError:
-            return False
-        if n < 0 or n > SERVER_BODY_LIMIT:
-            return False
-        while n:
-            data = self.rfile.read(min(n, CHUNK))
-            if not data:
-                return False
-            n -= len(data)
-        return True
-
-    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
-        """http.server's own refusals (bad request line, huge headers, ...) as JSON too."""
-        self.close_connection = True
-        self.request_version = "HTTP/1.1"  # answer junk with a status line, not as HTTP/0.9
-        try:
-            self._send(code, json.dumps({"message": message or self.responses.get(code, ("error",))[0]}).encode()
-                       + b"\n", extra={"Connection": "close"})
-        except OSError:
-            pass
-
-    def _drain_chunked(self) -> bool:
-        total = 0
-        while True:
-            line = self.rfile.readline(1024)
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                return False
-            total += size
-            if size < 0 or total > SERVER_BODY_LIMIT:
-                return False
-            if size == 0:
-                while self.rfile.readline(1024).strip():  # trailers, up to the blank line
-                    pass
-                return True
-            if len(self.rfile.read(size + 2)) != size + 2:
-                return False
+            return self.body.read(SERVER_BODY_LIMIT)
+        except FramingError as e:
+            self.close_connection = True
+            self._refuse(e.status, str(e))
+            return None
 
     def do_HEAD(self) -> None:
         self.do_GET()
@@ -3358,7 +3988,7 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
             self._send(200, b"OK", "text/plain; charset=utf-8",
                        {"Docker-Experimental": "false", "OSType": "linux", "Cache-Control": "no-cache"})
         elif route == "/status/check":
-            self._send(200, b"OK", "text/plain; charset=utf-8")
+            self._send(200, b"OK", "text/plain; charset=utf-8", {DELEGATION_HEADER: DELEGATION_PROTOCOL})
         elif route == "/version":
             self._send(200, json.dumps({
                 "Version": __version__, "ApiVersion": self.server.api_version(), "MinAPIVersion": "1.24",
@@ -3367,19 +3997,34 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
         elif route == "/":
             self._refuse(404, "dogestry API, nothing to see here")
         else:
-            self._refuse(403, "dogestry server: %s is not served (only image pulls are)" % route)
+            self._refuse(403, NOT_SERVED % route)
 
     def do_POST(self) -> None:
-        if not self._drain_body():
-            self.close_connection = True
-            return self._refuse(413, "request body too large or malformed")
+        body = self._read_body()
+        if body is None:
+            return
         route = self._route()
-        if route != "/images/create":
-            return self._refuse(403, "dogestry server: %s is not served (only image pulls are)" % route)
         try:
-            request = self._pull_request()
+            if route == "/images/create":
+                request = self._docker_pull()
+            elif route == DELEGATION_ROUTE:
+                request = self._delegated_pull(body)
+            else:
+                return self._refuse(403, NOT_SERVED % route)
+        except Refused as e:
+            return self._refuse(403, self.server.public(str(e)))
         except DogestryError as e:
             return self._refuse(400, self.server.public(str(e)))
+        self._stream_pull(request)
+
+    def do_PUT(self) -> None:
+        if self._read_body() is not None:  # read, so the client can read the refusal
+            self._refuse(403, NOT_SERVED % self._route())
+
+    do_DELETE = do_PATCH = do_PUT
+
+    def _stream_pull(self, request: PullRequest) -> None:
+        """Answer a pull with docker's JSON progress lines, as chunks."""
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Transfer-Encoding", "chunked")
@@ -3400,28 +4045,32 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
                     gone.set()
                     self.close_connection = True
 
+        def fail(message: str) -> None:
+            emit({"errorDetail": {"message": message}, "error": message})
+
         progress = JsonProgress(emit)
         try:
-            progress.note("Pulling %s from %s" % (request.image, request.store.url))
-            image_id, newer = self.server.pull(request, progress)
+            found = request.locate()
+            progress.note("Pulling %s from %s" % (found.label, found.store.url))
+            image_id, newer = self.server.pull(found, request.tag_as, request.client, progress)
             progress.note("Digest: %s" % image_id)
-            progress.note("Status: %s for %s" % ("Downloaded newer image" if newer else "Image is up to date",
-                                                 request.tag_as))
+            if request.tag_as:
+                progress.note("Status: %s for %s" % ("Downloaded newer image" if newer else "Image is up to date",
+                                                     request.tag_as))
         except DogestryError as e:
-            message = "dogestry: " + str(e)
-            emit({"errorDetail": {"message": message}, "error": message})
+            fail("dogestry: " + str(e))
+        except Exception:
+            self.server.report_bug(self.client_address[0])
+            fail("dogestry: internal error (see the server's log)")
         if gone.is_set():
             return
         with lock, contextlib.suppress(OSError):
             self.wfile.write(b"0\r\n\r\n")
 
-    def do_PUT(self) -> None:
-        self._drain_body()
-        self._refuse(403, "dogestry server: %s is not served (only image pulls are)" % self._route())
+    # -- what a client may ask for --
 
-    do_DELETE = do_PATCH = do_PUT
-
-    def _pull_request(self) -> PullRequest:
+    def _docker_pull(self) -> PullRequest:
+        """POST /images/create from the docker CLI: fromImage, tag, X-Registry-Auth."""
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
         if query.get("fromSrc"):
             raise UsageError("importing images is not served")
@@ -3432,27 +4081,82 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
         if ":" in name.rsplit("/", 1)[-1] and not tag:
             name, tag = name.rsplit(":", 1)
         wanted = parse_image_ref("%s:%s" % (name, tag or "latest"))
-        prefix, image = resolve_docker_name(wanted.name)
+        policy = self.server.policy
+        parts = policy.image_path(wanted.name)
         auth = self._registry_auth()
-        store_url = auth.get("email") or self.server.default_store
-        if not store_url:
-            raise UsageError("no store: log in with `dogestry login` (S3_URL) or start the server with a store")
         creds = None
         if auth.get("username") or auth.get("password"):
             if not auth.get("username") or not auth.get("password"):
                 raise UsageError("X-Registry-Auth needs both the AWS access key (username) and secret (password)")
             creds = Credentials(auth["username"], auth["password"], auth.get("identitytoken") or None, None,
                                 "X-Registry-Auth")
-        if store_url != self.server.default_store:
-            if not store_url.startswith("s3://"):
-                raise UsageError("only s3:// stores may be named by clients (got %r)" % store_url[:100])
-            if creds is None:  # never lend the server's own AWS identity to a client's choice of bucket
-                raise UsageError("a store named by the client needs its AWS keys (dogestry login)")
-        base = store_url.split("?", 1)
-        full = base[0].rstrip("/") + "/" + prefix + ("?" + base[1] if len(base) > 1 else "")
-        store = self.server.make_store(full, creds)
+        candidates, refusal = [], None  # type: List[Tuple[StoreChoice, ImageRef]], Optional[Refused]
+        for prefix, image in name_splits(parts):
+            try:
+                candidates.append((policy.choose(auth.get("email"), prefix, creds is not None),
+                                   ImageRef(image, wanted.tag)))
+            except Refused as e:
+                refusal = refusal or e
+        if not candidates:
+            assert refusal is not None
+            raise refusal
         who = hashlib.sha256(("%s\0%s" % (creds.access_key, creds.secret_key)).encode()).hexdigest() if creds else ""
-        return PullRequest(full + "#" + who, store, "%s:%s" % (image, wanted.tag), wanted)
+
+        def locate() -> Located:
+            """The first candidate whose tag exists (tags only: never image IDs)."""
+            first = None  # type: Optional[NotFound]
+            for choice, ref in candidates:
+                store = self.server.open_store(choice, None if choice.own else creds)
+                try:
+                    image_hex = read_tag(store, ref)
+                except NotFound as e:
+                    first = first or e
+                    continue
+                return Located(store, load_stored_image(store, image_hex), str(ref),
+                               "%s#%s#%s" % (choice.url, "" if choice.own else who, image_hex))
+            assert first is not None
+            raise first
+
+        return PullRequest(locate, wanted, self.client_address[0])
+
+    def _delegated_pull(self, body: bytes) -> PullRequest:
+        """POST /dogestry/v1/pull from `dogestry -pullhosts`: presigned URLs of one image's objects."""
+        doc = parse_json(body, "the pull request")
+        if not isinstance(doc, dict) or not isinstance(doc.get("objects"), dict) or \
+                not isinstance(doc.get("store"), str) or not isinstance(doc.get("image"), str) or \
+                not isinstance(doc.get("tag"), (str, type(None))):
+            raise UsageError("a delegated pull needs store, image, tag and objects")
+        policy = self.server.policy
+        image_hex = digest_hex(doc["image"])
+        tag_as = parse_image_ref(doc["tag"]) if doc["tag"] else None
+        if tag_as is not None:
+            policy.image_path(tag_as.name)
+        if not doc["store"].startswith("s3://"):
+            raise UsageError("delegated pulls read s3:// stores only")
+        choice = policy.choose(doc["store"], "", True)
+        location = choice.location
+        assert location is not None
+        wanted = {image_key(image_hex, "manifest.json"), image_key(image_hex, "config.json")}
+        urls, sizes, regions = {}, {}, set()  # type: Dict[str, str], Dict[str, int], Set[str]
+        for key, entry in doc["objects"].items():
+            if key not in wanted and not _BLOB_KEY.match(key):
+                raise Refused("a delegated pull may only read the image's manifest, config and blobs (not %r)"
+                              % key[:100])
+            if not isinstance(entry, dict) or not isinstance(entry.get("url"), str) or \
+                    not isinstance(entry.get("size"), int) or entry["size"] < 0:
+                raise UsageError("objects in a delegated pull need a url and a size")
+            regions.add(policy.presigned_region(entry["url"], location, key))
+            urls[location.prefix + key], sizes[key] = entry["url"], entry["size"]
+        if len(regions) > 1:
+            raise Refused("the presigned URLs of one pull name several regions")
+        located = location._replace(region=regions.pop() if regions else location.region)
+
+        def locate() -> Located:
+            store = self.server.presigned_store(located, urls, sizes)
+            return Located(store, load_stored_image(store, image_hex), str(tag_as) if tag_as else image_hex[:12],
+                           "%s#presigned#%s" % (choice.url, image_hex))
+
+        return PullRequest(locate, tag_as, self.client_address[0])
 
     def _registry_auth(self) -> Dict[str, str]:
         header = self.headers.get("X-Registry-Auth")
@@ -3460,8 +4164,8 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
             return {}
         try:
             padded = header.strip() + "=" * (-len(header.strip()) % 4)
-            doc = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")).decode("utf-8"))
-        except (ValueError, UnicodeError, binascii.Error):
+            doc = parse_json(base64.urlsafe_b64decode(padded.encode("ascii")), "X-Registry-Auth")
+        except (ValueError, UnicodeError, binascii.Error, FormatError):
             raise UsageError("X-Registry-Auth is not base64url JSON")
         if not isinstance(doc, dict) or not all(isinstance(v, str) for v in doc.values()):
             raise UsageError("X-Registry-Auth is not a JSON object of strings")
@@ -3523,13 +4227,10 @@ class Context:
         chain = StaticCredentials(creds) if creds else self.credentials()
         return S3Store(location, S3Client(location, chain, config))  # type: ignore
 
-    def client_store(self, url: str, creds: Optional[Credentials]) -> Store:
-        """A store a server client named: S3 only, on the server's own endpoint (no SSRF)."""
-        location = parse_s3_url(url)
-        own = self.environ.get("AWS_ENDPOINT_URL_S3") or self.environ.get("AWS_ENDPOINT_URL")
-        if location.endpoint and location.endpoint.rstrip("/") != (own or "").rstrip("/"):
-            raise UsageError("this server does not take S3 endpoints from clients")
-        return self.s3_store(location, creds)
+    def presigned_store(self, location: S3Location, urls: Dict[str, str], sizes: Dict[str, int]) -> Store:
+        """The objects of one delegated pull, read through the URLs the client presigned."""
+        client = S3Client(location, None, AwsConfig(self.environ, self.home), presigned=urls)  # type: ignore
+        return PresignedS3Store(location, client, sizes)
 
     def push_options(self) -> PushOptions:
         return PushOptions(compression=getattr(self.options, "compress", "gzip") or "gzip",
@@ -3555,54 +4256,102 @@ def cmd_pull(ctx: Context) -> int:
 
 
 def fleet_command(ctx: Context) -> int:
-    """pull to every -pullhosts host: through their dogestry servers if all have one, else directly."""
+    """pull to every -pullhosts host: through the dogestry servers of hosts that run one, directly to the rest."""
     options = ctx.options
     endpoints = parse_pullhosts(options.pullhosts, ctx.environ, ctx.home)
     if not options.disable_checks:
         check_hosts([DockerClient(e, timeout=HOST_CHECK_TIMEOUT) for e in endpoints])
     store = ctx.store()
-    servers = [server_url(e, options.port) for e in endpoints]
-    delegate = isinstance(store, S3Store) and not options.force_local and \
-        all(url and server_answers(url) for url in servers)
-    if delegate:
-        auth = registry_auth(ctx.credentials().get(), store.url)
-        with concurrent.futures.ThreadPoolExecutor(len(servers)) as pool:
-            statuses = list(pool.map(lambda url: _delegate_all(url, auth, options.images, ctx.progress), servers))
-    else:
-        statuses = fleet_pull([DockerClient(e) for e in endpoints], store, options.images, ctx.progress,
-                              options.tempdir)
-    ctx.stdout.write(json.dumps(statuses) + "\n")
-    return 0 if all(s["Status"] == "ok" for s in statuses) else 1
+    statuses = {}  # type: Dict[str, Dict[str, str]]
+    if isinstance(store, S3Store) and not options.force_local:
+        statuses = delegate_to_servers(endpoints, store, options.images, options.port, ctx.progress)
+    direct = [e for e in endpoints if statuses.get(e.url, {}).get("Status") != "ok"]
+    if direct:  # hosts without a server, and those whose server failed or lied
+        for status in fleet_pull([DockerClient(e) for e in direct], store, options.images, ctx.progress,
+                                 options.tempdir):
+            server_error = statuses.get(status["Host"], {}).get("ServerError")
+            statuses[status["Host"]] = dict(status, ServerError=server_error) if server_error else status
+    result = [statuses[e.url] for e in endpoints]
+    ctx.stdout.write(json.dumps(result) + "\n")
+    return 0 if all(s["Status"] == "ok" for s in result) else 1
 
 
-def _delegate_all(url: str, auth: str, images: Sequence[str], progress: Progress) -> Dict[str, str]:
-    status = {"Host": url, "Status": "ok"}
-    for text in images:
-        status = delegate_pull(url, auth, text, progress)
-        if status["Status"] != "ok":
-            break
-    return status
+def server_tls_context(options: argparse.Namespace, environ: Mapping[str, str], home: str) -> Optional[ssl.SSLContext]:
+    """TLS for -server the dockerd way: -tls or -tlsverify, with -tlscert/-tlskey (default
+    $DOCKER_CERT_PATH or ~/.docker/{cert,key}.pem); -tlsverify requires client certificates
+    signed by -tlscacert (default ca.pem there)."""
+    if not (options.tls or options.tlsverify or options.tlscert or options.tlskey or options.tlscacert):
+        return None
+    if options.tlscacert and not options.tlsverify:
+        raise UsageError("-tlscacert needs -tlsverify (client certificates are checked only with -tlsverify)")
+    cert_dir = environ.get("DOCKER_CERT_PATH") or os.path.join(home, ".docker")
+    cert = options.tlscert or os.path.join(cert_dir, "cert.pem")
+    key = options.tlskey or os.path.join(cert_dir, "key.pem")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise UsageError("cannot use the TLS certificate %s with key %s: %s" % (cert, key, _os_reason(e)))
+    if options.tlsverify:
+        ca = options.tlscacert or os.path.join(cert_dir, "ca.pem")
+        try:
+            ctx.load_verify_locations(ca)
+        except (OSError, ssl.SSLError) as e:
+            raise UsageError("cannot use the TLS CA certificate %s: %s" % (ca, _os_reason(e)))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def raise_open_files_limit() -> None:
+    """Let a server use every file descriptor it is allowed (the soft limit up to the hard one, as Go does)."""
+    with contextlib.suppress(ImportError, ValueError, OSError):
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+OPEN_SERVER_WARNING = (
+    "dogestry: warning: this server has no store and no -allow list: any client that reaches it may pull "
+    "from any S3 bucket it has keys for and tag the image on this host under any name; restrict it with "
+    "STORE, -allow s3://bucket/prefix/, -registry NAME and -tlsverify")
 
 
 def cmd_server(ctx: Context) -> int:
     """-server [STORE]: serve image pulls to docker clients and dogestry -pullhosts."""
     options = ctx.options
-    default = options.store
-    if default:
-        ctx.store(default).check()
+    own = ctx.remotes.get(options.store, options.store) if options.store else None
+    private = ""
+    if own:
+        store = ctx.store(own)
+        store.check()
+        private = store.root if isinstance(store, LocalStore) else ""
+    policy = ServerPolicy(own, options.allow or [], options.registry or [],
+                          ctx.environ.get("AWS_ENDPOINT_URL_S3") or ctx.environ.get("AWS_ENDPOINT_URL"))
+    tls = server_tls_context(options, ctx.environ, ctx.home)
+    limits = ServerLimits(max_connections=options.max_connections, read_timeout=options.read_timeout)
 
-    def make(url: str, creds: Optional[Credentials]) -> Store:
-        if default and (url == default or url.startswith(default.rstrip("/") + "/")):
-            return ctx.store(url)  # the server's own store (and prefixes under it)
-        return ctx.client_store(url, creds)
+    def open_for(choice: StoreChoice, creds: Optional[Credentials]) -> Store:
+        if choice.own:
+            return ctx.store(choice.url)  # the server's own store (and prefixes under it)
+        assert choice.location is not None
+        return ctx.s3_store(choice.location, creds)
 
+    raise_open_files_limit()
     try:
-        server = DogestryServer((options.address, options.port), ctx.docker(), make, default, ctx.stdout)
+        server = DogestryServer((options.address, options.port), ctx.docker(), policy, open_for,
+                                ctx.presigned_store, ctx.stdout, ctx.stderr, tls, limits, private)
     except OSError as e:
         raise DogestryError("cannot listen on %s:%d: %s" % (options.address, options.port, _os_reason(e)))
-    ctx.stdout.write("dogestry server %s listening on %s:%d (Docker at %s)\n"
-                     % (__version__, options.address, server.server_address[1], server.docker.endpoint.url))
+    ctx.stdout.write("dogestry server %s listening on %s:%d%s (Docker at %s)\n"
+                     % (__version__, options.address, server.server_address[1],
+                        " with TLS" + (", client certificates required" if options.tlsverify else "") if tls else "",
+                        server.docker.endpoint.url))
     ctx.stdout.flush()
+    if policy.is_open:
+        ctx.stderr.write(OPEN_SERVER_WARNING + "\n")
+        ctx.stderr.flush()
     try:
         server.serve_forever(poll_interval=0.5)
     except KeyboardInterrupt:
@@ -3649,7 +4398,26 @@ def cmd_login(ctx: Context) -> int:
 
 
 def update_docker_config(path: str, registry: str, entry: Dict[str, str]) -> None:
-    """Set auths[registry] in a docker config.json, keeping every other key; atomic, mode 0600."""
+    """Set auths[registry] in a docker config.json, keeping every other key; atomic, mode 0600.
+
+    A symlinked config.json is written through the link (as the docker CLI does), and
+    concurrent logins take turns on a lock of the file's directory, so none is lost.
+    """
+    path = os.path.realpath(path)
+    directory = os.path.dirname(path) or "."
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        lock = os.open(directory, os.O_RDONLY)
+    except OSError as e:
+        raise DogestryError("cannot write %s: %s" % (path, _os_reason(e)))
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _update_docker_config(path, directory, registry, entry)
+    finally:
+        os.close(lock)
+
+
+def _update_docker_config(path: str, directory: str, registry: str, entry: Dict[str, str]) -> None:
     doc = {}  # type: Dict[str, Any]
     try:
         with open(path, encoding="utf-8") as f:
@@ -3664,10 +4432,8 @@ def update_docker_config(path: str, registry: str, entry: Dict[str, str]) -> Non
     if not isinstance(auths, dict):
         raise DogestryError("%s: \"auths\" is not a JSON object" % path)
     auths[registry] = entry
-    directory = os.path.dirname(path) or "."
     tmp = None
     try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".config.json.", dir=directory)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent="\t")
@@ -3782,11 +4548,15 @@ class _Parser(argparse.ArgumentParser):
             raise UsageError(message.strip())
         raise _HelpShown(status)
 
+    def print_help(self, file: Any = None) -> None:
+        """-h: hand the text to main(), which writes it to its own stdout, once."""
+        raise _HelpShown(0, self.format_help())
+
 
 class _HelpShown(Exception):
-    def __init__(self, status: int):
+    def __init__(self, status: int, text: str = ""):
         super().__init__(status)
-        self.status = status
+        self.status, self.text = status, text
 
 
 def _add_global_options(parser: argparse.ArgumentParser) -> None:
@@ -3804,6 +4574,19 @@ def _add_global_options(parser: argparse.ArgumentParser) -> None:
     flag("force-local", action="store_true", help="with -pullhosts: never delegate to dogestry servers")
     flag("tempdir", metavar="DIR", help="directory for temporary files (default: $TMPDIR or /tmp)")
     flag("disable-checks", action="store_true", help="with -pullhosts: skip the Docker host checks")
+    flag("allow", metavar="S3_URL", action="append",
+         help="with -server: a store clients may name, s3://bucket/prefix/ (repeatable)")
+    flag("registry", metavar="NAME", action="append",
+         help="with -server: a registry host name clients may pull under (repeatable)")
+    flag("tls", action="store_true", help="with -server: serve TLS with -tlscert and -tlskey")
+    flag("tlsverify", action="store_true", help="with -server: TLS, and require client certificates (-tlscacert)")
+    flag("tlscacert", metavar="FILE", help="with -tlsverify: the CA that signs client certificates")
+    flag("tlscert", metavar="FILE", help="with -server: the server's TLS certificate")
+    flag("tlskey", metavar="FILE", help="with -server: the server's TLS key")
+    flag("read-timeout", metavar="SECONDS", type=float, default=ServerLimits().read_timeout,
+         help="with -server: time a client has to send a request (default %g)" % ServerLimits().read_timeout)
+    flag("max-connections", metavar="N", type=int, default=ServerLimits().max_connections,
+         help="with -server: connections served at once (default %d)" % ServerLimits().max_connections)
     parser.add_argument("-version", "--version", "-v", action="store_true", help="print the version and exit")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
@@ -3854,6 +4637,10 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: List[str]) -> argp
     early, rest = head.parse_known_args(argv)
     if early.help:
         return parser.parse_args(argv)
+    if not 0 <= early.port <= 65535:
+        raise UsageError("-port %d is not a TCP port (0-65535)" % early.port)
+    if early.read_timeout <= 0 or early.max_connections < 1:
+        raise UsageError("-read-timeout and -max-connections must be positive")
     if early.server:
         if len(rest) > 1 or any(r.startswith("-") for r in rest):
             raise UsageError("usage: dogestry -server [-address ADDR] [-port PORT] [STORE]")
@@ -3909,7 +4696,7 @@ def main(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, st
         try:
             options = parse_command_line(parser, argv)
         except _HelpShown as shown:
-            stdout.write(parser.format_help() if not argv or argv[0] in ("-h", "--help") else "")
+            stdout.write(shown.text)
             return shown.status
         if options.version:
             return cmd_version(Context(environ, stdout, stderr, options))
@@ -3930,7 +4717,7 @@ def main(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, st
         stderr.write("dogestry: interrupted\n")
         return Interrupted.exit_code
     except DogestryError as e:
-        stderr.write("dogestry: error: %s\n" % str(e).replace("\n", " "))
+        stderr.write("dogestry: error: %s\n" % printable(str(e).replace("\n", " ")))
         return e.exit_code
     except BrokenPipeError:
         return 1

@@ -152,3 +152,23 @@ def fault_proxy(rgw):
     from faultproxy import FaultProxy, started_servers
     with started_servers(lambda rule=None: FaultProxy(rgw.endpoint, rule)) as start:
         yield start
+
+
+@pytest.fixture
+def servers(tmp_path):
+    """Factory: start(address, env, store=None, **kw) -> a ready Server; all are stopped after
+    the test, and none may have printed a traceback."""
+    started = []
+
+    def start(address, env, store=None, **kw):
+        from serverkit import Server
+        server = Server(address, env, tmp_path, store, **kw)
+        started.append(server)
+        return server.wait_ready()
+
+    yield start
+    for server in started:
+        server.stop(timeout=5.0)
+    for server in started:
+        if not server.tracebacks_known:
+            server.assert_no_traceback()

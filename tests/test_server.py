@@ -9,13 +9,11 @@ s3://ops-goodies/docker-repo/, `dogestry login opsgoodies.com`, then
 `docker -H tcp://host:22375 pull opsgoodies.com/docker-repo/hipache`.
 """
 
-import base64
 import collections
 import fcntl
 import http.client
 import json
 import os
-import re
 import select
 import shutil
 import signal
@@ -36,16 +34,16 @@ import pytest
 import dogestry
 from conftest import make_bucket, skip_or_fail
 from faultproxy import Overlap
-from realdocker import (DOGESTRY, DockerdError, _die_with_parent, build_image, client_env, docker_cli, find_docker,
-                        image_id, random_bytes, remove_tree, run_dogestry, start_dockerd, stop_all, text_bytes)
+from realdocker import (DOGESTRY, DockerdError, build_image, client_env, docker_cli, image_id, random_bytes,
+                        remove_tree, run_dogestry, start_dockerd, stop_all, text_bytes)
+from serverkit import (PORT, assert_json_refusal, auth_header, b64, call, docker_user, login, loopback_addresses,
+                       pull_request, raw_body, raw_exchange, raw_status, read_answer, server_env, wipe)
 
 pytestmark = pytest.mark.integration
 
-PORT = 22375                      # the server's default port (the README's)
-HOSTS = ("127.0.0.2", "127.0.0.3")
+HOSTS = loopback_addresses(2)     # two "hosts", each a dockerd on HOST:2375 and maybe a server on HOST:PORT
 REGISTRY = "opsgoodies.com"
 IMAGE = REGISTRY + "/docker-repo/hipache"
-SERVER_READY_TIMEOUT = 15.0
 
 
 # --- module fixtures: the fleet, the bucket and the images pushed into it -----------------------
@@ -141,228 +139,11 @@ def blob_keys(pushed, name):
 
 # --- helpers ------------------------------------------------------------------------------------
 
-def wipe(handle):
-    """Remove every image and container from a fleet host (a fresh host for the next test)."""
-    ids = docker_cli(handle.host, "ps", "-aq").stdout.split()
-    if ids:
-        docker_cli(handle.host, "rm", "-f", *ids, check=False)
-    ids = docker_cli(handle.host, "images", "-aq").stdout.split()
-    if ids:
-        docker_cli(handle.host, "rmi", "-f", *sorted(set(ids)), check=False)
-
-
-
-def auth_header(doc):
-    """X-Registry-Auth as the docker CLI sends it: base64url JSON."""
-    raw = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
-    return base64.urlsafe_b64encode(raw).decode()
-
-
 def user_auth(rgw, bucket, secret=None):
     """What `dogestry login REGISTRY` with S3_URL s3://BUCKET makes the docker CLI send."""
     store = "s3://%s" % bucket
     return auth_header({"username": rgw.access_key, "password": secret or rgw.secret_key,
                         "email": store, "serveraddress": REGISTRY})
-
-
-class Answer:
-    def __init__(self, status, headers, body):
-        self.status, self.headers, self.body = status, headers, body
-
-    def json(self):
-        return json.loads(self.body)
-
-    def lines(self):
-        return [json.loads(l) for l in self.body.decode().splitlines() if l.strip()]
-
-    def errors(self):
-        return [d for d in self.lines() if d.get("errorDetail") or d.get("error")]
-
-    def __repr__(self):
-        return "<Answer %d %r>" % (self.status, self.body[:400])
-
-
-def call(address, method, path, headers=None, body=None, timeout=60):
-    conn = http.client.HTTPConnection(address, PORT, timeout=timeout)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return Answer(resp.status, resp, resp.read())
-    finally:
-        conn.close()
-
-
-def pull_request(address, name, auth, tag="latest", timeout=120):
-    query = "fromImage=%s&tag=%s" % (name.replace("/", "%2F"), tag)
-    return call(address, "POST", "/v1.41/images/create?" + query, {"X-Registry-Auth": auth}, timeout=timeout)
-
-
-def raw_exchange(address, data, timeout=20):
-    """Send raw bytes, half-close, and read the whole answer (status line, headers, body)."""
-    with socket.create_connection((address, PORT), timeout=timeout) as sock:
-        try:
-            sock.sendall(data)
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # the server may answer and close before it has read everything
-        out = b""
-        try:
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                out += chunk
-        except ConnectionResetError:
-            pass
-    return out
-
-
-def read_answer(sock):
-    """Read one HTTP answer with a Content-Length body from SOCK."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
-    head, body = data.split(b"\r\n\r\n", 1)
-    m = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
-    while m and len(body) < int(m.group(1)):
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    return head + b"\r\n\r\n" + body
-
-
-def raw_status(answer):
-    m = re.match(rb"HTTP/1\.[01] (\d{3}) ", answer)
-    assert m, answer[:300]
-    return int(m.group(1))
-
-
-def raw_body(answer):
-    return answer.split(b"\r\n\r\n", 1)[1] if b"\r\n\r\n" in answer else b""
-
-
-def assert_json_refusal(answer, status, *needles):
-    assert answer.status == status, answer
-    assert answer.headers.getheader("Content-Type", "").startswith("application/json"), answer
-    message = answer.json()["message"]
-    for needle in needles:
-        assert needle in message, message
-    return message
-
-
-def docker_user(address, *args, config_dir, timeout=180):
-    """The real docker CLI, as a user pointing at the dogestry server (DOCKER_CONFIG=config_dir)."""
-    host = "tcp://%s:%d" % (address, PORT)
-    env = client_env(host)
-    env = {k: v for k, v in env.items() if not k.startswith("AWS_")}
-    env["DOCKER_CONFIG"] = str(config_dir)
-    return subprocess.run([find_docker(), "-H", host] + [str(a) for a in args], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, universal_newlines=True, env=env, timeout=timeout)
-
-
-def login(env, registry, answers):
-    return run_dogestry("login", registry, env=env, input=answers, timeout=60)
-
-
-def b64(text):
-    return base64.b64encode(text.encode()).decode()
-
-
-# --- the server subprocess ----------------------------------------------------------------------
-
-ACCESS_LINE = re.compile(r'^(\S+) - - \[[^\]]+\] "([A-Z]+) (\S+) HTTP/1\.[01]" (\d{3}) ')
-
-
-class Server:
-    """A `dogestry -server` subprocess; its stdout and stderr go to files."""
-
-    def __init__(self, address, env, workdir, store=None):
-        self.address, self.url = address, "http://%s:%d" % (address, PORT)
-        self.tracebacks_known = False  # set by xfail tests whose bug makes tracebacks
-        self.out_path, self.err_path = workdir / ("server-%s.out" % address), workdir / ("server-%s.err" % address)
-        args = [sys.executable, str(DOGESTRY), "-server", "-address", address, "-port", str(PORT)]
-        if store:
-            args.append(str(store))
-        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
-            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env,
-                                         start_new_session=True, preexec_fn=_die_with_parent)
-
-    def wait_ready(self):
-        deadline = time.monotonic() + SERVER_READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError("server exited with %s:\n%s\n%s" % (self.proc.returncode, self.stdout, self.stderr))
-            if dogestry.server_answers(self.url, timeout=1.0):
-                return self
-            time.sleep(0.05)
-        raise AssertionError("server not ready:\n%s\n%s" % (self.stdout, self.stderr))
-
-    @property
-    def stdout(self):
-        return self.out_path.read_text(errors="replace")
-
-    @property
-    def stderr(self):
-        return self.err_path.read_text(errors="replace")
-
-    def access_log(self):
-        """(client, method, target, status) of every access log line so far."""
-        found = []
-        for line in self.stdout.splitlines():
-            m = ACCESS_LINE.match(line)
-            if m:
-                found.append((m.group(1), m.group(2), m.group(3), int(m.group(4))))
-        return found
-
-    def posts_to_create(self):
-        return [e for e in self.access_log() if e[1] == "POST" and "/images/create" in e[2]]
-
-    def stop(self, sig=signal.SIGTERM, timeout=10.0):
-        """Signal the server; return (exit status, seconds it took)."""
-        start = time.monotonic()
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                return None, time.monotonic() - start
-        return self.proc.returncode, time.monotonic() - start
-
-    def assert_no_traceback(self):
-        for name, text in (("stdout", self.stdout), ("stderr", self.stderr)):
-            assert "Traceback" not in text, "server %s has a traceback:\n%s" % (name, text)
-
-
-@pytest.fixture
-def servers(tmp_path):
-    """Factory: start(address, env, store=None) -> a ready Server; all are killed after the test,
-    and none may have printed a traceback."""
-    started = []
-
-    def start(address, env, store=None):
-        server = Server(address, env, tmp_path, store)
-        started.append(server)
-        return server.wait_ready()
-
-    yield start
-    for server in started:
-        server.stop(timeout=5.0)
-    for server in started:
-        if not server.tracebacks_known:
-            server.assert_no_traceback()
-
-
-def server_env(base_env, handle, endpoint):
-    """A fleet host's server: DOCKER_HOST = that host's socket, the S3 endpoint, and no AWS keys."""
-    return dict(base_env, DOCKER_HOST=handle.host, AWS_ENDPOINT_URL=endpoint)
-
-
 
 
 def blob_gets(proxy, bucket):
@@ -611,35 +392,83 @@ def test_a_leader_hanging_up_does_not_fail_the_followers(fleet, pushed, rgw, bas
 
 
 def test_parallel_pulls_are_bounded(fleet, pushed, rgw, base_env, servers, fault_proxy):
-    """Three different images at once: at most SERVER_MAX_PULLS (2) download at the same time;
-    the third waits for a slot and still succeeds.  Observed: exactly 2 in flight."""
+    """Three different images at once: from one client, one download at a time (a client holds at
+    most one slot); from three clients, at most SERVER_MAX_PULLS (2).  Every pull still succeeds."""
     host = fleet[0]
-    wipe(host)
     blob_reads = Overlap(lambda req: req.method == "GET" and "/blobs/" in req.path, delay=1.0)
     proxy = fault_proxy(blob_reads)
     servers(HOSTS[0], server_env(base_env, host, proxy.url))
     auth = user_auth(rgw, pushed.bucket)
     names = ["dgbound1", "dgbound2", "dgbound3"]
-    barrier = threading.Barrier(len(names))
-    answers = {}
 
-    def pull(name):
-        barrier.wait()
-        answers[name] = pull_request(HOSTS[0], REGISTRY + "/docker-repo/" + name, auth)
+    def pull_all(sources):
+        wipe(host)
+        blob_reads.most = 0
+        barrier = threading.Barrier(len(names))
+        answers = {}
 
-    threads = [threading.Thread(target=pull, args=(n,)) for n in names]
-    start = time.monotonic()
-    for t in threads:
+        def pull(name, source):
+            barrier.wait()
+            answers[name] = pull_request(HOSTS[0], REGISTRY + "/docker-repo/" + name, auth, source=source)
+
+        threads = [threading.Thread(target=pull, args=(n, src)) for n, src in zip(names, sources)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        for name in names:
+            assert answers[name].status == 200 and not answers[name].errors(), answers[name]
+            assert image_id(host.host, REGISTRY + "/docker-repo/" + name) == pushed.ids[name]
+        return answers
+
+    one_client = pull_all(["127.0.0.1"] * 3)
+    assert blob_reads.most == 1
+    assert sum(any("Waiting for a free pull slot" in d.get("status", "") for d in a.lines())
+               for a in one_client.values()) == 2, one_client
+    pull_all(["127.0.0.1"] + list(loopback_addresses(2, ports=())))
+    assert blob_reads.most == dogestry.SERVER_MAX_PULLS == 2
+    assert sum(blob_gets(proxy, pushed.bucket).values()) == 6
+
+
+def test_a_pull_of_an_image_the_host_has_takes_no_slot(fleet, pushed, rgw, base_env, servers, fault_proxy):
+    """While two slow pulls hold both slots, a pull of an image the engine already has is only tagged."""
+    host = fleet[0]
+    wipe(host)
+    holding, release, held = threading.Event(), threading.Event(), []
+
+    def hold(req):
+        if holding.is_set() and req.method == "GET" and "/blobs/" in req.path:
+            held.append(req.path)
+            release.wait(60)
+        return None
+
+    proxy = fault_proxy(hold)
+    server = servers(HOSTS[0], server_env(base_env, host, proxy.url))
+    auth = user_auth(rgw, pushed.bucket)
+    first = pull_request(HOSTS[0], IMAGE, auth)
+    assert first.status == 200 and not first.errors(), first
+    holding.set()
+    sources = loopback_addresses(2, ports=())
+    slow = [threading.Thread(target=pull_request, args=(HOSTS[0], REGISTRY + "/docker-repo/" + n, auth),
+                             kwargs={"source": src}) for n, src in zip(["dgbound1", "dgbound2"], sources)]
+    for t in slow:
         t.start()
-    for t in threads:
-        t.join(120)
-    elapsed = time.monotonic() - start
-    for name in names:
-        assert answers[name].status == 200 and not answers[name].errors(), answers[name]
-        assert image_id(host.host, REGISTRY + "/docker-repo/" + name) == pushed.ids[name]
-    assert blob_reads.most == min(len(names), dogestry.SERVER_MAX_PULLS) == 2
-    assert elapsed >= 2.0  # two rounds of the 1 s blob read
-    assert sum(blob_gets(proxy, pushed.bucket).values()) == 3
+    try:
+        deadline = time.monotonic() + 30
+        while len(held) < 2 and time.monotonic() < deadline:  # both slots taken, their blob reads held
+            time.sleep(0.05)
+        assert len(held) == 2, held
+        again = pull_request(HOSTS[0], IMAGE, auth, timeout=20)
+        assert again.status == 200 and not again.errors(), again
+        statuses = [d.get("status", "") for d in again.lines()]
+        assert any("already on the Docker host" in st for st in statuses), statuses
+        assert not any("Waiting for a free pull slot" in st for st in statuses), statuses
+    finally:
+        release.set()
+        for t in slow:
+            t.join(60)
+    assert image_id(host.host, IMAGE) == pushed.ids["hipache"]
+    assert len(server.posts_to_create()) == 4
 
 
 # --- hostile and broken requests ---------------------------------------------------------------------
@@ -695,24 +524,24 @@ def test_hostile_requests_get_4xx_and_the_server_keeps_serving(fleet, pushed, rg
         evil.settimeout(0.5)
         evil_url = "http://127.0.0.1:%d" % evil.getsockname()[1]
         try:
-            for store, needle in (("/etc", "s3://"), ("file:///etc", "s3://"), ("../../etc", "s3://"),
-                                  ("http://169.254.169.254/latest", "s3://"),
-                                  ("s3://%s/../../x" % pushed.bucket, "unsafe"),
-                                  ("s3://%s?endpoint=%s" % (pushed.bucket, evil_url), "endpoint"),
-                                  ("s3://%s/docker-repo/?endpoint=%s" % (pushed.bucket, evil_url), "endpoint"),
-                                  ("s3://%s?bogus=1" % pushed.bucket, "bogus"), ("s3://", "S3 URL")):
+            for store, status, needle in (
+                    ("/etc", 400, "s3://"), ("file:///etc", 400, "s3://"), ("../../etc", 400, "s3://"),
+                    ("http://169.254.169.254/latest", 400, "s3://"), ("s3://%s/../../x" % pushed.bucket, 400, "unsafe"),
+                    ("s3://%s?endpoint=%s" % (pushed.bucket, evil_url), 403, "endpoint"),
+                    ("s3://%s/docker-repo/?endpoint=%s" % (pushed.bucket, evil_url), 403, "endpoint"),
+                    ("s3://%s?bogus=1" % pushed.bucket, 400, "bogus"), ("s3://", 400, "S3 URL")):
                 header = auth_header({"username": rgw.access_key, "password": rgw.secret_key, "email": store})
-                assert_json_refusal(pull_request(HOSTS[0], name, header), 400, needle)
+                assert_json_refusal(pull_request(HOSTS[0], name, header), status, needle)
             with pytest.raises(socket.timeout):
                 evil.accept()  # nobody ever connected to the client-named endpoint
         finally:
             evil.close()
 
-        # bodies: too large (declared or sent), malformed lengths
-        for length in ("10485760", "-1", "abc", "1e3"):
+        # bodies: too large (declared or sent), malformed lengths (RFC 9112: 400)
+        for length, status in (("10485760", 413), ("-1", 400), ("abc", 400), ("1e3", 400)):
             answer = raw_exchange(HOSTS[0], b"POST /v1.41/images/create?fromImage=hipache HTTP/1.1\r\nHost: x\r\n"
                                             b"Content-Length: " + length.encode() + b"\r\n\r\n")
-            assert raw_status(answer) == 413, (length, answer)
+            assert raw_status(answer) == status, (length, answer)
             assert json.loads(raw_body(answer))["message"]
         with socket.create_connection((HOSTS[0], PORT), timeout=20) as sock:  # a body really sent
             sock.sendall(b"POST /v1.41/containers/create HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -793,7 +622,7 @@ def test_a_client_without_keys_cannot_borrow_the_servers_credentials(fleet, push
     servers(HOSTS[1], env)  # and no store of its own
     answer = pull_request(HOSTS[1], IMAGE, auth_header({"email": "s3://%s" % pushed.bucket}))
     assert image_id(host.host, IMAGE) is None
-    assert_json_refusal(answer, 400)
+    assert_json_refusal(answer, 403, "needs its AWS keys")
 
 
 # --- signals and the access log --------------------------------------------------------------------
@@ -886,18 +715,31 @@ def fleet_pull(aws_env, proxy, *extra):
     return proc
 
 
+def presigned(entry):
+    """Was this request made with a presigned URL (X-Amz-Signature in the query, no Authorization)?"""
+    return "X-Amz-Signature" in dict(entry["query"]) and "authorization" not in entry["headers"]
+
+
+def blob_reads(proxy, bucket, by_presigned_url):
+    """Counter of blob GETs in BUCKET seen by PROXY, made with presigned URLs or with signed headers."""
+    return collections.Counter(e["key"] for e in proxy.log
+                               if e["method"] == "GET" and e["path"].startswith("/%s/" % bucket)
+                               and "/blobs/" in e["key"] and presigned(e) == by_presigned_url)
+
+
 @pytest.fixture
 def delegation(fleet, pushed, rgw, base_env, servers, fault_proxy):
-    """Both hosts wiped; a recording proxy for the client and one for the servers."""
+    """Both hosts wiped; one recording proxy in front of radosgw for the client and the servers
+    (which have no AWS keys at all)."""
     for handle in fleet:
         wipe(handle)
-    client_proxy, server_proxy = fault_proxy(), fault_proxy()
-    client_proxy.bucket = server_proxy.bucket = pushed.bucket
+    proxy = fault_proxy()
+    proxy.bucket = pushed.bucket
 
     def start(addresses):
-        return [servers(HOSTS[i], server_env(base_env, fleet[i], server_proxy.url)) for i in addresses]
+        return [servers(HOSTS[i], server_env(base_env, fleet[i], proxy.url)) for i in addresses]
 
-    return client_proxy, server_proxy, start
+    return proxy, start
 
 
 def assert_on_every_host(fleet, pushed):
@@ -906,60 +748,59 @@ def assert_on_every_host(fleet, pushed):
 
 
 def test_pullhosts_delegate_to_dogestry_servers(fleet, pushed, aws_env, delegation):
-    client_proxy, server_proxy, start = delegation
+    """Each server fetches the layers itself, through URLs the client presigned: the client reads
+    no layer, the servers hold no keys, and the client checks each host's engine afterwards."""
+    proxy, start = delegation
     running = start([0, 1])
-    proc = fleet_pull(aws_env, client_proxy)
+    proc = fleet_pull(aws_env, proxy)
     assert proc.returncode == 0, proc.stderr
     statuses = json.loads(proc.stdout)
-    assert sorted(s["Host"] for s in statuses) == ["http://%s:%d" % (a, PORT) for a in HOSTS]
-    assert all(s["Status"] == "ok" for s in statuses), statuses
+    assert statuses == [{"Host": "tcp://%s:2375" % a, "Status": "ok", "Server": "http://%s:%d" % (a, PORT)}
+                        for a in HOSTS]
     for server in running:
-        assert [p[2] for p in server.posts_to_create()] == ["/v1.41/images/create?fromImage=hipache&tag=latest"]
-        assert server.posts_to_create()[0][3] == 200
+        assert [(m, t, st) for _, m, t, st in server.delegated_posts()] == [("POST", dogestry.DELEGATION_ROUTE, 200)]
+        assert not server.posts_to_create()
     assert_on_every_host(fleet, pushed)
-    assert not blob_gets(client_proxy, pushed.bucket)  # the client downloaded no layer itself
+    assert not blob_reads(proxy, pushed.bucket, by_presigned_url=False)  # the client downloaded no layer
     blobs = blob_keys(pushed, "hipache")
-    assert blob_gets(server_proxy, pushed.bucket) == collections.Counter({k: 2 for k in blobs})
-    assert "127.0.0.2" in proc.stderr  # the servers' progress was relayed
+    assert blob_reads(proxy, pushed.bucket, by_presigned_url=True) == collections.Counter({k: 2 for k in blobs})
+    assert all(HOSTS[i] in proc.stderr for i in (0, 1))  # the servers' progress was relayed
 
-    env = dict(aws_env, AWS_ENDPOINT_URL=client_proxy.url)
+    env = dict(aws_env, AWS_ENDPOINT_URL=proxy.url)
     missing = run_dogestry("-pullhosts", PULLHOSTS, pushed.store, "nosuchimage", env=env, timeout=120)
-    assert missing.returncode == 1, missing.stderr
-    statuses = json.loads(missing.stdout)
-    assert [s["Status"] for s in statuses] == ["failed", "failed"], statuses
-    assert all("nosuchimage" in s["Error"] and "not found" in s["Error"] for s in statuses), statuses
-    assert all(len(server.posts_to_create()) == 2 for server in running)
+    assert missing.returncode == 1 and missing.stdout == "", missing
+    assert "nosuchimage not found" in missing.stderr and len(missing.stderr.splitlines()) == 1, missing.stderr
+    assert all(len(server.delegated_posts()) == 1 for server in running)  # the client found out itself
 
 
 def test_force_local_does_not_delegate(fleet, pushed, aws_env, delegation):
-    client_proxy, server_proxy, start = delegation
+    proxy, start = delegation
     running = start([0, 1])
-    proc = fleet_pull(aws_env, client_proxy, "-force-local")
+    proc = fleet_pull(aws_env, proxy, "-force-local")
     assert proc.returncode == 0, proc.stderr
     statuses = json.loads(proc.stdout)
-    assert sorted(s["Host"] for s in statuses) == ["tcp://%s:2375" % a for a in HOSTS]
-    assert all(s["Status"] == "ok" for s in statuses), statuses
+    assert statuses == [{"Host": "tcp://%s:2375" % a, "Status": "ok"} for a in HOSTS]
     for server in running:
-        assert not server.posts_to_create(), server.stdout
+        assert not server.posts_to_create() and not server.delegated_posts(), server.stdout
     assert_on_every_host(fleet, pushed)
-    assert set(blob_gets(client_proxy, pushed.bucket)) == set(blob_keys(pushed, "hipache"))
-    assert not server_proxy.log
+    assert set(blob_reads(proxy, pushed.bucket, by_presigned_url=False)) == set(blob_keys(pushed, "hipache"))
+    assert not blob_reads(proxy, pushed.bucket, by_presigned_url=True)
 
 
-def test_pullhosts_fall_back_when_a_host_has_no_server(fleet, pushed, aws_env, delegation):
-    client_proxy, server_proxy, start = delegation
-    (running,) = start([0])  # 127.0.0.3 has no dogestry server
-    proc = fleet_pull(aws_env, client_proxy)
+def test_pullhosts_pull_directly_to_a_host_without_a_server(fleet, pushed, aws_env, delegation):
+    """One host runs a server (it fetches for itself), the other does not (the client loads it)."""
+    proxy, start = delegation
+    (running,) = start([0])  # HOSTS[1] has no dogestry server
+    proc = fleet_pull(aws_env, proxy)
     assert proc.returncode == 0, proc.stderr
     statuses = json.loads(proc.stdout)
-    assert sorted(s["Host"] for s in statuses) == ["tcp://%s:2375" % a for a in HOSTS]
-    assert all(s["Status"] == "ok" for s in statuses), statuses
-    assert not running.posts_to_create(), running.stdout
-    assert ("127.0.0.1", "GET", "/status/check", 200) in [(c, m, t, s) for c, m, t, s in running.access_log()]
+    assert statuses == [{"Host": "tcp://%s:2375" % HOSTS[0], "Status": "ok", "Server": running.url},
+                        {"Host": "tcp://%s:2375" % HOSTS[1], "Status": "ok"}]
+    assert len(running.delegated_posts()) == 1 and not running.posts_to_create(), running.stdout
     assert_on_every_host(fleet, pushed)
-    counts = blob_gets(client_proxy, pushed.bucket)
-    assert set(counts) == set(blob_keys(pushed, "hipache")) and set(counts.values()) == {1}, counts
-    assert not server_proxy.log
+    blobs = collections.Counter({k: 1 for k in blob_keys(pushed, "hipache")})
+    assert blob_reads(proxy, pushed.bucket, by_presigned_url=True) == blobs    # the server's reads
+    assert blob_reads(proxy, pushed.bucket, by_presigned_url=False) == blobs   # the client's, for HOSTS[1]
 
 
 # --- login ----------------------------------------------------------------------------------------------
