@@ -6,6 +6,7 @@ free on the ports the tests use, so concurrent suites on one machine do not coll
 """
 
 import base64
+import contextlib
 import http.client
 import json
 import os
@@ -17,9 +18,13 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.parse
 
 import dogestry
-from realdocker import DOGESTRY, _die_with_parent, client_env, docker_cli, find_docker, run_dogestry
+import tempfile
+
+from realdocker import (DOGESTRY, _die_with_parent, client_env, docker_cli, find_docker, remove_tree, run_dogestry,
+                        start_dockerd, stop_all)
 
 PORT = dogestry.SERVER_PORT       # the server's default port (the README's)
 DOCKER_PORT = 2375
@@ -174,6 +179,21 @@ def login(env, registry, answers):
     return run_dogestry("login", registry, env=env, input=answers, timeout=60)
 
 
+@contextlib.contextmanager
+def dockerd_fleet(addresses, extra_args=()):
+    """A dockerd per address, each a 'host' with a unix socket and tcp://ADDRESS:2375 (or
+    whatever port extra_args' TLS flags want); all stopped and removed afterwards."""
+    workdir = tempfile.mkdtemp(prefix="dgsv", dir="/tmp")
+    handles = []
+    try:
+        for n, address in enumerate(addresses):
+            handles.append(start_dockerd(os.path.join(workdir, "h%d" % n), address, extra_args=extra_args))
+        yield handles
+    finally:
+        stop_all(handles)
+        remove_tree(workdir)
+
+
 def wipe(handle):
     """Remove every image and container from a fleet host (a fresh host for the next test)."""
     ids = docker_cli(handle.host, "ps", "-aq").stdout.split()
@@ -220,7 +240,7 @@ class Server:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError("server exited with %s:\n%s\n%s" % (self.proc.returncode, self.stdout, self.stderr))
-            if dogestry.server_status(self.url, self.tls, timeout=1.0) is not None:
+            if status_check(self.url, self.tls):
                 return self
             time.sleep(0.05)
         raise AssertionError("server not ready:\n%s\n%s" % (self.stdout, self.stderr))
@@ -275,6 +295,23 @@ class Server:
     def assert_no_traceback(self):
         for name, text in (("stdout", self.stdout), ("stderr", self.stderr)):
             assert "Traceback" not in text, "server %s has a traceback:\n%s" % (name, text)
+
+
+def status_check(url, tls=None, timeout=1.0):
+    """True if GET URL/status/check answers 200 OK (over TLS with context TLS for https URLs)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https":
+        conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout, context=tls)
+    else:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.request("GET", "/status/check")
+        resp = conn.getresponse()
+        return resp.status == 200 and resp.read(64) == b"OK"
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
 
 
 def tls_client_context(ca, cert=None, key=None):

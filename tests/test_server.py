@@ -35,8 +35,9 @@ import dogestry
 from conftest import make_bucket, skip_or_fail
 from faultproxy import Overlap
 from realdocker import (DOGESTRY, DockerdError, build_image, client_env, docker_cli, image_id, random_bytes,
-                        remove_tree, run_dogestry, start_dockerd, stop_all, text_bytes)
-from serverkit import (PORT, assert_json_refusal, auth_header, b64, call, docker_user, login, loopback_addresses,
+                        run_dogestry, text_bytes)
+from serverkit import (PORT, assert_json_refusal, auth_header, b64, call, docker_user, dockerd_fleet, login,
+                       loopback_addresses,
                        pull_request, raw_body, raw_exchange, raw_status, read_answer, server_env, wipe)
 
 pytestmark = pytest.mark.integration
@@ -50,19 +51,12 @@ IMAGE = REGISTRY + "/docker-repo/hipache"
 
 @pytest.fixture(scope="module")
 def fleet(docker_host):
-    """Two extra dockerds, each a 'host' with a unix socket and tcp://127.0.0.N:2375."""
-    workdir = tempfile.mkdtemp(prefix="dgsv", dir="/tmp")
-    handles = []
+    """Two extra dockerds, each a 'host' with a unix socket and tcp://HOST:2375."""
     try:
-        for n, address in enumerate(HOSTS):
-            try:
-                handles.append(start_dockerd(os.path.join(workdir, "h%d" % n), address + ":2375"))
-            except DockerdError as e:
-                skip_or_fail("cannot start dockerd: %s" % e)
-        yield handles
-    finally:
-        stop_all(handles)
-        remove_tree(workdir)
+        with dockerd_fleet(["%s:2375" % a for a in HOSTS]) as handles:
+            yield handles
+    except DockerdError as e:
+        skip_or_fail("cannot start dockerd: %s" % e)
 
 
 @pytest.fixture(scope="module")
