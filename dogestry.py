@@ -401,6 +401,7 @@ class DockerEndpoint(NamedTuple):
         """A fresh, unconnected HTTP connection to this endpoint."""
         if self.unix_path:
             return UnixHTTPConnection(self.unix_path, timeout=timeout)
+        assert self.host is not None
         if self.tls:
             return http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self.tls)
         return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
@@ -782,7 +783,7 @@ class LocalStore(Store):
 
     def list(self, prefix: str) -> Iterator[str]:
         base = self.root
-        keys = []
+        keys = []  # type: List[str]
         for dirpath, dirnames, filenames in os.walk(base):
             rel = os.path.relpath(dirpath, base)
             rel = "" if rel == "." else rel.replace(os.sep, "/") + "/"
@@ -1038,15 +1039,20 @@ def _iso_time(text: Optional[str]) -> Optional[float]:
         return None
 
 
+def http_connection(url: str, context: Optional[ssl.SSLContext], timeout: float) -> http.client.HTTPConnection:
+    """An unconnected HTTP or HTTPS connection to the host and port of url."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https":
+        return http.client.HTTPSConnection(parts.hostname or "", parts.port, timeout=timeout, context=context)
+    return http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
+
+
 def http_call(url: str, method: str = "GET", headers: Optional[Dict[str, str]] = None,
               body: Optional[bytes] = None, timeout: float = METADATA_TIMEOUT,
               context: Optional[ssl.SSLContext] = None) -> Tuple[int, bytes]:
     """One small HTTP exchange (metadata services, STS); returns (status, body)."""
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme == "https":
-        conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout, context=context)
-    else:
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    conn = http_connection(url, context, timeout)
     try:
         path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
         conn.request(method, path, body=body, headers=headers or {})
@@ -1318,10 +1324,10 @@ def parse_s3_url(url: str) -> S3Location:
     if prefix:
         check_key(prefix)
         prefix += "/"
-    endpoint = (query.get("endpoint") or [None])[0]
+    endpoint = (query.get("endpoint") or [""])[0] or None
     if endpoint and urllib.parse.urlsplit(endpoint).scheme not in ("http", "https"):
         raise UsageError("invalid S3 endpoint %r: expected http://host:port or https://host" % endpoint)
-    return S3Location(parts.netloc, prefix, (query.get("region") or [None])[0] or None, endpoint)
+    return S3Location(parts.netloc, prefix, (query.get("region") or [""])[0] or None, endpoint)
 
 
 def _s3_error(body: bytes) -> Tuple[str, str, Optional[str]]:
@@ -1463,9 +1469,10 @@ class S3Client:
                     self.region, redirected = new_region, True
                     attempt -= 1
                     continue
-            if code == "RequestTimeTooSkewed" and resp.getheader("Date"):
-                server = email.utils.parsedate_to_datetime(resp.getheader("Date")).timestamp()
-                self._skew = server - self.clock()
+            if code == "RequestTimeTooSkewed":
+                with contextlib.suppress(TypeError, ValueError, IndexError):  # no Date, or nonsense
+                    server = email.utils.parsedate_to_datetime(resp.getheader("Date") or "").timestamp()
+                    self._skew = server - self.clock()
             if code in ("ExpiredToken", "TokenRefreshRequired"):
                 self.credentials.get(force_refresh=True)
             retriable = resp.status in S3_RETRY_STATUSES or code in S3_RETRY_CODES
@@ -1702,14 +1709,13 @@ class S3Reader(io.RawIOBase):
         while True:
             if self.expected is not None and self.pos >= self.expected:
                 return 0
+            error = None  # type: Optional[BaseException]
             try:
                 if self.resp is None:
                     self.resp = self._open()
                 n = self.resp.readinto(memoryview(buffer)[:CHUNK])  # progress survives a reset
             except (OSError, http.client.HTTPException) as e:
-                n, error = 0, e  # type: ignore
-            else:
-                error = None
+                n, error = 0, e
             if n:
                 self.pos += n
                 return n
@@ -2062,7 +2068,7 @@ def load_stored_image(store: Store, image_hex: str) -> StoredImage:
 
 def legacy_chain(store: Store, top_hex: str) -> List[str]:
     """The v1 ids from the base layer up to top_hex, following "parent"."""
-    chain, seen = [], set()
+    chain, seen = [], set()  # type: List[str], Set[str]
     current = top_hex  # type: Optional[str]
     while current:
         if current in seen or len(chain) > 1000:
@@ -2111,7 +2117,8 @@ class SaveContents:
         self.small = {}     # type: Dict[str, bytes]
         self.spooled = {}   # type: Dict[str, Spool]
         self.links = {}     # type: Dict[str, str]
-        self.digests = {}   # type: Dict[str, str]   member name -> sha256 of its content
+        self.digests = {}   # type: Dict[str, str]
+        # (digests: member name -> sha256 of its content)
 
     def resolve(self, name: str) -> str:
         """Follow symlinks (relative to the member's directory) to a regular member name."""
@@ -2838,7 +2845,7 @@ def load_tar_stream(store: Store, image: StoredImage, config: bytes, repo_tags: 
             continue
         sent.add(path)
         gunzip = inflate and record.compression == "gzip" and record.raw_size is not None
-        size = record.raw_size if gunzip else record.size
+        size = record.raw_size if gunzip and record.raw_size is not None else record.size
         task = progress.task(record.diff_id[7:19], "loading", size)
         yield tar_header(path, size)
         yield from verified_blob_chunks(store, record, task.advance, gunzip)
@@ -3206,18 +3213,10 @@ def server_url(endpoint: DockerEndpoint, port: int) -> Optional[str]:
     return "%s://%s:%d" % ("https" if endpoint.tls else "http", host, port)
 
 
-def server_connection(url: str, tls: Optional[ssl.SSLContext], timeout: float) -> http.client.HTTPConnection:
-    """An unconnected HTTP(S) connection to a dogestry server."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme == "https":
-        return http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout, context=tls)
-    return http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
-
-
 def server_status(url: str, tls: Optional[ssl.SSLContext] = None, timeout: float = 3.0) -> Optional[str]:
     """The delegation protocol of the dogestry server answering GET /status/check at url
     ('' for servers too old to have one), or None if no dogestry server answers."""
-    conn = server_connection(url, tls, timeout)
+    conn = http_connection(url, tls, timeout)
     try:
         conn.request("GET", "/status/check")
         resp = conn.getresponse()
@@ -3276,7 +3275,7 @@ def _json_line(line: bytes) -> Optional[Dict[str, Any]]:
 
 def delegate_pull(url: str, tls: Optional[ssl.SSLContext], plan: Delegation, progress: Progress) -> Optional[str]:
     """Ask a dogestry server to pull one image into its host, relaying its progress; its error, if any."""
-    conn = server_connection(url, tls, DELEGATION_READ_TIMEOUT)
+    conn = http_connection(url, tls, DELEGATION_READ_TIMEOUT)
     try:
         conn.request("POST", DELEGATION_ROUTE, body=plan.body, headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
@@ -4373,7 +4372,7 @@ def cmd_login(ctx: Context) -> int:
 
     def ask(prompt: str, secret: bool) -> str:
         if tty and secret:
-            answer = getpass.getpass(prompt, stream=ctx.stderr)
+            answer = getpass.getpass(prompt, stream=ctx.stderr)  # type: ignore[arg-type]
         else:
             ctx.stderr.write(prompt)
             ctx.stderr.flush()
