@@ -3832,6 +3832,7 @@ class DeadlineReader(io.RawIOBase):
         super().__init__()
         self.sock, self.write_timeout = sock, write_timeout
         self.deadline = time.monotonic()
+        self.received = 0
 
     def readable(self) -> bool:
         return True
@@ -3842,9 +3843,11 @@ class DeadlineReader(io.RawIOBase):
             raise socket.timeout("the request took too long")
         self.sock.settimeout(left)
         try:
-            return self.sock.recv_into(buffer)
+            n = self.sock.recv_into(buffer)
         finally:
             self.sock.settimeout(self.write_timeout)
+        self.received += n
+        return n
 
 
 class ServerHandler(http.server.BaseHTTPRequestHandler):
@@ -3887,6 +3890,7 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
         self.server.set_waiting(self.connection, True)
         self.reader.deadline = time.monotonic() + self.server.limits.read_timeout
         self.body, self.answered = RequestBody(self.rfile, 0), False
+        received = self.reader.received
         try:
             self.raw_requestline = self.rfile.readline(65537)
             if not self.raw_requestline:
@@ -3917,7 +3921,8 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
                 self.close_connection = True  # what is left of the body must not be read as a request
             self.wfile.flush()
         except socket.timeout:
-            self.log_error("request timed out: connection closed")
+            if self.reader.received != received:  # an idle keep-alive connection just ends quietly
+                self.log_error("request timed out: connection closed")
             self.close_connection = True
 
     def parse_request(self) -> bool:

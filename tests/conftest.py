@@ -172,3 +172,24 @@ def servers(tmp_path):
     for server in started:
         if not server.tracebacks_known:
             server.assert_no_traceback()
+
+
+@pytest.fixture(scope="module")
+def fleet(request, docker_host):
+    """A dockerd for each address in the test module's HOSTS: a 'host' with a unix socket and
+    tcp://HOST:2375 (test_fleet.py has a fleet of its own)."""
+    from serverkit import started_dockerds
+    try:
+        with started_dockerds(["%s:2375" % a for a in request.module.HOSTS]) as handles:
+            yield handles
+    except DockerdError as e:
+        skip_or_fail("cannot start dockerd: %s" % e)
+
+
+@pytest.fixture(scope="module")
+def base_env(docker_host, tmp_path_factory):
+    """Environment without AWS or docker-config settings, HOME in a temp dir."""
+    env = {k: v for k, v in client_env(docker_host).items() if not k.startswith("AWS_") and k != "DOCKER_CONFIG"}
+    env["HOME"] = str(tmp_path_factory.mktemp("home"))
+    env["AWS_EC2_METADATA_DISABLED"] = "true"
+    return env

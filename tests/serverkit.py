@@ -180,7 +180,7 @@ def login(env, registry, answers):
 
 
 @contextlib.contextmanager
-def dockerd_fleet(addresses, extra_args=()):
+def started_dockerds(addresses, extra_args=()):
     """A dockerd per address, each a 'host' with a unix socket and tcp://ADDRESS:2375 (or
     whatever port extra_args' TLS flags want); all stopped and removed afterwards."""
     workdir = tempfile.mkdtemp(prefix="dgsv", dir="/tmp")

@@ -32,12 +32,10 @@ from pathlib import Path
 import pytest
 
 import dogestry
-from conftest import make_bucket, skip_or_fail
+from conftest import make_bucket
 from faultproxy import Overlap
-from realdocker import (DOGESTRY, DockerdError, build_image, client_env, docker_cli, image_id, random_bytes,
-                        run_dogestry, text_bytes)
-from serverkit import (PORT, assert_json_refusal, auth_header, b64, call, docker_user, dockerd_fleet, login,
-                       loopback_addresses,
+from realdocker import DOGESTRY, build_image, docker_cli, image_id, random_bytes, run_dogestry, text_bytes
+from serverkit import (PORT, assert_json_refusal, auth_header, b64, call, docker_user, login, loopback_addresses,
                        pull_request, raw_body, raw_exchange, raw_status, read_answer, server_env, wipe)
 
 pytestmark = pytest.mark.integration
@@ -48,26 +46,6 @@ IMAGE = REGISTRY + "/docker-repo/hipache"
 
 
 # --- module fixtures: the fleet, the bucket and the images pushed into it -----------------------
-
-@pytest.fixture(scope="module")
-def fleet(docker_host):
-    """Two extra dockerds, each a 'host' with a unix socket and tcp://HOST:2375."""
-    try:
-        with dockerd_fleet(["%s:2375" % a for a in HOSTS]) as handles:
-            yield handles
-    except DockerdError as e:
-        skip_or_fail("cannot start dockerd: %s" % e)
-
-
-@pytest.fixture(scope="module")
-def base_env(docker_host, tmp_path_factory):
-    """Environment without AWS or docker-config settings, HOME in a temp dir."""
-    env = {k: v for k, v in client_env(docker_host).items()
-           if not k.startswith("AWS_") and k != "DOCKER_CONFIG"}
-    env["HOME"] = str(tmp_path_factory.mktemp("home"))
-    env["AWS_EC2_METADATA_DISABLED"] = "true"
-    return env
-
 
 @pytest.fixture(scope="module")
 def aws_env(rgw, base_env):

@@ -33,11 +33,10 @@ import pytest
 
 import dogestry
 from conftest import make_bucket, skip_or_fail
-from realdocker import (DockerdError, build_image, client_env, docker_cli, image_id, one_error_line,
-                        random_bytes, run_dogestry)
-from serverkit import (PORT, assert_json_refusal, auth_header, b64, call, docker_user, dockerd_fleet, login,
-                       loopback_addresses, pull_request, raw_exchange, raw_status, read_answer,
-                       read_until_closed, server_env, status_check, tls_client_context, wipe)
+from realdocker import DockerdError, build_image, docker_cli, image_id, one_error_line, random_bytes, run_dogestry
+from serverkit import (PORT, assert_json_refusal, auth_header, b64, call, docker_user, login, loopback_addresses,
+                       pull_request, raw_exchange, raw_status, read_answer, read_until_closed, server_env,
+                       started_dockerds, status_check, tls_client_context, wipe)
 from testcerts import CLIENT_EXT, ca_dir, make_ca, make_leaf, server_ext
 
 pytestmark = pytest.mark.integration
@@ -49,25 +48,6 @@ NAMESPACED = ("app:1", "team/app:1", "a/b/app:1")
 
 
 # --- module fixtures -----------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def fleet(docker_host):
-    """Two dockerds, each a 'host' with a unix socket and tcp://HOST:2375."""
-    try:
-        with dockerd_fleet(["%s:2375" % a for a in HOSTS]) as handles:
-            yield handles
-    except DockerdError as e:
-        skip_or_fail("cannot start dockerd: %s" % e)
-
-
-@pytest.fixture(scope="module")
-def base_env(docker_host, tmp_path_factory):
-    """Environment without AWS or docker-config settings, HOME in a temp dir."""
-    env = {k: v for k, v in client_env(docker_host).items() if not k.startswith("AWS_") and k != "DOCKER_CONFIG"}
-    env["HOME"] = str(tmp_path_factory.mktemp("home"))
-    env["AWS_EC2_METADATA_DISABLED"] = "true"
-    return env
-
 
 def keys_env(base_env, endpoint, access_key, secret_key):
     return dict(base_env, AWS_ACCESS_KEY_ID=access_key, AWS_SECRET_ACCESS_KEY=secret_key, AWS_ENDPOINT_URL=endpoint)
@@ -385,13 +365,10 @@ class Impostor(http.server.ThreadingHTTPServer):
         self.server_close()
 
 
-def test_delegation_hands_out_no_keys_and_a_lying_server_is_caught(fleet, stores, rgw, base_env):
-    """An impostor on the server port gets presigned URLs for exactly this image's objects, never
-    the keys; its 'ok' is checked against the host's engine (which it cannot fool), so the host
-    gets a regular pull; its escape sequences never reach the terminal."""
-    host = fleet[0]
+def pull_past_an_impostor(host, stores, rgw, base_env, delegation):
+    """`dogestry -pullhosts HOST` of PROD while an Impostor holds the server port on HOST's address."""
     wipe(host)
-    impostor = Impostor(HOSTS[0])
+    impostor = Impostor(HOSTS[0], delegation)
     try:
         env = keys_env(base_env, rgw.endpoint, rgw.access_key, rgw.secret_key)
         proc = run_dogestry("-port", impostor.port, "-pullhosts", "tcp://%s:2375" % HOSTS[0],
@@ -399,6 +376,15 @@ def test_delegation_hands_out_no_keys_and_a_lying_server_is_caught(fleet, stores
     finally:
         impostor.stop()
     assert proc.returncode == 0, proc.stderr
+    return impostor, proc
+
+
+def test_delegation_hands_out_no_keys_and_a_lying_server_is_caught(fleet, stores, rgw, base_env):
+    """An impostor on the server port gets presigned URLs for exactly this image's objects, never
+    the keys; its 'ok' is checked against the host's engine (which it cannot fool), so the host
+    gets a regular pull; its escape sequences never reach the terminal."""
+    host = fleet[0]
+    impostor, proc = pull_past_an_impostor(host, stores, rgw, base_env, delegation=True)
     (status,) = json.loads(proc.stdout)
     assert status["Status"] == "ok" and "Server" not in status, status
     assert "reported success, but the host has no %s" % PROD in status["ServerError"], status
@@ -424,15 +410,7 @@ def test_delegation_hands_out_no_keys_and_a_lying_server_is_caught(fleet, stores
 def test_a_server_without_presigned_delegation_is_never_sent_anything(fleet, stores, rgw, base_env):
     """An old-style server (or an impostor speaking the original protocol) gets no keys: no delegation."""
     host = fleet[0]
-    wipe(host)
-    impostor = Impostor(HOSTS[0], delegation=False)
-    try:
-        env = keys_env(base_env, rgw.endpoint, rgw.access_key, rgw.secret_key)
-        proc = run_dogestry("-port", impostor.port, "-pullhosts", "tcp://%s:2375" % HOSTS[0],
-                            "s3://%s/" % stores.victim, PROD, env=env, timeout=120)
-    finally:
-        impostor.stop()
-    assert proc.returncode == 0, proc.stderr
+    impostor, proc = pull_past_an_impostor(host, stores, rgw, base_env, delegation=False)
     assert json.loads(proc.stdout) == [{"Host": "tcp://%s:2375" % HOSTS[0], "Status": "ok"}]
     assert [r.split(b"\n")[0] for r in impostor.received] == [b"GET /status/check HTTP/1.1"]
     assert image_id(host.host, PROD) == stores.ids["victim"]
@@ -504,7 +482,7 @@ def tls_host(docker_host, certs):
     args = ["--tlsverify", "--tlscacert", certs / "ca.pem", "--tlscert", certs / "server-cert.pem",
             "--tlskey", certs / "server-key.pem"]
     try:
-        with dockerd_fleet(["%s:2376" % HOSTS[0]], extra_args=args) as (handle,):
+        with started_dockerds(["%s:2376" % HOSTS[0]], extra_args=args) as (handle,):
             yield handle
     except DockerdError as e:
         skip_or_fail("cannot start a TLS dockerd: %s" % e)
