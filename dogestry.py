@@ -4460,7 +4460,7 @@ def cmd_list(ctx: Context) -> int:
     store = ctx.store()
     store.check()
     rows = [("REPOSITORY", "TAG", "IMAGE ID")]
-    rows += [(ref.name, ref.tag, image_hex[:12]) for ref, image_hex in list_tags(store)]
+    rows += [(printable(ref.name), printable(ref.tag), image_hex[:12]) for ref, image_hex in list_tags(store)]
     widths = [max(len(r[i]) for r in rows) for i in range(2)]
     for row in rows:
         ctx.stdout.write("%-*s   %-*s   %s\n" % (widths[0], row[0], widths[1], row[1], row[2]))

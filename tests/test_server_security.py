@@ -438,6 +438,17 @@ def test_namespaced_names_through_servers(fleet, stores, rgw, base_env, servers,
         assert image_id(fleet[0].host, REGISTRY + "/" + name) == stores.ids["victim"]
 
 
+def test_names_from_a_store_reach_the_terminal_defanged(tmp_path):
+    """A tag key may hold any byte but '/': list shows control characters as \\xNN."""
+    store = tmp_path / "store"
+    (store / "repositories" / "evil\x1b]0;owned\x07").mkdir(parents=True)
+    (store / "repositories" / "evil\x1b]0;owned\x07" / "latest\x1b[2J").write_text("ab" * 32)
+    proc = run_dogestry("list", store, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert "\x1b" not in proc.stdout and "\x07" not in proc.stdout, repr(proc.stdout)
+    assert "evil\\x1b]0;owned\\x07   latest\\x1b[2J   abababababab" in proc.stdout, proc.stdout
+
+
 def delegated_post(address, doc, port=PORT):
     return call(address, "POST", dogestry.DELEGATION_ROUTE, {"Content-Type": "application/json"},
                 json.dumps(doc).encode(), port=port)
