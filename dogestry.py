@@ -82,7 +82,11 @@ class UsageError(DogestryError):
 
 
 class DockerError(DogestryError):
-    """The Docker engine refused a request or could not be reached."""
+    """The Docker engine refused a request (status: its HTTP status) or could not be reached (0)."""
+
+    def __init__(self, message: str, status: int = 0):
+        super().__init__(message)
+        self.status = status
 
 
 class StoreError(DogestryError):
@@ -368,6 +372,8 @@ class ProgressTask:
 
 DOCKER_DEFAULT_SOCKET = "/var/run/docker.sock"
 DOCKER_MIN_API = "1.24"
+DOCKER_ERROR_LIMIT = 64 << 10     # the most of an error answer we read
+DOCKER_ANSWER_LIMIT = 64 << 20    # the largest JSON answer (image lists of big hosts)
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -508,21 +514,29 @@ class DockerClient:
             self._drop_connection()
             raise DockerError("cannot talk to Docker at %s: %s" % (self.endpoint.url, _os_reason(e)))
         if resp.status >= 400:
-            message = _docker_message(resp.read())
+            try:
+                message = _docker_message(resp.read(DOCKER_ERROR_LIMIT))
+            except (OSError, http.client.HTTPException) as e:
+                message = "(the answer broke off: %s)" % _os_reason(e)
             if "HTTP request to an HTTPS server" in message:
                 message += " (the daemon uses TLS: set DOCKER_TLS_VERIFY=1 and DOCKER_CERT_PATH)"
             self._drop_connection()
-            raise DockerError("docker %s %s: %s (HTTP %d)" % (method, path.split("?")[0], message, resp.status))
+            raise DockerError("docker %s %s: %s (HTTP %d)" % (method, path.split("?")[0], message, resp.status),
+                              resp.status)
         return resp
 
     def json(self, method: str, path: str, timeout: Optional[float] = -1.0) -> Any:
-        """A request whose answer is one JSON document."""
+        """A request whose answer is one JSON document (at most DOCKER_ANSWER_LIMIT bytes)."""
         resp = self.request(method, path, timeout=timeout)
         try:
-            return json.loads(resp.read())
-        except (ValueError, OSError, http.client.HTTPException) as e:
+            data = resp.read(DOCKER_ANSWER_LIMIT + 1)
+            if len(data) > DOCKER_ANSWER_LIMIT:
+                raise ValueError("the answer is larger than %s" % human_size(DOCKER_ANSWER_LIMIT))
+            return json.loads(data)
+        except (ValueError, RecursionError, OSError, http.client.HTTPException) as e:
             self._drop_connection()
-            raise DockerError("bad answer from Docker at %s: %s" % (self.endpoint.url, e))
+            raise DockerError("bad answer from Docker at %s to %s %s: %s"
+                              % (self.endpoint.url, method, path.split("?")[0], _os_reason(e)))
 
     # -- API --
 
@@ -541,15 +555,23 @@ class DockerClient:
     def inspect_image(self, ref: str) -> Optional[Dict[str, Any]]:
         """GET /images/{ref}/json, or None when the engine has no such image."""
         try:
-            return self.json("GET", "/images/%s/json" % urllib.parse.quote(ref, safe="/:@"))
+            info = self.json("GET", "/images/%s/json" % urllib.parse.quote(ref, safe="/:@"))
         except DockerError as e:
-            if "(HTTP 404)" in str(e):
+            if e.status == 404:
                 return None
             raise
+        if not isinstance(info, dict) or not isinstance(info.get("Id"), str):
+            raise DockerError("bad answer from Docker at %s: no image Id for %s" % (self.endpoint.url, ref))
+        return info
 
     def list_images(self) -> List[Dict[str, Any]]:
         """GET /images/json?all=1."""
-        return self.json("GET", "/images/json?all=1")
+        images = self.json("GET", "/images/json?all=1")
+        if not isinstance(images, list) or not all(isinstance(i, dict) and isinstance(i.get("Id"), str)
+                                                   for i in images):
+            raise DockerError("bad answer from Docker at %s: the image list is not a list of images"
+                              % self.endpoint.url)
+        return images
 
     def layer_chains(self) -> Set[str]:
         """The chain IDs of every layer the engine has (from all its images' RootFS)."""
@@ -557,7 +579,7 @@ class DockerClient:
         for summary in self.list_images():
             info = self.inspect_image(summary["Id"])
             if info:
-                chains.update(chain_ids((info.get("RootFS") or {}).get("Layers") or []))
+                chains.update(chain_ids(image_diff_ids(info)))
         return chains
 
     def save(self, image_id: str) -> http.client.HTTPResponse:
@@ -570,13 +592,15 @@ class DockerClient:
                             headers={"Content-Type": "application/x-tar"})
         messages = []
         try:
-            for line in resp.read().decode("utf-8", "replace").splitlines():
+            for line in resp.read(DOCKER_ANSWER_LIMIT).decode("utf-8", "replace").splitlines():
                 if not line.strip():
                     continue
                 try:
                     doc = json.loads(line)
-                except ValueError:
-                    messages.append(line.strip())
+                except (ValueError, RecursionError):
+                    doc = None
+                if not isinstance(doc, dict):
+                    messages.append(line.strip()[:300])
                     continue
                 if doc.get("errorDetail") or doc.get("error"):
                     err = (doc.get("errorDetail") or {}).get("message") or doc.get("error")
@@ -592,6 +616,15 @@ class DockerClient:
         """POST /images/{id}/tag."""
         query = urllib.parse.urlencode({"repo": ref.name, "tag": ref.tag})
         self.request("POST", "/images/%s/tag?%s" % (image_id, query)).read()
+
+
+def image_diff_ids(info: Mapping[str, Any]) -> List[str]:
+    """The layer diffIDs in an engine's image inspect answer (RootFS.Layers), checked."""
+    rootfs = info.get("RootFS")
+    layers = (rootfs.get("Layers") if isinstance(rootfs, dict) else None) or []
+    if not isinstance(layers, list) or not all(isinstance(d, str) for d in layers):
+        raise DockerError("bad answer from Docker: RootFS.Layers of %s is not a list of digests" % info.get("Id"))
+    return list(layers)
 
 
 def _os_reason(e: BaseException) -> str:
@@ -1282,6 +1315,9 @@ S3_SINGLE_PUT_MAX = 16 << 20
 S3_MIN_PART = 8 << 20
 S3_MAX_PARTS = 10000
 S3_RANGE = 4 << 20
+S3_RETRY_BUDGET = 120.0   # seconds a failing request is retried when AWS_MAX_ATTEMPTS is not set
+S3_ANSWER_LIMIT = 16 << 20  # the largest answer (XML) read whole
+S3_ERROR_LIMIT = 64 << 10   # the most of an error answer we read
 S3_RETRY_STATUSES = (500, 502, 503, 504)
 S3_RETRY_CODES = ("SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable",
                   "RequestTimeTooSkewed", "ExpiredToken", "TokenRefreshRequired")
@@ -1361,20 +1397,36 @@ def s3_target(bucket: str, region: str, endpoint: Optional[str]) -> Tuple[str, s
     return "https", "%s.%s" % (bucket, host), 443, ""
 
 
+def max_attempts_setting(environ: Mapping[str, str]) -> Optional[int]:
+    """AWS_MAX_ATTEMPTS as a number (None when unset: retry for a time instead)."""
+    text = (environ.get("AWS_MAX_ATTEMPTS") or "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or not 1 <= int(text) <= 1000:
+        raise UsageError("AWS_MAX_ATTEMPTS must be a whole number from 1 to 1000 (got %r)" % text[:40])
+    return int(text)
+
+
 class S3Client:
-    """Signed, retried S3 requests against one bucket."""
+    """Signed, retried S3 requests against one bucket.
+
+    A failed request is tried again, with backoff, for S3_RETRY_BUDGET seconds (long enough to
+    ride out a minute's outage in the middle of a transfer), or AWS_MAX_ATTEMPTS times if set.
+    """
 
     def __init__(self, location: S3Location, credentials: CredentialChain, config: AwsConfig,
-                 clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.time, sleep: Optional[Callable[[float], None]] = None,
                  rand: Callable[[], float] = random.random, max_attempts: Optional[int] = None,
                  presigned: Optional[Mapping[str, str]] = None):
         self.bucket = location.bucket
-        self.credentials, self.clock, self.sleep, self.rand = credentials, clock, sleep, rand
+        self.credentials, self.clock, self.rand = credentials, clock, rand
+        self.cancelled = threading.Event()  # set by cancel(): no new requests, no more waiting
+        self.sleep = sleep or self._wait
         self.presigned = presigned  # key -> URL: GET only these, with someone else's signatures
         env = config.environ
         self.endpoint = location.endpoint or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
         self.region = location.region or config.region() or "us-east-1"
-        self.max_attempts = max_attempts or int(env.get("AWS_MAX_ATTEMPTS") or 5)
+        self.max_attempts = max_attempts or max_attempts_setting(env)  # None: retry for S3_RETRY_BUDGET
         self.tls = None  # type: Optional[ssl.SSLContext]
         self._config = config
         self._local = threading.local()
@@ -1413,14 +1465,17 @@ class S3Client:
 
     def request(self, method: str, key: str = "", query: Any = None, headers: Optional[Dict[str, str]] = None,
                 body: Optional[Callable[[], Any]] = None, payload_hash: str = EMPTY_SHA256,
-                ok: Sequence[int] = (200,), idempotent: bool = True) -> http.client.HTTPResponse:
+                ok: Sequence[int] = (200,), idempotent: bool = True, cancellable: bool = True
+                ) -> http.client.HTTPResponse:
         """Send a signed request, retrying transient failures; return the (unread) response.
 
         body is a factory returning bytes or a fresh file object, so a retry can resend it.
         """
-        attempt, redirected = 0, False
+        attempt, redirected, started = 0, False, self.clock()
         while True:
             attempt += 1
+            if self.cancelled.is_set() and cancellable:
+                raise Interrupted("stopped")
             scheme, host, port, base = self._target()
             path = base + "/" + key if key else (base or "/")
             netloc = host if port in (80, 443) else "%s:%d" % (host, port)
@@ -1446,19 +1501,22 @@ class S3Client:
                               % (method, self.describe(key), scheme, netloc, e.verify_message or e.reason))
             except (OSError, http.client.HTTPException) as e:
                 self._drop(scheme, host, port)
-                if idempotent and attempt < self.max_attempts:
+                if idempotent and self.may_retry(attempt, started, cancellable):
                     self._backoff(attempt)
                     continue
                 raise S3Error("%s %s: %s (after %d attempt%s)" % (method, self.describe(key), _os_reason(e), attempt,
                                                                   "s" if attempt > 1 else ""))
+            except BaseException:  # an interrupted body (Ctrl-C, a cancelled upload): the connection is spent
+                self._drop(scheme, host, port)
+                raise
             if resp.status in ok:
                 return resp
             try:
-                data = resp.read()  # b"" for HEAD; reading frees the connection for reuse
+                data = resp.read(S3_ERROR_LIMIT)  # b"" for HEAD; reading frees the connection for reuse
             except (OSError, http.client.HTTPException):
                 data = b""
                 self._drop(scheme, host, port)
-            if resp.getheader("Connection", "").lower() == "close" or resp.status >= 500:
+            if resp.getheader("Connection", "").lower() == "close" or resp.status >= 500 or not resp.isclosed():
                 self._drop(scheme, host, port)
             code, message, region = _s3_error(data)
             code = code or {301: "PermanentRedirect", 403: "AccessDenied", 404: "NotFound",
@@ -1476,7 +1534,7 @@ class S3Client:
             if code in ("ExpiredToken", "TokenRefreshRequired"):
                 self.credentials.get(force_refresh=True)
             retriable = resp.status in S3_RETRY_STATUSES or code in S3_RETRY_CODES
-            if retriable and idempotent and attempt < self.max_attempts:
+            if retriable and idempotent and self.may_retry(attempt, started, cancellable):
                 self._backoff(attempt)
                 continue
             hint = ""
@@ -1488,18 +1546,23 @@ class S3Client:
 
     def call(self, method: str, key: str = "", **kw: Any) -> Tuple[http.client.HTTPResponse, bytes]:
         """A request whose whole (small) answer is read; a break while reading is retried too."""
-        attempt = 0
+        attempt, started = 0, self.clock()
         while True:
             attempt += 1
             resp = self.request(method, key, **kw)
             try:
-                return resp, resp.read()
+                data = resp.read(S3_ANSWER_LIMIT + 1)
             except (OSError, http.client.HTTPException) as e:
                 scheme, host, port, _ = self._target()
                 self._drop(scheme, host, port)
-                if not kw.get("idempotent", True) or attempt >= self.max_attempts:
+                if not kw.get("idempotent", True) or not self.may_retry(attempt, started, kw.get("cancellable", True)):
                     raise S3Error("%s %s: the answer broke off: %s" % (method, self.describe(key), _os_reason(e)))
                 self._backoff(attempt)
+                continue
+            if len(data) > S3_ANSWER_LIMIT:
+                raise S3Error("%s %s: the answer is larger than %s" % (method, self.describe(key),
+                                                                        human_size(S3_ANSWER_LIMIT)))
+            return resp, data
 
     def _presigned_target(self, method: str, key: str, query: Any) -> str:
         """The request target of a presigned URL for key (GET only, the URL's own query)."""
@@ -1519,9 +1582,25 @@ class S3Client:
         return presign_url("GET", scheme, netloc, base + "/" + key, self.credentials.get(), self.region,
                            now, expires)
 
+    def may_retry(self, attempt: int, started: float, cancellable: bool = True) -> bool:
+        """Try a failing request once more, after `attempt` tries since `started`?"""
+        if cancellable and self.cancelled.is_set():
+            return False
+        if self.max_attempts is not None:
+            return attempt < self.max_attempts
+        return self.clock() - started < S3_RETRY_BUDGET
+
     def _backoff(self, attempt: int) -> None:
         """Exponential backoff with full jitter (AWS Architecture Blog, 2015)."""
         self.sleep(self.rand() * min(20.0, 0.25 * (2 ** attempt)))
+
+    def _wait(self, seconds: float) -> None:
+        """Sleep, unless cancel() comes first."""
+        self.cancelled.wait(seconds)
+
+    def cancel(self) -> None:
+        """Stop: requests not yet sent fail with Interrupted, waits between retries end."""
+        self.cancelled.set()
 
     # -- operations --
 
@@ -1689,7 +1768,8 @@ class S3Reader(io.RawIOBase):
         self.client, self.key, self.pos, self.end = client, key, start, end
         self.resp = None  # type: Optional[http.client.HTTPResponse]
         self.expected = None if end is None else end + 1
-        self.failures = 0
+        self.failures = 0  # breaks so far (AWS_MAX_ATTEMPTS counts them all)
+        self.failing_since = None  # type: Optional[float]  # the first break since the last progress
 
     def readable(self) -> bool:
         return True
@@ -1700,6 +1780,14 @@ class S3Reader(io.RawIOBase):
 
     def _open(self) -> http.client.HTTPResponse:
         resp = self.client.get(self.key, self.pos, self.end)
+        if self.pos or self.end is not None:  # a range was asked for: only that range will do
+            first = re.match(r"^bytes (\d+)-", resp.getheader("Content-Range") or "")
+            if resp.status != 206 or not first or int(first.group(1)) != self.pos:
+                self.resp = resp
+                self._close_response()
+                raise S3Error("GET %s: asked for the bytes from %d on, got HTTP %d with Content-Range %r"
+                              % (self.client.describe(self.key), self.pos, resp.status,
+                                 (resp.getheader("Content-Range") or "")[:60]))
         if self.expected is None:
             total = resp.getheader("Content-Range", "").rpartition("/")[2]
             self.expected = int(total) if total.isdigit() else self.pos + int(resp.getheader("Content-Length") or 0)
@@ -1718,13 +1806,16 @@ class S3Reader(io.RawIOBase):
                 n, error = 0, e
             if n:
                 self.pos += n
+                self.failing_since = None  # progress: the next break gets a fresh time budget
                 return n
             # EOF or a broken connection before the expected end: resume with a Range request.
             self._close_response()
             if self.expected is not None and self.pos >= self.expected:
                 return 0
             self.failures += 1
-            if self.failures >= self.client.max_attempts:
+            if self.failing_since is None:
+                self.failing_since = self.client.clock()
+            if not self.client.may_retry(self.failures, self.failing_since):
                 raise S3Error("GET %s: the body broke off at byte %d of %s (%s)" % (
                     self.client.describe(self.key), self.pos, self.expected, error or "short body"))
             self.client._backoff(self.failures)
@@ -1958,6 +2049,8 @@ class LayerRecord(NamedTuple):
         except (KeyError, TypeError, ValueError, AttributeError):
             raise FormatError("malformed layer record: %.200s" % json.dumps(doc))
         digest_hex(record.diff_id), digest_hex(record.digest)
+        if record.size < 0 or (record.raw_size or 0) < 0 or record.compression not in ("gzip", "zstd", "none"):
+            raise FormatError("malformed layer record: %.200s" % json.dumps(doc))
         return record
 
 
@@ -2053,10 +2146,12 @@ def load_stored_image(store: Store, image_hex: str) -> StoredImage:
     if store.stat(image_key(image_hex, "manifest.json")) is not None:
         doc = read_json(store, image_key(image_hex, "manifest.json"))
         try:
+            if not isinstance(doc["layers"], list):
+                raise TypeError("layers is not a list")
             layers = [LayerRecord.from_json(d) for d in doc["layers"]]
             config_digest = doc["config"]["digest"]
-        except (KeyError, TypeError):
-            raise FormatError("%s: malformed image manifest for %s" % (store.url, image_hex[:12]))
+        except (KeyError, TypeError, FormatError) as e:
+            raise FormatError("%s: malformed image manifest for %s (%s)" % (store.url, image_hex[:12], e))
         if config_digest != "sha256:" + image_hex:
             raise FormatError("%s: manifest of %s names another config" % (store.url, image_hex[:12]))
         return StoredImage("sha256:" + image_hex, layers, [])
@@ -2079,6 +2174,8 @@ def legacy_chain(store: Store, top_hex: str) -> List[str]:
         chain.append(current)
         doc = read_json(store, image_key(current, "json"))
         current = doc.get("parent") or None
+        if current is not None and not isinstance(current, str):
+            raise FormatError("%s: legacy image %s names a bad parent" % (store.url, chain[-1][:12]))
     chain.reverse()
     return chain
 
@@ -2096,6 +2193,7 @@ def legacy_chain(store: Store, top_hex: str) -> List[str]:
 
 SMALL_MEMBER = 1 << 20
 TAR_BLOCK = 512
+TAR_META_LIMIT = 1 << 20  # the largest PAX or GNU long-name header we read
 
 
 class Spool(NamedTuple):
@@ -2188,6 +2286,8 @@ def _pax_fields(data: bytes) -> Dict[str, str]:
     while pos < len(data):
         space = data.index(b" ", pos)
         length = int(data[pos:space])
+        if length <= space + 1 - pos or pos + length > len(data) or data[pos + length - 1] != 0x0A:
+            raise ValueError("bad PAX record at byte %d" % pos)  # a zero length would loop forever
         key, _, value = data[space + 1:pos + length - 1].partition(b"=")
         fields[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
         pos += length
@@ -2210,6 +2310,8 @@ def iter_tar(stream: IO[bytes]) -> Iterator[Tuple[TarEntry, MemberReader]]:
             raise FormatError("broken docker save stream: bad tar header (%s)" % e)
         reader = MemberReader(stream, info.size)
         if info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK):
+            if info.size > TAR_META_LIMIT:
+                raise FormatError("broken docker save stream: a %s byte tar extension header" % info.size)
             data = reader.read()
             if info.type == tarfile.XHDTYPE:
                 try:
@@ -2224,7 +2326,12 @@ def iter_tar(stream: IO[bytes]) -> Iterator[Tuple[TarEntry, MemberReader]]:
             continue
         name = pax.get("path") or long_name or info.name
         linkname = pax.get("linkpath") or long_link or info.linkname
-        size = int(pax["size"]) if "size" in pax else info.size
+        try:
+            size = int(pax["size"]) if "size" in pax else info.size
+        except ValueError:
+            raise FormatError("broken docker save stream: bad PAX size %r" % pax["size"][:40])
+        if size < 0:
+            raise FormatError("broken docker save stream: negative member size")
         reader.left = size if info.type in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE) else info.size
         pax, long_name, long_link = {}, None, None
         kind = "file" if info.isreg() else "link" if info.issym() or info.islnk() else "other"
@@ -2257,6 +2364,9 @@ def read_save_stream(stream: IO[bytes], spool: Callable[[TarEntry, MemberReader]
                 continue
             spooled = spool(entry, reader) if entry.size > SMALL_MEMBER or entry.name.endswith("layer.tar") else None
             if spooled is None:
+                if entry.size > DOCUMENT_LIMIT:
+                    raise FormatError("docker save stream member %r is too large for a document (%s)"
+                                      % (entry.name[:100], human_size(entry.size)))
                 data = reader.read()
                 contents.small[entry.name] = data
                 contents.digests[entry.name] = sha256_digest(data)
@@ -2282,11 +2392,11 @@ class SavedImage(NamedTuple):
 
 def parse_saved_image(contents: SaveContents, image_id: str) -> SavedImage:
     """Find the image's config and layer list in manifest.json (any save format)."""
-    try:
-        manifest = json.loads(contents.read_small("manifest.json"))
-    except ValueError as e:
-        raise FormatError("docker save stream has a bad manifest.json: %s" % e)
-    entries = [e for e in manifest if isinstance(e, dict) and "Config" in e]
+    manifest = parse_json(contents.read_small("manifest.json"), "the docker save stream's manifest.json")
+    if not isinstance(manifest, list):
+        raise FormatError("docker save stream's manifest.json is not a list")
+    entries = [e for e in manifest if isinstance(e, dict) and isinstance(e.get("Config"), str)
+               and isinstance(e.get("Layers") or [], list) and all(isinstance(n, str) for n in e.get("Layers") or [])]
     if not entries:
         raise FormatError("docker save stream's manifest.json lists no image")
     chosen = None
@@ -2300,9 +2410,11 @@ def parse_saved_image(contents: SaveContents, image_id: str) -> SavedImage:
         chosen = entries[0]
     config = contents.read_small(chosen["Config"])
     try:
-        diff_ids = json.loads(config)["rootfs"]["diff_ids"]
-    except (ValueError, KeyError, TypeError):
-        raise FormatError("image config has no rootfs.diff_ids")
+        diff_ids = parse_json(config, "the image config")["rootfs"]["diff_ids"]
+        for diff_id in diff_ids:
+            digest_hex(diff_id)
+    except (KeyError, TypeError, FormatError):
+        raise FormatError("image config has no rootfs.diff_ids (a list of sha256 digests)")
     layers = [contents.resolve(name) for name in chosen.get("Layers") or []]
     if len(layers) != len(diff_ids):
         raise FormatError("manifest.json lists %d layers but the config %d" % (len(layers), len(diff_ids)))
@@ -2570,7 +2682,7 @@ def push_image(docker: DockerClient, store: Store, text: str, progress: Progress
         raise NotFound("no such image on the Docker host: %s" % (ref or text,))
     image_id = info["Id"]
     image_hex = digest_hex(image_id)
-    diff_ids = list((info.get("RootFS") or {}).get("Layers") or [])
+    diff_ids = image_diff_ids(info)
     store.ensure()
     if store.stat(image_key(image_hex, "manifest.json")) is not None:
         progress.note("%s: image %s is already stored" % (str(ref or text), image_hex[:12]))
