@@ -475,8 +475,8 @@ def _docker_message(body: bytes) -> str:
 class DockerClient:
     """The parts of the Docker Engine API that dogestry needs, over http.client."""
 
-    def __init__(self, endpoint: DockerEndpoint, timeout: float = 60.0):
-        self.endpoint, self.timeout = endpoint, timeout
+    def __init__(self, endpoint: DockerEndpoint, timeout: float = 60.0, stream_timeout: Optional[float] = None):
+        self.endpoint, self.timeout, self.stream_timeout = endpoint, timeout, stream_timeout
         self._api_version = None  # type: Optional[str]
         self._local = threading.local()
 
@@ -588,7 +588,7 @@ class DockerClient:
 
     def load(self, body: Iterable[bytes]) -> str:
         """POST /images/load with a streamed tar; return what the engine said it loaded."""
-        resp = self.request("POST", "/images/load?quiet=1", body=body, timeout=None,
+        resp = self.request("POST", "/images/load?quiet=1", body=body, timeout=self.stream_timeout,
                             headers={"Content-Type": "application/x-tar"})
         messages = []
         try:
@@ -857,6 +857,65 @@ def copy_stream(src: IO[bytes], dst: IO[bytes], limit: Optional[int] = None,
         dst.write(data)
         copied += len(data)
     return copied
+
+
+class OutputFile:
+    """A file being written: an OSError (a full disk, say) becomes one clear DogestryError."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self.file = open(path, "wb")
+        except OSError as e:
+            raise self._error(e)
+
+    def _error(self, e: OSError) -> DogestryError:
+        return DogestryError("cannot write %s: %s" % (self.path, _os_reason(e)))
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            raise self._error(e)
+
+    def close(self) -> None:
+        try:
+            self.file.close()
+        except OSError as e:
+            raise self._error(e)
+
+    def __enter__(self) -> "OutputFile":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if exc[0] is None:
+            self.close()
+        else:
+            with contextlib.suppress(OSError):
+                self.file.close()
+
+
+def run_in_threads(func: Callable[[Any], None], items: Sequence[Any], most: int = 16) -> None:
+    """func(item) for every item, at most `most` at once, on daemon threads: a call that hangs
+    (a frozen host) never keeps the process from ending, and Ctrl-C or SIGTERM reach the caller
+    at once.  The first exception a call raised is raised here once all are done."""
+    errors = []  # type: List[BaseException]
+    slots = threading.Semaphore(max(1, most))
+
+    def run(item: Any) -> None:
+        with slots:
+            try:
+                func(item)
+            except BaseException as e:  # raised in the caller's thread below
+                errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(item,), name="dogestry-host", daemon=True) for item in items]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
 
 
 # === 6. SigV4 signing ===
@@ -2477,7 +2536,7 @@ class SpoolWriter:
         self._sha = hashlib.sha256()
         self._queue = queue.Queue(depth)  # type: queue.Queue
         self._error = None  # type: Optional[BaseException]
-        self._file = open(path, "wb")
+        self._file = OutputFile(path)
         self._thread = threading.Thread(target=self._run, name="dogestry-spool", daemon=True)
         self._thread.start()
 
@@ -2500,9 +2559,7 @@ class SpoolWriter:
                     self._sha.update(data)
                 self._file.write(data)
                 self.size += len(data)
-            except OSError as e:  # handed to the reading thread by put() or __exit__
-                self._error = DogestryError("cannot write %s: %s" % (self.path, _os_reason(e)))
-            except BaseException as e:
+            except BaseException as e:  # handed to the reading thread by put() or __exit__
                 self._error = e
 
     def __enter__(self) -> "SpoolWriter":
@@ -2511,7 +2568,10 @@ class SpoolWriter:
     def __exit__(self, kind: Any, value: Any, tb: Any) -> None:
         self._queue.put(None)
         self._thread.join()
-        self._file.close()
+        try:
+            self._file.close()
+        except DogestryError as e:
+            self._error = self._error or e
         if kind is None and self._error is not None:
             raise self._error
         self.digest = "sha256:" + self._sha.hexdigest()
@@ -2766,7 +2826,7 @@ def _upload_precompressed(contents: SaveContents, saved: SavedImage, wanted: Set
         if spool is None and member in contents.small:  # a tiny compressed layer kept in memory
             data = contents.small[member]
             path = os.path.join(pipeline.work_dir, "small-%s" % diff_id[7:19])
-            with open(path, "wb") as f:
+            with OutputFile(path) as f:
                 f.write(data)
             spool = Spool(path, sha256_digest(data), len(data), sha256_digest(data), len(data),
                           detect_compression(data[:4]))
@@ -3130,6 +3190,7 @@ def _pull_legacy(docker: DockerClient, store: Store, image: StoredImage, repo_ta
 # in parallel from that spool, each getting only what it lacks.
 
 HOST_CHECK_TIMEOUT = 10.0
+HOST_TIMEOUT = 60.0  # -host-timeout: a host that takes no bytes and sends none this long fails alone
 SERVER_PORT = 22375
 
 
@@ -3202,8 +3263,9 @@ def check_hosts(clients: Sequence[DockerClient]) -> None:
         except DogestryError as e:
             return "%s: %s" % (client.endpoint.url, e)
 
-    with concurrent.futures.ThreadPoolExecutor(max(1, min(8, len(clients)))) as pool:
-        problems = [p for p in pool.map(check, clients) if p]
+    found = {}  # type: Dict[str, Optional[str]]
+    run_in_threads(lambda client: found.__setitem__(client.endpoint.url, check(client)), clients)
+    problems = [p for p in (found[c.endpoint.url] for c in clients) if p]
     if problems:
         raise DockerError("Docker host check failed (use -disable-checks to skip it): " + "; ".join(problems))
 
@@ -3226,23 +3288,25 @@ def spool_image(store: Store, text: str, spool: "LocalStore", clients: Sequence[
     keys += [image_key(image_hex, "config.json"), image_key(image_hex, "manifest.json")]
     _copy_keys(store, spool, keys, progress)
     needed = {}  # type: Dict[str, LayerRecord]
-    for client in clients:
-        if client.endpoint.url in failed:
-            continue
+    image_chains = chain_ids([r.diff_id for r in image.layers])
+
+    def ask(client: DockerClient) -> None:
         try:
             if client.inspect_image(image.image_id) is not None:
-                continue
+                return
             chains = client.layer_chains()
         except DogestryError as e:
             failed[client.endpoint.url] = str(e)
-            continue
-        for record, chain in zip(image.layers, chain_ids([r.diff_id for r in image.layers])):
+            return
+        for record, chain in zip(image.layers, image_chains):
             if chain not in chains:
                 needed[record.digest] = record
+
+    run_in_threads(ask, [c for c in clients if c.endpoint.url not in failed])
     for record in needed.values():
         task = progress.task(record.diff_id[7:19], "downloading", record.size)
         path = os.path.join(spool.root, ".tmp-blob-" + digest_hex(record.digest))
-        with open(path, "wb") as out:
+        with OutputFile(path) as out:
             for data in verified_blob_chunks(store, record, task.advance):
                 out.write(data)
         spool.put_file(blob_key(record.digest), path, record.size, consume=True)
@@ -3255,36 +3319,36 @@ def _copy_keys(store: Store, spool: "LocalStore", keys: Sequence[str], progress:
         if size is None:
             raise NotFound("%s: no %s in the store" % (store.url, key))
         path = os.path.join(spool.root, ".tmp-copy")
-        with contextlib.closing(store.open(key, size)) as src, open(path, "wb") as out:
-            copied = copy_stream(src, out)
+        with contextlib.closing(store.open(key, size)) as src, OutputFile(path) as out:
+            copied = copy_stream(src, out)  # type: ignore[arg-type]
         if copied != size:
             raise IntegrityError("%s: %s changed while it was read" % (store.url, key))
         spool.put_file(key, path, size, consume=True)
 
 
 def fleet_pull(clients: Sequence[DockerClient], store: Store, images: Sequence[str], progress: Progress,
-               tempdir: Optional[str]) -> List[Dict[str, str]]:
-    """Download once, load every host in parallel; one status per host (the original's JSON)."""
+               tempdir: Optional[str], statuses: Dict[str, Dict[str, str]]) -> None:
+    """Download once, load every host in parallel; each host's status (the original's JSON)
+    goes into statuses, by host URL, the moment that host is done."""
     failed = {}  # type: Dict[str, str]
     with work_directory(tempdir) as work:
         spool = LocalStore(work)
         for text in images:
             spool_image(store, text, spool, clients, progress, failed)
 
-        def load(client: DockerClient) -> Dict[str, str]:
+        def load(client: DockerClient) -> None:
             status = {"Host": client.endpoint.url, "Status": "ok"}
             if client.endpoint.url in failed:
                 status.update(Status="failed", Error=failed[client.endpoint.url])
-                return status
-            try:
-                for text in images:
-                    pull_image(client, spool, text, HostProgress(progress, client.endpoint.url))  # type: ignore
-            except DogestryError as e:
-                status.update(Status="failed", Error=str(e).replace(spool.url, store.url))
-            return status
+            else:
+                try:
+                    for text in images:
+                        pull_image(client, spool, text, HostProgress(progress, client.endpoint.url))  # type: ignore
+                except DogestryError as e:
+                    status.update(Status="failed", Error=str(e).replace(spool.url, store.url))
+            statuses[client.endpoint.url] = status
 
-        with concurrent.futures.ThreadPoolExecutor(max(1, min(16, len(clients)))) as pool:
-            return list(pool.map(load, clients))
+        run_in_threads(load, clients)
 
 
 class HostProgress:
@@ -3385,9 +3449,12 @@ def _json_line(line: bytes) -> Optional[Dict[str, Any]]:
     return doc if isinstance(doc, dict) else None
 
 
-def delegate_pull(url: str, tls: Optional[ssl.SSLContext], plan: Delegation, progress: Progress) -> Optional[str]:
-    """Ask a dogestry server to pull one image into its host, relaying its progress; its error, if any."""
-    conn = http_connection(url, tls, DELEGATION_READ_TIMEOUT)
+def delegate_pull(url: str, tls: Optional[ssl.SSLContext], plan: Delegation, progress: Progress,
+                  timeout: Optional[float] = None) -> Optional[str]:
+    """Ask a dogestry server to pull one image into its host, relaying its progress; its error, if any.
+
+    timeout: the longest the server may stay silent (default DELEGATION_READ_TIMEOUT)."""
+    conn = http_connection(url, tls, timeout or DELEGATION_READ_TIMEOUT)
     try:
         conn.request("POST", DELEGATION_ROUTE, body=plan.body, headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
@@ -3421,30 +3488,38 @@ def image_missing(client: DockerClient, plan: Delegation) -> Optional[str]:
 
 
 def delegate_to_servers(endpoints: Sequence[DockerEndpoint], store: "S3Store", images: Sequence[str],
-                        port: int, progress: Progress) -> Dict[str, Dict[str, str]]:
-    """Pull through the dogestry servers of the hosts that run one: {host URL: status}."""
-    urls = [server_url(e, port) for e in endpoints]
-    with concurrent.futures.ThreadPoolExecutor(max(1, min(16, len(endpoints)))) as pool:
-        protocols = list(pool.map(lambda eu: server_status(eu[1], eu[0].tls) if eu[1] else None, zip(endpoints, urls)))
-    servers = [(e, u) for e, u, p in zip(endpoints, urls, protocols) if u and p == DELEGATION_PROTOCOL]
+                        port: int, progress: Progress, statuses: Dict[str, Dict[str, str]],
+                        host_timeout: Optional[float] = None) -> None:
+    """Pull through the dogestry servers of the hosts that run one; each host's status goes
+    into statuses (by host URL) the moment it is done."""
+    urls = {e.url: server_url(e, port) for e in endpoints}
+    servers = []  # type: List[Tuple[DockerEndpoint, str]]
+
+    def probe(endpoint: DockerEndpoint) -> None:
+        url = urls[endpoint.url]
+        if url and server_status(url, endpoint.tls) == DELEGATION_PROTOCOL:
+            servers.append((endpoint, url))
+
+    run_in_threads(probe, endpoints)
     if not servers:
-        return {}
+        return
     plans = [plan_delegation(store, text) for text in images]
     if any(plan is None for plan in plans):
         progress.note("images in the original dogestry layout are pulled directly, not through servers")
-        return {}
+        return
 
-    def run(endpoint: DockerEndpoint, url: str) -> Dict[str, str]:
-        client = DockerClient(endpoint)
+    def run(server: Tuple[DockerEndpoint, str]) -> None:
+        endpoint, url = server
+        client = DockerClient(endpoint, timeout=host_timeout or 60.0)
         for plan in plans:
             assert plan is not None
-            error = delegate_pull(url, endpoint.tls, plan, progress) or image_missing(client, plan)
+            error = delegate_pull(url, endpoint.tls, plan, progress, host_timeout) or image_missing(client, plan)
             if error:
-                return {"Host": endpoint.url, "Status": "failed", "ServerError": "%s: %s" % (url, error)}
-        return {"Host": endpoint.url, "Status": "ok", "Server": url}
+                statuses[endpoint.url] = {"Host": endpoint.url, "Status": "failed", "ServerError": "%s: %s" % (url, error)}
+                return
+        statuses[endpoint.url] = {"Host": endpoint.url, "Status": "ok", "Server": url}
 
-    with concurrent.futures.ThreadPoolExecutor(len(servers)) as pool:
-        return {s["Host"]: s for s in pool.map(lambda eu: run(*eu), servers)}
+    run_in_threads(run, servers)
 
 
 # === 15. The accelerator server (-server) ===
@@ -4372,24 +4447,47 @@ def cmd_pull(ctx: Context) -> int:
 
 
 def fleet_command(ctx: Context) -> int:
-    """pull to every -pullhosts host: through the dogestry servers of hosts that run one, directly to the rest."""
+    """pull to every -pullhosts host: through the dogestry servers of hosts that run one, directly
+    to the rest.  The JSON status of every host is printed whatever happens (a host that did not
+    finish is "failed", with the reason), then the error, if there was one."""
     options = ctx.options
     endpoints = parse_pullhosts(options.pullhosts, ctx.environ, ctx.home)
-    if not options.disable_checks:
-        check_hosts([DockerClient(e, timeout=HOST_CHECK_TIMEOUT) for e in endpoints])
-    store = ctx.store()
     statuses = {}  # type: Dict[str, Dict[str, str]]
-    if isinstance(store, S3Store) and not options.force_local:
-        statuses = delegate_to_servers(endpoints, store, options.images, options.port, ctx.progress)
-    direct = [e for e in endpoints if statuses.get(e.url, {}).get("Status") != "ok"]
-    if direct:  # hosts without a server, and those whose server failed or lied
-        for status in fleet_pull([DockerClient(e) for e in direct], store, options.images, ctx.progress,
-                                 options.tempdir):
-            server_error = statuses.get(status["Host"], {}).get("ServerError")
-            statuses[status["Host"]] = dict(status, ServerError=server_error) if server_error else status
-    result = [statuses[e.url] for e in endpoints]
+    failure = None  # type: Optional[BaseException]
+    try:
+        _fleet_pull_all(ctx, endpoints, statuses)
+    except (DogestryError, KeyboardInterrupt) as e:
+        failure = e
+    reason = "interrupted" if isinstance(failure, KeyboardInterrupt) else str(failure)
+    result = [statuses.get(e.url) or {"Host": e.url, "Status": "failed", "Error": reason} for e in endpoints]
     ctx.stdout.write(json.dumps(result) + "\n")
+    ctx.stdout.flush()
+    if failure is not None:
+        raise failure
     return 0 if all(s["Status"] == "ok" for s in result) else 1
+
+
+def _fleet_pull_all(ctx: Context, endpoints: Sequence[DockerEndpoint], statuses: Dict[str, Dict[str, str]]) -> None:
+    options = ctx.options
+    if not options.disable_checks:
+        check_hosts([DockerClient(e, timeout=min(HOST_CHECK_TIMEOUT, options.host_timeout)) for e in endpoints])
+    store = ctx.store()
+    if isinstance(store, S3Store) and not options.force_local:
+        delegate_to_servers(endpoints, store, options.images, options.port, ctx.progress, statuses,
+                            options.host_timeout)
+    direct = [e for e in endpoints if statuses.get(e.url, {}).get("Status") != "ok"]
+    if not direct:  # hosts without a server, and those whose server failed or lied
+        return
+    server_errors = {url: status["ServerError"] for url, status in statuses.items() if "ServerError" in status}
+    for endpoint in direct:
+        statuses.pop(endpoint.url, None)  # until its direct pull says otherwise
+    clients = [DockerClient(e, timeout=options.host_timeout, stream_timeout=options.host_timeout) for e in direct]
+    try:
+        fleet_pull(clients, store, options.images, ctx.progress, options.tempdir, statuses)
+    finally:
+        for url, error in server_errors.items():
+            if url in statuses:
+                statuses[url]["ServerError"] = error
 
 
 def server_tls_context(options: argparse.Namespace, environ: Mapping[str, str], home: str) -> Optional[ssl.SSLContext]:
@@ -4690,6 +4788,8 @@ def _add_global_options(parser: argparse.ArgumentParser) -> None:
     flag("force-local", action="store_true", help="with -pullhosts: never delegate to dogestry servers")
     flag("tempdir", metavar="DIR", help="directory for temporary files (default: $TMPDIR or /tmp)")
     flag("disable-checks", action="store_true", help="with -pullhosts: skip the Docker host checks")
+    flag("host-timeout", metavar="SECONDS", type=float, default=HOST_TIMEOUT,
+         help="with -pullhosts: a host silent this long fails alone (default %g)" % HOST_TIMEOUT)
     flag("allow", metavar="S3_URL", action="append",
          help="with -server: a store clients may name, s3://bucket/prefix/ (repeatable)")
     flag("registry", metavar="NAME", action="append",
@@ -4755,8 +4855,8 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: List[str]) -> argp
         return parser.parse_args(argv)
     if not 0 <= early.port <= 65535:
         raise UsageError("-port %d is not a TCP port (0-65535)" % early.port)
-    if early.read_timeout <= 0 or early.max_connections < 1:
-        raise UsageError("-read-timeout and -max-connections must be positive")
+    if early.read_timeout <= 0 or early.max_connections < 1 or early.host_timeout <= 0:
+        raise UsageError("-read-timeout, -host-timeout and -max-connections must be positive")
     if early.server:
         if len(rest) > 1 or any(r.startswith("-") for r in rest):
             raise UsageError("usage: dogestry -server [-address ADDR] [-port PORT] [STORE]")
@@ -4789,6 +4889,9 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
     with contextlib.suppress(Exception):
         import ctypes
         ctypes.CDLL(None).mallopt(-8, arenas)  # -8 is M_ARENA_MAX in glibc's malloc.h
+
+
+INTERNAL_ERROR_EXIT = 70  # EX_SOFTWARE (sysexits.h)
 
 
 def _raise_interrupted(signum: int, frame: Any) -> None:
@@ -4837,6 +4940,13 @@ def main(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, st
         return e.exit_code
     except BrokenPipeError:
         return 1
+    except Exception as e:  # a bug: one line naming it; the traceback only when asked for
+        if environ.get("DOGESTRY_DEBUG") == "1":
+            import traceback
+            traceback.print_exc(file=stderr)
+        stderr.write("dogestry: internal error (a bug; DOGESTRY_DEBUG=1 shows where): %s: %s\n"
+                     % (type(e).__name__, printable(str(e).replace("\n", " "))[:500]))
+        return INTERNAL_ERROR_EXIT
     finally:
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)

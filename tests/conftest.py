@@ -193,3 +193,22 @@ def base_env(docker_host, tmp_path_factory):
     env["HOME"] = str(tmp_path_factory.mktemp("home"))
     env["AWS_EC2_METADATA_DISABLED"] = "true"
     return env
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Factory: make(size) -> a fresh tmpfs of SIZE ('2m'): a disk that fills up (the suite runs
+    as root, as dockerd needs); all are unmounted after the test."""
+    import subprocess
+    mounts = []
+
+    def make(size):
+        mount_point = tmp_path / ("tmpfs%d" % len(mounts))
+        mount_point.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=" + size, "tmpfs", str(mount_point)], check=True)
+        mounts.append(mount_point)
+        return mount_point
+
+    yield make
+    for mount_point in mounts:
+        subprocess.run(["umount", "-l", str(mount_point)], check=True)

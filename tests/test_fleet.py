@@ -12,7 +12,9 @@ tests/faultproxy.py.
 import collections
 import fcntl
 import json
+import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -320,7 +322,9 @@ def test_dead_host_fails_up_front(fleet, app, docker_env):
 
     line = one_error_line(proc, "127.0.0.9")
     assert "-disable-checks" in line
-    assert proc.stdout == ""
+    doc = statuses(proc)  # every host failed, each with the reason: nothing was pulled anywhere
+    assert [(s["Host"], s["Status"]) for s in doc] == [(h, "failed") for h in hosts]
+    assert all("127.0.0.9" in s["Error"] for s in doc), doc
     assert time.monotonic() - started < 10
     for h in fleet:
         assert image_id(h.host, app.ref) is None                # nothing loaded anywhere
@@ -465,7 +469,7 @@ def test_missing_tempdir_is_one_clear_error(fleet, app, docker_env, tmp_path):
                         env=docker_env)
 
     one_error_line(proc, str(missing))
-    assert proc.stdout == ""
+    assert statuses(proc) == [{"Host": fleet[0].tcp, "Status": "failed", "Error": one_error_line(proc)[17:]}]
     assert image_id(fleet[0].host, app.ref) is None
 
 
@@ -510,3 +514,103 @@ def test_malformed_config_is_one_clear_error(text, docker_env, tmp_path):
     proc = run_dogestry("-config", config, "pull", "s3", "x", env=no_aws_env(docker_env, tmp_path))
     one_error_line(proc, str(config))
     assert proc.stdout == ""
+
+
+# --- 9. faults a fleet meets ---------------------------------------------------------------------
+
+def frozen(handle):
+    """SIGSTOP a host's dockerd (a hung daemon, a silent partition); SIGCONT it afterwards."""
+    class Freezer:
+        def __enter__(self):
+            os.kill(handle.pid, signal.SIGSTOP)
+            return self
+
+        def __exit__(self, *exc):
+            os.kill(handle.pid, signal.SIGCONT)
+
+    return Freezer()
+
+
+def pulled_note(host, ref):
+    return "%s: pulled %s" % (host, ref)
+
+
+def start_gated_fleet_pull(procs, tmp_path, fleet, s3_app, s3_env, fault_proxy, app, *options):
+    """A fleet pull of the S3 app image, held at its first blob GET until the gate opens."""
+    gate = BlobGate()
+    proxy = fault_proxy(gate.rule)
+    hosts = [h.tcp for h in fleet]
+    proc = start_dogestry(procs, tmp_path, "pull", list(options) + ["-pullhosts", ",".join(hosts), "pull",
+                                                                     s3_app, app.ref],
+                          dict(s3_env, AWS_ENDPOINT_URL=proxy.url))
+    assert gate.reached.wait(WAIT), proc.err_path.read_text()  # every host has said what it lacks
+    return proc, gate, hosts
+
+
+def test_a_host_that_freezes_fails_alone_after_the_host_timeout(fleet, app, s3_app, s3_env, fault_proxy, tmp_path,
+                                                                 procs):
+    proc, gate, hosts = start_gated_fleet_pull(procs, tmp_path, fleet, s3_app, s3_env, fault_proxy, app,
+                                               "-host-timeout", "3")
+    with frozen(fleet[1]):
+        gate.opened.set()
+        started = time.monotonic()
+        result = finish(proc)
+        took = time.monotonic() - started
+    assert result.returncode == 1, result.stderr
+    doc = statuses(result)
+    assert [s["Status"] for s in doc] == ["ok", "failed", "ok"], doc
+    assert "timed out" in doc[1]["Error"] and hosts[1] in doc[1]["Error"], doc
+    assert took < 3 * 3 + 10, took  # the timeout, not forever
+    for h in (fleet[0], fleet[2]):
+        assert image_id(h.host, app.ref) == app.id
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_ends_a_fleet_pull_at_once_with_the_json_of_what_finished(sig, fleet, app, s3_app, s3_env,
+                                                                           fault_proxy, tmp_path, procs):
+    proc, gate, hosts = start_gated_fleet_pull(procs, tmp_path, fleet, s3_app, s3_env, fault_proxy, app)
+    with frozen(fleet[1]):
+        gate.opened.set()
+        for host in (hosts[0], hosts[2]):
+            wait_for_text(proc, pulled_note(host, app.ref))
+        started = time.monotonic()
+        proc.send_signal(sig)
+        result = finish(proc, timeout=10)
+        took = time.monotonic() - started
+    assert result.returncode == 130, result.stderr
+    assert took < 2.0, took
+    assert statuses(result) == [{"Host": hosts[0], "Status": "ok"},
+                                {"Host": hosts[1], "Status": "failed", "Error": "interrupted"},
+                                {"Host": hosts[2], "Status": "ok"}]
+    assert result.stderr.rstrip().endswith("dogestry: interrupted") and "Traceback" not in result.stderr
+
+
+def test_a_corrupt_blob_fails_every_host_with_the_json_still_printed(fleet, app, docker_env, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(str(app.store), str(store))
+    blob = max((store / "blobs" / "sha256").iterdir(), key=lambda p: p.stat().st_size)
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    hosts = [h.tcp for h in fleet]
+
+    proc = run_dogestry("-pullhosts", ",".join(hosts), "pull", store, app.ref, env=docker_env)
+
+    line = one_error_line(proc, "corrupt", blob.name)
+    assert statuses(proc) == [{"Host": h, "Status": "failed", "Error": line[len("dogestry: error: "):]}
+                              for h in hosts]
+    for h in fleet:
+        assert image_id(h.host, app.ref) is None
+
+
+def test_a_full_disk_during_a_fleet_pull_is_one_clear_error(fleet, app, docker_env, tmpfs):
+    full = tmpfs("256k")
+    hosts = [h.tcp for h in fleet]
+
+    proc = run_dogestry("-tempdir", full, "-pullhosts", ",".join(hosts), "pull", app.store, app.ref, env=docker_env)
+
+    one_error_line(proc, "No space left on device")
+    assert [s["Status"] for s in statuses(proc)] == ["failed"] * 3
+    assert list(full.iterdir()) == []  # the spool went, too
+    for h in fleet:
+        assert image_id(h.host, app.ref) is None

@@ -392,13 +392,9 @@ def test_progress_bars_on_a_tty(docker_env, app_image, tmp_path):
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 2 MiB tmpfs: a disk that fills up (the suite runs as root, as dockerd needs)."""
-    mount_point = tmp_path / "full"
-    mount_point.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)], check=True)
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], check=True)
+def small_tmpfs(tmpfs):
+    """A 2 MiB tmpfs: a disk that fills up."""
+    return tmpfs("2m")
 
 
 def test_push_onto_a_full_disk_says_so_and_writes_no_tag(docker_host, docker_env, tmp_path, small_tmpfs):

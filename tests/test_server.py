@@ -740,8 +740,10 @@ def test_pullhosts_delegate_to_dogestry_servers(fleet, pushed, aws_env, delegati
 
     env = dict(aws_env, AWS_ENDPOINT_URL=proxy.url)
     missing = run_dogestry("-pullhosts", PULLHOSTS, pushed.store, "nosuchimage", env=env, timeout=120)
-    assert missing.returncode == 1 and missing.stdout == "", missing
+    assert missing.returncode == 1, missing
     assert "nosuchimage not found" in missing.stderr and len(missing.stderr.splitlines()) == 1, missing.stderr
+    assert json.loads(missing.stdout) == [{"Host": "tcp://%s:2375" % a, "Status": "failed",
+                                           "Error": missing.stderr.strip()[len("dogestry: error: "):]} for a in HOSTS]
     assert all(len(server.delegated_posts()) == 1 for server in running)  # the client found out itself
 
 
