@@ -217,6 +217,30 @@ def split_registry(name: str) -> Tuple[str, List[str]]:
     return host, parts
 
 
+def quiet_worker() -> None:
+    """In a thread dogestry starts: leave SIGINT and SIGTERM to the main thread.  A signal the
+    kernel hands to a worker never wakes a main thread that waits on a lock, so Ctrl-C would
+    wait for whatever the main thread waits for."""
+    with contextlib.suppress(AttributeError, ValueError, OSError):  # no pthread_sigmask: nothing to do
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def thread_pool(workers: int, name: str) -> concurrent.futures.ThreadPoolExecutor:
+    """A pool of `workers` quiet worker threads."""
+    return concurrent.futures.ThreadPoolExecutor(max(1, workers), name, initializer=quiet_worker)
+
+
+def start_thread(target: Callable[..., None], args: Sequence[Any] = (), name: str = "dogestry") -> threading.Thread:
+    """A quiet daemon thread running target(*args), started."""
+    def run() -> None:
+        quiet_worker()
+        target(*args)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
 # Text that reaches a terminal or a log from elsewhere (servers, stores, clients) loses its
 # control characters, so nobody can move the cursor, retitle the window or forge lines.
 _CONTROL_CHARS = {c: "\\x%02x" % c for c in list(range(0x20)) + list(range(0x7f, 0xa0))}
@@ -680,6 +704,9 @@ class Store:
         """Where temp files are best kept for this store (None: the system's temp dir)."""
         return None
 
+    def cancel(self, interrupted: bool = False) -> None:
+        """Stop work in progress at once (a failed push, or an interrupt): later requests fail."""
+
     def list(self, prefix: str) -> Iterator[str]:
         """Every key starting with prefix, in sorted order."""
         raise NotImplementedError
@@ -909,9 +936,7 @@ def run_in_threads(func: Callable[[Any], None], items: Sequence[Any], most: int 
             except BaseException as e:  # raised in the caller's thread below
                 errors.append(e)
 
-    threads = [threading.Thread(target=run, args=(item,), name="dogestry-host", daemon=True) for item in items]
-    for thread in threads:
-        thread.start()
+    threads = [start_thread(run, (item,), "dogestry-host") for item in items]
     for thread in threads:
         thread.join()
     if errors:
@@ -1375,6 +1400,8 @@ S3_MIN_PART = 8 << 20
 S3_MAX_PARTS = 10000
 S3_RANGE = 4 << 20
 S3_RETRY_BUDGET = 120.0   # seconds a failing request is retried when AWS_MAX_ATTEMPTS is not set
+STALE_UPLOAD_AGE = 3600.0  # a multipart upload this old is abandoned: the next push of its blob aborts it
+UPLOAD_CLOCK_MARGIN = 60.0  # uploads S3 says it began this long before ours count as ours after a retry
 S3_ANSWER_LIMIT = 16 << 20  # the largest answer (XML) read whole
 S3_ERROR_LIMIT = 64 << 10   # the most of an error answer we read
 S3_RETRY_STATUSES = (500, 502, 503, 504)
@@ -1479,7 +1506,8 @@ class S3Client:
                  presigned: Optional[Mapping[str, str]] = None):
         self.bucket = location.bucket
         self.credentials, self.clock, self.rand = credentials, clock, rand
-        self.cancelled = threading.Event()  # set by cancel(): no new requests, no more waiting
+        self.cancelled = threading.Event()    # set by cancel(): no new requests, no more retries
+        self.interrupted = threading.Event()  # and no clean-up retries or waits either
         self.sleep = sleep or self._wait
         self.presigned = presigned  # key -> URL: GET only these, with someone else's signatures
         env = config.environ
@@ -1490,6 +1518,8 @@ class S3Client:
         self._config = config
         self._local = threading.local()
         self._skew = 0.0
+        self._conns = set()  # type: Set[http.client.HTTPConnection]  # every thread's, for cancel()
+        self._conns_lock = threading.Lock()
 
     # -- addressing --
 
@@ -1510,11 +1540,15 @@ class S3Client:
             else:
                 conn = http.client.HTTPConnection(host, port, timeout=60, blocksize=CHUNK)
             conns[(scheme, host, port)] = conn
+            with self._conns_lock:
+                self._conns.add(conn)
         return conn
 
     def _drop(self, scheme: str, host: str, port: int) -> None:
         conn = getattr(self._local, "conns", {}).pop((scheme, host, port), None)
         if conn is not None:
+            with self._conns_lock:
+                self._conns.discard(conn)
             conn.close()
 
     def describe(self, key: str = "") -> str:
@@ -1536,6 +1570,8 @@ class S3Client:
             if self.cancelled.is_set() and cancellable:
                 raise Interrupted("stopped")
             scheme, host, port, base = self._target()
+            if self.interrupted.is_set():  # cancel() broke every connection: clean up on a fresh one
+                self._drop(scheme, host, port)
             path = base + "/" + key if key else (base or "/")
             netloc = host if port in (80, 443) else "%s:%d" % (host, port)
             all_headers = dict(headers or {})
@@ -1611,6 +1647,8 @@ class S3Client:
             resp = self.request(method, key, **kw)
             try:
                 data = resp.read(S3_ANSWER_LIMIT + 1)
+                if len(data) <= S3_ANSWER_LIMIT and resp.length:  # read(n) returns a cut-off body short
+                    raise http.client.IncompleteRead(data, resp.length)
             except (OSError, http.client.HTTPException) as e:
                 scheme, host, port, _ = self._target()
                 self._drop(scheme, host, port)
@@ -1642,8 +1680,9 @@ class S3Client:
                            now, expires)
 
     def may_retry(self, attempt: int, started: float, cancellable: bool = True) -> bool:
-        """Try a failing request once more, after `attempt` tries since `started`?"""
-        if cancellable and self.cancelled.is_set():
+        """Try a failing request once more, after `attempt` tries since `started`? Once cancelled,
+        only the requests that clean up (not cancellable) are, and not after an interrupt."""
+        if self.cancelled.is_set() and (cancellable or self.interrupted.is_set()):
             return False
         if self.max_attempts is not None:
             return attempt < self.max_attempts
@@ -1654,12 +1693,23 @@ class S3Client:
         self.sleep(self.rand() * min(20.0, 0.25 * (2 ** attempt)))
 
     def _wait(self, seconds: float) -> None:
-        """Sleep, unless cancel() comes first."""
-        self.cancelled.wait(seconds)
+        """Sleep, unless an interrupt comes first."""
+        self.interrupted.wait(seconds)
 
-    def cancel(self) -> None:
-        """Stop: requests not yet sent fail with Interrupted, waits between retries end."""
+    def cancel(self, interrupted: bool = False) -> None:
+        """Stop: requests not yet sent fail with Interrupted, retries and the waits before them end;
+        clean-up requests (aborting multipart uploads) still get their retries, unless interrupted."""
+        if interrupted:
+            self.interrupted.set()
         self.cancelled.set()
+        if interrupted:  # requests waiting on an answer end now, not when S3 answers
+            with self._conns_lock:
+                conns = list(self._conns)
+            for conn in conns:
+                sock = conn.sock
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
     # -- operations --
 
@@ -1748,31 +1798,100 @@ class S3Client:
 
     def multipart_upload(self, key: str, path: str, size: int, workers: int,
                          on_progress: Callable[[int], None]) -> None:
-        """Upload a file in parallel parts (fewer than 10,000); abort the upload on any failure."""
+        """Upload a file in parallel parts (fewer than 10,000); abort the upload on any failure.
+
+        Uploads of this key abandoned by earlier runs (older than STALE_UPLOAD_AGE) are aborted
+        first; if creating the upload took retries, S3 may have created more than one, and
+        those are aborted afterwards.
+        """
         part_size = max(S3_MIN_PART, -(-size // (S3_MAX_PARTS - 1)))
         part_size = -(-part_size // (1 << 20)) << 20
-        root = _parse_xml(self.call("POST", key, query=[("uploads", "")],
-                                    headers={"Content-Type": "application/octet-stream"})[1])
-        upload_id = _xml_text(root, ".//UploadId") if root is not None else None
-        if not upload_id:
-            raise S3Error("CreateMultipartUpload %s: no upload id in the answer" % self.describe(key))
+        self.abort_uploads(key, before=self.clock() + self._skew - STALE_UPLOAD_AGE)
+        since = self.clock() + self._skew - UPLOAD_CLOCK_MARGIN
+        upload_id, retried = self._create_upload(key)
         try:
             ranges = [(n + 1, off, min(part_size, size - off)) for n, off in enumerate(range(0, size, part_size))]
-            with concurrent.futures.ThreadPoolExecutor(max(1, min(workers, len(ranges))), "dogestry-part") as pool:
+            with thread_pool(min(workers, len(ranges)), "dogestry-part") as pool:
                 etags = list(pool.map(lambda r: self._upload_part(key, upload_id, path, r, on_progress), ranges))
-            body = ("<CompleteMultipartUpload>%s</CompleteMultipartUpload>" % "".join(
-                "<Part><PartNumber>%d</PartNumber><ETag>%s</ETag></Part>" % (n, xml_escape(etag))
-                for (n, _, _), etag in zip(ranges, etags))).encode()
-            _, answer_body = self.call("POST", key, query=[("uploadId", upload_id)], body=lambda: body,
-                                       headers={"Content-Length": str(len(body)), "Content-Type": "application/xml"},
-                                       payload_hash=hashlib.sha256(body).hexdigest())
-            answer = _parse_xml(answer_body)  # S3 may report a failure inside a 200 answer
-            if answer is not None and answer.tag == "Error":
-                raise S3Error("CompleteMultipartUpload %s: %s" % (self.describe(key), _xml_text(answer, ".//Code")))
-        except BaseException:
-            with contextlib.suppress(DogestryError):
-                self.call("DELETE", key, query=[("uploadId", upload_id)], ok=(204, 200, 404))
+            self._complete_upload(key, upload_id, [(n, etag) for (n, _, _), etag in zip(ranges, etags)])
+        except S3Error as e:
+            if e.code == "NoSuchUpload" and self.head_size(key) == size:
+                return  # a push of the same blob elsewhere finished it (and cleared ours away)
+            self._abort_upload(key, upload_id)
             raise
+        except BaseException:
+            self._abort_upload(key, upload_id)
+            raise
+        finally:
+            if retried:
+                self.abort_uploads(key, since=since, keep=upload_id)
+
+    def _create_upload(self, key: str) -> Tuple[str, bool]:
+        """CreateMultipartUpload, retried here (a retry may leave an upload behind); (id, retried)."""
+        attempt, started = 0, self.clock()
+        while True:
+            attempt += 1
+            try:
+                root = _parse_xml(self.call("POST", key, query=[("uploads", "")], idempotent=False,
+                                            headers={"Content-Type": "application/octet-stream"})[1])
+            except S3Error as e:
+                if (e.status == 0 or e.status in S3_RETRY_STATUSES or e.code in S3_RETRY_CODES) \
+                        and self.may_retry(attempt, started):
+                    self._backoff(attempt)
+                    continue
+                raise
+            upload_id = _xml_text(root, ".//UploadId") if root is not None else None
+            if not upload_id:
+                raise S3Error("CreateMultipartUpload %s: no upload id in the answer" % self.describe(key))
+            return upload_id, attempt > 1
+
+    def _complete_upload(self, key: str, upload_id: str, parts: Sequence[Tuple[int, str]]) -> None:
+        body = ("<CompleteMultipartUpload>%s</CompleteMultipartUpload>" % "".join(
+            "<Part><PartNumber>%d</PartNumber><ETag>%s</ETag></Part>" % (n, xml_escape(etag))
+            for n, etag in parts)).encode()
+        _, answer_body = self.call("POST", key, query=[("uploadId", upload_id)], body=lambda: body,
+                                   headers={"Content-Length": str(len(body)), "Content-Type": "application/xml"},
+                                   payload_hash=hashlib.sha256(body).hexdigest())
+        answer = _parse_xml(answer_body)  # S3 may report a failure inside a 200 answer
+        if answer is not None and answer.tag == "Error":
+            code = _xml_text(answer, ".//Code") or ""
+            raise S3Error("CompleteMultipartUpload %s: %s" % (self.describe(key), code), code)
+
+    def _abort_upload(self, key: str, upload_id: str) -> None:
+        """AbortMultipartUpload, retried within the budget (tried once after an interrupt); never raises."""
+        with contextlib.suppress(DogestryError):
+            self.call("DELETE", key, query=[("uploadId", upload_id)], ok=(204, 200, 404), cancellable=False)
+
+    def head_size(self, key: str) -> Optional[int]:
+        """The size of an object, or None if it is absent."""
+        resp = self.head(key)
+        return None if resp is None else int(resp.getheader("Content-Length") or 0)
+
+    def uploads(self, key: str) -> List[Tuple[str, float]]:
+        """(upload id, initiated as Unix time) of the multipart uploads in progress for key."""
+        found, markers = [], []  # type: List[Tuple[str, float]], List[Tuple[str, str]]
+        for _ in range(100):  # pages of ListMultipartUploads
+            root = _parse_xml(self.call("GET", query=[("uploads", ""), ("prefix", key)] + markers)[1])
+            if root is None:
+                raise S3Error("ListMultipartUploads %s: unreadable answer" % self.describe(key))
+            for upload in root.findall("Upload"):
+                initiated = _iso_time(upload.findtext("Initiated"))
+                if upload.findtext("Key") == key and upload.findtext("UploadId") and initiated is not None:
+                    found.append((upload.findtext("UploadId") or "", initiated))
+            if (root.findtext("IsTruncated") or "").lower() != "true":
+                break
+            markers = [("key-marker", root.findtext("NextKeyMarker") or ""),
+                       ("upload-id-marker", root.findtext("NextUploadIdMarker") or "")]
+        return found
+
+    def abort_uploads(self, key: str, before: Optional[float] = None, since: Optional[float] = None,
+                      keep: str = "") -> None:
+        """Abort the uploads of key initiated before `before` (abandoned) or since `since` (ours)."""
+        with contextlib.suppress(DogestryError):
+            for upload_id, initiated in self.uploads(key):
+                if upload_id != keep and ((before is not None and initiated < before) or
+                                          (since is not None and initiated >= since)):
+                    self._abort_upload(key, upload_id)
 
     def _upload_part(self, key: str, upload_id: str, path: str, part: Tuple[int, int, int],
                      on_progress: Callable[[int], None]) -> str:
@@ -1789,7 +1908,7 @@ class S3Client:
                 remaining -= len(data)
         resp, _ = self.call("PUT", key, query=[("partNumber", str(number)), ("uploadId", upload_id)],
                             headers={"Content-Length": str(length)},
-                            body=lambda: FileRange(path, offset, length, on_progress),
+                            body=lambda: FileRange(path, offset, length, on_progress, self.cancelled),
                             payload_hash=digest.hexdigest())
         etag = resp.getheader("ETag")
         if not etag:
@@ -1798,14 +1917,19 @@ class S3Client:
 
 
 class FileRange:
-    """A read-only window of a file, for request bodies; reports bytes as they are read."""
+    """A read-only window of a file, for request bodies; reports bytes as they are read, and
+    stops the request (Interrupted) once `cancelled` is set."""
 
-    def __init__(self, path: str, offset: int, length: int, on_read: Optional[Callable[[int], None]] = None):
+    def __init__(self, path: str, offset: int, length: int, on_read: Optional[Callable[[int], None]] = None,
+                 cancelled: Optional[threading.Event] = None):
         self.f = open(path, "rb")
         self.f.seek(offset)
-        self.remaining, self.on_read = length, on_read
+        self.remaining, self.on_read, self.cancelled = length, on_read, cancelled
 
     def read(self, n: int = -1) -> bytes:
+        if self.cancelled is not None and self.cancelled.is_set():
+            self.f.close()
+            raise Interrupted("stopped")
         if self.remaining <= 0:
             self.f.close()
             return b""
@@ -1897,7 +2021,7 @@ class ParallelRangeReader(io.RawIOBase):
 
     def __init__(self, client: S3Client, key: str, size: int, workers: int = 4, piece: int = S3_RANGE):
         super().__init__()
-        self.pool = concurrent.futures.ThreadPoolExecutor(workers, "dogestry-get")
+        self.pool = thread_pool(workers, "dogestry-get")
         self.ranges = collections.deque((off, min(off + piece, size) - 1) for off in range(0, size, piece))
         self.client, self.key = client, key
         self.window = collections.deque()  # type: collections.deque
@@ -1964,6 +2088,9 @@ class S3Store(Store):
     def ensure(self) -> None:
         self.client.check_bucket()
 
+    def cancel(self, interrupted: bool = False) -> None:
+        self.client.cancel(interrupted)
+
     def stat(self, key: str) -> Optional[int]:
         resp = self.client.head(self._key(key))
         return None if resp is None else int(resp.getheader("Content-Length") or 0)
@@ -1987,7 +2114,8 @@ class S3Store(Store):
             self.client.multipart_upload(self._key(key), path, size, self.workers, on_progress)
             return
         sha = digest_hex(digest) if digest else file_sha256(path)
-        self.client.put(self._key(key), lambda: FileRange(path, 0, size, on_progress), size, sha, if_absent)
+        self.client.put(self._key(key), lambda: FileRange(path, 0, size, on_progress, self.client.cancelled), size, sha,
+                        if_absent)
 
     def list(self, prefix: str) -> Iterator[str]:
         return (key for key, _ in self.list_sizes(prefix))
@@ -2167,7 +2295,7 @@ def list_tags(store: Store) -> List[Tuple[ImageRef, str]]:
         except DogestryError:
             return None
 
-    with concurrent.futures.ThreadPoolExecutor(max(1, min(TAG_READERS, len(refs))), "dogestry-tags") as pool:
+    with thread_pool(min(TAG_READERS, len(refs)), "dogestry-tags") as pool:
         return [r for r in pool.map(read, refs) if r is not None]
 
 
@@ -2537,8 +2665,7 @@ class SpoolWriter:
         self._queue = queue.Queue(depth)  # type: queue.Queue
         self._error = None  # type: Optional[BaseException]
         self._file = OutputFile(path)
-        self._thread = threading.Thread(target=self._run, name="dogestry-spool", daemon=True)
-        self._thread.start()
+        self._thread = start_thread(self._run, (), "dogestry-spool")
 
     def put(self, piece: Any) -> None:
         """Queue the next piece; raise the writer's error, if it had one."""
@@ -2586,10 +2713,11 @@ class LayerPipeline:
         self.abort = threading.Event()
         self.records = {}  # type: Dict[str, LayerRecord]
         self._lock = threading.Lock()
-        self._gzip_pool = concurrent.futures.ThreadPoolExecutor(options.workers, "dogestry-gzip")
-        self._upload_pool = concurrent.futures.ThreadPoolExecutor(options.uploads, "dogestry-upload")
+        self._gzip_pool = thread_pool(options.workers, "dogestry-gzip")
+        self._upload_pool = thread_pool(options.uploads, "dogestry-upload")
         self._futures = []  # type: List[concurrent.futures.Future]
         self._count = 0
+        self.failure = None  # type: Optional[BaseException]  # the first upload that failed
 
     def spool(self, reader: MemberReader, size: int, label: str, may_compress: bool) -> Spool:
         """Write a member to a temp file, hashing it, gzip-compressed in parallel when that pays.
@@ -2643,6 +2771,13 @@ class LayerPipeline:
             self.store.put_file(blob_key(record.digest), path, record.size, record.digest, task.advance,
                                 if_absent=True, consume=True)
             write_json(self.store, layer_index_key(record.diff_id), record.to_json())
+        except BaseException as e:  # one failed layer stops the whole push at once
+            with self._lock:
+                first = self.failure is None
+                self.failure = self.failure or e
+            if first:
+                self.cancel()
+            raise
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(path)
@@ -2652,12 +2787,22 @@ class LayerPipeline:
 
     def finish(self) -> Dict[str, LayerRecord]:
         """Wait for every upload; raise the first failure."""
+        if self.failure is not None:
+            raise self.failure
         for future in self._futures:
             future.result()
         return dict(self.records)
 
+    def cancel(self, interrupted: bool = False) -> None:
+        """Stop at once (an error or an interrupt): queued uploads never start, running ones stop
+        at their next piece, and multipart uploads are aborted."""
+        self.abort.set()
+        for future in self._futures:
+            future.cancel()
+        self.store.cancel(interrupted)
+
     def close(self) -> None:
-        """Stop all work (on error or interrupt) and wait for the threads."""
+        """Stop all work and wait for the threads."""
         self.abort.set()
         for pool in (self._upload_pool, self._gzip_pool):
             pool.shutdown(wait=True)
@@ -2776,6 +2921,11 @@ def _push_new_image(docker: DockerClient, store: Store, image_id: str, diff_ids:
                 raise FormatError("docker save returned other layers than docker inspect reported")
             _upload_precompressed(contents, saved, wanted, pipeline)
             known.update(pipeline.finish())
+        except BaseException as e:
+            pipeline.cancel(interrupted=isinstance(e, KeyboardInterrupt))
+            if isinstance(e, Interrupted) and pipeline.failure is not None:
+                raise pipeline.failure  # the layer that failed, not the "stopped" it caused here
+            raise
         finally:
             pipeline.close()
     config_digest = sha256_digest(saved.config)
@@ -2921,8 +3071,7 @@ class BlobFeeder:
         self.store, self.record, self.inflate = store, record, inflate
         self.queue = queue.Queue(maxsize=2)  # type: queue.Queue
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="dogestry-blob", daemon=True)
-        self.thread.start()
+        self.thread = start_thread(self._run, (), "dogestry-blob")
 
     def _put(self, item: Tuple[str, Any]) -> None:
         while not self.stop.is_set():

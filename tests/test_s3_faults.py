@@ -9,6 +9,9 @@ import collections
 import hashlib
 import random
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -17,7 +20,7 @@ import pytest
 
 import dogestry
 from faultproxy import Reset, Truncate, s3_error
-from realdocker import (build_image, docker_cli, image_id, image_layers, ok, one_error_line, random_bytes,
+from realdocker import (DOGESTRY, build_image, docker_cli, image_id, image_layers, ok, one_error_line, random_bytes,
                         run_dogestry, text_bytes)
 
 pytestmark = pytest.mark.integration
@@ -486,3 +489,159 @@ def test_list_survives_a_reset_listing(docker_host, s3_env, rgw, bucket, fault_p
     assert [e for e in proxy.log if e["action"].startswith("reset@")]
     ok(proc)
     assert ref.rsplit(":", 1)[0] in proc.stdout
+
+
+# --- 8. multipart uploads never left behind ------------------------------------------------------
+
+def creates(proxy):
+    return [e for e in proxy.log if e["method"] == "POST" and ("uploads", "") in e["query"]]
+
+
+def test_a_cut_off_create_answer_leaves_no_second_upload(docker_host, s3_env, rgw, bucket, fault_proxy, tmp_path):
+    """S3 created the upload but its answer broke off: the retry creates another; the first is aborted."""
+    def rule(req):
+        if req.method == "POST" and ("uploads", "") in req.query and req.attempt == 1:
+            return Truncate(0.3)
+        return None
+
+    proxy = fault_proxy(rule)
+    ref, _ = unique_image(docker_host, tmp_path, big=True)
+    ok(run_dogestry("push", store_url(bucket), ref, env=via(s3_env, proxy)))
+    assert len(creates(proxy)) == 2
+    assert open_uploads(rgw, bucket) == []
+
+
+def test_an_abort_that_meets_an_outage_is_retried(docker_host, s3_env, rgw, bucket, fault_proxy, tmp_path):
+    """A part fails for good, and S3 is unavailable for the first aborts: the push still leaves nothing."""
+    def rule(req):
+        if part_number(req) == "2":
+            return s3_error(403, "AccessDenied", "Access Denied", req.path)
+        if req.method == "DELETE" and "uploadId" in dict(req.query) and req.attempt <= 2:
+            return s3_error(503, "ServiceUnavailable", "Please reduce your request rate.", req.path)
+        return None
+
+    proxy = fault_proxy(rule)
+    ref, _ = unique_image(docker_host, tmp_path, big=True)
+    proc = run_dogestry("push", store_url(bucket), ref, env=via(s3_env, proxy))
+    one_error_line(proc, "AccessDenied")
+    aborts = [e["status"] for e in proxy.log if e["method"] == "DELETE"]
+    assert aborts == [503, 503, 204], aborts
+    assert open_uploads(rgw, bucket) == []
+
+
+def test_the_next_push_of_a_blob_aborts_its_abandoned_uploads(rgw, bucket, tmp_path, monkeypatch):
+    """An upload a killed run left (S3 unreachable for its abort) is aborted by the next push of that
+    blob once it is STALE_UPLOAD_AGE old (here: at once)."""
+    client = direct_client(rgw, bucket)
+    key = "faults/blobs/sha256/" + "ab" * 32
+    abandoned = dogestry._xml_text(dogestry._parse_xml(client.call("POST", key, query=[("uploads", "")])[1]),
+                                   ".//UploadId")
+    assert (key, abandoned) in open_uploads(rgw, bucket)
+    path = tmp_path / "blob"
+    path.write_bytes(random_bytes(BIG, 77))
+    monkeypatch.setattr(dogestry, "STALE_UPLOAD_AGE", 0.0)
+    store = dogestry.S3Store(dogestry.S3Location(bucket, "faults/", None, rgw.endpoint), client)
+    store.put_file("blobs/sha256/" + "ab" * 32, str(path), BIG)
+    assert open_uploads(rgw, bucket) == []
+    assert client.head_size(key) == BIG
+
+
+def test_ctrl_c_during_a_big_push_ends_in_two_seconds_and_leaves_nothing(docker_host, s3_env, rgw, bucket,
+                                                                        fault_proxy, tmp_path):
+    """Ctrl-C with parts in flight and layers queued: exit 130 within 2 s, no tag, no open upload."""
+    started = threading.Event()
+
+    def slow_parts(req):
+        if part_number(req):
+            started.set()
+            time.sleep(3.0)  # S3 answers each part slowly: parts are in flight when Ctrl-C comes
+        return None
+
+    proxy = fault_proxy(slow_parts)
+    token = uuid.uuid4().hex[:10]
+    layers = [{"data/%d.bin" % n: random_bytes(3 * PART, int(token, 16) + n)} for n in range(3)]
+    ref = "dgfault/big%s:t1" % token[:6]
+    build_image(docker_host, ref, layers, workdir=tmp_path)
+    proc = subprocess.Popen([sys.executable, str(DOGESTRY), "push", store_url(bucket), ref],
+                            env=via(s3_env, proxy), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True)
+    try:
+        assert started.wait(120), "no part upload began"
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert took < 2.0, (took, err)
+    assert "Traceback" not in err and err.rstrip().endswith("dogestry: interrupted"), err
+    assert not [k for k in keys(rgw, bucket) if k.startswith("faults/repositories/")]
+    assert open_uploads(rgw, bucket) == []
+
+
+def test_a_layer_that_fails_stops_the_push_at_once(docker_host, s3_env, rgw, bucket, fault_proxy, tmp_path):
+    """One layer's upload is refused for good while another's parts go up slowly: the push fails
+    without waiting for the rest, and leaves no upload."""
+    def rule(req):
+        if part_number(req):
+            time.sleep(0.5)
+        elif req.method == "PUT" and "/blobs/sha256/" in req.path:
+            return s3_error(403, "AccessDenied", "Access Denied", req.path)
+        return None
+
+    proxy = fault_proxy(rule)
+    token = uuid.uuid4().hex[:10]
+    layers = [{"data/big.bin": random_bytes(8 * PART, int(token, 16))}, {"small.txt": text_bytes(1 << 20, 5)}]
+    ref = "dgfault/fail%s:t1" % token[:6]
+    build_image(docker_host, ref, layers, workdir=tmp_path)
+    started = time.monotonic()
+    proc = run_dogestry("push", store_url(bucket), ref, env=via(s3_env, proxy))
+    took = time.monotonic() - started
+    one_error_line(proc, "AccessDenied")
+    parts = [e for e in proxy.log if part_number_of(e)]
+    assert len(parts) < 8, len(parts)  # it did not wait for all the big layer's parts
+    assert took < 8 * 0.5 / 2 + 5, took
+    assert open_uploads(rgw, bucket) == []
+
+
+# --- 9. the retry budget rides out an outage -----------------------------------------------------
+
+class FakeTime:
+    """A clock that moves only when the client sleeps (so a minute's outage takes no real minute)."""
+
+    def __init__(self):
+        self.now = time.time()
+        self.slept = 0.0
+
+    def clock(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.now += seconds
+        self.slept += seconds
+
+
+@pytest.mark.parametrize("outage,survives", [(60.0, True), (300.0, False)], ids=["60s", "300s"])
+def test_the_default_retry_budget_rides_out_a_minute_of_outage(outage, survives, rgw, bucket, fault_proxy):
+    fake = FakeTime()
+    ends = fake.now + outage
+    client = client_for(rgw, bucket, None, clock=fake.clock, sleep=fake.sleep)
+    direct_client(rgw, bucket).put("faults/budget", lambda: b"data", 4, hashlib.sha256(b"data").hexdigest())
+
+    def down_until_then(req):
+        if fake.now < ends:
+            return s3_error(503, "ServiceUnavailable", "Please reduce your request rate.", req.path)
+        return None
+
+    proxy = fault_proxy(down_until_then)
+    client.endpoint = proxy.url
+    if survives:
+        resp = client.get("faults/budget")
+        assert resp.read() == b"data"
+        assert outage <= fake.slept < outage + 25
+    else:
+        with pytest.raises(dogestry.S3Error, match="ServiceUnavailable"):
+            client.get("faults/budget")
+        assert dogestry.S3_RETRY_BUDGET <= fake.slept < dogestry.S3_RETRY_BUDGET + 25
