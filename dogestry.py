@@ -707,6 +707,10 @@ class Store:
     def cancel(self, interrupted: bool = False) -> None:
         """Stop work in progress at once (a failed push, or an interrupt): later requests fail."""
 
+    def bucket_root(self) -> Optional["Store"]:
+        """The same bucket without a prefix, for an S3 store with one (else None)."""
+        return None
+
     def list(self, prefix: str) -> Iterator[str]:
         """Every key starting with prefix, in sorted order."""
         raise NotImplementedError
@@ -1808,7 +1812,11 @@ class S3Client:
         part_size = -(-part_size // (1 << 20)) << 20
         self.abort_uploads(key, before=self.clock() + self._skew - STALE_UPLOAD_AGE)
         since = self.clock() + self._skew - UPLOAD_CLOCK_MARGIN
-        upload_id, retried = self._create_upload(key)
+        try:
+            upload_id, retried = self._create_upload(key)
+        except BaseException:  # an answer cut off (by an interrupt, say) may hide an upload S3 made
+            self.abort_uploads(key, since=since)
+            raise
         try:
             ranges = [(n + 1, off, min(part_size, size - off)) for n, off in enumerate(range(0, size, part_size))]
             with thread_pool(min(workers, len(ranges)), "dogestry-part") as pool:
@@ -1871,7 +1879,8 @@ class S3Client:
         """(upload id, initiated as Unix time) of the multipart uploads in progress for key."""
         found, markers = [], []  # type: List[Tuple[str, float]], List[Tuple[str, str]]
         for _ in range(100):  # pages of ListMultipartUploads
-            root = _parse_xml(self.call("GET", query=[("uploads", ""), ("prefix", key)] + markers)[1])
+            root = _parse_xml(self.call("GET", query=[("uploads", ""), ("prefix", key)] + markers,
+                                        cancellable=False)[1])
             if root is None:
                 raise S3Error("ListMultipartUploads %s: unreadable answer" % self.describe(key))
             for upload in root.findall("Upload"):
@@ -2090,6 +2099,11 @@ class S3Store(Store):
 
     def cancel(self, interrupted: bool = False) -> None:
         self.client.cancel(interrupted)
+
+    def bucket_root(self) -> Optional[Store]:
+        if not self.location.prefix:
+            return None
+        return S3Store(self.location._replace(prefix=""), self.client, self.workers)
 
     def stat(self, key: str) -> Optional[int]:
         resp = self.client.head(self._key(key))
@@ -2326,6 +2340,55 @@ def resolve_image(store: Store, text: str) -> Tuple[str, Optional[ImageRef]]:
     if ref is None:
         parse_image_ref(text)  # raises the reference's own usage error
     raise NotFound("%s not found in %s" % (text, store.url))
+
+
+class FoundImage(NamedTuple):
+    """An image found in a store (or, for the original's images, at its bucket's root)."""
+
+    store: Store
+    image_hex: str
+    ref: Optional[ImageRef]
+    image: StoredImage
+
+
+def find_image(store: Store, text: str, progress: Any) -> FoundImage:
+    """Resolve NAME[:TAG] or an ID prefix and read what the store holds for it.
+
+    The original dogestry ignored the path of s3://bucket/path/ URLs and wrote at the bucket's
+    root; when the prefix lacks the image and the root holds it in the original's layout, it
+    is read from there (and progress says so).
+    """
+    try:
+        image_hex, ref = resolve_image(store, text)
+    except NotFound as missing:
+        root = store.bucket_root()
+        if root is None:
+            raise
+        try:
+            image_hex, ref = resolve_image(root, text)
+            image = load_stored_image(root, image_hex)
+        except NotFound:
+            raise missing
+        if not image.legacy:
+            raise missing
+        progress.note("%s is not in %s: using the original dogestry's image at the root of the bucket"
+                      % (text, store.url))
+        return FoundImage(root, image_hex, ref, image)
+    return FoundImage(store, image_hex, ref, load_stored_image(store, image_hex))
+
+
+def original_images_at_root(store: Store) -> List[Tuple[ImageRef, str]]:
+    """The tags at the root of an S3 prefix's bucket that name images in the original layout."""
+    root = store.bucket_root()
+    if root is None:
+        return []
+    images = collections.defaultdict(set)  # type: Dict[str, Set[str]]
+    for key in root.list("images/"):
+        parts = key.split("/")
+        if len(parts) == 3:
+            images[parts[1]].add(parts[2])
+    legacy = {i for i, leaves in images.items() if "json" in leaves and "manifest.json" not in leaves}
+    return [(ref, image_hex) for ref, image_hex in list_tags(root) if image_hex in legacy] if legacy else []
 
 
 def load_stored_image(store: Store, image_hex: str) -> StoredImage:
@@ -3184,8 +3247,7 @@ def pull_image(docker: DockerClient, store: Store, text: str, progress: Progress
     tag_as: the tags to give it on the host (default: the tag pulled).
     """
     store.check()
-    image_hex, ref = resolve_image(store, text)
-    image = load_stored_image(store, image_hex)
+    store, _, ref, image = find_image(store, text, progress)
     tags = ([ref] if ref else []) if tag_as is None else tag_as
     image_id = load_image(docker, store, image, [str(t) for t in tags], progress)
     for tag in tags:
@@ -3426,8 +3488,7 @@ def spool_image(store: Store, text: str, spool: "LocalStore", clients: Sequence[
     A host that cannot say what it has is put in `failed` (its URL -> the error) and skipped.
     """
     store.check()
-    image_hex, ref = resolve_image(store, text)
-    image = load_stored_image(store, image_hex)
+    store, image_hex, ref, image = find_image(store, text, progress)
     keys = [tag_key(ref)] if ref else []
     if image.legacy:
         for v1_id in image.legacy_chain:
@@ -3568,11 +3629,10 @@ class Delegation(NamedTuple):
     body: bytes
 
 
-def plan_delegation(store: "S3Store", text: str) -> Optional[Delegation]:
+def plan_delegation(store: "S3Store", text: str, progress: Progress) -> Optional[Delegation]:
     """Resolve an image and presign the objects a server needs to pull it (None: legacy layout)."""
     store.check()
-    image_hex, ref = resolve_image(store, text)
-    image = load_stored_image(store, image_hex)
+    _, image_hex, ref, image = find_image(store, text, progress)
     if image.legacy:
         return None
     sizes = {}  # type: Dict[str, int]
@@ -3652,7 +3712,7 @@ def delegate_to_servers(endpoints: Sequence[DockerEndpoint], store: "S3Store", i
     run_in_threads(probe, endpoints)
     if not servers:
         return
-    plans = [plan_delegation(store, text) for text in images]
+    plans = [plan_delegation(store, text, progress) for text in images]
     if any(plan is None for plan in plans):
         progress.note("images in the original dogestry layout are pulled directly, not through servers")
         return
@@ -4818,11 +4878,13 @@ def cmd_list(ctx: Context) -> int:
     """list STORE: the REPOSITORY TAG table of a store."""
     store = ctx.store()
     store.check()
-    rows = [("REPOSITORY", "TAG", "IMAGE ID")]
-    rows += [(printable(ref.name), printable(ref.tag), image_hex[:12]) for ref, image_hex in list_tags(store)]
+    rows = [("REPOSITORY", "TAG", "IMAGE ID", "")]
+    rows += [(printable(ref.name), printable(ref.tag), image_hex[:12], "") for ref, image_hex in list_tags(store)]
+    rows += [(printable(ref.name), printable(ref.tag), image_hex[:12], "   (original layout, at the bucket root)")
+             for ref, image_hex in original_images_at_root(store)]
     widths = [max(len(r[i]) for r in rows) for i in range(2)]
     for row in rows:
-        ctx.stdout.write("%-*s   %-*s   %s\n" % (widths[0], row[0], widths[1], row[1], row[2]))
+        ctx.stdout.write("%-*s   %-*s   %s%s\n" % (widths[0], row[0], widths[1], row[1], row[2], row[3]))
     return 0
 
 
@@ -4830,8 +4892,7 @@ def cmd_inspect(ctx: Context) -> int:
     """inspect STORE IMAGE: what the store holds for an image, as JSON."""
     store = ctx.store()
     store.check()
-    image_hex, ref = resolve_image(store, ctx.options.image)
-    image = load_stored_image(store, image_hex)
+    store, image_hex, ref, image = find_image(store, ctx.options.image, ctx.progress)
     tags = [str(r) for r, h in list_tags(store) if h == image_hex]
     doc = {"Id": image.image_id if not image.legacy else image_hex, "RepoTags": tags}  # type: Dict[str, Any]
     if image.legacy:

@@ -206,3 +206,48 @@ def test_original_layout_with_gzipped_layers(docker_host, docker_env, saved, tmp
     pulled = run_dogestry("pull", store, "gz:old", env=docker_env)
     assert pulled.returncode == 0, pulled.stderr
     assert image_layers(docker_host, "gz:old") == image_layers(docker_host, saved[0])
+
+
+def test_the_originals_images_at_the_bucket_root_are_read_from_a_prefix(docker_host, s3_env, saved, rgw, bucket,
+                                                                         tmp_path):
+    """The original ignored the path of s3://bucket/path/ and wrote at the bucket root: a pull from
+    the path it was given finds the image there (and says so); list shows it, marked; nothing is
+    ever written at the root."""
+    image, _ = saved
+    v1_tar = tmp_path / "tagged.tar"
+    docker_cli(docker_host, "save", "-o", str(v1_tar), "dgtest/formats:1")
+    local = tmp_path / "legacy"
+    top = legacy_store(v1_tar, local)["dgtest/formats"]["1"]
+    (local / "repositories" / "oldapp").mkdir(parents=True)
+    (local / "repositories" / "oldapp" / "20131210").write_text(top)
+    env = {"AWS_ACCESS_KEY_ID": rgw.access_key, "AWS_SECRET_ACCESS_KEY": rgw.secret_key}
+    config = dogestry.AwsConfig(env, "/nonexistent")
+    client = dogestry.S3Client(dogestry.S3Location(bucket, "", "us-east-1", rgw.endpoint),
+                               dogestry.CredentialChain(config), config)
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        key = str(path.relative_to(local))
+        data = path.read_bytes()
+        for name, body in ((key, data), (".md5/" + key, hashlib.md5(data).hexdigest().encode())):
+            client.put(name, lambda b=body: b, len(body), hashlib.sha256(body).hexdigest())
+    root_keys = sorted(k for k, _ in client.list(""))
+    prefix = "s3://%s/docker-repo/" % bucket
+
+    pulled = run_dogestry("pull", prefix, "oldapp:20131210", env=s3_env)
+    assert pulled.returncode == 0, pulled.stderr
+    assert "oldapp:20131210 is not in %s: using the original dogestry's image at the root of the bucket" % prefix \
+        in pulled.stderr
+    assert image_layers(docker_host, "oldapp:20131210") == image_layers(docker_host, image)
+    listing = run_dogestry("list", prefix, env=s3_env)
+    assert [line.split(None, 3) for line in listing.stdout.splitlines()[1:]] == [
+        ["oldapp", "20131210", top[:12], "(original layout, at the bucket root)"]], listing.stdout
+    inspect = run_dogestry("inspect", prefix, "oldapp:20131210", env=s3_env)
+    assert json.loads(inspect.stdout)["Format"] == "dogestry-v1 (original layout)"
+
+    ok = run_dogestry("push", prefix, "dgtest/formats:1", env=s3_env)
+    assert ok.returncode == 0, ok.stderr
+    after = sorted(k for k, _ in client.list(""))
+    assert [k for k in after if not k.startswith("docker-repo/")] == root_keys  # the root is untouched
+    assert run_dogestry("push", "s3://%s/" % bucket, "dgtest/formats:1", env=s3_env).returncode == 0  # asked for
+    missing = run_dogestry("pull", "s3://%s/elsewhere/" % bucket, "dgtest/formats:1", env=s3_env)
+    assert missing.returncode == 1 and "not found" in missing.stderr  # our own layout at the root is not used
+    docker_cli(docker_host, "rmi", "oldapp:20131210")

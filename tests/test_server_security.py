@@ -460,7 +460,7 @@ def test_the_server_reads_presigned_urls_of_its_own_endpoint_only(fleet, stores,
     server = servers(HOSTS[0], server_env(base_env, fleet[0], rgw.endpoint),  # no keys: delegated pulls only
                      args=["-allow", "s3://%s/" % stores.victim])
     store = user_store(rgw, stores.victim)
-    plan = json.loads(dogestry.plan_delegation(store, PROD).body)
+    plan = json.loads(dogestry.plan_delegation(store, PROD, dogestry.Progress(io.StringIO(), quiet=True)).body)
     hexid = stores.ids["victim"].split(":")[1]
     manifest_key = "images/%s/manifest.json" % hexid
     evil = Listener()
