@@ -2612,7 +2612,7 @@ def read_save_stream(stream: IO[bytes], spool: Callable[[TarEntry, MemberReader]
                 continue
             if entry.kind != "file":
                 continue
-            spooled = spool(entry, reader) if entry.size > SMALL_MEMBER or entry.name.endswith("layer.tar") else None
+            spooled = spool(entry, reader) if entry.size > SMALL_MEMBER or entry.name.endswith(".tar") else None
             if spooled is None:
                 if entry.size > DOCUMENT_LIMIT:
                     raise FormatError("docker save stream member %r is too large for a document (%s)"
@@ -2998,6 +2998,7 @@ def _push_new_image(docker: DockerClient, store: Store, image_id: str, diff_ids:
 
 
 _OCI_BLOB = re.compile(r"^blobs/sha256/([0-9a-f]{64})$")
+_PODMAN_LAYER = re.compile(r"^([0-9a-f]{64})\.tar$")  # podman's docker-archive: <diffID>.tar
 
 
 def _spool_member(entry: TarEntry, reader: MemberReader, image_id: str, wanted: Set[str],
@@ -3005,10 +3006,10 @@ def _spool_member(entry: TarEntry, reader: MemberReader, image_id: str, wanted: 
     """Decide what to do with a large save-stream member: upload, drop, or keep for later.
 
     v1 saves name layers <v1-id>/layer.tar, so only their hash tells which layer they are:
-    they are compressed speculatively while read.  OCI saves name blobs by digest, so a
-    layer the store already has is skipped unread.
+    they are compressed speculatively while read.  OCI saves name blobs by digest, and
+    podman names layers <diffID>.tar, so a layer the store already has is skipped unread.
     """
-    blob = _OCI_BLOB.match(entry.name)
+    blob = _OCI_BLOB.match(entry.name) or _PODMAN_LAYER.match(entry.name)
     named = "sha256:" + blob.group(1) if blob else None
     if named == image_id or not (blob or entry.name.endswith("/layer.tar")):
         return None  # the config, or metadata: keep it in memory

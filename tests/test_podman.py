@@ -1,0 +1,155 @@
+"""podman as the engine: its Docker API service (`podman system service`) is what users point
+DOCKER_HOST at.  A real podman (vfs storage, a root of its own) serves the module; images move
+podman -> store -> dockerd, dockerd -> store -> podman and podman -> store -> podman, IDs intact.
+
+podman's own ways, which dogestry meets here: `podman save` names layers <diffID>.tar (with
+<v1 id>/layer.tar symlinks to them), bare names become localhost/NAME, and a failed load is an
+HTTP 500 rather than an error line.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import skip_or_fail
+from realdocker import (_die_with_parent, build_image, docker_cli, image_id, one_error_line, ping, random_bytes, remove_tree,
+                        run_dogestry, text_bytes, write_context)
+
+pytestmark = pytest.mark.integration
+
+
+class Podman:
+    """A podman API service on a unix socket, and the podman CLI on the same storage."""
+
+    def __init__(self, workdir):
+        self.workdir = Path(workdir)
+        self.socket = self.workdir / "podman.sock"
+        self.host = "unix://%s" % self.socket
+        self.base = ["podman", "--storage-driver", "vfs", "--root", str(self.workdir / "root"),
+                     "--runroot", str(self.workdir / "run")]
+        self.log = open(str(self.workdir / "service.log"), "wb")
+        self.proc = subprocess.Popen(self.base + ["system", "service", "--time=0", self.host],
+                                     stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True, preexec_fn=_die_with_parent)
+
+    def wait_ready(self, timeout=30.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("podman service exited: %s" % (self.workdir / "service.log").read_text())
+            if ping(self.host):
+                return self
+            time.sleep(0.05)
+        raise RuntimeError("podman service not ready: %s" % (self.workdir / "service.log").read_text())
+
+    def cli(self, *args, check=True):
+        proc = subprocess.run(self.base + [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=300)
+        if check:
+            assert proc.returncode == 0, proc.stderr
+        return proc
+
+    def build(self, tag, layers, workdir):
+        ctx = Path(tempfile.mkdtemp(prefix="ctx", dir=str(workdir)))
+        write_context(ctx, layers)
+        self.cli("build", "-q", "-t", tag, ctx)
+        return self.image_id(tag)
+
+    def image_id(self, ref):
+        proc = self.cli("image", "inspect", "--format", "{{.Id}}", ref, check=False)
+        return "sha256:" + proc.stdout.strip() if proc.returncode == 0 else None
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def podman():
+    if not shutil.which("podman"):
+        skip_or_fail("podman not installed (apt-get install podman)")
+    workdir = tempfile.mkdtemp(prefix="dgpm", dir="/tmp")
+    service = Podman(workdir)
+    try:
+        try:
+            service.wait_ready()
+        except RuntimeError as e:
+            skip_or_fail(str(e))
+        yield service
+    finally:
+        service.stop()
+        remove_tree(workdir)
+
+
+def env_for(host):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env["DOCKER_HOST"] = host
+    return env
+
+
+@pytest.fixture(scope="module")
+def podman_image(podman, tmp_path_factory):
+    """An image podman built: incompressible data, then compressible text."""
+    work = tmp_path_factory.mktemp("pmbuild")
+    ref = "dgpod/app:1"
+    return ref, podman.build(ref, [{"data/random.bin": random_bytes(400 << 10, 41)},
+                                   {"data/words.txt": text_bytes(800 << 10, 42)}], work)
+
+
+def test_podman_to_dockerd_keeps_the_image_id(podman, podman_image, docker_host, tmp_path):
+    ref, image = podman_image
+    store = tmp_path / "store"
+    pushed = run_dogestry("push", store, ref, env=env_for(podman.host))
+    assert pushed.returncode == 0, pushed.stderr
+    assert (store / "repositories" / "dgpod" / "app" / "1").read_text() == image[7:]
+    docker_cli(docker_host, "rmi", "-f", ref, check=False)
+    pulled = run_dogestry("pull", store, ref, env=env_for(docker_host))
+    assert pulled.returncode == 0, pulled.stderr
+    assert image_id(docker_host, ref) == image
+    docker_cli(docker_host, "rmi", ref)
+
+
+def test_dockerd_to_podman_keeps_the_image_id(podman, docker_host, tmp_path):
+    ref = "dgpod/fromdocker:1"
+    image = build_image(docker_host, ref, [{"big.bin": random_bytes(300 << 10, 43)},
+                                           {"words.txt": text_bytes(500 << 10, 44)}], workdir=tmp_path)
+    store = tmp_path / "store"
+    assert run_dogestry("push", store, ref, env=env_for(docker_host)).returncode == 0
+    pulled = run_dogestry("pull", store, ref, env=env_for(podman.host))
+    assert pulled.returncode == 0, pulled.stderr
+    assert podman.image_id(ref) == image
+    again = run_dogestry("pull", store, ref, env=env_for(podman.host))
+    assert again.returncode == 0 and "already on the Docker host" in again.stderr, again.stderr
+    podman.cli("rmi", ref)
+    docker_cli(docker_host, "rmi", ref)
+
+
+def test_podman_round_trip_and_a_corrupt_blob(podman, podman_image, tmp_path):
+    ref, image = podman_image
+    store, broken_store = tmp_path / "store", tmp_path / "broken"
+    assert run_dogestry("push", store, ref, env=env_for(podman.host)).returncode == 0
+    shutil.copytree(str(store), str(broken_store))
+    blob = max((broken_store / "blobs" / "sha256").iterdir(), key=lambda p: p.stat().st_size)
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 3] ^= 0x40
+    blob.write_bytes(bytes(data))
+
+    podman.cli("rmi", "-f", ref)
+    broken = run_dogestry("pull", broken_store, ref, env=env_for(podman.host))
+    one_error_line(broken, "corrupt")
+    assert podman.image_id(ref) is None  # podman got nothing it could tag
+    pulled = run_dogestry("pull", store, ref, env=env_for(podman.host))
+    assert pulled.returncode == 0, pulled.stderr
+    assert podman.image_id(ref) == image
