@@ -62,7 +62,7 @@ import zlib
 from xml.etree import ElementTree
 from xml.sax.saxutils import escape as xml_escape
 from typing import (IO, Any, BinaryIO, Callable, Dict, Iterable, Iterator, List,
-                    Mapping, NamedTuple, Optional, Sequence, Set, Tuple)
+                    Mapping, NamedTuple, Optional, Protocol, Sequence, Set, Tuple)
 
 __version__ = "0.1.0"
 
@@ -286,6 +286,24 @@ class HashingReader:
 
 
 # === 3. Progress reporting ===
+
+
+class TaskSink(Protocol):
+    """One transfer being reported: bytes as they move, then a short status word."""
+
+    def advance(self, n: int) -> None: ...
+
+    def finish(self, status: str = "done") -> None: ...
+
+
+class ProgressSink(Protocol):
+    """What push and pull report to: Progress on a terminal, a fleet host's HostProgress, or
+    the server's JSON lines to a docker client."""
+
+    def note(self, message: str) -> None: ...
+
+    def task(self, label: str, action: str, total: Optional[int]) -> TaskSink: ...
+
 
 
 class Progress:
@@ -2771,7 +2789,7 @@ class LayerPipeline:
     """Spools save-stream members while compressing them on all cores, and uploads finished
     layers in the background while the stream is still being read."""
 
-    def __init__(self, store: Store, work_dir: str, progress: Progress, options: PushOptions):
+    def __init__(self, store: Store, work_dir: str, progress: ProgressSink, options: PushOptions):
         self.store, self.work_dir, self.progress, self.options = store, work_dir, progress, options
         self.abort = threading.Event()
         self.records = {}  # type: Dict[str, LayerRecord]
@@ -2937,7 +2955,7 @@ def remove_abandoned_work_dirs(base: str) -> None:
             os.close(fd)
 
 
-def push_image(docker: DockerClient, store: Store, text: str, progress: Progress,
+def push_image(docker: DockerClient, store: Store, text: str, progress: ProgressSink,
                options: PushOptions) -> str:
     """Push one local image (NAME[:TAG] or ID) and its tag; return the image ID."""
     ref, info = None, None  # type: Optional[ImageRef], Optional[Dict[str, Any]]
@@ -2963,7 +2981,7 @@ def push_image(docker: DockerClient, store: Store, text: str, progress: Progress
 
 
 def _push_new_image(docker: DockerClient, store: Store, image_id: str, diff_ids: List[str],
-                    progress: Progress, options: PushOptions) -> None:
+                    progress: ProgressSink, options: PushOptions) -> None:
     known = {}  # type: Dict[str, LayerRecord]
     for diff_id in set(diff_ids):
         record = stored_layer(store, diff_id)
@@ -3218,7 +3236,7 @@ def verified_blob_chunks(store: Store, record: LayerRecord, on_read: Callable[[i
 
 
 def load_tar_stream(store: Store, image: StoredImage, config: bytes, repo_tags: List[str],
-                    missing: Set[int], progress: Progress, inflate: bool = True) -> Iterator[bytes]:
+                    missing: Set[int], progress: ProgressSink, inflate: bool = True) -> Iterator[bytes]:
     """The tar docker load reads: config, the missing layers as stored, manifest.json."""
     image_hex = digest_hex(image.image_id)
     yield tar_bytes_member("%s.json" % image_hex, config)
@@ -3241,7 +3259,7 @@ def load_tar_stream(store: Store, image: StoredImage, config: bytes, repo_tags: 
     yield TAR_END
 
 
-def pull_image(docker: DockerClient, store: Store, text: str, progress: Progress,
+def pull_image(docker: DockerClient, store: Store, text: str, progress: ProgressSink,
                tag_as: Optional[List[ImageRef]] = None) -> str:
     """Pull one image (NAME[:TAG] or ID prefix) into the engine and tag it; return its ID there.
 
@@ -3258,7 +3276,7 @@ def pull_image(docker: DockerClient, store: Store, text: str, progress: Progress
 
 
 def load_image(docker: DockerClient, store: Store, image: StoredImage, repo_tags: List[str],
-               progress: Progress) -> str:
+               progress: ProgressSink) -> str:
     """Load a stored image into the engine (unless it has it); return its ID there."""
     if image.legacy:
         return _pull_legacy(docker, store, image, repo_tags, progress)
@@ -3266,7 +3284,7 @@ def load_image(docker: DockerClient, store: Store, image: StoredImage, repo_tags
 
 
 def _pull_image(docker: DockerClient, store: Store, image: StoredImage, repo_tags: List[str],
-                progress: Progress) -> str:
+                progress: ProgressSink) -> str:
     if docker.inspect_image(image.image_id) is not None:
         progress.note("%s: already on the Docker host" % image.image_id[7:19])
         return image.image_id
@@ -3340,7 +3358,7 @@ class DiffIdHasher:
         return "sha256:" + self.sha.hexdigest()
 
 
-def legacy_tar_stream(store: Store, chain: List[str], repo_tags: List[str], progress: Progress,
+def legacy_tar_stream(store: Store, chain: List[str], repo_tags: List[str], progress: ProgressSink,
                       result: Dict[str, str]) -> Iterator[bytes]:
     """Layers of a v1 chain, then a config and manifest.json built from them."""
     diff_ids, history, paths = [], [], []
@@ -3387,7 +3405,7 @@ def legacy_tar_stream(store: Store, chain: List[str], repo_tags: List[str], prog
 
 
 def _pull_legacy(docker: DockerClient, store: Store, image: StoredImage, repo_tags: List[str],
-                 progress: Progress) -> str:
+                 progress: ProgressSink) -> str:
     result = {}  # type: Dict[str, str]
     progress.note("%s is in the original dogestry layout: loading all %d layers"
                   % (image.image_id[:12], len(image.legacy_chain)))
@@ -3483,7 +3501,7 @@ def check_hosts(clients: Sequence[DockerClient]) -> None:
 
 
 def spool_image(store: Store, text: str, spool: "LocalStore", clients: Sequence[DockerClient],
-                progress: Progress, failed: Dict[str, str]) -> None:
+                progress: ProgressSink, failed: Dict[str, str]) -> None:
     """Copy what the hosts lack of one image into the spool store, verifying every blob once.
 
     A host that cannot say what it has is put in `failed` (its URL -> the error) and skipped.
@@ -3524,7 +3542,7 @@ def spool_image(store: Store, text: str, spool: "LocalStore", clients: Sequence[
         task.finish("downloaded")
 
 
-def _copy_keys(store: Store, spool: "LocalStore", keys: Sequence[str], progress: Progress) -> None:
+def _copy_keys(store: Store, spool: "LocalStore", keys: Sequence[str], progress: ProgressSink) -> None:
     for key in keys:
         size = store.stat(key)
         if size is None:
@@ -3537,7 +3555,7 @@ def _copy_keys(store: Store, spool: "LocalStore", keys: Sequence[str], progress:
         spool.put_file(key, path, size, consume=True)
 
 
-def fleet_pull(clients: Sequence[DockerClient], store: Store, images: Sequence[str], progress: Progress,
+def fleet_pull(clients: Sequence[DockerClient], store: Store, images: Sequence[str], progress: ProgressSink,
                tempdir: Optional[str], statuses: Dict[str, Dict[str, str]]) -> None:
     """Download once, load every host in parallel; each host's status (the original's JSON)
     goes into statuses, by host URL, the moment that host is done."""
@@ -3554,7 +3572,7 @@ def fleet_pull(clients: Sequence[DockerClient], store: Store, images: Sequence[s
             else:
                 try:
                     for text in images:
-                        pull_image(client, spool, text, HostProgress(progress, client.endpoint.url))  # type: ignore
+                        pull_image(client, spool, text, HostProgress(progress, client.endpoint.url))
                 except DogestryError as e:
                     status.update(Status="failed", Error=str(e).replace(spool.url, store.url))
             statuses[client.endpoint.url] = status
@@ -3565,13 +3583,13 @@ def fleet_pull(clients: Sequence[DockerClient], store: Store, images: Sequence[s
 class HostProgress:
     """A Progress for one host of a fleet: the same output, lines prefixed with the host."""
 
-    def __init__(self, progress: Progress, host: str):
+    def __init__(self, progress: ProgressSink, host: str):
         self.progress, self.host = progress, host
 
     def note(self, message: str) -> None:
         self.progress.note("%s: %s" % (self.host, message))
 
-    def task(self, label: str, action: str, total: Optional[int]) -> "ProgressTask":
+    def task(self, label: str, action: str, total: Optional[int]) -> TaskSink:
         return self.progress.task("%s %s" % (self.host, label), action, total)
 
 
@@ -3630,7 +3648,7 @@ class Delegation(NamedTuple):
     body: bytes
 
 
-def plan_delegation(store: "S3Store", text: str, progress: Progress) -> Optional[Delegation]:
+def plan_delegation(store: "S3Store", text: str, progress: ProgressSink) -> Optional[Delegation]:
     """Resolve an image and presign the objects a server needs to pull it (None: legacy layout)."""
     store.check()
     _, image_hex, ref, image = find_image(store, text, progress)
@@ -3659,7 +3677,7 @@ def _json_line(line: bytes) -> Optional[Dict[str, Any]]:
     return doc if isinstance(doc, dict) else None
 
 
-def delegate_pull(url: str, tls: Optional[ssl.SSLContext], plan: Delegation, progress: Progress,
+def delegate_pull(url: str, tls: Optional[ssl.SSLContext], plan: Delegation, progress: ProgressSink,
                   timeout: Optional[float] = None) -> Optional[str]:
     """Ask a dogestry server to pull one image into its host, relaying its progress; its error, if any.
 
@@ -3698,7 +3716,7 @@ def image_missing(client: DockerClient, plan: Delegation) -> Optional[str]:
 
 
 def delegate_to_servers(endpoints: Sequence[DockerEndpoint], store: "S3Store", images: Sequence[str],
-                        port: int, progress: Progress, statuses: Dict[str, Dict[str, str]],
+                        port: int, progress: ProgressSink, statuses: Dict[str, Dict[str, str]],
                         host_timeout: Optional[float] = None) -> None:
     """Pull through the dogestry servers of the hosts that run one; each host's status goes
     into statuses (by host URL) the moment it is done."""
@@ -4078,7 +4096,7 @@ class DogestryServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
     # -- pulls --
 
-    def pull(self, found: Located, tag_as: Optional[ImageRef], client: str, progress: JsonProgress) -> Tuple[str, bool]:
+    def pull(self, found: Located, tag_as: Optional[ImageRef], client: str, progress: ProgressSink) -> Tuple[str, bool]:
         """Load an image unless the engine has it, then tag it.
 
         Returns the image ID and whether the requested tag now names another image than before.
@@ -4095,7 +4113,7 @@ class DogestryServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.docker.tag(image_id, tag_as)
         return image_id, before is None or before.get("Id") != image_id
 
-    def _shared_pull(self, found: Located, client: str, progress: JsonProgress) -> str:
+    def _shared_pull(self, found: Located, client: str, progress: ProgressSink) -> str:
         """Pull once per image and store identity at a time: later identical requests share the result."""
         with self.inflight_lock:
             future = self.inflight.get(found.share_key)
@@ -4108,7 +4126,7 @@ class DogestryServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
             return future.result()
         try:
             with self.pull_slot(client, progress):
-                image_id = load_image(self.docker, found.store, found.image, [], progress)  # type: ignore
+                image_id = load_image(self.docker, found.store, found.image, [], progress)
             future.set_result(image_id)
             return image_id
         except BaseException as e:
@@ -4119,7 +4137,7 @@ class DogestryServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
                 self.inflight.pop(found.share_key, None)
 
     @contextlib.contextmanager
-    def pull_slot(self, client: str, progress: JsonProgress) -> Iterator[None]:
+    def pull_slot(self, client: str, progress: ProgressSink) -> Iterator[None]:
         """Hold one of max_pulls slots, at most pulls_per_client of them per client address."""
         def free() -> bool:
             return sum(self.pulls_by_client.values()) < self.limits.max_pulls and \

@@ -25,9 +25,9 @@ from a build context written in 4 MiB pieces, and measures:
             one GET, 8 MiB ranged GETs on 4 connections -- after an untimed warm-up round
             trip; then dogestry push to s3://BUCKET/bench/, re-push, pull after docker rmi
   fleet     (--fleet, the default; --no-fleet skips it) three more dockerds, each with its
-            own dirs and a plain TCP listener on 127.0.0.61/62/63:2375, started only for
+            own dirs and a plain TCP listener on HOST:2375 (random loopback addresses), started for
             these stages; floor: docker load of the saved tar into one of them over TCP;
-            then `dogestry -pullhosts tcp://127.0.0.61:2375 pull STORE IMAGE` (1 host) and
+            then `dogestry -pullhosts tcp://HOST:2375 pull STORE IMAGE` (1 host) and
             the same with all three hosts, from the gzip directory store and (with S3) from
             the S3 store.  Before every run the image is removed from all three hosts and
             their layers are checked to be gone, so every host lacks every layer.  Bytes
@@ -78,10 +78,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from realdocker import (  # noqa: E402
-    DOGESTRY, FIXED_MTIME, client_env, docker_cli, find_docker, image_id, random_bytes, remove_tree,
-    start_dockerd, text_bytes,
+    DOGESTRY, FIXED_MTIME, client_env, docker_cli, find_docker, image_id, loopback_addresses, random_bytes,
+    remove_tree, start_dockerd, text_bytes,
 )
 from radosgw import RadosGWError, start_radosgw  # noqa: E402
+
 
 MiB = 1 << 20
 MB = 1000 * 1000
@@ -100,8 +101,8 @@ S3_STREAMS = 4            # dogestry's S3 workers: parallel parts / ranges per o
 S3_PREFIX = "bench/"      # where dogestry's S3 store lives in the bucket
 WARMUP_TOUCH = 1 << 30    # bytes of fresh memory touched once before the S3 stage (first-touch cost)
 
-# the fleet's extra dockerds: addresses no test uses (tests take 127.0.0.2-3, .5, .9, .41-43)
-FLEET_ADDRESSES = ("127.0.0.61", "127.0.0.62", "127.0.0.63")
+# the fleet's extra dockerds: random loopback addresses nothing listens on (no run collides with another)
+FLEET_ADDRESSES = loopback_addresses(3)
 FLEET_PORT = 2375
 SERVER_PORT = 22375        # dogestry's server port: -pullhosts would delegate S3 pulls to servers there
 BLOB_DIR = "blobs/sha256"  # where a dogestry store keeps its blobs
@@ -1462,7 +1463,7 @@ def main(argv=None):
     s3.add_argument("--no-s3", dest="s3", action="store_false", help="skip the S3 store")
     fleet = parser.add_mutually_exclusive_group()
     fleet.add_argument("--fleet", dest="fleet", action="store_true", default=True,
-                       help="also benchmark dogestry -pullhosts to 1 and 3 extra dockerds on 127.0.0.61-63:2375"
+                       help="also benchmark dogestry -pullhosts to 1 and 3 extra dockerds on random loopback addresses"
                        " (the default)")
     fleet.add_argument("--no-fleet", dest="fleet", action="store_false", help="skip the fleet")
     args = parser.parse_args(argv)

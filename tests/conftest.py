@@ -170,8 +170,7 @@ def servers(tmp_path):
     for server in started:
         server.stop(timeout=5.0)
     for server in started:
-        if not server.tracebacks_known:
-            server.assert_no_traceback()
+        server.assert_no_traceback()
 
 
 @pytest.fixture(scope="module")

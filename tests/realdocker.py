@@ -462,3 +462,24 @@ def run_dogestry(*args, env=None, input=None, timeout=300, cwd=None):
     cmd = [sys.executable, str(DOGESTRY)] + [str(a) for a in args]
     return subprocess.run(cmd, input=input, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           universal_newlines=True, env=env, timeout=timeout, cwd=cwd)
+
+
+def loopback_addresses(n, ports=(2375, 22375)):
+    """N random addresses in 127.0.0.0/8 (all of it is loopback) on which nothing listens on PORTS
+    (by default the Docker and dogestry server ports): hosts of a test fleet that no concurrent
+    run of the suite can collide with."""
+    found = []
+    rng = random.SystemRandom()
+    while len(found) < n:
+        address = "127.%d.%d.%d" % (rng.randrange(100, 255), rng.randrange(0, 256), rng.randrange(2, 255))
+        if address in found:
+            continue
+        if all(_free(address, port) for port in ports):
+            found.append(address)
+    return tuple(found)
+
+
+def _free(address, port):
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((address, port)) != 0

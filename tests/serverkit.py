@@ -10,7 +10,6 @@ import contextlib
 import http.client
 import json
 import os
-import random
 import re
 import signal
 import socket
@@ -29,25 +28,6 @@ from realdocker import (DOGESTRY, _die_with_parent, client_env, docker_cli, find
 PORT = dogestry.SERVER_PORT       # the server's default port (the README's)
 DOCKER_PORT = 2375
 SERVER_READY_TIMEOUT = 15.0
-
-
-def loopback_addresses(n, ports=(DOCKER_PORT, PORT)):
-    """N random addresses in 127.0.0.0/8 on which nothing listens on PORTS."""
-    found = []
-    rng = random.SystemRandom()
-    while len(found) < n:
-        address = "127.%d.%d.%d" % (rng.randrange(100, 255), rng.randrange(0, 256), rng.randrange(2, 255))
-        if address in found:
-            continue
-        if all(_free(address, port) for port in ports):
-            found.append(address)
-    return tuple(found)
-
-
-def _free(address, port):
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex((address, port)) != 0
 
 
 # --- HTTP exchanges ----------------------------------------------------------------------------
@@ -220,7 +200,6 @@ class Server:
     def __init__(self, address, env, workdir, store=None, args=(), port=PORT, tls=None, preexec=None):
         self.address, self.port, self.tls = address, port, tls
         self.url = "%s://%s:%d" % ("https" if tls else "http", address, port)
-        self.tracebacks_known = False  # set by tests that provoke a traceback on purpose
         self.out_path = workdir / ("server-%s-%d.out" % (address, port))
         self.err_path = workdir / ("server-%s-%d.err" % (address, port))
         argv = [sys.executable, str(DOGESTRY), "-server", "-address", address, "-port", str(port)]

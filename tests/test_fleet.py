@@ -30,14 +30,15 @@ import pytest
 import dogestry
 from conftest import make_bucket, skip_or_fail
 from realdocker import (DOGESTRY, client_env, DockerdError, DockerdHandle, build_image, docker_cli, find_dockerd,
-                        image_id, ok, one_error_line, image_layers, random_bytes, remove_tree, run_dogestry, stop_all, text_bytes)
+                        image_id, ok, one_error_line, image_layers, loopback_addresses, random_bytes, remove_tree,
+                        run_dogestry, stop_all, text_bytes)
 
 pytestmark = pytest.mark.integration
 
-# Addresses other test files do not use (test_infra/test_server: 127.0.0.2-3, test_docker_tls: 127.0.0.5),
-# so a concurrent run of those cannot collide with this module's fleet.
-FLEET_ADDRESSES = ("127.0.0.41:2375", "127.0.0.42:2375", "127.0.0.43:2375")
-DEAD_HOST = "tcp://127.0.0.9:2375"   # nothing listens there
+# Random loopback addresses nothing listens on, so concurrent runs of the suite cannot collide.
+FLEET_ADDRESSES = tuple("%s:2375" % a for a in loopback_addresses(3))
+DEAD_ADDRESS = loopback_addresses(1)[0]
+DEAD_HOST = "tcp://%s:2375" % DEAD_ADDRESS   # nothing listens there
 WAIT = 30.0                          # upper bound for anything a test polls for
 
 
@@ -233,6 +234,12 @@ def wait_for_text(proc, text, timeout=WAIT):
         proc.returncode, text, proc.err_path.read_text())
 
 
+def blocked_on_a_lock(pid):
+    """Is process PID waiting for a file lock (a '->' line of /proc/locks)?"""
+    with open("/proc/locks") as f:
+        return any(" -> " in line and " %d " % pid in line for line in f)
+
+
 class BlobGate:
     """A proxy rule that holds every blob GET until opened (so a run stops mid-download)."""
 
@@ -320,11 +327,11 @@ def test_dead_host_fails_up_front(fleet, app, docker_env):
     started = time.monotonic()
     proc = run_dogestry("-pullhosts", ",".join(hosts), "pull", app.store, app.ref, env=docker_env)
 
-    line = one_error_line(proc, "127.0.0.9")
+    line = one_error_line(proc, DEAD_ADDRESS)
     assert "-disable-checks" in line
     doc = statuses(proc)  # every host failed, each with the reason: nothing was pulled anywhere
     assert [(s["Host"], s["Status"]) for s in doc] == [(h, "failed") for h in hosts]
-    assert all("127.0.0.9" in s["Error"] for s in doc), doc
+    assert all(DEAD_ADDRESS in s["Error"] for s in doc), doc
     assert time.monotonic() - started < 10
     for h in fleet:
         assert image_id(h.host, app.ref) is None                # nothing loaded anywhere
@@ -341,7 +348,7 @@ def test_disable_checks_loads_the_live_hosts_and_reports_the_dead_one(fleet, app
     doc = statuses(proc)
     assert [s["Host"] for s in doc] == hosts
     assert [s["Status"] for s in doc] == ["ok", "failed", "ok"]
-    assert "127.0.0.9" in doc[1]["Error"] and "Error" not in doc[0] and "Error" not in doc[2]
+    assert DEAD_ADDRESS in doc[1]["Error"] and "Error" not in doc[0] and "Error" not in doc[2]
     for h in (fleet[0], fleet[2]):
         assert image_id(h.host, app.ref) == app.id
 
@@ -370,7 +377,7 @@ def test_lockfile_waits_for_a_holder_and_runs_after_release(fleet, app, docker_e
         proc = start_dogestry(procs, tmp_path, "waiter",
                               ["-lockfile", lock, "-pullhosts", host.tcp, "pull", app.store, app.ref], docker_env)
         wait_for_text(proc, "waiting for the lock")
-        time.sleep(0.5)
+        wait_for(lambda: blocked_on_a_lock(proc.pid), "the waiter to block on the lock")
         assert proc.poll() is None                           # still waiting...
         assert image_id(host.host, app.ref) is None          # ...and has done nothing
     # the test's lock is released here
@@ -398,7 +405,7 @@ def test_lockfile_serialises_two_dogestry_runs(holder_ends, fleet, app, s3_app, 
         b = start_dogestry(procs, tmp_path, "b", ["-lockfile", lock, "pull", app.store, app.ref],
                            dict(docker_env, DOCKER_HOST=fleet[1].host))
         wait_for_text(b, "waiting for the lock")
-        time.sleep(0.5)
+        wait_for(lambda: blocked_on_a_lock(b.pid), "B to block on the lock")
         assert a.poll() is None and b.poll() is None
         assert image_id(fleet[1].host, app.ref) is None                # B has not started its work
 

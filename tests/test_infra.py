@@ -4,7 +4,7 @@ import zlib
 
 import pytest
 
-from realdocker import build_image, docker_cli, image_layers, ping, random_bytes, text_bytes
+from realdocker import build_image, docker_cli, image_layers, loopback_addresses, ping, random_bytes, text_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -30,9 +30,10 @@ def test_build_two_layer_image(docker_host, tmp_path):
 
 
 def test_second_dockerd_with_tcp(dockerd_fleet, docker_host):
-    """A second dockerd runs side by side and serves plain TCP on 127.0.0.2:2375."""
-    second = dockerd_fleet("127.0.0.2:2375")
-    assert second.tcp == "tcp://127.0.0.2:2375"
+    """A second dockerd runs side by side and serves plain TCP on a loopback address of its own."""
+    (address,) = loopback_addresses(1)
+    second = dockerd_fleet(address + ":2375")
+    assert second.tcp == "tcp://%s:2375" % address
     assert second.host != docker_host
     out = docker_cli(second.tcp, "version", "--format", "{{.Server.Version}}").stdout
     assert out.strip()

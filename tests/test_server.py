@@ -1,6 +1,6 @@
 """The accelerator server (-server), `dogestry login` and -pullhosts delegation, with real parts.
 
-Real dockerds (a module-scoped two-host "fleet" on 127.0.0.2 and 127.0.0.3, plus the session
+Real dockerds (a module-scoped two-host "fleet" on random loopback addresses, plus the session
 dockerd that builds and pushes), a real radosgw, the real docker CLI as the server's client,
 and tests/faultproxy.py in front of radosgw wherever S3 requests have to be counted.
 
@@ -34,8 +34,9 @@ import pytest
 import dogestry
 from conftest import make_bucket
 from faultproxy import Overlap
-from realdocker import DOGESTRY, build_image, docker_cli, image_id, random_bytes, run_dogestry, text_bytes
-from serverkit import (PORT, assert_json_refusal, auth_header, b64, call, docker_user, login, loopback_addresses,
+from realdocker import (DOGESTRY, build_image, docker_cli, image_id, loopback_addresses, random_bytes, run_dogestry,
+                        text_bytes)
+from serverkit import (PORT, assert_json_refusal, auth_header, b64, call, docker_user, login,
                        pull_request, raw_body, raw_exchange, raw_status, read_answer, server_env, wipe)
 
 pytestmark = pytest.mark.integration
@@ -289,40 +290,79 @@ def test_ping_version_and_status_check(fleet, rgw, base_env, servers):
 
 # --- concurrency ------------------------------------------------------------------------------------
 
-def test_identical_concurrent_pulls_share_one_download(fleet, pushed, rgw, base_env, servers, fault_proxy):
-    """5 simultaneous pulls of one image (plus one with a wrong secret): each blob is read once,
-    the valid pulls all succeed, and the wrong key does not ride along on the shared pull."""
-    host = fleet[0]
-    wipe(host)
+class BlobGate:
+    """A proxy rule that holds every blob GET until opened; .reached is set by the first."""
 
-    def rule(req):
+    def __init__(self):
+        self.reached, self.opened = threading.Event(), threading.Event()
+
+    def __call__(self, req):
         if req.method == "GET" and "/blobs/" in req.path:
-            time.sleep(1.0)  # keep the leader's download in flight while the others arrive
+            self.reached.set()
+            self.opened.wait(60)
         return None
 
-    proxy = fault_proxy(rule)
+
+class StreamingPull:
+    """A docker-style pull whose JSON progress lines are read as they come."""
+
+    def __init__(self, address, name, auth):
+        self.conn = http.client.HTTPConnection(address, PORT, timeout=60)
+        self.conn.request("POST", "/v1.41/images/create?fromImage=%s&tag=latest" % name.replace("/", "%2F"),
+                          headers={"X-Registry-Auth": auth})
+        self.resp = self.conn.getresponse()
+        self.lines = []
+
+    def until(self, predicate):
+        """Read lines until one satisfies PREDICATE (a dict -> bool); fail if the answer ends first."""
+        for line in iter(self.resp.readline, b""):
+            if line.strip():
+                self.lines.append(json.loads(line))
+                if predicate(self.lines[-1]):
+                    return self.lines[-1]
+        raise AssertionError("the answer ended without the line asked for: %s" % self.lines)
+
+    def rest(self):
+        """Every line, once the answer has ended."""
+        self.lines += [json.loads(line) for line in iter(self.resp.readline, b"") if line.strip()]
+        self.conn.close()
+        return self.lines
+
+    def errors(self):
+        return [d for d in self.lines if d.get("errorDetail") or d.get("error")]
+
+    def hang_up(self):
+        self.conn.sock.shutdown(socket.SHUT_RDWR)
+        self.conn.close()
+
+
+def waiting_for_the_leader(doc):
+    return "already under way" in doc.get("status", "")
+
+
+def test_identical_concurrent_pulls_share_one_download(fleet, pushed, rgw, base_env, servers, fault_proxy):
+    """While one pull's blob read is held, 4 more of the same image wait for it (and a 6th with a
+    wrong secret does not ride along): each blob is read once, the valid pulls all succeed."""
+    host = fleet[0]
+    wipe(host)
+    gate = BlobGate()
+    proxy = fault_proxy(gate)
     server = servers(HOSTS[0], server_env(base_env, host, proxy.url))
     good, bad = user_auth(rgw, pushed.bucket), user_auth(rgw, pushed.bucket, secret="wrong-secret")
-    barrier = threading.Barrier(6)
-    answers = [None] * 6
-
-    def pull(i):
-        barrier.wait()
-        answers[i] = pull_request(HOSTS[0], REGISTRY + "/docker-repo/hipache", bad if i == 5 else good)
-
-    threads = [threading.Thread(target=pull, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert all(not t.is_alive() for t in threads)
-
-    for answer in answers[:5]:
-        assert answer.status == 200 and not answer.errors(), answer
-    assert answers[5].status == 200 and answers[5].errors(), answers[5]
-    waited = [a for a in answers[:5] if any("already under way" in d.get("status", "") for d in a.lines())]
-    assert len(waited) == 4, answers  # the followers said they waited for the leader
-
+    try:
+        leader = StreamingPull(HOSTS[0], IMAGE, good)
+        assert gate.reached.wait(60)
+        followers = [StreamingPull(HOSTS[0], IMAGE, good) for _ in range(4)]
+        for follower in followers:
+            follower.until(waiting_for_the_leader)
+        stranger = StreamingPull(HOSTS[0], IMAGE, bad)
+        assert stranger.rest() and stranger.errors(), stranger.lines  # fails on its own, at once
+        assert not any(waiting_for_the_leader(d) for d in stranger.lines)
+    finally:
+        gate.opened.set()
+    for pull in [leader] + followers:
+        pull.rest()
+        assert not pull.errors(), pull.lines
     counts = blob_gets(proxy, pushed.bucket)
     assert sorted(counts) == sorted(blob_keys(pushed, "hipache")), counts
     assert set(counts.values()) == {1}, counts
@@ -333,33 +373,24 @@ def test_identical_concurrent_pulls_share_one_download(fleet, pushed, rgw, base_
 def test_a_leader_hanging_up_does_not_fail_the_followers(fleet, pushed, rgw, base_env, servers, fault_proxy):
     host = fleet[0]
     wipe(host)
-
-    def rule(req):
-        if req.method == "GET" and "/blobs/" in req.path:
-            time.sleep(1.5)
-        return None
-
-    proxy = fault_proxy(rule)
+    gate = BlobGate()
+    proxy = fault_proxy(gate)
     servers(HOSTS[0], server_env(base_env, host, proxy.url))
     auth = user_auth(rgw, pushed.bucket)
-    leader = http.client.HTTPConnection(HOSTS[0], PORT, timeout=30)
-    leader.request("POST", "/v1.41/images/create?fromImage=%s&tag=latest" % IMAGE.replace("/", "%2F"),
-                   headers={"X-Registry-Auth": auth})
-    first = json.loads(leader.getresponse().readline())
-    assert first["status"].startswith("Pulling hipache:latest"), first
-    answers = []
-    followers = [threading.Thread(target=lambda: answers.append(pull_request(HOSTS[0], IMAGE, auth)))
-                 for _ in range(2)]
-    for t in followers:
-        t.start()
-    time.sleep(0.7)  # the followers are waiting, the leader's blob read is in flight
-    leader.sock.shutdown(socket.SHUT_RDWR)
-    leader.close()
-    for t in followers:
-        t.join(60)
-    assert len(answers) == 2
-    for answer in answers:
-        assert answer.status == 200 and not answer.errors(), answer
+    try:
+        leader = StreamingPull(HOSTS[0], IMAGE, auth)
+        first = leader.until(lambda doc: True)
+        assert first["status"].startswith("Pulling hipache:latest"), first
+        assert gate.reached.wait(60)  # the leader's blob read is in flight
+        followers = [StreamingPull(HOSTS[0], IMAGE, auth) for _ in range(2)]
+        for follower in followers:
+            follower.until(waiting_for_the_leader)
+        leader.hang_up()
+    finally:
+        gate.opened.set()
+    for follower in followers:
+        follower.rest()
+        assert not follower.errors(), follower.lines
     assert image_id(host.host, IMAGE) == pushed.ids["hipache"]
 
 
@@ -569,7 +600,10 @@ def test_client_hanging_up_makes_no_traceback(fleet, rgw, base_env, servers):
             if reset:  # hang up hard (RST), as a killed client's kernel may
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             sock.close()
-    time.sleep(0.5)
+    deadline = time.monotonic() + 10
+    while server.threads() > 1 and time.monotonic() < deadline:  # every connection's thread has ended
+        time.sleep(0.05)
+    assert server.threads() == 1
     assert dogestry.server_answers(server.url)
     assert "Traceback" not in server.stderr, server.stderr
 

@@ -33,8 +33,9 @@ import pytest
 
 import dogestry
 from conftest import make_bucket, skip_or_fail
-from realdocker import DockerdError, build_image, docker_cli, image_id, one_error_line, random_bytes, run_dogestry
-from serverkit import (PORT, assert_json_refusal, auth_header, b64, call, docker_user, login, loopback_addresses,
+from realdocker import (DockerdError, build_image, docker_cli, image_id, loopback_addresses, one_error_line,
+                        random_bytes, run_dogestry)
+from serverkit import (PORT, assert_json_refusal, auth_header, b64, call, docker_user, login,
                        pull_request, raw_exchange, raw_status, read_answer, read_until_closed, server_env,
                        started_dockerds, status_check, tls_client_context, wipe)
 from testcerts import CLIENT_EXT, ca_dir, make_ca, make_leaf, server_ext

@@ -6,13 +6,13 @@ import io
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 
 import dogestry
+from conftest import skip_or_fail
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -229,11 +229,14 @@ def test_launcher_runs_the_module():
 
 
 def _python38():
+    """A real Python 3.8: on PATH, or under ~/.pyenv/versions (these machines carry one there)."""
     found = shutil.which("python3.8")
     candidates = [found] if found else []
-    candidates += [str(p) for p in Path("/root/.pyenv/versions").glob("3.8*/bin/python3.8")]
+    candidates += [str(p) for p in sorted(Path.home().glob(".pyenv/versions/3.8*/bin/python3.8"))]
     for c in candidates:
-        if subprocess.run([c, "-c", "pass"], stderr=subprocess.DEVNULL).returncode == 0:
+        proc = subprocess.run([c, "-c", "import sys; print(sys.version_info[:2])"], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, universal_newlines=True, env=dict(os.environ, PYENV_VERSION=""))
+        if proc.returncode == 0 and proc.stdout.strip() == "(3, 8)":
             return c
     return None
 
@@ -243,12 +246,21 @@ def test_source_parses_as_python_3_8():
     ast.parse((ROOT / "dogestry.py").read_text(), feature_version=(3, 8))
 
 
-def test_runs_on_python_3_8():
-    python = _python38() or sys.executable  # the grammar check above covers a machine without 3.8
-    proc = subprocess.run([python, str(ROOT / "dogestry.py"), "help"], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, universal_newlines=True)
-    assert proc.returncode == 0, proc.stderr
-    assert "push" in proc.stdout
+def test_runs_on_python_3_8(tmp_path):
+    """The real 3.8 runs the program: help, a store listed, an error reported (no silent fallback)."""
+    python = _python38()
+    if python is None:
+        skip_or_fail("no Python 3.8 on this machine (looked on PATH and in ~/.pyenv/versions)")
+    store = tmp_path / "store"
+    (store / "repositories" / "app").mkdir(parents=True)
+    (store / "repositories" / "app" / "1").write_text("ab" * 32)
+    runs = {args: subprocess.run([python, str(ROOT / "dogestry.py")] + list(args), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, universal_newlines=True)
+            for args in (("help",), ("list", str(store)), ("pull", str(store), "app:1"))}
+    assert runs[("help",)].returncode == 0 and "push" in runs[("help",)].stdout, runs[("help",)].stderr
+    assert runs[("list", str(store))].stdout.split() == ["REPOSITORY", "TAG", "IMAGE", "ID", "app", "1", "ab" * 6]
+    failed = runs[("pull", str(store), "app:1")]
+    assert failed.returncode == 1 and failed.stderr.startswith("dogestry: error:"), failed.stderr
 
 
 @pytest.mark.parametrize("url, environ, expect", [
