@@ -5,7 +5,7 @@ set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-"$here/dogestry.pyz"}
 python3 - "$here/dogestry.py" "$out" <<'PY'
-import os, sys, zipfile
+import os, py_compile, sys, zipfile
 src, out = sys.argv[1], sys.argv[2]
 tmp = out + ".tmp"
 with open(tmp, "wb") as f:
@@ -19,6 +19,15 @@ with open(tmp, "wb") as f:
         add("__main__.py", "import sys\nimport dogestry\nsys.exit(dogestry.main())\n")
         with open(src, "rb") as s:
             add("dogestry.py", s.read())
+        # The module compiled by this python3, so it is not compiled again at every start; a
+        # hash-based .pyc (PEP 552) keeps builds byte-identical.  Another Python version skips it
+        # (its magic number differs) and compiles dogestry.py as before.
+        pyc = tmp + ".pyc"
+        py_compile.compile(src, pyc, dfile="dogestry.py", doraise=True,
+                           invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+        with open(pyc, "rb") as c:
+            add("dogestry.pyc", c.read())
+        os.unlink(pyc)
 os.chmod(tmp, 0o755)
 os.replace(tmp, out)
 print(out)

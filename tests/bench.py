@@ -91,7 +91,8 @@ FILE_SIZE = 32 * MiB      # each layer is split into files of at most this size
 GZ_CHUNK = 2 * MiB        # dogestry's CHUNK_GZ: independent gzip members of this size
 TAG = "dogestry-bench/image:%d" % os.getpid()
 
-TARGET_PUSH_RATIO = 1.2
+TARGET_PUSH_BOUND_RATIO = 1.15   # gzip push against the least time any push can take here (printed)
+TARGET_RAW_PUSH_RATIO = 1.15     # --compress none push against docker save
 TARGET_PULL_RATIO = 1.2
 TARGET_RSS_MIB = 80
 TARGET_REPUSH_S = 1.0
@@ -1386,10 +1387,13 @@ def run(args, state):
                 (("TCP load", tcp_load.seconds), ("S3 GET", s3_get.seconds)), key=lambda f: f[1])
             s3_fleet_checks = check_fleet("fleet, S3 store", one, three, s3_layers)
         return [
-            (s3push.seconds <= TARGET_PUSH_RATIO * push_floor_s3[1],
-             "S3 push %.2f s <= %.1f x slowest of (save %.2f s, gzip floor %.2f s, %s %.2f s) = %.2f s  [%.2fx]"
-             % (s3push.seconds, TARGET_PUSH_RATIO, save.seconds, gzip_floor.seconds, put_name,
-                s3_put.seconds, TARGET_PUSH_RATIO * push_floor_s3[1], s3push.seconds / push_floor_s3[1])),
+            (s3push.seconds <= TARGET_PUSH_BOUND_RATIO * max(push_bound, s3_put.seconds),
+             "S3 push %.2f s <= %.2f x the slower of (the push bound %.2f s, %s %.2f s) = %.2f s  [%.2fx; %.2fx"
+             " the slowest of save %.2f s, gzip floor %.2f s and the PUT]"
+             % (s3push.seconds, TARGET_PUSH_BOUND_RATIO, push_bound, put_name, s3_put.seconds,
+                TARGET_PUSH_BOUND_RATIO * max(push_bound, s3_put.seconds),
+                s3push.seconds / max(push_bound, s3_put.seconds), s3push.seconds / push_floor_s3[1],
+                save.seconds, gzip_floor.seconds)),
             (s3pull.seconds <= TARGET_PULL_RATIO * pull_floor_s3[1],
              "S3 pull %.2f s <= %.1f x slower of (docker load %.2f s, %s %.2f s) = %.2f s  [%.2fx]"
              % (s3pull.seconds, TARGET_PULL_RATIO, load.seconds, get_name, s3_get.seconds,
@@ -1408,14 +1412,18 @@ def run(args, state):
     stop_fleet(state, args.keep)
 
     checks = [
-        (push.seconds <= TARGET_PUSH_RATIO * push_floor[1],
-         "push %.2f s <= %.1f x slowest of (save %.2f s, gzip floor %.2f s) = %.2f s  [%.2fx]"
-         % (push.seconds, TARGET_PUSH_RATIO, save.seconds, gzip_floor.seconds,
-            TARGET_PUSH_RATIO * push_floor[1], push.seconds / push_floor[1])
-         + "\n        (no push beats %.2f s = %.2fx here: the engine's first byte at %.2f s, then CPU s on"
-           " %d cores: %.2f gzip of the layers that compress + %.2f engine streaming + %.2f sha256)"
-         % (push_bound, push_bound / push_floor[1], save.first_byte, workers, compressible.cpu,
-            save.stream_cpu or 0.0, sha_cpu)),
+        (push.seconds <= TARGET_PUSH_BOUND_RATIO * push_bound,
+         "push %.2f s <= %.2f x the least any push takes here %.2f s = %.2f s  [%.2fx; %.2fx the slowest of"
+         " save %.2f s and gzip floor %.2f s]"
+         % (push.seconds, TARGET_PUSH_BOUND_RATIO, push_bound, TARGET_PUSH_BOUND_RATIO * push_bound,
+            push.seconds / push_bound, push.seconds / push_floor[1], save.seconds, gzip_floor.seconds)
+         + "\n        (the bound: the engine's first byte at %.2f s, then CPU s on %d cores: %.2f gzip of the"
+           " layers that compress + %.2f engine streaming + %.2f sha256)"
+         % (save.first_byte, workers, compressible.cpu, save.stream_cpu or 0.0, sha_cpu)),
+        (raw.seconds <= TARGET_RAW_PUSH_RATIO * save.seconds,
+         "push --compress none %.2f s <= %.2f x docker save %.2f s = %.2f s  [%.2fx]"
+         % (raw.seconds, TARGET_RAW_PUSH_RATIO, save.seconds, TARGET_RAW_PUSH_RATIO * save.seconds,
+            raw.seconds / save.seconds)),
         (pull.seconds <= TARGET_PULL_RATIO * load.seconds,
          "pull %.2f s <= %.1f x docker load %.2f s = %.2f s  [%.2fx]"
          % (pull.seconds, TARGET_PULL_RATIO, load.seconds, TARGET_PULL_RATIO * load.seconds,

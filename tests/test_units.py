@@ -2,11 +2,13 @@
 
 import gzip
 import hashlib
+import importlib.util
 import io
 import os
 import shutil
 import subprocess
 import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -221,6 +223,15 @@ def test_zipapp_builds_reproducibly_and_runs(tmp_path):
     assert os.access(str(one), os.X_OK)
     proc = subprocess.run([str(one), "version"], stdout=subprocess.PIPE, universal_newlines=True)
     assert proc.returncode == 0 and dogestry.__version__ in proc.stdout
+    with zipfile.ZipFile(str(one)) as z:  # compiled once, at build time, not at every start
+        assert sorted(z.namelist()) == ["__main__.py", "dogestry.py", "dogestry.pyc"]
+        pyc = z.read("dogestry.pyc")
+    assert pyc[:4] == importlib.util.MAGIC_NUMBER and int.from_bytes(pyc[4:8], "little") & 1  # hash-based
+    python38 = _python38()
+    if python38 is None:
+        skip_or_fail("no Python 3.8 on this machine (looked on PATH and in ~/.pyenv/versions)")
+    older = subprocess.run([python38, str(one), "version"], stdout=subprocess.PIPE, universal_newlines=True)
+    assert older.returncode == 0 and "Python 3.8" in older.stdout  # another Python falls back to the source
 
 
 def test_launcher_runs_the_module():
