@@ -19,7 +19,7 @@ import uuid
 import pytest
 
 import dogestry
-from faultproxy import Reset, Truncate, s3_error
+from faultproxy import Reply, Reset, Truncate, s3_error
 from realdocker import (DOGESTRY, build_image, docker_cli, image_id, image_layers, ok, one_error_line, random_bytes,
                         run_dogestry, text_bytes)
 
@@ -645,3 +645,40 @@ def test_the_default_retry_budget_rides_out_a_minute_of_outage(outage, survives,
         with pytest.raises(dogestry.S3Error, match="ServiceUnavailable"):
             client.get("faults/budget")
         assert dogestry.S3_RETRY_BUDGET <= fake.slept < dogestry.S3_RETRY_BUDGET + 25
+
+
+# --- 10. answers that do not add up ---------------------------------------------------------------
+
+@pytest.mark.parametrize("date", ["not a date", "", "Sun, 99 Foo 2026 99:99:99 GMT"], ids=["text", "empty", "nonsense"])
+def test_a_skew_complaint_with_an_unparsable_date_is_retried_not_a_traceback(date, rgw, bucket, fault_proxy):
+    direct_client(rgw, bucket).put("faults/dated", lambda: b"data", 4, hashlib.sha256(b"data").hexdigest())
+
+    def rule(req):
+        if req.attempt == 1:
+            return s3_error(403, "RequestTimeTooSkewed", "The difference is too large.", req.path,
+                            headers={"Date": date})
+        return None
+
+    proxy = fault_proxy(rule)
+    client = client_for(rgw, bucket, proxy.url, sleep=lambda s: None)
+    assert client.get("faults/dated").read() == b"data"
+    assert len(proxy.log) == 2
+
+
+def test_a_ranged_read_answered_from_the_wrong_offset_is_refused(docker_host, s3_env, rgw, bucket, fault_proxy,
+                                                                 tmp_path):
+    """A 206 that does not start at the byte asked for would splice the wrong bytes in: one clean error."""
+    ref, _ = unique_image(docker_host, tmp_path, big=True)
+    ok(run_dogestry("push", store_url(bucket), ref, env=s3_env))
+    forget(docker_host, ref)
+
+    def rule(req):
+        wanted = re.match(r"bytes=(\d+)-", req.headers.get("range", ""))
+        if req.method == "GET" and wanted and int(wanted.group(1)) > 0:
+            return Reply(206, b"x" * 10, {"Content-Range": "bytes 0-9/%d" % BIG})
+        return None
+
+    proxy = fault_proxy(rule)
+    proc = run_dogestry("pull", store_url(bucket), ref, env=via(s3_env, proxy))
+    one_error_line(proc, "asked for the bytes from")
+    assert image_id(docker_host, ref) is None

@@ -349,9 +349,9 @@ class Impostor(http.server.ThreadingHTTPServer):
                 body = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
                 self.received.append(handler.requestline.encode() + b"\n" + bytes(handler.headers) + body)
                 self.bodies.append(body)
-                lines = [{"status": "\x1b[2J\x1b]0;pwned\x07all good \x1b[31mreally"},
+                lines = [{"status": "\x1b[2J\x1b]0;pwned\x07all good \x1b[31mreally"}, [1, 2], "text", None, 5,
                          {"status": "Status: Downloaded newer image"}]
-                data = b"".join(json.dumps(line).encode() + b"\r\n" for line in lines)
+                data = b"".join(json.dumps(line).encode() + b"\r\n" for line in lines) + b"[" * 5000 + b"\r\n"
                 handler.send_response(200)
                 handler.send_header("Content-Length", str(len(data)))
                 handler.end_headers()
