@@ -3743,7 +3743,8 @@ def delegate_to_servers(endpoints: Sequence[DockerEndpoint], store: "S3Store", i
             assert plan is not None
             error = delegate_pull(url, endpoint.tls, plan, progress, host_timeout) or image_missing(client, plan)
             if error:
-                statuses[endpoint.url] = {"Host": endpoint.url, "Status": "failed", "ServerError": "%s: %s" % (url, error)}
+                statuses[endpoint.url] = {"Host": endpoint.url, "Status": "failed",
+                                          "ServerError": "%s: %s" % (url, error)}
                 return
         statuses[endpoint.url] = {"Host": endpoint.url, "Status": "ok", "Server": url}
 
@@ -4703,8 +4704,9 @@ def _fleet_pull_all(ctx: Context, endpoints: Sequence[DockerEndpoint], statuses:
     if isinstance(store, S3Store) and not options.force_local:
         delegate_to_servers(endpoints, store, options.images, options.port, ctx.progress, statuses,
                             options.host_timeout)
+    # hosts without a server, and those whose server failed or lied, get a regular pull
     direct = [e for e in endpoints if statuses.get(e.url, {}).get("Status") != "ok"]
-    if not direct:  # hosts without a server, and those whose server failed or lied
+    if not direct:
         return
     server_errors = {url: status["ServerError"] for url, status in statuses.items() if "ServerError" in status}
     for endpoint in direct:
