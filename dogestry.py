@@ -2251,25 +2251,31 @@ class LayerRecord(NamedTuple):
     size: int
     compression: str  # "gzip", "zstd" or "none"
     raw_size: Optional[int] = None  # size of the uncompressed tar, when known
+    members: Optional[Tuple[int, ...]] = None  # a gzip blob's independent members, their sizes in order
 
     def to_json(self) -> Dict[str, Any]:
         doc = {"diffID": self.diff_id, "digest": self.digest, "size": self.size,
                "compression": self.compression}  # type: Dict[str, Any]
         if self.raw_size is not None:
             doc["rawSize"] = self.raw_size
+        if self.members:
+            doc["members"] = list(self.members)
         return doc
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> "LayerRecord":
         try:
-            raw_size = doc.get("rawSize")
+            raw_size, members = doc.get("rawSize"), doc.get("members")
             record = cls(str(doc["diffID"]), str(doc["digest"]), int(doc["size"]), str(doc["compression"]),
-                         None if raw_size is None else int(raw_size))
+                         None if raw_size is None else int(raw_size),
+                         None if members is None else tuple(int(n) for n in members))
         except (KeyError, TypeError, ValueError, AttributeError):
             raise FormatError("malformed layer record: %.200s" % json.dumps(doc))
         digest_hex(record.diff_id), digest_hex(record.digest)
-        if record.size < 0 or (record.raw_size or 0) < 0 or record.compression not in ("gzip", "zstd", "none"):
-            raise FormatError("malformed layer record: %.200s" % json.dumps(doc))
+        if record.size < 0 or (record.raw_size or 0) < 0 or record.compression not in ("gzip", "zstd", "none") \
+                or (record.members is not None and (record.compression != "gzip" or sum(record.members) != record.size
+                                                    or min(record.members, default=1) < 1)):
+            raise FormatError("malformed layer record: %.200s" % json.dumps(doc)[:200])
         return record
 
 
@@ -2474,6 +2480,7 @@ class Spool(NamedTuple):
     raw_digest: str
     raw_size: int
     compression: str  # "gzip", "zstd" or "none": how the file's bytes are encoded
+    members: Optional[Tuple[int, ...]] = None  # the sizes of the gzip members we wrote
 
 
 class SaveContents:
@@ -2741,6 +2748,7 @@ class SpoolWriter:
     def __init__(self, path: str, depth: int, hashed: bool):
         self.path, self.hashed = path, hashed
         self.size = 0
+        self.pieces = []  # type: List[int]  # the size of every piece written, in order
         self.digest = ""
         self._sha = hashlib.sha256()
         self._queue = queue.Queue(depth)  # type: queue.Queue
@@ -2767,6 +2775,7 @@ class SpoolWriter:
                     self._sha.update(data)
                 self._file.write(data)
                 self.size += len(data)
+                self.pieces.append(len(data))
             except BaseException as e:  # handed to the reading thread by put() or __exit__
                 self._error = e
 
@@ -2838,12 +2847,12 @@ class LayerPipeline:
             task.finish("read")
             return Spool(path, raw_digest, raw_size, raw_digest, raw_size, compression)
         task.finish("compressed to %s from" % human_size(writer.size))
-        return Spool(path, writer.digest, writer.size, raw_digest, raw_size, "gzip")
+        return Spool(path, writer.digest, writer.size, raw_digest, raw_size, "gzip", tuple(writer.pieces))
 
     def upload(self, diff_id: str, spool: Spool) -> None:
         """Store a spooled layer's blob and its index entry, in the background."""
         raw_size = spool.raw_size if spool.raw_digest == diff_id else None
-        record = LayerRecord(diff_id, spool.digest, spool.size, spool.compression, raw_size)
+        record = LayerRecord(diff_id, spool.digest, spool.size, spool.compression, raw_size, spool.members)
         self._futures.append(self._upload_pool.submit(self._upload, record, spool.path))
 
     def _upload(self, record: LayerRecord, path: str) -> None:
@@ -3166,31 +3175,60 @@ class BlobFeeder:
     def _run(self) -> None:
         try:
             record = self.record
-            stored, raw = hashlib.sha256(), hashlib.sha256()
-            stored_size = raw_size = 0
-            inflater = GzipInflater() if self.inflate else None
+            self.stored, self.raw = hashlib.sha256(), hashlib.sha256()
+            self.stored_size = self.raw_size = 0
             with contextlib.closing(self.store.open(blob_key(record.digest), record.size)) as f:
-                while not self.stop.is_set():
-                    data = f.read(CHUNK)
-                    if not data:
-                        break
-                    stored.update(data)
-                    stored_size += len(data)
-                    for out in (inflater.feed(data) if inflater else (data,)):
-                        raw.update(out)
-                        raw_size += len(out)
-                        self._put(("data", out))
-            if inflater:
-                for out in inflater.finish():
-                    raw.update(out)
-                    raw_size += len(out)
-                    self._put(("data", out))
-            self._put(("end", self._verify(stored, stored_size, raw, raw_size)))
+                if self.inflate and record.members:
+                    self._inflate_members(f, record.members)
+                else:
+                    self._read(f, GzipInflater() if self.inflate else None)
+            self._put(("end", self._verify(self.stored, self.stored_size, self.raw, self.raw_size)))
         except zlib.error as e:
             self._put(("error", IntegrityError("%s: blob %s is corrupt (%s); nothing was loaded"
                                                % (self.store.url, self.record.digest, e))))
         except BaseException as e:  # handed to the consumer, which raises it
             self._put(("error", e))
+
+    def _give(self, out: bytes) -> None:
+        self.raw.update(out)
+        self.raw_size += len(out)
+        self._put(("data", out))
+
+    def _read(self, f: IO[bytes], inflater: Optional[GzipInflater]) -> None:
+        """The blob as it comes (gunzipped by one inflater if asked)."""
+        while not self.stop.is_set():
+            data = f.read(CHUNK)
+            if not data:
+                break
+            self.stored.update(data)
+            self.stored_size += len(data)
+            for out in (inflater.feed(data) if inflater else (data,)):
+                self._give(out)
+        if inflater:
+            for out in inflater.finish():
+                self._give(out)
+
+    def _inflate_members(self, f: IO[bytes], members: Sequence[int]) -> None:
+        """A gzip blob we pushed, gunzipped member by member on all cores, output in order."""
+        workers = max(os.cpu_count() or 1, 1)
+        pending = collections.deque()  # type: collections.deque
+        with thread_pool(workers, "dogestry-gunzip") as pool:
+            for size in members:
+                if self.stop.is_set():
+                    return
+                data = f.read(size)
+                self.stored.update(data)
+                self.stored_size += len(data)
+                if len(data) != size:
+                    return  # short: _verify names the blob corrupt
+                pending.append(pool.submit(inflate_member, data))
+                while len(pending) > workers:
+                    self._give(pending.popleft().result())
+            while pending:
+                self._give(pending.popleft().result())
+        trailing = f.read(1)  # members cover the blob: anything more is corruption (_verify sees the size)
+        self.stored.update(trailing)
+        self.stored_size += len(trailing)
 
     def _verify(self, stored: Any, stored_size: int, raw: Any, raw_size: int) -> Optional[Exception]:
         record = self.record
@@ -3227,6 +3265,16 @@ class BlobFeeder:
         finally:
             self.stop.set()
             self.thread.join()
+
+
+def inflate_member(data: bytes) -> bytes:
+    """One whole gzip member, gunzipped (zlib.error unless it is exactly one member, of at most
+    CHUNK_GZ bytes unpacked, as our pushes write them)."""
+    inflate = zlib.decompressobj(31)
+    out = inflate.decompress(data, CHUNK_GZ + 1)
+    if not inflate.eof or inflate.unused_data or inflate.unconsumed_tail or len(out) > CHUNK_GZ:
+        raise zlib.error("a gzip member does not end where the stored member sizes say")
+    return out
 
 
 def verified_blob_chunks(store: Store, record: LayerRecord, on_read: Callable[[int], None],

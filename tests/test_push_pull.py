@@ -91,6 +91,51 @@ def test_gzip_layers_are_one_valid_multi_member_stream(docker_env, app_image, tm
     assert "sha256:" + __import__("hashlib").sha256(raw).hexdigest() == text_layer["diffID"]
 
 
+def test_gzip_layers_record_their_members_so_pulls_gunzip_on_all_cores(docker_host, docker_env, app_image, tmp_path):
+    """The sizes of a gzip layer's independent members are stored with it ("members"): each is a
+    whole gzip member of at most 2 MiB unpacked.  A pull uses them, or reads the blob as one
+    stream where an older record has none; a record whose sizes lie is a corrupt image."""
+    import zlib
+    store = tmp_path / "store"
+    dogestry_ok(docker_env, "push", store, "dgtest/app:1.0")
+    text_layer = manifest(store, app_image)["layers"][1]
+    members = text_layer["members"]
+    assert sum(members) == text_layer["size"]
+    assert len(members) == -(-text_layer["rawSize"] // (2 << 20)) == 3  # 4 MiB of text (and a tar header)
+    blob = (store / "blobs" / "sha256" / text_layer["digest"][7:]).read_bytes()
+    offset = 0
+    for size in members:
+        inflate = zlib.decompressobj(31)
+        assert len(inflate.decompress(blob[offset:offset + size])) <= 2 << 20
+        assert inflate.eof and inflate.unused_data == b""
+        offset += size
+    index = json.loads((store / "layers" / (text_layer["diffID"][7:] + ".json")).read_text())
+    assert index["members"] == members
+
+    manifest_path = store / "images" / app_image[7:] / "manifest.json"
+    pristine = manifest_path.read_text()
+    for change, works in (("none", True), ("lie", False), ("sum", False)):
+        doc = json.loads(pristine)
+        if change == "none":
+            del doc["layers"][1]["members"]          # as versions before wrote it
+        elif change == "lie":
+            doc["layers"][1]["members"] = [members[0] - 1, members[1] + 1] + members[2:]
+        else:
+            doc["layers"][1]["members"] = [members[0], members[1] + 1] + members[2:]
+        manifest_path.write_text(json.dumps(doc))
+        forget(docker_host, "dgtest/app:1.0", app_image)  # layers and all: the pull must gunzip them
+        proc = run_dogestry("pull", store, "dgtest/app:1.0", env=docker_env)
+        if works:
+            assert proc.returncode == 0, proc.stderr
+            assert image_id(docker_host, "dgtest/app:1.0") == app_image
+        else:
+            one_error_line(proc, "corrupt" if change == "lie" else "malformed")
+            assert image_id(docker_host, "dgtest/app:1.0") is None
+    manifest_path.write_text(pristine)
+    dogestry_ok(docker_env, "pull", store, "dgtest/app:1.0")
+    assert image_id(docker_host, "dgtest/app:1.0") == app_image
+
+
 def test_compress_none_stores_layers_raw_and_still_pulls(docker_host, docker_env, app_image, tmp_path):
     store = tmp_path / "store"
     dogestry_ok(docker_env, "push", "--compress", "none", store, "dgtest/app:1.0")
