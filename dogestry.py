@@ -20,9 +20,10 @@ Standard library only; Python 3.8 or newer.  The module reads top to bottom:
     12. Push
     13. Pull
     14. Fleets: -pullhosts, the lock file and the config file
-    15. The accelerator server (-server)
-    16. Commands
-    17. Command line and main()
+    15. The registry API: the OCI Distribution Spec, pull side
+    16. The accelerator server (-server)
+    17. Commands
+    18. Command line and main()
 """
 
 import argparse
@@ -722,6 +723,16 @@ class Store:
         """Where temp files are best kept for this store (None: the system's temp dir)."""
         return None
 
+    def open_range(self, key: str, first: int, last: int) -> BinaryIO:
+        """A readable stream of bytes first..last of an object (stores that can seek override this)."""
+        f = self.open(key)
+        while first:
+            skipped = len(f.read(min(first, CHUNK)))
+            if not skipped:
+                break
+            first -= skipped
+        return f
+
     def cancel(self, interrupted: bool = False) -> None:
         """Stop work in progress at once (a failed push, or an interrupt): later requests fail."""
 
@@ -777,6 +788,10 @@ class LocalStore(Store):
 
     def _path(self, key: str) -> str:
         return os.path.join(self.root, *check_key(key).split("/"))
+
+    def path(self, key: str) -> str:
+        """The file that holds key."""
+        return self._path(key)
 
     def kind(self) -> str:
         return "local directory"
@@ -2118,6 +2133,9 @@ class S3Store(Store):
     def cancel(self, interrupted: bool = False) -> None:
         self.client.cancel(interrupted)
 
+    def open_range(self, key: str, first: int, last: int) -> BinaryIO:
+        return io.BufferedReader(S3Reader(self.client, self._key(key), None, first, last), CHUNK)  # type: ignore
+
     def bucket_root(self) -> Optional[Store]:
         if not self.location.prefix:
             return None
@@ -2285,6 +2303,7 @@ class StoredImage(NamedTuple):
     image_id: str            # 'sha256:<hex>' (new layout) or the top v1 id (legacy)
     layers: List[LayerRecord]
     legacy_chain: List[str]  # v1 ids, bottom first (legacy only)
+    config_size: int = 0     # the size of config.json (new layout)
 
     @property
     def legacy(self) -> bool:
@@ -2423,12 +2442,14 @@ def load_stored_image(store: Store, image_hex: str) -> StoredImage:
             if not isinstance(doc["layers"], list):
                 raise TypeError("layers is not a list")
             layers = [LayerRecord.from_json(d) for d in doc["layers"]]
-            config_digest = doc["config"]["digest"]
+            config_digest, config_size = doc["config"]["digest"], doc["config"]["size"]
+            if not isinstance(config_size, int) or isinstance(config_size, bool) or config_size < 0:
+                raise TypeError("config.size is not a size")
         except (KeyError, TypeError, FormatError) as e:
             raise FormatError("%s: malformed image manifest for %s (%s)" % (store.url, image_hex[:12], e))
         if config_digest != "sha256:" + image_hex:
             raise FormatError("%s: manifest of %s names another config" % (store.url, image_hex[:12]))
-        return StoredImage("sha256:" + image_hex, layers, [])
+        return StoredImage("sha256:" + image_hex, layers, [], config_size)
     if store.stat(image_key(image_hex, "json")) is not None:
         return StoredImage(image_hex, [], legacy_chain(store, image_hex))
     raise NotFound("%s: image %s is missing (the tag points to an image that is not stored)"
@@ -3158,8 +3179,9 @@ class BlobFeeder:
     """Reads, verifies and (for gzip blobs whose raw size is known) gunzips a blob in a
     thread, so store reads and decompression overlap with docker reading the tar."""
 
-    def __init__(self, store: Store, record: LayerRecord, inflate: bool):
+    def __init__(self, store: Store, record: LayerRecord, inflate: bool, key: Optional[str] = None):
         self.store, self.record, self.inflate = store, record, inflate
+        self.key = key or blob_key(record.digest)
         self.queue = queue.Queue(maxsize=2)  # type: queue.Queue
         self.stop = threading.Event()
         self.thread = start_thread(self._run, (), "dogestry-blob")
@@ -3177,7 +3199,7 @@ class BlobFeeder:
             record = self.record
             self.stored, self.raw = hashlib.sha256(), hashlib.sha256()
             self.stored_size = self.raw_size = 0
-            with contextlib.closing(self.store.open(blob_key(record.digest), record.size)) as f:
+            with contextlib.closing(self.store.open(self.key, record.size)) as f:
                 if self.inflate and record.members:
                     self._inflate_members(f, record.members)
                 else:
@@ -3278,9 +3300,11 @@ def inflate_member(data: bytes) -> bytes:
 
 
 def verified_blob_chunks(store: Store, record: LayerRecord, on_read: Callable[[int], None],
-                         inflate: bool = False) -> Iterator[bytes]:
-    """A stored blob's bytes (gunzipped if inflate), verified before its last piece is given out."""
-    return BlobFeeder(store, record, inflate).chunks(on_read)
+                         inflate: bool = False, key: Optional[str] = None) -> Iterator[bytes]:
+    """A stored blob's bytes (gunzipped if inflate), verified before its last piece is given out.
+
+    key: where the bytes are, if not the layer's blob (an image config)."""
+    return BlobFeeder(store, record, inflate, key).chunks(on_read)
 
 
 def load_tar_stream(store: Store, image: StoredImage, config: bytes, repo_tags: List[str],
@@ -3799,7 +3823,273 @@ def delegate_to_servers(endpoints: Sequence[DockerEndpoint], store: "S3Store", i
     run_in_threads(run, servers)
 
 
-# === 15. The accelerator server (-server) ===
+# === 15. The registry API: the OCI Distribution Spec, pull side ===
+#
+# `dogestry -server STORE` also answers /v2/ for every OCI client (docker, containerd,
+# podman, skopeo).  Manifests are made from stored images, a pure function of what is
+# stored (so a digest never changes); blobs are the stored bytes.  OCI Distribution Spec
+# v1.1: "Pull", "Content discovery" and "Error codes"; _catalog from the Docker Registry
+# HTTP API v2.
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+LAYER_MEDIA_TYPES = {
+    OCI_MANIFEST: {"gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
+                   "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
+                   "none": "application/vnd.oci.image.layer.v1.tar"},
+    DOCKER_MANIFEST: {"gzip": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                      "zstd": "application/vnd.docker.image.rootfs.diff.tar.zstd",
+                      "none": "application/vnd.docker.image.rootfs.diff.tar"},
+}
+REGISTRY_PAGE = 1000  # the most tags or repositories one page lists
+BLOB_URL_TTL = 900    # seconds a presigned blob URL a client is redirected to stays valid
+_REPO_NAME = re.compile(r"^%s(?:/%s)*$" % (_NAME_COMPONENT, _NAME_COMPONENT))
+_MANIFEST_DIGEST = re.compile(r"^[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")  # the spec's digest grammar
+
+
+class RegistryError(DogestryError):
+    """An answer of the registry API other than success: HTTP status, the spec's error code."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+def registry_manifest(image: StoredImage, media_type: str) -> bytes:
+    """The manifest served for a stored image: canonical JSON (keys sorted, no whitespace) of
+    schemaVersion 2, the media type, the config (config.json's digest and size) and, in order,
+    every layer as stored (its digest, size, and the media type of its compression).
+
+    A pure function of the stored image, so its digest is the same from every version of
+    dogestry, and pulls by digest keep working.
+    """
+    config_type = OCI_CONFIG if media_type == OCI_MANIFEST else DOCKER_CONFIG
+    doc = {"schemaVersion": 2, "mediaType": media_type,
+           "config": {"mediaType": config_type, "digest": image.image_id, "size": image.config_size},
+           "layers": [{"mediaType": LAYER_MEDIA_TYPES[media_type][r.compression], "digest": r.digest, "size": r.size}
+                      for r in image.layers]}
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def manifest_type_for(accept: str) -> str:
+    """Which manifest to answer an Accept header with: OCI, unless only Docker's schema 2 is accepted."""
+    accepted = {part.split(";")[0].strip().lower() for part in accept.split(",") if part.strip()}
+    if not accepted or OCI_MANIFEST in accepted or "*/*" in accepted or "application/*" in accepted:
+        return OCI_MANIFEST
+    if DOCKER_MANIFEST in accepted:
+        return DOCKER_MANIFEST
+    raise RegistryError(404, "MANIFEST_UNKNOWN", "only OCI image manifests and Docker schema 2 manifests are served "
+                                                 "(Accept: %s)" % accept[:200])
+
+
+def repository_name(name: str) -> str:
+    """A repository name checked against the spec's grammar (before it is used in any key)."""
+    if len(name) > 255 or not _REPO_NAME.match(name):
+        raise RegistryError(400, "NAME_INVALID", "invalid repository name %r" % name[:100])
+    return name
+
+
+def page(items: Sequence[str], query: Mapping[str, List[str]]) -> Tuple[List[str], Optional[str]]:
+    """The items after `last`, at most `n` of them; and the `last` of the next page, if there is one."""
+    last = (query.get("last") or [""])[0]
+    text = (query.get("n") or [str(REGISTRY_PAGE)])[0]
+    if not text.isdigit():
+        raise RegistryError(400, "PAGINATION_NUMBER_INVALID", "n must be a whole number")
+    n = min(int(text), REGISTRY_PAGE)
+    rest = [item for item in items if item > last] if last else list(items)
+    shown = rest[:n]
+    return shown, shown[-1] if len(rest) > n and shown else None
+
+
+class Registry:
+    """The server's store as an OCI registry: read-only, manifests made (and cached) from stored images."""
+
+    def __init__(self, store: Store, presign: Optional[Callable[[str], str]] = None):
+        self.store, self.presign = store, presign
+        self._lock = threading.Lock()
+        self._manifests = {}  # type: Dict[Tuple[str, str], Tuple[bytes, str]]  # (image hex, type) -> (bytes, digest)
+        self._digests = {}    # type: Dict[str, Tuple[str, str]]               # digest -> (image hex, type)
+
+    def tags(self, name: str) -> List[str]:
+        """Every tag of a repository, sorted (NAME_UNKNOWN if it has none)."""
+        prefix = "repositories/%s/" % repository_name(name)
+        tags = sorted(key[len(prefix):] for key in self.store.list(prefix) if "/" not in key[len(prefix):])
+        if not tags:
+            raise RegistryError(404, "NAME_UNKNOWN", "repository %s is not known" % name)
+        return tags
+
+    def repositories(self) -> List[str]:
+        """Every repository with a tag, sorted."""
+        return sorted({key[len("repositories/"):].rpartition("/")[0] for key in self.store.list("repositories/")} - {""})
+
+    def manifest(self, name: str, reference: str, media_type: str) -> Tuple[bytes, str, str]:
+        """(bytes, media type, digest) of a repository's manifest, by tag or by digest."""
+        repository_name(name)
+        if ":" in reference:
+            if not _MANIFEST_DIGEST.match(reference):
+                raise RegistryError(400, "DIGEST_INVALID", "invalid digest %r" % reference[:100])
+            image_hex, found_type = self._by_digest(name, reference)
+            data, digest = self._manifest_of(image_hex, found_type)
+            return data, found_type, digest
+        if not _TAG_RE.match(reference):
+            raise RegistryError(400, "TAG_INVALID", "invalid tag %r" % reference[:100])
+        try:
+            image_hex = read_tag(self.store, ImageRef(name, reference))
+        except NotFound:
+            self.tags(name)  # NAME_UNKNOWN when the repository has no tag at all
+            raise RegistryError(404, "MANIFEST_UNKNOWN", "%s:%s is not known" % (name, reference))
+        data, digest = self._manifest_of(image_hex, media_type)
+        return data, media_type, digest
+
+    def _manifest_of(self, image_hex: str, media_type: str) -> Tuple[bytes, str]:
+        with self._lock:
+            cached = self._manifests.get((image_hex, media_type))
+        if cached:
+            return cached
+        image = load_stored_image(self.store, image_hex)
+        if image.legacy:
+            raise RegistryError(404, "MANIFEST_UNKNOWN", "image %s is in the original dogestry layout, which has no "
+                                "layer digests to serve: pull it with dogestry and push it again to serve it"
+                                % image_hex[:12])
+        with self._lock:
+            for kind in (OCI_MANIFEST, DOCKER_MANIFEST):
+                data = registry_manifest(image, kind)
+                self._manifests[(image_hex, kind)] = (data, sha256_digest(data))
+                self._digests[sha256_digest(data)] = (image_hex, kind)
+            return self._manifests[(image_hex, media_type)]
+
+    def _by_digest(self, name: str, digest: str) -> Tuple[str, str]:
+        """The image and manifest type a digest names: the repository's tags first, then the store."""
+        with self._lock:
+            found = self._digests.get(digest)
+        if found:
+            return found
+        tagged = []  # type: List[str]
+        with contextlib.suppress(RegistryError):
+            tagged = [read_tag(self.store, ImageRef(name, tag)) for tag in self.tags(name)]
+        for image_hex in tagged + list_image_ids(self.store):
+            if (image_hex, OCI_MANIFEST) in self._manifests:
+                continue
+            with contextlib.suppress(DogestryError):  # the original's layout, a broken image: not this one
+                self._manifest_of(image_hex, OCI_MANIFEST)
+            with self._lock:
+                found = self._digests.get(digest)
+            if found:
+                return found
+        raise RegistryError(404, "MANIFEST_UNKNOWN", "%s@%s is not known" % (name, digest))
+
+    def blob(self, digest: str) -> Tuple[str, int]:
+        """(store key, size) of a blob: a stored layer, or an image's config."""
+        if not _MANIFEST_DIGEST.match(digest):
+            raise RegistryError(400, "DIGEST_INVALID", "invalid digest %r" % digest[:100])
+        try:
+            hexpart = digest_hex(digest)
+        except FormatError:
+            raise RegistryError(404, "BLOB_UNKNOWN", "only sha256 blobs are stored (%s)" % digest[:100])
+        for key in (blob_key(digest), image_key(hexpart, "config.json")):
+            size = self.store.stat(key)
+            if size is not None:
+                return key, size
+        raise RegistryError(404, "BLOB_UNKNOWN", "blob %s is not known" % digest)
+
+
+def registry_error_body(code: str, message: str) -> bytes:
+    """The spec's error document."""
+    return json.dumps({"errors": [{"code": code, "message": message, "detail": None}]}).encode() + b"\n"
+
+
+def parse_range(header: str, size: int) -> Optional[Tuple[int, int]]:
+    """(first, last) byte of a single `bytes=` range of a blob of `size` bytes (None: the whole blob).
+
+    RFC 9110 section 14: a range the blob cannot satisfy is a 416.
+    """
+    m = re.match(r"^bytes=(\d*)-(\d*)$", header.strip())
+    if not m or not (m.group(1) or m.group(2)):
+        return None  # not a single byte range: ignored, as the RFC allows
+    if not m.group(1):  # the last N bytes
+        n = int(m.group(2))
+        if n == 0:
+            raise RegistryError(416, "RANGE_INVALID", "an empty suffix range")
+        return max(0, size - n), size - 1
+    first = int(m.group(1))
+    last = min(int(m.group(2)), size - 1) if m.group(2) else size - 1
+    if first >= size or last < first:
+        raise RegistryError(416, "RANGE_INVALID", "bytes %s are outside the blob's %d" % (header[6:40], size))
+    return first, last
+
+
+# --- who may pull: -htpasswd ---
+#
+# One `user:hash` a line; hash is pbkdf2_sha256$ITERATIONS$SALT$HASH (Django's format: the
+# salt as text, the hash base64), which hashlib checks.  `dogestry passwd USER` writes a line.
+
+PBKDF2_ITERATIONS = 600000
+
+
+def password_hash(password: str, salt: Optional[str] = None, iterations: int = PBKDF2_ITERATIONS) -> str:
+    """pbkdf2_sha256$ITERATIONS$SALT$HASH for a password (a random salt unless given)."""
+    salt = salt or base64.b64encode(os.urandom(12)).decode().rstrip("=").replace("+", ".").replace("/", "_")
+    key = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt.encode(), iterations)
+    return "pbkdf2_sha256$%d$%s$%s" % (iterations, salt, base64.b64encode(key).decode())
+
+
+def password_matches(password: str, stored: str) -> bool:
+    """Does a password match a pbkdf2_sha256 hash (in constant time)?"""
+    parts = stored.split("$")
+    if len(parts) != 4 or parts[0] != "pbkdf2_sha256" or not parts[1].isdigit() or not 1 <= int(parts[1]) <= 10 ** 7:
+        return False
+    return hmac.compare_digest(password_hash(password, parts[2], int(parts[1])), stored)
+
+
+class Htpasswd:
+    """The users of -htpasswd FILE; a password once checked is remembered (PBKDF2 is slow on purpose)."""
+
+    def __init__(self, path: str):
+        self.path, self.users = path, {}  # type: str, Dict[str, str]
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError("cannot read -htpasswd %s: %s" % (path, _os_reason(e) if isinstance(e, OSError) else e))
+        for number, line in enumerate(lines, 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            user, sep, stored = line.strip().partition(":")
+            if not sep or not user or not stored.startswith("pbkdf2_sha256$") or stored.count("$") != 3:
+                raise UsageError("-htpasswd %s line %d: expected USER:pbkdf2_sha256$ITERATIONS$SALT$HASH "
+                                 "(dogestry passwd USER writes one)" % (path, number))
+            self.users[user] = stored
+        if not self.users:
+            raise UsageError("-htpasswd %s lists no user" % path)
+        self._known = set()  # type: Set[str]
+        self._lock = threading.Lock()
+
+    def allows(self, authorization: str) -> bool:
+        """Is `Authorization: Basic …` one of the users with the right password?"""
+        scheme, _, token = authorization.strip().partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            user, _, password = base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")
+        except (ValueError, UnicodeDecodeError, binascii.Error):
+            return False
+        stored = self.users.get(user)
+        if stored is None:
+            return False
+        remembered = hashlib.sha256(("%s\0%s\0%s" % (user, password, stored)).encode()).hexdigest()
+        with self._lock:
+            if remembered in self._known:
+                return True
+        if not password_matches(password, stored):
+            return False
+        with self._lock:
+            self._known.add(remembered)
+        return True
+
+
+# === 16. The accelerator server (-server) ===
 #
 # Speaks just enough of the Docker Engine API for `docker pull` and dogestry clients:
 # HEAD/GET /_ping, GET /version, POST /images/create, the original's /status/check, and
@@ -3812,9 +4102,16 @@ SERVER_BACKLOG = 128
 SERVER_WRITE_TIMEOUT = 60.0
 NOT_SERVED = "dogestry server: %s is not served (only image pulls are)"
 _VERSION_PREFIX = re.compile(r"^/v[0-9]+(?:\.[0-9]+)?(/.*)$")
+_TAGS_ROUTE = re.compile(r"^/v2/(.+)/tags/list$")
+_CONTENT_ROUTE = re.compile(r"^/v2/(.+)/(manifests|blobs)/([^/]+)$")
 _PRESIGN_PARAMS = frozenset(("X-Amz-Algorithm", "X-Amz-Credential", "X-Amz-Date", "X-Amz-Expires",
                              "X-Amz-SignedHeaders", "X-Amz-Signature", "X-Amz-Security-Token", "x-id"))
 _BLOB_KEY = re.compile(r"^blobs/sha256/[0-9a-f]{64}$")
+
+
+def _is_registry_path(target: str) -> bool:
+    path = urllib.parse.urlsplit(target).path
+    return path == "/v2" or path.startswith("/v2/")
 
 
 class ServerLimits(NamedTuple):
@@ -4013,10 +4310,12 @@ class DogestryServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
                  open_store: Callable[[StoreChoice, Optional[Credentials]], Store],
                  presigned_store: Callable[[S3Location, Dict[str, str], Dict[str, int]], Store],
                  log: IO[str], errors: IO[str], tls: Optional[ssl.SSLContext] = None,
-                 limits: ServerLimits = ServerLimits(), private: str = ""):
+                 limits: ServerLimits = ServerLimits(), private: str = "", registry: Optional[Registry] = None,
+                 htpasswd: Optional[Htpasswd] = None, redirect: bool = True):
         super().__init__(address, ServerHandler)
         self.docker, self.policy, self.open_store, self.presigned_store = docker, policy, open_store, presigned_store
         self.log, self.errors, self.tls, self.limits = log, errors, tls, limits
+        self.registry, self.htpasswd, self.redirect = registry, htpasswd, redirect
         self.inflight = {}  # type: Dict[str, "concurrent.futures.Future[str]"]
         self.inflight_lock = threading.Lock()
         self.log_lock = threading.Lock()
@@ -4451,6 +4750,8 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
         self.do_GET()
 
     def do_GET(self) -> None:
+        if _is_registry_path(self.path):
+            return self._registry_request()
         route = self._route()
         if route == "/_ping":
             self._send(200, b"OK", "text/plain; charset=utf-8",
@@ -4471,6 +4772,8 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
         body = self._read_body()
         if body is None:
             return
+        if _is_registry_path(self.path):
+            return self._registry_request()
         route = self._route()
         try:
             if route == "/images/create":
@@ -4486,8 +4789,11 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
         self._stream_pull(request)
 
     def do_PUT(self) -> None:
-        if self._read_body() is not None:  # read, so the client can read the refusal
-            self._refuse(403, NOT_SERVED % self._route())
+        if self._read_body() is None:  # read, so the client can read the refusal
+            return
+        if _is_registry_path(self.path):
+            return self._registry_request()
+        self._refuse(403, NOT_SERVED % self._route())
 
     do_DELETE = do_PATCH = do_PUT
 
@@ -4534,6 +4840,112 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
             return
         with lock, contextlib.suppress(OSError):
             self.wfile.write(b"0\r\n\r\n")
+
+    # -- the registry API (/v2/) --
+
+    def _registry_request(self) -> None:
+        """/v2/…: the OCI Distribution API, read-only; every answer carries the spec's version header."""
+        try:
+            self._registry_answer()
+        except RegistryError as e:
+            extra = {"WWW-Authenticate": 'Basic realm="dogestry"'} if e.status == 401 else {}
+            self._registry_send(e.status, registry_error_body(e.code, self.server.public(str(e))), extra=extra)
+        except NotFound as e:
+            self._registry_send(404, registry_error_body("MANIFEST_UNKNOWN", self.server.public(str(e))))
+        except DogestryError as e:  # the store failed (S3 down, a broken image): not the client's fault
+            self._registry_send(500, registry_error_body("UNKNOWN", self.server.public(str(e))))
+
+    def _registry_send(self, status: int, body: bytes, content_type: str = "application/json",
+                       extra: Optional[Dict[str, str]] = None) -> None:
+        self._send(status, body, content_type, dict({"Docker-Distribution-API-Version": "registry/2.0"},
+                                                    **(extra or {})))
+
+    def _registry_answer(self) -> None:
+        registry = self.server.registry
+        if registry is None:
+            raise RegistryError(404, "UNSUPPORTED", "this dogestry server has no store: the registry API needs one "
+                                "(dogestry -server STORE)")
+        if self.server.htpasswd is not None and not self.server.htpasswd.allows(self.headers.get("Authorization", "")):
+            raise RegistryError(401, "UNAUTHORIZED", "authentication required")
+        if self.command not in ("GET", "HEAD"):
+            raise RegistryError(405, "UNSUPPORTED", "this registry is read-only: push with dogestry push")
+        parts = urllib.parse.urlsplit(self.path)
+        route, query = parts.path, urllib.parse.parse_qs(parts.query)
+        if route in ("/v2", "/v2/"):
+            return self._registry_send(200, b"{}\n")
+        if route == "/v2/_catalog":
+            names, last = page(registry.repositories(), query)
+            return self._registry_list({"repositories": names}, route, last, query)
+        m = _TAGS_ROUTE.match(route)
+        if m:
+            tags, last = page(registry.tags(m.group(1)), query)
+            return self._registry_list({"name": m.group(1), "tags": tags}, route, last, query)
+        m = _CONTENT_ROUTE.match(route)
+        if not m:
+            raise RegistryError(404, "NAME_UNKNOWN", "%s is not part of the registry API" % route[:100])
+        name, kind, reference = m.groups()
+        repository_name(name)
+        if kind == "blobs":
+            return self._send_blob(registry, reference)
+        data, media_type, digest = registry.manifest(name, reference,
+                                                     manifest_type_for(", ".join(self.headers.get_all("Accept") or [])))
+        self._registry_send(200, data, media_type, {"Docker-Content-Digest": digest})
+
+    def _registry_list(self, doc: Dict[str, Any], route: str, last: Optional[str],
+                       query: Mapping[str, List[str]]) -> None:
+        """A page of a list, with a Link to the next one (RFC 8288) if there is more."""
+        extra = {}
+        if last is not None:
+            n = (query.get("n") or [str(REGISTRY_PAGE)])[0]
+            extra["Link"] = '<%s?%s>; rel="next"' % (route, urllib.parse.urlencode({"n": n, "last": last}))
+        self._registry_send(200, json.dumps(doc).encode() + b"\n", extra=extra)
+
+    def _send_blob(self, registry: Registry, digest: str) -> None:
+        """A blob: its headers (HEAD), a redirect to a presigned URL (S3), or its bytes (Range: 206)."""
+        key, size = registry.blob(digest)
+        headers = {"Docker-Content-Digest": digest, "Accept-Ranges": "bytes",
+                   "Docker-Distribution-API-Version": "registry/2.0"}
+        if self.command == "HEAD":
+            return self._blob_head(200, size, headers)
+        if registry.presign is not None and self.server.redirect:
+            headers["Location"] = registry.presign(key)
+            return self._blob_head(307, 0, headers)
+        wanted = parse_range(self.headers["Range"], size) if self.headers.get("Range") else None
+        first, last = wanted or (0, size - 1)
+        if wanted:
+            headers["Content-Range"] = "bytes %d-%d/%d" % (first, last, size)
+        self._blob_head(206 if wanted else 200, last - first + 1, headers)
+        try:
+            self._blob_body(registry.store, key, digest, size, first, last)
+        except DogestryError as e:  # the answer is cut short: the client sees a truncated body
+            self.server.log_line(self.client_address[0], "blob %s: %s" % (digest, e))
+            self.close_connection = True
+
+    def _blob_head(self, status: int, length: int, headers: Dict[str, str]) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(length))
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+
+    def _blob_body(self, store: Store, key: str, digest: str, size: int, first: int, last: int) -> None:
+        """The bytes first..last of a stored blob: sendfile from a directory store; from S3, a whole
+        blob verified as it streams (its last piece held back unless the digest matches)."""
+        count = last - first + 1
+        if isinstance(store, LocalStore):
+            with open(store.path(key), "rb") as f:
+                if self.connection.sendfile(f, first, count) != count:
+                    raise IntegrityError("%s changed while it was sent" % key)
+            return
+        if first == 0 and count == size:
+            record = LayerRecord(digest, digest, size, "none")
+            for data in verified_blob_chunks(store, record, lambda n: None, key=key):
+                self.wfile.write(data)
+            return
+        with contextlib.closing(store.open_range(key, first, last)) as f:
+            if copy_stream(f, self.wfile, count) != count:  # type: ignore[arg-type]
+                raise IntegrityError("%s came back short" % key)
 
     # -- what a client may ask for --
 
@@ -4640,7 +5052,7 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
         return doc
 
 
-# === 16. Commands ===
+# === 17. Commands ===
 
 
 class StaticCredentials:
@@ -4795,6 +5207,13 @@ def server_tls_context(options: argparse.Namespace, environ: Mapping[str, str], 
     return ctx
 
 
+def registry_presigner(store: Store) -> Optional[Callable[[str], str]]:
+    """For an S3 store: key -> a presigned GET URL that registry clients are redirected to."""
+    if not isinstance(store, S3Store):
+        return None
+    return lambda key: store.client.presign(store.location.prefix + key, BLOB_URL_TTL)
+
+
 def raise_open_files_limit() -> None:
     """Let a server use every file descriptor it is allowed (the soft limit up to the hard one, as Go does)."""
     with contextlib.suppress(ImportError, ValueError, OSError):
@@ -4814,11 +5233,13 @@ def cmd_server(ctx: Context) -> int:
     """-server [STORE]: serve image pulls to docker clients and dogestry -pullhosts."""
     options = ctx.options
     own = ctx.remotes.get(options.store, options.store) if options.store else None
-    private = ""
+    private, registry = "", None  # type: str, Optional[Registry]
     if own:
         store = ctx.store(own)
         store.check()
         private = store.root if isinstance(store, LocalStore) else ""
+        registry = Registry(store, registry_presigner(store))
+    htpasswd = Htpasswd(options.htpasswd) if options.htpasswd else None
     policy = ServerPolicy(own, options.allow or [], options.registry or [],
                           ctx.environ.get("AWS_ENDPOINT_URL_S3") or ctx.environ.get("AWS_ENDPOINT_URL"))
     tls = server_tls_context(options, ctx.environ, ctx.home)
@@ -4833,7 +5254,8 @@ def cmd_server(ctx: Context) -> int:
     raise_open_files_limit()
     try:
         server = DogestryServer((options.address, options.port), ctx.docker(), policy, open_for,
-                                ctx.presigned_store, ctx.stdout, ctx.stderr, tls, limits, private)
+                                ctx.presigned_store, ctx.stdout, ctx.stderr, tls, limits, private, registry,
+                                htpasswd, options.redirect)
     except OSError as e:
         raise DogestryError("cannot listen on %s:%d: %s" % (options.address, options.port, _os_reason(e)))
     ctx.stdout.write("dogestry server %s listening on %s:%d%s (Docker at %s)\n"
@@ -4886,6 +5308,24 @@ def cmd_login(ctx: Context) -> int:
     update_docker_config(path, ctx.options.registry, {
         "auth": base64.b64encode(("%s:%s" % (access_key, secret_key)).encode()).decode(), "email": s3_url})
     ctx.stdout.write("Login saved for %s in %s\n" % (ctx.options.registry, path))
+    return 0
+
+
+def cmd_passwd(ctx: Context) -> int:
+    """passwd USER: a line for -htpasswd FILE; the password is asked twice on a terminal, else read from stdin."""
+    user = ctx.options.user
+    if not re.match(r"^[^:\s\x00-\x1f\x7f]{1,128}$", user):
+        raise UsageError("invalid user name %r: no colon, space or control character" % user[:100])
+    stdin = ctx.stdin or sys.stdin
+    if hasattr(stdin, "isatty") and stdin.isatty():
+        password = getpass.getpass("Password: ", stream=ctx.stderr)  # type: ignore[arg-type]
+        if getpass.getpass("Password again: ", stream=ctx.stderr) != password:  # type: ignore[arg-type]
+            raise UsageError("the passwords differ")
+    else:
+        password = stdin.readline().rstrip("\r\n")
+    if not password:
+        raise UsageError("the password cannot be blank")
+    ctx.stdout.write("%s:%s\n" % (user, password_hash(password)))
     return 0
 
 
@@ -5013,7 +5453,7 @@ def cmd_version(ctx: Context) -> int:
     return 0
 
 
-# === 17. Command line and main() ===
+# === 18. Command line and main() ===
 
 COMMANDS = (
     ("push", cmd_push, "push STORE IMAGE[:TAG]...", "Store images (and their tags) in STORE."),
@@ -5023,6 +5463,7 @@ COMMANDS = (
     ("rm", cmd_rm, "rm STORE IMAGE:TAG...", "Delete tags from STORE."),
     ("remote", cmd_remote, "remote STORE", "Describe STORE."),
     ("login", cmd_login, "login REGISTRY", "Save AWS keys and an S3 URL as docker credentials for REGISTRY."),
+    ("passwd", cmd_passwd, "passwd USER", "Print a line for -server -htpasswd FILE: USER and a hash of a password."),
     ("version", cmd_version, "version", "Print the version."),
     ("help", None, "help [COMMAND]", "Show help for dogestry or a command."),
 )
@@ -5050,6 +5491,16 @@ class _HelpShown(Exception):
     def __init__(self, status: int, text: str = ""):
         super().__init__(status)
         self.status, self.text = status, text
+
+
+def parse_bool(text: str) -> bool:
+    """true/false the Go flag way (1, t, true, 0, f, false, any case)."""
+    value = text.strip().lower()
+    if value in ("1", "t", "true", "yes"):
+        return True
+    if value in ("0", "f", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError("expected true or false, not %r" % text)
 
 
 def _add_global_options(parser: argparse.ArgumentParser) -> None:
@@ -5080,6 +5531,11 @@ def _add_global_options(parser: argparse.ArgumentParser) -> None:
     flag("tlskey", metavar="FILE", help="with -server: the server's TLS key")
     flag("read-timeout", metavar="SECONDS", type=float, default=ServerLimits().read_timeout,
          help="with -server: time a client has to send a request (default %g)" % ServerLimits().read_timeout)
+    flag("htpasswd", metavar="FILE", help="with -server: registry clients must log in as a user of FILE "
+         "(lines USER:pbkdf2_sha256$..., see 'dogestry passwd')")
+    flag("redirect", metavar="BOOL", type=parse_bool, nargs="?", const=True, default=True,
+         help="with -server STORE on S3: send registry clients to presigned S3 URLs for blobs (default true; "
+              "-redirect=false streams them through the server)")
     flag("max-connections", metavar="N", type=int, default=ServerLimits().max_connections,
          help="with -server: connections served at once (default %d)" % ServerLimits().max_connections)
     parser.add_argument("-version", "--version", "-v", action="store_true", help="print the version and exit")
@@ -5101,6 +5557,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
         if name == "login":
             p.add_argument("registry", metavar="REGISTRY", help="the registry name docker users pull from")
+        if name == "passwd":
+            p.add_argument("user", metavar="USER", help="the user name registry clients log in with")
         if name in ("push", "pull", "list", "inspect", "rm", "remote"):
             p.add_argument("store", metavar="STORE", help=STORE_HELP)
         if name in ("push", "pull", "rm"):
