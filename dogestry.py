@@ -3891,6 +3891,19 @@ def repository_name(name: str) -> str:
     return name
 
 
+def check_digest(digest: str) -> Optional[str]:
+    """The hex of a sha256 digest; None for a well-formed digest of another algorithm (never stored);
+    DIGEST_INVALID for anything else (the spec's grammar, and 64 hex digits for sha256)."""
+    if not _MANIFEST_DIGEST.match(digest) or len(digest) > 256:
+        raise RegistryError(400, "DIGEST_INVALID", "invalid digest %r" % digest[:100])
+    algorithm, _, encoded = digest.partition(":")
+    if algorithm != "sha256":
+        return None
+    if not _HEX64.match(encoded):
+        raise RegistryError(400, "DIGEST_INVALID", "invalid sha256 digest %r" % digest[:100])
+    return encoded
+
+
 def page(items: Sequence[str], query: Mapping[str, List[str]]) -> Tuple[List[str], Optional[str]]:
     """The items after `last`, at most `n` of them; and the `last` of the next page, if there is one."""
     last = (query.get("last") or [""])[0]
@@ -3928,8 +3941,7 @@ class Registry:
         """(bytes, media type, digest) of a repository's manifest, by tag or by digest."""
         repository_name(name)
         if ":" in reference:
-            if not _MANIFEST_DIGEST.match(reference):
-                raise RegistryError(400, "DIGEST_INVALID", "invalid digest %r" % reference[:100])
+            check_digest(reference)
             image_hex, found_type = self._by_digest(name, reference)
             data, digest = self._manifest_of(image_hex, found_type)
             return data, found_type, digest
@@ -3982,12 +3994,9 @@ class Registry:
 
     def blob(self, digest: str) -> Tuple[str, int]:
         """(store key, size) of a blob: a stored layer, or an image's config."""
-        if not _MANIFEST_DIGEST.match(digest):
-            raise RegistryError(400, "DIGEST_INVALID", "invalid digest %r" % digest[:100])
-        try:
-            hexpart = digest_hex(digest)
-        except FormatError:
+        if check_digest(digest) is None:
             raise RegistryError(404, "BLOB_UNKNOWN", "only sha256 blobs are stored (%s)" % digest[:100])
+        hexpart = digest_hex(digest)
         for key in (blob_key(digest), image_key(hexpart, "config.json")):
             size = self.store.stat(key)
             if size is not None:

@@ -12,12 +12,10 @@ import hashlib
 import io
 import json
 import os
-import re
 import shutil
 import subprocess
 import tempfile
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -241,3 +239,195 @@ def test_uncompressed_and_precompressed_layers(pushed, servers, base_env, puller
     manifest = json.loads(call(HOSTS[0], "GET", "/v2/other/manifests/1").body)
     assert [l["digest"] for l in manifest["layers"]] == ["sha256:" + hashlib.sha256(b).hexdigest() for b in blobs]
     forget(puller, ref("other:1"))
+
+
+# === the API itself ==================================================================================
+
+def v2(path, headers=None, method="GET"):
+    answer = call(HOSTS[0], method, path, headers)
+    assert answer.headers.getheader("Docker-Distribution-API-Version") == "registry/2.0", answer
+    return answer
+
+
+def error_code(answer):
+    assert answer.headers.getheader("Content-Type", "").startswith("application/json"), answer
+    (error,) = answer.json()["errors"]
+    assert error["message"]
+    return error["code"]
+
+
+def test_a_server_without_a_store_says_the_registry_needs_one(servers, base_env, puller):
+    servers(HOSTS[0], server_env(base_env, puller, ""))
+    answer = v2("/v2/")
+    assert answer.status == 404 and error_code(answer) == "UNSUPPORTED"
+    assert "dogestry -server STORE" in answer.json()["errors"][0]["message"]
+
+
+def test_tags_and_catalog_page_with_links(pushed, servers, base_env, puller):
+    registry(servers, base_env, puller, pushed.store)
+    base = v2("/v2/")
+    assert (base.status, base.body) == (200, b"{}\n")
+    assert v2("/v2/_catalog").json() == {"repositories": ["a/b/c/app", "team/app"]}
+    first = v2("/v2/_catalog?n=1")
+    assert first.json() == {"repositories": ["a/b/c/app"]}
+    link = first.headers.getheader("Link")
+    assert link == '</v2/_catalog?n=1&last=a%2Fb%2Fc%2Fapp>; rel="next"', link
+    second = v2(link[1:link.index(">")])
+    assert second.json() == {"repositories": ["team/app"]} and second.headers.getheader("Link") is None
+    assert v2("/v2/team/app/tags/list").json() == {"name": "team/app", "tags": ["1", "2"]}
+    paged = v2("/v2/team/app/tags/list?n=1")
+    assert paged.json()["tags"] == ["1"] and "last=1" in paged.headers.getheader("Link")
+    assert v2("/v2/team/app/tags/list?n=1&last=1").json()["tags"] == ["2"]
+    assert v2("/v2/team/app/tags/list?n=0").json()["tags"] == []
+    unknown = v2("/v2/no/such/tags/list")
+    assert unknown.status == 404 and error_code(unknown) == "NAME_UNKNOWN"
+
+
+def test_manifests_and_blobs_over_http(pushed, servers, base_env, puller):
+    registry(servers, base_env, puller, pushed.store)
+    accept = {"Accept": dogestry.OCI_MANIFEST}
+    got = v2("/v2/team/app/manifests/1", accept)
+    assert got.status == 200 and got.headers.getheader("Content-Type") == dogestry.OCI_MANIFEST
+    digest = got.headers.getheader("Docker-Content-Digest")
+    assert digest == "sha256:" + hashlib.sha256(got.body).hexdigest()
+    assert int(got.headers.getheader("Content-Length")) == len(got.body)
+    head = v2("/v2/team/app/manifests/1", accept, "HEAD")
+    assert (head.status, head.body, head.headers.getheader("Docker-Content-Digest")) == (200, b"", digest)
+    assert v2("/v2/team/app/manifests/" + digest).body == got.body  # by digest
+    docker = v2("/v2/team/app/manifests/2", {"Accept": dogestry.DOCKER_MANIFEST})
+    assert docker.headers.getheader("Content-Type") == dogestry.DOCKER_MANIFEST
+    assert v2("/v2/team/app/manifests/" + docker.headers.getheader("Docker-Content-Digest")).body == docker.body
+
+    manifest = got.json()
+    config = v2("/v2/team/app/blobs/" + manifest["config"]["digest"])
+    assert "sha256:" + hashlib.sha256(config.body).hexdigest() == pushed.ids["app"]  # byte for byte
+    layer = manifest["layers"][1]
+    blob = v2("/v2/team/app/blobs/" + layer["digest"])
+    assert blob.status == 200 and len(blob.body) == layer["size"]
+    assert "sha256:" + hashlib.sha256(blob.body).hexdigest() == layer["digest"]
+    part = v2("/v2/team/app/blobs/" + layer["digest"], {"Range": "bytes=100-199"})
+    assert part.status == 206 and part.body == blob.body[100:200]
+    assert part.headers.getheader("Content-Range") == "bytes 100-199/%d" % layer["size"]
+    tail = v2("/v2/team/app/blobs/" + layer["digest"], {"Range": "bytes=-10"})
+    assert tail.status == 206 and tail.body == blob.body[-10:]
+    beyond = v2("/v2/team/app/blobs/" + layer["digest"], {"Range": "bytes=%d-" % layer["size"]})
+    assert beyond.status == 416 and error_code(beyond) == "RANGE_INVALID"
+
+
+def test_s3_blobs_redirect_or_stream_verified(pushed, servers, base_env, puller, rgw, fault_proxy):
+    """By default a client fetches blobs from S3 itself; with -redirect=false through the server,
+    which stops short of the last bytes when a blob does not match its digest."""
+    proxy = fault_proxy()
+    redirecting = registry(servers, base_env, puller, pushed.s3, env=dict(s3_env(rgw), AWS_ENDPOINT_URL=proxy.url))
+    layer = v2("/v2/team/app/manifests/1").json()["layers"][1]
+    moved = v2("/v2/team/app/blobs/" + layer["digest"])
+    assert moved.status == 307 and moved.body == b""
+    location = moved.headers.getheader("Location")
+    assert location.startswith(proxy.url) and "X-Amz-Signature=" in location and "X-Amz-Expires=900" in location
+    assert not [e for e in proxy.log if "/blobs/" in e["path"] and e["method"] == "GET"]  # the server read none
+    redirecting.stop()
+
+    def corrupt(req):
+        if req.method == "GET" and layer["digest"][7:] in req.path:
+            from faultproxy import Reply
+            return Reply(200, b"\0" * layer["size"])
+        return None
+
+    proxy = fault_proxy(corrupt)
+    registry(servers, base_env, puller, pushed.s3, "-redirect=false",
+             env=dict(s3_env(rgw), AWS_ENDPOINT_URL=proxy.url))
+    answer = raw_exchange(HOSTS[0], b"GET /v2/team/app/blobs/%s HTTP/1.1\r\nHost: x\r\n\r\n" % layer["digest"].encode())
+    assert raw_status(answer) == 200
+    assert len(answer.split(b"\r\n\r\n", 1)[1]) < layer["size"]  # cut short: the client sees a broken body
+
+
+@pytest.mark.parametrize("method,path,status,code", [
+    ("GET", "/v2/team/app/manifests/nosuch", 404, "MANIFEST_UNKNOWN"),
+    ("GET", "/v2/no/such/manifests/1", 404, "NAME_UNKNOWN"),
+    ("GET", "/v2/team/app/manifests/sha256:" + "0" * 64, 404, "MANIFEST_UNKNOWN"),
+    ("GET", "/v2/team/app/blobs/sha256:" + "0" * 64, 404, "BLOB_UNKNOWN"),
+    ("GET", "/v2/team/app/blobs/sha256:xyz", 400, "DIGEST_INVALID"),
+    ("GET", "/v2/team/app/blobs/md5:" + "0" * 32, 404, "BLOB_UNKNOWN"),
+    ("GET", "/v2/Team/App/manifests/1", 400, "NAME_INVALID"),
+    ("GET", "/v2/team/../../etc/manifests/1", 400, "NAME_INVALID"),
+    ("GET", "/v2/team/%2e%2e/manifests/1", 400, "NAME_INVALID"),
+    ("GET", "/v2/team/app/manifests/-bad", 400, "TAG_INVALID"),
+    ("GET", "/v2/team/app/manifests/" + "t" * 200, 400, "TAG_INVALID"),
+    ("GET", "/v2/team/app/tags/list?n=abc", 400, "PAGINATION_NUMBER_INVALID"),
+    ("POST", "/v2/team/app/blobs/uploads/", 405, "UNSUPPORTED"),
+    ("PUT", "/v2/team/app/manifests/1", 405, "UNSUPPORTED"),
+    ("PATCH", "/v2/team/app/blobs/uploads/x", 405, "UNSUPPORTED"),
+    ("DELETE", "/v2/team/app/manifests/1", 405, "UNSUPPORTED"),
+    ("GET", "/v2/team/app/referrers/sha256:" + "0" * 64, 404, "NAME_UNKNOWN"),
+])
+def test_bad_requests_get_the_specs_errors(method, path, status, code, pushed, servers, base_env, puller):
+    server = registry(servers, base_env, puller, pushed.store)
+    answer = v2(path, {"Content-Type": "application/json"}, method) if method == "GET" else \
+        call(HOSTS[0], method, path, {"Content-Type": "application/json"}, b"{}")
+    assert answer.status == status and error_code(answer) == code, answer
+    assert v2("/v2/").status == 200  # still serving
+    server.assert_no_traceback()
+
+
+def test_an_image_in_the_original_layout_says_how_to_serve_it(docker_host, servers, base_env, puller, tmp_path):
+    from test_save_formats import legacy_store
+    build_image(docker_host, "dgreg/old:1", [{"a.txt": b"old\n"}], workdir=tmp_path)
+    saved = tmp_path / "v1.tar"
+    docker_cli(docker_host, "save", "-o", str(saved), "dgreg/old:1")
+    store = tmp_path / "legacy"
+    top = legacy_store(saved, store)["dgreg/old"]["1"]
+    (store / "repositories" / "old").mkdir(parents=True)
+    (store / "repositories" / "old" / "1").write_text(top)
+    registry(servers, base_env, puller, store)
+    answer = v2("/v2/old/manifests/1")
+    assert answer.status == 404 and error_code(answer) == "MANIFEST_UNKNOWN"
+    assert "original dogestry layout" in answer.json()["errors"][0]["message"]
+    assert "push it again" in answer.json()["errors"][0]["message"]
+    docker_cli(docker_host, "rmi", "dgreg/old:1")
+
+
+def test_htpasswd_and_docker_login(pushed, servers, base_env, puller, tmp_path):
+    line = run_dogestry("passwd", "alice", input="s3cret\n", env=base_env)
+    assert line.returncode == 0 and line.stdout.startswith("alice:pbkdf2_sha256$600000$"), line
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text("# who may pull\n" + line.stdout)
+    registry(servers, base_env, puller, pushed.store, "-htpasswd", htpasswd)
+    anonymous = v2("/v2/")
+    assert anonymous.status == 401 and error_code(anonymous) == "UNAUTHORIZED"
+    assert anonymous.headers.getheader("WWW-Authenticate") == 'Basic realm="dogestry"'
+    wrong = v2("/v2/", {"Authorization": "Basic " + base64.b64encode(b"alice:nope").decode()})
+    assert wrong.status == 401
+    right = v2("/v2/team/app/tags/list", {"Authorization": "Basic " + base64.b64encode(b"alice:s3cret").decode()})
+    assert right.status == 200 and right.json()["tags"] == ["1", "2"]
+
+    config = tmp_path / "docker-config"
+    config.mkdir()
+    cli = ["--config", str(config)]
+    denied = docker_cli(puller.host, *cli, "login", "-u", "alice", "--password-stdin", "%s:%d" % (HOSTS[0], PORT),
+                        input="wrong\n", check=False)
+    assert denied.returncode != 0
+    logged = docker_cli(puller.host, *cli, "login", "-u", "alice", "--password-stdin", "%s:%d" % (HOSTS[0], PORT),
+                        input="s3cret\n")
+    assert "Login Succeeded" in logged.stdout
+    forget(puller, ref(NAMES[0]))
+    assert docker_cli(puller.host, "pull", ref(NAMES[0]), check=False).returncode != 0  # no login: no pull
+    docker_cli(puller.host, *cli, "pull", ref(NAMES[0]))
+    assert image_id(puller.host, ref(NAMES[0])) == pushed.ids["app"]
+    forget(puller, ref(NAMES[0]))
+
+
+def test_https_with_a_test_ca(pushed, servers, base_env, puller, tmp_path_factory):
+    d = ca_dir(tmp_path_factory, "regtls")
+    make_leaf(d, "ca", "server", "/CN=%s" % HOSTS[0], server_ext("IP:%s" % HOSTS[0]))
+    certs = d / "clients"
+    certs.mkdir()
+    shutil.copyfile(str(d / "ca.pem"), str(certs / "ca.crt"))
+    registry(servers, base_env, puller, pushed.store, "-tls", "-tlscert", d / "server-cert.pem",
+             "-tlskey", d / "server-key.pem", tls=tls_client_context(d / "ca.pem"))
+    proc = subprocess.run(["skopeo", "inspect", "--cert-dir", str(certs), "docker://" + ref(NAMES[0])],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["Digest"].startswith("sha256:")
+    untrusted = subprocess.run(["skopeo", "inspect", "docker://" + ref(NAMES[0])], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+    assert untrusted.returncode != 0 and "certificate" in untrusted.stderr
