@@ -54,7 +54,9 @@ saved tar, dockerd and radosgw data and logs).  MB = 10^6 bytes, MiB = 2^20 byte
 import argparse
 import concurrent.futures
 import collections
+import contextlib
 import hashlib
+import http.client
 import importlib.util
 import json
 import os
@@ -105,6 +107,9 @@ WARMUP_TOUCH = 1 << 30    # bytes of fresh memory touched once before the S3 sta
 # the fleet's extra dockerds: random loopback addresses nothing listens on (no run collides with another)
 FLEET_ADDRESSES = loopback_addresses(3)
 FLEET_PORT = 2375
+REGISTRY_PORT = 5000       # the reference registry's port (on an address of its own)
+TARGET_REGISTRY_RATIO = 1.0   # docker pull through dogestry -server against docker-registry
+TARGET_REDIRECT_SHARE = 0.01  # of the image's bytes, what the dogestry server may send itself
 SERVER_PORT = 22375        # dogestry's server port: -pullhosts would delegate S3 pulls to servers there
 BLOB_DIR = "blobs/sha256"  # where a dogestry store keeps its blobs
 
@@ -641,6 +646,34 @@ def touch_memory(nbytes):
 
 
 # --- fleet: extra dockerds, and what a pull fetched from the store ------------------------
+
+def registry_answers(address, port):
+    """Does a registry answer GET /v2/ there (200 or 401)?"""
+    conn = http.client.HTTPConnection(address, port, timeout=2)
+    try:
+        conn.request("GET", "/v2/")
+        return conn.getresponse().status in (200, 401)
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
+
+
+def wchar(pid):
+    """Bytes process PID has written so far, to files and sockets (/proc/PID/io)."""
+    with open("/proc/%d/io" % pid) as f:
+        return int(re.search(r"^wchar: (\d+)", f.read(), re.M).group(1))
+
+
+def ctr_pull(sock, ref):
+    """ctr images pull of REF into a namespace of its own (so nothing is there yet), timed."""
+    namespace = "bench%s" % os.urandom(4).hex()
+    run = timed_process(["ctr", "-a", sock, "-n", namespace, "images", "pull", "--plain-http", "--snapshotter",
+                         "native", ref], os.environ.copy())
+    subprocess.run(["ctr", "-a", sock, "-n", namespace, "images", "rm", "--sync", ref], stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    return Result("", run.wall, None, None, None, None)
+
 
 def port_open(address, port, timeout=0.5):
     """True if something accepts TCP connections at ADDRESS:PORT."""
@@ -1404,7 +1437,97 @@ def run(args, state):
              "S3 pull peak RSS %.1f MiB <= %d MiB" % (s3pull.rss_kib / 1024, TARGET_RSS_MIB)),
             (s3repush.seconds < TARGET_REPUSH_S,
              "S3 re-push %.2f s < %.1f s" % (s3repush.seconds, TARGET_REPUSH_S)),
-        ] + s3_fleet_checks
+        ] + s3_fleet_checks + (run_registry(gw, s3_env, url, client, dogestry) if args.registry else [])
+
+    def run_registry(gw, s3_env, url, client, dogestry):
+        """docker pull (and ctr pull) of the image through `dogestry -server STORE` (the S3 store,
+        blobs by presigned redirect), against Debian's docker-registry with its S3 driver on the
+        same radosgw, in this run; and how many bytes the dogestry server itself sent."""
+        registry_bin = shutil.which("docker-registry")
+        if registry_bin is None:
+            image["registry"] = ["registry: skipped, docker-registry is not installed (apt-get install docker-registry)"]
+            return []
+        dog_addr, ref_addr = loopback_addresses(2, ports=(SERVER_PORT, REGISTRY_PORT))
+        dog_ref = "%s:%d/%s" % (dog_addr, SERVER_PORT, TAG)
+        ref_ref = "%s:%d/%s" % (ref_addr, REGISTRY_PORT, TAG)
+        procs = []
+        try:
+            with open(str(workdir / "dogestry-server.log"), "wb") as out:
+                procs.append(subprocess.Popen(dogestry_cmd(workdir, "-server", "-address", dog_addr, "-port",
+                                                           str(SERVER_PORT), url),
+                                              env=s3_env, stdout=out, stderr=subprocess.STDOUT))
+            reg_bucket = "dgbenchreg-%d-%s" % (os.getpid(), os.urandom(4).hex())
+            make_bucket(s3_client(dogestry, gw, reg_bucket))
+            config = workdir / "registry.yml"
+            config.write_text(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  s3:\n    accesskey: %s\n    secretkey: %s\n"
+                "    region: us-east-1\n    regionendpoint: %s\n    bucket: %s\n    secure: false\n"
+                "    v4auth: true\n    rootdirectory: /registry\n  cache:\n    blobdescriptor: inmemory\n"
+                "http:\n  addr: %s:%d\n  secret: bench\n"
+                % (gw.access_key, gw.secret_key, gw.endpoint, reg_bucket, ref_addr, REGISTRY_PORT))
+            reg_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # AWS_CA_BUNDLE panics it
+            with open(str(workdir / "docker-registry.log"), "wb") as out:
+                procs.append(subprocess.Popen([registry_bin, "serve", str(config)], env=reg_env, stdout=out,
+                                              stderr=subprocess.STDOUT))
+            for address, port in ((dog_addr, SERVER_PORT), (ref_addr, REGISTRY_PORT)):
+                deadline = time.monotonic() + 30
+                while not registry_answers(address, port):
+                    if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                        raise BenchError("the registry on %s:%d did not start (see %s)" % (address, port, workdir))
+                    time.sleep(0.1)
+            log("pushing %s to docker-registry (docker push; not timed)" % TAG)
+            t = time.perf_counter()
+            docker_cli(host, "tag", TAG, ref_ref)
+            docker_cli(host, "push", ref_ref)
+            log("docker push to docker-registry took %.1f s" % (time.perf_counter() - t))
+
+            def forget_all():
+                for r in (ref_ref, dog_ref):
+                    if image_id(host, r) is not None:
+                        docker_cli(host, "rmi", "-f", r)
+                remove_image(host, TAG, diff_ids, handle, missing_ok=True)
+
+            def docker_pull(ref, server=None):
+                forget_all()
+                e0, io0 = engine.now(), wchar(server.pid) if server else None
+                run = timed_process([docker, "-H", host, "pull", ref], env)
+                result = Result("", run.wall, tar_bytes, None, None, engine.since(e0))
+                if image_id(host, ref) != img:
+                    raise BenchError("docker pull %s gave image %s, not %s" % (ref, image_id(host, ref), img))
+                sent = wchar(server.pid) - io0 if server else None
+                result.note = "image ID after pull: the same" + (
+                    "; the server itself sent %.2f MB (%.2f%% of the image)" % (sent / MB, 100.0 * sent / tar_bytes)
+                    if server else "")
+                result.sent = sent
+                return result
+
+            results.append("-- registry API: docker pull through dogestry -server %s (S3, presigned redirects) and"
+                           " through docker-registry 2.8 (S3 driver) on the same radosgw" % url)
+            dog = add(named("docker pull via dogestry -server", best_of(args.repeat, lambda: docker_pull(
+                dog_ref, procs[0]))))
+            ref = add(named("docker pull via docker-registry", best_of(args.repeat, lambda: docker_pull(ref_ref))))
+            floors[dog.stage] = ("docker-registry", ref.seconds)
+            if handle is not None:
+                sock = str(handle.exec_root / "containerd" / "containerd.sock")
+                for name, target in (("dogestry -server", dog_ref), ("docker-registry", ref_ref)):
+                    add(named("ctr pull via %s" % name, best_of(args.repeat, lambda: ctr_pull(sock, target))))
+            forget_all()
+            docker_cli(host, "pull", dog_ref)  # the image back under its own tag, for what follows
+            docker_cli(host, "tag", dog_ref, TAG)
+            docker_cli(host, "rmi", dog_ref)
+            return [
+                (dog.seconds <= TARGET_REGISTRY_RATIO * ref.seconds,
+                 "docker pull via dogestry %.2f s <= %.1f x via docker-registry %.2f s  [%.2fx]"
+                 % (dog.seconds, TARGET_REGISTRY_RATIO, ref.seconds, dog.seconds / ref.seconds)),
+                (dog.sent < TARGET_REDIRECT_SHARE * tar_bytes,
+                 "the dogestry server sent %.2f MB < %.0f%% of the image (blobs come from S3 by redirect)"
+                 % (dog.sent / MB, 100 * TARGET_REDIRECT_SHARE)),
+            ]
+        finally:
+            for proc in procs:
+                proc.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(10)
 
     s3_checks = []
     if args.s3:
@@ -1474,6 +1597,8 @@ def main(argv=None):
                        help="also benchmark dogestry -pullhosts to 1 and 3 extra dockerds on random loopback addresses"
                        " (the default)")
     fleet.add_argument("--no-fleet", dest="fleet", action="store_false", help="skip the fleet")
+    parser.add_argument("--no-registry", dest="registry", action="store_false", default=True,
+                        help="with S3: skip docker pull through dogestry -server and docker-registry")
     args = parser.parse_args(argv)
     args.s3_auto = args.s3 is None
     if args.s3 is None:
