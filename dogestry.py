@@ -3244,7 +3244,7 @@ class BlobFeeder:
                 if len(data) != size:
                     return  # short: _verify names the blob corrupt
                 pending.append(pool.submit(inflate_member, data))
-                while len(pending) > workers:
+                while len(pending) >= workers:
                     self._give(pending.popleft().result())
             while pending:
                 self._give(pending.popleft().result())

@@ -659,6 +659,19 @@ def registry_answers(address, port):
         conn.close()
 
 
+def served_layers(address, port, ref):
+    """The layers a registry's manifest of REF names: their sizes and media types, for the report."""
+    name, _, tag = ref.rpartition(":")
+    conn = http.client.HTTPConnection(address, port, timeout=10)
+    try:
+        conn.request("GET", "/v2/%s/manifests/%s" % (name, tag), headers={"Accept": ", ".join((
+            "application/vnd.oci.image.manifest.v1+json", "application/vnd.docker.distribution.manifest.v2+json"))})
+        layers = json.loads(conn.getresponse().read())["layers"]
+    finally:
+        conn.close()
+    return ", ".join("%.1f MB %s" % (l["size"] / MB, l["mediaType"].rpartition(".")[2]) for l in layers)
+
+
 def wchar(pid):
     """Bytes process PID has written so far, to files and sockets (/proc/PID/io)."""
     with open("/proc/%d/io" % pid) as f:
@@ -1503,6 +1516,8 @@ def run(args, state):
 
             results.append("-- registry API: docker pull through dogestry -server %s (S3, presigned redirects) and"
                            " through docker-registry 2.8 (S3 driver) on the same radosgw" % url)
+            for name, address, port in (("dogestry", dog_addr, SERVER_PORT), ("docker-registry", ref_addr, REGISTRY_PORT)):
+                results.append("   %s serves the layers as %s" % (name, served_layers(address, port, TAG)))
             dog = add(named("docker pull via dogestry -server", best_of(args.repeat, lambda: docker_pull(
                 dog_ref, procs[0]))))
             ref = add(named("docker pull via docker-registry", best_of(args.repeat, lambda: docker_pull(ref_ref))))
