@@ -370,14 +370,10 @@ def test_bad_requests_get_the_specs_errors(method, path, status, code, pushed, s
 
 
 def test_an_image_in_the_original_layout_says_how_to_serve_it(docker_host, servers, base_env, puller, tmp_path):
-    from test_save_formats import legacy_store
+    from test_save_formats import original_layout
     build_image(docker_host, "dgreg/old:1", [{"a.txt": b"old\n"}], workdir=tmp_path)
-    saved = tmp_path / "v1.tar"
-    docker_cli(docker_host, "save", "-o", str(saved), "dgreg/old:1")
     store = tmp_path / "legacy"
-    top = legacy_store(saved, store)["dgreg/old"]["1"]
-    (store / "repositories" / "old").mkdir(parents=True)
-    (store / "repositories" / "old" / "1").write_text(top)
+    original_layout(docker_host, "dgreg/old:1", store, "old/1")
     registry(servers, base_env, puller, store)
     answer = v2("/v2/old/manifests/1")
     assert answer.status == 404 and error_code(answer) == "MANIFEST_UNKNOWN"

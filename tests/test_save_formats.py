@@ -171,15 +171,22 @@ def legacy_store(v1_tar, store):
         return json.loads(tar.extractfile("repositories").read()) if "repositories" in names else {}
 
 
+def original_layout(docker_host, image_ref, store, tag_path):
+    """A store in the original's layout holding IMAGE_REF (from a real `docker save`), tagged as
+    TAG_PATH ('name/tag'); the top v1 id the tag holds."""
+    v1_tar = store.parent / (store.name + "-save.tar")
+    docker_cli(docker_host, "save", "-o", str(v1_tar), image_ref)
+    name, _, tag = image_ref.rpartition(":")
+    top = legacy_store(v1_tar, store)[name][tag]
+    (store / "repositories" / tag_path).parent.mkdir(parents=True)
+    (store / "repositories" / tag_path).write_text(top)
+    return top
+
+
 def test_original_layout_is_listed_and_pulled_with_the_same_layers(docker_host, docker_env, saved, tmp_path):
     image, _ = saved
-    v1_tar = tmp_path / "tagged.tar"
-    docker_cli(docker_host, "save", "-o", str(v1_tar), "dgtest/formats:1")
     store = tmp_path / "legacy"
-    repositories = legacy_store(v1_tar, store)
-    top = repositories["dgtest/formats"]["1"]
-    (store / "repositories" / "oldapp").mkdir(parents=True)
-    (store / "repositories" / "oldapp" / "20131210").write_text(top)
+    top = original_layout(docker_host, "dgtest/formats:1", store, "oldapp/20131210")
 
     listing = run_dogestry("list", store, env=docker_env)
     assert listing.stdout.splitlines()[1].split() == ["oldapp", "20131210", top[:12]]
@@ -214,12 +221,8 @@ def test_the_originals_images_at_the_bucket_root_are_read_from_a_prefix(docker_h
     the path it was given finds the image there (and says so); list shows it, marked; nothing is
     ever written at the root."""
     image, _ = saved
-    v1_tar = tmp_path / "tagged.tar"
-    docker_cli(docker_host, "save", "-o", str(v1_tar), "dgtest/formats:1")
     local = tmp_path / "legacy"
-    top = legacy_store(v1_tar, local)["dgtest/formats"]["1"]
-    (local / "repositories" / "oldapp").mkdir(parents=True)
-    (local / "repositories" / "oldapp" / "20131210").write_text(top)
+    top = original_layout(docker_host, "dgtest/formats:1", local, "oldapp/20131210")
     env = {"AWS_ACCESS_KEY_ID": rgw.access_key, "AWS_SECRET_ACCESS_KEY": rgw.secret_key}
     config = dogestry.AwsConfig(env, "/nonexistent")
     client = dogestry.S3Client(dogestry.S3Location(bucket, "", "us-east-1", rgw.endpoint),
