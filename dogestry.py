@@ -242,6 +242,27 @@ def start_thread(target: Callable[..., None], args: Sequence[Any] = (), name: st
     return thread
 
 
+def run_in_threads(func: Callable[[Any], None], items: Sequence[Any], most: int = 16) -> None:
+    """func(item) for every item, at most `most` at once, on daemon threads: a call that hangs
+    (a frozen host) never keeps the process from ending, and Ctrl-C or SIGTERM reach the caller
+    at once.  The first exception a call raised is raised here once all are done."""
+    errors = []  # type: List[BaseException]
+    slots = threading.Semaphore(max(1, most))
+
+    def run(item: Any) -> None:
+        with slots:
+            try:
+                func(item)
+            except BaseException as e:  # raised in the caller's thread below
+                errors.append(e)
+
+    threads = [start_thread(run, (item,), "dogestry-host") for item in items]
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
 # Text that reaches a terminal or a log from elsewhere (servers, stores, clients) loses its
 # control characters, so nobody can move the cursor, retitle the window or forge lines.
 _CONTROL_CHARS = {c: "\\x%02x" % c for c in list(range(0x20)) + list(range(0x7f, 0xa0))}
@@ -957,27 +978,6 @@ class OutputFile:
         else:
             with contextlib.suppress(OSError):
                 self.file.close()
-
-
-def run_in_threads(func: Callable[[Any], None], items: Sequence[Any], most: int = 16) -> None:
-    """func(item) for every item, at most `most` at once, on daemon threads: a call that hangs
-    (a frozen host) never keeps the process from ending, and Ctrl-C or SIGTERM reach the caller
-    at once.  The first exception a call raised is raised here once all are done."""
-    errors = []  # type: List[BaseException]
-    slots = threading.Semaphore(max(1, most))
-
-    def run(item: Any) -> None:
-        with slots:
-            try:
-                func(item)
-            except BaseException as e:  # raised in the caller's thread below
-                errors.append(e)
-
-    threads = [start_thread(run, (item,), "dogestry-host") for item in items]
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
 
 
 # === 6. SigV4 signing ===
@@ -3705,11 +3705,6 @@ def server_status(url: str, tls: Optional[ssl.SSLContext] = None, timeout: float
     if resp.status != 200 or body.strip() != b"OK":
         return None
     return resp.getheader(DELEGATION_HEADER) or ""
-
-
-def server_answers(url: str, timeout: float = 3.0) -> bool:
-    """Does a dogestry server answer GET /status/check with OK?"""
-    return server_status(url, None, timeout) is not None
 
 
 class Delegation(NamedTuple):

@@ -37,7 +37,8 @@ from faultproxy import Overlap
 from realdocker import (DOGESTRY, build_image, docker_cli, image_id, loopback_addresses, random_bytes, run_dogestry,
                         text_bytes)
 from serverkit import (PORT, assert_json_refusal, auth_header, b64, call, docker_user, login,
-                       pull_request, raw_body, raw_exchange, raw_status, read_answer, server_env, wipe)
+                       pull_request, raw_body, raw_exchange, raw_status, read_answer, server_env, status_check,
+                       wipe)
 
 pytestmark = pytest.mark.integration
 
@@ -577,7 +578,7 @@ def test_hostile_requests_get_4xx_and_the_server_keeps_serving(fleet, pushed, rg
         good = pull_request(HOSTS[0], name, auth)
         assert good.status == 200 and not good.errors(), good
         assert server.proc.poll() is None
-        assert dogestry.server_answers(server.url)
+        assert status_check(server.url)
         server.assert_no_traceback()
         # stop the server before the slow clients hang up: a client that goes away before its
         # answer is written makes a traceback (test_client_hanging_up_makes_no_traceback)
@@ -604,7 +605,7 @@ def test_client_hanging_up_makes_no_traceback(fleet, rgw, base_env, servers):
     while server.threads() > 1 and time.monotonic() < deadline:  # every connection's thread has ended
         time.sleep(0.05)
     assert server.threads() == 1
-    assert dogestry.server_answers(server.url)
+    assert status_check(server.url)
     assert "Traceback" not in server.stderr, server.stderr
 
 
