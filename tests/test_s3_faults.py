@@ -682,3 +682,16 @@ def test_a_ranged_read_answered_from_the_wrong_offset_is_refused(docker_host, s3
     proc = run_dogestry("pull", store_url(bucket), ref, env=via(s3_env, proxy))
     one_error_line(proc, "asked for the bytes from")
     assert image_id(docker_host, ref) is None
+
+
+def test_an_oversized_answer_is_refused_not_read_whole(rgw, bucket, fault_proxy, docker_host, s3_env):
+    """A listing answer bigger than any S3 would send (here 20 MiB) is one clear error, not memory."""
+    def rule(req):
+        if req.method == "GET" and ("list-type", "2") in req.query:
+            return Reply(200, b"<ListBucketResult>" + b" " * (20 << 20) + b"</ListBucketResult>",
+                         {"Content-Type": "application/xml"})
+        return None
+
+    proxy = fault_proxy(rule)
+    proc = run_dogestry("list", store_url(bucket), env=via(s3_env, proxy))
+    one_error_line(proc, "larger than")

@@ -286,3 +286,10 @@ def test_s3_addressing_virtual_host_on_aws_path_style_elsewhere(url, environ, ex
     config = dogestry.AwsConfig(environ, "/nonexistent")
     client = dogestry.S3Client(dogestry.parse_s3_url(url), dogestry.CredentialChain(config), config)
     assert client._target() == expect
+
+
+def test_help_is_printed_once_to_the_given_stdout():
+    for argv in (["-h"], ["--help"], ["push", "-h"]):
+        out, err = io.StringIO(), io.StringIO()
+        assert dogestry.main(argv, environ={}, stdout=out, stderr=err) == 0
+        assert out.getvalue().count("usage: dogestry") == 1 and err.getvalue() == "", (argv, out.getvalue())
