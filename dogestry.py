@@ -327,7 +327,6 @@ class ProgressSink(Protocol):
     def task(self, label: str, action: str, total: Optional[int]) -> TaskSink: ...
 
 
-
 class Progress:
     """Per-task progress on stderr: redrawn bars on a TTY, plain lines otherwise, nothing with -q."""
 
@@ -411,7 +410,7 @@ class ProgressTask:
             return
         self.done, self.status = True, printable(status)
         elapsed = max(self.owner.clock() - self.started, 1e-6)
-        message = "%s: %s" % (self.label, status)
+        message = "%s: %s" % (self.label, self.status)
         if self.done_bytes:
             message += " %s in %.1fs (%s/s)" % (human_size(self.done_bytes), elapsed,
                                                  human_size(self.done_bytes / elapsed))
@@ -745,14 +744,8 @@ class Store:
         return None
 
     def open_range(self, key: str, first: int, last: int) -> BinaryIO:
-        """A readable stream of bytes first..last of an object (stores that can seek override this)."""
-        f = self.open(key)
-        while first:
-            skipped = len(f.read(min(first, CHUNK)))
-            if not skipped:
-                break
-            first -= skipped
-        return f
+        """A readable stream of bytes first..last of an object (S3 stores; a directory store is sent with sendfile)."""
+        raise NotImplementedError
 
     def cancel(self, interrupted: bool = False) -> None:
         """Stop work in progress at once (a failed push, or an interrupt): later requests fail."""
@@ -2293,7 +2286,7 @@ class LayerRecord(NamedTuple):
         if record.size < 0 or (record.raw_size or 0) < 0 or record.compression not in ("gzip", "zstd", "none") \
                 or (record.members is not None and (record.compression != "gzip" or sum(record.members) != record.size
                                                     or min(record.members, default=1) < 1)):
-            raise FormatError("malformed layer record: %.200s" % json.dumps(doc)[:200])
+            raise FormatError("malformed layer record: %.200s" % json.dumps(doc))
         return record
 
 
@@ -2310,11 +2303,11 @@ class StoredImage(NamedTuple):
         return bool(self.legacy_chain)
 
 
-def read_json(store: Store, key: str, shape: type = dict) -> Any:
-    """A stored JSON document (at most DOCUMENT_LIMIT bytes), checked to be a `shape`."""
+def read_json(store: Store, key: str) -> Dict[str, Any]:
+    """A stored JSON object (at most DOCUMENT_LIMIT bytes)."""
     doc = parse_json(store.get_bytes(key, limit=DOCUMENT_LIMIT), "%s: %s" % (store.url, key))
-    if not isinstance(doc, shape):
-        raise FormatError("%s: %s is not a JSON %s" % (store.url, key, "object" if shape is dict else shape.__name__))
+    if not isinstance(doc, dict):
+        raise FormatError("%s: %s is not a JSON object" % (store.url, key))
     return doc
 
 
@@ -2394,7 +2387,7 @@ class FoundImage(NamedTuple):
     image: StoredImage
 
 
-def find_image(store: Store, text: str, progress: Any) -> FoundImage:
+def find_image(store: Store, text: str, progress: ProgressSink) -> FoundImage:
     """Resolve NAME[:TAG] or an ID prefix and read what the store holds for it.
 
     The original dogestry ignored the path of s3://bucket/path/ URLs and wrote at the bucket's
@@ -2511,8 +2504,7 @@ class SaveContents:
         self.small = {}     # type: Dict[str, bytes]
         self.spooled = {}   # type: Dict[str, Spool]
         self.links = {}     # type: Dict[str, str]
-        self.digests = {}   # type: Dict[str, str]
-        # (digests: member name -> sha256 of its content)
+        self.digests = {}   # type: Dict[str, str]  # member name -> sha256 of its content
 
     def resolve(self, name: str) -> str:
         """Follow symlinks (relative to the member's directory) to a regular member name."""
