@@ -3196,12 +3196,17 @@ class BlobFeeder:
                     self._inflate_members(f, record.members)
                 else:
                     self._read(f, GzipInflater() if self.inflate else None)
-            self._put(("end", self._verify(self.stored, self.stored_size, self.raw, self.raw_size)))
+            self._put(("end", self._verify()))
         except zlib.error as e:
             self._put(("error", IntegrityError("%s: blob %s is corrupt (%s); nothing was loaded"
                                                % (self.store.url, self.record.digest, e))))
         except BaseException as e:  # handed to the consumer, which raises it
             self._put(("error", e))
+
+    def _took(self, data: bytes) -> None:
+        """Count bytes read from the store."""
+        self.stored.update(data)
+        self.stored_size += len(data)
 
     def _give(self, out: bytes) -> None:
         self.raw.update(out)
@@ -3214,8 +3219,7 @@ class BlobFeeder:
             data = f.read(CHUNK)
             if not data:
                 break
-            self.stored.update(data)
-            self.stored_size += len(data)
+            self._took(data)
             for out in (inflater.feed(data) if inflater else (data,)):
                 self._give(out)
         if inflater:
@@ -3231,8 +3235,7 @@ class BlobFeeder:
                 if self.stop.is_set():
                     return
                 data = f.read(size)
-                self.stored.update(data)
-                self.stored_size += len(data)
+                self._took(data)
                 if len(data) != size:
                     return  # short: _verify names the blob corrupt
                 pending.append(pool.submit(inflate_member, data))
@@ -3240,16 +3243,15 @@ class BlobFeeder:
                     self._give(pending.popleft().result())
             while pending:
                 self._give(pending.popleft().result())
-        trailing = f.read(1)  # members cover the blob: anything more is corruption (_verify sees the size)
-        self.stored.update(trailing)
-        self.stored_size += len(trailing)
+        self._took(f.read(1))  # members cover the blob: anything more is corruption (_verify sees the size)
 
-    def _verify(self, stored: Any, stored_size: int, raw: Any, raw_size: int) -> Optional[Exception]:
+    def _verify(self) -> Optional[Exception]:
+        """The error to raise if what was read is not the blob the record names (None if it is)."""
         record = self.record
-        if stored_size != record.size or "sha256:" + stored.hexdigest() != record.digest:
+        if self.stored_size != record.size or "sha256:" + self.stored.hexdigest() != record.digest:
             return IntegrityError("%s: blob %s is corrupt (%d bytes, sha256:%s); nothing was loaded"
-                                  % (self.store.url, record.digest, stored_size, stored.hexdigest()))
-        if self.inflate and (raw_size != record.raw_size or "sha256:" + raw.hexdigest() != record.diff_id):
+                                  % (self.store.url, record.digest, self.stored_size, self.stored.hexdigest()))
+        if self.inflate and (self.raw_size != record.raw_size or "sha256:" + self.raw.hexdigest() != record.diff_id):
             return IntegrityError("%s: blob %s does not unpack to layer %s; nothing was loaded"
                                   % (self.store.url, record.digest, record.diff_id))
         return None
