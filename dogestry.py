@@ -3833,6 +3833,7 @@ LAYER_MEDIA_TYPES = {
                       "none": "application/vnd.docker.image.rootfs.diff.tar"},
 }
 REGISTRY_PAGE = 1000  # the most tags or repositories one page lists
+REGISTRY_API_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}  # on every /v2/ answer
 BLOB_URL_TTL = 900    # seconds a presigned blob URL a client is redirected to stays valid
 _REPO_NAME = re.compile(r"^%s(?:/%s)*$" % (_NAME_COMPONENT, _NAME_COMPONENT))
 _MANIFEST_DIGEST = re.compile(r"^[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")  # the spec's digest grammar
@@ -4855,8 +4856,7 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
 
     def _registry_send(self, status: int, body: bytes, content_type: str = "application/json",
                        extra: Optional[Dict[str, str]] = None) -> None:
-        self._send(status, body, content_type, dict({"Docker-Distribution-API-Version": "registry/2.0"},
-                                                    **(extra or {})))
+        self._send(status, body, content_type, dict(REGISTRY_API_HEADERS, **(extra or {})))
 
     def _registry_answer(self) -> None:
         registry = self.server.registry
@@ -4901,8 +4901,7 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
     def _send_blob(self, registry: Registry, digest: str) -> None:
         """A blob: its headers (HEAD), a redirect to a presigned URL (S3), or its bytes (Range: 206)."""
         key, size = registry.blob(digest)
-        headers = {"Docker-Content-Digest": digest, "Accept-Ranges": "bytes",
-                   "Docker-Distribution-API-Version": "registry/2.0"}
+        headers = dict(REGISTRY_API_HEADERS, **{"Docker-Content-Digest": digest, "Accept-Ranges": "bytes"})
         if self.command == "HEAD":
             return self._blob_head(200, size, headers)
         if registry.presign is not None and self.server.redirect:
@@ -5506,6 +5505,8 @@ def _add_global_options(parser: argparse.ArgumentParser) -> None:
     def flag(name: str, **kw: Any) -> None:
         parser.add_argument("-" + name, "--" + name, **kw)
 
+    server_defaults = ServerLimits()
+
     flag("config", metavar="FILE", help="config file: [remote \"NAME\"] url, [s3] keys, [docker] connection")
     flag("pullhosts", metavar="HOSTS", help="pull to these Docker hosts (tcp://host:port,unix:///path,...)")
     flag("lockfile", metavar="PATH", help="wait for and hold this lock, so runs on a machine take turns")
@@ -5527,15 +5528,15 @@ def _add_global_options(parser: argparse.ArgumentParser) -> None:
     flag("tlscacert", metavar="FILE", help="with -tlsverify: the CA that signs client certificates")
     flag("tlscert", metavar="FILE", help="with -server: the server's TLS certificate")
     flag("tlskey", metavar="FILE", help="with -server: the server's TLS key")
-    flag("read-timeout", metavar="SECONDS", type=float, default=ServerLimits().read_timeout,
-         help="with -server: time a client has to send a request (default %g)" % ServerLimits().read_timeout)
+    flag("read-timeout", metavar="SECONDS", type=float, default=server_defaults.read_timeout,
+         help="with -server: time a client has to send a request (default %g)" % server_defaults.read_timeout)
     flag("htpasswd", metavar="FILE", help="with -server: registry clients must log in as a user of FILE "
          "(lines USER:pbkdf2_sha256$..., see 'dogestry passwd')")
     flag("redirect", metavar="BOOL", type=parse_bool, nargs="?", const=True, default=True,
          help="with -server STORE on S3: send registry clients to presigned S3 URLs for blobs (default true; "
               "-redirect=false streams them through the server)")
-    flag("max-connections", metavar="N", type=int, default=ServerLimits().max_connections,
-         help="with -server: connections served at once (default %d)" % ServerLimits().max_connections)
+    flag("max-connections", metavar="N", type=int, default=server_defaults.max_connections,
+         help="with -server: connections served at once (default %d)" % server_defaults.max_connections)
     parser.add_argument("-version", "--version", "-v", action="store_true", help="print the version and exit")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
