@@ -75,7 +75,7 @@ def mutations(path):
     data = path.read_bytes()
     found = [("truncated", data[:len(data) // 2]), ("empty", b""),
              ("garbage", bytes((b * 7 + 13) % 256 for b in data[:4096]) or b"\xff")]
-    if path.suffix == ".json" or path.parent.name in ("repositories",) or "repositories" in path.parts:
+    if path.suffix == ".json" or "repositories" in path.parts:
         found += [("json list", b"[1, 2]"), ("json string", b'"x"'), ("json null", b"null"),
                   ("json nested", b"[" * 5000), ("json huge", b'{"x": "' + b"y" * (5 << 20) + b'"}')]
     text = data.decode("utf-8", "replace")
