@@ -109,6 +109,8 @@ FLEET_ADDRESSES = loopback_addresses(3)
 FLEET_PORT = 2375
 REGISTRY_PORT = 5000       # the reference registry's port (on an address of its own)
 TARGET_REGISTRY_RATIO = 1.0   # docker pull through dogestry -server against docker-registry
+REGISTRY_LEVEL = 6            # the gzip level docker push uses: the registry target compares equal blobs
+REGISTRY_PREFIX = "bench-registry/"  # the store pushed at that level, beside the S3 stage's
 TARGET_REDIRECT_SHARE = 0.01  # of the image's bytes, what the dogestry server may send itself
 SERVER_PORT = 22375        # dogestry's server port: -pullhosts would delegate S3 pulls to servers there
 BLOB_DIR = "blobs/sha256"  # where a dogestry store keeps its blobs
@@ -1453,22 +1455,34 @@ def run(args, state):
         ] + s3_fleet_checks + (run_registry(gw, s3_env, url, client, dogestry) if args.registry else [])
 
     def run_registry(gw, s3_env, url, client, dogestry):
-        """docker pull (and ctr pull) of the image through `dogestry -server STORE` (the S3 store,
-        blobs by presigned redirect), against Debian's docker-registry with its S3 driver on the
-        same radosgw, in this run; and how many bytes the dogestry server itself sent."""
+        """docker pull (and ctr pull) of the image through `dogestry -server STORE` (S3 stores, blobs
+        by presigned redirect), against Debian's docker-registry with its S3 driver on the same
+        radosgw, in this run; and how many bytes the dogestry server itself sent.
+
+        docker push compresses at gzip level 6, dogestry push by default at level 1 (for push
+        speed): the target compares blobs of equal compression (a store pushed with
+        --compress-level 6); the default store is served and measured too, for the record."""
         registry_bin = shutil.which("docker-registry")
         if registry_bin is None:
             image["registry"] = ["registry: skipped, docker-registry is not installed (apt-get install docker-registry)"]
             return []
-        dog_addr, ref_addr = loopback_addresses(2, ports=(SERVER_PORT, REGISTRY_PORT))
-        dog_ref = "%s:%d/%s" % (dog_addr, SERVER_PORT, TAG)
+        url6 = "s3://%s/%s" % (url[len("s3://"):].split("/")[0], REGISTRY_PREFIX)
+        push6 = add(named("dogestry push s3:// --compress-level %d" % REGISTRY_LEVEL, best_of(1, lambda: (
+            measure_dogestry("push", "--compress-level", REGISTRY_LEVEL, url6, TAG, run_env=s3_env)))))
+        push6.note = "the store the registry target is measured on (docker push compresses at level %d too)" \
+            % REGISTRY_LEVEL
+        dog6_addr, dog_addr, ref_addr = loopback_addresses(3, ports=(SERVER_PORT, REGISTRY_PORT))
+        servers = [("dogestry -server (level %d)" % REGISTRY_LEVEL, url6, dog6_addr),
+                   ("dogestry -server (default level %d)" % dogestry.GZIP_LEVEL, url, dog_addr)]
+        dog_refs = ["%s:%d/%s" % (address, SERVER_PORT, TAG) for _, _, address in servers]
         ref_ref = "%s:%d/%s" % (ref_addr, REGISTRY_PORT, TAG)
         procs = []
         try:
-            with open(str(workdir / "dogestry-server.log"), "wb") as out:
-                procs.append(subprocess.Popen(dogestry_cmd(workdir, "-server", "-address", dog_addr, "-port",
-                                                           str(SERVER_PORT), url),
-                                              env=s3_env, stdout=out, stderr=subprocess.STDOUT))
+            for (_, store_url, address) in servers:
+                with open(str(workdir / ("dogestry-server-%s.log" % address)), "wb") as out:
+                    procs.append(subprocess.Popen(dogestry_cmd(workdir, "-server", "-address", address, "-port",
+                                                               str(SERVER_PORT), store_url),
+                                                  env=s3_env, stdout=out, stderr=subprocess.STDOUT))
             reg_bucket = "dgbenchreg-%d-%s" % (os.getpid(), os.urandom(4).hex())
             make_bucket(s3_client(dogestry, gw, reg_bucket))
             config = workdir / "registry.yml"
@@ -1482,7 +1496,8 @@ def run(args, state):
             with open(str(workdir / "docker-registry.log"), "wb") as out:
                 procs.append(subprocess.Popen([registry_bin, "serve", str(config)], env=reg_env, stdout=out,
                                               stderr=subprocess.STDOUT))
-            for address, port in ((dog_addr, SERVER_PORT), (ref_addr, REGISTRY_PORT)):
+            listeners = [(address, SERVER_PORT) for _, _, address in servers] + [(ref_addr, REGISTRY_PORT)]
+            for address, port in listeners:
                 deadline = time.monotonic() + 30
                 while not registry_answers(address, port):
                     if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
@@ -1495,7 +1510,7 @@ def run(args, state):
             log("docker push to docker-registry took %.1f s" % (time.perf_counter() - t))
 
             def forget_all():
-                for r in (ref_ref, dog_ref):
+                for r in [ref_ref] + dog_refs:
                     if image_id(host, r) is not None:
                         docker_cli(host, "rmi", "-f", r)
                 remove_image(host, TAG, diff_ids, handle, missing_ok=True)
@@ -1514,29 +1529,36 @@ def run(args, state):
                 result.sent = sent
                 return result
 
-            results.append("-- registry API: docker pull through dogestry -server %s (S3, presigned redirects) and"
-                           " through docker-registry 2.8 (S3 driver) on the same radosgw" % url)
-            for name, address, port in (("dogestry", dog_addr, SERVER_PORT), ("docker-registry", ref_addr, REGISTRY_PORT)):
-                results.append("   %s serves the layers as %s" % (name, served_layers(address, port, TAG)))
-            dog = add(named("docker pull via dogestry -server", best_of(args.repeat, lambda: docker_pull(
-                dog_ref, procs[0]))))
+            results.append("-- registry API: docker pull through dogestry -server (S3, presigned redirects) and"
+                           " through docker-registry 2.8 (S3 driver) on the same radosgw")
+            for name, store_url, address in servers:
+                results.append("   %s %s serves the layers as %s" % (name, store_url, served_layers(
+                    address, SERVER_PORT, TAG)))
+            results.append("   docker-registry serves the layers as %s" % served_layers(ref_addr, REGISTRY_PORT, TAG))
+            dogs = [add(named("docker pull via %s" % name, best_of(args.repeat, lambda: docker_pull(dog_ref, proc))))
+                    for (name, _, _), dog_ref, proc in zip(servers, dog_refs, procs)]
             ref = add(named("docker pull via docker-registry", best_of(args.repeat, lambda: docker_pull(ref_ref))))
-            floors[dog.stage] = ("docker-registry", ref.seconds)
+            for dog in dogs:
+                floors[dog.stage] = ("docker-registry", ref.seconds)
             if handle is not None:
                 sock = str(handle.exec_root / "containerd" / "containerd.sock")
-                for name, target in (("dogestry -server", dog_ref), ("docker-registry", ref_ref)):
+                for name, target in [(name, r) for (name, _, _), r in zip(servers, dog_refs)] + [
+                        ("docker-registry", ref_ref)]:
                     add(named("ctr pull via %s" % name, best_of(args.repeat, lambda: ctr_pull(sock, target))))
             forget_all()
-            docker_cli(host, "pull", dog_ref)  # the image back under its own tag, for what follows
-            docker_cli(host, "tag", dog_ref, TAG)
-            docker_cli(host, "rmi", dog_ref)
+            docker_cli(host, "pull", dog_refs[0])  # the image back under its own tag, for what follows
+            docker_cli(host, "tag", dog_refs[0], TAG)
+            docker_cli(host, "rmi", dog_refs[0])
+            dog, default = dogs
             return [
                 (dog.seconds <= TARGET_REGISTRY_RATIO * ref.seconds,
-                 "docker pull via dogestry %.2f s <= %.1f x via docker-registry %.2f s  [%.2fx]"
-                 % (dog.seconds, TARGET_REGISTRY_RATIO, ref.seconds, dog.seconds / ref.seconds)),
-                (dog.sent < TARGET_REDIRECT_SHARE * tar_bytes,
-                 "the dogestry server sent %.2f MB < %.0f%% of the image (blobs come from S3 by redirect)"
-                 % (dog.sent / MB, 100 * TARGET_REDIRECT_SHARE)),
+                 "docker pull via dogestry %.2f s <= %.1f x via docker-registry %.2f s  [%.2fx]  (both gzip -%d;"
+                 " the default level-%d store: %.2f s, %.2fx)"
+                 % (dog.seconds, TARGET_REGISTRY_RATIO, ref.seconds, dog.seconds / ref.seconds, REGISTRY_LEVEL,
+                    dogestry.GZIP_LEVEL, default.seconds, default.seconds / ref.seconds)),
+                (max(dog.sent, default.sent) < TARGET_REDIRECT_SHARE * tar_bytes,
+                 "the dogestry servers sent %.2f MB at most < %.0f%% of the image (blobs come from S3 by redirect)"
+                 % (max(dog.sent, default.sent) / MB, 100 * TARGET_REDIRECT_SHARE)),
             ]
         finally:
             for proc in procs:

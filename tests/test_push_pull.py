@@ -149,6 +149,29 @@ def test_compress_none_stores_layers_raw_and_still_pulls(docker_host, docker_env
     assert image_id(docker_host, "dgtest/app:1.0") == app_image
 
 
+def test_a_higher_compress_level_stores_smaller_blobs_that_pull_back(docker_host, docker_env, app_image, tmp_path):
+    fast, small = tmp_path / "fast", tmp_path / "small"
+    dogestry_ok(docker_env, "push", fast, "dgtest/app:1.0")
+    dogestry_ok(docker_env, "push", "--compress-level", "9", small, "dgtest/app:1.0")
+    fast_layers, small_layers = manifest(fast, app_image)["layers"], manifest(small, app_image)["layers"]
+    text = 1  # the text layer: level 9 finds more of its repeats than level 1
+    assert fast_layers[text]["compression"] == small_layers[text]["compression"] == "gzip"
+    assert small_layers[text]["size"] < 0.9 * fast_layers[text]["size"]
+    assert small_layers[0]["compression"] == "none"  # random data stays raw at any level
+
+    docker_cli(docker_host, "tag", "dgtest/app:1.0", "dgtest/app:level-keep")
+    forget(docker_host, "dgtest/app:1.0", "dgtest/app:level-keep")
+    dogestry_ok(docker_env, "pull", small, "dgtest/app:1.0")
+    assert image_id(docker_host, "dgtest/app:1.0") == app_image
+
+
+@pytest.mark.parametrize("level", ["0", "10", "fast"])
+def test_a_compress_level_outside_1_to_9_is_one_clear_error(docker_env, tmp_path, level):
+    proc = run_dogestry("push", "--compress-level", level, tmp_path / "store", "dgtest/app:1.0", env=docker_env)
+    one_error_line(proc, "compress-level")
+    assert not (tmp_path / "store").exists()
+
+
 def test_file_url_and_plain_path_are_the_same_store(docker_env, app_image, tmp_path):
     store = tmp_path / "store"
     dogestry_ok(docker_env, "push", "file://%s" % store, "dgtest/app:1.0")
