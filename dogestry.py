@@ -439,6 +439,17 @@ DOCKER_ERROR_LIMIT = 64 << 10     # the most of an error answer we read
 DOCKER_ANSWER_LIMIT = 64 << 20    # the largest JSON answer (image lists of big hosts)
 
 
+def chunked_body(pieces: Iterable[bytes]) -> Iterator[bytes]:
+    """A body in HTTP/1.1 chunked framing (RFC 9112 section 7.1), each piece sent as it is:
+    http.client's own framing copies every piece to prepend its size line."""
+    for piece in pieces:
+        if piece:
+            yield b"%X\r\n" % len(piece)
+            yield piece
+            yield b"\r\n"
+    yield b"0\r\n\r\n"
+
+
 class UnixHTTPConnection(http.client.HTTPConnection):
     """HTTP over an AF_UNIX socket (the Docker daemon's default endpoint)."""
 
@@ -565,10 +576,11 @@ class DockerClient:
             path = "/v%s%s" % (self.api_version(), path)
         timeout = self.timeout if timeout == -1.0 else timeout
         headers = dict(headers or {})
+        if body is not None and not isinstance(body, (bytes, str)):
+            body, headers["Transfer-Encoding"] = chunked_body(body), "chunked"
         conn = self._connection(timeout)
         try:
-            conn.request(method, path, body=body, headers=headers,
-                         encode_chunked=body is not None and not isinstance(body, (bytes, str)))
+            conn.request(method, path, body=body, headers=headers)
             resp = conn.getresponse()
         except DogestryError:
             self._drop_connection()
@@ -2086,6 +2098,7 @@ class ParallelRangeReader(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         if self.offset >= len(self.piece):
+            self.piece = b""  # let the spent piece go before the next one is waited for
             if not self.window:
                 return 0
             self.piece, self.offset = self.window.popleft().result(), 0
