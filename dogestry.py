@@ -19,11 +19,12 @@ Standard library only; Python 3.8 or newer.  The module reads top to bottom:
     11. Compression
     12. Push
     13. Pull
-    14. Fleets: -pullhosts, the lock file and the config file
-    15. The registry API: the OCI Distribution Spec, pull side
-    16. The accelerator server (-server)
-    17. Commands
-    18. Command line and main()
+    14. Store lifecycle: gc, prune, stats
+    15. Fleets: -pullhosts, the lock file and the config file
+    16. The registry API: the OCI Distribution Spec, pull side
+    17. The accelerator server (-server)
+    18. Commands
+    19. Command line and main()
 """
 
 import argparse
@@ -37,6 +38,7 @@ import datetime
 import email.utils
 import errno
 import fcntl
+import functools
 import getpass
 import hashlib
 import hmac
@@ -108,6 +110,10 @@ class FormatError(DogestryError):
 
 class Refused(DogestryError):
     """The server's policy does not allow what a client asked for."""
+
+
+class GcError(DogestryError):
+    """gc cannot go on safely (an unreadable image, a run longer than half the grace period)."""
 
 
 class Interrupted(DogestryError):
@@ -725,6 +731,14 @@ def check_key(key: str) -> str:
     return key
 
 
+class StoreEntry(NamedTuple):
+    """A key as a listing shows it: its size, and seconds since it was last written."""
+
+    key: str
+    size: int
+    age: float
+
+
 class Store:
     """The store interface: stat/open/put/list/delete of keys (subclasses implement it)."""
 
@@ -778,6 +792,23 @@ class Store:
     def delete(self, key: str) -> None:
         """Remove key (no error if absent)."""
         raise NotImplementedError
+
+    def list_entries(self, prefix: str) -> Iterator["StoreEntry"]:
+        """Every key starting with prefix, with its size and age, in sorted order (gc, prune)."""
+        raise NotImplementedError
+
+    def age(self, key: str) -> Optional[float]:
+        """Seconds since key was last written, on the store's own clock (None if absent)."""
+        raise NotImplementedError
+
+    def touch(self, key: str) -> bool:
+        """Make key count as just written, its bytes unchanged (False if absent)."""
+        raise NotImplementedError
+
+    def sweep_leftovers(self, older_than: float) -> int:
+        """Remove what killed writers left behind (temp files, multipart uploads) older than that
+        many seconds; return how many."""
+        return 0
 
     def delete_many(self, keys: Sequence[str]) -> None:
         """Remove several keys."""
@@ -914,6 +945,48 @@ class LocalStore(Store):
                 (rel + d + "/").startswith(prefix) or prefix.startswith(rel + d + "/"))]
             keys.extend(rel + f for f in filenames if not f.startswith(".tmp-") and (rel + f).startswith(prefix))
         return iter(sorted(keys))
+
+    def list_entries(self, prefix: str) -> Iterator[StoreEntry]:
+        now = time.time()
+        for key in self.list(prefix):
+            with contextlib.suppress(FileNotFoundError):  # deleted since it was listed
+                st = os.stat(self._path(key))
+                yield StoreEntry(key, st.st_size, now - st.st_mtime)
+
+    def age(self, key: str) -> Optional[float]:
+        try:
+            st = os.stat(self._path(key))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as e:
+            raise StoreError("%s: cannot read %s: %s" % (self.url, key, _os_reason(e)))
+        return time.time() - st.st_mtime
+
+    def touch(self, key: str) -> bool:
+        try:
+            os.utime(self._path(key))
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError as e:
+            raise StoreError("%s: cannot write %s: %s" % (self.url, key, _os_reason(e)))
+        return True
+
+    def sweep_leftovers(self, older_than: float) -> int:
+        """Temp files of writes that never finished, and work dirs of killed pushes."""
+        removed, now = 0, time.time()
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            if dirpath == self.root:
+                work_dirs = [d for d in dirnames if d.startswith(WORK_PREFIX)]
+                dirnames[:] = [d for d in dirnames if not d.startswith(".tmp-")]
+                remove_abandoned_work_dirs(self.root)
+                removed += sum(1 for d in work_dirs if not os.path.exists(os.path.join(self.root, d)))
+            for name in filenames:
+                path = os.path.join(dirpath, name)
+                with contextlib.suppress(OSError):
+                    if name.startswith(".tmp-") and now - os.stat(path).st_mtime > older_than:
+                        os.unlink(path)
+                        removed += 1
+        return removed
 
     def delete(self, key: str) -> None:
         path = self._path(key)
@@ -1805,17 +1878,34 @@ class S3Client:
 
     def list(self, prefix: str, page_size: int = 1000) -> Iterator[Tuple[str, int]]:
         """(key, size) of every object under prefix (ListObjectsV2, all pages)."""
+        return ((key, size) for key, size, _ in self.list_ages(prefix, page_size))
+
+    def now(self) -> float:
+        """Our clock, corrected by the skew S3 told us of (if it did)."""
+        return self.clock() + self._skew
+
+    def server_time(self, resp: http.client.HTTPResponse) -> float:
+        """The S3 server's clock when it answered (its Date header), or ours corrected by the known skew."""
+        with contextlib.suppress(TypeError, ValueError, IndexError):
+            return email.utils.parsedate_to_datetime(resp.getheader("Date") or "").timestamp()
+        return self.now()
+
+    def list_ages(self, prefix: str, page_size: int = 1000) -> Iterator[Tuple[str, int, float]]:
+        """(key, size, age) of every object under prefix; ages on S3's own clock, so the local
+        clock's skew does not matter."""
         token = None  # type: Optional[str]
         while True:
             query = [("list-type", "2"), ("prefix", prefix), ("encoding-type", "url"), ("max-keys", str(page_size))]
             if token:
                 query.append(("continuation-token", token))
-            root = _parse_xml(self.call("GET", query=query)[1])
+            resp, body = self.call("GET", query=query)
+            root, now = _parse_xml(body), self.server_time(resp)
             if root is None:
                 raise S3Error("ListObjectsV2 on %s: unreadable answer" % self.describe(prefix))
             for item in root.findall("Contents"):
                 key = urllib.parse.unquote_plus(item.findtext("Key") or "")
-                yield key, int(item.findtext("Size") or 0)
+                modified = _iso_time(item.findtext("LastModified"))
+                yield key, int(item.findtext("Size") or 0), now - (now if modified is None else modified)
             if (root.findtext("IsTruncated") or "").lower() != "true":
                 return
             token = root.findtext("NextContinuationToken")
@@ -1908,6 +1998,34 @@ class S3Client:
         with contextlib.suppress(DogestryError):
             self.call("DELETE", key, query=[("uploadId", upload_id)], ok=(204, 200, 404), cancellable=False)
 
+    def age(self, key: str) -> Optional[float]:
+        """Seconds since the object was last written, on S3's clock (None if absent)."""
+        resp = self.head(key)
+        if resp is None:
+            return None
+        modified = None  # type: Optional[float]
+        with contextlib.suppress(TypeError, ValueError, IndexError):
+            modified = email.utils.parsedate_to_datetime(resp.getheader("Last-Modified") or "").timestamp()
+        if modified is None:
+            raise S3Error("HEAD %s: no Last-Modified in the answer" % self.describe(key))
+        return self.server_time(resp) - modified
+
+    def copy_in_place(self, key: str) -> bool:
+        """CopyObject onto itself (a new Last-Modified, same bytes, no bytes through us); False if absent."""
+        headers = {"x-amz-copy-source": uri_encode("/%s/%s" % (self.bucket, key), safe="/"),
+                   "x-amz-metadata-directive": "REPLACE", "Content-Type": "application/octet-stream",
+                   "Content-Length": "0"}
+        try:
+            _, body = self.call("PUT", key, headers=headers)
+        except S3Error as e:
+            if e.status == 404:
+                return False
+            raise
+        root = _parse_xml(body)
+        if root is not None and root.tag == "Error":  # CopyObject may fail after its 200 (the S3 API reference)
+            raise S3Error("CopyObject %s: %s" % (self.describe(key), root.findtext("Code")), root.findtext("Code") or "")
+        return True
+
     def head_size(self, key: str) -> Optional[int]:
         """The size of an object, or None if it is absent."""
         resp = self.head(key)
@@ -1915,16 +2033,20 @@ class S3Client:
 
     def uploads(self, key: str) -> List[Tuple[str, float]]:
         """(upload id, initiated as Unix time) of the multipart uploads in progress for key."""
-        found, markers = [], []  # type: List[Tuple[str, float]], List[Tuple[str, str]]
-        for _ in range(100):  # pages of ListMultipartUploads
-            root = _parse_xml(self.call("GET", query=[("uploads", ""), ("prefix", key)] + markers,
+        return [(upload_id, initiated) for k, upload_id, initiated in self.uploads_under(key) if k == key]
+
+    def uploads_under(self, prefix: str, pages: int = 100) -> List[Tuple[str, str, float]]:
+        """(key, upload id, initiated as Unix time) of the multipart uploads in progress under prefix."""
+        found, markers = [], []  # type: List[Tuple[str, str, float]], List[Tuple[str, str]]
+        for _ in range(pages):  # pages of ListMultipartUploads
+            root = _parse_xml(self.call("GET", query=[("uploads", ""), ("prefix", prefix)] + markers,
                                         cancellable=False)[1])
             if root is None:
-                raise S3Error("ListMultipartUploads %s: unreadable answer" % self.describe(key))
+                raise S3Error("ListMultipartUploads %s: unreadable answer" % self.describe(prefix))
             for upload in root.findall("Upload"):
                 initiated = _iso_time(upload.findtext("Initiated"))
-                if upload.findtext("Key") == key and upload.findtext("UploadId") and initiated is not None:
-                    found.append((upload.findtext("UploadId") or "", initiated))
+                if upload.findtext("Key") and upload.findtext("UploadId") and initiated is not None:
+                    found.append((upload.findtext("Key") or "", upload.findtext("UploadId") or "", initiated))
             if (root.findtext("IsTruncated") or "").lower() != "true":
                 break
             markers = [("key-marker", root.findtext("NextKeyMarker") or ""),
@@ -2186,6 +2308,25 @@ class S3Store(Store):
     def delete_many(self, keys: Sequence[str]) -> None:
         self.client.delete_many([self._key(k) for k in keys])
 
+    def list_entries(self, prefix: str) -> Iterator[StoreEntry]:
+        start = len(self.location.prefix)
+        for key, size, age in self.client.list_ages(self.location.prefix + prefix):
+            yield StoreEntry(key[start:], size, age)
+
+    def age(self, key: str) -> Optional[float]:
+        return self.client.age(self._key(key))
+
+    def touch(self, key: str) -> bool:
+        return self.client.copy_in_place(self._key(key))
+
+    def sweep_leftovers(self, older_than: float) -> int:
+        """Multipart uploads under the prefix that killed pushes left (S3 charges for their parts)."""
+        stale = self.client.now() - older_than
+        uploads = [(k, u) for k, u, initiated in self.client.uploads_under(self.location.prefix) if initiated < stale]
+        for key, upload_id in uploads:
+            self.client._abort_upload(key, upload_id)
+        return len(uploads)
+
 
 class PresignedS3Store(S3Store):
     """The objects of one pull, read through URLs their owner presigned: no keys, no writes."""
@@ -2206,7 +2347,7 @@ class PresignedS3Store(S3Store):
     def _refuse(self, *args: Any, **kw: Any) -> None:
         raise StoreError("%s: presigned objects are read-only" % self.url)
 
-    put_bytes = put_file = delete = delete_many = _refuse  # type: ignore
+    put_bytes = put_file = delete = delete_many = touch = _refuse  # type: ignore
 
 
 def file_sha256(path: str) -> str:
@@ -2245,10 +2386,76 @@ def open_store(url: str, s3: Optional[Callable[[S3Location], Store]] = None) -> 
 #   layers/<diff-id hex>.json      which blob holds a layer (the dedup index)
 #   blobs/sha256/<hex>             a layer as stored (gzip or raw), named by its own digest
 #
+#   gc/untagged/<id>               an image rm, prune or a push took a tag from (gc spares it
+#                                  for the grace period: pulls that read the tag before may need it)
+#   gc/protected/<name>/<tag>      a tag prune never removes
+#
 # The original (Go) layout is read too: images/<v1-id>/{json,layer.tar,VERSION},
 # chained by "parent", with repositories/<name>/<tag> naming the top v1 id.
+#
+# gc (section 14) deletes what no tag reaches once it is older than a grace period; an
+# object's age is the store's own (S3's Last-Modified against S3's Date, or a file's mtime).
+# A push keeps what it relies on young until its tag is written (Freshness, below).
 
 MANIFEST_MEDIA_TYPE = "application/vnd.dogestry.image.v2+json"
+UNTAGGED_PREFIX = "gc/untagged/"
+PROTECTED_PREFIX = "gc/protected/"
+
+GC_MIN_GRACE = 10.0       # the shortest grace gc accepts: a push's last checks and its tag fit well inside it
+GC_RECHECK_WINDOW = 1.0   # gc sends a delete at most this long after the requests that re-checked its keys
+PUSH_SETTLE = 1.5         # a push that refreshed old objects waits this long before checking they are still there
+PUSH_TAG_MARGIN = 3.0     # objects that may turn GC_MIN_GRACE old sooner than this are refreshed before a tag
+
+
+class Freshness:
+    """When each object a push relies on might come within reach of a gc (gc deletes nothing
+    younger than GC_MIN_GRACE), so that before its tag the push refreshes only what needs it.
+
+    The race it closes: a gc re-checks an old object, a push refreshes and checks it, the gc's
+    delete lands, the push writes its tag.  gc sends its deletes within GC_RECHECK_WINDOW of
+    the re-check; a push waits PUSH_SETTLE after refreshing, so its check sees any such delete.
+    """
+
+    def __init__(self, store: "Store", clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.store, self.clock, self.sleep = store, clock, sleep
+        self.safe_until = {}  # type: Dict[str, float]  # key -> monotonic time it may become gc-able
+
+    def seen(self, key: str, age: Optional[float]) -> None:
+        """An object the push will rely on, as old as that when it was looked at."""
+        until = self.clock() + GC_MIN_GRACE - (age if age is not None else GC_MIN_GRACE)
+        self.safe_until[key] = min(until, self.safe_until.get(key, until))
+
+    def written(self, key: str) -> None:
+        """An object the push has just written."""
+        self.safe_until[key] = self.clock() + GC_MIN_GRACE
+
+    def secure(self, rewrite: Mapping[str, Callable[[], None]], must_exist: Mapping[str, Optional[int]]) -> None:
+        """Before a tag: refresh what may age into a gc's reach (rewrite[key]() where the object
+        is gone), wait out a gc delete already on its way, then check every must_exist key is
+        there with its size (None: any size; IntegrityError if one is not)."""
+        deadline = self.clock() + PUSH_TAG_MARGIN
+        stale = sorted(k for k, until in self.safe_until.items() if until < deadline)
+        if stale:
+            def refresh(key: str) -> None:
+                if not self.store.touch(key):
+                    if key not in rewrite:
+                        raise IntegrityError("%s: %s was deleted (by a gc?) while this push relied on it; push again"
+                                             % (self.store.url, key))
+                    rewrite[key]()
+            with thread_pool(min(8, len(stale)), "dogestry-refresh") as pool:
+                list(pool.map(refresh, stale))
+            self.sleep(PUSH_SETTLE)
+            for key in stale:
+                self.written(key)
+        keys = sorted(must_exist)
+        with thread_pool(min(8, max(1, len(keys))), "dogestry-check") as pool:
+            sizes = list(pool.map(self.store.stat, keys))
+        for key, size in zip(keys, sizes):
+            expected = must_exist[key]
+            if size is None or (expected is not None and size != expected):
+                raise IntegrityError("%s: %s is missing or has the wrong size (a gc with a grace period shorter"
+                                     " than this push?); nothing was tagged, push again" % (self.store.url, key))
 
 
 def tag_key(ref: ImageRef) -> str:
@@ -2826,8 +3033,10 @@ class LayerPipeline:
     """Spools save-stream members while compressing them on all cores, and uploads finished
     layers in the background while the stream is still being read."""
 
-    def __init__(self, store: Store, work_dir: str, progress: ProgressSink, options: PushOptions):
+    def __init__(self, store: Store, work_dir: str, progress: ProgressSink, options: PushOptions,
+                 freshness: Freshness):
         self.store, self.work_dir, self.progress, self.options = store, work_dir, progress, options
+        self.freshness = freshness
         self.abort = threading.Event()
         self.records = {}  # type: Dict[str, LayerRecord]
         self._lock = threading.Lock()
@@ -2889,6 +3098,7 @@ class LayerPipeline:
             self.store.put_file(blob_key(record.digest), path, record.size, record.digest, task.advance,
                                 if_absent=True, consume=True)
             write_json(self.store, layer_index_key(record.diff_id), record.to_json())
+            self.freshness.written(layer_index_key(record.diff_id))
         except BaseException as e:  # one failed layer stops the whole push at once
             with self._lock:
                 first = self.failure is None
@@ -3007,28 +3217,77 @@ def push_image(docker: DockerClient, store: Store, text: str, progress: Progress
     image_hex = digest_hex(image_id)
     diff_ids = image_diff_ids(info)
     store.ensure()
-    if store.stat(image_key(image_hex, "manifest.json")) is not None:
+    if _keep_stored_image(store, image_hex, Freshness(store)):
         progress.note("%s: image %s is already stored" % (str(ref or text), image_hex[:12]))
     else:
-        _push_new_image(docker, store, image_id, diff_ids, progress, options)
+        _push_new_image(docker, store, image_id, diff_ids, progress, options, Freshness(store))
     if ref is not None:
-        store.put_bytes(tag_key(ref), image_hex.encode())
+        write_tag(store, ref, image_hex)
         progress.note("pushed %s (%s) to %s" % (ref, image_hex[:12], store.url))
     return image_id
 
 
+def write_tag(store: Store, ref: ImageRef, image_hex: str) -> None:
+    """Point a tag at an image; an image it named before is recorded for gc (pulls may be reading it)."""
+    with contextlib.suppress(NotFound, FormatError):
+        old = read_tag(store, ref)
+        if old != image_hex:
+            record_untagged(store, old, [ref])
+    store.put_bytes(tag_key(ref), image_hex.encode())
+
+
+def record_untagged(store: Store, image_hex: str, refs: Sequence[ImageRef]) -> None:
+    """Note that tags were taken from an image: gc spares it for its grace period from now."""
+    write_json(store, UNTAGGED_PREFIX + image_hex, {
+        "tags": [str(r) for r in refs],
+        "untagged": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})
+
+
+def _keep_stored_image(store: Store, image_hex: str, freshness: Freshness) -> bool:
+    """If the image is stored, keep it whole until its tag is written (True); False if it is not
+    (or a gc took part of it meanwhile: then it is pushed again)."""
+    manifest_key, config_key = image_key(image_hex, "manifest.json"), image_key(image_hex, "config.json")
+    manifest_age = store.age(manifest_key)
+    if manifest_age is None:
+        return False
+    try:
+        image = load_stored_image(store, image_hex)
+    except NotFound:
+        return False
+    freshness.seen(manifest_key, manifest_age)
+    freshness.seen(config_key, store.age(config_key))
+    index_keys = [layer_index_key(r.diff_id) for r in image.layers]
+    with thread_pool(min(8, max(1, len(index_keys))), "dogestry-ages") as pool:
+        for key, age in zip(index_keys, pool.map(store.age, index_keys)):
+            freshness.seen(key, age)
+    must_exist = {blob_key(r.digest): r.size for r in image.layers}  # type: Dict[str, Optional[int]]
+    must_exist.update({config_key: image.config_size, manifest_key: None})
+    try:
+        freshness.secure(_index_rewriters(store, image.layers), must_exist)
+    except IntegrityError:
+        return False
+    return True
+
+
+def _index_rewriters(store: Store, records: Sequence[LayerRecord]) -> Dict[str, Callable[[], None]]:
+    """For each layer's index entry, how to write it again if a gc removed it."""
+    return {layer_index_key(r.diff_id): functools.partial(write_json, store, layer_index_key(r.diff_id), r.to_json())
+            for r in records}
+
+
 def _push_new_image(docker: DockerClient, store: Store, image_id: str, diff_ids: List[str],
-                    progress: ProgressSink, options: PushOptions) -> None:
+                    progress: ProgressSink, options: PushOptions, freshness: Freshness) -> None:
     known = {}  # type: Dict[str, LayerRecord]
     for diff_id in set(diff_ids):
         record = stored_layer(store, diff_id)
         if record is not None:
             known[diff_id] = record
+            freshness.seen(layer_index_key(diff_id), store.age(layer_index_key(diff_id)))
     if known:
         progress.note("%d of %d layers already stored" % (len(set(known)), len(set(diff_ids))))
     wanted = set(diff_ids) - set(known)
     with work_directory(options.tempdir or store.spool_dir()) as work:
-        pipeline = LayerPipeline(store, work, progress, options)
+        pipeline = LayerPipeline(store, work, progress, options, freshness)
         try:
             def spool(entry: TarEntry, reader: MemberReader) -> Optional[Spool]:
                 return _spool_member(entry, reader, image_id, wanted, known, pipeline)
@@ -3049,7 +3308,9 @@ def _push_new_image(docker: DockerClient, store: Store, image_id: str, diff_ids:
     config_digest = sha256_digest(saved.config)
     if config_digest != image_id:
         raise IntegrityError("the saved config hashes to %s, not to the image ID %s" % (config_digest, image_id))
-    _write_image(store, image_id, saved.config, [known[d] for d in diff_ids])
+    layers = [known[d] for d in diff_ids]
+    freshness.secure(_index_rewriters(store, layers), {blob_key(r.digest): r.size for r in layers})
+    _write_image(store, image_id, saved.config, layers)
 
 
 _OCI_BLOB = re.compile(r"^blobs/sha256/([0-9a-f]{64})$")
@@ -3110,16 +3371,14 @@ def _upload_precompressed(contents: SaveContents, saved: SavedImage, wanted: Set
 
 
 def _write_image(store: Store, image_id: str, config: bytes, layers: List[LayerRecord]) -> None:
-    """Verify every layer blob is stored, then write config and manifest (the manifest last)."""
+    """Write config and manifest (the manifest last), once every layer blob is known to be stored.
+
+    Both are written even if there (a gc may be about to take an old copy: a new one is young)."""
     if len(config) > DOCUMENT_LIMIT:  # pulls would refuse it: bigger documents are an attack
         raise FormatError("the image config is larger than %s" % human_size(DOCUMENT_LIMIT))
-    for record in layers:
-        if store.stat(blob_key(record.digest)) != record.size:
-            raise IntegrityError("%s: layer blob %s is missing or has the wrong size"
-                                 % (store.url, record.digest))
     image_hex = digest_hex(image_id)
-    store.put_bytes(image_key(image_hex, "config.json"), config, if_absent=True)
-    write_json(store, image_key(image_hex, "manifest.json"), if_absent=True, doc={
+    store.put_bytes(image_key(image_hex, "config.json"), config)
+    write_json(store, image_key(image_hex, "manifest.json"), doc={
         "mediaType": MANIFEST_MEDIA_TYPE,
         "schemaVersion": 2,
         "config": {"digest": image_id, "size": len(config)},
@@ -3494,7 +3753,282 @@ def _pull_legacy(docker: DockerClient, store: Store, image: StoredImage, repo_ta
     return result["image_id"]
 
 
-# === 14. Fleets: -pullhosts, the lock file and the config file ===
+# === 14. Store lifecycle: gc, prune, stats ===
+#
+# gc marks what tags reach (and images untagged less than a grace period ago), lists
+# images/, layers/ and blobs/ once each, and deletes what is unreached and older than the
+# grace period: image records first, then layer index entries, then blobs.  Right before
+# each DeleteObjects it re-checks the ages of the keys in it (HEAD: another machine's push
+# may have just refreshed them) and sends the delete within GC_RECHECK_WINDOW of those
+# checks.  A blob also stays while any young index entry points at it (a push reusing it
+# refreshed that entry).  The README's "Garbage collection" section states the guarantees.
+
+GC_THREADS = 16
+GC_BATCH_KEYS = 1000  # DeleteObjects takes at most 1000 keys
+
+
+class GcUnit(NamedTuple):
+    """Something gc may delete: the keys whose ages decide, the keys to delete, the bytes freed."""
+
+    kind: str  # "image", "layer" or "blob"
+    name: str
+    check: Tuple[str, ...]
+    delete: Tuple[str, ...]
+    size: int
+
+
+class GcReport(NamedTuple):
+    """What one gc run deleted (or, with dry_run, would delete)."""
+
+    deleted: List[GcUnit]
+    spared: int       # candidates found young again at their re-check
+    leftovers: int    # multipart uploads aborted, temp files removed
+    untagged: int     # expired gc/untagged records removed
+
+
+_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration like 30m, 2h, 7d, 1h30m or 45s (a bare number is seconds)."""
+    text = text.strip()
+    if re.match(r"^\d+(\.\d+)?$", text):
+        return float(text)
+    match = _DURATION.match(text)
+    if not text or not match:
+        raise UsageError("bad duration %r (use forms like 30s, 30m, 2h, 7d, 1h30m)" % text)
+    days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
+    return float(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
+
+
+def human_duration(seconds: float) -> str:
+    """A duration for people: 45s, 30m, 2h, 7d."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return "%d%s" % (seconds // size, unit)
+    return "%gs" % seconds
+
+
+class StoreMarks(NamedTuple):
+    """What the tags reach: image ids (new layout and v1), layer diffIDs and blob digests."""
+
+    images: Set[str]
+    diff_ids: Set[str]
+    blobs: Set[str]
+
+
+def mark_reachable(store: Store, roots: Iterable[str], progress: ProgressSink) -> StoreMarks:
+    """Everything the root images need; GcError if one of them cannot be read (then nothing
+    can safely be deleted)."""
+    images, diff_ids, blobs = set(), set(), set()  # type: Set[str], Set[str], Set[str]
+
+    def read(image_hex: str) -> Optional[StoredImage]:
+        try:
+            return load_stored_image(store, image_hex)
+        except NotFound:
+            progress.note("a tag names image %s, which is not stored (a dangling tag: pull fails on it)"
+                          % image_hex[:12])
+            return None
+        except DogestryError as e:
+            raise GcError("cannot read image %s, which a tag names (%s); nothing was deleted" % (image_hex[:12], e))
+
+    roots = sorted(set(roots))
+    with thread_pool(min(GC_THREADS, max(1, len(roots))), "dogestry-mark") as pool:
+        for image_hex, image in zip(roots, pool.map(read, roots)):
+            if image is None:
+                continue
+            images.add(image_hex)
+            images.update(image.legacy_chain)
+            for record in image.layers:
+                diff_ids.add(digest_hex(record.diff_id))
+                blobs.add(digest_hex(record.digest))
+    return StoreMarks(images, diff_ids, blobs)
+
+
+def _image_key_order(key: str) -> Tuple[int, str]:
+    """What makes a directory an image (its manifest, or a v1 json) first, its config next."""
+    return {"manifest.json": 0, "json": 0, "config.json": 1}.get(key.rsplit("/", 1)[1], 2), key
+
+
+def _listing(store: Store, prefix: str) -> Dict[str, StoreEntry]:
+    return {e.key: e for e in store.list_entries(prefix)}
+
+
+def plan_gc(store: Store, grace: float, progress: ProgressSink) -> Tuple[List[GcUnit], List[str]]:
+    """The units no tag reaches that are older than grace, in deletion order, and the expired
+    gc/untagged records."""
+    prefixes = ("images/", "layers/", "blobs/sha256/", UNTAGGED_PREFIX)
+    with thread_pool(len(prefixes), "dogestry-list") as pool:
+        image_keys, index_keys, blob_keys, untagged_keys = pool.map(functools.partial(_listing, store), prefixes)
+    roots = {digest for _, digest in list_tags(store)}
+    expired = []
+    for key, entry in untagged_keys.items():
+        if entry.age < grace:
+            roots.add(key[len(UNTAGGED_PREFIX):])
+        else:
+            expired.append(key)
+    marks = mark_reachable(store, roots, progress)
+
+    units = []  # type: List[GcUnit]
+    dirs = collections.defaultdict(dict)  # type: Dict[str, Dict[str, StoreEntry]]
+    for key, entry in image_keys.items():
+        parts = key.split("/")
+        if len(parts) == 3:
+            dirs[parts[1]][parts[2]] = entry
+    for image_hex, leaves in sorted(dirs.items()):
+        if image_hex in marks.images or min(e.age for e in leaves.values()) < grace:
+            continue
+        keys = tuple(sorted((e.key for e in leaves.values()), key=_image_key_order))
+        units.append(GcUnit("image", image_hex, keys, keys, sum(e.size for e in leaves.values())))
+
+    # Index entries gc may delete, and young ones (a push may be relying on their blobs): read both.
+    readable = {k: e for k, e in index_keys.items()
+                if k.endswith(".json") and (e.age < grace or k[len("layers/"):-len(".json")] not in marks.diff_ids)}
+    pointing = collections.defaultdict(list)  # type: Dict[str, List[str]]
+    young_blobs = set()  # type: Set[str]
+
+    def blob_of(key: str) -> Optional[str]:
+        with contextlib.suppress(DogestryError):
+            return digest_hex(LayerRecord.from_json(read_json(store, key)).digest)
+        return None
+
+    index_names = sorted(readable)
+    with thread_pool(min(GC_THREADS, max(1, len(index_names))), "dogestry-index") as pool:
+        for key, blob in zip(index_names, pool.map(blob_of, index_names)):
+            if blob is not None:
+                pointing[blob].append(key)
+                if readable[key].age < grace:
+                    young_blobs.add(blob)
+            if readable[key].age >= grace:
+                units.append(GcUnit("layer", key[len("layers/"):-len(".json")], (key,), (key,), readable[key].size))
+    for key, entry in sorted(blob_keys.items()):
+        blob = key[len("blobs/sha256/"):]
+        if blob in marks.blobs or blob in young_blobs or entry.age < grace:
+            continue
+        units.append(GcUnit("blob", "sha256:" + blob, (key,) + tuple(pointing.get(blob, ())), (key,), entry.size))
+    return units, expired
+
+
+def delete_units(store: Store, units: Sequence[GcUnit], grace: float, stop_at: float,
+                 clock: Callable[[], float] = time.monotonic) -> Tuple[List[GcUnit], int]:
+    """Re-check and delete units in batches; return (deleted, spared)."""
+    deleted, spared, start = [], 0, 0  # type: List[GcUnit], int, int
+    size = max(1, GC_BATCH_KEYS // max([len(u.delete) for u in units] or [1]))
+
+    def still_old(unit: GcUnit) -> bool:
+        ages = [store.age(key) for key in unit.check]
+        return any(a is not None for a in ages) and all(a is None or a >= grace for a in ages)
+
+    with thread_pool(GC_THREADS, "dogestry-recheck") as pool:
+        while start < len(units):
+            if clock() > stop_at:
+                raise GcError("gc stopped after running for half its grace period (%s): what it deleted is"
+                              " consistent; run it again (or give a longer --grace)" % human_duration(grace))
+            batch = units[start:start + size]
+            checked_at = clock()
+            verdicts = list(pool.map(still_old, batch))
+            if clock() - checked_at > GC_RECHECK_WINDOW and size > 1:
+                size = max(1, size // 4)  # the store answers slowly: smaller batches, checked again
+                continue
+            old = [u for u, ok in zip(batch, verdicts) if ok]
+            spared += len(batch) - len(old)
+            if old:
+                store.delete_many([key for unit in old for key in unit.delete])
+            deleted.extend(old)
+            start += len(batch)
+    return deleted, spared
+
+
+def collect_garbage(store: Store, grace: float, progress: ProgressSink, dry_run: bool = False,
+                    clock: Callable[[], float] = time.monotonic) -> GcReport:
+    """Delete (or, dry_run, list) what no tag reaches and is older than grace; see section 14."""
+    store.check()
+    started = clock()
+    units, expired = plan_gc(store, grace, progress)
+    if dry_run:
+        return GcReport(units, 0, 0, len(expired))
+    stop_at = started + max(grace / 2, GC_MIN_GRACE / 2)
+    done, spared = [], 0  # type: List[GcUnit], int
+    for kind in ("image", "layer", "blob"):  # images first: nothing then names the layers they free
+        deleted, young = delete_units(store, [u for u in units if u.kind == kind], grace, stop_at, clock)
+        done.extend(deleted)
+        spared += young
+    if expired:
+        store.delete_many(expired)
+    return GcReport(done, spared, store.sweep_leftovers(grace), len(expired))
+
+
+class StoreStats(NamedTuple):
+    """What a store holds, and what gc would free."""
+
+    repositories: int
+    tags: int
+    images: int
+    layers: int
+    blobs: int
+    stored_bytes: int
+    unshared_bytes: int   # the images' layers counted once per image that uses them
+    unreferenced_bytes: int
+
+    @property
+    def dedup_ratio(self) -> Optional[float]:
+        """How many times the tagged images' bytes would be stored without sharing layers."""
+        referenced = self.stored_bytes - self.unreferenced_bytes
+        return self.unshared_bytes / referenced if referenced > 0 else None
+
+
+def store_stats(store: Store, progress: ProgressSink) -> StoreStats:
+    """Count what a store holds (the tags' images read once each; blobs from one listing)."""
+    store.check()
+    tags = list_tags(store)
+    blobs = dict(store.list_sizes("blobs/sha256/"))
+    image_ids = set(list_image_ids(store))
+    marks = mark_reachable(store, {digest for _, digest in tags}, progress)
+    unshared = 0
+    for image_hex in {digest for _, digest in tags}:
+        with contextlib.suppress(DogestryError):
+            unshared += sum(r.size for r in load_stored_image(store, image_hex).layers)
+    referenced = sum(n for key, n in blobs.items() if key[len("blobs/sha256/"):] in marks.blobs)
+    return StoreStats(len({r.name for r, _ in tags}), len(tags), len(image_ids),
+                      len(list(store.list("layers/"))), len(blobs), sum(blobs.values()), unshared,
+                      sum(blobs.values()) - referenced)
+
+
+def prune_tags(store: Store, keep_last: Optional[int], older_than: Optional[float],
+               names: Sequence[str]) -> List[Tuple[ImageRef, str]]:
+    """The tags prune removes: per repository, all but the keep_last most recently pushed (a
+    tag's push time is its own last write), or those pushed more than older_than ago; never a
+    protected tag."""
+    entries = {e.key: e for e in store.list_entries("repositories/")}
+    protected = {k[len(PROTECTED_PREFIX):] for k in store.list(PROTECTED_PREFIX)}
+    by_repo = collections.defaultdict(list)  # type: Dict[str, List[Tuple[ImageRef, str, float]]]
+    for ref, image_hex in list_tags(store):
+        entry = entries.get(tag_key(ref))
+        if entry is None or (names and ref.name not in names):
+            continue
+        by_repo[ref.name].append((ref, image_hex, entry.age))
+    doomed = []
+    for name, tags in sorted(by_repo.items()):
+        tags.sort(key=lambda t: (t[2], t[0].tag))  # youngest first
+        for index, (ref, image_hex, age) in enumerate(tags):
+            if "%s/%s" % (ref.name, ref.tag) in protected:
+                continue
+            if (keep_last is not None and index >= keep_last) or (older_than is not None and age > older_than):
+                doomed.append((ref, image_hex))
+    return doomed
+
+
+def remove_tags(store: Store, tags: Sequence[Tuple[ImageRef, str]]) -> None:
+    """Delete tags, first recording their images as untagged (gc spares them for its grace period)."""
+    by_image = collections.defaultdict(list)  # type: Dict[str, List[ImageRef]]
+    for ref, image_hex in tags:
+        by_image[image_hex].append(ref)
+    for image_hex, refs in by_image.items():
+        record_untagged(store, image_hex, refs)
+    store.delete_many([tag_key(ref) for ref, _ in tags])
+
+
+# === 15. Fleets: -pullhosts, the lock file and the config file ===
 #
 # A fleet pull checks every host, works out per host which layers it lacks, downloads
 # the union once into a local spool store (verified on the way), then loads every host
@@ -3827,7 +4361,7 @@ def delegate_to_servers(endpoints: Sequence[DockerEndpoint], store: "S3Store", i
     run_in_threads(run, servers)
 
 
-# === 15. The registry API: the OCI Distribution Spec, pull side ===
+# === 16. The registry API: the OCI Distribution Spec, pull side ===
 #
 # `dogestry -server STORE` also answers /v2/ for every OCI client (docker, containerd,
 # podman, skopeo).  Manifests are made from stored images, a pure function of what is
@@ -4103,7 +4637,7 @@ class Htpasswd:
         return True
 
 
-# === 16. The accelerator server (-server) ===
+# === 17. The accelerator server (-server) ===
 #
 # Speaks just enough of the Docker Engine API for `docker pull` and dogestry clients:
 # HEAD/GET /_ping, GET /version, POST /images/create, the original's /status/check, and
@@ -5064,7 +5598,7 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
         return doc
 
 
-# === 17. Commands ===
+# === 18. Commands ===
 
 
 class StaticCredentials:
@@ -5431,16 +5965,115 @@ def cmd_inspect(ctx: Context) -> int:
 
 
 def cmd_rm(ctx: Context) -> int:
-    """rm STORE IMAGE:TAG: delete a tag (images and layers stay for other tags)."""
+    """rm STORE IMAGE:TAG|IMAGE_ID...: delete tags, or every tag of an image (gc then frees it)."""
+    store = ctx.store()
+    store.check()
+    doomed = []  # type: List[Tuple[ImageRef, str]]
+    all_tags = None  # type: Optional[List[Tuple[ImageRef, str]]]
+    for text in ctx.options.images:  # all or nothing: resolve every argument before deleting any tag
+        ref = None  # type: Optional[ImageRef]
+        with contextlib.suppress(UsageError):
+            ref = parse_image_ref(text)
+        if ref is not None and store.stat(tag_key(ref)) is not None:
+            doomed.append((ref, read_tag(store, ref)))
+            continue
+        if image_id_prefix(text) is None:
+            parse_image_ref(text)  # the reference's own usage error, if it is one
+            raise NotFound("%s not found in %s" % (text, store.url))
+        image_hex, _ = resolve_image(store, text)
+        all_tags = list_tags(store) if all_tags is None else all_tags
+        tags = [(r, h) for r, h in all_tags if h == image_hex]
+        if not tags:
+            ctx.progress.note("image %s has no tags in %s (gc frees it)" % (image_hex[:12], store.url))
+        doomed.extend(tags)
+    doomed = sorted(set(doomed))
+    if doomed:
+        remove_tags(store, doomed)
+    for ref, image_hex in doomed:
+        ctx.progress.note("deleted %s (%s) from %s" % (ref, image_hex[:12], store.url))
+    return 0
+
+
+def cmd_gc(ctx: Context) -> int:
+    """gc STORE: delete what no tag reaches and is older than the grace period."""
+    grace = parse_duration(ctx.options.grace)
+    if grace < GC_MIN_GRACE:
+        raise UsageError("--grace %s is too short: pushes running now need at least %s between their last check"
+                         " and their tag" % (ctx.options.grace, human_duration(GC_MIN_GRACE)))
+    store = ctx.store()
+    report = collect_garbage(store, grace, ctx.progress, dry_run=ctx.options.dry_run)
+    verb = "would delete" if ctx.options.dry_run else "deleted"
+    for unit in report.deleted:
+        ctx.stdout.write("%s %s %s (%s)\n" % (verb, unit.kind, printable(unit.name), human_size(unit.size)))
+    counts = collections.Counter(u.kind for u in report.deleted)
+    ctx.stdout.write("gc %s: %s %d images, %d layer records, %d blobs, %s%s%s\n" % (
+        store.url, verb, counts["image"], counts["layer"], counts["blob"],
+        human_size(sum(u.size for u in report.deleted)),
+        "; %d found in use again and kept" % report.spared if report.spared else "",
+        "; %d leftovers of killed pushes removed" % report.leftovers if report.leftovers else ""))
+    return 0
+
+
+def cmd_prune(ctx: Context) -> int:
+    """prune STORE: remove old tags per repository (never protected ones); gc then frees the space."""
+    keep, older = ctx.options.keep_last, ctx.options.older_than
+    if (keep is None) == (older is None):
+        raise UsageError("prune needs one rule: --keep-last N or --older-than DURATION")
+    if keep is not None and keep < 0:
+        raise UsageError("--keep-last must be 0 or more")
+    ctx.options.store, names = ctx.options.store[0], [parse_image_ref(n).name for n in ctx.options.store[1:]]
+    store = ctx.store()
+    store.check()
+    doomed = prune_tags(store, keep, None if older is None else parse_duration(older), names)
+    if doomed and not ctx.options.dry_run:
+        remove_tags(store, doomed)
+    verb = "would remove" if ctx.options.dry_run else "removed"
+    for ref, image_hex in doomed:
+        ctx.stdout.write("%s %s (%s)\n" % (verb, printable(str(ref)), image_hex[:12]))
+    ctx.stdout.write("prune %s: %s %d tags\n" % (store.url, verb, len(doomed)))
+    return 0
+
+
+def cmd_protect(ctx: Context, protect: bool = True) -> int:
+    """protect STORE NAME:TAG...: tags prune never removes."""
     store = ctx.store()
     store.check()
     refs = [parse_image_ref(text) for text in ctx.options.images]
-    for ref in refs:  # all or nothing: check every tag before deleting any
-        if store.stat(tag_key(ref)) is None:
-            raise NotFound("%s not found in %s" % (ref, store.url))
-    store.delete_many([tag_key(ref) for ref in refs])
     for ref in refs:
-        ctx.progress.note("deleted %s from %s" % (ref, store.url))
+        if protect and store.stat(tag_key(ref)) is None:
+            raise NotFound("%s not found in %s" % (ref, store.url))
+    for ref in refs:
+        key = PROTECTED_PREFIX + "%s/%s" % (ref.name, ref.tag)
+        if protect:
+            store.put_bytes(key, b"")
+        else:
+            store.delete(key)
+        ctx.progress.note("%s %s in %s" % ("protected" if protect else "unprotected", ref, store.url))
+    return 0
+
+
+def cmd_unprotect(ctx: Context) -> int:
+    """unprotect STORE NAME:TAG...: let prune remove these tags again."""
+    return cmd_protect(ctx, protect=False)
+
+
+def cmd_stats(ctx: Context) -> int:
+    """stats STORE: what a store holds, how much sharing saves, what gc would free."""
+    stats = store_stats(ctx.store(), ctx.progress)
+    if ctx.options.json:
+        doc = stats._asdict()
+        doc["dedup_ratio"] = round(stats.dedup_ratio, 3) if stats.dedup_ratio else None
+        ctx.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        return 0
+    ratio = "%.2fx" % stats.dedup_ratio if stats.dedup_ratio else "-"
+    rows = [("Repositories", str(stats.repositories)), ("Tags", str(stats.tags)), ("Images", str(stats.images)),
+            ("Layer records", str(stats.layers)), ("Blobs", str(stats.blobs)),
+            ("Stored", human_size(stats.stored_bytes)),
+            ("Without sharing", "%s (dedup %s)" % (human_size(stats.unshared_bytes), ratio)),
+            ("Unreferenced", "%s (gc frees it once older than its grace period)"
+             % human_size(stats.unreferenced_bytes))]
+    for label, value in rows:
+        ctx.stdout.write("%-16s %s\n" % (label + ":", value))
     return 0
 
 
@@ -5466,14 +6099,21 @@ def cmd_version(ctx: Context) -> int:
     return 0
 
 
-# === 18. Command line and main() ===
+# === 19. Command line and main() ===
 
 COMMANDS = (
     ("push", cmd_push, "push STORE IMAGE[:TAG]...", "Store images (and their tags) in STORE."),
     ("pull", cmd_pull, "pull STORE IMAGE[:TAG]...", "Load images from STORE into the Docker host."),
     ("list", cmd_list, "list STORE", "List the repositories and tags in STORE."),
     ("inspect", cmd_inspect, "inspect STORE IMAGE", "Show what STORE holds for IMAGE, as JSON."),
-    ("rm", cmd_rm, "rm STORE IMAGE:TAG...", "Delete tags from STORE."),
+    ("rm", cmd_rm, "rm STORE IMAGE:TAG|IMAGE_ID...", "Delete tags from STORE (an image ID: all its tags)."),
+    ("gc", cmd_gc, "gc STORE [--grace DURATION] [--dry-run]",
+     "Delete images, layers and blobs no tag reaches, once older than the grace period."),
+    ("prune", cmd_prune, "prune STORE (--keep-last N | --older-than DURATION) [NAME...]",
+     "Remove old tags per repository (never protected ones); gc then frees the space."),
+    ("protect", cmd_protect, "protect STORE NAME:TAG...", "Mark tags that prune never removes."),
+    ("unprotect", cmd_unprotect, "unprotect STORE NAME:TAG...", "Let prune remove these tags again."),
+    ("stats", cmd_stats, "stats STORE [--json]", "Count what STORE holds, what sharing saves, what gc would free."),
     ("remote", cmd_remote, "remote STORE", "Describe STORE."),
     ("login", cmd_login, "login REGISTRY", "Save AWS keys and an S3 URL as docker credentials for REGISTRY."),
     ("passwd", cmd_passwd, "passwd USER", "Print a line for -server -htpasswd FILE: USER and a hash of a password."),
@@ -5574,10 +6214,25 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("registry", metavar="REGISTRY", help="the registry name docker users pull from")
         if name == "passwd":
             p.add_argument("user", metavar="USER", help="the user name registry clients log in with")
-        if name in ("push", "pull", "list", "inspect", "rm", "remote"):
+        if name in ("push", "pull", "list", "inspect", "rm", "remote", "gc", "protect", "unprotect", "stats"):
             p.add_argument("store", metavar="STORE", help=STORE_HELP)
-        if name in ("push", "pull", "rm"):
+        if name in ("push", "pull", "rm", "protect", "unprotect"):
             p.add_argument("images", metavar="IMAGE", nargs="+", help="NAME[:TAG] (or an image ID)")
+        if name in ("gc", "prune"):
+            p.add_argument("-dry-run", "--dry-run", action="store_true", help="print what would go, change nothing")
+        if name == "gc":
+            p.add_argument("-grace", "--grace", metavar="DURATION", default="1h",
+                           help="spare anything younger than this (default 1h; 30m, 2h, 7d; at least %s)"
+                           % human_duration(GC_MIN_GRACE))
+        if name == "prune":
+            p.add_argument("store", metavar="STORE NAME", nargs="+",  # split in cmd_prune
+                           help="the store, then the repositories to prune (default: all)")
+            p.add_argument("-keep-last", "--keep-last", metavar="N", type=int,
+                           help="keep the N most recently pushed tags of each repository")
+            p.add_argument("-older-than", "--older-than", metavar="DURATION",
+                           help="remove tags pushed longer ago than this (30m, 2h, 7d)")
+        if name == "stats":
+            p.add_argument("-json", "--json", action="store_true", help="print JSON")
         if name == "inspect":
             p.add_argument("image", metavar="IMAGE", help="NAME[:TAG] or an image ID prefix")
         if name == "push":
@@ -5621,7 +6276,11 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: List[str]) -> argp
     if early.pullhosts and rest and rest[0] not in names and not rest[0].startswith("-"):
         at = _first_positional(head, argv)
         argv = argv[:at] + ["pull"] + argv[at:]
-    options = parser.parse_args(argv)
+    options, extra = parser.parse_known_args(argv)
+    if extra and options.command == "prune" and not any(e.startswith("-") for e in extra):
+        options.store += extra  # NAMEs after the options: argparse takes one run of positionals only
+    elif extra:
+        raise UsageError("unrecognized arguments: %s" % " ".join(extra))
     if options.pullhosts and options.command not in (None, "pull", "help"):
         raise UsageError("-pullhosts goes with pull, not %s" % options.command)
     return options
