@@ -1920,8 +1920,14 @@ class S3Client:
                 "<Object><Key>%s</Key></Object>" % xml_escape(k) for k in batch)).encode()
             headers = {"Content-Type": "application/xml", "Content-Length": str(len(body)),
                        "Content-MD5": base64.b64encode(hashlib.md5(body).digest()).decode()}
-            root = _parse_xml(self.call("POST", query=[("delete", "")], headers=headers,
-                                        body=lambda: body, payload_hash=hashlib.sha256(body).hexdigest())[1])
+            try:
+                root = _parse_xml(self.call("POST", query=[("delete", "")], headers=headers,
+                                            body=lambda: body, payload_hash=hashlib.sha256(body).hexdigest())[1])
+            except S3Error as e:
+                if e.status != 403:
+                    raise
+                raise S3Error("DeleteObjects %s: %s (these credentials may not delete: s3:DeleteObject)"
+                              % (self.describe(batch[0]), str(e).split(": ", 1)[-1]), e.code, e.status)
             if root is not None:
                 error = root.find("Error")
                 if error is not None:
@@ -2389,6 +2395,8 @@ def open_store(url: str, s3: Optional[Callable[[S3Location], Store]] = None) -> 
 #   gc/untagged/<id>               an image rm, prune or a push took a tag from (gc spares it
 #                                  for the grace period: pulls that read the tag before may need it)
 #   gc/protected/<name>/<tag>      a tag prune never removes
+#   images/<v1-id>/migrated        `migrate --keep-legacy`: the image ID (64 hex) of the same image
+#                                  in this layout (the tag keeps the v1 id for the original tool)
 #
 # The original (Go) layout is read too: images/<v1-id>/{json,layer.tar,VERSION},
 # chained by "parent", with repositories/<name>/<tag> naming the top v1 id.
@@ -2401,53 +2409,81 @@ MANIFEST_MEDIA_TYPE = "application/vnd.dogestry.image.v2+json"
 UNTAGGED_PREFIX = "gc/untagged/"
 PROTECTED_PREFIX = "gc/protected/"
 
-GC_MIN_GRACE = 10.0       # the shortest grace gc accepts: a push's last checks and its tag fit well inside it
-GC_RECHECK_WINDOW = 1.0   # gc sends a delete at most this long after the requests that re-checked its keys
-PUSH_SETTLE = 1.5         # a push that refreshed old objects waits this long before checking they are still there
-PUSH_TAG_MARGIN = 3.0     # objects that may turn GC_MIN_GRACE old sooner than this are refreshed before a tag
+GC_MIN_GRACE = 600.0      # the shortest grace gc accepts; pushes rely on it (DOGESTRY_GC_MIN_GRACE: tests)
+GC_RECHECK_WINDOW = 0.5   # gc sends a delete at most this long after the requests that re-checked its keys
+PUSH_SETTLE = 1.0         # after refreshing old objects a push waits this long before checking they are there
+PUSH_TAG_MARGIN = 3.0     # objects that may come within a gc's reach sooner than this are refreshed before a tag
+
+
+def gc_min_grace(environ: Mapping[str, str]) -> float:
+    """The shortest grace period gc accepts, which pushes rely on: GC_MIN_GRACE, or (for tests)
+    DOGESTRY_GC_MIN_GRACE seconds -- every push and gc on a store must then see the same value."""
+    text = environ.get("DOGESTRY_GC_MIN_GRACE", "")
+    if not text:
+        return GC_MIN_GRACE
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 2 * PUSH_TAG_MARGIN <= value < 1e9:
+        raise UsageError("DOGESTRY_GC_MIN_GRACE=%s is not a number of seconds of at least %g"
+                         % (text, 2 * PUSH_TAG_MARGIN))
+    return value
 
 
 class Freshness:
     """When each object a push relies on might come within reach of a gc (gc deletes nothing
-    younger than GC_MIN_GRACE), so that before its tag the push refreshes only what needs it.
+    younger than its minimum grace), so the push refreshes what needs it and no more.
 
     The race it closes: a gc re-checks an old object, a push refreshes and checks it, the gc's
     delete lands, the push writes its tag.  gc sends its deletes within GC_RECHECK_WINDOW of
-    the re-check; a push waits PUSH_SETTLE after refreshing, so its check sees any such delete.
+    the re-check; a push checks no sooner than PUSH_SETTLE after its last refresh, so the
+    check sees any such delete.  Refreshing early (refresh()) hides that wait behind the push.
     """
 
-    def __init__(self, store: "Store", clock: Callable[[], float] = time.monotonic,
+    def __init__(self, store: "Store", min_grace: float = GC_MIN_GRACE, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep):
-        self.store, self.clock, self.sleep = store, clock, sleep
+        self.store, self.min_grace, self.clock, self.sleep = store, min_grace, clock, sleep
         self.safe_until = {}  # type: Dict[str, float]  # key -> monotonic time it may become gc-able
+        self.refreshed_at = None  # type: Optional[float]
 
     def seen(self, key: str, age: Optional[float]) -> None:
         """An object the push will rely on, as old as that when it was looked at."""
-        until = self.clock() + GC_MIN_GRACE - (age if age is not None else GC_MIN_GRACE)
+        until = self.clock() + self.min_grace - (age if age is not None else self.min_grace)
         self.safe_until[key] = min(until, self.safe_until.get(key, until))
 
     def written(self, key: str) -> None:
         """An object the push has just written."""
-        self.safe_until[key] = self.clock() + GC_MIN_GRACE
+        self.safe_until[key] = self.clock() + self.min_grace
+
+    def refresh(self, within: float, rewrite: Mapping[str, Callable[[], None]]) -> None:
+        """Refresh every object that may come within a gc's reach in the next `within` seconds
+        (rewrite[key]() where it is gone; IntegrityError where it is gone and cannot be)."""
+        deadline = self.clock() + within
+        stale = sorted(k for k, until in self.safe_until.items() if until < deadline)
+        if not stale:
+            return
+
+        def refresh_one(key: str) -> None:
+            if not self.store.touch(key):
+                if key not in rewrite:
+                    raise IntegrityError("%s: %s was deleted (by a gc?) while this push relied on it; push again"
+                                         % (self.store.url, key))
+                rewrite[key]()
+
+        self.refreshed_at = self.clock()
+        with thread_pool(min(8, len(stale)), "dogestry-refresh") as pool:
+            list(pool.map(refresh_one, stale))
+        for key in stale:
+            self.written(key)
 
     def secure(self, rewrite: Mapping[str, Callable[[], None]], must_exist: Mapping[str, Optional[int]]) -> None:
-        """Before a tag: refresh what may age into a gc's reach (rewrite[key]() where the object
-        is gone), wait out a gc delete already on its way, then check every must_exist key is
-        there with its size (None: any size; IntegrityError if one is not)."""
-        deadline = self.clock() + PUSH_TAG_MARGIN
-        stale = sorted(k for k, until in self.safe_until.items() if until < deadline)
-        if stale:
-            def refresh(key: str) -> None:
-                if not self.store.touch(key):
-                    if key not in rewrite:
-                        raise IntegrityError("%s: %s was deleted (by a gc?) while this push relied on it; push again"
-                                             % (self.store.url, key))
-                    rewrite[key]()
-            with thread_pool(min(8, len(stale)), "dogestry-refresh") as pool:
-                list(pool.map(refresh, stale))
-            self.sleep(PUSH_SETTLE)
-            for key in stale:
-                self.written(key)
+        """Before a tag: refresh what may be within a gc's reach by then, wait out a gc delete
+        that may be on its way, then check every must_exist key is there with its size (None:
+        any size; IntegrityError if one is not)."""
+        self.refresh(PUSH_TAG_MARGIN, rewrite)
+        if self.refreshed_at is not None:
+            self.sleep(max(0.0, self.refreshed_at + PUSH_SETTLE - self.clock()))
         keys = sorted(must_exist)
         with thread_pool(min(8, max(1, len(keys))), "dogestry-check") as pool:
             sizes = list(pool.map(self.store.stat, keys))
@@ -2602,9 +2638,10 @@ class FoundImage(NamedTuple):
     """An image found in a store (or, for the original's images, at its bucket's root)."""
 
     store: Store
-    image_hex: str
+    image_hex: str            # the image's own ID (a v1 id for the original layout)
     ref: Optional[ImageRef]
     image: StoredImage
+    named_hex: str = ""       # what the tag holds, if it differs (a v1 id `migrate --keep-legacy` kept)
 
 
 def find_image(store: Store, text: str, progress: ProgressSink) -> FoundImage:
@@ -2630,7 +2667,9 @@ def find_image(store: Store, text: str, progress: ProgressSink) -> FoundImage:
         progress.note("%s is not in %s: using the original dogestry's image at the root of the bucket"
                       % (text, store.url))
         return FoundImage(root, image_hex, ref, image)
-    return FoundImage(store, image_hex, ref, load_stored_image(store, image_hex))
+    image = load_stored_image(store, image_hex)
+    own_hex = image_hex if image.legacy else digest_hex(image.image_id)
+    return FoundImage(store, own_hex, ref, image, image_hex if own_hex != image_hex else "")
 
 
 def original_images_at_root(store: Store) -> List[Tuple[ImageRef, str]]:
@@ -2664,9 +2703,23 @@ def load_stored_image(store: Store, image_hex: str) -> StoredImage:
             raise FormatError("%s: manifest of %s names another config" % (store.url, image_hex[:12]))
         return StoredImage("sha256:" + image_hex, layers, [], config_size)
     if store.stat(image_key(image_hex, "json")) is not None:
+        migrated = migrated_image(store, image_hex)
+        if migrated is not None:
+            return load_stored_image(store, migrated)
         return StoredImage(image_hex, [], legacy_chain(store, image_hex))
     raise NotFound("%s: image %s is missing (the tag points to an image that is not stored)"
                    % (store.url, image_hex[:12]))
+
+
+def migrated_image(store: Store, v1_hex: str) -> Optional[str]:
+    """The image `migrate --keep-legacy` wrote for an image in the original layout, if any."""
+    try:
+        text = store.get_bytes(image_key(v1_hex, "migrated"), limit=4096).decode("ascii", "replace").strip()
+    except NotFound:
+        return None
+    if not _HEX64.match(text) or store.stat(image_key(text, "manifest.json")) is None:
+        return None
+    return text
 
 
 def legacy_chain(store: Store, top_hex: str) -> List[str]:
@@ -2972,6 +3025,7 @@ class PushOptions(NamedTuple):
     compression: str = "gzip"
     tempdir: Optional[str] = None
     level: int = GZIP_LEVEL
+    gc_min_grace: float = GC_MIN_GRACE  # what the store's gc may at least wait (see Freshness)
     workers: int = max(os.cpu_count() or 1, 1)
     uploads: int = 2
 
@@ -3034,9 +3088,9 @@ class LayerPipeline:
     layers in the background while the stream is still being read."""
 
     def __init__(self, store: Store, work_dir: str, progress: ProgressSink, options: PushOptions,
-                 freshness: Freshness):
+                 freshness: Optional[Freshness] = None):
         self.store, self.work_dir, self.progress, self.options = store, work_dir, progress, options
-        self.freshness = freshness
+        self.freshness = freshness or Freshness(store, options.gc_min_grace)
         self.abort = threading.Event()
         self.records = {}  # type: Dict[str, LayerRecord]
         self._lock = threading.Lock()
@@ -3217,10 +3271,10 @@ def push_image(docker: DockerClient, store: Store, text: str, progress: Progress
     image_hex = digest_hex(image_id)
     diff_ids = image_diff_ids(info)
     store.ensure()
-    if _keep_stored_image(store, image_hex, Freshness(store)):
+    if _keep_stored_image(store, image_hex, Freshness(store, options.gc_min_grace)):
         progress.note("%s: image %s is already stored" % (str(ref or text), image_hex[:12]))
     else:
-        _push_new_image(docker, store, image_id, diff_ids, progress, options, Freshness(store))
+        _push_new_image(docker, store, image_id, diff_ids, progress, options, Freshness(store, options.gc_min_grace))
     if ref is not None:
         write_tag(store, ref, image_hex)
         progress.note("pushed %s (%s) to %s" % (ref, image_hex[:12], store.url))
@@ -3283,6 +3337,7 @@ def _push_new_image(docker: DockerClient, store: Store, image_id: str, diff_ids:
         if record is not None:
             known[diff_id] = record
             freshness.seen(layer_index_key(diff_id), store.age(layer_index_key(diff_id)))
+    freshness.refresh(freshness.min_grace / 2, _index_rewriters(store, list(known.values())))  # the wait hides here
     if known:
         progress.note("%d of %d layers already stored" % (len(set(known)), len(set(diff_ids))))
     wanted = set(diff_ids) - set(known)
@@ -3606,7 +3661,7 @@ def pull_image(docker: DockerClient, store: Store, text: str, progress: Progress
     tag_as: the tags to give it on the host (default: the tag pulled).
     """
     store.check()
-    store, _, ref, image = find_image(store, text, progress)
+    store, _, ref, image, _ = find_image(store, text, progress)
     tags = ([ref] if ref else []) if tag_as is None else tag_as
     image_id = load_image(docker, store, image, [str(t) for t in tags], progress)
     for tag in tags:
@@ -3839,6 +3894,9 @@ def mark_reachable(store: Store, roots: Iterable[str], progress: ProgressSink) -
                 continue
             images.add(image_hex)
             images.update(image.legacy_chain)
+            if not image.legacy and image.image_id != "sha256:" + image_hex:  # migrated, original kept
+                images.add(digest_hex(image.image_id))
+                images.update(legacy_chain(store, image_hex))
             for record in image.layers:
                 diff_ids.add(digest_hex(record.diff_id))
                 blobs.add(digest_hex(record.digest))
@@ -3947,7 +4005,7 @@ def collect_garbage(store: Store, grace: float, progress: ProgressSink, dry_run:
     units, expired = plan_gc(store, grace, progress)
     if dry_run:
         return GcReport(units, 0, 0, len(expired))
-    stop_at = started + max(grace / 2, GC_MIN_GRACE / 2)
+    stop_at = started + grace / 2
     done, spared = [], 0  # type: List[GcUnit], int
     for kind in ("image", "layer", "blob"):  # images first: nothing then names the layers they free
         deleted, young = delete_units(store, [u for u in units if u.kind == kind], grace, stop_at, clock)
@@ -4026,6 +4084,80 @@ def remove_tags(store: Store, tags: Sequence[Tuple[ImageRef, str]]) -> None:
     for image_hex, refs in by_image.items():
         record_untagged(store, image_hex, refs)
     store.delete_many([tag_key(ref) for ref, _ in tags])
+
+
+class DiffIdReader:
+    """Reads a stream while hashing it as a layer's uncompressed tar (its diffID), gzip or not."""
+
+    def __init__(self, stream: IO[bytes]):
+        self.stream, self.hasher = stream, DiffIdHasher()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        if data:
+            try:
+                self.hasher.update(data)
+            except zlib.error as e:
+                raise IntegrityError("a layer.tar is corrupt (%s)" % e)
+        return data
+
+
+def legacy_images(store: Store, names: Sequence[str]) -> Dict[str, List[ImageRef]]:
+    """The images in the original layout that tags name (all, or those NAME or NAME:TAG give),
+    not yet migrated: top v1 id -> its tags."""
+    wanted = [parse_image_ref(n) if ":" in n.rsplit("/", 1)[-1] else ImageRef(n, "") for n in names]
+    found = collections.defaultdict(list)  # type: Dict[str, List[ImageRef]]
+    for ref, image_hex in list_tags(store):
+        if wanted and not any(w.name == ref.name and w.tag in ("", ref.tag) for w in wanted):
+            continue
+        if store.stat(image_key(image_hex, "manifest.json")) is None and \
+                store.stat(image_key(image_hex, "json")) is not None and migrated_image(store, image_hex) is None:
+            found[image_hex].append(ref)
+    return found
+
+
+def migrate_image(store: Store, top_hex: str, progress: ProgressSink, options: PushOptions) -> str:
+    """Store an image of the original layout in the current one (layers compressed as a push
+    would, shared with what is stored); return its image ID, the one a pull of it gives."""
+    chain = legacy_chain(store, top_hex)
+    freshness = Freshness(store, options.gc_min_grace)
+    diff_ids, history, known = [], [], {}  # type: List[str], List[Dict[str, Any]], Dict[str, LayerRecord]
+    top = {}  # type: Dict[str, Any]
+    with work_directory(options.tempdir or store.spool_dir()) as work:
+        pipeline = LayerPipeline(store, work, progress, options, freshness)
+        try:
+            for v1_id in chain:
+                top = read_json(store, image_key(v1_id, "json"))
+                key = image_key(v1_id, "layer.tar")
+                size = store.stat(key)
+                if size is None:
+                    raise NotFound("%s: legacy layer %s has no layer.tar" % (store.url, v1_id[:12]))
+                with contextlib.closing(store.open(key, size)) as f:
+                    reader = DiffIdReader(f)
+                    spool = pipeline.spool(reader, size, v1_id[:12], may_compress=True)  # type: ignore
+                diff_id = reader.hasher.digest()
+                record = stored_layer(store, diff_id)
+                if record is None and diff_id not in diff_ids:
+                    pipeline.upload(diff_id, spool)
+                else:
+                    os.unlink(spool.path)
+                if record is not None:
+                    known[diff_id] = record
+                    freshness.seen(layer_index_key(diff_id), store.age(layer_index_key(diff_id)))
+                diff_ids.append(diff_id)
+                history.append(v1_history(top))
+            known.update(pipeline.finish())
+        except BaseException as e:
+            pipeline.cancel(interrupted=isinstance(e, KeyboardInterrupt))
+            raise
+        finally:
+            pipeline.close()
+    config = v1_config(top, history, diff_ids)
+    image_id = sha256_digest(config)
+    layers = [known[d] for d in diff_ids]
+    freshness.secure(_index_rewriters(store, layers), {blob_key(r.digest): r.size for r in layers})
+    _write_image(store, image_id, config, layers)
+    return image_id
 
 
 # === 15. Fleets: -pullhosts, the lock file and the config file ===
@@ -4122,8 +4254,10 @@ def spool_image(store: Store, text: str, spool: "LocalStore", clients: Sequence[
     A host that cannot say what it has is put in `failed` (its URL -> the error) and skipped.
     """
     store.check()
-    store, image_hex, ref, image = find_image(store, text, progress)
+    store, image_hex, ref, image, named_hex = find_image(store, text, progress)
     keys = [tag_key(ref)] if ref else []
+    if named_hex:  # the tag names the original layout, migrated (--keep-legacy): the spool reads it the same way
+        keys += [image_key(named_hex, "json"), image_key(named_hex, "migrated")]
     if image.legacy:
         for v1_id in image.legacy_chain:
             keys += [image_key(v1_id, "json"), image_key(v1_id, "layer.tar")]
@@ -4261,7 +4395,7 @@ class Delegation(NamedTuple):
 def plan_delegation(store: "S3Store", text: str, progress: ProgressSink) -> Optional[Delegation]:
     """Resolve an image and presign the objects a server needs to pull it (None: legacy layout)."""
     store.check()
-    _, image_hex, ref, image = find_image(store, text, progress)
+    _, image_hex, ref, image, _ = find_image(store, text, progress)
     if image.legacy:
         return None
     sizes = {}  # type: Dict[str, int]
@@ -4502,7 +4636,7 @@ class Registry:
         image = load_stored_image(self.store, image_hex)
         if image.legacy:
             raise RegistryError(404, "MANIFEST_UNKNOWN", "image %s is in the original dogestry layout, which has no "
-                                "layer digests to serve: pull it with dogestry and push it again to serve it"
+                                "layer digests to serve: run 'dogestry migrate STORE' to serve it"
                                 % image_hex[:12])
         with self._lock:
             for kind in (OCI_MANIFEST, DOCKER_MANIFEST):
@@ -5661,7 +5795,8 @@ class Context:
     def push_options(self) -> PushOptions:
         return PushOptions(compression=getattr(self.options, "compress", "gzip") or "gzip",
                            tempdir=self.options.tempdir,
-                           level=getattr(self.options, "compress_level", GZIP_LEVEL) or GZIP_LEVEL)
+                           level=getattr(self.options, "compress_level", GZIP_LEVEL) or GZIP_LEVEL,
+                           gc_min_grace=gc_min_grace(self.environ))
 
 
 def cmd_push(ctx: Context) -> int:
@@ -5948,8 +6083,8 @@ def cmd_inspect(ctx: Context) -> int:
     """inspect STORE IMAGE: what the store holds for an image, as JSON."""
     store = ctx.store()
     store.check()
-    store, image_hex, ref, image = find_image(store, ctx.options.image, ctx.progress)
-    tags = [str(r) for r, h in list_tags(store) if h == image_hex]
+    store, image_hex, ref, image, named_hex = find_image(store, ctx.options.image, ctx.progress)
+    tags = [str(r) for r, h in list_tags(store) if h in (image_hex, named_hex)]
     doc = {"Id": image.image_id if not image.legacy else image_hex, "RepoTags": tags}  # type: Dict[str, Any]
     if image.legacy:
         doc["Format"] = "dogestry-v1 (original layout)"
@@ -5996,10 +6131,10 @@ def cmd_rm(ctx: Context) -> int:
 
 def cmd_gc(ctx: Context) -> int:
     """gc STORE: delete what no tag reaches and is older than the grace period."""
-    grace = parse_duration(ctx.options.grace)
-    if grace < GC_MIN_GRACE:
-        raise UsageError("--grace %s is too short: pushes running now need at least %s between their last check"
-                         " and their tag" % (ctx.options.grace, human_duration(GC_MIN_GRACE)))
+    grace, shortest = parse_duration(ctx.options.grace), gc_min_grace(ctx.environ)
+    if grace < shortest:
+        raise UsageError("--grace %s is too short: at least %s, what pushes running at the same time rely on"
+                         % (ctx.options.grace, human_duration(shortest)))
     store = ctx.store()
     report = collect_garbage(store, grace, ctx.progress, dry_run=ctx.options.dry_run)
     verb = "would delete" if ctx.options.dry_run else "deleted"
@@ -6055,6 +6190,26 @@ def cmd_protect(ctx: Context, protect: bool = True) -> int:
 def cmd_unprotect(ctx: Context) -> int:
     """unprotect STORE NAME:TAG...: let prune remove these tags again."""
     return cmd_protect(ctx, protect=False)
+
+
+def cmd_migrate(ctx: Context) -> int:
+    """migrate STORE [NAME[:TAG]...]: store the original layout's images in the current one."""
+    ctx.options.store, names = ctx.options.store[0], ctx.options.store[1:]
+    store = ctx.store()
+    store.check()
+    todo = legacy_images(store, names)
+    if not todo:
+        ctx.progress.note("nothing to migrate in %s" % store.url)
+    for top_hex, refs in sorted(todo.items()):
+        image_hex = digest_hex(migrate_image(store, top_hex, ctx.progress, ctx.push_options()))
+        if ctx.options.keep_legacy:
+            store.put_bytes(image_key(top_hex, "migrated"), image_hex.encode())
+        else:
+            for ref in refs:
+                write_tag(store, ref, image_hex)
+        ctx.stdout.write("migrated %s (%s) -> %s\n" % (", ".join(printable(str(r)) for r in refs), top_hex[:12],
+                                                        image_hex[:12]))
+    return 0
 
 
 def cmd_stats(ctx: Context) -> int:
@@ -6114,6 +6269,8 @@ COMMANDS = (
     ("protect", cmd_protect, "protect STORE NAME:TAG...", "Mark tags that prune never removes."),
     ("unprotect", cmd_unprotect, "unprotect STORE NAME:TAG...", "Let prune remove these tags again."),
     ("stats", cmd_stats, "stats STORE [--json]", "Count what STORE holds, what sharing saves, what gc would free."),
+    ("migrate", cmd_migrate, "migrate STORE [NAME[:TAG]...] [--keep-legacy]",
+     "Store the original dogestry's images in the current layout (dedup, verified pulls, registry)."),
     ("remote", cmd_remote, "remote STORE", "Describe STORE."),
     ("login", cmd_login, "login REGISTRY", "Save AWS keys and an S3 URL as docker credentials for REGISTRY."),
     ("passwd", cmd_passwd, "passwd USER", "Print a line for -server -htpasswd FILE: USER and a hash of a password."),
@@ -6231,6 +6388,16 @@ def build_parser() -> argparse.ArgumentParser:
                            help="keep the N most recently pushed tags of each repository")
             p.add_argument("-older-than", "--older-than", metavar="DURATION",
                            help="remove tags pushed longer ago than this (30m, 2h, 7d)")
+        if name == "migrate":
+            p.add_argument("store", metavar="STORE NAME[:TAG]", nargs="+",  # split in cmd_migrate
+                           help="the store, then the images to migrate (default: all)")
+            p.add_argument("-keep-legacy", "--keep-legacy", action="store_true",
+                           help="tags keep naming the original layout (for the original tool); this"
+                           " version reads the migrated image")
+            p.add_argument("-compress", "--compress", choices=COMPRESSIONS, default="gzip",
+                           help="layer compression (default gzip)")
+            p.add_argument("-compress-level", "--compress-level", metavar="N", type=int, choices=GZIP_LEVELS,
+                           default=GZIP_LEVEL, help="gzip level 1-9 (default %d)" % GZIP_LEVEL)
         if name == "stats":
             p.add_argument("-json", "--json", action="store_true", help="print JSON")
         if name == "inspect":
@@ -6277,7 +6444,7 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: List[str]) -> argp
         at = _first_positional(head, argv)
         argv = argv[:at] + ["pull"] + argv[at:]
     options, extra = parser.parse_known_args(argv)
-    if extra and options.command == "prune" and not any(e.startswith("-") for e in extra):
+    if extra and options.command in ("prune", "migrate") and not any(e.startswith("-") for e in extra):
         options.store += extra  # NAMEs after the options: argparse takes one run of positionals only
     elif extra:
         raise UsageError("unrecognized arguments: %s" % " ".join(extra))

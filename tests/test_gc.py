@@ -27,6 +27,17 @@ from realdocker import (DOGESTRY, build_image, docker_cli, image_id, one_error_l
 pytestmark = pytest.mark.integration
 
 HOUR = 3600
+MIN_GRACE = "10"  # DOGESTRY_GC_MIN_GRACE for every push and gc here: S3's clock cannot be moved back
+
+
+@pytest.fixture
+def docker_env(docker_env):
+    return dict(docker_env, DOGESTRY_GC_MIN_GRACE=MIN_GRACE)
+
+
+@pytest.fixture
+def s3_env(s3_env):
+    return dict(s3_env, DOGESTRY_GC_MIN_GRACE=MIN_GRACE)
 
 
 def ok(env, *args):
@@ -404,7 +415,7 @@ def test_a_key_that_may_not_delete_gets_one_clear_error(rgw, s3_env, family, buc
         "Resource": ["arn:aws:s3:::" + bucket, "arn:aws:s3:::%s/*" % bucket]}]}).encode()
     owner = s3_client(rgw, bucket)
     owner.call("PUT", query=[("policy", "")], body=lambda: policy, payload_hash=hashlib.sha256(policy).hexdigest(),
-               headers={"Content-Length": str(len(policy)), "Content-Type": "application/json"})
+               headers={"Content-Length": str(len(policy)), "Content-Type": "application/json"}, ok=(200, 204))
     wait_until_older_than(owner, "gc/untagged/" + family.b[7:], 11)
     env = dict(s3_env, AWS_ACCESS_KEY_ID=reader.access_key, AWS_SECRET_ACCESS_KEY=reader.secret_key)
 
@@ -452,9 +463,18 @@ def test_a_push_that_refreshes_an_image_a_gc_is_deleting_never_tags_it_half_gone
     assert store.rechecked.wait(30)  # gc found b's record old and is about to delete it
     docker = dogestry.DockerClient(dogestry.docker_endpoint(docker_env["DOCKER_HOST"], docker_env, str(tmp_path)))
 
-    dogestry.push_image(docker, store, "dggc/b:1", progress, dogestry.PushOptions())
+    dogestry.push_image(docker, store, "dggc/b:1", progress, dogestry.PushOptions(gc_min_grace=float(MIN_GRACE)))
     gc.join()
 
     assert store.touched.is_set()  # the push did refresh what it found old
     consistent(store)              # and pushed again what gc took: the tag's image is whole
     assert pulls_back(docker_host, docker_env, str(root), "dggc/b:1", family.b)
+
+
+def test_the_shortest_grace_is_ten_minutes_unless_tests_say_otherwise(docker_env, tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    env = {k: v for k, v in docker_env.items() if k != "DOGESTRY_GC_MIN_GRACE"}
+    one_error_line(run_dogestry("gc", store, "--grace", "9m", env=env), "at least 10m")
+    assert run_dogestry("gc", store, "--grace", "10m", env=env).returncode == 0
+    one_error_line(run_dogestry("gc", store, env=dict(env, DOGESTRY_GC_MIN_GRACE="soon")), "DOGESTRY_GC_MIN_GRACE")

@@ -378,7 +378,11 @@ def test_an_image_in_the_original_layout_says_how_to_serve_it(docker_host, serve
     answer = v2("/v2/old/manifests/1")
     assert answer.status == 404 and error_code(answer) == "MANIFEST_UNKNOWN"
     assert "original dogestry layout" in answer.json()["errors"][0]["message"]
-    assert "push it again" in answer.json()["errors"][0]["message"]
+    assert "dogestry migrate" in answer.json()["errors"][0]["message"]
+
+    migrated = run_dogestry("migrate", "--keep-legacy", store, env=base_env)  # as the message says
+    assert migrated.returncode == 0, migrated.stderr
+    assert v2("/v2/old/manifests/1").status == 200
     docker_cli(docker_host, "rmi", "dgreg/old:1")
 
 

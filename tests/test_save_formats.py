@@ -10,8 +10,10 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import posixpath
 import tarfile
+import time
 
 import pytest
 
@@ -112,6 +114,14 @@ def pull_fresh(docker_host, env, store, image):
     proc = run_dogestry("pull", store, "dgtest/formats:1", env=env)
     assert proc.returncode == 0, proc.stderr
     return docker_cli(docker_host, "inspect", "-f", "{{.Id}}", "dgtest/formats:1").stdout.strip()
+
+
+def pull_tag(docker_host, env, store, tag):
+    """Pull TAG into an engine that lacks it; the image ID it arrives as."""
+    docker_cli(docker_host, "rmi", "-f", tag, check=False)
+    proc = run_dogestry("pull", store, tag, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return docker_cli(docker_host, "inspect", "-f", "{{.Id}}", tag).stdout.strip()
 
 
 def test_v1_save_with_a_repeated_layer_round_trips(docker_host, docker_env, saved, tmp_path):
@@ -254,3 +264,74 @@ def test_the_originals_images_at_the_bucket_root_are_read_from_a_prefix(docker_h
     missing = run_dogestry("pull", "s3://%s/elsewhere/" % bucket, "dgtest/formats:1", env=s3_env)
     assert missing.returncode == 1 and "not found" in missing.stderr  # our own layout at the root is not used
     docker_cli(docker_host, "rmi", "oldapp:20131210")
+
+
+def test_gc_keeps_the_originals_chains_that_tags_reach_and_frees_the_rest(docker_host, docker_env, saved, tmp_path):
+    store = tmp_path / "legacy"
+    top = original_layout(docker_host, "dgtest/formats:1", store, "oldapp/20131210")
+    chain = sorted(p.name for p in (store / "images").iterdir())
+    stray = store / "images" / ("f" * 64)
+    stray.mkdir()
+    (stray / "json").write_text(json.dumps({"id": "f" * 64, "parent": top}))
+    (stray / "layer.tar").write_bytes(b"\0" * 1024)
+    for path in store.rglob("*"):
+        if path.is_file():
+            os.utime(path, (time.time() - 7200,) * 2)
+
+    proc = run_dogestry("gc", store, env=docker_env)
+
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (store / "images").iterdir()) == chain  # the parent chain of the tag
+    assert "deleted 1 images" in proc.stdout
+    assert run_dogestry("rm", store, "oldapp:20131210", env=docker_env).returncode == 0
+    for path in (store / "gc").rglob("*"):
+        os.utime(path, (time.time() - 7200,) * 2)
+    assert run_dogestry("gc", store, env=docker_env).returncode == 0
+    assert not (store / "images").exists()
+
+
+def test_migrate_stores_the_originals_images_in_the_current_layout(docker_host, docker_env, saved, tmp_path):
+    image, _ = saved
+    store = tmp_path / "legacy"
+    top = original_layout(docker_host, "dgtest/formats:1", store, "oldapp/20131210")
+    assert run_dogestry("pull", store, "oldapp:20131210", env=docker_env).returncode == 0
+    from_legacy = json.loads(docker_cli(docker_host, "inspect", "oldapp:20131210").stdout)[0]["Id"]
+    docker_cli(docker_host, "rmi", "oldapp:20131210")
+
+    proc = run_dogestry("migrate", store, env=docker_env)
+
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "migrated oldapp:20131210 (%s) -> %s\n" % (top[:12], from_legacy[7:19])
+    assert (store / "repositories" / "oldapp" / "20131210").read_text() == from_legacy[7:]
+    manifest = json.loads((store / "images" / from_legacy[7:] / "manifest.json").read_text())
+    assert [l["diffID"] for l in manifest["layers"]] == image_layers(docker_host, image)
+    assert "gzip" in {l["compression"] for l in manifest["layers"]}  # compressed as a push would
+    assert run_dogestry("migrate", store, env=docker_env).stderr.startswith("nothing to migrate")
+    assert pull_tag(docker_host, docker_env, store, "oldapp:20131210") == from_legacy
+    for path in store.rglob("*"):
+        if path.is_file():
+            os.utime(path, (time.time() - 7200,) * 2)
+    assert run_dogestry("gc", store, env=docker_env).returncode == 0
+    assert sorted(p.name for p in (store / "images").iterdir()) == [from_legacy[7:]]  # the v1 dirs went
+
+
+def test_migrate_keep_legacy_leaves_the_original_readable_and_serves_the_new_layout(docker_host, docker_env, saved,
+                                                                                   tmp_path):
+    store = tmp_path / "legacy"
+    top = original_layout(docker_host, "dgtest/formats:1", store, "oldapp/20131210")
+    v1_dirs = sorted(p.name for p in (store / "images").iterdir())
+
+    proc = run_dogestry("migrate", "--keep-legacy", store, "oldapp", env=docker_env)
+
+    assert proc.returncode == 0, proc.stderr
+    new_id = proc.stdout.split()[-1]
+    assert (store / "repositories" / "oldapp" / "20131210").read_text() == top  # the original tool reads it
+    inspect = json.loads(run_dogestry("inspect", store, "oldapp:20131210", env=docker_env).stdout)
+    assert inspect["Id"].startswith("sha256:" + new_id)
+    for path in store.rglob("*"):
+        if path.is_file():
+            os.utime(path, (time.time() - 7200,) * 2)
+    assert run_dogestry("gc", store, env=docker_env).returncode == 0
+    images = sorted(p.name for p in (store / "images").iterdir())
+    assert set(v1_dirs) < set(images) and len(images) == len(v1_dirs) + 1
+    assert pull_tag(docker_host, docker_env, store, "oldapp:20131210") == inspect["Id"]
