@@ -2410,9 +2410,9 @@ UNTAGGED_PREFIX = "gc/untagged/"
 PROTECTED_PREFIX = "gc/protected/"
 
 GC_MIN_GRACE = 600.0      # the shortest grace gc accepts; pushes rely on it (DOGESTRY_GC_MIN_GRACE: tests)
+GC_MIN_GRACE_FLOOR = 10.0  # ... and the shortest DOGESTRY_GC_MIN_GRACE
 GC_RECHECK_WINDOW = 0.5   # gc sends a delete at most this long after the requests that re-checked its keys
 PUSH_SETTLE = 1.0         # after refreshing old objects a push waits this long before checking they are there
-PUSH_TAG_MARGIN = 3.0     # objects that may come within a gc's reach sooner than this are refreshed before a tag
 
 
 def gc_min_grace(environ: Mapping[str, str]) -> float:
@@ -2425,20 +2425,25 @@ def gc_min_grace(environ: Mapping[str, str]) -> float:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not 2 * PUSH_TAG_MARGIN <= value < 1e9:
+    if not GC_MIN_GRACE_FLOOR <= value < 1e9:
         raise UsageError("DOGESTRY_GC_MIN_GRACE=%s is not a number of seconds of at least %g"
-                         % (text, 2 * PUSH_TAG_MARGIN))
+                         % (text, GC_MIN_GRACE_FLOOR))
     return value
 
 
 class Freshness:
-    """When each object a push relies on might come within reach of a gc (gc deletes nothing
-    younger than its minimum grace), so the push refreshes what needs it and no more.
+    """When each object a push relies on might come within reach of a gc, so the push refreshes
+    what needs it and no more.
 
+    gc deletes nothing younger than its grace G (at least min_grace) and stops after G/2.  An
+    object younger than min_grace/2 when the tag is written is therefore safe from every gc:
+    one that read the tags before the tag was written ends before the object is G old, and
+    later ones see the tag.  So a push refreshes what is older than that, early (hiding the
+    wait below behind its work) and again before the tag if the push took long.
     The race it closes: a gc re-checks an old object, a push refreshes and checks it, the gc's
     delete lands, the push writes its tag.  gc sends its deletes within GC_RECHECK_WINDOW of
     the re-check; a push checks no sooner than PUSH_SETTLE after its last refresh, so the
-    check sees any such delete.  Refreshing early (refresh()) hides that wait behind the push.
+    check sees any such delete.
     """
 
     def __init__(self, store: "Store", min_grace: float = GC_MIN_GRACE, clock: Callable[[], float] = time.monotonic,
@@ -2481,7 +2486,7 @@ class Freshness:
         """Before a tag: refresh what may be within a gc's reach by then, wait out a gc delete
         that may be on its way, then check every must_exist key is there with its size (None:
         any size; IntegrityError if one is not)."""
-        self.refresh(PUSH_TAG_MARGIN, rewrite)
+        self.refresh(self.min_grace / 2, rewrite)
         if self.refreshed_at is not None:
             self.sleep(max(0.0, self.refreshed_at + PUSH_SETTLE - self.clock()))
         keys = sorted(must_exist)

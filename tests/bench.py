@@ -109,6 +109,10 @@ FLEET_ADDRESSES = loopback_addresses(3)
 FLEET_PORT = 2375
 REGISTRY_PORT = 5000       # the reference registry's port (on an address of its own)
 TARGET_REGISTRY_RATIO = 1.0   # docker pull through dogestry -server against docker-registry
+GC_TAGS, GC_LAYERS = 2000, 10  # the gc stage's store: 2,000 tags and 20,000 small blobs
+GC_GRACE = 10                  # seconds (DOGESTRY_GC_MIN_GRACE): what is older is fair game
+TARGET_GC_S = 60
+TARGET_GC_REQUESTS = 3         # requests per deleted object
 REGISTRY_LEVEL = 6            # the gzip level docker push uses: the registry target compares equal blobs
 REGISTRY_PREFIX = "bench-registry/"  # the store pushed at that level, beside the S3 stage's
 TARGET_REDIRECT_SHARE = 0.01  # of the image's bytes, what the dogestry server may send itself
@@ -1463,7 +1467,76 @@ def run(args, state):
              "S3 pull peak RSS %.1f MiB <= %d MiB" % (s3pull.rss_kib / 1024, TARGET_RSS_MIB)),
             (s3repush.seconds < TARGET_REPUSH_S,
              "S3 re-push %.2f s < %.1f s" % (s3repush.seconds, TARGET_REPUSH_S)),
-        ] + s3_fleet_checks + (run_registry(gw, s3_env, url, client, dogestry) if args.registry else [])
+        ] + s3_fleet_checks + (run_registry(gw, s3_env, url, client, dogestry) if args.registry else []) + (
+            run_gc(gw, s3_env, dogestry) if args.gc else [])
+
+    def run_gc(gw, s3_env, dogestry):
+        """dogestry gc of a store of GC_TAGS tags and GC_TAGS * GC_LAYERS small blobs on radosgw, half
+        of it untagged long enough ago: the seconds it takes and the requests it sends (counted
+        by a forwarding proxy in front of radosgw)."""
+        from faultproxy import FaultProxy
+        bucket = "dgbenchgc-%d-%s" % (os.getpid(), os.urandom(4).hex())
+        client = s3_client(dogestry, gw, bucket)
+        make_bucket(client)
+        store = dogestry.S3Store(dogestry.S3Location(bucket, "gc/", "us-east-1", gw.endpoint), client, 4)
+        log("gc: writing %d tags, %d images and %d small blobs with their index entries (not timed)"
+            % (GC_TAGS, GC_TAGS, GC_TAGS * GC_LAYERS))
+        t = time.perf_counter()
+
+        def write_image(n):
+            records = []
+            for layer in range(GC_LAYERS):
+                data = b"image %d layer %d " % (n, layer) + os.urandom(64)
+                digest = "sha256:" + hashlib.sha256(data).hexdigest()
+                store.put_bytes(dogestry.blob_key(digest), data)
+                record = dogestry.LayerRecord(digest, digest, len(data), "none", len(data))
+                dogestry.write_json(store, dogestry.layer_index_key(digest), record.to_json())
+                records.append(record)
+            config = json.dumps({"rootfs": {"type": "layers", "diff_ids": [r.diff_id for r in records]},
+                                 "n": n}).encode()
+            image_id = "sha256:" + hashlib.sha256(config).hexdigest()
+            dogestry._write_image(store, image_id, config, records)
+            ref = dogestry.ImageRef("bench/app%d" % (n % 50), "v%d" % n)
+            store.put_bytes(dogestry.tag_key(ref), image_id[7:].encode())
+            return ref, image_id[7:]
+
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            tags = list(pool.map(write_image, range(GC_TAGS)))
+        doomed = tags[::2]
+        dogestry.remove_tags(store, doomed)
+        log("gc: store written in %.1f s; waiting until it is %d s old on radosgw's clock"
+            % (time.perf_counter() - t, GC_GRACE + 1))
+        while client.age("gc/" + dogestry.UNTAGGED_PREFIX + doomed[-1][1]) < GC_GRACE + 1:
+            time.sleep(0.5)
+        counts = collections.Counter()
+
+        def count(req):
+            counts[req.method] += 1
+
+        env = dict(s3_env, DOGESTRY_GC_MIN_GRACE=str(GC_GRACE))
+        with FaultProxy(gw.endpoint, count, lifetime=900) as proxy:
+            env["AWS_ENDPOINT_URL"] = proxy.url
+            run = timed_process(dogestry_cmd(workdir, "gc", "--grace", "%ds" % GC_GRACE, "s3://%s/gc/" % bucket), env)
+        summary = [line for line in run.lines if " gc s3://" in line or line.startswith("gc s3://")]
+        deleted = len(doomed) * (2 + 2 * GC_LAYERS) + len(doomed)  # image keys, index entries, blobs; untagged records
+        left = sum(1 for _ in client.list("gc/"))
+        expected_left = (GC_TAGS - len(doomed)) * (3 + 2 * GC_LAYERS)
+        requests = sum(counts.values())
+        result = Result("dogestry gc s3:// (%d tags, %d blobs)" % (GC_TAGS, GC_TAGS * GC_LAYERS), run.wall, None,
+                        run.rss_kib, run.cpu, None, run.lines)
+        result.note = "deleted %d objects (%d left, %d expected); %d requests: %s; %.2f requests per deleted object" % (
+            deleted, left, expected_left, requests, ", ".join("%s %d" % kv for kv in sorted(counts.items())),
+            requests / deleted)
+        add(result)
+        if left != expected_left:
+            raise BenchError("gc left %d objects, not %d: %s" % (left, expected_left, summary))
+        return [
+            (run.wall < TARGET_GC_S, "gc of %d tags / %d blobs %.1f s < %d s" % (GC_TAGS, GC_TAGS * GC_LAYERS,
+                                                                               run.wall, TARGET_GC_S)),
+            (requests < TARGET_GC_REQUESTS * deleted,
+             "gc sent %d requests for %d deleted objects: %.2f < %d a deleted object"
+             % (requests, deleted, requests / deleted, TARGET_GC_REQUESTS)),
+        ]
 
     def run_registry(gw, s3_env, url, client, dogestry):
         """docker pull (and ctr pull) of the image through `dogestry -server STORE` (S3 stores, blobs
@@ -1647,6 +1720,8 @@ def main(argv=None):
     fleet.add_argument("--no-fleet", dest="fleet", action="store_false", help="skip the fleet")
     parser.add_argument("--no-registry", dest="registry", action="store_false", default=True,
                         help="with S3: skip docker pull through dogestry -server and docker-registry")
+    parser.add_argument("--no-gc", dest="gc", action="store_false", default=True,
+                        help="with S3: skip gc of a store of 2,000 tags and 20,000 small blobs")
     args = parser.parse_args(argv)
     args.s3_auto = args.s3 is None
     if args.s3 is None:
