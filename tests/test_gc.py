@@ -478,3 +478,32 @@ def test_the_shortest_grace_is_ten_minutes_unless_tests_say_otherwise(docker_env
     one_error_line(run_dogestry("gc", store, "--grace", "9m", env=env), "at least 10m")
     assert run_dogestry("gc", store, "--grace", "10m", env=env).returncode == 0
     one_error_line(run_dogestry("gc", store, env=dict(env, DOGESTRY_GC_MIN_GRACE="soon")), "DOGESTRY_GC_MIN_GRACE")
+
+
+def test_touch_on_s3_makes_an_object_young_without_moving_its_bytes(rgw, bucket):
+    client = s3_client(rgw, bucket)
+    store = dogestry.S3Store(dogestry.S3Location(bucket, "t/", "us-east-1", rgw.endpoint), client)
+    store.put_bytes("layers/x.json", b'{"some": "record"}\n')
+    wait_until_older_than(client, "t/layers/x.json", 2)
+
+    assert store.touch("layers/x.json")
+
+    assert store.age("layers/x.json") < 2
+    assert store.get_bytes("layers/x.json") == b'{"some": "record"}\n'
+    assert not store.touch("layers/missing.json")
+
+
+def test_a_push_that_finds_its_layer_blob_stored_but_unnamed_refreshes_it(docker_env, family, tmp_path):
+    store = tmp_path / "store"
+    ok(docker_env, "push", store, "dggc/a:1")
+    for path in list((store / "layers").iterdir()) + list((store / "images").rglob("*.json")):
+        path.unlink()  # what a killed gc (or push) can leave: blobs no index entry names
+    age_store(store)
+    blobs = sorted((store / "blobs" / "sha256").iterdir())
+
+    ok(docker_env, "push", store, "dggc/a:1")
+
+    assert sorted((store / "blobs" / "sha256").iterdir()) == blobs  # the same blobs...
+    assert all(time.time() - p.stat().st_mtime < 60 for p in blobs)  # ...but each made young for gc
+    ok(docker_env, "gc", store)
+    assert pulls_back(docker_env["DOCKER_HOST"], docker_env, str(store), "dggc/a:1", family.a)
