@@ -849,6 +849,60 @@ class Store:
         return data
 
 
+# Work dirs: where push and fleet pulls spool layers (a directory store's own root, or $TMPDIR).
+WORK_PREFIX = ".tmp-dogestry-"
+WORK_LOCK = ".tmp-dogestry.lock"  # inside a work dir, flock'ed by its run for as long as it lives
+ABANDONED_UNLOCKED_AGE = 24 * 3600
+
+
+@contextlib.contextmanager
+def work_directory(tempdir: Optional[str]) -> Iterator[str]:
+    """A private temp dir under -tempdir, always removed afterwards (by the next run if we are killed)."""
+    base = tempdir or tempfile.gettempdir()
+    try:
+        path = tempfile.mkdtemp(prefix=WORK_PREFIX, dir=base)
+        lock = open(os.path.join(path, WORK_LOCK + ".new"), "wb")
+    except OSError as e:
+        raise DogestryError("cannot create a temp dir in %s: %s" % (base, _os_reason(e)))
+    try:
+        # Lock first, then give the lock its name: a sweeper never sees a named, unlocked lock
+        # of a live run.  The kernel drops the lock when the process dies, even by SIGKILL.
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        os.rename(lock.name, os.path.join(path, WORK_LOCK))
+        remove_abandoned_work_dirs(base)
+        yield path
+    finally:
+        lock.close()
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_abandoned_work_dirs(base: str) -> None:
+    """Remove the temp dirs that killed runs left in BASE: their lock is free (or, from older
+    versions, missing for a day)."""
+    try:
+        names = [n for n in os.listdir(base) if n.startswith(WORK_PREFIX)]
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(base, name)
+        try:
+            fd = os.open(os.path.join(path, WORK_LOCK), os.O_RDONLY)
+        except FileNotFoundError:
+            with contextlib.suppress(OSError):
+                if time.time() - os.stat(path).st_mtime > ABANDONED_UNLOCKED_AGE:
+                    shutil.rmtree(path, ignore_errors=True)
+            continue
+        except OSError:
+            continue  # someone else's
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass  # locked: its run is alive
+        finally:
+            os.close(fd)
+
+
 class LocalStore(Store):
     """A store in a directory: key 'a/b' is the file ROOT/a/b, written via rename."""
 
@@ -3242,59 +3296,6 @@ def stored_layer(store: Store, diff_id: str) -> Optional[LayerRecord]:
     return record
 
 
-WORK_PREFIX = ".tmp-dogestry-"
-WORK_LOCK = ".tmp-dogestry.lock"  # inside a work dir, flock'ed by its run for as long as it lives
-ABANDONED_UNLOCKED_AGE = 24 * 3600
-
-
-@contextlib.contextmanager
-def work_directory(tempdir: Optional[str]) -> Iterator[str]:
-    """A private temp dir under -tempdir, always removed afterwards (by the next run if we are killed)."""
-    base = tempdir or tempfile.gettempdir()
-    try:
-        path = tempfile.mkdtemp(prefix=WORK_PREFIX, dir=base)
-        lock = open(os.path.join(path, WORK_LOCK + ".new"), "wb")
-    except OSError as e:
-        raise DogestryError("cannot create a temp dir in %s: %s" % (base, _os_reason(e)))
-    try:
-        # Lock first, then give the lock its name: a sweeper never sees a named, unlocked lock
-        # of a live run.  The kernel drops the lock when the process dies, even by SIGKILL.
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        os.rename(lock.name, os.path.join(path, WORK_LOCK))
-        remove_abandoned_work_dirs(base)
-        yield path
-    finally:
-        lock.close()
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def remove_abandoned_work_dirs(base: str) -> None:
-    """Remove the temp dirs that killed runs left in BASE: their lock is free (or, from older
-    versions, missing for a day)."""
-    try:
-        names = [n for n in os.listdir(base) if n.startswith(WORK_PREFIX)]
-    except OSError:
-        return
-    for name in names:
-        path = os.path.join(base, name)
-        try:
-            fd = os.open(os.path.join(path, WORK_LOCK), os.O_RDONLY)
-        except FileNotFoundError:
-            with contextlib.suppress(OSError):
-                if time.time() - os.stat(path).st_mtime > ABANDONED_UNLOCKED_AGE:
-                    shutil.rmtree(path, ignore_errors=True)
-            continue
-        except OSError:
-            continue  # someone else's
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            shutil.rmtree(path, ignore_errors=True)
-        except OSError:
-            pass  # locked: its run is alive
-        finally:
-            os.close(fd)
-
-
 def push_image(docker: DockerClient, store: Store, text: str, progress: ProgressSink,
                options: PushOptions) -> str:
     """Push one local image (NAME[:TAG] or ID) and its tag; return the image ID."""
@@ -3792,17 +3793,23 @@ class DiffIdHasher:
         return "sha256:" + self.sha.hexdigest()
 
 
+def legacy_layer(store: Store, v1_id: str) -> Tuple[Dict[str, Any], str, int]:
+    """A v1 layer of the original layout: its json, and the key and size of its layer.tar."""
+    doc = read_json(store, image_key(v1_id, "json"))
+    key = image_key(v1_id, "layer.tar")
+    size = store.stat(key)
+    if size is None:
+        raise NotFound("%s: legacy layer %s has no layer.tar" % (store.url, v1_id[:12]))
+    return doc, key, size
+
+
 def legacy_tar_stream(store: Store, chain: List[str], repo_tags: List[str], progress: ProgressSink,
                       result: Dict[str, str]) -> Iterator[bytes]:
     """Layers of a v1 chain, then a config and manifest.json built from them."""
     diff_ids, history, paths = [], [], []
     top = {}  # type: Dict[str, Any]
     for v1_id in chain:
-        top = read_json(store, image_key(v1_id, "json"))
-        key = image_key(v1_id, "layer.tar")
-        size = store.stat(key)
-        if size is None:
-            raise NotFound("%s: legacy layer %s has no layer.tar" % (store.url, v1_id[:12]))
+        top, key, size = legacy_layer(store, v1_id)
         path = "%s/layer.tar" % v1_id
         hasher = DiffIdHasher()
         task = progress.task(v1_id[:12], "loading", size)
@@ -3851,11 +3858,12 @@ def _pull_legacy(docker: DockerClient, store: Store, image: StoredImage, repo_ta
 #
 # gc marks what tags reach (and images untagged less than a grace period ago), lists
 # images/, layers/ and blobs/ once each, and deletes what is unreached and older than the
-# grace period: image records first, then layer index entries, then blobs.  Right before
-# each DeleteObjects it re-checks the ages of the keys in it (HEAD: another machine's push
-# may have just refreshed them) and sends the delete within GC_RECHECK_WINDOW of those
-# checks.  A blob also stays while any young index entry points at it (a push reusing it
-# refreshed that entry).  The README's "Garbage collection" section states the guarantees.
+# grace period: image records first, then layer index entries (each with its blob), then
+# blobs no entry names.  Right before each DeleteObjects it re-checks the ages of the keys in
+# it (HEAD: another machine's push may have just refreshed them) and sends the delete within
+# GC_RECHECK_WINDOW of those checks.  A blob is re-checked with every index entry naming it
+# (a push that reuses a layer refreshes its entry) and stays while one is young.  The README's
+# "Garbage collection" section states the guarantees; Freshness (section 9) is the push's side.
 
 GC_THREADS = 16
 GC_BATCH_KEYS = 1000  # DeleteObjects takes at most 1000 keys
@@ -4222,11 +4230,7 @@ def migrate_image(store: Store, top_hex: str, progress: ProgressSink, options: P
         pipeline = LayerPipeline(store, work, progress, options, freshness)
         try:
             for v1_id in chain:
-                top = read_json(store, image_key(v1_id, "json"))
-                key = image_key(v1_id, "layer.tar")
-                size = store.stat(key)
-                if size is None:
-                    raise NotFound("%s: legacy layer %s has no layer.tar" % (store.url, v1_id[:12]))
+                top, key, size = legacy_layer(store, v1_id)
                 with contextlib.closing(store.open(key, size)) as f:
                     reader = DiffIdReader(f)
                     spool = pipeline.spool(reader, size, v1_id[:12], may_compress=True)  # type: ignore
