@@ -4879,7 +4879,7 @@ class Htpasswd:
 
 SERVER_MAX_PULLS = 2
 SERVER_BODY_LIMIT = 1 << 20
-SERVER_BACKLOG = 128
+SERVER_BACKLOG = 1024  # a burst of connections waits in the kernel, not in SYN retries (capped by somaxconn)
 SERVER_WRITE_TIMEOUT = 60.0
 NOT_SERVED = "dogestry server: %s is not served (only image pulls are)"
 _VERSION_PREFIX = re.compile(r"^/v[0-9]+(?:\.[0-9]+)?(/.*)$")
