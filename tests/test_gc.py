@@ -412,7 +412,9 @@ def test_a_key_that_may_not_delete_gets_one_clear_error(rgw, s3_env, family, buc
     policy = json.dumps({"Version": "2012-10-17", "Statement": [{
         "Effect": "Allow", "Principal": {"AWS": ["arn:aws:iam:::user/" + reader.uid]},
         "Action": ["s3:ListBucket", "s3:GetObject", "s3:ListBucketMultipartUploads"],
-        "Resource": ["arn:aws:s3:::" + bucket, "arn:aws:s3:::%s/*" % bucket]}]}).encode()
+        "Resource": ["arn:aws:s3:::" + bucket, "arn:aws:s3:::%s/*" % bucket]}, {
+        "Effect": "Deny", "Principal": {"AWS": ["arn:aws:iam:::user/" + reader.uid]},
+        "Action": ["s3:DeleteObject"], "Resource": ["arn:aws:s3:::%s/*" % bucket]}]}).encode()
     owner = s3_client(rgw, bucket)
     owner.call("PUT", query=[("policy", "")], body=lambda: policy, payload_hash=hashlib.sha256(policy).hexdigest(),
                headers={"Content-Length": str(len(policy)), "Content-Type": "application/json"}, ok=(200, 204))
