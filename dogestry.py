@@ -1327,6 +1327,20 @@ def _xml_text(root: Any, path: str) -> Optional[str]:
     return found.text if found is not None else None
 
 
+def _http_time(text: Optional[str]) -> Optional[float]:
+    """Unix time of an HTTP date (RFC 9110 section 5.6.7: Date, Last-Modified), or None."""
+    with contextlib.suppress(TypeError, ValueError, IndexError):
+        return email.utils.parsedate_to_datetime(text or "").timestamp()
+    return None
+
+
+def _answer_error(body: bytes) -> Optional[str]:
+    """The code of an <Error> S3 sent inside a 200 answer (CopyObject, CompleteMultipartUpload
+    may fail after their 200, says the S3 API reference), or None."""
+    root = _parse_xml(body)
+    return (root.findtext("Code") or "InternalError") if root is not None and root.tag == "Error" else None
+
+
 def _iso_time(text: Optional[str]) -> Optional[float]:
     """Unix time of an ISO 8601 timestamp like 2026-11-27T21:00:00Z, or None."""
     if not text:
@@ -1762,7 +1776,7 @@ class S3Client:
             creds = None  # type: Optional[Credentials]
             if self.presigned is None:
                 creds = self.credentials.get()
-                now = datetime.datetime.fromtimestamp(self.clock() + self._skew, datetime.timezone.utc)
+                now = datetime.datetime.fromtimestamp(self.now(), datetime.timezone.utc)
                 all_headers.update(sign_request(method, path, query, all_headers, payload_hash, creds,
                                                 self.region, "s3", now))
                 target = uri_encode(path, safe="/") + ("?" + canonical_query(query) if query else "")
@@ -1807,8 +1821,8 @@ class S3Client:
                     attempt -= 1
                     continue
             if code == "RequestTimeTooSkewed":
-                with contextlib.suppress(TypeError, ValueError, IndexError):  # no Date, or nonsense
-                    server = email.utils.parsedate_to_datetime(resp.getheader("Date") or "").timestamp()
+                server = _http_time(resp.getheader("Date"))
+                if server is not None:  # no Date, or nonsense: no correction
                     self._skew = server - self.clock()
             if code in ("ExpiredToken", "TokenRefreshRequired"):
                 self.credentials.get(force_refresh=True)
@@ -1859,7 +1873,7 @@ class S3Client:
         """A presigned GET URL for key, valid for `expires` seconds."""
         scheme, host, port, base = self._target()
         netloc = host if port in (80, 443) else "%s:%d" % (host, port)
-        now = datetime.datetime.fromtimestamp(self.clock() + self._skew, datetime.timezone.utc)
+        now = datetime.datetime.fromtimestamp(self.now(), datetime.timezone.utc)
         return presign_url("GET", scheme, netloc, base + "/" + key, self.credentials.get(), self.region,
                            now, expires)
 
@@ -1955,9 +1969,8 @@ class S3Client:
 
     def server_time(self, resp: http.client.HTTPResponse) -> float:
         """The S3 server's clock when it answered (its Date header), or ours corrected by the known skew."""
-        with contextlib.suppress(TypeError, ValueError, IndexError):
-            return email.utils.parsedate_to_datetime(resp.getheader("Date") or "").timestamp()
-        return self.now()
+        server = _http_time(resp.getheader("Date"))
+        return self.now() if server is None else server
 
     def list_ages(self, prefix: str, page_size: int = 1000) -> Iterator[Tuple[str, int, float, Optional[str]]]:
         """(key, size, age, ETag) of every object under prefix; ages on S3's own clock, so the
@@ -2014,8 +2027,8 @@ class S3Client:
         """
         part_size = max(S3_MIN_PART, -(-size // (S3_MAX_PARTS - 1)))
         part_size = -(-part_size // (1 << 20)) << 20
-        self.abort_uploads(key, before=self.clock() + self._skew - STALE_UPLOAD_AGE)
-        since = self.clock() + self._skew - UPLOAD_CLOCK_MARGIN
+        self.abort_uploads(key, before=self.now() - STALE_UPLOAD_AGE)
+        since = self.now() - UPLOAD_CLOCK_MARGIN
         try:
             upload_id, retried = self._create_upload(key)
         except BaseException:  # an answer cut off (by an interrupt, say) may hide an upload S3 made
@@ -2064,9 +2077,8 @@ class S3Client:
         _, answer_body = self.call("POST", key, query=[("uploadId", upload_id)], body=lambda: body,
                                    headers={"Content-Length": str(len(body)), "Content-Type": "application/xml"},
                                    payload_hash=hashlib.sha256(body).hexdigest())
-        answer = _parse_xml(answer_body)  # S3 may report a failure inside a 200 answer
-        if answer is not None and answer.tag == "Error":
-            code = _xml_text(answer, ".//Code") or ""
+        code = _answer_error(answer_body)
+        if code is not None:
             raise S3Error("CompleteMultipartUpload %s: %s" % (self.describe(key), code), code)
 
     def _abort_upload(self, key: str, upload_id: str) -> None:
@@ -2079,9 +2091,7 @@ class S3Client:
         resp = self.head(key)
         if resp is None:
             return None
-        modified = None  # type: Optional[float]
-        with contextlib.suppress(TypeError, ValueError, IndexError):
-            modified = email.utils.parsedate_to_datetime(resp.getheader("Last-Modified") or "").timestamp()
+        modified = _http_time(resp.getheader("Last-Modified"))
         if modified is None:
             raise S3Error("HEAD %s: no Last-Modified in the answer" % self.describe(key))
         return self.server_time(resp) - modified
@@ -2097,9 +2107,9 @@ class S3Client:
             if e.status == 404:
                 return False
             raise
-        root = _parse_xml(body)
-        if root is not None and root.tag == "Error":  # CopyObject may fail after its 200 (the S3 API reference)
-            raise S3Error("CopyObject %s: %s" % (self.describe(key), root.findtext("Code")), root.findtext("Code") or "")
+        code = _answer_error(body)
+        if code is not None:
+            raise S3Error("CopyObject %s: %s" % (self.describe(key), code), code)
         return True
 
     def head_size(self, key: str) -> Optional[int]:
@@ -2128,6 +2138,13 @@ class S3Client:
             markers = [("key-marker", root.findtext("NextKeyMarker") or ""),
                        ("upload-id-marker", root.findtext("NextUploadIdMarker") or "")]
         return found
+
+    def abort_uploads_under(self, prefix: str, before: float) -> int:
+        """Abort the uploads under prefix initiated before `before` (abandoned); return how many."""
+        stale = [(key, upload_id) for key, upload_id, initiated in self.uploads_under(prefix) if initiated < before]
+        for key, upload_id in stale:
+            self._abort_upload(key, upload_id)
+        return len(stale)
 
     def abort_uploads(self, key: str, before: Optional[float] = None, since: Optional[float] = None,
                       keep: str = "") -> None:
@@ -2397,11 +2414,7 @@ class S3Store(Store):
 
     def sweep_leftovers(self, older_than: float) -> int:
         """Multipart uploads under the prefix that killed pushes left (S3 charges for their parts)."""
-        stale = self.client.now() - older_than
-        uploads = [(k, u) for k, u, initiated in self.client.uploads_under(self.location.prefix) if initiated < stale]
-        for key, upload_id in uploads:
-            self.client._abort_upload(key, upload_id)
-        return len(uploads)
+        return self.client.abort_uploads_under(self.location.prefix, self.client.now() - older_than)
 
 
 class PresignedS3Store(S3Store):
@@ -2550,7 +2563,7 @@ class Freshness:
                                          % (self.store.url, key))
                 rewrite[key]()
 
-        self.refreshed_at = self.clock()
+        self.refreshed()
         with thread_pool(min(8, len(stale)), "dogestry-refresh") as pool:
             list(pool.map(refresh_one, stale))
         for key in stale:
@@ -2646,9 +2659,14 @@ def read_json(store: Store, key: str) -> Dict[str, Any]:
     return doc
 
 
+def json_document(doc: Any) -> bytes:
+    """A JSON document as stored (sorted keys, so equal documents are equal bytes)."""
+    return json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
+
+
 def write_json(store: Store, key: str, doc: Any, if_absent: bool = False) -> None:
-    """Store a JSON document (sorted keys, so equal documents are equal bytes)."""
-    store.put_bytes(key, json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n", if_absent)
+    """Store a JSON document as json_document() writes it."""
+    store.put_bytes(key, json_document(doc), if_absent)
 
 
 def read_tag(store: Store, ref: ImageRef) -> str:
@@ -3296,6 +3314,14 @@ def stored_layer(store: Store, diff_id: str) -> Optional[LayerRecord]:
     return record
 
 
+def reused_layer(store: Store, diff_id: str, freshness: Freshness) -> Optional[LayerRecord]:
+    """A layer the store already has (stored_layer), noted as relied on by this push."""
+    record = stored_layer(store, diff_id)
+    if record is not None:
+        freshness.seen(layer_index_key(diff_id), store.age(layer_index_key(diff_id)))
+    return record
+
+
 def push_image(docker: DockerClient, store: Store, text: str, progress: ProgressSink,
                options: PushOptions) -> str:
     """Push one local image (NAME[:TAG] or ID) and its tag; return the image ID."""
@@ -3373,10 +3399,9 @@ def _push_new_image(docker: DockerClient, store: Store, image_id: str, diff_ids:
                     progress: ProgressSink, options: PushOptions, freshness: Freshness) -> None:
     known = {}  # type: Dict[str, LayerRecord]
     for diff_id in set(diff_ids):
-        record = stored_layer(store, diff_id)
+        record = reused_layer(store, diff_id, freshness)
         if record is not None:
             known[diff_id] = record
-            freshness.seen(layer_index_key(diff_id), store.age(layer_index_key(diff_id)))
     freshness.refresh(freshness.min_grace / 2, _index_rewriters(store, list(known.values())))  # the wait hides here
     if known:
         progress.note("%d of %d layers already stored" % (len(set(known)), len(set(diff_ids))))
@@ -3403,9 +3428,7 @@ def _push_new_image(docker: DockerClient, store: Store, image_id: str, diff_ids:
     config_digest = sha256_digest(saved.config)
     if config_digest != image_id:
         raise IntegrityError("the saved config hashes to %s, not to the image ID %s" % (config_digest, image_id))
-    layers = [known[d] for d in diff_ids]
-    freshness.secure(_index_rewriters(store, layers), {blob_key(r.digest): r.size for r in layers})
-    _write_image(store, image_id, saved.config, layers)
+    _secure_and_write_image(store, freshness, image_id, saved.config, [known[d] for d in diff_ids])
 
 
 _OCI_BLOB = re.compile(r"^blobs/sha256/([0-9a-f]{64})$")
@@ -3463,6 +3486,13 @@ def _upload_precompressed(contents: SaveContents, saved: SavedImage, wanted: Set
         pipeline.upload(diff_id, spool)
     if wanted:
         raise FormatError("docker save stream lacks layers: %s" % ", ".join(sorted(wanted)))
+
+
+def _secure_and_write_image(store: Store, freshness: Freshness, image_id: str, config: bytes,
+                            layers: List[LayerRecord]) -> None:
+    """Make sure every layer is stored and stays so (Freshness.secure), then write the image."""
+    freshness.secure(_index_rewriters(store, layers), {blob_key(r.digest): r.size for r in layers})
+    _write_image(store, image_id, config, layers)
 
 
 def _write_image(store: Store, image_id: str, config: bytes, layers: List[LayerRecord]) -> None:
@@ -3924,11 +3954,7 @@ class StoreMarks(NamedTuple):
     diff_ids: Set[str]
     blobs: Set[str]
     index_md5s: Dict[str, Set[str]]
-
-
-def index_entry_bytes(record: LayerRecord) -> bytes:
-    """The bytes write_json stores for a layer's index entry."""
-    return json.dumps(record.to_json(), indent=1, sort_keys=True).encode() + b"\n"
+    image_bytes: int  # the root images' layers, counted once per image that uses them
 
 
 def mark_reachable(store: Store, roots: Iterable[str], progress: ProgressSink) -> StoreMarks:
@@ -3936,6 +3962,7 @@ def mark_reachable(store: Store, roots: Iterable[str], progress: ProgressSink) -
     can safely be deleted)."""
     images, diff_ids, blobs = set(), set(), set()  # type: Set[str], Set[str], Set[str]
     index_md5s = collections.defaultdict(set)  # type: Dict[str, Set[str]]
+    image_bytes = 0
 
     def read(image_hex: str) -> Optional[StoredImage]:
         try:
@@ -3957,11 +3984,12 @@ def mark_reachable(store: Store, roots: Iterable[str], progress: ProgressSink) -
             if not image.legacy and image.image_id != "sha256:" + image_hex:  # migrated, original kept
                 images.add(digest_hex(image.image_id))
                 images.update(legacy_chain(store, image_hex))
+            image_bytes += sum(r.size for r in image.layers)
             for record in image.layers:
                 diff_ids.add(digest_hex(record.diff_id))
                 blobs.add(digest_hex(record.digest))
-                index_md5s[layer_index_key(record.diff_id)].add(hashlib.md5(index_entry_bytes(record)).hexdigest())
-    return StoreMarks(images, diff_ids, blobs, index_md5s)
+                index_md5s[layer_index_key(record.diff_id)].add(hashlib.md5(json_document(record.to_json())).hexdigest())
+    return StoreMarks(images, diff_ids, blobs, index_md5s, image_bytes)
 
 
 def _image_key_order(key: str) -> Tuple[int, str]:
@@ -4145,13 +4173,9 @@ def store_stats(store: Store, progress: ProgressSink) -> StoreStats:
     blobs = dict(store.list_sizes("blobs/sha256/"))
     image_ids = set(list_image_ids(store))
     marks = mark_reachable(store, {digest for _, digest in tags}, progress)
-    unshared = 0
-    for image_hex in {digest for _, digest in tags}:
-        with contextlib.suppress(DogestryError):
-            unshared += sum(r.size for r in load_stored_image(store, image_hex).layers)
     referenced = sum(n for key, n in blobs.items() if key[len("blobs/sha256/"):] in marks.blobs)
     return StoreStats(len({r.name for r, _ in tags}), len(tags), len(image_ids),
-                      len(list(store.list("layers/"))), len(blobs), sum(blobs.values()), unshared,
+                      len(list(store.list("layers/"))), len(blobs), sum(blobs.values()), marks.image_bytes,
                       sum(blobs.values()) - referenced)
 
 
@@ -4235,14 +4259,13 @@ def migrate_image(store: Store, top_hex: str, progress: ProgressSink, options: P
                     reader = DiffIdReader(f)
                     spool = pipeline.spool(reader, size, v1_id[:12], may_compress=True)  # type: ignore
                 diff_id = reader.hasher.digest()
-                record = stored_layer(store, diff_id)
+                record = reused_layer(store, diff_id, freshness)
                 if record is None and diff_id not in diff_ids:
                     pipeline.upload(diff_id, spool)
                 else:
                     os.unlink(spool.path)
                 if record is not None:
                     known[diff_id] = record
-                    freshness.seen(layer_index_key(diff_id), store.age(layer_index_key(diff_id)))
                 diff_ids.append(diff_id)
                 history.append(v1_history(top))
             known.update(pipeline.finish())
@@ -4253,9 +4276,7 @@ def migrate_image(store: Store, top_hex: str, progress: ProgressSink, options: P
             pipeline.close()
     config = v1_config(top, history, diff_ids)
     image_id = sha256_digest(config)
-    layers = [known[d] for d in diff_ids]
-    freshness.secure(_index_rewriters(store, layers), {blob_key(r.digest): r.size for r in layers})
-    _write_image(store, image_id, config, layers)
+    _secure_and_write_image(store, freshness, image_id, config, [known[d] for d in diff_ids])
     return image_id
 
 
@@ -6257,7 +6278,7 @@ def cmd_prune(ctx: Context) -> int:
         raise UsageError("prune needs one rule: --keep-last N or --older-than DURATION")
     if keep is not None and keep < 0:
         raise UsageError("--keep-last must be 0 or more")
-    ctx.options.store, names = ctx.options.store[0], [parse_image_ref(n).name for n in ctx.options.store[1:]]
+    names = [parse_image_ref(n).name for n in ctx.options.names]
     store = ctx.store()
     store.check()
     doomed = prune_tags(store, keep, None if older is None else parse_duration(older), names)
@@ -6295,10 +6316,9 @@ def cmd_unprotect(ctx: Context) -> int:
 
 def cmd_migrate(ctx: Context) -> int:
     """migrate STORE [NAME[:TAG]...]: store the original layout's images in the current one."""
-    ctx.options.store, names = ctx.options.store[0], ctx.options.store[1:]
     store = ctx.store()
     store.check()
-    todo = legacy_images(store, names)
+    todo = legacy_images(store, ctx.options.names)
     if not todo:
         ctx.progress.note("nothing to migrate in %s" % store.url)
     for top_hex, refs in sorted(todo.items()):
@@ -6483,27 +6503,23 @@ def build_parser() -> argparse.ArgumentParser:
                            help="spare anything younger than this (default 1h; 30m, 2h, 7d; at least %s)"
                            % human_duration(GC_MIN_GRACE))
         if name == "prune":
-            p.add_argument("store", metavar="STORE NAME", nargs="+",  # split in cmd_prune
+            p.add_argument("store", metavar="STORE NAME", nargs="+",  # split in parse_command_line
                            help="the store, then the repositories to prune (default: all)")
             p.add_argument("-keep-last", "--keep-last", metavar="N", type=int,
                            help="keep the N most recently pushed tags of each repository")
             p.add_argument("-older-than", "--older-than", metavar="DURATION",
                            help="remove tags pushed longer ago than this (30m, 2h, 7d)")
         if name == "migrate":
-            p.add_argument("store", metavar="STORE NAME[:TAG]", nargs="+",  # split in cmd_migrate
+            p.add_argument("store", metavar="STORE NAME[:TAG]", nargs="+",  # split in parse_command_line
                            help="the store, then the images to migrate (default: all)")
             p.add_argument("-keep-legacy", "--keep-legacy", action="store_true",
                            help="tags keep naming the original layout (for the original tool); this"
                            " version reads the migrated image")
-            p.add_argument("-compress", "--compress", choices=COMPRESSIONS, default="gzip",
-                           help="layer compression (default gzip)")
-            p.add_argument("-compress-level", "--compress-level", metavar="N", type=int, choices=GZIP_LEVELS,
-                           default=GZIP_LEVEL, help="gzip level 1-9 (default %d)" % GZIP_LEVEL)
         if name == "stats":
             p.add_argument("-json", "--json", action="store_true", help="print JSON")
         if name == "inspect":
             p.add_argument("image", metavar="IMAGE", help="NAME[:TAG] or an image ID prefix")
-        if name == "push":
+        if name in ("push", "migrate"):
             p.add_argument("-compress", "--compress", choices=COMPRESSIONS, default="gzip",
                            help="layer compression (default gzip; layers that do not compress are stored raw)")
             p.add_argument("-compress-level", "--compress-level", metavar="N", type=int, choices=GZIP_LEVELS,
@@ -6545,9 +6561,11 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: List[str]) -> argp
         at = _first_positional(head, argv)
         argv = argv[:at] + ["pull"] + argv[at:]
     options, extra = parser.parse_known_args(argv)
-    if extra and options.command in ("prune", "migrate") and not any(e.startswith("-") for e in extra):
-        options.store += extra  # NAMEs after the options: argparse takes one run of positionals only
-    elif extra:
+    if options.command in ("prune", "migrate") and not any(e.startswith("-") for e in extra):
+        # STORE NAME...: argparse takes one run of positionals only, so NAMEs after options come as extras
+        targets, extra = options.store + extra, []
+        options.store, options.names = targets[0], targets[1:]
+    if extra:
         raise UsageError("unrecognized arguments: %s" % " ".join(extra))
     if options.pullhosts and options.command not in (None, "pull", "help"):
         raise UsageError("-pullhosts goes with pull, not %s" % options.command)
