@@ -3,6 +3,7 @@
 
     dogestry push STORE IMAGE[:TAG]     store an image (layers are shared and never sent twice)
     dogestry pull STORE IMAGE[:TAG]     load it into a Docker engine (only the layers it lacks)
+    dogestry import/export/copy         the same without an engine: archives, store to store
 
 Standard library only; Python 3.8 or newer.  The module reads top to bottom:
 
@@ -22,9 +23,10 @@ Standard library only; Python 3.8 or newer.  The module reads top to bottom:
     14. Store lifecycle: gc, prune, stats
     15. Fleets: -pullhosts, the lock file and the config file
     16. The registry API: the OCI Distribution Spec, pull side
-    17. The accelerator server (-server)
-    18. Commands
-    19. Command line and main()
+    17. Moving images without an engine: import, export, copy
+    18. The accelerator server (-server)
+    19. Commands
+    20. Command line and main()
 """
 
 import argparse
@@ -45,8 +47,10 @@ import hmac
 import http.client
 import http.server
 import io
+import itertools
 import json
 import os
+import posixpath
 import queue
 import random
 import re
@@ -1596,6 +1600,8 @@ S3_SINGLE_PUT_MAX = 16 << 20
 S3_MIN_PART = 8 << 20
 S3_MAX_PARTS = 10000
 S3_RANGE = 4 << 20
+S3_COPY_MAX = 5 << 30     # the largest object one CopyObject copies; larger ones are copied in parts
+S3_COPY_PART = 512 << 20  # the part size of those (UploadPartCopy)
 S3_RETRY_BUDGET = 120.0   # seconds a failing request is retried when AWS_MAX_ATTEMPTS is not set
 STALE_UPLOAD_AGE = 3600.0  # a multipart upload this old is abandoned: the next push of its blob aborts it
 UPLOAD_CLOCK_MARGIN = 60.0  # uploads S3 says it began this long before ours count as ours after a retry
@@ -1622,13 +1628,15 @@ class S3Location(NamedTuple):
     prefix: str
     region: Optional[str]
     endpoint: Optional[str]
+    profile: Optional[str] = None  # ?profile=NAME: this store's credentials come from that AWS profile
 
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-_]{2,254}$", re.IGNORECASE)
 
 
 def parse_s3_url(url: str) -> S3Location:
-    """s3://bucket[/prefix/][?region=R&endpoint=URL] as the original dogestry took it."""
+    """s3://bucket[/prefix/][?region=R&endpoint=URL&profile=NAME]: the original dogestry's form,
+    plus a profile of ~/.aws for this store alone (as the AWS CLI's --profile)."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme != "s3":
         raise UsageError("invalid S3 URL %r: expected s3://bucket/prefix/" % url)
@@ -1636,9 +1644,10 @@ def parse_s3_url(url: str) -> S3Location:
         raise UsageError("invalid S3 URL %r: expected s3://bucket/prefix/ (bucket names are 3-63 "
                          "letters, digits, dots and hyphens)" % url)
     query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
-    unknown = set(query) - {"region", "endpoint"}
+    unknown = set(query) - {"region", "endpoint", "profile"}
     if unknown:
-        raise UsageError("unknown S3 URL option %s in %r (known: region, endpoint)" % (", ".join(sorted(unknown)), url))
+        raise UsageError("unknown S3 URL option %s in %r (known: region, endpoint, profile)"
+                         % (", ".join(sorted(unknown)), url))
     prefix = urllib.parse.unquote(parts.path).strip("/")
     if prefix:
         check_key(prefix)
@@ -1646,7 +1655,10 @@ def parse_s3_url(url: str) -> S3Location:
     endpoint = (query.get("endpoint") or [""])[0] or None
     if endpoint and urllib.parse.urlsplit(endpoint).scheme not in ("http", "https"):
         raise UsageError("invalid S3 endpoint %r: expected http://host:port or https://host" % endpoint)
-    return S3Location(parts.netloc, prefix, (query.get("region") or [""])[0] or None, endpoint)
+    profile = (query.get("profile") or [""])[0] or None
+    if profile is not None and not re.match(r"^[A-Za-z0-9_.+=,@-]{1,64}$", profile):
+        raise UsageError("invalid AWS profile name %r in %r" % (profile[:80], url))
+    return S3Location(parts.netloc, prefix, (query.get("region") or [""])[0] or None, endpoint, profile)
 
 
 def _s3_error(body: bytes) -> Tuple[str, str, Optional[str]]:
@@ -2111,6 +2123,39 @@ class S3Client:
         if code is not None:
             raise S3Error("CopyObject %s: %s" % (self.describe(key), code), code)
         return True
+
+    def copy_object(self, source_bucket: str, source_key: str, key: str, size: int,
+                    single_max: int = S3_COPY_MAX, part_size: int = S3_COPY_PART) -> None:
+        """Copy an object from another bucket (or key) on the same endpoint, server-side: no
+        byte passes through us.  CopyObject up to 5 GiB, UploadPartCopy above (S3 API reference)."""
+        source = uri_encode("/%s/%s" % (source_bucket, source_key), safe="/")
+        if size <= single_max:
+            _, body = self.call("PUT", key, headers={"x-amz-copy-source": source, "Content-Length": "0"})
+            code = _answer_error(body)
+            if code is not None:
+                raise S3Error("CopyObject %s: %s" % (self.describe(key), code), code)
+            return
+        upload_id, retried = self._create_upload(key)
+        try:
+            parts = []  # type: List[Tuple[int, str]]
+            for number, offset in enumerate(range(0, size, part_size), 1):
+                last = min(offset + part_size, size) - 1
+                _, body = self.call("PUT", key, query=[("partNumber", str(number)), ("uploadId", upload_id)],
+                                    headers={"x-amz-copy-source": source, "Content-Length": "0",
+                                             "x-amz-copy-source-range": "bytes=%d-%d" % (offset, last)})
+                root = _parse_xml(body)
+                etag = _xml_text(root, ".//ETag") if root is not None else None
+                if not etag:
+                    raise S3Error("UploadPartCopy %s part %d: %s" % (self.describe(key), number,
+                                                                     _answer_error(body) or "no ETag in the answer"))
+                parts.append((number, etag))
+            self._complete_upload(key, upload_id, parts)
+        except BaseException:
+            self._abort_upload(key, upload_id)
+            raise
+        finally:
+            if retried:
+                self.abort_uploads(key, since=self.now() - UPLOAD_CLOCK_MARGIN, keep=upload_id)
 
     def head_size(self, key: str) -> Optional[int]:
         """The size of an object, or None if it is absent."""
@@ -2850,6 +2895,7 @@ def legacy_chain(store: Store, top_hex: str) -> List[str]:
 # We spool each large member to disk while hashing it; the hash tells which layer it is.
 
 SMALL_MEMBER = 1 << 20
+SMALL_MEMBERS_LIMIT = 256 << 20  # the most bytes of small members (not layers) held in memory
 TAR_BLOCK = 512
 TAR_META_LIMIT = 1 << 20  # the largest PAX or GNU long-name header we read
 
@@ -2865,6 +2911,8 @@ class Spool(NamedTuple):
     raw_size: int
     compression: str  # "gzip", "zstd" or "none": how the file's bytes are encoded
     members: Optional[Tuple[int, ...]] = None  # the sizes of the gzip members we wrote
+    unpacked_digest: Optional[str] = None  # a gzip member as sent: the sha256 and size of its
+    unpacked_size: Optional[int] = None    # unpacked bytes (spool(unpack=True); None if not gzip)
 
 
 class SaveContents:
@@ -3000,31 +3048,41 @@ def iter_tar(stream: IO[bytes]) -> Iterator[Tuple[TarEntry, MemberReader]]:
         read_exactly(stream, -size % TAR_BLOCK)
 
 
+def safe_member_name(name: str) -> str:
+    """A tar member's name, refused if it is absolute or climbs out ('..'): such an archive is
+    hostile or broken (nothing is ever extracted by name, but nothing such is read either)."""
+    parts = name.split("/")
+    if name.startswith("/") or ".." in parts or "\0" in name:
+        raise FormatError("docker save stream member %r has an unsafe path" % printable(name[:100]))
+    return name
+
+
 def read_save_stream(stream: IO[bytes], spool: Callable[[TarEntry, MemberReader], Optional[Spool]],
-                     abort: Optional[threading.Event] = None) -> SaveContents:
+                     abort: Optional[threading.Event] = None, what: str = "") -> SaveContents:
     """Walk a `docker save` tar: small members stay in memory, spool() decides about the rest.
 
     spool(entry, reader) returns a Spool for a member it stored (or dropped: path ""),
-    or None to have the member kept in memory like a small one.
+    or None to have the member kept in memory like a small one.  what: the stream's name in
+    errors, if it is not docker's (an archive file being imported).
     """
     contents = SaveContents()
+    small_bytes = 0
     try:
         for entry, reader in iter_tar(stream):
             if abort is not None and abort.is_set():
                 raise Interrupted("stopped")
+            safe_member_name(entry.name)
             if entry.kind == "link":
-                target = entry.linkname
-                if target.startswith("/"):
-                    target = os.path.relpath(target, "/" + (os.path.dirname(entry.name) or "."))
-                contents.links[entry.name] = target
+                contents.links[entry.name] = _link_target(entry)
                 continue
             if entry.kind != "file":
                 continue
             spooled = spool(entry, reader) if entry.size > SMALL_MEMBER or entry.name.endswith(".tar") else None
             if spooled is None:
-                if entry.size > DOCUMENT_LIMIT:
-                    raise FormatError("docker save stream member %r is too large for a document (%s)"
-                                      % (entry.name[:100], human_size(entry.size)))
+                small_bytes += entry.size
+                if entry.size > DOCUMENT_LIMIT or small_bytes > SMALL_MEMBERS_LIMIT:
+                    raise FormatError("docker save stream member %r is too large for a document (%s, %s in all)"
+                                      % (entry.name[:100], human_size(entry.size), human_size(small_bytes)))
                 data = reader.read()
                 contents.small[entry.name] = data
                 contents.digests[entry.name] = sha256_digest(data)
@@ -3033,11 +3091,29 @@ def read_save_stream(stream: IO[bytes], spool: Callable[[TarEntry, MemberReader]
                 contents.digests[entry.name] = spooled.raw_digest
         while stream.read(CHUNK):  # the tar's trailing padding: read to the end of the response
             pass
+    except FormatError as e:
+        if not what:
+            raise
+        raise FormatError(str(e).replace("docker save stream", what))
     except (OSError, http.client.HTTPException) as e:
         if isinstance(e, OSError) and e.filename:
             raise DogestryError("cannot spool %s: %s" % (e.filename, _os_reason(e)))
+        if what:
+            raise DogestryError("cannot read the %s: %s" % (what, _os_reason(e)))
         raise DockerError("docker save stream broke: %s" % _os_reason(e))
     return contents
+
+
+def _link_target(entry: TarEntry) -> str:
+    """Where a link member points, relative to its directory; refused if outside the archive."""
+    target = entry.linkname
+    if target.startswith("/"):
+        target = os.path.relpath(target, "/" + (os.path.dirname(entry.name) or "."))
+    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(entry.name), target))
+    if resolved.startswith("../") or resolved in ("..", ".") or resolved.startswith("/"):
+        raise FormatError("docker save stream member %r is a link pointing outside it (%r)"
+                          % (printable(entry.name[:100]), printable(entry.linkname[:100])))
+    return target
 
 
 class SavedImage(NamedTuple):
@@ -3113,6 +3189,99 @@ def detect_compression(head: bytes) -> str:
     return "none"
 
 
+class GzipInflater:
+    """Incremental gunzip of concatenated gzip members, in bounded pieces."""
+
+    def __init__(self) -> None:
+        self.inflate = zlib.decompressobj(31)
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """Decompressed output for more input, at most CHUNK bytes a piece."""
+        while data:
+            out = self.inflate.decompress(data, CHUNK)
+            if out:
+                yield out
+            if self.inflate.eof:
+                data = self.inflate.unused_data
+                self.inflate = zlib.decompressobj(31)
+            else:
+                data = self.inflate.unconsumed_tail
+
+    def finish(self) -> Iterator[bytes]:
+        """Whatever output is still buffered at the end of the input."""
+        while True:
+            out = self.inflate.decompress(b"", CHUNK)
+            if not out:
+                break
+            yield out
+        tail = self.inflate.flush()
+        if tail:
+            yield tail
+
+
+class DiffIdHasher:
+    """sha256 of a layer's uncompressed tar, whether the stored bytes are gzip or not."""
+
+    def __init__(self) -> None:
+        self.sha = hashlib.sha256()
+        self.inflater = None  # type: Optional[GzipInflater]
+        self.started = False
+        self.size = 0  # of the uncompressed tar, so far
+
+    def update(self, data: bytes) -> None:
+        if not self.started:
+            self.started = True
+            if detect_compression(data) == "gzip":
+                self.inflater = GzipInflater()
+        for out in (self.inflater.feed(data) if self.inflater else (data,)):
+            self.sha.update(out)
+            self.size += len(out)
+
+    def digest(self) -> str:
+        if self.inflater:
+            for out in self.inflater.finish():
+                self.sha.update(out)
+                self.size += len(out)
+            self.inflater = None
+        return "sha256:" + self.sha.hexdigest()
+
+
+class UnpackedHasher:
+    """The diffID (sha256 of the unpacked tar) and size of a gzip blob, computed in a thread
+    while the blob is read; bounded memory (a few pieces wait at most)."""
+
+    def __init__(self) -> None:
+        self.hasher = DiffIdHasher()
+        self.error = None  # type: Optional[Exception]
+        self._queue = queue.Queue(4)  # type: queue.Queue
+        self._thread = start_thread(self._run, (), "dogestry-unpack")
+
+    def update(self, data: bytes) -> None:
+        self._queue.put(data)
+
+    def _run(self) -> None:
+        while True:
+            data = self._queue.get()
+            if data is None:
+                return
+            if self.error is None:
+                try:
+                    self.hasher.update(data)
+                except zlib.error as e:
+                    self.error = e
+
+    def result(self) -> Tuple[Optional[str], int]:
+        """(diffID, unpacked size), or (None, 0) if the blob is not valid gzip."""
+        self._queue.put(None)
+        self._thread.join()
+        if self.error is None:
+            try:
+                digest = self.hasher.digest()
+            except zlib.error as e:
+                self.error = e
+        return (None, 0) if self.error is not None else (digest, self.hasher.size)
+
+
 # === 12. Push ===
 
 
@@ -3185,8 +3354,9 @@ class LayerPipeline:
     layers in the background while the stream is still being read."""
 
     def __init__(self, store: Store, work_dir: str, progress: ProgressSink, options: PushOptions,
-                 freshness: Optional[Freshness] = None):
+                 freshness: Optional[Freshness] = None, write_index: bool = True):
         self.store, self.work_dir, self.progress, self.options = store, work_dir, progress, options
+        self.write_index = write_index  # False: blobs only, the caller writes index entries once it may
         self.freshness = freshness or Freshness(store, options.gc_min_grace)
         self.abort = threading.Event()
         self.records = {}  # type: Dict[str, LayerRecord]
@@ -3197,8 +3367,9 @@ class LayerPipeline:
         self._count = 0
         self.failure = None  # type: Optional[BaseException]  # the first upload that failed
 
-    def spool(self, reader: MemberReader, size: int, label: str, may_compress: bool) -> Spool:
-        """Write a member to a temp file, hashing it, gzip-compressed in parallel when that pays.
+    def spool(self, reader: MemberReader, size: int, label: str, may_compress: bool, unpack: bool = False) -> Spool:
+        """Write a member to a temp file, hashing it, gzip-compressed in parallel when that pays
+        (unpack: a gzip member is also unpacked and hashed, in a thread, to learn its diffID).
 
         This thread reads and hashes; gzip runs on the pool; a SpoolWriter thread hashes and
         writes the output in order, so slow page-cache writes overlap with reading.
@@ -3213,12 +3384,15 @@ class LayerPipeline:
         task = self.progress.task(label, "compressing" if packed is not None else "reading", size)
         raw_sha = hashlib.sha256()
         raw_size = 0
+        unpacked = UnpackedHasher() if unpack and compression == "gzip" else None
         with SpoolWriter(path, self.options.workers, hashed=packed is not None) as writer:
             chunk = first
             while chunk:
                 if self.abort.is_set():
                     raise Interrupted("stopped")
                 raw_sha.update(chunk)
+                if unpacked is not None:
+                    unpacked.update(chunk)
                 raw_size += len(chunk)
                 if packed is None:
                     writer.put(chunk)
@@ -3232,14 +3406,17 @@ class LayerPipeline:
             raise FormatError("docker save stream ended inside a layer (%d of %d bytes)" % (raw_size, size))
         raw_digest = "sha256:" + raw_sha.hexdigest()
         if packed is None:
+            unpacked_digest, unpacked_size = unpacked.result() if unpacked is not None else (None, 0)
             task.finish("read")
-            return Spool(path, raw_digest, raw_size, raw_digest, raw_size, compression)
+            return Spool(path, raw_digest, raw_size, raw_digest, raw_size, compression, None,
+                         unpacked_digest, unpacked_size if unpacked_digest else None)
         task.finish("compressed to %s from" % human_size(writer.size))
         return Spool(path, writer.digest, writer.size, raw_digest, raw_size, "gzip", tuple(writer.pieces))
 
     def upload(self, diff_id: str, spool: Spool) -> None:
         """Store a spooled layer's blob and its index entry, in the background."""
-        raw_size = spool.raw_size if spool.raw_digest == diff_id else None
+        raw_size = spool.raw_size if spool.raw_digest == diff_id else \
+            spool.unpacked_size if spool.unpacked_digest == diff_id else None
         record = LayerRecord(diff_id, spool.digest, spool.size, spool.compression, raw_size, spool.members)
         self._futures.append(self._upload_pool.submit(self._upload, record, spool.path))
 
@@ -3250,8 +3427,9 @@ class LayerPipeline:
             if not self.store.put_file(key, path, record.size, record.digest, task.advance, if_absent=True,
                                        consume=True):
                 self._keep_stored_blob(key, path, record, task)
-            write_json(self.store, layer_index_key(record.diff_id), record.to_json())
-            self.freshness.written(layer_index_key(record.diff_id))
+            if self.write_index:
+                write_json(self.store, layer_index_key(record.diff_id), record.to_json())
+                self.freshness.written(layer_index_key(record.diff_id))
         except BaseException as e:  # one failed layer stops the whole push at once
             with self._lock:
                 first = self.failure is None
@@ -3536,36 +3714,6 @@ def tar_bytes_member(name: str, data: bytes) -> bytes:
     return tar_header(name, len(data)) + data + tar_padding(len(data))
 
 
-class GzipInflater:
-    """Incremental gunzip of concatenated gzip members, in bounded pieces."""
-
-    def __init__(self) -> None:
-        self.inflate = zlib.decompressobj(31)
-
-    def feed(self, data: bytes) -> Iterator[bytes]:
-        """Decompressed output for more input, at most CHUNK bytes a piece."""
-        while data:
-            out = self.inflate.decompress(data, CHUNK)
-            if out:
-                yield out
-            if self.inflate.eof:
-                data = self.inflate.unused_data
-                self.inflate = zlib.decompressobj(31)
-            else:
-                data = self.inflate.unconsumed_tail
-
-    def finish(self) -> Iterator[bytes]:
-        """Whatever output is still buffered at the end of the input."""
-        while True:
-            out = self.inflate.decompress(b"", CHUNK)
-            if not out:
-                break
-            yield out
-        tail = self.inflate.flush()
-        if tail:
-            yield tail
-
-
 class BlobFeeder:
     """Reads, verifies and (for gzip blobs whose raw size is known) gunzips a blob in a
     thread, so store reads and decompression overlap with docker reading the tar."""
@@ -3700,25 +3848,32 @@ def verified_blob_chunks(store: Store, record: LayerRecord, on_read: Callable[[i
     return BlobFeeder(store, record, inflate, key).chunks(on_read)
 
 
+def stored_layer_members(store: Store, image: StoredImage, send: Callable[[int], bool], sent: Set[str],
+                         progress: ProgressSink, inflate: bool, paths: List[str]) -> Iterator[bytes]:
+    """Tar members <diffID hex>/layer.tar of an image's layers (those send(index) wants and
+    not already in `sent`), verified as they go; each one's path is added to `paths`."""
+    for index, record in enumerate(image.layers):
+        path = "%s/layer.tar" % digest_hex(record.diff_id)
+        paths.append(path)
+        if not send(index) or path in sent:
+            continue
+        sent.add(path)
+        gunzip = inflate and record.compression == "gzip" and record.raw_size is not None
+        size = record.raw_size if gunzip and record.raw_size is not None else record.size
+        task = progress.task(record.diff_id[7:19], "loading" if inflate else "exporting", size)
+        yield tar_header(path, size)
+        yield from verified_blob_chunks(store, record, task.advance, gunzip)
+        yield tar_padding(size)
+        task.finish("loaded" if inflate else "exported")
+
+
 def load_tar_stream(store: Store, image: StoredImage, config: bytes, repo_tags: List[str],
                     missing: Set[int], progress: ProgressSink, inflate: bool = True) -> Iterator[bytes]:
     """The tar docker load reads: config, the missing layers as stored, manifest.json."""
     image_hex = digest_hex(image.image_id)
     yield tar_bytes_member("%s.json" % image_hex, config)
-    paths, sent = [], set()  # type: List[str], Set[str]
-    for index, record in enumerate(image.layers):
-        path = "%s/layer.tar" % digest_hex(record.diff_id)
-        paths.append(path)
-        if index not in missing or path in sent:
-            continue
-        sent.add(path)
-        gunzip = inflate and record.compression == "gzip" and record.raw_size is not None
-        size = record.raw_size if gunzip and record.raw_size is not None else record.size
-        task = progress.task(record.diff_id[7:19], "loading", size)
-        yield tar_header(path, size)
-        yield from verified_blob_chunks(store, record, task.advance, gunzip)
-        yield tar_padding(size)
-        task.finish("loaded")
+    paths = []  # type: List[str]
+    yield from stored_layer_members(store, image, missing.__contains__, set(), progress, inflate, paths)
     manifest = [{"Config": "%s.json" % image_hex, "RepoTags": repo_tags or None, "Layers": paths}]
     yield tar_bytes_member("manifest.json", json.dumps(manifest).encode())
     yield TAR_END
@@ -3799,30 +3954,6 @@ def v1_history(doc: Dict[str, Any]) -> Dict[str, Any]:
     return entry
 
 
-class DiffIdHasher:
-    """sha256 of a layer's uncompressed tar, whether the stored bytes are gzip or not."""
-
-    def __init__(self) -> None:
-        self.sha = hashlib.sha256()
-        self.inflater = None  # type: Optional[GzipInflater]
-        self.started = False
-
-    def update(self, data: bytes) -> None:
-        if not self.started:
-            self.started = True
-            if detect_compression(data) == "gzip":
-                self.inflater = GzipInflater()
-        for out in (self.inflater.feed(data) if self.inflater else (data,)):
-            self.sha.update(out)
-
-    def digest(self) -> str:
-        if self.inflater:
-            for out in self.inflater.finish():
-                self.sha.update(out)
-            self.inflater = None
-        return "sha256:" + self.sha.hexdigest()
-
-
 def legacy_layer(store: Store, v1_id: str) -> Tuple[Dict[str, Any], str, int]:
     """A v1 layer of the original layout: its json, and the key and size of its layer.tar."""
     doc = read_json(store, image_key(v1_id, "json"))
@@ -3833,17 +3964,19 @@ def legacy_layer(store: Store, v1_id: str) -> Tuple[Dict[str, Any], str, int]:
     return doc, key, size
 
 
-def legacy_tar_stream(store: Store, chain: List[str], repo_tags: List[str], progress: ProgressSink,
-                      result: Dict[str, str]) -> Iterator[bytes]:
-    """Layers of a v1 chain, then a config and manifest.json built from them."""
+def legacy_members(store: Store, chain: List[str], progress: ProgressSink, sent: Set[str],
+                   result: Dict[str, Any]) -> Iterator[bytes]:
+    """Tar members of a v1 chain's layers (<v1 id>/layer.tar, those not in `sent`), then a
+    config built from them; result gets its "image_id", "config" name and layer "paths"."""
     diff_ids, history, paths = [], [], []
     top = {}  # type: Dict[str, Any]
     for v1_id in chain:
         top, key, size = legacy_layer(store, v1_id)
         path = "%s/layer.tar" % v1_id
         hasher = DiffIdHasher()
+        if path not in sent:
+            yield tar_header(path, size)
         task = progress.task(v1_id[:12], "loading", size)
-        yield tar_header(path, size)
         seen = 0
         with contextlib.closing(store.open(key)) as f:
             while True:
@@ -3857,27 +3990,35 @@ def legacy_tar_stream(store: Store, chain: List[str], repo_tags: List[str], prog
                 seen += len(data)
                 if seen > size:
                     raise IntegrityError("%s: %s changed while it was read" % (store.url, key))
-                yield data
+                if path not in sent:
+                    yield data
                 task.advance(len(data))
         if seen != size:
             raise IntegrityError("%s: %s is truncated (%d of %d bytes)" % (store.url, key, seen, size))
-        yield tar_padding(size)
+        if path not in sent:
+            yield tar_padding(size)
+            sent.add(path)
         task.finish("loaded")
         diff_ids.append(hasher.digest())
         history.append(v1_history(top))
         paths.append(path)
     config = v1_config(top, history, diff_ids)
-    result["image_id"] = sha256_digest(config)
-    config_name = "%s.json" % digest_hex(result["image_id"])
-    yield tar_bytes_member(config_name, config)
-    manifest = [{"Config": config_name, "RepoTags": repo_tags or None, "Layers": paths}]
+    result.update(image_id=sha256_digest(config), config="%s.json" % digest_hex(sha256_digest(config)), paths=paths)
+    yield tar_bytes_member(result["config"], config)
+
+
+def legacy_tar_stream(store: Store, chain: List[str], repo_tags: List[str], progress: ProgressSink,
+                      result: Dict[str, Any]) -> Iterator[bytes]:
+    """Layers of a v1 chain, then a config and manifest.json built from them."""
+    yield from legacy_members(store, chain, progress, set(), result)
+    manifest = [{"Config": result["config"], "RepoTags": repo_tags or None, "Layers": result["paths"]}]
     yield tar_bytes_member("manifest.json", json.dumps(manifest).encode())
     yield TAR_END
 
 
 def _pull_legacy(docker: DockerClient, store: Store, image: StoredImage, repo_tags: List[str],
                  progress: ProgressSink) -> str:
-    result = {}  # type: Dict[str, str]
+    result = {}  # type: Dict[str, Any]
     progress.note("%s is in the original dogestry layout: loading all %d layers"
                   % (image.image_id[:12], len(image.legacy_chain)))
     docker.load(legacy_tar_stream(store, image.legacy_chain, repo_tags, progress, result))
@@ -4243,15 +4384,18 @@ def legacy_images(store: Store, names: Sequence[str]) -> Dict[str, List[ImageRef
     return found
 
 
-def migrate_image(store: Store, top_hex: str, progress: ProgressSink, options: PushOptions) -> str:
-    """Store an image of the original layout in the current one (layers compressed as a push
-    would, shared with what is stored); return its image ID, the one a pull of it gives."""
+def migrate_image(store: Store, top_hex: str, progress: ProgressSink, options: PushOptions,
+                  target: Optional[Store] = None) -> str:
+    """Store an image of the original layout in the current one, in the same store or in
+    `target` (layers compressed as a push would, shared with what is stored); return its image
+    ID, the one a pull of it gives."""
     chain = legacy_chain(store, top_hex)
-    freshness = Freshness(store, options.gc_min_grace)
+    target = target or store
+    freshness = Freshness(target, options.gc_min_grace)
     diff_ids, history, known = [], [], {}  # type: List[str], List[Dict[str, Any]], Dict[str, LayerRecord]
     top = {}  # type: Dict[str, Any]
-    with work_directory(options.tempdir or store.spool_dir()) as work:
-        pipeline = LayerPipeline(store, work, progress, options, freshness)
+    with work_directory(options.tempdir or target.spool_dir()) as work:
+        pipeline = LayerPipeline(target, work, progress, options, freshness)
         try:
             for v1_id in chain:
                 top, key, size = legacy_layer(store, v1_id)
@@ -4259,7 +4403,7 @@ def migrate_image(store: Store, top_hex: str, progress: ProgressSink, options: P
                     reader = DiffIdReader(f)
                     spool = pipeline.spool(reader, size, v1_id[:12], may_compress=True)  # type: ignore
                 diff_id = reader.hasher.digest()
-                record = reused_layer(store, diff_id, freshness)
+                record = reused_layer(target, diff_id, freshness)
                 if record is None and diff_id not in diff_ids:
                     pipeline.upload(diff_id, spool)
                 else:
@@ -4276,7 +4420,7 @@ def migrate_image(store: Store, top_hex: str, progress: ProgressSink, options: P
             pipeline.close()
     config = v1_config(top, history, diff_ids)
     image_id = sha256_digest(config)
-    _secure_and_write_image(store, freshness, image_id, config, [known[d] for d in diff_ids])
+    _secure_and_write_image(target, freshness, image_id, config, [known[d] for d in diff_ids])
     return image_id
 
 
@@ -4891,7 +5035,649 @@ class Htpasswd:
         return True
 
 
-# === 17. The accelerator server (-server) ===
+# === 17. Moving images without an engine: import, export, copy ===
+#
+# import reads the archives `docker save` (all three shapes, section 10), `podman save`
+# (docker-archive and oci-archive), skopeo, buildah and `buildx --output type=oci` write,
+# and stores their images as push would; export writes what docker load, podman load,
+# skopeo and `ctr import` read; copy moves images between stores.  An OCI image layout
+# (OCI image-spec v1.1, "image-layout"): oci-layout, index.json and blobs/sha256/<hex>;
+# index.json's descriptors name manifests (or nested indexes), annotated with
+# org.opencontainers.image.ref.name and containerd's io.containerd.image.name.
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
+IMAGE_NAME_ANNOTATION = "io.containerd.image.name"
+OCI_LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
+MACHINE_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le", "s390x": "s390x"}
+
+
+class Unpacking:
+    """read() of what a compressed stream unpacks to (gzip, bzip2, xz; zstd where Python has
+    it), in bounded pieces, however well the input compresses."""
+
+    def __init__(self, raw: IO[bytes], kind: str, head: bytes = b""):
+        self.raw, self.kind, self.pending = raw, kind, head
+        self.decoder = self._decoder()
+        self.buffer = bytearray()
+
+    def _decoder(self) -> Any:
+        if self.kind == "gzip":
+            return zlib.decompressobj(31)
+        if self.kind == "bzip2":
+            import bz2
+            return bz2.BZ2Decompressor()
+        if self.kind == "xz":
+            import lzma
+            return lzma.LZMADecompressor()
+        try:
+            from compression import zstd  # type: ignore  # Python 3.14+
+        except ImportError:
+            raise UsageError("this Python cannot unpack a zstd-compressed archive: "
+                             "zstd -dc FILE | dogestry import STORE -")
+        return zstd.ZstdDecompressor()
+
+    def _input(self) -> bytes:
+        data, self.pending = self.pending or self.raw.read(CHUNK), b""
+        return data
+
+    def _next(self) -> bytes:
+        """The next piece of output; b"" at the end of the input."""
+        while True:
+            if self.decoder.eof:
+                rest = self.decoder.unused_data or self._input()
+                if not rest:
+                    return b""
+                self.decoder, self.pending = self._decoder(), rest  # concatenated members or streams
+            if self.kind == "gzip":
+                data = self.pending or self._input()
+                out = self.decoder.decompress(data, CHUNK) if data else b""
+                self.pending = self.decoder.unconsumed_tail
+            else:
+                data = self._input() if self.decoder.needs_input else b""
+                out = self.decoder.decompress(data, CHUNK) if data or not self.decoder.needs_input else b""
+            if out:
+                return out
+            if not data:
+                raise FormatError("the %s-compressed archive is truncated" % self.kind)
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            while n < 0 or len(self.buffer) < n:
+                out = self._next()
+                if not out:
+                    break
+                self.buffer += out
+        except (zlib.error, OSError, EOFError, ValueError) as e:
+            raise FormatError("the %s-compressed archive is corrupt (%s)" % (self.kind, e))
+        except Exception as e:  # lzma.LZMAError and zstd's errors are neither of those
+            if type(e).__name__ not in ("LZMAError", "ZstdError"):
+                raise
+            raise FormatError("the %s-compressed archive is corrupt (%s)" % (self.kind, e))
+        n = len(self.buffer) if n < 0 else min(n, len(self.buffer))
+        data = bytes(self.buffer[:n])
+        del self.buffer[:n]
+        return data
+
+
+class Prefixed:
+    """A stream whose first bytes were already read (to sniff its format)."""
+
+    def __init__(self, head: bytes, rest: IO[bytes]):
+        self.head, self.rest = head, rest
+
+    def read(self, n: int = -1) -> bytes:
+        if not self.head:
+            return self.rest.read(n)
+        data = self.head if n < 0 else self.head[:n]
+        self.head = self.head[len(data):]
+        return data if n < 0 else data + (self.rest.read(n - len(data)) if n > len(data) else b"")
+
+
+def archive_tar(raw: IO[bytes]) -> IO[bytes]:
+    """The tar stream of an archive file, unpacked if the whole archive is compressed."""
+    head = raw.read(6)
+    kind = {b"\x1f\x8b": "gzip", b"BZ": "bzip2"}.get(head[:2]) or \
+        ("xz" if head == b"\xfd7zXZ\x00" else "zstd" if head[:4] == b"\x28\xb5\x2f\xfd" else "")
+    if not head:
+        raise FormatError("the archive is empty")
+    if kind:
+        return Unpacking(raw, kind, head)  # type: ignore
+    return Prefixed(head, raw)  # type: ignore
+
+
+class ArchivedImage(NamedTuple):
+    """An image an archive holds: its config, its layers' member names (bottom first), tags."""
+
+    config: bytes
+    members: List[str]
+    diff_ids: List[str]
+    tags: List[ImageRef]
+
+    @property
+    def image_id(self) -> str:
+        return sha256_digest(self.config)
+
+
+def config_diff_ids(config: bytes) -> List[str]:
+    """rootfs.diff_ids of an image config."""
+    try:
+        diff_ids = parse_json(config, "the image config")["rootfs"]["diff_ids"]
+        if not isinstance(diff_ids, list):
+            raise TypeError("not a list")
+        for diff_id in diff_ids:
+            digest_hex(diff_id)
+    except (KeyError, TypeError, FormatError):
+        raise FormatError("image config has no rootfs.diff_ids (a list of sha256 digests)")
+    return list(diff_ids)
+
+
+def archive_tag(text: Any) -> Optional[ImageRef]:
+    """A tag of an archive as this store names it: docker.io/library/x:t is x:t (None: not a NAME:TAG)."""
+    if not isinstance(text, str) or ":" not in text.rsplit("/", 1)[-1]:
+        return None
+    name, _, tag = text.rpartition(":")
+    host, parts = split_registry(name)
+    name = "/".join(parts) if host == DOCKER_HUB else "/".join([host] + parts)
+    try:
+        return parse_image_ref("%s:%s" % (name, tag))
+    except UsageError:
+        return None
+
+
+def full_image_name(ref: ImageRef) -> str:
+    """NAME:TAG as containerd names it (docker.io/library/x:t for x:t)."""
+    host, parts = split_registry(ref.name)
+    if host == DOCKER_HUB and len(parts) == 1 and "/" not in ref.name:
+        parts = ["library"] + parts
+    return "%s/%s:%s" % (host, "/".join(parts), ref.tag)
+
+
+def archive_blob(contents: SaveContents, descriptor: Any, what: str) -> Tuple[str, bytes]:
+    """(member name, bytes) of a small blob an OCI descriptor names, checked against its digest."""
+    if not isinstance(descriptor, dict) or not isinstance(descriptor.get("digest"), str):
+        raise FormatError("the archive's %s has a malformed descriptor" % what)
+    digest = descriptor["digest"]
+    name = "blobs/sha256/%s" % digest_hex(digest)
+    data = contents.read_small(name)
+    if sha256_digest(data) != digest or descriptor.get("size", len(data)) != len(data):
+        raise IntegrityError("the archive's %s %s does not match its digest" % (what, digest))
+    return name, data
+
+
+def docker_archive_images(contents: SaveContents) -> List[ArchivedImage]:
+    """The images of a `docker save` / `podman save` archive, from its manifest.json."""
+    manifest = parse_json(contents.read_small("manifest.json"), "the archive's manifest.json")
+    if not isinstance(manifest, list) or not manifest:
+        raise FormatError("the archive's manifest.json lists no image")
+    images = []
+    for entry in manifest:
+        if not isinstance(entry, dict) or not isinstance(entry.get("Config"), str) or \
+                not isinstance(entry.get("Layers") or [], list) or \
+                not all(isinstance(n, str) for n in entry.get("Layers") or []):
+            raise FormatError("the archive's manifest.json has a malformed entry")
+        config_name = contents.resolve(entry["Config"])
+        config = contents.read_small(config_name)
+        named = _OCI_BLOB.match(config_name)
+        if named and sha256_digest(config) != "sha256:" + named.group(1):
+            raise IntegrityError("the archive's config %s does not match its digest" % config_name)
+        diff_ids = config_diff_ids(config)
+        members = [contents.resolve(n) for n in entry.get("Layers") or []]
+        if len(members) != len(diff_ids):
+            raise FormatError("manifest.json lists %d layers but the config %d" % (len(members), len(diff_ids)))
+        tags = [t for t in (archive_tag(text) for text in entry.get("RepoTags") or []) if t is not None]
+        images.append(ArchivedImage(config, members, diff_ids, tags))
+    return images
+
+
+def _platform_manifest(contents: SaveContents, index: Dict[str, Any]) -> Any:
+    """The descriptor of a nested index that fits this machine (or its only image)."""
+    images = [d for d in index.get("manifests") or [] if isinstance(d, dict) and
+              (d.get("platform") or {}).get("os") != "unknown"]  # buildx's attestations
+    if len(images) == 1:
+        return images[0]
+    arch = MACHINE_ARCH.get(os.uname().machine, os.uname().machine)
+    fits = [d for d in images if (d.get("platform") or {}).get("os") == "linux"
+            and (d.get("platform") or {}).get("architecture") == arch]
+    if not fits:
+        raise FormatError("the archive holds a multi-platform image without a linux/%s one" % arch)
+    return fits[0]
+
+
+def oci_archive_images(contents: SaveContents) -> List[ArchivedImage]:
+    """The images of an OCI image layout archive, from its index.json."""
+    index = parse_json(contents.read_small("index.json"), "the archive's index.json")
+    if not isinstance(index, dict) or not isinstance(index.get("manifests"), list):
+        raise FormatError("the archive's index.json lists no manifests")
+    images = []
+    for descriptor in index["manifests"]:
+        annotations = (descriptor.get("annotations") if isinstance(descriptor, dict) else None) or {}
+        for _ in range(4):  # an index may name an index (a multi-platform image)
+            _, data = archive_blob(contents, descriptor, "manifest")
+            doc = parse_json(data, "a manifest in the archive")
+            if not isinstance(doc, dict):
+                raise FormatError("a manifest in the archive is not a JSON object")
+            if doc.get("mediaType") not in (OCI_INDEX, DOCKER_MANIFEST_LIST) and "manifests" not in doc:
+                break
+            descriptor = _platform_manifest(contents, doc)
+        else:
+            raise FormatError("the archive's index.json nests indexes too deep")
+        _, config = archive_blob(contents, doc.get("config"), "config")
+        layers = doc.get("layers") or []
+        if not isinstance(layers, list) or not all(isinstance(d, dict) and isinstance(d.get("digest"), str)
+                                                   for d in layers):
+            raise FormatError("a manifest in the archive has malformed layers")
+        diff_ids = config_diff_ids(config)
+        if len(layers) != len(diff_ids):
+            raise FormatError("a manifest in the archive lists %d layers but its config %d"
+                              % (len(layers), len(diff_ids)))
+        members = ["blobs/sha256/%s" % digest_hex(d["digest"]) for d in layers]
+        tag = archive_tag(annotations.get(IMAGE_NAME_ANNOTATION)) or archive_tag(annotations.get(REF_NAME_ANNOTATION))
+        images.append(ArchivedImage(config, members, diff_ids, [tag] if tag else []))
+    return images
+
+
+def archive_images(contents: SaveContents) -> List[ArchivedImage]:
+    """Every image an archive holds (one entry per image ID, with all its tags)."""
+    if contents.resolve("manifest.json") in contents.small:
+        images = docker_archive_images(contents)
+    elif "index.json" in contents.small:
+        images = oci_archive_images(contents)
+    else:
+        raise FormatError("not an image archive: it has no manifest.json (docker save, podman save) "
+                          "and no index.json (an OCI image layout)")
+    merged = collections.OrderedDict()  # type: collections.OrderedDict
+    for image in images:
+        known = merged.get(image.image_id)
+        if known is None:
+            merged[image.image_id] = image
+        else:
+            merged[image.image_id] = known._replace(tags=known.tags + [t for t in image.tags if t not in known.tags])
+    return list(merged.values())
+
+
+def choose_archived(images: List[ArchivedImage], names: Sequence[str]) -> List[ArchivedImage]:
+    """The images to import, with the tags to give them: NAME:TAG arguments tag a one-image
+    archive, or pick images of a larger one by their tags."""
+    refs = [parse_image_ref(n) for n in names]
+    if not refs:
+        return images
+    if len(images) == 1:
+        return [images[0]._replace(tags=refs)]
+    chosen = collections.OrderedDict()  # type: collections.OrderedDict
+    for ref in refs:
+        matches = [i for i in images if ref in i.tags]
+        if not matches:
+            raise UsageError("%s is not a tag of the archive, which holds %d images (%s)" % (
+                ref, len(images), ", ".join(str(t) for i in images for t in i.tags) or "untagged"))
+        picked = chosen.setdefault(matches[0].image_id, matches[0]._replace(tags=[]))
+        picked.tags.append(ref)
+    return list(chosen.values())
+
+
+class ArchiveReader:
+    """Streams an archive's members into a LayerPipeline: layers the store has are dropped
+    (or skipped unread, when their name says which they are), the rest are stored as blobs
+    at once; nothing names them until the whole archive has been read and checked."""
+
+    def __init__(self, store: Store, pipeline: LayerPipeline, freshness: Freshness):
+        self.store, self.pipeline, self.freshness = store, pipeline, freshness
+        self.known = {}       # type: Dict[str, LayerRecord]  # member -> a record the store has
+        self.stored = {}      # type: Dict[str, str]          # member -> digest of a blob the store has
+        self.uploaded = {}    # type: Dict[str, str]          # member -> key of its upload in the pipeline
+        self.unnamed = set()  # type: Set[str]                # diffIDs whose index entry is still to write
+
+    def spool(self, entry: TarEntry, reader: MemberReader) -> Optional[Spool]:
+        """read_save_stream's spool(): what to do with a large member (or a .tar one)."""
+        blob = _OCI_BLOB.match(entry.name) or _PODMAN_LAYER.match(entry.name)
+        named = "sha256:" + blob.group(1) if blob else None
+        if named is None and not entry.name.endswith(".tar"):
+            return None  # not a layer: a large document, kept in memory (within limits)
+        if named is not None:
+            record = reused_layer(self.store, named, self.freshness)  # a layer named by its diffID
+            if record is not None or self.store.stat(blob_key(named)) == entry.size:
+                reader.skip()
+                if record is not None:
+                    self.known[entry.name] = record
+                else:
+                    self.stored[entry.name] = named
+                return Spool("", named, entry.size, named, entry.size, "none")
+        label = named[7:19] if named else entry.name.split("/")[0][:12]
+        spooled = self.pipeline.spool(reader, entry.size, label, may_compress=True, unpack=True)
+        if named is not None and spooled.raw_digest != named:
+            os.unlink(spooled.path)
+            raise IntegrityError("archive member %s does not match its digest (%s)" % (entry.name, spooled.raw_digest))
+        self.take(entry.name, spooled)
+        return spooled._replace(path="")
+
+    def take(self, member: str, spooled: Spool) -> None:
+        """A spooled member that may be a layer: dropped if the store has it, else uploaded
+        (under its diffID if it can tell: a raw tar's digest, a gzip blob's unpacked digest)."""
+        candidate = spooled.unpacked_digest or spooled.raw_digest
+        record = reused_layer(self.store, candidate, self.freshness)
+        if record is not None or candidate in self.uploaded.values():
+            os.unlink(spooled.path)
+            if record is not None:
+                self.known[member] = record
+            else:
+                self.uploaded[member] = candidate
+            return
+        self.pipeline.upload(candidate, spooled)
+        self.uploaded[member] = candidate
+
+    def small_layer(self, member: str, data: bytes, diff_id: str) -> None:
+        """A layer small enough to have been kept in memory: stored as a spooled one would be."""
+        path = os.path.join(self.pipeline.work_dir, "small-%d" % len(self.uploaded))
+        with OutputFile(path) as f:
+            f.write(data)
+        with open(path, "rb") as f:
+            spooled = self.pipeline.spool(MemberReader(f, len(data)), len(data), diff_id[7:19],  # type: ignore
+                                          may_compress=True, unpack=True)
+        os.unlink(path)
+        if spooled.compression != "zstd" and (spooled.unpacked_digest or spooled.raw_digest) != diff_id:
+            os.unlink(spooled.path)
+            raise IntegrityError("archive member %s does not unpack to layer %s" % (member, diff_id))
+        self.take(member, spooled)
+
+    def layer_record(self, contents: SaveContents, member: str, diff_id: str,
+                     uploads: Mapping[str, LayerRecord]) -> LayerRecord:
+        """The record of an image's layer once every upload finished, checked against its diffID."""
+        if member in self.known:
+            record = self.known[member]
+        elif member in self.uploaded:
+            record = uploads[self.uploaded[member]]
+            if record.compression == "zstd":  # no unpacker here: the (digest-checked) config's word
+                record = record._replace(diff_id=diff_id, raw_size=None)
+            self.unnamed.add(diff_id)
+        elif member in self.stored:
+            record = reused_layer(self.store, diff_id, self.freshness) or self._stored_blob(self.stored[member], diff_id)
+        else:
+            raise FormatError("the archive lacks layer %s (%s)" % (diff_id, member))
+        if record.diff_id != diff_id:
+            raise IntegrityError("archive member %s does not unpack to layer %s, which the image's config names"
+                                 % (member, diff_id))
+        return record
+
+    def _stored_blob(self, digest: str, diff_id: str) -> LayerRecord:
+        """A layer whose blob the store holds but no index entry names (an import cut short):
+        read back and checked, gzip or raw (zstd: the config's word)."""
+        sha, hasher, size = hashlib.sha256(), DiffIdHasher(), 0
+        with contextlib.closing(self.store.open(blob_key(digest))) as f:
+            head = f.read(CHUNK)
+            compression = detect_compression(head)
+            try:
+                for data in itertools.chain([head], iter(lambda: f.read(CHUNK), b"")):
+                    sha.update(data)
+                    size += len(data)
+                    if compression != "zstd":
+                        hasher.update(data)
+                unpacked = hasher.digest() if compression != "zstd" else diff_id
+            except zlib.error:
+                unpacked = None
+        if "sha256:" + sha.hexdigest() != digest or unpacked != diff_id:
+            raise IntegrityError("%s: blob %s does not unpack to layer %s" % (self.store.url, digest, diff_id))
+        self.unnamed.add(diff_id)
+        return LayerRecord(diff_id, digest, size, compression, hasher.size if compression != "zstd" else None)
+
+
+def import_archive(store: Store, stream: IO[bytes], names: Sequence[str], progress: ProgressSink,
+                   options: PushOptions) -> List[ArchivedImage]:
+    """Store the images of an archive (all, or those NAME:TAG arguments pick) as push would;
+    return them, with the tags written."""
+    store.ensure()
+    freshness = Freshness(store, options.gc_min_grace)
+    with work_directory(options.tempdir or store.spool_dir()) as work:
+        pipeline = LayerPipeline(store, work, progress, options, freshness, write_index=False)
+        reader = ArchiveReader(store, pipeline, freshness)
+        try:
+            contents = read_save_stream(archive_tar(stream), reader.spool, pipeline.abort, what="archive")
+            images = choose_archived(archive_images(contents), names)
+            for image in images:
+                for member, diff_id in zip(image.members, image.diff_ids):
+                    if member in contents.small and member not in reader.uploaded:
+                        data = contents.small[member]
+                        named = _OCI_BLOB.match(member)
+                        if named and sha256_digest(data) != "sha256:" + named.group(1):
+                            raise IntegrityError("archive member %s does not match its digest" % member)
+                        reader.small_layer(member, data, diff_id)
+            uploads = pipeline.finish()
+        except BaseException as e:
+            pipeline.cancel(interrupted=isinstance(e, KeyboardInterrupt))
+            if isinstance(e, Interrupted) and pipeline.failure is not None:
+                raise pipeline.failure
+            raise
+        finally:
+            pipeline.close()
+    layers = [[reader.layer_record(contents, m, d, uploads) for m, d in zip(i.members, i.diff_ids)] for i in images]
+    for record in {r.diff_id: r for rs in layers for r in rs if r.diff_id in reader.unnamed}.values():
+        write_json(store, layer_index_key(record.diff_id), record.to_json())  # every check passed: name it
+        freshness.written(layer_index_key(record.diff_id))
+    for image, records in zip(images, layers):
+        image_hex = digest_hex(image.image_id)
+        if _keep_stored_image(store, image_hex, Freshness(store, options.gc_min_grace)):
+            progress.note("image %s is already stored" % image_hex[:12])
+        else:
+            _secure_and_write_image(store, freshness, image.image_id, image.config, records)
+        for ref in image.tags:
+            write_tag(store, ref, image_hex)
+    return images
+
+
+class ExportItem(NamedTuple):
+    """An image to export, where it is stored, and the tags to give it in the archive."""
+
+    found: FoundImage
+    tags: List[ImageRef]
+
+
+def export_items(store: Store, texts: Sequence[str], progress: ProgressSink) -> List[ExportItem]:
+    """Resolve every IMAGE argument (all before any byte is written); one item per image."""
+    items = collections.OrderedDict()  # type: collections.OrderedDict
+    for text in texts:
+        found = find_image(store, text, progress)
+        key = (found.store.url, found.image_hex)
+        item = items.setdefault(key, ExportItem(found, []))
+        if found.ref is not None and found.ref not in item.tags:
+            item.tags.append(found.ref)
+    return list(items.values())
+
+
+def verified_config(store: Store, image: StoredImage) -> bytes:
+    """A stored image's config, checked against its digest."""
+    config = store.get_bytes(image_key(digest_hex(image.image_id), "config.json"), limit=DOCUMENT_LIMIT)
+    if sha256_digest(config) != image.image_id:
+        raise IntegrityError("%s: the config of %s is corrupt" % (store.url, image.image_id))
+    return config
+
+
+def docker_archive_stream(items: Sequence[ExportItem], progress: ProgressSink) -> Iterator[bytes]:
+    """A `docker save` archive of the items (what docker load and podman load read): layers as
+    stored, each once, verified as they go; manifest.json with every image's tags last."""
+    manifest, sent = [], set()  # type: List[Dict[str, Any]], Set[str]
+    for item in items:
+        store, image = item.found.store, item.found.image
+        tags = [str(t) for t in item.tags] or None
+        if image.legacy:
+            result = {}  # type: Dict[str, Any]
+            yield from legacy_members(store, image.legacy_chain, progress, sent, result)
+            manifest.append({"Config": result["config"], "RepoTags": tags, "Layers": result["paths"]})
+            continue
+        config_name = "%s.json" % digest_hex(image.image_id)
+        if config_name not in sent:
+            sent.add(config_name)
+            yield tar_bytes_member(config_name, verified_config(store, image))
+        paths = []  # type: List[str]
+        yield from stored_layer_members(store, image, lambda index: True, sent, progress, False, paths)
+        manifest.append({"Config": config_name, "RepoTags": tags, "Layers": paths})
+    yield tar_bytes_member("manifest.json", json.dumps(manifest).encode())
+    yield TAR_END
+
+
+def oci_archive_stream(items: Sequence[ExportItem], progress: ProgressSink) -> Iterator[bytes]:
+    """An OCI image layout archive of the items (what skopeo, podman and ctr import read): the
+    blobs as stored, each once, the manifests the registry API serves, index.json last."""
+    yield tar_bytes_member("oci-layout", OCI_LAYOUT)
+    descriptors, sent = [], set()  # type: List[Dict[str, Any]], Set[str]
+
+    def blob(digest: str, data: bytes) -> bytes:
+        name = "blobs/sha256/" + digest_hex(digest)
+        if name in sent:
+            return b""
+        sent.add(name)
+        return tar_bytes_member(name, data)
+
+    for item in items:
+        store, image = item.found.store, item.found.image
+        yield blob(image.image_id, verified_config(store, image))
+        for record in image.layers:
+            name = "blobs/sha256/" + digest_hex(record.digest)
+            if name in sent:
+                continue
+            sent.add(name)
+            task = progress.task(record.diff_id[7:19], "exporting", record.size)
+            yield tar_header(name, record.size)
+            yield from verified_blob_chunks(store, record, task.advance)
+            yield tar_padding(record.size)
+            task.finish("exported")
+        manifest = registry_manifest(image, OCI_MANIFEST)
+        yield blob(sha256_digest(manifest), manifest)
+        descriptor = {"mediaType": OCI_MANIFEST, "digest": sha256_digest(manifest), "size": len(manifest)}
+        for ref in item.tags:
+            descriptors.append(dict(descriptor, annotations={IMAGE_NAME_ANNOTATION: full_image_name(ref),
+                                                             REF_NAME_ANNOTATION: ref.tag}))
+        if not item.tags:
+            descriptors.append(descriptor)
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}
+    yield tar_bytes_member("index.json", json.dumps(index, sort_keys=True).encode())
+    yield TAR_END
+
+
+def write_archive(chunks: Iterable[bytes], path: str) -> None:
+    """Write an archive to path through a temp file beside it: a failure leaves no file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=directory)
+        os.close(fd)
+    except OSError as e:
+        raise DogestryError("cannot write %s: %s" % (path, _os_reason(e)))
+    try:
+        with OutputFile(tmp) as out:
+            for data in chunks:
+                out.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# --- copy: store to store ---
+
+
+def same_s3_endpoint(src: Store, dst: Store) -> bool:
+    """Can dst copy src's objects server-side (two S3 stores on one endpoint)?"""
+    return isinstance(src, S3Store) and isinstance(dst, S3Store) and not isinstance(src, PresignedS3Store) \
+        and src.client.endpoint == dst.client.endpoint
+
+
+class BlobCopier:
+    """Copies blobs from one store to another: server-side between S3 buckets on one endpoint
+    (falling back to streaming if dst's keys may not read src), else streamed and verified."""
+
+    def __init__(self, src: Store, dst: Store, work_dir: str, progress: ProgressSink):
+        self.src, self.dst, self.work_dir, self.progress = src, dst, work_dir, progress
+        self.server_side = same_s3_endpoint(src, dst)
+        self.bytes_through = 0  # layer bytes that passed through this machine
+        self._lock = threading.Lock()
+
+    def copy(self, record: LayerRecord, freshness: Freshness) -> None:
+        """Make dst hold record's blob: kept (and refreshed) if there, else copied and checked."""
+        key = blob_key(record.digest)
+        if self.dst.stat(key) == record.size:
+            if self.dst.touch(key):
+                freshness.refreshed()
+                return
+        task = self.progress.task(record.diff_id[7:19], "copying", record.size)
+        if self.server_side and self._server_side(key, record):
+            task.advance(record.size)
+            task.finish("copied (server-side)")
+            return
+        self._stream(key, record, task)
+        task.finish("copied")
+
+    def _server_side(self, key: str, record: LayerRecord) -> bool:
+        src, dst = self.src, self.dst
+        assert isinstance(src, S3Store) and isinstance(dst, S3Store)
+        try:
+            dst.client.copy_object(src.location.bucket, src._key(key), dst._key(key), record.size)
+        except S3Error as e:
+            if e.status != 403 and e.code != "AccessDenied":
+                raise
+            self.progress.note("%s may not read %s (%s): copying through this machine instead"
+                               % (dst.url, src.url, e.code or e.status))
+            self.server_side = False
+            return False
+        if dst.stat(key) != record.size:
+            raise IntegrityError("%s: the server-side copy of %s has the wrong size" % (dst.url, key))
+        return True
+
+    def _stream(self, key: str, record: LayerRecord, task: TaskSink) -> None:
+        if isinstance(self.src, LocalStore) and not isinstance(self.dst, LocalStore):
+            path = self.src.path(key)  # sent straight from the source's file, once it checks out
+            if os.path.getsize(path) != record.size or "sha256:" + file_sha256(path) != record.digest:
+                raise IntegrityError("%s: blob %s is corrupt; nothing was copied" % (self.src.url, record.digest))
+            self.dst.put_file(key, path, record.size, record.digest, task.advance)
+        else:
+            path = os.path.join(self.work_dir, "blob-" + digest_hex(record.digest))
+            with OutputFile(path) as out:
+                for data in verified_blob_chunks(self.src, record, task.advance):
+                    out.write(data)
+            self.dst.put_file(key, path, record.size, record.digest, consume=True)
+        with self._lock:
+            self.bytes_through += record.size
+
+
+def copy_image(found: FoundImage, dst: Store, copier: BlobCopier, progress: ProgressSink,
+               options: PushOptions) -> str:
+    """Store an image of one store in another (the original layout becomes the current one):
+    only the layers dst lacks, image last; return its image ID."""
+    src, image = found.store, found.image
+    if image.legacy:
+        progress.note("%s is in the original dogestry layout: storing it in the current one" % found.image_hex[:12])
+        return migrate_image(src, found.image_hex, progress, options, target=dst)
+    image_hex = digest_hex(image.image_id)
+    freshness = Freshness(dst, options.gc_min_grace)
+    if _keep_stored_image(dst, image_hex, freshness):
+        progress.note("%s: image %s is already stored" % (dst.url, image_hex[:12]))
+        return image.image_id
+    config = verified_config(src, image)
+
+    def copy_layer(record: LayerRecord) -> LayerRecord:
+        stored = reused_layer(dst, record.diff_id, freshness)
+        if stored is not None:
+            return stored
+        copier.copy(record, freshness)
+        write_json(dst, layer_index_key(record.diff_id), record.to_json())
+        freshness.written(layer_index_key(record.diff_id))
+        return record
+
+    unique = list({r.diff_id: r for r in image.layers}.values())
+    pool = thread_pool(min(4, max(1, len(unique))), "dogestry-copy")
+    try:
+        copied = {r.diff_id: r for r in pool.map(copy_layer, unique)}
+    except BaseException as e:
+        for store in (src, dst):
+            store.cancel(interrupted=isinstance(e, KeyboardInterrupt))
+        raise
+    finally:
+        pool.shutdown(wait=True)
+    _secure_and_write_image(dst, freshness, image.image_id, config, [copied[r.diff_id] for r in image.layers])
+    return image.image_id
+
+
+# === 18. The accelerator server (-server) ===
 #
 # Speaks just enough of the Docker Engine API for `docker pull` and dogestry clients:
 # HEAD/GET /_ping, GET /version, POST /images/create, the original's /status/check, and
@@ -4934,8 +5720,9 @@ class StoreChoice(NamedTuple):
 
 
 def s3_url(location: S3Location) -> str:
-    """An S3 location as an s3:// URL, with its region and endpoint if it has them."""
-    query = [(k, v) for k, v in (("region", location.region), ("endpoint", location.endpoint)) if v]
+    """An S3 location as an s3:// URL, with its region, endpoint and profile if it has them."""
+    query = [(k, v) for k, v in (("region", location.region), ("endpoint", location.endpoint),
+                                 ("profile", location.profile)) if v]
     return "s3://%s/%s" % (location.bucket, location.prefix) + ("?" + urllib.parse.urlencode(query) if query else "")
 
 
@@ -4963,7 +5750,7 @@ class ServerPolicy:
     @staticmethod
     def _allowed_entry(url: str) -> S3Location:
         location = parse_s3_url(url)
-        if location.endpoint or location.region:
+        if location.endpoint or location.region or location.profile:
             raise UsageError("-allow takes s3://bucket/prefix/ (the server's own endpoint and region apply)")
         return location
 
@@ -4999,8 +5786,8 @@ class ServerPolicy:
         if not named.startswith("s3://"):
             raise UsageError("only s3:// stores may be named by clients (got %r)" % named[:100])
         location = parse_s3_url(named)
-        if location.endpoint or location.region:
-            raise Refused("this server does not take S3 endpoints or regions from clients: "
+        if location.endpoint or location.region or location.profile:
+            raise Refused("this server does not take S3 endpoints, regions or profiles from clients: "
                           "name the store as s3://bucket/prefix/")
         location = location._replace(prefix=location.prefix + prefix)
         if self.own_location and _under(location, self.own_location):
@@ -5853,7 +6640,7 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
         return doc
 
 
-# === 18. Commands ===
+# === 19. Commands ===
 
 
 class StaticCredentials:
@@ -5864,6 +6651,11 @@ class StaticCredentials:
 
     def get(self, force_refresh: bool = False) -> Credentials:
         return self.creds
+
+
+# What ?profile=NAME on an S3 URL overrides, as the AWS CLI's --profile does.
+PROFILE_OVERRIDES = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                     "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY", "AWS_SECRET_KEY")
 
 
 class Context:
@@ -5903,10 +6695,18 @@ class Context:
                                force_metadata=bool(getattr(self.options, "use_metaservice", False)))
 
     def s3_store(self, location: S3Location, creds: Optional[Credentials] = None) -> Store:
-        """An S3 store with the AWS SDKs' region, endpoint and credential rules."""
-        config = AwsConfig(self.environ, self.home)
-        chain = StaticCredentials(creds) if creds else self.credentials()
-        return S3Store(location, S3Client(location, chain, config))  # type: ignore
+        """An S3 store with the AWS SDKs' region, endpoint and credential rules (?profile=NAME:
+        that profile's, as the AWS CLI's --profile, over any keys in the environment)."""
+        environ = self.environ
+        if location.profile:
+            environ = {k: v for k, v in environ.items() if k not in PROFILE_OVERRIDES}
+            environ["AWS_PROFILE"] = location.profile
+        config = AwsConfig(environ, self.home)
+        if creds:
+            chain = StaticCredentials(creds)  # type: Any
+        else:
+            chain = CredentialChain(config, force_metadata=bool(getattr(self.options, "use_metaservice", False)))
+        return S3Store(location, S3Client(location, chain, config))
 
     def presigned_store(self, location: S3Location, urls: Dict[str, str], sizes: Dict[str, int]) -> Store:
         """The objects of one delegated pull, read through the URLs the client presigned."""
@@ -6186,6 +6986,92 @@ def _update_docker_config(path: str, directory: str, registry: str, entry: Dict[
                 os.unlink(tmp)
 
 
+def binary_stream(stream: Any) -> IO[bytes]:
+    """The bytes under a text stream (sys.stdin/stdout), or the stream itself if it is binary."""
+    return getattr(stream, "buffer", stream)
+
+
+def cmd_import(ctx: Context) -> int:
+    """import STORE FILE|- [NAME:TAG...]: store the images of a docker save, podman save or OCI archive."""
+    store, path = ctx.store(), ctx.options.file
+    if path == "-":
+        images = import_archive(store, binary_stream(ctx.stdin or sys.stdin), ctx.options.names, ctx.progress,
+                                ctx.push_options())
+    else:
+        try:
+            archive = open(path, "rb")
+        except OSError as e:
+            raise DogestryError("cannot read %s: %s" % (path, _os_reason(e)))
+        with archive:
+            images = import_archive(store, archive, ctx.options.names, ctx.progress, ctx.push_options())
+    for image in images:
+        for ref in image.tags:
+            ctx.stdout.write("Imported image: %s\n" % printable(str(ref)))
+        if not image.tags:
+            ctx.stdout.write("Imported image ID: %s\n" % image.image_id)
+    return 0
+
+
+def cmd_export(ctx: Context) -> int:
+    """export STORE IMAGE... -o FILE|-: write an archive docker load, podman load (or, --format oci,
+    skopeo and ctr import) read."""
+    store = ctx.store()
+    store.check()
+    items = export_items(store, ctx.options.images, ctx.progress)
+    if ctx.options.format == "oci":
+        legacy = [i.found.image_hex[:12] for i in items if i.found.image.legacy]
+        if legacy:
+            raise UsageError("%s: %s in the original dogestry layout, which an OCI archive cannot hold unread: "
+                             "run 'dogestry migrate STORE' first (or export --format docker)"
+                             % (store.url, ", ".join(legacy)))
+        chunks = oci_archive_stream(items, ctx.progress)
+    else:
+        chunks = docker_archive_stream(items, ctx.progress)
+    if ctx.options.output != "-":
+        write_archive(chunks, ctx.options.output)
+        return 0
+    out = binary_stream(ctx.stdout)
+    if hasattr(out, "isatty") and out.isatty():
+        raise UsageError("refusing to write an image archive to a terminal: use -o FILE or redirect stdout")
+    ctx.stdout.flush()
+    for data in chunks:
+        out.write(data)
+    out.flush()
+    return 0
+
+
+def cmd_copy(ctx: Context) -> int:
+    """copy SRC DST IMAGE...|--all: copy images between stores, only what DST lacks, tags last."""
+    options = ctx.options
+    if bool(options.images) == bool(options.all):
+        raise UsageError("name the images to copy, or --all (not both)")
+    src, dst = ctx.store(options.source), ctx.store(options.destination)
+    if src.url == dst.url:
+        raise UsageError("%s is both the source and the destination" % src.url)
+    src.check()
+    if options.all:
+        texts = [str(ref) for ref, _ in list_tags(src) + original_images_at_root(src)]
+        if not texts:
+            ctx.progress.note("nothing to copy: %s has no tags" % src.url)
+    else:
+        texts = options.images
+    found = [find_image(src, text, ctx.progress) for text in texts]  # all resolved before anything is copied
+    dst.ensure()
+    push_options = ctx.push_options()
+    copied = {}  # type: Dict[Tuple[str, str], str]  # (store, image) -> image ID in dst
+    with work_directory(push_options.tempdir or dst.spool_dir()) as work:
+        copier = BlobCopier(src, dst, work, ctx.progress)
+        for text, image in zip(texts, found):
+            key = (image.store.url, image.image_hex)
+            if key not in copied:
+                copied[key] = copy_image(image, dst, copier, ctx.progress, push_options)
+            image_id = copied[key]
+            if image.ref is not None:
+                write_tag(dst, image.ref, digest_hex(image_id))
+            ctx.stdout.write("Copied %s (%s)\n" % (printable(str(image.ref or text)), image_id))
+    return 0
+
+
 def cmd_list(ctx: Context) -> int:
     """list STORE: the REPOSITORY TAG table of a store."""
     store = ctx.store()
@@ -6375,7 +7261,7 @@ def cmd_version(ctx: Context) -> int:
     return 0
 
 
-# === 19. Command line and main() ===
+# === 20. Command line and main() ===
 
 COMMANDS = (
     ("push", cmd_push, "push STORE IMAGE[:TAG]...", "Store images (and their tags) in STORE."),
@@ -6392,6 +7278,12 @@ COMMANDS = (
     ("stats", cmd_stats, "stats STORE [--json]", "Count what STORE holds, what sharing saves, what gc would free."),
     ("migrate", cmd_migrate, "migrate STORE [NAME[:TAG]...] [--keep-legacy]",
      "Store the original dogestry's images in the current layout (dedup, verified pulls, registry)."),
+    ("import", cmd_import, "import STORE FILE|- [NAME:TAG...]",
+     "Store the images of a docker save, podman save or OCI archive (no Docker engine needed)."),
+    ("export", cmd_export, "export STORE IMAGE... -o FILE|- [--format docker|oci]",
+     "Write images to an archive for docker load, podman load, skopeo or ctr import."),
+    ("copy", cmd_copy, "copy SRC DST IMAGE...|--all",
+     "Copy images between stores (only what DST lacks; server-side between buckets on one endpoint)."),
     ("remote", cmd_remote, "remote STORE", "Describe STORE."),
     ("login", cmd_login, "login REGISTRY", "Save AWS keys and an S3 URL as docker credentials for REGISTRY."),
     ("passwd", cmd_passwd, "passwd USER", "Print a line for -server -htpasswd FILE: USER and a hash of a password."),
@@ -6492,8 +7384,24 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("registry", metavar="REGISTRY", help="the registry name docker users pull from")
         if name == "passwd":
             p.add_argument("user", metavar="USER", help="the user name registry clients log in with")
-        if name in ("push", "pull", "list", "inspect", "rm", "remote", "gc", "protect", "unprotect", "stats"):
+        if name in ("push", "pull", "list", "inspect", "rm", "remote", "gc", "protect", "unprotect", "stats",
+                    "import", "export"):
             p.add_argument("store", metavar="STORE", help=STORE_HELP)
+        if name == "import":
+            p.add_argument("file", metavar="FILE", help="the archive (.tar, .tar.gz, ...), - for stdin")
+            p.add_argument("names", metavar="NAME:TAG", nargs="*",
+                           help="tags for the archive's one image, or the tags of a larger archive to import")
+        if name == "export":
+            p.add_argument("images", metavar="IMAGE", nargs="+", help="NAME[:TAG] (or an image ID)")
+            p.add_argument("-o", "--output", metavar="FILE", required=True, help="the archive to write, - for stdout")
+            p.add_argument("-format", "--format", choices=("docker", "oci"), default="docker",
+                           help="docker (docker load, podman load; the default) or oci (an OCI image layout:"
+                           " skopeo, ctr import)")
+        if name == "copy":
+            p.add_argument("source", metavar="SRC", help="the store to copy from")
+            p.add_argument("destination", metavar="DST", help="the store to copy to")
+            p.add_argument("images", metavar="IMAGE", nargs="*", help="NAME[:TAG] (or an image ID)")
+            p.add_argument("-all", "--all", action="store_true", help="copy every tag of SRC")
         if name in ("push", "pull", "rm", "protect", "unprotect"):
             p.add_argument("images", metavar="IMAGE", nargs="+", help="NAME[:TAG] (or an image ID)")
         if name in ("gc", "prune"):
@@ -6519,7 +7427,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("-json", "--json", action="store_true", help="print JSON")
         if name == "inspect":
             p.add_argument("image", metavar="IMAGE", help="NAME[:TAG] or an image ID prefix")
-        if name in ("push", "migrate"):
+        if name in ("push", "migrate", "import", "copy"):
             p.add_argument("-compress", "--compress", choices=COMPRESSIONS, default="gzip",
                            help="layer compression (default gzip; layers that do not compress are stored raw)")
             p.add_argument("-compress-level", "--compress-level", metavar="N", type=int, choices=GZIP_LEVELS,
@@ -6565,6 +7473,10 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: List[str]) -> argp
         # STORE NAME...: argparse takes one run of positionals only, so NAMEs after options come as extras
         targets, extra = options.store + extra, []
         options.store, options.names = targets[0], targets[1:]
+    trailing = {"import": "names", "export": "images", "copy": "images"}.get(options.command or "")
+    if trailing and extra and not any(e.startswith("-") for e in extra):
+        setattr(options, trailing, getattr(options, trailing) + extra)  # names after options, as above
+        extra = []
     if extra:
         raise UsageError("unrecognized arguments: %s" % " ".join(extra))
     if options.pullhosts and options.command not in (None, "pull", "help"):
