@@ -3413,6 +3413,17 @@ class LayerPipeline:
         task.finish("compressed to %s from" % human_size(writer.size))
         return Spool(path, writer.digest, writer.size, raw_digest, raw_size, "gzip", tuple(writer.pieces))
 
+    def spool_bytes(self, data: bytes, label: str) -> Spool:
+        """spool() for a member small enough to have been kept in memory."""
+        path = os.path.join(self.work_dir, "small-%d" % self._count)
+        with OutputFile(path) as f:
+            f.write(data)
+        try:
+            with open(path, "rb") as f:
+                return self.spool(MemberReader(f, len(data)), len(data), label, may_compress=True, unpack=True)
+        finally:
+            os.unlink(path)
+
     def upload(self, diff_id: str, spool: Spool) -> None:
         """Store a spooled layer's blob and its index entry, in the background."""
         raw_size = spool.raw_size if spool.raw_digest == diff_id else \
@@ -3629,7 +3640,7 @@ def _spool_member(entry: TarEntry, reader: MemberReader, image_id: str, wanted: 
         reader.skip()
         return Spool("", named, entry.size, named, entry.size, "none")
     if named is not None and named not in wanted:  # e.g. docker 29's compressed layer blobs
-        return pipeline.spool(reader, entry.size, named[7:19], may_compress=False)
+        return pipeline.spool(reader, entry.size, named[7:19], may_compress=False, unpack=True)
     label = named[7:19] if named else entry.name.split("/")[0][:12]
     spooled = pipeline.spool(reader, entry.size, label, may_compress=True)
     if named is not None and spooled.raw_digest != named:
@@ -3649,16 +3660,12 @@ def _upload_precompressed(contents: SaveContents, saved: SavedImage, wanted: Set
         if diff_id not in wanted:
             continue
         spool = contents.spooled.get(member)
-        if spool is None and member in contents.small:  # a tiny compressed layer kept in memory
-            data = contents.small[member]
-            path = os.path.join(pipeline.work_dir, "small-%s" % diff_id[7:19])
-            with OutputFile(path) as f:
-                f.write(data)
-            spool = Spool(path, sha256_digest(data), len(data), sha256_digest(data), len(data),
-                          detect_compression(data[:4]))
+        if spool is None and member in contents.small:  # a small layer (docker 25+ saves), kept in memory
+            spool = pipeline.spool_bytes(contents.small[member], diff_id[7:19])
         if spool is None or not spool.path:
             raise FormatError("docker save stream lacks layer %s" % diff_id)
-        if spool.compression == "none":
+        unpacked = spool.raw_digest if spool.compression == "none" else spool.unpacked_digest
+        if unpacked not in (None, diff_id) and spool.raw_digest != diff_id:
             raise IntegrityError("layer %s in the save stream does not match its diffID" % diff_id)
         wanted.discard(diff_id)
         pipeline.upload(diff_id, spool)
@@ -5368,13 +5375,7 @@ class ArchiveReader:
 
     def small_layer(self, member: str, data: bytes, diff_id: str) -> None:
         """A layer small enough to have been kept in memory: stored as a spooled one would be."""
-        path = os.path.join(self.pipeline.work_dir, "small-%d" % len(self.uploaded))
-        with OutputFile(path) as f:
-            f.write(data)
-        with open(path, "rb") as f:
-            spooled = self.pipeline.spool(MemberReader(f, len(data)), len(data), diff_id[7:19],  # type: ignore
-                                          may_compress=True, unpack=True)
-        os.unlink(path)
+        spooled = self.pipeline.spool_bytes(data, diff_id[7:19])
         if spooled.compression != "zstd" and (spooled.unpacked_digest or spooled.raw_digest) != diff_id:
             os.unlink(spooled.path)
             raise IntegrityError("archive member %s does not unpack to layer %s" % (member, diff_id))

@@ -154,6 +154,22 @@ def test_containerd_save_docker29_stores_compressed_blobs_as_they_are(docker_hos
     assert pull_fresh(docker_host, docker_env, tmp_path / "store", image) == image
 
 
+@pytest.mark.parametrize("compress_layers", [False, True], ids=["docker25", "docker29"])
+def test_oci_layout_save_with_small_layers_round_trips(docker_host, docker_env, tmp_path, compress_layers):
+    """Layers under 1 MiB stay in memory while the save is read: they are stored like the rest
+    (raw ones gzip'ed as push does, compressed ones as they are), checked against their diffIDs."""
+    image = build_image(docker_host, "dgtest/formats:1", [{"a.txt": text_bytes(20000, 31)}, {"b.txt": b"small"}])
+    tar_path = tmp_path / "save.tar"
+    tar_path.write_bytes(dogestry.DockerClient(dogestry.docker_endpoint(docker_host, {}, "/")).save(image).read())
+    files, blobs = oci_save(read_tar(tar_path), compress_layers)
+    assert max(len(b) for b in blobs) < dogestry.SMALL_MEMBER
+    write_tar(tmp_path / "oci.tar", files)
+    manifest = push_in_process(docker_host, tmp_path / "oci.tar", tmp_path / "store", image)
+    assert [l["diffID"] for l in manifest["layers"]] == image_layers(docker_host, image)
+    assert [l["compression"] for l in manifest["layers"]] == ["gzip", "gzip"]
+    assert pull_fresh(docker_host, docker_env, tmp_path / "store", image) == image
+
+
 def test_truncated_save_stream_is_a_clear_error_and_writes_nothing(docker_host, saved, tmp_path):
     image, tar_path = saved
     cut = tmp_path / "cut.tar"
