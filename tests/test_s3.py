@@ -1,5 +1,6 @@
 """Every command against a real, signature-checking S3 (Ceph radosgw), with the seed's URL syntax."""
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -213,3 +214,19 @@ def test_concurrent_pushes_of_images_sharing_a_layer(docker_host, rgw, s3_env, b
     ok(s3_env, "pull", url, "dgtest/s3twin:one")
     ok(s3_env, "pull", url, "dgtest/s3twin:two")
     assert (image_id(docker_host, "dgtest/s3twin:one"), image_id(docker_host, "dgtest/s3twin:two")) == (one, two)
+
+
+def test_server_side_copy_above_the_single_copy_limit_goes_in_parts(rgw):
+    """Objects larger than one CopyObject may copy (5 GiB on AWS) are copied with UploadPartCopy:
+    the same bytes arrive, and no multipart upload is left open.  (The limits are lowered here.)"""
+    from conftest import make_bucket
+    source, target = make_bucket(rgw, "dgcopy-src-%d" % time.time_ns()), make_bucket(rgw, "dgcopy-dst-%d" % time.time_ns())
+    data = random_bytes(12 << 20, 41)
+    src = s3_client(rgw, source)
+    src.put("blob", lambda: data, len(data), hashlib.sha256(data).hexdigest())
+    dst = s3_client(rgw, target)
+
+    dst.copy_object(source, "blob", "copied/blob", len(data), single_max=1 << 20, part_size=5 << 20)
+
+    assert dst.get("copied/blob").read() == data
+    assert dst.uploads_under("") == []
