@@ -5597,9 +5597,10 @@ class BlobCopier:
         """Make dst hold record's blob: kept (and refreshed) if there, else copied and checked."""
         key = blob_key(record.digest)
         if self.dst.stat(key) == record.size:
-            if self.dst.touch(key):
-                freshness.refreshed()
-                return
+            with contextlib.suppress(StoreError):  # S3 refreshes at most 5 GiB in place: copy it again
+                if self.dst.touch(key):
+                    freshness.refreshed()
+                    return
         task = self.progress.task(record.diff_id[7:19], "copying", record.size)
         if self.server_side and self._server_side(key, record):
             task.advance(record.size)
@@ -7047,7 +7048,7 @@ def cmd_copy(ctx: Context) -> int:
     if bool(options.images) == bool(options.all):
         raise UsageError("name the images to copy, or --all (not both)")
     src, dst = ctx.store(options.source), ctx.store(options.destination)
-    if src.url == dst.url:
+    if src.url == dst.url and (not isinstance(src, S3Store) or same_s3_endpoint(src, dst)):
         raise UsageError("%s is both the source and the destination" % src.url)
     src.check()
     if options.all:
