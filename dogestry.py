@@ -2914,6 +2914,21 @@ class Spool(NamedTuple):
     unpacked_digest: Optional[str] = None  # a gzip member as sent: the sha256 and size of its
     unpacked_size: Optional[int] = None    # unpacked bytes (spool(unpack=True); None if not gzip)
 
+    @property
+    def sent_raw(self) -> bool:
+        """Was the member an uncompressed tar as sent (stored raw, or gzip'ed here)?"""
+        return self.compression == "none" or self.digest != self.raw_digest
+
+    @property
+    def tar_digest(self) -> Optional[str]:
+        """The sha256 of the member's tar, unpacked: its diffID, if it is a layer (None: not known, zstd)."""
+        return self.raw_digest if self.sent_raw else self.unpacked_digest
+
+    @property
+    def tar_size(self) -> Optional[int]:
+        """The size of the member's tar, unpacked (None: not known)."""
+        return self.raw_size if self.sent_raw else self.unpacked_size
+
 
 class SaveContents:
     """What a save stream held: small files in memory, large ones spooled, symlinks."""
@@ -3407,6 +3422,8 @@ class LayerPipeline:
         raw_digest = "sha256:" + raw_sha.hexdigest()
         if packed is None:
             unpacked_digest, unpacked_size = unpacked.result() if unpacked is not None else (None, 0)
+            if unpacked is not None and unpacked_digest is None:
+                raise IntegrityError("%s is not valid gzip (%s)" % (label, unpacked.error))
             task.finish("read")
             return Spool(path, raw_digest, raw_size, raw_digest, raw_size, compression, None,
                          unpacked_digest, unpacked_size if unpacked_digest else None)
@@ -3426,8 +3443,7 @@ class LayerPipeline:
 
     def upload(self, diff_id: str, spool: Spool) -> None:
         """Store a spooled layer's blob and its index entry, in the background."""
-        raw_size = spool.raw_size if spool.raw_digest == diff_id else \
-            spool.unpacked_size if spool.unpacked_digest == diff_id else None
+        raw_size = spool.tar_size if spool.tar_digest == diff_id else None
         record = LayerRecord(diff_id, spool.digest, spool.size, spool.compression, raw_size, spool.members)
         self._futures.append(self._upload_pool.submit(self._upload, record, spool.path))
 
@@ -3664,8 +3680,7 @@ def _upload_precompressed(contents: SaveContents, saved: SavedImage, wanted: Set
             spool = pipeline.spool_bytes(contents.small[member], diff_id[7:19])
         if spool is None or not spool.path:
             raise FormatError("docker save stream lacks layer %s" % diff_id)
-        unpacked = spool.raw_digest if spool.compression == "none" else spool.unpacked_digest
-        if unpacked not in (None, diff_id) and spool.raw_digest != diff_id:
+        if spool.tar_digest not in (None, diff_id):
             raise IntegrityError("layer %s in the save stream does not match its diffID" % diff_id)
         wanted.discard(diff_id)
         pipeline.upload(diff_id, spool)
@@ -5361,7 +5376,7 @@ class ArchiveReader:
     def take(self, member: str, spooled: Spool) -> None:
         """A spooled member that may be a layer: dropped if the store has it, else uploaded
         (under its diffID if it can tell: a raw tar's digest, a gzip blob's unpacked digest)."""
-        candidate = spooled.unpacked_digest or spooled.raw_digest
+        candidate = spooled.tar_digest or spooled.raw_digest  # zstd: the blob's own digest, for now
         record = reused_layer(self.store, candidate, self.freshness)
         if record is not None or candidate in self.uploaded.values():
             os.unlink(spooled.path)
@@ -5376,7 +5391,7 @@ class ArchiveReader:
     def small_layer(self, member: str, data: bytes, diff_id: str) -> None:
         """A layer small enough to have been kept in memory: stored as a spooled one would be."""
         spooled = self.pipeline.spool_bytes(data, diff_id[7:19])
-        if spooled.compression != "zstd" and (spooled.unpacked_digest or spooled.raw_digest) != diff_id:
+        if spooled.tar_digest not in (None, diff_id):
             os.unlink(spooled.path)
             raise IntegrityError("archive member %s does not unpack to layer %s" % (member, diff_id))
         self.take(member, spooled)
@@ -5546,7 +5561,7 @@ def oci_archive_stream(items: Sequence[ExportItem], progress: ProgressSink) -> I
         descriptor = {"mediaType": OCI_MANIFEST, "digest": sha256_digest(manifest), "size": len(manifest)}
         for ref in item.tags:
             descriptors.append(dict(descriptor, annotations={IMAGE_NAME_ANNOTATION: full_image_name(ref),
-                                                             REF_NAME_ANNOTATION: ref.tag}))
+                                                             REF_NAME_ANNOTATION: str(ref)}))
         if not item.tags:
             descriptors.append(descriptor)
     index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}
@@ -5581,6 +5596,13 @@ def same_s3_endpoint(src: Store, dst: Store) -> bool:
     """Can dst copy src's objects server-side (two S3 stores on one endpoint)?"""
     return isinstance(src, S3Store) and isinstance(dst, S3Store) and not isinstance(src, PresignedS3Store) \
         and src.client.endpoint == dst.client.endpoint
+
+
+def same_store(a: Store, b: Store) -> bool:
+    """Do two stores name one place (a directory through a symlink, a bucket by two URLs)?"""
+    if isinstance(a, LocalStore) and isinstance(b, LocalStore):
+        return os.path.realpath(a.root) == os.path.realpath(b.root)
+    return a.url == b.url and (not isinstance(a, S3Store) or same_s3_endpoint(a, b))
 
 
 class BlobCopier:
@@ -7048,7 +7070,7 @@ def cmd_copy(ctx: Context) -> int:
     if bool(options.images) == bool(options.all):
         raise UsageError("name the images to copy, or --all (not both)")
     src, dst = ctx.store(options.source), ctx.store(options.destination)
-    if src.url == dst.url and (not isinstance(src, S3Store) or same_s3_endpoint(src, dst)):
+    if same_store(src, dst):
         raise UsageError("%s is both the source and the destination" % src.url)
     src.check()
     if options.all:

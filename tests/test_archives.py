@@ -128,11 +128,15 @@ def file_member(name, data):
     return info, data
 
 
-def oci_config_digest(path, index=0):
-    """The config digest (= image ID) of the INDEXth image of an OCI archive."""
+def oci_manifest(path):
+    """The manifest of the (first) image of an OCI archive."""
     files = files_of(path)
-    manifest = json.loads(files["blobs/sha256/" + json.loads(files["index.json"])["manifests"][index]["digest"][7:]])
-    return manifest["config"]["digest"]
+    return json.loads(files["blobs/sha256/" + json.loads(files["index.json"])["manifests"][0]["digest"][7:]])
+
+
+def oci_config_digest(path):
+    """The config digest (= image ID) of the image of an OCI archive."""
+    return oci_manifest(path)["config"]["digest"]
 
 
 def docker_archive_ids(path):
@@ -291,6 +295,7 @@ def ensure_in_docker(docker_host, archives):
 
 @pytest.fixture(scope="module")
 def env(base_env):
+    """dogestry's environment: DOCKER_HOST the shared dockerd (for push), no AWS settings."""
     return base_env
 
 
@@ -319,7 +324,7 @@ def test_import_then_export_keeps_the_image_id(source, archives, env, docker_hos
 
     out = tmp_path / "out.tar"
     export_file(env, store, out, tag)
-    docker_forget(docker_host, expected)
+    docker_forget(docker_host, expected, tag)
     loaded = docker_cli(docker_host, "load", "-i", out)
     assert loaded.stdout.strip() == "Loaded image: " + tag
     assert image_id(docker_host, tag) == expected
@@ -329,9 +334,7 @@ def test_oci_archive_layers_are_stored_as_they_are(archives, env, tmp_path):
     """skopeo's gzip layers are kept byte for byte: their digests are the store's blobs."""
     store = tmp_path / "store"
     ok(import_file(env, store, archives.skopeo_oci))
-    files = files_of(archives.skopeo_oci)
-    manifest = json.loads(files["blobs/sha256/" + json.loads(files["index.json"])["manifests"][0]["digest"][7:]])
-    layer_digests = {layer["digest"][7:] for layer in manifest["layers"]}
+    layer_digests = {layer["digest"][7:] for layer in oci_manifest(archives.skopeo_oci)["layers"]}
     assert len(layer_digests) == 2
     assert layer_digests <= set(blob_stats(store))
 
@@ -511,14 +514,14 @@ def test_docker_format_export_holds_the_layers_as_stored(mixed_store, archives, 
 
 def test_oci_format_export_is_an_oci_layout(mixed_store, archives, env, tmp_path):
     """--format oci: oci-layout, index.json annotated with io.containerd.image.name (docker.io/...)
-    and org.opencontainers.image.ref.name (the tag), every blob named by its digest."""
+    and org.opencontainers.image.ref.name (NAME:TAG), every blob named by its digest."""
     out = tmp_path / "out.tar"
     export_file(env, mixed_store, out, ONE, fmt="oci")
     files = files_of(out)
     assert json.loads(files["oci-layout"]) == {"imageLayoutVersion": "1.0.0"}
     (descriptor,) = json.loads(files["index.json"])["manifests"]
     assert descriptor["annotations"] == {"io.containerd.image.name": "docker.io/" + ONE,
-                                         "org.opencontainers.image.ref.name": "1"}
+                                         "org.opencontainers.image.ref.name": ONE}
     blobs = {name: data for name, data in files.items() if name.startswith("blobs/sha256/")}
     assert all(sha(data)[7:] == name.rsplit("/", 1)[1] for name, data in blobs.items())
     manifest = json.loads(blobs["blobs/sha256/" + descriptor["digest"][7:]])
@@ -589,8 +592,7 @@ def _bad_oci_digest(path):
     """skopeo's oci-archive with a layer recompressed: same content, bytes unlike its name."""
     members = read_members(path)
     files = {m.name: d for m, d in members if d is not None}
-    manifest = json.loads(files["blobs/sha256/" + json.loads(files["index.json"])["manifests"][0]["digest"][7:]])
-    name = "blobs/sha256/" + manifest["layers"][-1]["digest"][7:]
+    name = "blobs/sha256/" + oci_manifest(path)["layers"][-1]["digest"][7:]
     swapped = gzip.compress(gzip.decompress(files[name]), 9, mtime=0)
     assert swapped != files[name] and gzip.decompress(swapped) == gzip.decompress(files[name])
     return [(m, swapped if m.name == name else d) for m, d in members]
@@ -618,6 +620,14 @@ BAD = ["truncated", "truncated-after-manifest", "oci-blob-not-its-digest", "miss
        "absolute-member", "symlink-outside", "not-a-tar"]
 
 
+def error_names(bad, archives):
+    """What the error line of BAD names: the offending member, link target, blob or config."""
+    if bad == "oci-blob-not-its-digest":
+        return [oci_manifest(archives.skopeo_oci)["layers"][-1]["digest"][7:19]]
+    return {"missing-config": [archives.one[7:19]], "dotdot-member": ["../evil"], "absolute-member": ["/abs/evil"],
+            "symlink-outside": ["../../etc/passwd"]}.get(bad, [])
+
+
 @pytest.fixture(scope="module")
 def bad_archives(archives):
     """Each bad archive, rewritten with tarfile from a real docker save (or skopeo's OCI archive)."""
@@ -635,17 +645,36 @@ def bad_archives(archives):
 
 
 @pytest.mark.parametrize("bad", BAD)
-def test_a_bad_archive_is_one_error_and_stores_nothing(bad, bad_archives, env, tmp_path):
+def test_a_bad_archive_is_one_error_and_stores_nothing(bad, bad_archives, archives, env, tmp_path):
     """Truncated, a blob unlike its digest, a missing config, a member named ../x or /x, a symlink
     out of the archive, not a tar: one error line, no tag, no image, no layer stored; nothing is
-    written outside the store."""
+    written outside the store. The good archive imported next is stored whole (nothing the bad
+    one left is taken for one of its blobs) and exports."""
     store = tmp_path / "store"
     cwd = tmp_path / "cwd" / "deeper"
     cwd.mkdir(parents=True)
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     proc = dogestry("import", store, bad_archives[bad], env=dict(env, TMPDIR=str(scratch)), cwd=cwd)
-    one_error_line(proc)
+    one_error_line(proc, *error_names(bad, archives))
     assert keys(store, *STORE_KEYS) == []
     assert [p for p in tmp_path.rglob("evil")] == []
     assert not os.path.lexists("/abs/evil")
+
+    good, tag, expected = (archives.skopeo_oci, OCI_NAME, archives.oci_id) if bad.startswith("oci") \
+        else (archives.docker, ONE, archives.one)
+    assert imported(import_file(env, store, good)) == ["Imported image: " + tag]
+    assert tag_id(store, tag) == expected
+    export_file(env, store, tmp_path / "out.tar", tag)
+
+
+def test_skopeo_picks_one_image_of_an_oci_export_by_name_and_tag(mixed_store, archives, env, tmp_path):
+    """Two images that share a tag (dgarc/one:1, dgarc/oci:1) in one OCI archive: each is found by
+    its NAME:TAG (oci-archive:FILE:NAME:TAG), as skopeo names images in OCI layouts itself."""
+    out = tmp_path / "two.tar"
+    export_file(env, mixed_store, out, ONE, OCI_NAME, fmt="oci")
+    for ref, image in ((ONE, archives.one), (OCI_NAME, archives.oci_id)):
+        proc = subprocess.run(["skopeo", "inspect", "--raw", "oci-archive:%s:%s" % (out, ref)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["config"]["digest"] == image

@@ -51,6 +51,7 @@ def origin(docker_host, tmp_path_factory):
     app = build_image(docker_host, "dgcopy/app:1", [l0, l1, l2], workdir=work, extra_lines=["LABEL app=" + token])
     docker_cli(docker_host, "tag", app, "dgcopy/app:2")
     store = work / "origin"
+    (work / "origin-link").symlink_to(store)
     ok(run_dogestry("push", store, "dgcopy/base:1", "dgcopy/app:1", "dgcopy/app:2", env=client_env(docker_host)))
     return types.SimpleNamespace(store=store, base=base, app=app, work=work)
 
@@ -427,7 +428,7 @@ def test_profile_picks_the_credentials_of_each_store(docker_host, s3_env, rgw, o
 # --- 7. bad input --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", ["unknown image", "missing source", "same store", "same store as file URL",
-                                  "no image"])
+                                  "same store through a symlink", "no image"])
 def test_bad_input_is_one_error_line(case, docker_env, origin, tmp_path):
     """An unknown image, a SRC that does not exist, DST == SRC, or nothing to copy: one
     `dogestry: error:` line, and no tag written anywhere."""
@@ -437,6 +438,7 @@ def test_bad_input_is_one_error_line(case, docker_env, origin, tmp_path):
         "missing source": ([tmp_path / "nowhere", dst, "dgcopy/app:1"], ["nowhere"]),
         "same store": ([origin.store, origin.store, "dgcopy/app:1"], []),
         "same store as file URL": ([origin.store, "file://%s/" % origin.store, "dgcopy/app:1"], []),
+        "same store through a symlink": ([origin.store, origin.work / "origin-link", "dgcopy/app:1"], []),
         "no image": ([origin.store, dst], []),
     }[case]
     before = files(origin.store)
@@ -445,3 +447,49 @@ def test_bad_input_is_one_error_line(case, docker_env, origin, tmp_path):
 
     assert not (dst / "repositories").exists()
     assert files(origin.store) == before
+
+
+# --- 8. verified by digest, and images named by ID -----------------------------------------------
+
+@pytest.mark.parametrize("direction", ["directory to S3", "S3 to directory"])
+def test_a_corrupt_blob_in_src_fails_the_copy_and_writes_no_tag(direction, s3_env, rgw, origin, bucket, tmp_path):
+    """A blob of SRC whose bytes no longer match its digest (same size, one byte flipped) is
+    refused: one error line naming it, no tag in DST, and DST does not get the bad blob."""
+    import shutil
+    big = blob_hexes(origin.store, origin.app)[-1]
+    if direction == "directory to S3":
+        src = tmp_path / "src"
+        shutil.copytree(str(origin.store), str(src))
+        blob = src / "blobs" / "sha256" / big
+        data = bytearray(blob.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        blob.write_bytes(bytes(data))
+        dst = "s3://%s/bad/" % bucket
+    else:
+        src = "s3://%s/bad/" % bucket
+        copy_to_s3(s3_env, origin.store, src, "dgcopy/app:1")
+        data = bytearray((origin.store / "blobs" / "sha256" / big).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        s3_client(rgw, bucket).put("bad/blobs/sha256/" + big, lambda: bytes(data), len(data),
+                                   hashlib.sha256(bytes(data)).hexdigest())
+        dst = tmp_path / "dst"
+
+    one_error_line(run_dogestry("copy", src, dst, "dgcopy/app:1", env=s3_env), big[:12])
+
+    if direction == "directory to S3":
+        after = s3_keys(s3_client(rgw, bucket), "bad/")
+        assert not [k for k in after if k.startswith("repositories/")] and "blobs/sha256/" + big not in after
+    else:
+        assert not (dst / "repositories").exists() and not (dst / "blobs" / "sha256" / big).exists()
+
+
+def test_an_image_named_by_id_is_copied(docker_env, origin, tmp_path):
+    """IMAGE may be an image ID prefix: the image (config, manifest, blobs) arrives in DST."""
+    dst = tmp_path / "by-id"
+
+    proc = ok(run_dogestry("copy", origin.store, dst, origin.app[7:19], env=docker_env))
+
+    assert origin.app in proc.stdout
+    assert blob_hexes(dst, origin.app) == blob_hexes(origin.store, origin.app)
+    assert hashlib.sha256((dst / "images" / origin.app[7:] / "config.json").read_bytes()).hexdigest() == \
+        origin.app[7:]

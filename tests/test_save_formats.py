@@ -101,19 +101,18 @@ def saved(docker_host, tmp_path_factory):
     return image, tar_path
 
 
-def push_in_process(docker_host, tar_path, store, image):
+def push_in_process(docker_host, tar_path, store, image, ref="dgtest/formats:1"):
     client = SaveFromFile(dogestry.docker_endpoint(docker_host, {}, "/"), tar_path)
     progress = dogestry.Progress(io.StringIO(), quiet=True)
-    dogestry.push_image(client, dogestry.LocalStore(str(store)), "dgtest/formats:1", progress,
-                        dogestry.PushOptions())
+    dogestry.push_image(client, dogestry.LocalStore(str(store)), ref, progress, dogestry.PushOptions())
     return json.loads((store / "images" / image[7:] / "manifest.json").read_text())
 
 
-def pull_fresh(docker_host, env, store, image):
-    docker_cli(docker_host, "rmi", "-f", "dgtest/formats:1", check=False)
-    proc = run_dogestry("pull", store, "dgtest/formats:1", env=env)
+def pull_fresh(docker_host, env, store, image, ref="dgtest/formats:1"):
+    docker_cli(docker_host, "rmi", "-f", ref, check=False)
+    proc = run_dogestry("pull", store, ref, env=env)
     assert proc.returncode == 0, proc.stderr
-    return docker_cli(docker_host, "inspect", "-f", "{{.Id}}", "dgtest/formats:1").stdout.strip()
+    return docker_cli(docker_host, "inspect", "-f", "{{.Id}}", ref).stdout.strip()
 
 
 def pull_tag(docker_host, env, store, tag):
@@ -158,16 +157,17 @@ def test_containerd_save_docker29_stores_compressed_blobs_as_they_are(docker_hos
 def test_oci_layout_save_with_small_layers_round_trips(docker_host, docker_env, tmp_path, compress_layers):
     """Layers under 1 MiB stay in memory while the save is read: they are stored like the rest
     (raw ones gzip'ed as push does, compressed ones as they are), checked against their diffIDs."""
-    image = build_image(docker_host, "dgtest/formats:1", [{"a.txt": text_bytes(20000, 31)}, {"b.txt": b"small"}])
+    ref = "dgtest/formats-small:1"
+    image = build_image(docker_host, ref, [{"a.txt": text_bytes(20000, 31)}, {"b.txt": b"small"}])
     tar_path = tmp_path / "save.tar"
     tar_path.write_bytes(dogestry.DockerClient(dogestry.docker_endpoint(docker_host, {}, "/")).save(image).read())
     files, blobs = oci_save(read_tar(tar_path), compress_layers)
     assert max(len(b) for b in blobs) < dogestry.SMALL_MEMBER
     write_tar(tmp_path / "oci.tar", files)
-    manifest = push_in_process(docker_host, tmp_path / "oci.tar", tmp_path / "store", image)
+    manifest = push_in_process(docker_host, tmp_path / "oci.tar", tmp_path / "store", image, ref)
     assert [l["diffID"] for l in manifest["layers"]] == image_layers(docker_host, image)
     assert [l["compression"] for l in manifest["layers"]] == ["gzip", "gzip"]
-    assert pull_fresh(docker_host, docker_env, tmp_path / "store", image) == image
+    assert pull_fresh(docker_host, docker_env, tmp_path / "store", image, ref) == image
 
 
 def test_truncated_save_stream_is_a_clear_error_and_writes_nothing(docker_host, saved, tmp_path):
