@@ -37,7 +37,7 @@ import pytest
 from conftest import skip_or_fail
 from realdocker import (DOGESTRY, _die_with_parent, build_image, docker_cli, image_id, ok, one_error_line,
                         random_bytes, remove_tree, text_bytes)
-from test_podman import Podman
+from test_podman import Podman, ServiceProcess, running_service
 
 pytestmark = pytest.mark.integration
 
@@ -152,7 +152,7 @@ def docker_forget(docker_host, *ids):
 
 # === a containerd of the module's own, for ctr =================================================
 
-class Containerd:
+class Containerd(ServiceProcess):
     """A standalone containerd (no CRI) on a unix socket in a short /tmp directory."""
 
     def __init__(self, workdir):
@@ -193,49 +193,22 @@ class Containerd:
             found[name] = json.loads(manifest.stdout)["config"]["digest"]
         return found
 
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
 def containerd():
     if not (shutil.which("containerd") and shutil.which("ctr")):
         skip_or_fail("containerd/ctr not installed (apt-get install containerd)")
-    workdir = tempfile.mkdtemp(prefix="dgct", dir="/tmp")
-    daemon = Containerd(workdir)
-    try:
-        try:
-            daemon.wait_ready()
-        except RuntimeError as e:
-            skip_or_fail(str(e))
+    with running_service(Containerd, "dgct") as daemon:
         yield daemon
-    finally:
-        daemon.stop()
-        remove_tree(workdir)
 
 
 @pytest.fixture(scope="module")
 def podman():
     if not shutil.which("podman"):
         skip_or_fail("podman not installed (apt-get install podman)")
-    workdir = tempfile.mkdtemp(prefix="dgpa", dir="/tmp")
-    service = Podman(workdir)
-    try:
-        try:
-            service.wait_ready()
-        except RuntimeError as e:
-            skip_or_fail(str(e))
+    with running_service(Podman, "dgpa") as service:
         yield service
-    finally:
-        service.stop()
-        remove_tree(workdir)
 
 
 # === the archives ==============================================================================

@@ -7,6 +7,7 @@ podman's own ways, which dogestry meets here: `podman save` names layers <diffID
 HTTP 500 rather than an error line.
 """
 
+import contextlib
 import os
 import shutil
 import signal
@@ -24,7 +25,21 @@ from realdocker import (_die_with_parent, build_image, docker_cli, image_id, one
 pytestmark = pytest.mark.integration
 
 
-class Podman:
+class ServiceProcess:
+    """A daemon the tests started (self.proc, logging to self.log): stop() ends it (SIGTERM, then SIGKILL)."""
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+class Podman(ServiceProcess):
     """A podman API service on a unix socket, and the podman CLI on the same storage."""
 
     def __init__(self, workdir):
@@ -65,23 +80,14 @@ class Podman:
         proc = self.cli("image", "inspect", "--format", "{{.Id}}", ref, check=False)
         return "sha256:" + proc.stdout.strip() if proc.returncode == 0 else None
 
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
 
-@pytest.fixture(scope="module")
-def podman():
-    if not shutil.which("podman"):
-        skip_or_fail("podman not installed (apt-get install podman)")
-    workdir = tempfile.mkdtemp(prefix="dgpm", dir="/tmp")
-    service = Podman(workdir)
+@contextlib.contextmanager
+def running_service(make, prefix):
+    """A service make(workdir) started in a fresh temp dir, ready (a start that fails is
+    skip_or_fail), then stopped and its dir removed."""
+    workdir = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    service = make(workdir)
     try:
         try:
             service.wait_ready()
@@ -91,6 +97,14 @@ def podman():
     finally:
         service.stop()
         remove_tree(workdir)
+
+
+@pytest.fixture(scope="module")
+def podman():
+    if not shutil.which("podman"):
+        skip_or_fail("podman not installed (apt-get install podman)")
+    with running_service(Podman, "dgpm") as service:
+        yield service
 
 
 def env_for(host):
