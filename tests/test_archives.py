@@ -651,3 +651,28 @@ def test_skopeo_picks_one_image_of_an_oci_export_by_name_and_tag(mixed_store, ar
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert json.loads(proc.stdout)["config"]["digest"] == image
+
+
+def test_zstd_layers_are_stored_as_they_are_and_load_back(archives, env, podman, containerd, tmp_path):
+    """An OCI archive with zstd layers (skopeo --dest-compress-format zstd) is stored as it is (no
+    unpacker for zstd here: the config's diffIDs are taken); exported, podman and ctr unpack the
+    layers, check them against those diffIDs, and get the image with its ID."""
+    source = tmp_path / "zstd.tar"
+    proc = subprocess.run(["skopeo", "copy", "-q", "--dest-compress", "--dest-compress-format", "zstd",
+                           "docker-archive:%s" % archives.docker, "oci-archive:%s:dgarc/zstd:1" % source],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    manifest = oci_manifest(source)
+    assert {layer["mediaType"] for layer in manifest["layers"]} == {"application/vnd.oci.image.layer.v1.tar+zstd"}
+    store = tmp_path / "store"
+    assert imported(import_file(env, store, source)) == ["Imported image: dgarc/zstd:1"]
+    image = manifest["config"]["digest"]
+    stored = json.loads((store / "images" / image[7:] / "manifest.json").read_text())
+    assert [(l["digest"], l["compression"]) for l in stored["layers"]] == \
+        [(l["digest"], "zstd") for l in manifest["layers"]]
+
+    out = tmp_path / "out.tar"
+    export_file(env, store, out, "dgarc/zstd:1", fmt="oci")
+    assert load_ctr(containerd, out) == {"docker.io/dgarc/zstd:1": image}
+    podman.cli("load", "-i", out)
+    assert podman.image_id("docker.io/dgarc/zstd:1") == image
