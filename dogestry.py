@@ -3457,6 +3457,8 @@ class LayerPipeline:
             if self.write_index:
                 write_json(self.store, layer_index_key(record.diff_id), record.to_json())
                 self.freshness.written(layer_index_key(record.diff_id))
+            else:  # unnamed until the caller names it: kept young (or found gone) like an index entry
+                self.freshness.written(key)
         except BaseException as e:  # one failed layer stops the whole push at once
             with self._lock:
                 first = self.failure is None
