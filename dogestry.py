@@ -5391,7 +5391,17 @@ class ArchiveReader:
         self.uploaded[member] = candidate
 
     def small_layer(self, member: str, data: bytes, diff_id: str) -> None:
-        """A layer small enough to have been kept in memory: stored as a spooled one would be."""
+        """A layer small enough to have been kept in memory: checked against the digest its name
+        gives, then dropped if the store has it, else stored as a spooled one would be."""
+        named = _OCI_BLOB.match(member)
+        if named and sha256_digest(data) != "sha256:" + named.group(1):
+            raise IntegrityError("archive member %s does not match its digest" % member)
+        if member in self.uploaded or member in self.known:
+            return  # a layer of two images
+        record = reused_layer(self.store, diff_id, self.freshness)
+        if record is not None:
+            self.known[member] = record
+            return
         spooled = self.pipeline.spool_bytes(data, diff_id[7:19])
         if spooled.tar_digest not in (None, diff_id):
             os.unlink(spooled.path)
@@ -5453,12 +5463,8 @@ def import_archive(store: Store, stream: IO[bytes], names: Sequence[str], progre
             images = choose_archived(archive_images(contents), names)
             for image in images:
                 for member, diff_id in zip(image.members, image.diff_ids):
-                    if member in contents.small and member not in reader.uploaded:
-                        data = contents.small[member]
-                        named = _OCI_BLOB.match(member)
-                        if named and sha256_digest(data) != "sha256:" + named.group(1):
-                            raise IntegrityError("archive member %s does not match its digest" % member)
-                        reader.small_layer(member, data, diff_id)
+                    if member in contents.small:
+                        reader.small_layer(member, contents.small[member], diff_id)
             uploads = pipeline.finish()
         except BaseException as e:
             pipeline.cancel(interrupted=isinstance(e, KeyboardInterrupt))

@@ -676,3 +676,21 @@ def test_zstd_layers_are_stored_as_they_are_and_load_back(archives, env, podman,
     assert load_ctr(containerd, out) == {"docker.io/dgarc/zstd:1": image}
     podman.cli("load", "-i", out)
     assert podman.image_id("docker.io/dgarc/zstd:1") == image
+
+
+def test_layers_the_store_has_need_no_temp_space(archives, env, tmpfs, tmp_path):
+    """An archive piped in whose big layers the store already has (OCI blobs and podman's
+    <diffID>.tar are named by digest) is imported with a temp dir far smaller than those layers:
+    they are skipped unread, only what the store lacks is spooled."""
+    store = tmp_path / "store"
+    ok(import_file(env, store, archives.skopeo_oci))       # the store has ONE's layers (OCI form)
+    ok(import_file(env, store, archives.podman))           # ... and as podman names them
+    tiny = tmpfs("64k")
+    big = max(layer["size"] for layer in oci_manifest(archives.skopeo_oci)["layers"])
+    assert big > 64 << 10
+    for archive, tag in ((archives.skopeo_oci, "dgarc/again:oci"), (archives.podman, "dgarc/again:podman")):
+        with open(str(archive), "rb") as stdin:
+            proc = dogestry("-tempdir", tiny, "import", store, "-", tag, env=env, stdin=stdin)
+        assert imported(ok(proc)) == ["Imported image: " + tag]
+    assert tag_id(store, "dgarc/again:oci") == archives.oci_id
+    assert tag_id(store, "dgarc/again:podman") == archives.one
