@@ -5580,6 +5580,8 @@ def oci_archive_stream(items: Sequence[ExportItem], progress: ProgressSink) -> I
 def write_archive(chunks: Iterable[bytes], path: str) -> None:
     """Write an archive to path through a temp file beside it: a failure leaves no file."""
     directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise DogestryError("cannot write %s: it is a directory" % path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=directory)
         os.close(fd)
@@ -5589,8 +5591,11 @@ def write_archive(chunks: Iterable[bytes], path: str) -> None:
         with OutputFile(tmp) as out:
             for data in chunks:
                 out.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        try:
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except OSError as e:
+            raise DogestryError("cannot write %s: %s" % (path, _os_reason(e)))
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
