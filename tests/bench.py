@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark dogestry push/pull against floors measured in the same run (a script, not a test).
+"""Benchmark dogestry push/pull, import/export, copy against floors measured in the same run (a script).
 
     python3 tests/bench.py [--size-mib 512] [--keep] [--repeat N] [--workdir DIR] [--s3 | --no-s3]
                            [--fleet | --no-fleet]
@@ -17,13 +17,30 @@ from a build context written in 4 MiB pieces, and measures:
             as a subprocess whose CPU comes from wait4() and whose peak RSS is its VmHWM,
             polled every 2 ms (wait4's ru_maxrss would start at this script's own peak RSS,
             which a child started with vfork inherits)
+  archives  import of the saved tar into an empty directory store (target <= 1.0x push: import
+            needs no engine export), checked (its "Imported image" line, the tag, the config's
+            digest, the manifest's layers, each blob's size) and pulled once after docker rmi;
+            export -o FILE (on the work disk) of the image from the gzip store, docker format
+            (target <= 1.1x docker save > file) and --format oci (reported); every archive is
+            read to its end and checked (the config's digest is the image ID, the tag, each layer
+            unpacks to its diffID, OCI blobs match their names; skopeo inspect reads the OCI
+            one's config), and the docker one is docker load'ed after docker rmi (timed, for
+            information: its layers are gzip, as stored) and must give the same image ID
   S3        (--s3, the default when radosgw is installed; --no-s3 skips it) a throw-away
             radosgw (tests/radosgw.py) and a bucket; floors: the bytes dogestry stores (the
             gzip store's blobs, concatenated into one object) PUT and GET in-process with
             dogestry.S3Client -- one signed PUT (payload sha256 computed beforehand, not
             timed), a multipart PUT of 8 MiB parts on 4 connections (part hashes beforehand),
             one GET, 8 MiB ranged GETs on 4 connections -- after an untimed warm-up round
-            trip; then dogestry push to s3://BUCKET/bench/, re-push, pull after docker rmi
+            trip; then dogestry push to s3://BUCKET/bench/, re-push, pull after docker rmi;
+            after the fleet's S3 stages, dogestry copy of the image from the gzip directory
+            store to an empty prefix of the bucket (target <= 1.2x the multipart PUT floor) and
+            from s3://BUCKET/bench/ to an empty prefix of another bucket on the same radosgw
+            (server-side; one CopyObject of the floor object is timed for reference): target,
+            the bytes through the machine -- radosgw's access log: GET answers, PUT/POST bodies
+            (its get_b and put_b counters printed beside) -- < 1% of the image.  Each copy is
+            checked (its "Copied NAME:TAG (ID)" line, the tag, the config's digest, the
+            manifest's layers, each blob's size) and pulled once after docker rmi
   fleet     (--fleet, the default; --no-fleet skips it) three more dockerds, each with its
             own dirs and a plain TCP listener on HOST:2375 (random loopback addresses), started for
             these stages; floor: docker load of the saved tar into one of them over TCP;
@@ -46,9 +63,10 @@ targets with PASS/FAIL, and dogestry's own progress lines with timestamps.  --re
 the best of N runs of every stage.
 
 Exit status 0 whether the targets pass or not; 1 if something failed to run (including a
-pulled image whose ID differs); 130 on Ctrl-C or SIGTERM.  Everything it started or
-created is removed at the end, radosgw included (--keep keeps the work directory: stores,
-saved tar, dockerd and radosgw data and logs).  MB = 10^6 bytes, MiB = 2^20 bytes.
+pulled or loaded image whose ID differs, or an import, export or copy whose result does not
+check out); 130 on Ctrl-C or SIGTERM.  Everything it started or created is removed at the
+end, radosgw included (--keep keeps the work directory: stores, saved tar, exported archives,
+dockerd and radosgw data and logs).  MB = 10^6 bytes, MiB = 2^20 bytes.
 """
 
 import argparse
@@ -98,6 +116,10 @@ TARGET_RAW_PUSH_RATIO = 1.15     # --compress none push against docker save
 TARGET_PULL_RATIO = 1.2
 TARGET_RSS_MIB = 80
 TARGET_REPUSH_S = 1.0
+TARGET_IMPORT_RATIO = 1.0        # import of the saved tar against push (import needs no engine export)
+TARGET_EXPORT_RATIO = 1.1        # export -o FILE against docker save > file
+TARGET_COPY_PUT_RATIO = 1.2      # copy dir -> S3 against the multipart PUT floor of the same bytes
+TARGET_COPY_THROUGH_SHARE = 0.01  # copy S3 -> S3 on one endpoint: of the image's bytes, what passes through
 
 S3_PART = 8 * MiB         # dogestry's S3_MIN_PART and S3_RANGE: multipart part / ranged GET size
 S3_STREAMS = 4            # dogestry's S3 workers: parallel parts / ranges per object
@@ -523,6 +545,169 @@ def dir_bytes(path):
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
+# --- archives and copies: checking what import, export and copy produced ------------------
+
+STORE_DIRS = ("blobs/", "images/", "layers/", "repositories/")  # what a store holds (not spools, not records)
+
+
+def dir_listing(root):
+    """{key: size} of a directory store's files under STORE_DIRS."""
+    root = Path(root)
+    listing = {}
+    for p in root.rglob("*"):
+        key = p.relative_to(root).as_posix()
+        if p.is_file() and key.startswith(STORE_DIRS):
+            listing[key] = p.stat().st_size
+    return listing
+
+
+def check_stored(where, listing, read, img, tag, diff_ids):
+    """Check that a store (LISTING {key: size}, READ(key) -> bytes) holds TAG -> IMG: the tag, the
+    config (its digest is the image ID), the manifest naming the image's layers in order, and each
+    layer's blob at the size the manifest gives; raise BenchError if not.  The bytes of the blobs."""
+    name, _, label = tag.rpartition(":")
+    tag_key = "repositories/%s/%s" % (name, label)
+    if tag_key not in listing:
+        raise BenchError("%s: no tag %s (keys: %d)" % (where, tag, len(listing)))
+    held = read(tag_key).decode("ascii", "replace").strip()
+    if held.replace("sha256:", "") != img[7:]:
+        raise BenchError("%s: tag %s names %r, not %s" % (where, tag, held[:80], img))
+    config = read("images/%s/config.json" % img[7:])
+    if "sha256:" + hashlib.sha256(config).hexdigest() != img:
+        raise BenchError("%s: the config of %s does not match the image ID" % (where, img[7:19]))
+    manifest = json.loads(read("images/%s/manifest.json" % img[7:]).decode("utf-8"))
+    layers = manifest.get("layers") or []
+    if [l.get("diffID") for l in layers] != list(diff_ids):
+        raise BenchError("%s: the manifest of %s names layers %s, not %s"
+                         % (where, img[7:19], [l.get("diffID") for l in layers], diff_ids))
+    for layer in layers:
+        key = "blobs/sha256/" + layer["digest"][7:]
+        if listing.get(key) != int(layer["size"]):
+            raise BenchError("%s: blob %s is %s, the manifest says %d B"
+                             % (where, key, "absent" if key not in listing else "%d B" % listing[key], layer["size"]))
+    return sum(int(l["size"]) for l in layers)
+
+
+def compare_listings(listing, reference, what):
+    """A note saying whether two stores hold the same keys at the same sizes (STORE_DIRS only)."""
+    if listing == reference:
+        return "same %d keys and sizes as %s" % (len(listing), what)
+    missing = sorted(set(reference) - set(listing))
+    extra = sorted(set(listing) - set(reference))
+    resized = sorted(k for k in set(listing) & set(reference) if listing[k] != reference[k])
+    return "keys differ from %s: %d missing%s, %d extra%s, %d of other sizes%s" % (
+        what, len(missing), " (%s)" % ", ".join(missing[:3]) if missing else "", len(extra),
+        " (%s)" % ", ".join(extra[:3]) if extra else "", len(resized),
+        " (%s)" % ", ".join(resized[:3]) if resized else "")
+
+
+def output_has(lines, expected):
+    """Raise BenchError unless dogestry printed the line EXPECTED."""
+    if not any(line == expected for _, line in lines):
+        raise BenchError("dogestry did not print %r; it printed:\n%s" % (
+            expected, "\n".join(line for _, line in lines[-20:])))
+
+
+class MemberDigest:
+    """sha256 of a tar member's bytes and, when they are gzip (one or more members back to back),
+    of what they unpack to."""
+
+    def __init__(self):
+        self.raw, self.unpacked, self.size = hashlib.sha256(), None, 0
+        self.inflater, self.started = None, False
+
+    def update(self, data):
+        if self.size == 0 and data[:2] == b"\x1f\x8b":
+            self.unpacked, self.inflater = hashlib.sha256(), zlib.decompressobj(31)
+        self.raw.update(data)
+        self.size += len(data)
+        while self.inflater is not None and data:
+            self.started = True
+            self.unpacked.update(self.inflater.decompress(data))
+            if not self.inflater.eof:
+                break
+            data = self.inflater.unused_data
+            self.inflater, self.started = zlib.decompressobj(31), False
+
+    def digests(self):
+        """(raw digest, unpacked digest or None); the unpacked one is None for cut-short gzip too."""
+        complete = self.unpacked is not None and not self.started
+        return "sha256:" + self.raw.hexdigest(), "sha256:" + self.unpacked.hexdigest() if complete else None
+
+
+def verify_archive(path, fmt, img, diff_ids, tag):
+    """Read an exported archive (FMT docker or oci) to its end and check what a loader checks:
+    IMG's config (its digest), TAG, every layer in order unpacking to its diffID, every OCI blob
+    matching its name; raise BenchError if not.  A one-line summary."""
+    digests, small, links = {}, {}, {}
+    with tarfile.open(str(path), "r|") as tar:
+        for member in tar:
+            if member.issym():
+                links[member.name] = os.path.normpath(os.path.join(os.path.dirname(member.name), member.linkname))
+                continue
+            if member.islnk():
+                links[member.name] = member.linkname
+                continue
+            if not member.isfile():
+                continue
+            f, digest, kept = tar.extractfile(member), MemberDigest(), []
+            for block in iter(lambda: f.read(MiB), b""):
+                digest.update(block)
+                if member.size <= MiB:
+                    kept.append(block)
+            digests[member.name] = digest.digests()
+            if member.size <= MiB:
+                small[member.name] = b"".join(kept)
+
+    def resolve(name):
+        for _ in range(10):
+            if name not in links:
+                return name
+            name = links[name]
+        return name
+
+    def layer_digest(name):
+        raw, unpacked = digests.get(resolve(name), (None, None))
+        return unpacked or raw
+
+    def document(name):
+        if resolve(name) not in small:
+            raise BenchError("%s: no %s" % (path, name))
+        return small[resolve(name)]
+
+    config_hex = img[7:]
+    if fmt == "docker":
+        manifest = json.loads(document("manifest.json").decode("utf-8"))
+        if len(manifest) != 1 or manifest[0].get("RepoTags") != [tag]:
+            raise BenchError("%s: manifest.json %s, not one image tagged %s" % (path, manifest, tag))
+        if digests.get(resolve(manifest[0]["Config"]), (None,))[0] != img:
+            raise BenchError("%s: the config %s is not %s" % (path, manifest[0]["Config"], img))
+        layer_names = manifest[0]["Layers"]
+    else:
+        bad = [n for n, (raw, _) in digests.items() if n.startswith("blobs/sha256/") and raw[7:] != n[13:]]
+        if bad:
+            raise BenchError("%s: blobs that do not match their names: %s" % (path, bad[:3]))
+        index = json.loads(document("index.json").decode("utf-8"))
+        name, _, label = tag.rpartition(":")
+        full = "docker.io/%s:%s" % (name if "/" in name else "library/" + name, label)
+        chosen = [d for d in index.get("manifests", []) if (d.get("annotations") or {}).get(
+            "io.containerd.image.name") == full and d["annotations"].get("org.opencontainers.image.ref.name") in (
+            tag, label)]  # ref.name: NAME:TAG (the README) or TAG (the spec's first draft)
+        if len(chosen) != 1 or "oci-layout" not in small:
+            raise BenchError("%s: index.json %s has no one manifest annotated io.containerd.image.name %s and"
+                             " org.opencontainers.image.ref.name %s or %s (or no oci-layout)"
+                             % (path, index, full, tag, label))
+        manifest = json.loads(document("blobs/sha256/" + chosen[0]["digest"][7:]).decode("utf-8"))
+        if manifest["config"]["digest"] != img or "blobs/sha256/" + config_hex not in digests:
+            raise BenchError("%s: the manifest's config is %s, not %s" % (path, manifest["config"]["digest"], img))
+        layer_names = ["blobs/sha256/" + l["digest"][7:] for l in manifest["layers"]]
+    got = [layer_digest(n) for n in layer_names]
+    if got != list(diff_ids):
+        raise BenchError("%s: the layers unpack to %s, not the image's diffIDs %s" % (path, got, diff_ids))
+    return "%s archive read to its end: %d members, config = the image ID, tag %s, %d layers unpack to the" \
+           " config's diffIDs" % (fmt, len(digests) + len(links), tag, len(layer_names))
+
+
 # --- S3 --------------------------------------------------------------------------------
 
 def radosgw_installed():
@@ -853,6 +1038,11 @@ class RgwMeter:
         return RgwServed(self.logged(mark, after), after["req"] - mark[1]["req"], after["get_b"] - mark[1]["get_b"],
                          bucket, prefix)
 
+    def traffic(self, mark):
+        """A RgwTraffic for the requests since MARK."""
+        after = self.counters()
+        return RgwTraffic(self.logged(mark, after), mark[1], after)
+
     def logged(self, mark, after=None):
         """(method, target, status, bytes) of every request since MARK (waits until the log holds all
         the counter counted)."""
@@ -918,6 +1108,37 @@ class RgwServed:
                    ", %d failed/other requests" % self.failed if self.failed else "",
                    "agrees (+1 B per GET)" if self.get_b_agrees else "says %s B (DIFFERS)"
                    % "{:,}".format(self.get_b)))
+
+
+class RgwTraffic:
+    """The bytes that went between radosgw and its clients: per request, its access log counts the
+    body bytes it sent plus those it received (a GET: the object bytes it sent; a PUT of an object
+    or a part: its body; a CopyObject: only its small XML answer); its get_b and put_b counters
+    count object bytes it served and stored."""
+
+    def __init__(self, requests, before, after):
+        self.requests = len(requests)
+        self.methods = collections.Counter(method for method, _, _, _ in requests)
+        self.get_bytes = sum(int(n) for method, _, _, n in requests if method == "GET")
+        self.put_bytes = sum(int(n) for method, _, _, n in requests if method in ("PUT", "POST"))
+        self.other_bytes = sum(int(n) for method, _, _, n in requests if method not in ("GET", "PUT", "POST"))
+        self.blob_bytes = sum(int(n) for _, target, _, n in requests if "/blobs/sha256/" in target)
+        self.failed = sum(1 for _, _, status, _ in requests if not 200 <= int(status) < 300 and int(status) != 404)
+        self.get_b = after.get("get_b", 0) - before.get("get_b", 0)
+        self.put_b = after.get("put_b", 0) - before.get("put_b", 0)
+
+    @property
+    def through(self):
+        """Every body byte radosgw's log counts: what passed through the machine, at most."""
+        return self.get_bytes + self.put_bytes + self.other_bytes
+
+    def describe(self):
+        return ("radosgw's log: %d requests (%s)%s; GET answers %s B, PUT/POST bodies and answers %s B"
+                " (blob keys: %s B); its counters: get_b %s B, put_b %s B"
+                % (self.requests, ", ".join("%s %d" % kv for kv in sorted(self.methods.items())),
+                   ", %d failed" % self.failed if self.failed else "", "{:,}".format(self.get_bytes),
+                   "{:,}".format(self.put_bytes), "{:,}".format(self.blob_bytes), "{:,}".format(self.get_b),
+                   "{:,}".format(self.put_b)))
 
 
 # --- machine facts ----------------------------------------------------------------------
@@ -1091,10 +1312,11 @@ def run(args, state):
             result.note += "; engine CPU while streaming %.2f s" % result.stream_cpu
         return result
 
-    def measure_load():
+    def measure_load(path=None):
+        """docker load of PATH (default: the saved tar) after docker rmi; the image ID must come back."""
         remove_image(host, TAG, diff_ids, handle)
         e0 = engine.now()
-        run = timed_process([docker, "-H", host, "load", "-q"], env, sink=None, stdin_path=save_path)
+        run = timed_process([docker, "-H", host, "load", "-q"], env, sink=None, stdin_path=path or save_path)
         result = Result("", run.wall, tar_bytes, engine_cpu=engine.since(e0),
                         note="tar sent after %.2f s, engine busy %.2f s more"
                         % (run.input_done, run.wall - run.input_done))
@@ -1145,7 +1367,8 @@ def run(args, state):
     image = {"id": img, "tar": tar_bytes,
              "layers": ["%s %s" % (d[7:19], k) for d, k in zip(diff_ids, layer_kinds)]}
     save = add(named("floor: docker save > /dev/null", best_of(args.repeat, lambda: measure_save(None))))
-    add(named("  (docker save > file on the work disk)", best_of(args.repeat, lambda: measure_save(save_path))))
+    save_file = add(named("  (docker save > file on the work disk)",
+                          best_of(args.repeat, lambda: measure_save(save_path))))
 
     workers = os.cpu_count() or 1
 
@@ -1193,6 +1416,55 @@ def run(args, state):
     pull_raw = add(named("dogestry pull (--compress none store)",
                          best_of(args.repeat, lambda: measure_dogestry("pull", store_raw, TAG, pull=True))))
     floors[pull_raw.stage] = ("load", load.seconds)
+
+    # archives: import of the saved tar into an empty store (no engine); export from the gzip store
+    results.append("-- archives: import of the saved tar into an empty store; export of the image from the gzip"
+                   " store to a file on the work disk")
+    store_imp = workdir / "store-import"
+    gz_listing = dir_listing(store_gz)
+
+    def measure_import():
+        result = measure_dogestry("import", store_imp, save_path, store=store_imp)
+        output_has(result.lines, "Imported image: %s" % TAG)
+        listing = dir_listing(store_imp)
+        check_stored("the import's store", listing, lambda key: (store_imp / key).read_bytes(), img, TAG, diff_ids)
+        result.note += "; tag, config, manifest and blobs checked;\n  " + compare_listings(
+            listing, gz_listing, "push's store")
+        return result
+
+    imported = add(named("dogestry import (saved tar, empty store)", best_of(args.repeat, measure_import)))
+    floors[imported.stage] = ("push", push.seconds)
+    imp_pull = add(named("  (pull from the import's store, after rmi)",
+                         measure_dogestry("pull", store_imp, TAG, pull=True)))
+    floors[imp_pull.stage] = ("load", load.seconds)
+    exports = {"docker": workdir / "export-docker.tar", "oci": workdir / "export-oci.tar"}
+
+    def measure_export(fmt):
+        path = exports[fmt]
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        result = measure_dogestry("export", "--format", fmt, store_gz, TAG, "-o", path)
+        result.note = "%.1f MiB written; %s" % (path.stat().st_size / MiB,
+                                               verify_archive(path, fmt, img, diff_ids, TAG))
+        if fmt == "oci" and shutil.which("skopeo"):
+            config = subprocess.run(["skopeo", "inspect", "--raw", "--config", "oci-archive:%s" % path],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            if config.returncode != 0 or "sha256:" + hashlib.sha256(config.stdout).hexdigest() != img:
+                raise BenchError("skopeo inspect --raw --config oci-archive:%s: exit %d, config %s, not %s: %s" % (
+                    path, config.returncode, hashlib.sha256(config.stdout).hexdigest()[:12], img[7:19],
+                    config.stderr.decode("utf-8", "replace").strip()))
+            result.note += ";\n  skopeo inspect --raw --config reads the image's config from it"
+        return result
+
+    exported = add(named("dogestry export -o FILE (docker format)",
+                         best_of(args.repeat, lambda: measure_export("docker"))))
+    floors[exported.stage] = ("save > file", save_file.seconds)
+    exported_oci = add(named("dogestry export -o FILE --format oci",
+                             best_of(args.repeat, lambda: measure_export("oci"))))
+    floors[exported_oci.stage] = ("save > file", save_file.seconds)
+    export_load = add(named("  (docker load of the export, after rmi)", measure_load(exports["docker"])))
+    floors[export_load.stage] = ("load", load.seconds)
+    export_load.note += "; image ID after load: the same"
 
     # the fleet: three more dockerds, each lacking every layer before every run
     fleet, fleet_checks = [], []
@@ -1473,8 +1745,89 @@ def run(args, state):
              "S3 pull peak RSS %.1f MiB <= %d MiB" % (s3pull.rss_kib / 1024, TARGET_RSS_MIB)),
             (s3repush.seconds < TARGET_REPUSH_S,
              "S3 re-push %.2f s < %.1f s" % (s3repush.seconds, TARGET_REPUSH_S)),
-        ] + s3_fleet_checks + (run_registry(gw, s3_env, url, client, dogestry) if args.registry else []) + (
+        ] + s3_fleet_checks + run_copy(gw, s3_env, url, client, dogestry, putm, size, bucket, s3pull) + (
+            run_registry(gw, s3_env, url, client, dogestry) if args.registry else []) + (
             run_gc(gw, s3_env, dogestry) if args.gc else [])
+
+    def run_copy(gw, s3_env, url, client, dogestry, put_floor, obj_size, bucket, s3pull):
+        """dogestry copy of the image from the gzip directory store to an empty prefix of the bucket
+        (streamed), against the multipart PUT floor of the same bytes; then from the S3 store to an
+        empty prefix of another bucket on the same radosgw (server-side): the seconds, and the bytes
+        that went through the machine from radosgw's access log and counters.  Every copy is checked
+        (the output line, tag, config, manifest, blobs); each destination is pulled once after rmi."""
+        meter = RgwMeter(gw)
+        up_prefix = "bench-copy/"
+        up_url = "s3://%s/%s" % (bucket, up_prefix)
+        dst_bucket = "dgbenchcp-%d-%s" % (os.getpid(), os.urandom(4).hex())
+        dst_client = s3_client(dogestry, gw, dst_bucket)
+        make_bucket(dst_client)
+        dst_prefix = "copy/"
+        dst_url = "s3://%s/%s" % (dst_bucket, dst_prefix)
+        results.append("-- copy: gzip dir store -> %s (streamed); %s -> %s (same radosgw: server-side)"
+                       % (up_url, url, dst_url))
+
+        def listing_of(c, prefix):
+            return {k[len(prefix):]: n for k, n in s3_keys(c, prefix).items() if k[len(prefix):].startswith(STORE_DIRS)}
+
+        def measure_copy(src, c, prefix, dst, reference, what, moves_image):
+            keys = sorted(s3_keys(c, prefix))
+            if keys:
+                c.delete_many(keys)
+            if s3_keys(c, prefix):
+                raise BenchError("%s is not empty after deleting its keys" % dst)
+            mark = meter.mark()
+            result = measure_dogestry("copy", src, dst, TAG, run_env=s3_env, fresh=False, moves_image=moves_image,
+                                      also=lambda wall, daemons: "S3 daemons CPU %.2f s" % daemons)
+            result.traffic = traffic = meter.traffic(mark)
+            output_has(result.lines, "Copied %s (%s)" % (TAG, img))
+            listing = listing_of(c, prefix)
+            check_stored(dst, listing, lambda key: c.get(prefix + key).read(), img, TAG, diff_ids)
+            result.note = "; ".join(n for n in (
+                result.note, "tag, config, manifest and blobs checked; " + compare_listings(listing, reference, what),
+            ) if n) + ";\n  " + traffic.describe()
+            return result
+
+        up = add(named("dogestry copy dir -> s3:// (empty prefix)", best_of(args.repeat, lambda: measure_copy(
+            store_gz, client, up_prefix, up_url, gz_listing, "the gzip dir store", True))))
+        up.note += ";\n  radosgw received %.1f MB of PUT bodies; the gzip store's blobs are %.1f MB" % (
+            up.traffic.put_bytes / MB, obj_size / MB)
+        floors[up.stage] = ("S3 PUT %d conns" % S3_STREAMS, put_floor.seconds)
+        up_pull = add(named("  (pull from that copy, after rmi)", measure_dogestry(
+            "pull", up_url, TAG, pull=True, run_env=s3_env)))
+        floors[up_pull.stage] = ("S3 pull", s3pull.seconds)
+
+        def measure_copy_floor():
+            s0, t0 = s3cpu.now(), time.perf_counter()
+            dst_client.copy_object(bucket, "floor/single", "floor/copied", obj_size)
+            wall = time.perf_counter() - t0
+            if dst_client.head_size("floor/copied") != obj_size:
+                raise BenchError("CopyObject of the floor object: the copy is not %d B" % obj_size)
+            return Result("", wall, None, note="the %.1f MB floor object to the other bucket; S3 daemons CPU %.2f s"
+                          % (obj_size / MB, s3cpu.since(s0)))
+
+        copy_floor = add(named("  (S3 CopyObject, 1 request)", best_of(args.repeat, measure_copy_floor)))
+        s3_listing = listing_of(client, S3_PREFIX)
+        across = add(named("dogestry copy s3:// -> s3:// (other bucket)", best_of(args.repeat, lambda: measure_copy(
+            url, dst_client, dst_prefix, dst_url, s3_listing, "the S3 store", False))))
+        server_side = sum(1 for _, line in across.lines if re.match(r"[0-9a-f]{12}: copied \(server-side\)", line))
+        across.note += ";\n  dogestry's progress: %d blob(s) 'copied (server-side)'" % server_side
+        floors[across.stage] = ("CopyObject", copy_floor.seconds)
+        across_pull = add(named("  (pull from that copy, after rmi)", measure_dogestry(
+            "pull", dst_url, TAG, pull=True, run_env=s3_env)))
+        floors[across_pull.stage] = ("S3 pull", s3pull.seconds)
+        through = across.traffic.through
+        return [
+            (up.seconds <= TARGET_COPY_PUT_RATIO * put_floor.seconds,
+             "copy dir -> S3 %.2f s <= %.1f x the S3 PUT floor (%d MiB parts, %d conns) %.2f s = %.2f s  [%.2fx]"
+             % (up.seconds, TARGET_COPY_PUT_RATIO, S3_PART // MiB, S3_STREAMS, put_floor.seconds,
+                TARGET_COPY_PUT_RATIO * put_floor.seconds, up.seconds / put_floor.seconds)),
+            (through < TARGET_COPY_THROUGH_SHARE * tar_bytes,
+             "copy S3 -> S3 on one radosgw (%.2f s): %s B through the machine (GET answers %s B, PUT/POST %s B;"
+             " blob keys %s B) < %.0f%% of the image %s B  [%.3f%%]"
+             % (across.seconds, "{:,}".format(through), "{:,}".format(across.traffic.get_bytes),
+                "{:,}".format(across.traffic.put_bytes), "{:,}".format(across.traffic.blob_bytes),
+                100 * TARGET_COPY_THROUGH_SHARE, "{:,}".format(tar_bytes), 100.0 * through / tar_bytes)),
+        ]
 
     def run_gc(gw, s3_env, dogestry):
         """dogestry gc of a store of GC_TAGS tags and GC_TAGS * GC_LAYERS small blobs on radosgw, half
@@ -1680,6 +2033,14 @@ def run(args, state):
          "pull peak RSS %.1f MiB <= %d MiB" % (pull.rss_kib / 1024, TARGET_RSS_MIB)),
         (repush.seconds < TARGET_REPUSH_S,
          "re-push %.2f s < %.1f s" % (repush.seconds, TARGET_REPUSH_S)),
+        (imported.seconds <= TARGET_IMPORT_RATIO * push.seconds,
+         "import of the saved tar %.2f s <= %.1f x push %.2f s = %.2f s  [%.2fx]"
+         % (imported.seconds, TARGET_IMPORT_RATIO, push.seconds, TARGET_IMPORT_RATIO * push.seconds,
+            imported.seconds / push.seconds)),
+        (exported.seconds <= TARGET_EXPORT_RATIO * save_file.seconds,
+         "export -o FILE %.2f s <= %.1f x docker save > file %.2f s = %.2f s  [%.2fx; --format oci %.2f s, %.2fx]"
+         % (exported.seconds, TARGET_EXPORT_RATIO, save_file.seconds, TARGET_EXPORT_RATIO * save_file.seconds,
+            exported.seconds / save_file.seconds, exported_oci.seconds, exported_oci.seconds / save_file.seconds)),
     ] + fleet_checks + s3_checks
     print_report(facts, image, results, floors, checks)
 

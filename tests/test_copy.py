@@ -493,3 +493,30 @@ def test_an_image_named_by_id_is_copied(docker_env, origin, tmp_path):
     assert blob_hexes(dst, origin.app) == blob_hexes(origin.store, origin.app)
     assert hashlib.sha256((dst / "images" / origin.app[7:] / "config.json").read_bytes()).hexdigest() == \
         origin.app[7:]
+
+
+def test_a_corrupt_blob_sent_in_parts_is_deleted_again(s3_env, rgw, origin, bucket, tmp_path, monkeypatch):
+    """S3 checks a single PUT's payload against the digest, not a multipart upload as a whole:
+    the copy hashes the file while its parts go up, and deletes the object again when the file
+    is not the blob.  (The single-PUT limit is lowered so that the 2 MiB layer goes in parts.)"""
+    import io
+    import shutil
+    monkeypatch.setattr(dogestry, "S3_SINGLE_PUT_MAX", 1 << 20)
+    big = blob_hexes(origin.store, origin.app)[-1]
+    src = tmp_path / "src"
+    shutil.copytree(str(origin.store), str(src))
+    blob = src / "blobs" / "sha256" / big
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    stderr = io.StringIO()
+
+    code = dogestry.main(["-q", "copy", str(src), "s3://%s/parts/" % bucket, "dgcopy/app:1"],
+                         environ=s3_env, stdout=io.StringIO(), stderr=stderr)
+
+    assert code == 1
+    assert stderr.getvalue().count("\n") == 1 and big[:12] in stderr.getvalue(), stderr.getvalue()
+    client = s3_client(rgw, bucket)
+    after = s3_keys(client, "parts/")
+    assert "blobs/sha256/" + big not in after and not [k for k in after if k.startswith("repositories/")]
+    assert client.uploads_under("") == []
