@@ -451,19 +451,24 @@ def test_bad_input_is_one_error_line(case, docker_env, origin, tmp_path):
 
 # --- 8. verified by digest, and images named by ID -----------------------------------------------
 
+def corrupt_copy(origin, src, blob_hex):
+    """A copy of the origin store at SRC whose blob BLOB_HEX has one byte flipped (same size)."""
+    import shutil
+    shutil.copytree(str(origin.store), str(src))
+    blob = src / "blobs" / "sha256" / blob_hex
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    return src
+
+
 @pytest.mark.parametrize("direction", ["directory to S3", "S3 to directory"])
 def test_a_corrupt_blob_in_src_fails_the_copy_and_writes_no_tag(direction, s3_env, rgw, origin, bucket, tmp_path):
     """A blob of SRC whose bytes no longer match its digest (same size, one byte flipped) is
     refused: one error line naming it, no tag in DST, and DST does not get the bad blob."""
-    import shutil
     big = blob_hexes(origin.store, origin.app)[-1]
     if direction == "directory to S3":
-        src = tmp_path / "src"
-        shutil.copytree(str(origin.store), str(src))
-        blob = src / "blobs" / "sha256" / big
-        data = bytearray(blob.read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        blob.write_bytes(bytes(data))
+        src = corrupt_copy(origin, tmp_path / "src", big)
         dst = "s3://%s/bad/" % bucket
     else:
         src = "s3://%s/bad/" % bucket
@@ -500,15 +505,9 @@ def test_a_corrupt_blob_sent_in_parts_is_deleted_again(s3_env, rgw, origin, buck
     the copy hashes the file while its parts go up, and deletes the object again when the file
     is not the blob.  (The single-PUT limit is lowered so that the 2 MiB layer goes in parts.)"""
     import io
-    import shutil
     monkeypatch.setattr(dogestry, "S3_SINGLE_PUT_MAX", 1 << 20)
     big = blob_hexes(origin.store, origin.app)[-1]
-    src = tmp_path / "src"
-    shutil.copytree(str(origin.store), str(src))
-    blob = src / "blobs" / "sha256" / big
-    data = bytearray(blob.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    blob.write_bytes(bytes(data))
+    src = corrupt_copy(origin, tmp_path / "src", big)
     stderr = io.StringIO()
 
     code = dogestry.main(["-q", "copy", str(src), "s3://%s/parts/" % bucket, "dgcopy/app:1"],
