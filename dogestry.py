@@ -3873,9 +3873,11 @@ def verified_blob_chunks(store: Store, record: LayerRecord, on_read: Callable[[i
 
 
 def stored_layer_members(store: Store, image: StoredImage, send: Callable[[int], bool], sent: Set[str],
-                         progress: ProgressSink, inflate: bool, paths: List[str]) -> Iterator[bytes]:
+                         progress: ProgressSink, inflate: bool, paths: List[str],
+                         words: Tuple[str, str] = ("loading", "loaded")) -> Iterator[bytes]:
     """Tar members <diffID hex>/layer.tar of an image's layers (those send(index) wants and
-    not already in `sent`), verified as they go; each one's path is added to `paths`."""
+    not already in `sent`), verified as they go; each one's path is added to `paths`.
+    words: what progress says while and after a layer goes."""
     for index, record in enumerate(image.layers):
         path = "%s/layer.tar" % digest_hex(record.diff_id)
         paths.append(path)
@@ -3884,11 +3886,11 @@ def stored_layer_members(store: Store, image: StoredImage, send: Callable[[int],
         sent.add(path)
         gunzip = inflate and record.compression == "gzip" and record.raw_size is not None
         size = record.raw_size if gunzip and record.raw_size is not None else record.size
-        task = progress.task(record.diff_id[7:19], "loading" if inflate else "exporting", size)
+        task = progress.task(record.diff_id[7:19], words[0], size)
         yield tar_header(path, size)
         yield from verified_blob_chunks(store, record, task.advance, gunzip)
         yield tar_padding(size)
-        task.finish("loaded" if inflate else "exported")
+        task.finish(words[1])
 
 
 def load_tar_stream(store: Store, image: StoredImage, config: bytes, repo_tags: List[str],
@@ -5532,7 +5534,8 @@ def docker_archive_stream(items: Sequence[ExportItem], progress: ProgressSink) -
             sent.add(config_name)
             yield tar_bytes_member(config_name, verified_config(store, image))
         paths = []  # type: List[str]
-        yield from stored_layer_members(store, image, lambda index: True, sent, progress, False, paths)
+        yield from stored_layer_members(store, image, lambda index: True, sent, progress, False, paths,
+                                        ("exporting", "exported"))
         manifest.append({"Config": config_name, "RepoTags": tags, "Layers": paths})
     yield tar_bytes_member("manifest.json", json.dumps(manifest).encode())
     yield TAR_END
@@ -5976,6 +5979,7 @@ class DogestryServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.connections = {}  # type: Dict[Any, Optional[float]]
         # socket -> since when it waits for a request (None: busy with one)
         self.connections_lock = threading.Lock()
+        self.stopping = False  # set by server_close()
         self._spare_fd = os.open(os.devnull, os.O_RDONLY)  # given up to shed a connection at EMFILE
         self._api_version = None  # type: Optional[str]
         self._private = private  # a directory store's path: never shown to clients
@@ -6053,6 +6057,7 @@ class DogestryServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
             self.connections.pop(request, None)
 
     def server_close(self) -> None:
+        self.stopping = True  # connections the exit breaks off are not errors worth a line
         super().server_close()
         if self._spare_fd >= 0:
             os.close(self._spare_fd)
@@ -6077,7 +6082,8 @@ class DogestryServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         """A broken connection is one log line; anything else is a bug, with its traceback."""
         error = sys.exc_info()[1]
         if isinstance(error, OSError):
-            self.log_line(client_address[0], "connection error: %s" % _os_reason(error))
+            if not self.stopping:
+                self.log_line(client_address[0], "connection error: %s" % _os_reason(error))
         else:
             self.report_bug(client_address[0])
 

@@ -154,18 +154,20 @@ class Listener:
 # === 1. the server's identity and tags =========================================================
 
 def test_a_client_cannot_point_the_servers_keys_at_another_endpoint(fleet, stores, rgw, base_env, servers):
-    """SSRF: a store URL that starts with the server's own, plus ?endpoint= or ?region=, is refused;
-    the server never signs a request for a host a client chose."""
+    """SSRF: a store URL that starts with the server's own, plus ?endpoint=, ?region= or ?profile=
+    (one of the server's own AWS profiles), is refused; the server never signs a request for a
+    host or with keys a client chose."""
     server_keys = keys_env(dict(base_env, DOCKER_HOST=fleet[0].host), rgw.endpoint, rgw.access_key, rgw.secret_key)
     servers(HOSTS[0], server_keys, store="s3://%s/" % stores.victim)
     evil = Listener()
     try:
         for auth in ({}, {"username": rgw.access_key, "password": rgw.secret_key}):
-            for query in ("endpoint=" + evil.url, "region=us-west-2", "endpoint=%s&region=eu-west-1" % evil.url):
+            for query in ("endpoint=" + evil.url, "region=us-west-2", "endpoint=%s&region=eu-west-1" % evil.url,
+                          "profile=default"):
                 named = "s3://%s/x?%s" % (stores.victim, query)
                 answer = pull_request(HOSTS[0], REGISTRY + "/" + PROD.split(":")[0], auth_header(dict(auth, email=named)),
                                       tag="prod")
-                assert_json_refusal(answer, 403, "endpoints or regions")
+                assert_json_refusal(answer, 403, "endpoints, regions or profiles")
         assert not evil.connected()
     finally:
         evil.close()
