@@ -293,3 +293,28 @@ def test_help_is_printed_once_to_the_given_stdout():
         out, err = io.StringIO(), io.StringIO()
         assert dogestry.main(argv, environ={}, stdout=out, stderr=err) == 0
         assert out.getvalue().count("usage: dogestry") == 1 and err.getvalue() == "", (argv, out.getvalue())
+
+
+@pytest.mark.parametrize("kind", ["gzip", "bzip2", "xz"])
+def test_archives_compressed_as_a_whole_unpack_in_bounded_pieces(kind):
+    """An archive compressed as a whole (in two concatenated members or streams, as `cat a.gz
+    b.gz` makes) reads back whole, in pieces of at most 1 MiB however well it compresses."""
+    import bz2
+    import lzma
+    compress = {"gzip": gzip.compress, "bzip2": bz2.compress, "xz": lzma.compress}[kind]
+    data = b"\0" * (8 << 20) + os.urandom(1000)
+    packed = compress(data[:5 << 20]) + compress(data[5 << 20:])
+    stream = dogestry.archive_tar(io.BytesIO(packed))
+    first = stream.read(10)
+    assert len(stream.buffer) <= dogestry.CHUNK  # not the 5 MiB of zeros the first member holds
+    assert first + stream.read() == data
+
+
+def test_a_truncated_or_zstd_archive_is_one_clear_error(monkeypatch):
+    cut = gzip.compress(b"x" * 100000)[:-20]
+    with pytest.raises(dogestry.FormatError, match="truncated"):
+        dogestry.archive_tar(io.BytesIO(cut)).read(1 << 20)
+    monkeypatch.setitem(__import__("sys").modules, "compression.zstd", None)  # as before Python 3.14
+    monkeypatch.setitem(__import__("sys").modules, "compression", None)
+    with pytest.raises(dogestry.UsageError, match="zstd -dc"):
+        dogestry.archive_tar(io.BytesIO(b"\x28\xb5\x2f\xfd" + b"\0" * 20))
