@@ -7498,7 +7498,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("image", metavar="IMAGE", help="NAME[:TAG] or an image ID prefix")
         if name in ("push", "migrate", "import", "copy"):
             p.add_argument("-compress", "--compress", choices=COMPRESSIONS, default="gzip",
-                           help="layer compression (default gzip; layers that do not compress are stored raw)")
+                           help="layer compression (default gzip; layers that do not compress are stored raw)"
+                           + ("; copy: for images in the original layout, whose layers are stored anew"
+                              if name == "copy" else ""))
             p.add_argument("-compress-level", "--compress-level", metavar="N", type=int, choices=GZIP_LEVELS,
                            default=GZIP_LEVEL, help="gzip level 1-9 (default %d, the fastest; 6 is what docker"
                            " push uses: smaller blobs, faster registry pulls, slower pushes)" % GZIP_LEVEL)
