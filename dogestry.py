@@ -774,11 +774,13 @@ class Store:
 
     def put_file(self, key: str, path: str, size: int, digest: Optional[str] = None,
                  on_progress: Callable[[int], None] = lambda n: None, if_absent: bool = False,
-                 consume: bool = False) -> bool:
+                 consume: bool = False, verify: bool = False) -> bool:
         """Store a file's `size` bytes (sha256 `digest` if known), atomically; False if if_absent
         found the object there already (nothing was written).
 
         consume=True lets the store take the file itself (a rename) instead of a copy.
+        verify=True: the file is someone else's; IntegrityError (and nothing stored) unless its
+        bytes are `digest`, checked as they are sent.
         """
         raise NotImplementedError
 
@@ -962,14 +964,14 @@ class LocalStore(Store):
 
     def put_file(self, key: str, path: str, size: int, digest: Optional[str] = None,
                  on_progress: Callable[[int], None] = lambda n: None, if_absent: bool = False,
-                 consume: bool = False) -> bool:
+                 consume: bool = False, verify: bool = False) -> bool:
         if if_absent and self.stat(key) == size:
             return False
-        if consume and os.path.getsize(path) == size and self._move_into_place(key, path):
+        if consume and not verify and os.path.getsize(path) == size and self._move_into_place(key, path):
             on_progress(size)
             return True
         with open(path, "rb") as f:
-            self._put(key, HashingReader(f, on_progress), size)  # type: ignore
+            self._put(key, HashingReader(f, on_progress), size, digest if verify else None)  # type: ignore
         return True
 
     def spool_dir(self) -> Optional[str]:
@@ -990,7 +992,8 @@ class LocalStore(Store):
             raise StoreError("%s: cannot write %s: %s" % (self.url, key, _os_reason(e)))
         return True
 
-    def _put(self, key: str, src: BinaryIO, size: int) -> None:
+    def _put(self, key: str, src: BinaryIO, size: int, digest: Optional[str] = None) -> None:
+        """Write key from src (a HashingReader when `digest` is to be checked) via a temp file."""
         path = self._path(key)
         tmp = None
         try:
@@ -1002,6 +1005,8 @@ class LocalStore(Store):
                 os.fsync(out.fileno())
             if copied != size:
                 raise StoreError("%s: short write of %s (%d of %d bytes)" % (self.url, key, copied, size))
+            if digest is not None and getattr(src, "digest", None) != digest:
+                raise IntegrityError("%s is not blob %s; nothing was stored" % (key, digest))
             os.chmod(tmp, 0o644)
             os.replace(tmp, path)
             tmp = None
@@ -1597,6 +1602,7 @@ class CredentialChain:
 # request signed (SigV4, real payload hashes) and re-signed on each retry.
 
 S3_SINGLE_PUT_MAX = 16 << 20
+S3_VERIFIED_PUT_MAX = 256 << 20  # a blob someone else wrote goes up in one PUT up to this size: S3 checks its sha256
 S3_MIN_PART = 8 << 20
 S3_MAX_PARTS = 10000
 S3_RANGE = 4 << 20
@@ -2030,9 +2036,12 @@ class S3Client:
                                                             error.findtext("Code")), error.findtext("Code") or "")
 
     def multipart_upload(self, key: str, path: str, size: int, workers: int,
-                         on_progress: Callable[[int], None]) -> None:
+                         on_progress: Callable[[int], None], check_digest: Optional[str] = None) -> None:
         """Upload a file in parallel parts (fewer than 10,000); abort the upload on any failure.
 
+        Each part's sha256 (its signed payload hash) is computed here, in order, and the part
+        goes up as soon as it is known; with check_digest, the same pass hashes the whole file
+        and the upload is completed only if the file is that blob (else IntegrityError).
         Uploads of this key abandoned by earlier runs (older than STALE_UPLOAD_AGE) are aborted
         first; if creating the upload took retries, S3 may have created more than one, and
         those are aborted afterwards.
@@ -2048,8 +2057,14 @@ class S3Client:
             raise
         try:
             ranges = [(n + 1, off, min(part_size, size - off)) for n, off in enumerate(range(0, size, part_size))]
+            whole = hashlib.sha256() if check_digest else None
             with thread_pool(min(workers, len(ranges)), "dogestry-part") as pool:
-                etags = list(pool.map(lambda r: self._upload_part(key, upload_id, path, r, on_progress), ranges))
+                futures = [pool.submit(self._upload_part, key, upload_id, path, r, part_sha256(path, r, whole),
+                                       on_progress) for r in ranges]
+                etags = [f.result() for f in futures]
+            if whole is not None and "sha256:" + whole.hexdigest() != check_digest:
+                raise IntegrityError("%s is not blob %s (its sha256 is %s); nothing was stored"
+                                     % (path, check_digest, whole.hexdigest()))
             self._complete_upload(key, upload_id, [(n, etag) for (n, _, _), etag in zip(ranges, etags)])
         except S3Error as e:
             if e.code == "NoSuchUpload" and self.head_size(key) == size:
@@ -2200,10 +2215,25 @@ class S3Client:
                                           (since is not None and initiated >= since)):
                     self._abort_upload(key, upload_id)
 
-    def _upload_part(self, key: str, upload_id: str, path: str, part: Tuple[int, int, int],
+    def _upload_part(self, key: str, upload_id: str, path: str, part: Tuple[int, int, int], sha256_hex: str,
                      on_progress: Callable[[int], None]) -> str:
         number, offset, length = part
-        digest = hashlib.sha256()
+        resp, _ = self.call("PUT", key, query=[("partNumber", str(number)), ("uploadId", upload_id)],
+                            headers={"Content-Length": str(length)},
+                            body=lambda: FileRange(path, offset, length, on_progress, self.cancelled),
+                            payload_hash=sha256_hex)
+        etag = resp.getheader("ETag")
+        if not etag:
+            raise S3Error("UploadPart %s part %d: no ETag in the answer" % (self.describe(key), number))
+        return etag
+
+
+def part_sha256(path: str, part: Tuple[int, int, int], whole: Any = None) -> str:
+    """Hex sha256 of one part (number, offset, length) of a file; `whole`, a hash of the file so
+    far, is fed the same bytes (parts are hashed in order)."""
+    _, offset, length = part
+    digest = hashlib.sha256()
+    try:
         with open(path, "rb") as f:
             f.seek(offset)
             remaining = length
@@ -2212,15 +2242,12 @@ class S3Client:
                 if not data:
                     raise StoreError("%s shrank while it was uploaded" % path)
                 digest.update(data)
+                if whole is not None:
+                    whole.update(data)
                 remaining -= len(data)
-        resp, _ = self.call("PUT", key, query=[("partNumber", str(number)), ("uploadId", upload_id)],
-                            headers={"Content-Length": str(length)},
-                            body=lambda: FileRange(path, offset, length, on_progress, self.cancelled),
-                            payload_hash=digest.hexdigest())
-        etag = resp.getheader("ETag")
-        if not etag:
-            raise S3Error("UploadPart %s part %d: no ETag in the answer" % (self.describe(key), number))
-        return etag
+    except OSError as e:
+        raise StoreError("cannot read %s: %s" % (path, _os_reason(e)))
+    return digest.hexdigest()
 
 
 class FileRange:
@@ -2423,11 +2450,15 @@ class S3Store(Store):
 
     def put_file(self, key: str, path: str, size: int, digest: Optional[str] = None,
                  on_progress: Callable[[int], None] = lambda n: None, if_absent: bool = False,
-                 consume: bool = False) -> bool:
-        if size > S3_SINGLE_PUT_MAX:
+                 consume: bool = False, verify: bool = False) -> bool:
+        # verify: one PUT up to S3_VERIFIED_PUT_MAX, whose payload S3 checks against `digest` (no
+        # hashing here at all); above, the file is hashed as a whole with its parts, and the
+        # multipart upload completed only if it is the blob.
+        if size > (S3_VERIFIED_PUT_MAX if verify and digest else S3_SINGLE_PUT_MAX):
             if if_absent and self.stat(key) == size:
                 return False
-            self.client.multipart_upload(self._key(key), path, size, self.workers, on_progress)
+            self.client.multipart_upload(self._key(key), path, size, self.workers, on_progress,
+                                         digest if verify else None)
             return True
         sha = digest_hex(digest) if digest else file_sha256(path)
         return self.client.put(self._key(key), lambda: FileRange(path, 0, size, on_progress, self.client.cancelled),
@@ -5675,34 +5706,22 @@ class BlobCopier:
 
 
     def _upload_file(self, path: str, key: str, record: LayerRecord, task: TaskSink) -> None:
-        """Send a directory store's blob file straight to S3, checked by its digest: S3 itself
-        checks a single PUT's payload sha256; a multipart upload's is hashed here meanwhile, and
-        the object is deleted again if the file was not the blob."""
+        """Send a directory store's blob file straight to S3, checked against its digest as it
+        goes (S3 checks a single PUT's payload sha256; a multipart upload is completed only if
+        the whole file hashes to it)."""
         corrupt = IntegrityError("%s: blob %s is corrupt; nothing was copied" % (self.src.url, record.digest))
         try:
             if os.path.getsize(path) != record.size:
                 raise corrupt
-            if record.size <= S3_SINGLE_PUT_MAX:
-                self.dst.put_file(key, path, record.size, record.digest, task.advance)
-                return
-            hashed = {}  # type: Dict[str, str]
-
-            def hash_file() -> None:
-                with contextlib.suppress(OSError):  # unread: the digest stays unknown, so not the blob
-                    hashed["digest"] = "sha256:" + file_sha256(path)
-
-            hashing = start_thread(hash_file, (), "dogestry-hash")
-            self.dst.put_file(key, path, record.size, record.digest, task.advance)
-            hashing.join()
+            self.dst.put_file(key, path, record.size, record.digest, task.advance, verify=True)
         except S3Error as e:
             if e.code == "XAmzContentSHA256Mismatch":
                 raise corrupt
             raise
+        except IntegrityError:
+            raise corrupt
         except OSError as e:
             raise StoreError("%s: cannot read %s: %s" % (self.src.url, key, _os_reason(e)))
-        if hashed.get("digest") != record.digest:
-            self.dst.delete(key)
-            raise corrupt
 
 
 def copy_image(found: FoundImage, dst: Store, copier: BlobCopier, progress: ProgressSink,

@@ -502,10 +502,10 @@ def test_an_image_named_by_id_is_copied(docker_env, origin, tmp_path):
 
 def test_a_corrupt_blob_sent_in_parts_is_deleted_again(s3_env, rgw, origin, bucket, tmp_path, monkeypatch):
     """S3 checks a single PUT's payload against the digest, not a multipart upload as a whole:
-    the copy hashes the file while its parts go up, and deletes the object again when the file
-    is not the blob.  (The single-PUT limit is lowered so that the 2 MiB layer goes in parts.)"""
+    the copy hashes the file with its parts, and completes the upload only if the file is the
+    blob.  (The single-PUT limit is lowered so that the 2 MiB layer goes in parts.)"""
     import io
-    monkeypatch.setattr(dogestry, "S3_SINGLE_PUT_MAX", 1 << 20)
+    monkeypatch.setattr(dogestry, "S3_VERIFIED_PUT_MAX", 1 << 20)
     big = blob_hexes(origin.store, origin.app)[-1]
     src = corrupt_copy(origin, tmp_path / "src", big)
     stderr = io.StringIO()
