@@ -252,6 +252,19 @@ class Server:
         with open("/proc/%d/status" % self.proc.pid) as f:
             return int(re.search(r"^Threads:\s+(\d+)", f.read(), re.M).group(1))
 
+    def thread_states(self):
+        """What each of the server's threads is doing now: (state, kernel wait channel), for
+        messages of failed checks."""
+        states = []
+        for task in sorted(os.listdir("/proc/%d/task" % self.proc.pid)):
+            base = "/proc/%d/task/%s/" % (self.proc.pid, task)
+            with contextlib.suppress(OSError):
+                with open(base + "stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+                with open(base + "wchan") as f:
+                    states.append((state, f.read().strip()))
+        return states
+
     def cpu_seconds(self):
         """User + system CPU time the server process has used so far."""
         with open("/proc/%d/stat" % self.proc.pid) as f:

@@ -604,7 +604,7 @@ def test_client_hanging_up_makes_no_traceback(fleet, rgw, base_env, servers):
     deadline = time.monotonic() + 10
     while server.threads() > 1 and time.monotonic() < deadline:  # every connection's thread has ended
         time.sleep(0.05)
-    assert server.threads() == 1
+    assert server.threads() == 1, (server.thread_states(), server.stdout)
     assert status_check(server.url)
     assert "Traceback" not in server.stderr, server.stderr
 
