@@ -318,3 +318,65 @@ def test_a_truncated_or_zstd_archive_is_one_clear_error(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "compression", None)
     with pytest.raises(dogestry.UsageError, match="zstd -dc"):
         dogestry.archive_tar(io.BytesIO(b"\x28\xb5\x2f\xfd" + b"\0" * 20))
+
+
+def _blob(files, data):
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    files.append(("blobs/sha256/" + digest[7:], data))
+    return {"digest": digest, "size": len(data)}
+
+
+def _oci_image(files, arch, payload):
+    """One image of a (buildx-like) OCI layout: a gzip layer, its config, its manifest; the manifest's descriptor."""
+    import json
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w") as tar:
+        info = tarfile.TarInfo("arch.txt")
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    raw = layer.getvalue()
+    config = json.dumps({"architecture": arch, "os": "linux", "rootfs": {
+        "type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(raw).hexdigest()]}}).encode()
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "config": dict(_blob(files, config), mediaType="application/vnd.oci.image.config.v1+json"),
+                           "layers": [dict(_blob(files, gzip.compress(raw)),
+                                           mediaType="application/vnd.oci.image.layer.v1.tar+gzip")]}).encode()
+    return dict(_blob(files, manifest), mediaType="application/vnd.oci.image.manifest.v1+json"), \
+        "sha256:" + hashlib.sha256(config).hexdigest()
+
+
+def test_a_multi_platform_oci_archive_imports_this_machines_image(tmp_path):
+    """An OCI layout whose index names a multi-platform index (as `buildx --output type=oci` writes,
+    attestation manifests included): the image for this machine's platform is imported, named by
+    io.containerd.image.name."""
+    import json
+    files = []
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
+    other = "s390x" if arch != "s390x" else "amd64"
+    mine, mine_id = _oci_image(files, arch, b"this machine")
+    theirs, _ = _oci_image(files, other, b"another machine")
+    attestation, _ = _oci_image(files, "unknown", b"in-toto")
+    nested = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [
+        dict(theirs, platform={"os": "linux", "architecture": other}),
+        dict(mine, platform={"os": "linux", "architecture": arch}),
+        dict(attestation, platform={"os": "unknown", "architecture": "unknown"},
+             annotations={"vnd.docker.reference.type": "attestation-manifest"})]}).encode()
+    top = dict(_blob(files, nested), mediaType="application/vnd.oci.image.index.v1+json",
+               annotations={"io.containerd.image.name": "docker.io/library/multi:1",
+                            "org.opencontainers.image.ref.name": "1"})
+    files += [("index.json", json.dumps({"schemaVersion": 2, "manifests": [top]}).encode()),
+              ("oci-layout", b'{"imageLayoutVersion":"1.0.0"}')]
+    archive = tmp_path / "multi.tar"
+    with tarfile.open(str(archive), "w") as tar:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    out = io.StringIO()
+
+    code = dogestry.main(["-q", "import", str(tmp_path / "store"), str(archive)], environ={}, stdout=out,
+                         stderr=io.StringIO())
+
+    assert code == 0 and out.getvalue() == "Imported image: multi:1\n"
+    assert (tmp_path / "store" / "repositories" / "multi" / "1").read_text() == mine_id[7:]
+    assert sorted(p.name for p in (tmp_path / "store" / "images").iterdir()) == [mine_id[7:]]
