@@ -5128,8 +5128,9 @@ class Unpacking:
         if self.kind == "xz":
             import lzma
             return lzma.LZMADecompressor()
+        import importlib
         try:
-            from compression import zstd  # type: ignore  # Python 3.14+
+            zstd = importlib.import_module("compression.zstd")  # the standard library's from Python 3.14
         except ImportError:
             raise UsageError("this Python cannot unpack a zstd-compressed archive: "
                              "zstd -dc FILE | dogestry import STORE -")

@@ -25,6 +25,4 @@ def test_only_the_standard_library_is_imported():
             modules.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             modules.add(node.module.split(".")[0])
-    newer_stdlib = {"compression"}  # Python 3.14's (compression.zstd), imported only where it exists
-    stdlib = set(sys.stdlib_module_names) | newer_stdlib
-    assert modules and modules <= stdlib, sorted(modules - stdlib)
+    assert modules and modules <= set(sys.stdlib_module_names), sorted(modules - set(sys.stdlib_module_names))
