@@ -774,13 +774,11 @@ class Store:
 
     def put_file(self, key: str, path: str, size: int, digest: Optional[str] = None,
                  on_progress: Callable[[int], None] = lambda n: None, if_absent: bool = False,
-                 consume: bool = False, verify: bool = False) -> bool:
+                 consume: bool = False) -> bool:
         """Store a file's `size` bytes (sha256 `digest` if known), atomically; False if if_absent
         found the object there already (nothing was written).
 
         consume=True lets the store take the file itself (a rename) instead of a copy.
-        verify=True: the file is someone else's; IntegrityError (and nothing stored) unless its
-        bytes are `digest`, checked as they are sent.
         """
         raise NotImplementedError
 
@@ -964,14 +962,14 @@ class LocalStore(Store):
 
     def put_file(self, key: str, path: str, size: int, digest: Optional[str] = None,
                  on_progress: Callable[[int], None] = lambda n: None, if_absent: bool = False,
-                 consume: bool = False, verify: bool = False) -> bool:
+                 consume: bool = False) -> bool:
         if if_absent and self.stat(key) == size:
             return False
-        if consume and not verify and os.path.getsize(path) == size and self._move_into_place(key, path):
+        if consume and os.path.getsize(path) == size and self._move_into_place(key, path):
             on_progress(size)
             return True
         with open(path, "rb") as f:
-            self._put(key, HashingReader(f, on_progress), size, digest if verify else None)  # type: ignore
+            self._put(key, HashingReader(f, on_progress), size)  # type: ignore
         return True
 
     def spool_dir(self) -> Optional[str]:
@@ -992,8 +990,7 @@ class LocalStore(Store):
             raise StoreError("%s: cannot write %s: %s" % (self.url, key, _os_reason(e)))
         return True
 
-    def _put(self, key: str, src: BinaryIO, size: int, digest: Optional[str] = None) -> None:
-        """Write key from src (a HashingReader when `digest` is to be checked) via a temp file."""
+    def _put(self, key: str, src: BinaryIO, size: int) -> None:
         path = self._path(key)
         tmp = None
         try:
@@ -1005,8 +1002,6 @@ class LocalStore(Store):
                 os.fsync(out.fileno())
             if copied != size:
                 raise StoreError("%s: short write of %s (%d of %d bytes)" % (self.url, key, copied, size))
-            if digest is not None and getattr(src, "digest", None) != digest:
-                raise IntegrityError("%s is not blob %s; nothing was stored" % (key, digest))
             os.chmod(tmp, 0o644)
             os.replace(tmp, path)
             tmp = None
@@ -2450,19 +2445,31 @@ class S3Store(Store):
 
     def put_file(self, key: str, path: str, size: int, digest: Optional[str] = None,
                  on_progress: Callable[[int], None] = lambda n: None, if_absent: bool = False,
-                 consume: bool = False, verify: bool = False) -> bool:
-        # verify: one PUT up to S3_VERIFIED_PUT_MAX, whose payload S3 checks against `digest` (no
-        # hashing here at all); above, the file is hashed as a whole with its parts, and the
-        # multipart upload completed only if it is the blob.
-        if size > (S3_VERIFIED_PUT_MAX if verify and digest else S3_SINGLE_PUT_MAX):
+                 consume: bool = False) -> bool:
+        if size > S3_SINGLE_PUT_MAX:
             if if_absent and self.stat(key) == size:
                 return False
-            self.client.multipart_upload(self._key(key), path, size, self.workers, on_progress,
-                                         digest if verify else None)
+            self.client.multipart_upload(self._key(key), path, size, self.workers, on_progress)
             return True
         sha = digest_hex(digest) if digest else file_sha256(path)
         return self.client.put(self._key(key), lambda: FileRange(path, 0, size, on_progress, self.client.cancelled),
                                size, sha, if_absent)
+
+    def put_verified(self, key: str, path: str, size: int, digest: str, on_progress: Callable[[int], None]) -> None:
+        """Store a file someone else wrote as blob `digest`, checked as it goes (IntegrityError, and
+        nothing stored, if it is not): one PUT up to S3_VERIFIED_PUT_MAX, whose payload S3 checks
+        against the digest (nothing is hashed here); above, the file is hashed as a whole with its
+        parts, and the multipart upload completed only if it is the blob."""
+        if size > S3_VERIFIED_PUT_MAX:
+            self.client.multipart_upload(self._key(key), path, size, self.workers, on_progress, digest)
+            return
+        try:
+            self.client.put(self._key(key), lambda: FileRange(path, 0, size, on_progress, self.client.cancelled),
+                            size, digest_hex(digest))
+        except S3Error as e:
+            if e.code == "XAmzContentSHA256Mismatch":
+                raise IntegrityError("%s is not blob %s; nothing was stored" % (path, digest))
+            raise
 
     def list(self, prefix: str) -> Iterator[str]:
         return (key for key, _ in self.list_sizes(prefix))
@@ -5660,8 +5667,6 @@ class BlobCopier:
     def __init__(self, src: Store, dst: Store, work_dir: str, progress: ProgressSink):
         self.src, self.dst, self.work_dir, self.progress = src, dst, work_dir, progress
         self.server_side = same_s3_endpoint(src, dst)
-        self.bytes_through = 0  # layer bytes that passed through this machine
-        self._lock = threading.Lock()
 
     def copy(self, record: LayerRecord, freshness: Freshness) -> None:
         """Make dst hold record's blob: kept (and refreshed) if there, else copied and checked."""
@@ -5695,30 +5700,21 @@ class BlobCopier:
 
     def _stream(self, key: str, record: LayerRecord, task: TaskSink) -> None:
         if isinstance(self.src, LocalStore) and isinstance(self.dst, S3Store):
-            self._upload_file(self.src.path(key), key, record, task)
-        else:
-            path = os.path.join(self.work_dir, "blob-" + digest_hex(record.digest))
-            with OutputFile(path) as out:
-                for data in verified_blob_chunks(self.src, record, task.advance):
-                    out.write(data)
-            self.dst.put_file(key, path, record.size, record.digest, consume=True)
-        with self._lock:
-            self.bytes_through += record.size
+            self._upload_file(self.dst, self.src.path(key), key, record, task)
+            return
+        path = os.path.join(self.work_dir, "blob-" + digest_hex(record.digest))
+        with OutputFile(path) as out:
+            for data in verified_blob_chunks(self.src, record, task.advance):
+                out.write(data)
+        self.dst.put_file(key, path, record.size, record.digest, consume=True)
 
-
-    def _upload_file(self, path: str, key: str, record: LayerRecord, task: TaskSink) -> None:
-        """Send a directory store's blob file straight to S3, checked against its digest as it
-        goes (S3 checks a single PUT's payload sha256; a multipart upload is completed only if
-        the whole file hashes to it)."""
+    def _upload_file(self, dst: "S3Store", path: str, key: str, record: LayerRecord, task: TaskSink) -> None:
+        """Send a directory store's blob file straight to S3, checked against its digest as it goes."""
         corrupt = IntegrityError("%s: blob %s is corrupt; nothing was copied" % (self.src.url, record.digest))
         try:
             if os.path.getsize(path) != record.size:
                 raise corrupt
-            self.dst.put_file(key, path, record.size, record.digest, task.advance, verify=True)
-        except S3Error as e:
-            if e.code == "XAmzContentSHA256Mismatch":
-                raise corrupt
-            raise
+            dst.put_verified(key, path, record.size, record.digest, task.advance)
         except IntegrityError:
             raise corrupt
         except OSError as e:
