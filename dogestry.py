@@ -3910,14 +3910,20 @@ def verified_blob_chunks(store: Store, record: LayerRecord, on_read: Callable[[i
     return BlobFeeder(store, record, inflate, key).chunks(on_read)
 
 
+def layer_tar_path(record: LayerRecord) -> str:
+    """A layer's member in what docker load reads: <diffID hex>/layer.tar."""
+    return "%s/layer.tar" % digest_hex(record.diff_id)
+
+
 def stored_layer_members(store: Store, image: StoredImage, send: Callable[[int], bool], sent: Set[str],
                          progress: ProgressSink, inflate: bool, paths: List[str],
-                         words: Tuple[str, str] = ("loading", "loaded")) -> Iterator[bytes]:
-    """Tar members <diffID hex>/layer.tar of an image's layers (those send(index) wants and
-    not already in `sent`), verified as they go; each one's path is added to `paths`.
+                         words: Tuple[str, str] = ("loading", "loaded"),
+                         member: Callable[[LayerRecord], str] = layer_tar_path) -> Iterator[bytes]:
+    """Tar members of an image's layers (those send(index) wants and not already in `sent`),
+    named member(record), verified as they go; each one's name is added to `paths`.
     words: what progress says while and after a layer goes."""
     for index, record in enumerate(image.layers):
-        path = "%s/layer.tar" % digest_hex(record.diff_id)
+        path = member(record)
         paths.append(path)
         if not send(index) or path in sent:
             continue
@@ -3967,14 +3973,20 @@ def load_image(docker: DockerClient, store: Store, image: StoredImage, repo_tags
     return _pull_image(docker, store, image, repo_tags, progress)
 
 
+def verified_config(store: Store, image: StoredImage) -> bytes:
+    """A stored image's config, checked against its digest."""
+    config = store.get_bytes(image_key(digest_hex(image.image_id), "config.json"), limit=DOCUMENT_LIMIT)
+    if sha256_digest(config) != image.image_id:
+        raise IntegrityError("%s: the config of %s is corrupt" % (store.url, image.image_id))
+    return config
+
+
 def _pull_image(docker: DockerClient, store: Store, image: StoredImage, repo_tags: List[str],
                 progress: ProgressSink) -> str:
     if docker.inspect_image(image.image_id) is not None:
         progress.note("%s: already on the Docker host" % image.image_id[7:19])
         return image.image_id
-    config = store.get_bytes(image_key(digest_hex(image.image_id), "config.json"), limit=DOCUMENT_LIMIT)
-    if sha256_digest(config) != image.image_id:
-        raise IntegrityError("%s: the config of %s is corrupt; nothing was loaded" % (store.url, image.image_id))
+    config = verified_config(store, image)
     host_chains = docker.layer_chains()
     missing = {i for i, chain in enumerate(chain_ids([r.diff_id for r in image.layers]))
                if chain not in host_chains}
@@ -4038,7 +4050,9 @@ def legacy_members(store: Store, chain: List[str], progress: ProgressSink, sent:
         top, key, size = legacy_layer(store, v1_id)
         path = "%s/layer.tar" % v1_id
         hasher = DiffIdHasher()
-        if path not in sent:
+        send = path not in sent
+        sent.add(path)
+        if send:
             yield tar_header(path, size)
         task = progress.task(v1_id[:12], "loading", size)
         seen = 0
@@ -4054,14 +4068,13 @@ def legacy_members(store: Store, chain: List[str], progress: ProgressSink, sent:
                 seen += len(data)
                 if seen > size:
                     raise IntegrityError("%s: %s changed while it was read" % (store.url, key))
-                if path not in sent:
+                if send:
                     yield data
                 task.advance(len(data))
         if seen != size:
             raise IntegrityError("%s: %s is truncated (%d of %d bytes)" % (store.url, key, seen, size))
-        if path not in sent:
+        if send:
             yield tar_padding(size)
-            sent.add(path)
         task.finish("loaded")
         diff_ids.append(hasher.digest())
         history.append(v1_history(top))
@@ -5548,14 +5561,6 @@ def export_items(store: Store, texts: Sequence[str], progress: ProgressSink) -> 
     return list(items.values())
 
 
-def verified_config(store: Store, image: StoredImage) -> bytes:
-    """A stored image's config, checked against its digest."""
-    config = store.get_bytes(image_key(digest_hex(image.image_id), "config.json"), limit=DOCUMENT_LIMIT)
-    if sha256_digest(config) != image.image_id:
-        raise IntegrityError("%s: the config of %s is corrupt" % (store.url, image.image_id))
-    return config
-
-
 def docker_archive_stream(items: Sequence[ExportItem], progress: ProgressSink) -> Iterator[bytes]:
     """A `docker save` archive of the items (what docker load and podman load read): layers as
     stored, each once, verified as they go; manifest.json with every image's tags last."""
@@ -5596,16 +5601,8 @@ def oci_archive_stream(items: Sequence[ExportItem], progress: ProgressSink) -> I
     for item in items:
         store, image = item.found.store, item.found.image
         yield blob(image.image_id, verified_config(store, image))
-        for record in image.layers:
-            name = "blobs/sha256/" + digest_hex(record.digest)
-            if name in sent:
-                continue
-            sent.add(name)
-            task = progress.task(record.diff_id[7:19], "exporting", record.size)
-            yield tar_header(name, record.size)
-            yield from verified_blob_chunks(store, record, task.advance)
-            yield tar_padding(record.size)
-            task.finish("exported")
+        yield from stored_layer_members(store, image, lambda index: True, sent, progress, False, [],
+                                        ("exporting", "exported"), lambda r: "blobs/sha256/" + digest_hex(r.digest))
         manifest = registry_manifest(image, OCI_MANIFEST)
         yield blob(sha256_digest(manifest), manifest)
         descriptor = {"mediaType": OCI_MANIFEST, "digest": sha256_digest(manifest), "size": len(manifest)}
