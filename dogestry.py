@@ -2044,6 +2044,27 @@ class S3Client:
         part_size = max(S3_MIN_PART, -(-size // (S3_MAX_PARTS - 1)))
         part_size = -(-part_size // (1 << 20)) << 20
         self.abort_uploads(key, before=self.now() - STALE_UPLOAD_AGE)
+        with self._upload_session(key) as upload_id:
+            try:
+                ranges = [(n + 1, off, min(part_size, size - off)) for n, off in enumerate(range(0, size, part_size))]
+                whole = hashlib.sha256() if check_digest else None
+                with thread_pool(min(workers, len(ranges)), "dogestry-part") as pool:
+                    futures = [pool.submit(self._upload_part, key, upload_id, path, r, part_sha256(path, r, whole),
+                                           on_progress) for r in ranges]
+                    etags = [f.result() for f in futures]
+                if whole is not None and "sha256:" + whole.hexdigest() != check_digest:
+                    raise IntegrityError("%s is not blob %s (its sha256 is %s); nothing was stored"
+                                         % (path, check_digest, whole.hexdigest()))
+                self._complete_upload(key, upload_id, [(n, etag) for (n, _, _), etag in zip(ranges, etags)])
+            except S3Error as e:
+                if e.code == "NoSuchUpload" and self.head_size(key) == size:
+                    return  # a push of the same blob elsewhere finished it (and cleared ours away)
+                raise
+
+    @contextlib.contextmanager
+    def _upload_session(self, key: str) -> Iterator[str]:
+        """A multipart upload of key (its id), aborted if the block fails.  If creating it took
+        retries, S3 may have created more than one: those are aborted afterwards."""
         since = self.now() - UPLOAD_CLOCK_MARGIN
         try:
             upload_id, retried = self._create_upload(key)
@@ -2051,21 +2072,7 @@ class S3Client:
             self.abort_uploads(key, since=since)
             raise
         try:
-            ranges = [(n + 1, off, min(part_size, size - off)) for n, off in enumerate(range(0, size, part_size))]
-            whole = hashlib.sha256() if check_digest else None
-            with thread_pool(min(workers, len(ranges)), "dogestry-part") as pool:
-                futures = [pool.submit(self._upload_part, key, upload_id, path, r, part_sha256(path, r, whole),
-                                       on_progress) for r in ranges]
-                etags = [f.result() for f in futures]
-            if whole is not None and "sha256:" + whole.hexdigest() != check_digest:
-                raise IntegrityError("%s is not blob %s (its sha256 is %s); nothing was stored"
-                                     % (path, check_digest, whole.hexdigest()))
-            self._complete_upload(key, upload_id, [(n, etag) for (n, _, _), etag in zip(ranges, etags)])
-        except S3Error as e:
-            if e.code == "NoSuchUpload" and self.head_size(key) == size:
-                return  # a push of the same blob elsewhere finished it (and cleared ours away)
-            self._abort_upload(key, upload_id)
-            raise
+            yield upload_id
         except BaseException:
             self._abort_upload(key, upload_id)
             raise
@@ -2145,8 +2152,7 @@ class S3Client:
             if code is not None:
                 raise S3Error("CopyObject %s: %s" % (self.describe(key), code), code)
             return
-        upload_id, retried = self._create_upload(key)
-        try:
+        with self._upload_session(key) as upload_id:
             parts = []  # type: List[Tuple[int, str]]
             for number, offset in enumerate(range(0, size, part_size), 1):
                 last = min(offset + part_size, size) - 1
@@ -2160,12 +2166,6 @@ class S3Client:
                                                                      _answer_error(body) or "no ETag in the answer"))
                 parts.append((number, etag))
             self._complete_upload(key, upload_id, parts)
-        except BaseException:
-            self._abort_upload(key, upload_id)
-            raise
-        finally:
-            if retried:
-                self.abort_uploads(key, since=self.now() - UPLOAD_CLOCK_MARGIN, keep=upload_id)
 
     def head_size(self, key: str) -> Optional[int]:
         """The size of an object, or None if it is absent."""
