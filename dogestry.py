@@ -3299,40 +3299,63 @@ class DiffIdHasher:
         return "sha256:" + self.sha.hexdigest()
 
 
-class UnpackedHasher:
+class InOrderWorker:
+    """A thread that hands each piece put() to consume(), in order, at most `depth` waiting (so
+    memory stays bounded).  The first error consume() raises is kept in `error`; later pieces
+    are drained unread, so put() never blocks on a dead worker."""
+
+    def __init__(self, depth: int, name: str):
+        self.error = None  # type: Optional[BaseException]
+        self._queue = queue.Queue(depth)  # type: queue.Queue
+        self._thread = start_thread(self._run, (), name)
+
+    def consume(self, piece: Any) -> None:
+        raise NotImplementedError
+
+    def put(self, piece: Any) -> None:
+        """Queue the next piece."""
+        self._queue.put(piece)
+
+    def join(self) -> None:
+        """Wait until every piece is consumed."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            piece = self._queue.get()
+            if piece is None:
+                return
+            if self.error is None:
+                try:
+                    self.consume(piece)
+                except BaseException as e:  # handed to the thread that put the pieces
+                    self.error = e
+
+
+class UnpackedHasher(InOrderWorker):
     """The diffID (sha256 of the unpacked tar) and size of a gzip blob, computed in a thread
     while the blob is read; bounded memory (a few pieces wait at most)."""
 
     def __init__(self) -> None:
         self.hasher = DiffIdHasher()
-        self.error = None  # type: Optional[Exception]
-        self._queue = queue.Queue(4)  # type: queue.Queue
-        self._thread = start_thread(self._run, (), "dogestry-unpack")
+        super().__init__(4, "dogestry-unpack")
 
-    def update(self, data: bytes) -> None:
-        self._queue.put(data)
-
-    def _run(self) -> None:
-        while True:
-            data = self._queue.get()
-            if data is None:
-                return
-            if self.error is None:
-                try:
-                    self.hasher.update(data)
-                except zlib.error as e:
-                    self.error = e
+    def consume(self, piece: bytes) -> None:
+        self.hasher.update(piece)
 
     def result(self) -> Tuple[Optional[str], int]:
         """(diffID, unpacked size), or (None, 0) if the blob is not valid gzip."""
-        self._queue.put(None)
-        self._thread.join()
-        if self.error is None:
-            try:
-                digest = self.hasher.digest()
-            except zlib.error as e:
-                self.error = e
-        return (None, 0) if self.error is not None else (digest, self.hasher.size)
+        self.join()
+        if isinstance(self.error, zlib.error):
+            return None, 0
+        if self.error is not None:
+            raise self.error
+        try:
+            return self.hasher.digest(), self.hasher.size
+        except zlib.error as e:
+            self.error = e
+            return None, 0
 
 
 # === 12. Push ===
@@ -3349,7 +3372,7 @@ class PushOptions(NamedTuple):
     uploads: int = 2
 
 
-class SpoolWriter:
+class SpoolWriter(InOrderWorker):
     """A thread that writes pieces (bytes, or futures of bytes) to a file in the order given,
     hashing them if asked; at most DEPTH pieces wait, so memory stays bounded."""
 
@@ -3359,46 +3382,34 @@ class SpoolWriter:
         self.pieces = []  # type: List[int]  # the size of every piece written, in order
         self.digest = ""
         self._sha = hashlib.sha256()
-        self._queue = queue.Queue(depth)  # type: queue.Queue
-        self._error = None  # type: Optional[BaseException]
         self._file = OutputFile(path)
-        self._thread = start_thread(self._run, (), "dogestry-spool")
+        super().__init__(depth, "dogestry-spool")
 
     def put(self, piece: Any) -> None:
         """Queue the next piece; raise the writer's error, if it had one."""
-        if self._error is not None:
-            raise self._error
-        self._queue.put(piece)
+        if self.error is not None:
+            raise self.error
+        super().put(piece)
 
-    def _run(self) -> None:
-        while True:
-            piece = self._queue.get()
-            if piece is None:
-                return
-            if self._error is not None:
-                continue  # keep draining so put() never blocks on a dead writer
-            try:
-                data = piece.result() if isinstance(piece, concurrent.futures.Future) else piece
-                if self.hashed:
-                    self._sha.update(data)
-                self._file.write(data)
-                self.size += len(data)
-                self.pieces.append(len(data))
-            except BaseException as e:  # handed to the reading thread by put() or __exit__
-                self._error = e
+    def consume(self, piece: Any) -> None:
+        data = piece.result() if isinstance(piece, concurrent.futures.Future) else piece
+        if self.hashed:
+            self._sha.update(data)
+        self._file.write(data)
+        self.size += len(data)
+        self.pieces.append(len(data))
 
     def __enter__(self) -> "SpoolWriter":
         return self
 
     def __exit__(self, kind: Any, value: Any, tb: Any) -> None:
-        self._queue.put(None)
-        self._thread.join()
+        self.join()
         try:
             self._file.close()
         except DogestryError as e:
-            self._error = self._error or e
-        if kind is None and self._error is not None:
-            raise self._error
+            self.error = self.error or e
+        if kind is None and self.error is not None:
+            raise self.error
         self.digest = "sha256:" + self._sha.hexdigest()
 
 
@@ -3445,7 +3456,7 @@ class LayerPipeline:
                     raise Interrupted("stopped")
                 raw_sha.update(chunk)
                 if unpacked is not None:
-                    unpacked.update(chunk)
+                    unpacked.put(chunk)
                 raw_size += len(chunk)
                 if packed is None:
                     writer.put(chunk)
