@@ -37,7 +37,7 @@ import pytest
 from conftest import skip_or_fail
 from realdocker import (DOGESTRY, _die_with_parent, build_image, docker_cli, image_id, ok, one_error_line,
                         random_bytes, remove_tree, text_bytes)
-from test_podman import Podman, ServiceProcess, running_service
+from test_podman import ServiceProcess, podman, running_service  # noqa: F401  (podman: the fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -201,14 +201,6 @@ def containerd():
         skip_or_fail("containerd/ctr not installed (apt-get install containerd)")
     with running_service(Containerd, "dgct") as daemon:
         yield daemon
-
-
-@pytest.fixture(scope="module")
-def podman():
-    if not shutil.which("podman"):
-        skip_or_fail("podman not installed (apt-get install podman)")
-    with running_service(Podman, "dgpa") as service:
-        yield service
 
 
 # === the archives ==============================================================================
