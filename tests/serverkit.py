@@ -253,16 +253,16 @@ class Server:
             return int(re.search(r"^Threads:\s+(\d+)", f.read(), re.M).group(1))
 
     def thread_states(self):
-        """What each of the server's threads is doing now: (state, kernel wait channel), for
-        messages of failed checks."""
+        """What each of the server's threads is doing now: (state, kernel wait channel, CPU clock
+        ticks used), for messages of failed checks."""
         states = []
         for task in sorted(os.listdir("/proc/%d/task" % self.proc.pid)):
             base = "/proc/%d/task/%s/" % (self.proc.pid, task)
             with contextlib.suppress(OSError):
                 with open(base + "stat") as f:
-                    state = f.read().rsplit(")", 1)[1].split()[0]
+                    fields = f.read().rsplit(")", 1)[1].split()
                 with open(base + "wchan") as f:
-                    states.append((state, f.read().strip()))
+                    states.append((fields[0], f.read().strip(), int(fields[11]) + int(fields[12])))
         return states
 
     def cpu_seconds(self):
