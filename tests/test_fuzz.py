@@ -199,7 +199,7 @@ def pax_header(records):
 
 def push_and_check(docker_host, store, image, data, what, monkeypatch):
     """Push REF with DATA as its save stream: a failure is one line and no tag; a success stores it right."""
-    monkeypatch.setattr(dogestry.DockerClient, "save", lambda client, image_id: io.BytesIO(data))
+    monkeypatch.setattr(dogestry.DockerClient, "save", lambda client, image_id: dogestry.ReadAhead(io.BytesIO(data)))
     shutil.rmtree(str(store), ignore_errors=True)
     result = []
     thread = threading.Thread(target=lambda: result.append(run(docker_host, "push", store, REF)), daemon=True)

@@ -1,13 +1,16 @@
 """Pure behaviour of dogestry's building blocks: references, keys, compression, tar streams."""
 
+import ctypes
 import gzip
 import hashlib
 import importlib.util
 import io
+import mmap
 import os
 import shutil
 import subprocess
 import tarfile
+import threading
 import zipfile
 from pathlib import Path
 
@@ -380,3 +383,104 @@ def test_a_multi_platform_oci_archive_imports_this_machines_image(tmp_path):
     assert code == 0 and out.getvalue() == "Imported image: multi:1\n"
     assert (tmp_path / "store" / "repositories" / "multi" / "1").read_text() == mine_id[7:]
     assert sorted(p.name for p in (tmp_path / "store" / "images").iterdir()) == [mine_id[7:]]
+
+
+# --- reading a stream ahead, writing a store file through to disk --------------------------------
+
+class Trickle:
+    """A source that answers each read with a few bytes fewer than asked, then maybe fails."""
+
+    def __init__(self, data, fail_after=None):
+        self.data, self.pos, self.fail_after = data, 0, fail_after
+        self.closed = threading.Event()
+
+    def read(self, n):
+        if self.fail_after is not None and self.pos >= self.fail_after:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        stop = self.pos + max(1, n - 7)
+        if self.fail_after is not None:
+            stop = min(stop, self.fail_after)
+        chunk = self.data[self.pos:stop]
+        self.pos += len(chunk)
+        return chunk
+
+    def close(self):
+        self.closed.set()
+
+
+def test_read_ahead_gives_the_bytes_in_order_whatever_the_read_sizes():
+    data = os.urandom(5 * dogestry.CHUNK + 12345)
+    stream = dogestry.ReadAhead(Trickle(data))
+    got, sizes = [], [512, 1, dogestry.CHUNK * 2, 3, 0, dogestry.CHUNK - 1, 10 ** 9]
+    for n in sizes:
+        got.append(stream.read(n))
+    assert [len(g) for g in got[:-1]] == sizes[:-1]  # exactly what was asked, until the end
+    assert b"".join(got) == data
+    assert stream.read(100) == b"" and stream.read() == b""
+
+
+def test_read_ahead_raises_the_streams_error_where_it_broke_and_closes_it():
+    source = Trickle(os.urandom(3 * dogestry.CHUNK), fail_after=2 * dogestry.CHUNK + 100)
+    stream = dogestry.ReadAhead(source)
+    assert len(stream.read(2 * dogestry.CHUNK + 100)) == 2 * dogestry.CHUNK + 100
+    with pytest.raises(ConnectionResetError):
+        stream.read(1)
+    with pytest.raises(ConnectionResetError):  # and again: the stream stays broken
+        stream.read(1)
+    assert source.closed.wait(10)
+
+
+def test_closing_a_read_ahead_stops_its_thread_and_closes_the_stream():
+    source = Trickle(os.urandom(64 * dogestry.CHUNK))  # more than it reads ahead: its thread waits on a full queue
+    stream = dogestry.ReadAhead(source)
+    stream.read(10)
+    stream.close()
+    assert source.closed.wait(10)
+    assert source.pos < 32 * dogestry.CHUNK  # it stopped reading, not ran to the end
+
+
+def resident_bytes(path):
+    """How many bytes of a file are in the page cache now (mincore(2) over a mapping of it)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                                              ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size, page = os.path.getsize(path), mmap.PAGESIZE
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        vec = ctypes.create_string_buffer((size + page - 1) // page)
+        try:
+            assert libc.mincore(addr, size, vec) == 0, os.strerror(ctypes.get_errno())
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+    return sum(b & 1 for b in vec.raw) * page
+
+
+def write_blob(path, write_through):
+    """Write 8 windows' worth to PATH with OutputFile; return the size written."""
+    piece = os.urandom(dogestry.CHUNK)
+    total = 8 * dogestry.WRITE_THROUGH_WINDOW
+    with dogestry.OutputFile(path, write_through) as out:
+        for _ in range(total // len(piece)):
+            out.write(piece)
+    with open(path, "rb") as f:
+        assert f.read(len(piece)) == piece and os.fstat(f.fileno()).st_size == total
+    return total
+
+
+def test_a_file_bound_for_a_directory_store_leaves_the_page_cache_as_it_is_written(tmp_path):
+    """Such a file is fsynced anyway: its pages go to disk every WRITE_THROUGH_WINDOW bytes and
+    are dropped, so a big push neither floods the page cache nor leaves the last fsync much to do."""
+    write_blob(str(tmp_path / "blob"), write_through=True)
+    assert resident_bytes(str(tmp_path / "blob")) <= dogestry.WRITE_THROUGH_WINDOW + dogestry.CHUNK
+
+
+def test_other_files_stay_in_the_page_cache(tmp_path):
+    """The control of the test above (so it can fail): spools read back, for S3, stay cached."""
+    total = write_blob(str(tmp_path / "blob"), write_through=False)
+    assert resident_bytes(str(tmp_path / "blob")) > total // 2
