@@ -3960,8 +3960,9 @@ class BlobFeeder:
         self.stored_size += len(data)
 
     def _give(self, out: bytes) -> None:
-        self.raw.update(out)
-        self.raw_size += len(out)
+        if self.inflate:  # else what is given is what was read, hashed once by _took
+            self.raw.update(out)
+            self.raw_size += len(out)
         self._put(("data", out))
 
     def _read(self, f: IO[bytes], inflater: Optional[GzipInflater]) -> None:
