@@ -3484,6 +3484,25 @@ class UnpackedHasher(InOrderWorker):
             return None, 0
 
 
+class PieceHasher(InOrderWorker):
+    """sha256 and size of the pieces put, in order, computed in a thread of its own."""
+
+    def __init__(self, name: str) -> None:
+        self.sha, self.size = hashlib.sha256(), 0
+        super().__init__(4, name)
+
+    def consume(self, piece: bytes) -> None:
+        self.sha.update(piece)
+        self.size += len(piece)
+
+    def result(self) -> Tuple[str, int]:
+        """("sha256:...", size) of everything put."""
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return "sha256:" + self.sha.hexdigest(), self.size
+
+
 # === 12. Push ===
 
 
@@ -3927,6 +3946,9 @@ class BlobFeeder:
         self.key = key or blob_key(record.digest)
         self.queue = queue.Queue(maxsize=2)  # type: queue.Queue
         self.stop = threading.Event()
+        # the unpacked bytes' sha256 (the diffID), in a thread of its own: in this one, every piece
+        # waited for it before it was handed on (pulls of the bench image ran ~0.25 s longer)
+        self.unpacked = PieceHasher("dogestry-diffid") if inflate else None
         self.thread = start_thread(self._run, (), "dogestry-blob")
 
     def _put(self, item: Tuple[str, Any]) -> None:
@@ -3940,8 +3962,7 @@ class BlobFeeder:
     def _run(self) -> None:
         try:
             record = self.record
-            self.stored, self.raw = hashlib.sha256(), hashlib.sha256()
-            self.stored_size = self.raw_size = 0
+            self.stored, self.stored_size = hashlib.sha256(), 0
             with contextlib.closing(self.store.open(self.key, record.size)) as f:
                 if self.inflate and record.members:
                     self._inflate_members(f, record.members)
@@ -3953,6 +3974,9 @@ class BlobFeeder:
                                                % (self.store.url, self.record.digest, e))))
         except BaseException as e:  # handed to the consumer, which raises it
             self._put(("error", e))
+        finally:
+            if self.unpacked is not None:
+                self.unpacked.join()
 
     def _took(self, data: bytes) -> None:
         """Count bytes read from the store."""
@@ -3960,9 +3984,8 @@ class BlobFeeder:
         self.stored_size += len(data)
 
     def _give(self, out: bytes) -> None:
-        if self.inflate:  # else what is given is what was read, hashed once by _took
-            self.raw.update(out)
-            self.raw_size += len(out)
+        if self.unpacked is not None:  # else what is given is what was read, hashed once by _took
+            self.unpacked.put(out)
         self._put(("data", out))
 
     def _read(self, f: IO[bytes], inflater: Optional[GzipInflater]) -> None:
@@ -4003,7 +4026,7 @@ class BlobFeeder:
         if self.stored_size != record.size or "sha256:" + self.stored.hexdigest() != record.digest:
             return IntegrityError("%s: blob %s is corrupt (%d bytes, sha256:%s); nothing was loaded"
                                   % (self.store.url, record.digest, self.stored_size, self.stored.hexdigest()))
-        if self.inflate and (self.raw_size != record.raw_size or "sha256:" + self.raw.hexdigest() != record.diff_id):
+        if self.unpacked is not None and self.unpacked.result() != (record.diff_id, record.raw_size):
             return IntegrityError("%s: blob %s does not unpack to layer %s; nothing was loaded"
                                   % (self.store.url, record.digest, record.diff_id))
         return None

@@ -297,6 +297,29 @@ def test_corrupt_blob_aborts_the_pull_with_nothing_loaded(docker_host, docker_en
         [image_layers(docker_host, i) for i in docker_cli(docker_host, "images", "-aq").stdout.split()])
 
 
+def test_a_blob_that_does_not_unpack_to_its_layer_is_never_loaded(docker_host, docker_env, tmp_path):
+    """A gzip blob is gunzipped on the way to the engine and its unpacked bytes checked against the
+    record (the diffID and size) before the last piece goes out: a manifest that lies about them
+    (the blob itself intact) fails the pull, and nothing is loaded."""
+    store = tmp_path / "store"
+    built = build_image(docker_host, "dgtest/unpack:1", [{"a": text_bytes(3 << 20, 8)}, {"b": b"top\n"}])
+    dogestry_ok(docker_env, "push", store, "dgtest/unpack:1")
+    forget(docker_host, "dgtest/unpack:1")
+    manifest_path = store / "images" / built[7:] / "manifest.json"
+    doc = json.loads(manifest_path.read_text())
+    bottom = doc["layers"][0]
+    assert bottom["compression"] == "gzip" and bottom["members"]
+    bottom["rawSize"] += 512
+    manifest_path.write_text(json.dumps(doc))
+
+    proc = run_dogestry("pull", store, "dgtest/unpack:1", env=docker_env)
+
+    one_error_line(proc, "does not unpack to layer", bottom["diffID"])
+    assert image_id(docker_host, built) is None
+    assert bottom["diffID"] not in json.dumps(
+        [image_layers(docker_host, i) for i in docker_cli(docker_host, "images", "-aq").stdout.split()])
+
+
 def test_missing_blob_fails_cleanly(docker_host, docker_env, tmp_path):
     store = tmp_path / "store"
     built = build_image(docker_host, "dgtest/missing:1", [{"a": b"aaa\n"}, {"b": b"bbb\n"}])
