@@ -529,6 +529,18 @@ DOCKER_DEFAULT_SOCKET = "/var/run/docker.sock"
 DOCKER_MIN_API = "1.24"
 DOCKER_ERROR_LIMIT = 64 << 10     # the most of an error answer we read
 DOCKER_ANSWER_LIMIT = 64 << 20    # the largest JSON answer (image lists of big hosts)
+LOAD_BATCH = 64 << 20             # pulls load big images in several docker loads of at least this (section 13)
+CLEANUP_TIMEOUT = 10.0            # the longest a clean-up request after a failure may take
+
+
+def load_batch_setting(environ: Mapping[str, str]) -> int:
+    """Bytes of layers per docker load: LOAD_BATCH, or DOGESTRY_LOAD_BATCH MiB (0: one load per image)."""
+    text = environ.get("DOGESTRY_LOAD_BATCH", "")
+    if not text:
+        return LOAD_BATCH
+    if not text.isdigit() or int(text) > 1 << 20:
+        raise UsageError("DOGESTRY_LOAD_BATCH=%s is not a number of MiB (0 loads every image at once)" % text)
+    return int(text) << 20
 
 
 def chunked_body(pieces: Iterable[bytes]) -> Iterator[bytes]:
@@ -650,9 +662,12 @@ def _docker_message(body: bytes) -> str:
 class DockerClient:
     """The parts of the Docker Engine API that dogestry needs, over http.client."""
 
-    def __init__(self, endpoint: DockerEndpoint, timeout: float = 60.0, stream_timeout: Optional[float] = None):
+    def __init__(self, endpoint: DockerEndpoint, timeout: float = 60.0, stream_timeout: Optional[float] = None,
+                 load_batch: int = LOAD_BATCH):
         self.endpoint, self.timeout, self.stream_timeout = endpoint, timeout, stream_timeout
+        self.load_batch = load_batch
         self._api_version = None  # type: Optional[str]
+        self._docker_engine = None  # type: Optional[bool]
         self._local = threading.local()
 
     # -- transport --
@@ -669,6 +684,10 @@ class DockerClient:
         if conn is not None:
             conn.close()
             self._local.conn = None
+
+    def close(self) -> None:
+        """Close the calling thread's connection (if it has one)."""
+        self._drop_connection()
 
     def _http10_connection(self, timeout: Optional[float]) -> http.client.HTTPConnection:
         """A connection of its own that asks in HTTP/1.0: the engine then sends its answer
@@ -738,6 +757,28 @@ class DockerClient:
     def version(self) -> Dict[str, Any]:
         """GET /version."""
         return self.json("GET", "/version")
+
+    def is_docker_engine(self) -> bool:
+        """Whether the engine is Docker's own (podman's Docker API calls itself "Podman Engine")."""
+        if self._docker_engine is None:
+            info = self.version()
+            components = info.get("Components") if isinstance(info, dict) else None
+            self._docker_engine = isinstance(components, list) and any(
+                isinstance(c, dict) and c.get("Name") == "Engine" for c in components)
+        return self._docker_engine
+
+    def remove_image(self, image_id: str, timeout: Optional[float] = -1.0) -> bool:
+        """DELETE /images/{id} of an untagged image; False if the engine has no such image."""
+        try:
+            self.request("DELETE", "/images/%s" % urllib.parse.quote(image_id, safe=":"), timeout=timeout).read()
+        except DockerError as e:
+            if e.status == 404:
+                return False
+            raise
+        except (OSError, http.client.HTTPException) as e:
+            self._drop_connection()
+            raise DockerError("cannot talk to Docker at %s: %s" % (self.endpoint.url, _os_reason(e)))
+        return True
 
     def inspect_image(self, ref: str) -> Optional[Dict[str, Any]]:
         """GET /images/{ref}/json, or None when the engine has no such image."""
@@ -4104,15 +4145,154 @@ def stored_layer_members(store: Store, image: StoredImage, send: Callable[[int],
 
 
 def load_tar_stream(store: Store, image: StoredImage, config: bytes, repo_tags: List[str],
-                    missing: Set[int], progress: ProgressSink, inflate: bool = True) -> Iterator[bytes]:
-    """The tar docker load reads: config, the missing layers as stored, manifest.json."""
-    image_hex = digest_hex(image.image_id)
+                    missing: Set[int], progress: ProgressSink, inflate: bool = True,
+                    before_manifest: Callable[[], None] = lambda: None) -> Iterator[bytes]:
+    """The tar docker load reads: config, the missing layers as stored, manifest.json (once
+    before_manifest() has returned)."""
+    image_hex = digest_hex(sha256_digest(config))
     yield tar_bytes_member("%s.json" % image_hex, config)
     paths = []  # type: List[str]
     yield from stored_layer_members(store, image, missing.__contains__, set(), progress, inflate, paths)
+    before_manifest()
     manifest = [{"Config": "%s.json" % image_hex, "RepoTags": repo_tags or None, "Layers": paths}]
     yield tar_bytes_member("manifest.json", json.dumps(manifest).encode())
     yield TAR_END
+
+
+# dockerd reads the whole tar of a load into a temp dir before it registers a layer, one
+# after the other: a big image loaded at once leaves the engine waiting for the tar, then
+# the cores idle while it registers.  So a pull cuts the layers it sends into batches of at
+# least DockerClient.load_batch bytes and loads each as an image of its own (a "partial"
+# image: the config of the first layers up to that batch, labelled PARTIAL_LABEL), the next
+# batch streaming while the engine registers the one before; the engine finds the layers
+# of earlier batches by chain ID, so a load holds its manifest back until the load before
+# it has finished.  The partial images are deleted once the image is loaded, or the pull
+# has failed.  Only Docker's own engine (podman looks for every layer in the tar).
+
+PARTIAL_LABEL = "org.dogestry.partial"
+PARTIAL_JOIN_WAIT = 1.0  # after a failure, how long the other loads' threads get to end
+
+
+def load_batches(image: StoredImage, missing: Set[int], least: int) -> List[List[int]]:
+    """The missing layers in order, cut into batches of at least `least` bytes (a smaller tail
+    joins the batch before it); one batch if least is 0."""
+    batches, size = [[]], 0  # type: List[List[int]], int
+    for index in sorted(missing):
+        if least and size >= least:
+            batches.append([])
+            size = 0
+        batches[-1].append(index)
+        record = image.layers[index]
+        size += record.raw_size if record.raw_size is not None else record.size
+    if len(batches) > 1 and size < least:
+        batches[-2].extend(batches.pop())
+    return [b for b in batches if b]
+
+
+def partial_config(config: bytes, layers: int, nonce: str) -> bytes:
+    """The config of a partial image: the image's first `layers` layers, no history, labelled
+    PARTIAL_LABEL=nonce (so it is unique to one pull and easy to find)."""
+    doc = parse_json(config, "image config")
+    if not isinstance(doc, dict) or not isinstance(doc.get("rootfs"), dict) \
+            or not isinstance(doc["rootfs"].get("diff_ids"), list):
+        raise FormatError("the image config has no rootfs.diff_ids")
+    inner = doc["config"] if isinstance(doc.get("config"), dict) else {}  # type: Dict[str, Any]
+    labels = inner["Labels"] if isinstance(inner.get("Labels"), dict) else {}  # type: Dict[str, Any]
+    doc = dict(doc, history=[], rootfs=dict(doc["rootfs"], diff_ids=doc["rootfs"]["diff_ids"][:layers]),
+               config=dict(inner, Labels=dict(labels, **{PARTIAL_LABEL: nonce})))
+    return json.dumps(doc, sort_keys=True).encode()
+
+
+class BatchLoad:
+    """One docker load of a batch of layers, in a thread.  `sent` is set once its layers are
+    sent (or it has ended); its manifest waits until the load `after` has finished.  Any
+    failure sets `abort`, which stops every other batch at its next piece."""
+
+    def __init__(self, docker: DockerClient, pieces: Callable[[Callable[[], None]], Iterator[bytes]],
+                 after: Optional["BatchLoad"], abort: threading.Event):
+        self.docker, self.after, self.abort = docker, after, abort
+        self.sent, self.done = threading.Event(), threading.Event()
+        self.error = None  # type: Optional[BaseException]
+        self.thread = start_thread(self._run, (pieces,), "dogestry-load")
+
+    def _manifest_may_go(self) -> None:
+        self.sent.set()
+        if self.after is None:
+            return
+        while not self.after.done.wait(0.2) and not self.abort.is_set():
+            pass
+        if self.abort.is_set():
+            raise Interrupted("stopped: another load of this pull failed")
+
+    def _checked(self, pieces: Iterator[bytes]) -> Iterator[bytes]:
+        """The pieces, stopped at a failure elsewhere while layers are still to be sent."""
+        for piece in pieces:
+            if self.abort.is_set() and not self.sent.is_set():
+                raise Interrupted("stopped: another load of this pull failed")
+            yield piece
+
+    def _run(self, pieces: Callable[[Callable[[], None]], Iterator[bytes]]) -> None:
+        try:
+            self.docker.load(self._checked(pieces(self._manifest_may_go)))
+        except BaseException as e:  # raised by the thread that waits for this load
+            self.error = e
+            self.abort.set()
+        finally:
+            self.docker.close()
+            self.sent.set()
+            self.done.set()
+
+
+def load_layers(docker: DockerClient, store: Store, image: StoredImage, config: bytes, repo_tags: List[str],
+                missing: Set[int], progress: ProgressSink, inflate: bool) -> None:
+    """docker load the image with its missing layers: in one load, or in pipelined batches."""
+    batches = load_batches(image, missing, docker.load_batch)
+    if len(batches) < 2 or not docker.is_docker_engine():
+        docker.load(load_tar_stream(store, image, config, repo_tags, missing, progress, inflate))
+        return
+    nonce, abort = binascii.hexlify(os.urandom(8)).decode(), threading.Event()
+    loads, partials = [], []  # type: List[BatchLoad], List[str]
+    try:
+        for number, batch in enumerate(batches):
+            final = number == len(batches) - 1
+            upto = batch[-1] + 1
+            part = image if final else image._replace(layers=image.layers[:upto])
+            part_config = config if final else partial_config(config, upto, nonce)
+            if not final:
+                partials.append(sha256_digest(part_config))
+
+            def pieces(before_manifest: Callable[[], None], part: StoredImage = part, conf: bytes = part_config,
+                       tags: List[str] = repo_tags if final else [], batch: Set[int] = set(batch)) -> Iterator[bytes]:
+                return load_tar_stream(store, part, conf, tags, batch, progress, inflate, before_manifest)
+
+            loads.append(BatchLoad(docker, pieces, loads[-1] if loads else None, abort))
+            loads[-1].sent.wait()
+            if abort.is_set():
+                break
+        for load in loads:
+            load.done.wait()
+        errors = [load.error for load in loads if load.error is not None]
+        if errors:  # the failure itself, not a load it stopped
+            raise next((e for e in errors if not isinstance(e, Interrupted)), errors[0])
+    finally:
+        abort.set()
+        _remove_partials(docker, loads, partials, progress)
+
+
+def _remove_partials(docker: DockerClient, loads: List[BatchLoad], partials: List[str],
+                     progress: ProgressSink) -> None:
+    """Delete a pull's partial images once its loads have ended (after a failure, some may not)."""
+    deadline = time.monotonic() + PARTIAL_JOIN_WAIT
+    for load in loads:
+        if not load.done.is_set():
+            load.done.wait(max(0.0, deadline - time.monotonic()))
+    for number, image_id in enumerate(partials):
+        try:
+            docker.remove_image(image_id, timeout=min(docker.timeout, CLEANUP_TIMEOUT))
+        except DogestryError as e:  # the engine may be gone: no more tries
+            progress.note("could not remove partial images %s (%s): `docker image prune --filter label=%s`"
+                          % (", ".join(i[7:19] for i in partials[number:]), e, PARTIAL_LABEL))
+            return
 
 
 def pull_image(docker: DockerClient, store: Store, text: str, progress: ProgressSink,
@@ -4156,13 +4336,15 @@ def _pull_image(docker: DockerClient, store: Store, image: StoredImage, repo_tag
     host_chains = docker.layer_chains()
     missing = {i for i, chain in enumerate(chain_ids([r.diff_id for r in image.layers]))
                if chain not in host_chains}
+    if len(missing) < len(image.layers) and not docker.is_docker_engine():
+        missing = set(range(len(image.layers)))  # podman reads every layer from the tar, even one it has
     if len(missing) < len(image.layers):
         progress.note("%d of %d layers already on the Docker host" % (len(image.layers) - len(missing),
                                                                       len(image.layers)))
     # A local engine gets layers gunzipped here, on a spare core, rather than leave it to
     # dockerd's single thread; a remote one gets them as stored, to spare the network.
     inflate = docker.endpoint.unix_path is not None
-    docker.load(load_tar_stream(store, image, config, repo_tags, missing, progress, inflate))
+    load_layers(docker, store, image, config, repo_tags, missing, progress, inflate)
     if docker.inspect_image(image.image_id) is None:
         raise DockerError("docker load finished but the engine has no image %s" % image.image_id)
     return image.image_id
@@ -6930,7 +7112,8 @@ class Context:
 
     def docker(self) -> DockerClient:
         """A client for DOCKER_HOST (or the default socket)."""
-        return DockerClient(docker_endpoint(None, self.environ, self.home))
+        return DockerClient(docker_endpoint(None, self.environ, self.home),
+                            load_batch=load_batch_setting(self.environ))
 
     def store(self, url: Optional[str] = None) -> Store:
         """The store named on the command line (or a remote of the config file)."""
@@ -7009,6 +7192,7 @@ def fleet_command(ctx: Context) -> int:
 
 def _fleet_pull_all(ctx: Context, endpoints: Sequence[DockerEndpoint], statuses: Dict[str, Dict[str, str]]) -> None:
     options = ctx.options
+    batch = load_batch_setting(ctx.environ)
     if not options.disable_checks:
         check_hosts([DockerClient(e, timeout=min(HOST_CHECK_TIMEOUT, options.host_timeout)) for e in endpoints])
     store = ctx.store()
@@ -7022,7 +7206,8 @@ def _fleet_pull_all(ctx: Context, endpoints: Sequence[DockerEndpoint], statuses:
     server_errors = {url: status["ServerError"] for url, status in statuses.items() if "ServerError" in status}
     for endpoint in direct:
         statuses.pop(endpoint.url, None)  # until its direct pull says otherwise
-    clients = [DockerClient(e, timeout=options.host_timeout, stream_timeout=options.host_timeout) for e in direct]
+    clients = [DockerClient(e, timeout=options.host_timeout, stream_timeout=options.host_timeout, load_batch=batch)
+               for e in direct]
     try:
         fleet_pull(clients, store, options.images, ctx.progress, options.tempdir, statuses)
     finally:

@@ -268,7 +268,8 @@ def test_a_bug_is_one_line_exit_70_and_a_traceback_only_when_asked(docker_host, 
 @pytest.mark.parametrize("env,needle", [
     ({"AWS_MAX_ATTEMPTS": "abc"}, "AWS_MAX_ATTEMPTS"), ({"AWS_MAX_ATTEMPTS": "0"}, "AWS_MAX_ATTEMPTS"),
     ({"AWS_REGION": "us-east-1/../../evil"}, "region"), ({"DOCKER_HOST": "ftp://x"}, "ftp"),
-], ids=["attempts-text", "attempts-zero", "region", "docker-host"])
+    ({"DOGESTRY_LOAD_BATCH": "-1"}, "DOGESTRY_LOAD_BATCH"),
+], ids=["attempts-text", "attempts-zero", "region", "docker-host", "load-batch"])
 def test_bad_settings_are_one_clear_error(env, needle, docker_host, tmp_path):
     base = {k: v for k, v in client_env(docker_host).items() if not k.startswith("AWS_")}
     base.update(AWS_ACCESS_KEY_ID="AK", AWS_SECRET_ACCESS_KEY="SK", AWS_EC2_METADATA_DISABLED="true",

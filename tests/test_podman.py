@@ -136,18 +136,39 @@ def test_podman_to_dockerd_keeps_the_image_id(podman, podman_image, docker_host,
 
 
 def test_dockerd_to_podman_keeps_the_image_id(podman, docker_host, tmp_path):
+    """Layers big enough to go to dockerd in batches (DOGESTRY_LOAD_BATCH=1 MiB) go to podman in
+    one load: podman looks for every layer in the tar, so partial images are for Docker only."""
     ref = "dgpod/fromdocker:1"
-    image = build_image(docker_host, ref, [{"big.bin": random_bytes(300 << 10, 43)},
-                                           {"words.txt": text_bytes(500 << 10, 44)}], workdir=tmp_path)
+    image = build_image(docker_host, ref, [{"big.bin": random_bytes(1536 << 10, 43)},
+                                           {"words.txt": text_bytes(1536 << 10, 44)}], workdir=tmp_path)
     store = tmp_path / "store"
     assert run_dogestry("push", store, ref, env=env_for(docker_host)).returncode == 0
-    pulled = run_dogestry("pull", store, ref, env=env_for(podman.host))
+    pulled = run_dogestry("pull", store, ref, env=dict(env_for(podman.host), DOGESTRY_LOAD_BATCH="1"))
     assert pulled.returncode == 0, pulled.stderr
     assert podman.image_id(ref) == image
     again = run_dogestry("pull", store, ref, env=env_for(podman.host))
     assert again.returncode == 0 and "already on the Docker host" in again.stderr, again.stderr
     podman.cli("rmi", ref)
     docker_cli(docker_host, "rmi", ref)
+
+
+def test_an_image_sharing_a_layer_podman_has_pulls_into_podman(podman, docker_host, tmp_path):
+    """podman reads every layer from the tar, even one it has: a pull sends them all to podman
+    (to dockerd only the layers it lacks)."""
+    base, app = "dgpod/base:1", "dgpod/onbase:1"
+    build_image(docker_host, base, [{"base.bin": random_bytes(200 << 10, 45)}], workdir=tmp_path)
+    image = build_image(docker_host, app, [{"base.bin": random_bytes(200 << 10, 45)},
+                                           {"app.txt": text_bytes(100 << 10, 46)}], workdir=tmp_path)
+    store = tmp_path / "store"
+    assert run_dogestry("push", store, base, app, env=env_for(docker_host)).returncode == 0
+    assert run_dogestry("pull", store, base, env=env_for(podman.host)).returncode == 0
+
+    pulled = run_dogestry("pull", store, app, env=env_for(podman.host))
+
+    assert pulled.returncode == 0, pulled.stderr
+    assert podman.image_id(app) == image
+    podman.cli("rmi", app, base)
+    docker_cli(docker_host, "rmi", app, base)
 
 
 def test_podman_round_trip_and_a_corrupt_blob(podman, podman_image, tmp_path):

@@ -320,6 +320,69 @@ def test_a_blob_that_does_not_unpack_to_its_layer_is_never_loaded(docker_host, d
         [image_layers(docker_host, i) for i in docker_cli(docker_host, "images", "-aq").stdout.split()])
 
 
+def image_events(docker_host, since, action):
+    """IDs of the images the engine reported ACTION for (docker events) since SINCE, until now."""
+    until = "%.3f" % time.time()
+    return docker_cli(docker_host, "events", "--since", since, "--until", until, "--filter", "type=image",
+                      "--filter", "event=" + action, "--format", "{{.ID}}").stdout.split()
+
+
+def partial_images(docker_host):
+    """Images the engine holds that a pull loaded as partial images."""
+    return docker_cli(docker_host, "images", "-aq", "--filter", "label=org.dogestry.partial").stdout.split()
+
+
+def test_a_big_image_loads_in_batches_that_leave_no_partial_image(docker_host, docker_env, tmp_path):
+    """With DOGESTRY_LOAD_BATCH=1 (MiB) an image of three 2 MiB layers and a tiny one goes to the
+    engine in three docker loads (the tiny layer rides with the last), each streaming while the
+    engine registers the one before: two partial images and the image.  The partial images are
+    deleted and the image keeps every layer."""
+    store = tmp_path / "store"
+    built = build_image(docker_host, "dgtest/batches:1", [
+        {"a": text_bytes(2 << 20, 31)}, {"b": random_bytes(2 << 20, 32)}, {"c": text_bytes(2 << 20, 33)},
+        {"d": b"top\n"}])
+    dogestry_ok(docker_env, "push", store, "dgtest/batches:1")
+    forget(docker_host, "dgtest/batches:1")
+    since = "%.3f" % time.time()
+
+    dogestry_ok(dict(docker_env, DOGESTRY_LOAD_BATCH="1"), "pull", store, "dgtest/batches:1")
+
+    loaded = image_events(docker_host, since, "load")
+    assert len(loaded) == 3 and loaded[-1] == built, loaded
+    assert sorted(image_events(docker_host, since, "delete")) == sorted(loaded[:2])
+    assert partial_images(docker_host) == []
+    assert image_id(docker_host, "dgtest/batches:1") == built
+    docker_cli(docker_host, "save", "-o", tmp_path / "saved.tar", "dgtest/batches:1")  # every layer is there
+    assert len(image_layers(docker_host, built)) == 4
+
+
+def test_a_corrupt_blob_in_a_later_batch_leaves_no_image_and_no_partial_one(docker_host, docker_env, tmp_path):
+    """The first batch is loaded (a partial image) before the second's corrupt blob is found:
+    the pull fails with one line, the partial image is deleted and no layer stays behind."""
+    store = tmp_path / "store"
+    built = build_image(docker_host, "dgtest/badbatch:1", [
+        {"a": text_bytes(2 << 20, 41)}, {"b": text_bytes(2 << 20, 42)}, {"c": b"top\n"}])
+    dogestry_ok(docker_env, "push", store, "dgtest/badbatch:1")
+    forget(docker_host, "dgtest/badbatch:1")
+    layers = manifest(store, built)["layers"]
+    blob = store / "blobs" / "sha256" / layers[1]["digest"][7:]
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    since = "%.3f" % time.time()
+
+    proc = run_dogestry("pull", store, "dgtest/badbatch:1", env=dict(docker_env, DOGESTRY_LOAD_BATCH="1"))
+
+    one_error_line(proc, "corrupt", layers[1]["digest"])
+    loaded = image_events(docker_host, since, "load")
+    assert len(loaded) == 1 and loaded[0] != built, loaded  # the first batch's partial image
+    assert image_events(docker_host, since, "delete") == loaded
+    assert partial_images(docker_host) == []
+    assert image_id(docker_host, built) is None
+    assert layers[0]["diffID"] not in json.dumps(
+        [image_layers(docker_host, i) for i in docker_cli(docker_host, "images", "-aq").stdout.split()])
+
+
 def test_missing_blob_fails_cleanly(docker_host, docker_env, tmp_path):
     store = tmp_path / "store"
     built = build_image(docker_host, "dgtest/missing:1", [{"a": b"aaa\n"}, {"b": b"bbb\n"}])
