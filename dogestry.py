@@ -667,7 +667,7 @@ class DockerClient:
         self.endpoint, self.timeout, self.stream_timeout = endpoint, timeout, stream_timeout
         self.load_batch = load_batch
         self._api_version = None  # type: Optional[str]
-        self._docker_engine = None  # type: Optional[bool]
+        self._partial_loads = None  # type: Optional[bool]
         self._local = threading.local()
 
     # -- transport --
@@ -758,14 +758,17 @@ class DockerClient:
         """GET /version."""
         return self.json("GET", "/version")
 
-    def is_docker_engine(self) -> bool:
-        """Whether the engine is Docker's own (podman's Docker API calls itself "Podman Engine")."""
-        if self._docker_engine is None:
-            info = self.version()
-            components = info.get("Components") if isinstance(info, dict) else None
-            self._docker_engine = isinstance(components, list) and any(
+    def takes_partial_loads(self) -> bool:
+        """Whether a load may leave out layers the engine has (and so come in batches): Docker's
+        own layer store takes them by chain ID; podman (its Docker API calls itself "Podman
+        Engine") and Docker's containerd image store look for every layer in the tar."""
+        if self._partial_loads is None:
+            version = self.version()
+            components = version.get("Components") if isinstance(version, dict) else None
+            docker = isinstance(components, list) and any(
                 isinstance(c, dict) and c.get("Name") == "Engine" for c in components)
-        return self._docker_engine
+            self._partial_loads = docker and not uses_containerd_store(self.json("GET", "/info"))
+        return self._partial_loads
 
     def remove_image(self, image_id: str, timeout: Optional[float] = -1.0) -> bool:
         """DELETE /images/{id} of an untagged image; False if the engine has no such image."""
@@ -845,6 +848,15 @@ class DockerClient:
         """POST /images/{id}/tag."""
         query = urllib.parse.urlencode({"repo": ref.name, "tag": ref.tag})
         self.request("POST", "/images/%s/tag?%s" % (image_id, query)).read()
+
+
+def uses_containerd_store(info: Any) -> bool:
+    """Whether GET /info describes Docker's containerd image store (driver-type
+    io.containerd.snapshotter.v1 in DriverStatus) rather than its own layer store."""
+    status = info.get("DriverStatus") if isinstance(info, dict) else None
+    return isinstance(status, list) and any(
+        isinstance(pair, list) and len(pair) == 2 and pair[0] == "driver-type"
+        and str(pair[1]).startswith("io.containerd.snapshotter") for pair in status)
 
 
 def image_diff_ids(info: Mapping[str, Any]) -> List[str]:
@@ -4167,7 +4179,7 @@ def load_tar_stream(store: Store, image: StoredImage, config: bytes, repo_tags: 
 # batch streaming while the engine registers the one before; the engine finds the layers
 # of earlier batches by chain ID, so a load holds its manifest back until the load before
 # it has finished.  The partial images are deleted once the image is loaded, or the pull
-# has failed.  Only Docker's own engine (podman looks for every layer in the tar).
+# has failed.  Only into Docker's own layer store (DockerClient.takes_partial_loads).
 
 PARTIAL_LABEL = "org.dogestry.partial"
 PARTIAL_JOIN_WAIT = 1.0  # after a failure, how long the other loads' threads get to end
@@ -4247,7 +4259,7 @@ def load_layers(docker: DockerClient, store: Store, image: StoredImage, config: 
                 missing: Set[int], progress: ProgressSink, inflate: bool) -> None:
     """docker load the image with its missing layers: in one load, or in pipelined batches."""
     batches = load_batches(image, missing, docker.load_batch)
-    if len(batches) < 2 or not docker.is_docker_engine():
+    if len(batches) < 2 or not docker.takes_partial_loads():
         docker.load(load_tar_stream(store, image, config, repo_tags, missing, progress, inflate))
         return
     nonce, abort = binascii.hexlify(os.urandom(8)).decode(), threading.Event()
@@ -4336,8 +4348,8 @@ def _pull_image(docker: DockerClient, store: Store, image: StoredImage, repo_tag
     host_chains = docker.layer_chains()
     missing = {i for i, chain in enumerate(chain_ids([r.diff_id for r in image.layers]))
                if chain not in host_chains}
-    if len(missing) < len(image.layers) and not docker.is_docker_engine():
-        missing = set(range(len(image.layers)))  # podman reads every layer from the tar, even one it has
+    if len(missing) < len(image.layers) and not docker.takes_partial_loads():
+        missing = set(range(len(image.layers)))  # it reads every layer from the tar, even one it has
     if len(missing) < len(image.layers):
         progress.note("%d of %d layers already on the Docker host" % (len(image.layers) - len(missing),
                                                                       len(image.layers)))

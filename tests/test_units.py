@@ -5,6 +5,7 @@ import gzip
 import hashlib
 import importlib.util
 import io
+import json
 import mmap
 import os
 import shutil
@@ -484,3 +485,44 @@ def test_other_files_stay_in_the_page_cache(tmp_path):
     """The control of the test above (so it can fail): spools read back, for S3, stay cached."""
     total = write_blob(str(tmp_path / "blob"), write_through=False)
     assert resident_bytes(str(tmp_path / "blob")) > total // 2
+
+
+def _layers(*sizes):
+    return dogestry.StoredImage("sha256:" + "0" * 64, [
+        dogestry.LayerRecord("sha256:%064x" % i, "sha256:%064x" % (100 + i), size, "none") for i, size in enumerate(sizes)],
+        [])
+
+
+@pytest.mark.parametrize("sizes,missing,least,batches", [
+    ((5, 5, 5), {0, 1, 2}, 0, [[0, 1, 2]]),            # 0: one load
+    ((5, 5, 5), {0, 1, 2}, 5, [[0], [1], [2]]),
+    ((3, 3, 3, 3), {0, 1, 2, 3}, 5, [[0, 1], [2, 3]]),
+    ((5, 5, 1), {0, 1, 2}, 5, [[0], [1, 2]]),          # a small tail rides with the batch before it
+    ((9, 1), {0, 1}, 5, [[0, 1]]),
+    ((5, 5, 5, 5), {2, 3}, 5, [[2], [3]]),              # only what the engine lacks
+    ((5,), set(), 5, []),
+])
+def test_layers_go_in_batches_of_at_least_the_batch_size(sizes, missing, least, batches):
+    assert dogestry.load_batches(_layers(*sizes), missing, least) == batches
+
+
+def test_a_partial_image_config_keeps_the_first_layers_and_is_labelled_for_one_pull():
+    config = json.dumps({"architecture": "amd64", "os": "linux", "history": [{"created_by": "COPY a /"}] * 3,
+                         "config": {"Labels": {"app": "x"}},
+                         "rootfs": {"type": "layers", "diff_ids": ["sha256:a", "sha256:b", "sha256:c"]}}).encode()
+    partial = json.loads(dogestry.partial_config(config, 2, "n1"))
+    assert partial["rootfs"] == {"type": "layers", "diff_ids": ["sha256:a", "sha256:b"]}
+    assert partial["history"] == [] and partial["os"] == "linux" and partial["architecture"] == "amd64"
+    assert partial["config"]["Labels"] == {"app": "x", "org.dogestry.partial": "n1"}
+    assert dogestry.partial_config(config, 2, "n2") != dogestry.partial_config(config, 2, "n1")
+    with pytest.raises(dogestry.FormatError):
+        dogestry.partial_config(b'{"rootfs": []}', 1, "n1")
+
+
+def test_the_containerd_image_store_is_told_from_dockers_own_by_its_driver_type():
+    # `docker info` with the containerd image store shows "driver-type: io.containerd.snapshotter.v1"
+    assert dogestry.uses_containerd_store({"Driver": "overlayfs",
+                                           "DriverStatus": [["driver-type", "io.containerd.snapshotter.v1"]]})
+    assert not dogestry.uses_containerd_store({"Driver": "vfs", "DriverStatus": []})
+    assert not dogestry.uses_containerd_store({"Driver": "overlay2", "DriverStatus": [["Backing Filesystem", "extfs"]]})
+    assert not dogestry.uses_containerd_store({"DriverStatus": None})
