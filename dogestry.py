@@ -4272,11 +4272,8 @@ def load_layers(docker: DockerClient, store: Store, image: StoredImage, config: 
             part_config = config if final else partial_config(config, upto, nonce)
             if not final:
                 partials.append(sha256_digest(part_config))
-
-            def pieces(before_manifest: Callable[[], None], part: StoredImage = part, conf: bytes = part_config,
-                       tags: List[str] = repo_tags if final else [], batch: Set[int] = set(batch)) -> Iterator[bytes]:
-                return load_tar_stream(store, part, conf, tags, batch, progress, inflate, before_manifest)
-
+            pieces = functools.partial(load_tar_stream, store, part, part_config, repo_tags if final else [],
+                                       set(batch), progress, inflate)  # BatchLoad adds before_manifest
             loads.append(BatchLoad(docker, pieces, loads[-1] if loads else None, abort))
             loads[-1].sent.wait()
             if abort.is_set():
