@@ -2883,6 +2883,13 @@ class LayerRecord(NamedTuple):
             doc["members"] = list(self.members)
         return doc
 
+    @property
+    def checked(self) -> bool:
+        """Was the layer's diffID checked against the blob's unpacked bytes when it was stored?
+        Only such a record may be a layer index entry (the layer index rule, below): a zstd blob
+        cannot be unpacked here, so its diffID is only the word of the image config naming it."""
+        return self.compression != "zstd"
+
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> "LayerRecord":
         try:
@@ -2929,6 +2936,29 @@ def json_document(doc: Any) -> bytes:
 def write_json(store: Store, key: str, doc: Any, if_absent: bool = False) -> None:
     """Store a JSON document as json_document() writes it."""
     store.put_bytes(key, json_document(doc), if_absent)
+
+
+# The layer index rule.  layers/<diffID>.json is what every later push, import and copy trusts
+# without reading the blob: a layer the index names is never uploaded again.  So an entry is
+# written only for a layer whose diffID was checked against the blob's own unpacked bytes (a raw
+# tar hashed, a gzip blob unpacked and hashed: LayerRecord.checked), and only such entries are
+# trusted (stored_layer).  A layer that cannot be checked here (zstd) is stored under its blob
+# digest and named only by the manifest of the image it came with; a pull of that image checks
+# it (the engine unpacks it against the config's diffIDs), and a later push of the same layer
+# stores a checked copy of its own.
+
+
+def relied_key(record: LayerRecord) -> str:
+    """The key an operation that stores an image with this layer keeps young until the tag:
+    its index entry, or for a layer without one (unchecked), its blob."""
+    return layer_index_key(record.diff_id) if record.checked else blob_key(record.digest)
+
+
+def name_layer(store: Store, record: LayerRecord, freshness: "Freshness") -> None:
+    """Write a stored layer's index entry, if the layer rule allows one (see above)."""
+    if record.checked:
+        write_json(store, layer_index_key(record.diff_id), record.to_json())
+    freshness.written(relied_key(record))
 
 
 def read_tag(store: Store, ref: ImageRef) -> str:
@@ -3706,8 +3736,7 @@ class LayerPipeline:
                                        consume=True):
                 self._keep_stored_blob(key, path, record, task)
             if self.write_index:
-                write_json(self.store, layer_index_key(record.diff_id), record.to_json())
-                self.freshness.written(layer_index_key(record.diff_id))
+                name_layer(self.store, record, self.freshness)
             else:  # unnamed until the caller names it: kept young (or found gone) like an index entry
                 self.freshness.written(key)
         except BaseException as e:  # one failed layer stops the whole push at once
@@ -3760,14 +3789,16 @@ class LayerPipeline:
 
 
 def stored_layer(store: Store, diff_id: str) -> Optional[LayerRecord]:
-    """The record of a layer already in the store, if its blob is really there."""
+    """The record of a layer already in the store, if its index entry may be trusted (the layer
+    index rule: a checked record; older versions wrote entries for unchecked zstd layers) and
+    its blob is really there."""
     try:
         record = LayerRecord.from_json(read_json(store, layer_index_key(diff_id)))
     except NotFound:
         return None
     except FormatError:
         return None
-    if record.diff_id != diff_id or store.stat(blob_key(record.digest)) != record.size:
+    if not record.checked or record.diff_id != diff_id or store.stat(blob_key(record.digest)) != record.size:
         return None
     return record
 
@@ -3834,9 +3865,9 @@ def _keep_stored_image(store: Store, image_hex: str, freshness: Freshness) -> bo
         return False
     freshness.seen(manifest_key, manifest_age)
     freshness.seen(config_key, store.age(config_key))
-    index_keys = [layer_index_key(r.diff_id) for r in image.layers]
-    with thread_pool(min(8, max(1, len(index_keys))), "dogestry-ages") as pool:
-        for key, age in zip(index_keys, pool.map(store.age, index_keys)):
+    relied = sorted({relied_key(r) for r in image.layers})
+    with thread_pool(min(8, max(1, len(relied))), "dogestry-ages") as pool:
+        for key, age in zip(relied, pool.map(store.age, relied)):
             freshness.seen(key, age)
     must_exist = {blob_key(r.digest): r.size for r in image.layers}  # type: Dict[str, Optional[int]]
     must_exist.update({config_key: image.config_size, manifest_key: None})
@@ -3848,9 +3879,10 @@ def _keep_stored_image(store: Store, image_hex: str, freshness: Freshness) -> bo
 
 
 def _index_rewriters(store: Store, records: Sequence[LayerRecord]) -> Dict[str, Callable[[], None]]:
-    """For each layer's index entry, how to write it again if a gc removed it."""
+    """For each layer's index entry, how to write it again if a gc removed it (checked layers
+    only: an unchecked one has no entry to write, and its blob cannot be written again)."""
     return {layer_index_key(r.diff_id): functools.partial(write_json, store, layer_index_key(r.diff_id), r.to_json())
-            for r in records}
+            for r in records if r.checked}
 
 
 def _push_new_image(docker: DockerClient, store: Store, image_id: str, diff_ids: List[str],
@@ -5752,14 +5784,18 @@ def choose_archived(images: List[ArchivedImage], names: Sequence[str]) -> List[A
 
 
 class ArchiveReader:
-    """Streams an archive's members into a LayerPipeline: layers the store has are dropped
-    (or skipped unread, when their name says which they are), the rest are stored as blobs
-    at once; nothing names them until the whole archive has been read and checked."""
+    """Streams an archive's members into a LayerPipeline.  A member named by a digest (OCI
+    blobs, podman's <diffID>.tar) may be anything (another platform's layer, an attestation):
+    unless the store has it (then it is skipped unread), it is spooled and held back until the
+    archive's manifests say it is a layer of an image being imported (layer()).  A v1 save's
+    <id>/layer.tar is a layer by its name, and goes up at once.  Nothing names a blob until
+    the whole archive has been read and checked."""
 
     def __init__(self, store: Store, pipeline: LayerPipeline, freshness: Freshness):
         self.store, self.pipeline, self.freshness = store, pipeline, freshness
         self.known = {}       # type: Dict[str, LayerRecord]  # member -> a record the store has
         self.stored = {}      # type: Dict[str, str]          # member -> digest of a blob the store has
+        self.held = {}        # type: Dict[str, Spool]        # member -> its spool, until it is known to be a layer
         self.uploaded = {}    # type: Dict[str, str]          # member -> key of its upload in the pipeline
         self.unnamed = set()  # type: Set[str]                # diffIDs whose index entry is still to write
 
@@ -5783,14 +5819,40 @@ class ArchiveReader:
         if named is not None and spooled.raw_digest != named:
             os.unlink(spooled.path)
             raise IntegrityError("archive member %s does not match its digest (%s)" % (entry.name, spooled.raw_digest))
-        self.take(entry.name, spooled)
+        if named is None:
+            self.take(entry.name, spooled)
+        else:
+            self.held[entry.name] = spooled
         return spooled._replace(path="")
 
-    def take(self, member: str, spooled: Spool) -> None:
-        """A spooled member that may be a layer: dropped if the store has it, else uploaded
-        (under its diffID if it can tell: a raw tar's digest, a gzip blob's unpacked digest)."""
-        candidate = spooled.tar_digest or spooled.raw_digest  # zstd: the blob's own digest, for now
-        record = reused_layer(self.store, candidate, self.freshness)
+    def layer(self, member: str, small: Optional[bytes], diff_id: str) -> None:
+        """A member the archive's manifests name as a layer of an image being imported (its
+        bytes, if it was small enough to be kept in memory): stored unless it is already."""
+        if member in self.known or member in self.stored or member in self.uploaded:
+            return  # a layer of two images, or one the store has
+        if member in self.held:
+            self.take(member, self.held.pop(member), diff_id)
+        elif small is not None:
+            self.small_layer(member, small, diff_id)
+
+    def drop_held(self) -> None:
+        """Remove the spools of members no imported image names as a layer."""
+        for spooled in self.held.values():
+            with contextlib.suppress(OSError):
+                os.unlink(spooled.path)
+        self.held.clear()
+
+    def take(self, member: str, spooled: Spool, diff_id: Optional[str] = None) -> None:
+        """A spooled layer (of diff_id, if the manifests said so yet): dropped if the store has
+        it, else uploaded under its diffID where it can be checked (a raw tar's digest, a gzip
+        blob's unpacked digest), else (zstd) under its own digest."""
+        if diff_id is not None and spooled.tar_digest not in (None, diff_id):
+            os.unlink(spooled.path)
+            raise IntegrityError("archive member %s does not unpack to layer %s, which the image's config names"
+                                 % (member, diff_id))
+        known = spooled.tar_digest or diff_id  # unchecked: the store's own (checked) copy of the config's layer
+        record = reused_layer(self.store, known, self.freshness) if known else None
+        candidate = spooled.tar_digest or spooled.raw_digest
         if record is not None or candidate in self.uploaded.values():
             os.unlink(spooled.path)
             if record is not None:
@@ -5807,17 +5869,7 @@ class ArchiveReader:
         named = _OCI_BLOB.match(member)
         if named and sha256_digest(data) != "sha256:" + named.group(1):
             raise IntegrityError("archive member %s does not match its digest" % member)
-        if member in self.uploaded or member in self.known:
-            return  # a layer of two images
-        record = reused_layer(self.store, diff_id, self.freshness)
-        if record is not None:
-            self.known[member] = record
-            return
-        spooled = self.pipeline.spool_bytes(data, diff_id[7:19])
-        if spooled.tar_digest not in (None, diff_id):
-            os.unlink(spooled.path)
-            raise IntegrityError("archive member %s does not unpack to layer %s" % (member, diff_id))
-        self.take(member, spooled)
+        self.take(member, self.pipeline.spool_bytes(data, diff_id[7:19]), diff_id)
 
     def layer_record(self, contents: SaveContents, member: str, diff_id: str,
                      uploads: Mapping[str, LayerRecord]) -> LayerRecord:
@@ -5826,9 +5878,10 @@ class ArchiveReader:
             record = self.known[member]
         elif member in self.uploaded:
             record = uploads[self.uploaded[member]]
-            if record.compression == "zstd":  # no unpacker here: the (digest-checked) config's word
+            if record.checked:
+                self.unnamed.add(diff_id)
+            else:  # no unpacker here: the (digest-checked) config's word, and no index entry
                 record = record._replace(diff_id=diff_id, raw_size=None)
-            self.unnamed.add(diff_id)
         elif member in self.stored:
             record = reused_layer(self.store, diff_id, self.freshness) or self._stored_blob(self.stored[member], diff_id)
         else:
@@ -5840,9 +5893,11 @@ class ArchiveReader:
 
     def _stored_blob(self, digest: str, diff_id: str) -> LayerRecord:
         """A layer whose blob the store holds but no index entry names (an import cut short):
-        read back and checked, gzip or raw (zstd: the config's word)."""
+        read back and checked, gzip or raw (zstd: the config's word, and it stays unnamed)."""
         sha, hasher, size = hashlib.sha256(), DiffIdHasher(), 0
-        with contextlib.closing(self.store.open(blob_key(digest))) as f:
+        key = blob_key(digest)
+        age = self.store.age(key)
+        with contextlib.closing(self.store.open(key)) as f:
             head = f.read(CHUNK)
             compression = detect_compression(head)
             try:
@@ -5856,8 +5911,12 @@ class ArchiveReader:
                 unpacked = None
         if "sha256:" + sha.hexdigest() != digest or unpacked != diff_id:
             raise IntegrityError("%s: blob %s does not unpack to layer %s" % (self.store.url, digest, diff_id))
-        self.unnamed.add(diff_id)
-        return LayerRecord(diff_id, digest, size, compression, hasher.size if compression != "zstd" else None)
+        record = LayerRecord(diff_id, digest, size, compression, hasher.size if compression != "zstd" else None)
+        if record.checked:
+            self.unnamed.add(diff_id)
+        else:
+            self.freshness.seen(key, age)  # no index entry will keep it young: the blob itself is refreshed
+        return record
 
 
 def import_archive(store: Store, stream: IO[bytes], names: Sequence[str], progress: ProgressSink,
@@ -5874,8 +5933,8 @@ def import_archive(store: Store, stream: IO[bytes], names: Sequence[str], progre
             images = choose_archived(archive_images(contents), names)
             for image in images:
                 for member, diff_id in zip(image.members, image.diff_ids):
-                    if member in contents.small:
-                        reader.small_layer(member, contents.small[member], diff_id)
+                    reader.layer(member, contents.small.get(member), diff_id)
+            reader.drop_held()
             uploads = pipeline.finish()
         except BaseException as e:
             pipeline.cancel(interrupted=isinstance(e, KeyboardInterrupt))
@@ -5885,9 +5944,8 @@ def import_archive(store: Store, stream: IO[bytes], names: Sequence[str], progre
         finally:
             pipeline.close()
     layers = [[reader.layer_record(contents, m, d, uploads) for m, d in zip(i.members, i.diff_ids)] for i in images]
-    for record in {r.diff_id: r for rs in layers for r in rs if r.diff_id in reader.unnamed}.values():
-        write_json(store, layer_index_key(record.diff_id), record.to_json())  # every check passed: name it
-        freshness.written(layer_index_key(record.diff_id))
+    for record in {r.diff_id: r for rs in layers for r in rs if r.checked and r.diff_id in reader.unnamed}.values():
+        name_layer(store, record, freshness)  # every check passed: name it
     for image, records in zip(images, layers):
         image_hex = digest_hex(image.image_id)
         if _keep_stored_image(store, image_hex, Freshness(store, options.gc_min_grace)):
@@ -6095,8 +6153,7 @@ def copy_image(found: FoundImage, dst: Store, copier: BlobCopier, progress: Prog
         if stored is not None:
             return stored
         copier.copy(record, freshness)
-        write_json(dst, layer_index_key(record.diff_id), record.to_json())
-        freshness.written(layer_index_key(record.diff_id))
+        name_layer(dst, record, freshness)
         return record
 
     unique = list({r.diff_id: r for r in image.layers}.values())
