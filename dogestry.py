@@ -969,9 +969,10 @@ class Store:
         """Make key count as just written, its bytes unchanged (False if absent)."""
         raise NotImplementedError
 
-    def sweep_leftovers(self, older_than: float) -> int:
+    def sweep_leftovers(self, older_than: float, ours: Callable[[str], bool]) -> int:
         """Remove what killed writers left behind (temp files, multipart uploads) older than that
-        many seconds; return how many."""
+        many seconds, where ours(key) says the key (or the temp file's path) is the caller's to
+        clean; return how many."""
         return 0
 
     def delete_many(self, keys: Sequence[str]) -> None:
@@ -1192,11 +1193,14 @@ class LocalStore(Store):
             raise StoreError("%s: cannot write %s: %s" % (self.url, key, _os_reason(e)))
         return True
 
-    def sweep_leftovers(self, older_than: float) -> int:
-        """Temp files of writes that never finished, and work dirs of killed pushes."""
+    def sweep_leftovers(self, older_than: float, ours: Callable[[str], bool]) -> int:
+        """Temp files of writes that never finished (in the caller's directories), and work dirs of
+        killed pushes."""
         removed, now = 0, time.time()
         for dirpath, dirnames, filenames in os.walk(self.root):
-            if dirpath == self.root:
+            rel = os.path.relpath(dirpath, self.root)
+            rel = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+            if not rel:
                 work_dirs = [d for d in dirnames if d.startswith(WORK_PREFIX)]
                 dirnames[:] = [d for d in dirnames if not d.startswith(".tmp-")]
                 remove_abandoned_work_dirs(self.root)
@@ -1204,7 +1208,7 @@ class LocalStore(Store):
             for name in filenames:
                 path = os.path.join(dirpath, name)
                 with contextlib.suppress(OSError):
-                    if name.startswith(".tmp-") and now - os.stat(path).st_mtime > older_than:
+                    if name.startswith(".tmp-") and ours(rel + name) and now - os.stat(path).st_mtime > older_than:
                         os.unlink(path)
                         removed += 1
         return removed
@@ -2373,9 +2377,11 @@ class S3Client:
                        ("upload-id-marker", root.findtext("NextUploadIdMarker") or "")]
         return found
 
-    def abort_uploads_under(self, prefix: str, before: float) -> int:
-        """Abort the uploads under prefix initiated before `before` (abandoned); return how many."""
-        stale = [(key, upload_id) for key, upload_id, initiated in self.uploads_under(prefix) if initiated < before]
+    def abort_uploads_under(self, prefix: str, before: float, ours: Callable[[str], bool] = lambda key: True) -> int:
+        """Abort the uploads of keys under prefix that ours(key) accepts, initiated before
+        `before` (abandoned); return how many."""
+        stale = [(key, upload_id) for key, upload_id, initiated in self.uploads_under(prefix)
+                 if initiated < before and ours(key)]
         for key, upload_id in stale:
             self._abort_upload(key, upload_id)
         return len(stale)
@@ -2674,9 +2680,12 @@ class S3Store(Store):
     def touch(self, key: str) -> bool:
         return self.client.copy_in_place(self._key(key))
 
-    def sweep_leftovers(self, older_than: float) -> int:
-        """Multipart uploads under the prefix that killed pushes left (S3 charges for their parts)."""
-        return self.client.abort_uploads_under(self.location.prefix, self.client.now() - older_than)
+    def sweep_leftovers(self, older_than: float, ours: Callable[[str], bool]) -> int:
+        """Multipart uploads of the caller's keys under the prefix that killed pushes left (S3
+        charges for their parts)."""
+        start = len(self.location.prefix)
+        return self.client.abort_uploads_under(self.location.prefix, self.client.now() - older_than,
+                                               lambda key: ours(key[start:]))
 
 
 class PresignedS3Store(S3Store):
@@ -2753,6 +2762,24 @@ def open_store(url: str, s3: Optional[Callable[[S3Location], Store]] = None) -> 
 MANIFEST_MEDIA_TYPE = "application/vnd.dogestry.image.v2+json"
 UNTAGGED_PREFIX = "gc/untagged/"
 PROTECTED_PREFIX = "gc/protected/"
+IMAGE_LEAVES = ("config.json", "manifest.json", "migrated", "json", "layer.tar", "VERSION")  # ours, the original's
+
+# The keys gc may delete, exactly: anything else under its prefixes is someone else's (a README,
+# a store nested in this one, such as s3://bucket/layers/ inside s3://bucket/) and is left alone.
+_GC_KEY = re.compile(r"^(?:images/[0-9a-f]{64}/(?:%s)|layers/[0-9a-f]{64}\.json|blobs/sha256/[0-9a-f]{64}"
+                     r"|gc/untagged/[0-9a-f]{64})$" % "|".join(re.escape(leaf) for leaf in IMAGE_LEAVES))
+# Where dogestry's killed writes leave temp files (a directory store) and multipart uploads (S3).
+_GC_LEFTOVER = re.compile(r"^(?:blobs/sha256|layers|gc/untagged|images/[0-9a-f]{64})/[^/]+$")
+
+
+def gc_owns(key: str) -> bool:
+    """Is key of one of the exact shapes gc may delete?"""
+    return bool(_GC_KEY.match(key))
+
+
+def gc_leftover(path: str) -> bool:
+    """Is path (a temp file's, a multipart upload's key) in one of the places dogestry writes keys?"""
+    return bool(_GC_LEFTOVER.match(path))
 
 GC_MIN_GRACE = 600.0      # the shortest grace gc accepts; pushes rely on it (DOGESTRY_GC_MIN_GRACE: tests)
 GC_MIN_GRACE_FLOOR = 10.0  # ... and the shortest DOGESTRY_GC_MIN_GRACE
@@ -4522,12 +4549,13 @@ class GcUnit(NamedTuple):
 
 
 class GcReport(NamedTuple):
-    """What one gc run deleted (or, with dry_run, would delete)."""
+    """What one gc run deleted (or, with dry_run, would delete), and what it left."""
 
     deleted: List[GcUnit]
     spared: int       # candidates found young again at their re-check
     leftovers: int    # multipart uploads aborted, temp files removed
     untagged: int     # expired gc/untagged records removed
+    plan: "GcPlan"    # what the run was planned from: its held-back bytes, the keys left alone
 
 
 _DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
@@ -4554,14 +4582,23 @@ def human_duration(seconds: float) -> str:
 
 
 class StoreMarks(NamedTuple):
-    """What the tags reach: image ids (new layout and v1), layer diffIDs and blob digests, and
-    the MD5s an index entry has when it holds one of the tagged images' layer records."""
+    """What the roots reach: image ids (new layout and v1), layer diffIDs and blob digests, and
+    the MD5s an index entry has when it holds one of the root images' layer records."""
 
     images: Set[str]
     diff_ids: Set[str]
     blobs: Set[str]
     index_md5s: Dict[str, Set[str]]
-    image_bytes: int  # the root images' layers, counted once per image that uses them
+    root_blobs: Dict[str, Set[str]]  # root image -> the blobs of its layers
+    root_bytes: Dict[str, int]       # root image -> the bytes of its layers
+
+    def image_bytes(self, roots: Iterable[str]) -> int:
+        """The layers of these root images, counted once per image that uses them."""
+        return sum(self.root_bytes.get(root, 0) for root in set(roots))
+
+    def blobs_of(self, roots: Iterable[str]) -> Set[str]:
+        """The blobs these root images' layers are in."""
+        return set().union(*(self.root_blobs.get(root, set()) for root in set(roots)))
 
 
 def mark_reachable(store: Store, roots: Iterable[str], progress: ProgressSink) -> StoreMarks:
@@ -4569,7 +4606,7 @@ def mark_reachable(store: Store, roots: Iterable[str], progress: ProgressSink) -
     can safely be deleted)."""
     images, diff_ids, blobs = set(), set(), set()  # type: Set[str], Set[str], Set[str]
     index_md5s = collections.defaultdict(set)  # type: Dict[str, Set[str]]
-    image_bytes = 0
+    root_blobs, root_bytes = {}, {}  # type: Dict[str, Set[str]], Dict[str, int]
 
     def read(image_hex: str) -> Optional[StoredImage]:
         try:
@@ -4591,12 +4628,13 @@ def mark_reachable(store: Store, roots: Iterable[str], progress: ProgressSink) -
             if not image.legacy and image.image_id != "sha256:" + image_hex:  # migrated, original kept
                 images.add(digest_hex(image.image_id))
                 images.update(legacy_chain(store, image_hex))
-            image_bytes += sum(r.size for r in image.layers)
+            root_bytes[image_hex] = sum(r.size for r in image.layers)
+            root_blobs[image_hex] = {digest_hex(r.digest) for r in image.layers}
             for record in image.layers:
                 diff_ids.add(digest_hex(record.diff_id))
                 blobs.add(digest_hex(record.digest))
                 index_md5s[layer_index_key(record.diff_id)].add(hashlib.md5(json_document(record.to_json())).hexdigest())
-    return StoreMarks(images, diff_ids, blobs, index_md5s, image_bytes)
+    return StoreMarks(images, diff_ids, blobs, index_md5s, root_blobs, root_bytes)
 
 
 def _image_key_order(key: str) -> Tuple[int, str]:
@@ -4608,27 +4646,43 @@ def _listing(store: Store, prefix: str) -> Dict[str, StoreEntry]:
     return {e.key: e for e in store.list_entries(prefix)}
 
 
-def plan_gc(store: Store, grace: float, progress: ProgressSink) -> Tuple[List[GcUnit], List[str]]:
-    """The units no tag reaches that are older than grace, in deletion order, and the expired
-    gc/untagged records."""
+class GcPlan(NamedTuple):
+    """What a gc run would do with grace `grace`: its units (in deletion order), the expired
+    gc/untagged records, the keys under its prefixes of other shapes (left alone), and what no
+    tag reaches but the grace period holds back."""
+
+    units: List[GcUnit]
+    expired: List[str]
+    foreign: List[str]
+    grace: float
+    marks: StoreMarks       # what the tags and young gc/untagged records reach
+    tags: List[Tuple[ImageRef, str]]
+    image_ids: Set[str]     # the images stored (directories under images/)
+    blobs: Dict[str, StoreEntry]
+    index_entries: int
+    unreferenced_bytes: int  # blobs no tag reaches
+    held_bytes: int          # ... of which gc may not delete yet
+    held_for: float          # seconds until the last of those may go (0: none held)
+
+
+def plan_gc(store: Store, grace: float, progress: ProgressSink) -> GcPlan:
+    """The units no tag reaches that are older than grace, and what else a gc would know."""
     prefixes = ("images/", "layers/", "blobs/sha256/", UNTAGGED_PREFIX)
     with thread_pool(len(prefixes), "dogestry-list") as pool:
-        image_keys, index_keys, blob_keys, untagged_keys = pool.map(functools.partial(_listing, store), prefixes)
-    roots = {digest for _, digest in list_tags(store)}
-    expired = []
-    for key, entry in untagged_keys.items():
-        if entry.age < grace:
-            roots.add(key[len(UNTAGGED_PREFIX):])
-        else:
-            expired.append(key)
-    marks = mark_reachable(store, roots, progress)
+        listings = list(pool.map(functools.partial(_listing, store), prefixes))
+    foreign = sorted(key for listing in listings for key in listing if not gc_owns(key))
+    image_keys, index_keys, blob_keys, untagged_keys = ({k: e for k, e in listing.items() if gc_owns(k)}
+                                                        for listing in listings)
+    tags = list_tags(store)
+    tagged = {digest for _, digest in tags}
+    young_untagged = {k[len(UNTAGGED_PREFIX):]: e.age for k, e in untagged_keys.items() if e.age < grace}
+    expired = sorted(k for k, e in untagged_keys.items() if e.age >= grace)
+    marks = mark_reachable(store, tagged | set(young_untagged), progress)
 
     units = []  # type: List[GcUnit]
     dirs = collections.defaultdict(dict)  # type: Dict[str, Dict[str, StoreEntry]]
     for key, entry in image_keys.items():
-        parts = key.split("/")
-        if len(parts) == 3:
-            dirs[parts[1]][parts[2]] = entry
+        dirs[key.split("/")[1]][key.split("/")[2]] = entry
     for image_hex, leaves in sorted(dirs.items()):
         if image_hex in marks.images or min(e.age for e in leaves.values()) < grace:
             continue
@@ -4638,8 +4692,7 @@ def plan_gc(store: Store, grace: float, progress: ProgressSink) -> Tuple[List[Gc
     # Which blob each index entry names: a push that reuses a layer relies on that blob, so a
     # blob is re-checked with every entry naming it.  An entry of a layer the tags reach whose
     # ETag is the MD5 of the record the tagged image holds names that image's blob: no GET.
-    readable = {k: e for k, e in index_keys.items()
-                if k.endswith(".json") and not (e.etag and e.etag in marks.index_md5s.get(k, ()))}
+    readable = {k: e for k, e in index_keys.items() if not (e.etag and e.etag in marks.index_md5s.get(k, ()))}
     pointing = collections.defaultdict(list)  # type: Dict[str, List[str]]
     young_blobs = set()  # type: Set[str]
 
@@ -4682,7 +4735,26 @@ def plan_gc(store: Store, grace: float, progress: ProgressSink) -> Tuple[List[Gc
         # Re-checked with every index entry naming it, even those this run deletes first: a push
         # that finds one gone writes it again, and the blob must then stay.
         units.append(GcUnit("blob", "sha256:" + blob, (key,) + tuple(pointing.get(blob, ())), (key,), entry.size))
-    return units, expired
+
+    # What no tag reaches but gc may not delete yet: young blobs, blobs young index entries name,
+    # images untagged less than `grace` ago; each may go once the last of those is old enough.
+    tag_blobs = marks.blobs_of(tagged)
+    freed = {name[len("sha256:"):] for unit in units for kind, name, _ in unit.parts() if kind == "blob"}
+    unreferenced = held = 0
+    held_for = 0.0
+    for key, entry in blob_keys.items():
+        blob = key[len("blobs/sha256/"):]
+        if blob in tag_blobs:
+            continue
+        unreferenced += entry.size
+        if blob in freed:
+            continue
+        held += entry.size
+        waits = [grace - entry.age] + [grace - readable[k].age for k in pointing.get(blob, ())]
+        waits += [grace - age for root, age in young_untagged.items() if blob in marks.root_blobs.get(root, ())]
+        held_for = max([held_for] + waits)
+    return GcPlan(units, expired, foreign, grace, marks, tags, set(dirs), blob_keys, len(index_keys), unreferenced,
+                  held, held_for)
 
 
 def delete_units(store: Store, units: Sequence[GcUnit], grace: float, stop_at: float,
@@ -4739,19 +4811,19 @@ def collect_garbage(store: Store, grace: float, progress: ProgressSink, dry_run:
     """Delete (or, dry_run, list) what no tag reaches and is older than grace; see section 14."""
     store.check()
     started = clock()
-    units, expired = plan_gc(store, grace, progress)
+    plan = plan_gc(store, grace, progress)
     if dry_run:
-        return GcReport(units, 0, 0, len(expired))
+        return GcReport(plan.units, 0, 0, len(plan.expired), plan)
     stop_at = started + grace / 2
     done, spared = [], 0  # type: List[GcUnit], int
     for kind in ("image", "layer", "blob"):  # images first: nothing then names the layers they free;
         # then index entries (with their blobs), then blobs no entry names
-        deleted, young = delete_units(store, [u for u in units if u.kind == kind], grace, stop_at, clock)
+        deleted, young = delete_units(store, [u for u in plan.units if u.kind == kind], grace, stop_at, clock)
         done.extend(deleted)
         spared += young
-    if expired:
-        store.delete_many(expired)
-    return GcReport(done, spared, store.sweep_leftovers(grace), len(expired))
+    if plan.expired:
+        store.delete_many(plan.expired)
+    return GcReport(done, spared, store.sweep_leftovers(grace, gc_leftover), len(plan.expired), plan)
 
 
 class StoreStats(NamedTuple):
@@ -4765,6 +4837,10 @@ class StoreStats(NamedTuple):
     stored_bytes: int
     unshared_bytes: int   # the images' layers counted once per image that uses them
     unreferenced_bytes: int
+    freeable_bytes: int   # ... of which a gc with the grace period given may delete now
+    held_bytes: int       # ... and which it holds back (young, or untagged less than the grace ago)
+    held_for: float       # seconds until the last of those may go
+    grace: float
 
     @property
     def dedup_ratio(self) -> Optional[float]:
@@ -4773,17 +4849,16 @@ class StoreStats(NamedTuple):
         return self.unshared_bytes / referenced if referenced > 0 else None
 
 
-def store_stats(store: Store, progress: ProgressSink) -> StoreStats:
-    """Count what a store holds (the tags' images read once each; blobs from one listing)."""
+def store_stats(store: Store, progress: ProgressSink, grace: float = 3600.0) -> StoreStats:
+    """Count what a store holds (the tags' images read once each; blobs from one listing), and
+    what a gc with that grace period would free now and later."""
     store.check()
-    tags = list_tags(store)
-    blobs = dict(store.list_sizes("blobs/sha256/"))
-    image_ids = set(list_image_ids(store))
-    marks = mark_reachable(store, {digest for _, digest in tags}, progress)
-    referenced = sum(n for key, n in blobs.items() if key[len("blobs/sha256/"):] in marks.blobs)
-    return StoreStats(len({r.name for r, _ in tags}), len(tags), len(image_ids),
-                      len(list(store.list("layers/"))), len(blobs), sum(blobs.values()), marks.image_bytes,
-                      sum(blobs.values()) - referenced)
+    plan = plan_gc(store, grace, progress)
+    tags = plan.tags
+    return StoreStats(len({r.name for r, _ in tags}), len(tags), len(plan.image_ids), plan.index_entries,
+                      len(plan.blobs), sum(e.size for e in plan.blobs.values()),
+                      plan.marks.image_bytes(digest for _, digest in tags), plan.unreferenced_bytes,
+                      plan.unreferenced_bytes - plan.held_bytes, plan.held_bytes, plan.held_for, grace)
 
 
 def prune_tags(store: Store, keep_last: Optional[int], older_than: Optional[float],
@@ -7648,12 +7723,27 @@ def cmd_gc(ctx: Context) -> int:
     for kind, name, size in parts:
         ctx.stdout.write("%s %s %s (%s)\n" % (verb, kind, printable(name), human_size(size)))
     counts = collections.Counter(kind for kind, _, _ in parts)
-    ctx.stdout.write("gc %s: %s %d images, %d layer records, %d blobs, %s%s%s\n" % (
+    plan = report.plan
+    ctx.stdout.write("gc %s: %s %d images, %d layer records, %d blobs, %s%s%s%s\n" % (
         store.url, verb, counts["image"], counts["layer"], counts["blob"],
         human_size(sum(u.size for u in report.deleted)),
         "; %d found in use again and kept" % report.spared if report.spared else "",
-        "; %d leftovers of killed pushes removed" % report.leftovers if report.leftovers else ""))
+        "; %d leftovers of killed pushes removed" % report.leftovers if report.leftovers else "",
+        "; " + held_back(plan.held_bytes, plan.held_for, grace) if plan.held_bytes else ""))
+    if plan.foreign:
+        ctx.stdout.write("gc %s: left alone %d key%s of other shapes than dogestry's (another store nested in this "
+                         "one, or someone else's): %s%s\n" % (
+                             store.url, len(plan.foreign), "s" if len(plan.foreign) > 1 else "",
+                             ", ".join(printable(k) for k in plan.foreign[:3]), ", ..." if len(plan.foreign) > 3 else ""))
     return 0
+
+
+def held_back(held_bytes: int, held_for: float, grace: float, now: Optional[float] = None) -> str:
+    """What no tag reaches but the grace period keeps for now, and until when, for people."""
+    until = (time.time() if now is None else now) + max(0.0, held_for)
+    return "%s no tag reaches is held back by the %s grace period (young, or untagged less than %s ago) until " \
+           "about %s" % (human_size(held_bytes), human_duration(grace), human_duration(grace),
+                         time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(until + 59)))
 
 
 def cmd_prune(ctx: Context) -> int:
@@ -7720,19 +7810,25 @@ def cmd_migrate(ctx: Context) -> int:
 
 def cmd_stats(ctx: Context) -> int:
     """stats STORE: what a store holds, how much sharing saves, what gc would free."""
-    stats = store_stats(ctx.store(), ctx.progress)
+    grace = parse_duration(ctx.options.grace)
+    stats = store_stats(ctx.store(), ctx.progress, grace)
+    now = time.time()
     if ctx.options.json:
         doc = stats._asdict()
         doc["dedup_ratio"] = round(stats.dedup_ratio, 3) if stats.dedup_ratio else None
+        doc["held_until"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now + stats.held_for)) \
+            if stats.held_bytes else None
         ctx.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
         return 0
     ratio = "%.2fx" % stats.dedup_ratio if stats.dedup_ratio else "-"
+    unreferenced = "%s (gc --grace %s frees %s of it now" % (
+        human_size(stats.unreferenced_bytes), human_duration(grace), human_size(stats.freeable_bytes))
+    unreferenced += "; " + held_back(stats.held_bytes, stats.held_for, grace, now) + ")" if stats.held_bytes else ")"
     rows = [("Repositories", str(stats.repositories)), ("Tags", str(stats.tags)), ("Images", str(stats.images)),
             ("Layer records", str(stats.layers)), ("Blobs", str(stats.blobs)),
             ("Stored", human_size(stats.stored_bytes)),
             ("Without sharing", "%s (dedup %s)" % (human_size(stats.unshared_bytes), ratio)),
-            ("Unreferenced", "%s (gc frees it once older than its grace period)"
-             % human_size(stats.unreferenced_bytes))]
+            ("Unreferenced", unreferenced)]
     for label, value in rows:
         ctx.stdout.write("%-16s %s\n" % (label + ":", value))
     return 0
@@ -7774,7 +7870,8 @@ COMMANDS = (
      "Remove old tags per repository (never protected ones); gc then frees the space."),
     ("protect", cmd_protect, "protect STORE NAME:TAG...", "Mark tags that prune never removes."),
     ("unprotect", cmd_unprotect, "unprotect STORE NAME:TAG...", "Let prune remove these tags again."),
-    ("stats", cmd_stats, "stats STORE [--json]", "Count what STORE holds, what sharing saves, what gc would free."),
+    ("stats", cmd_stats, "stats STORE [--json] [--grace DURATION]",
+     "Count what STORE holds, what sharing saves, what gc would free (now, and later)."),
     ("migrate", cmd_migrate, "migrate STORE [NAME[:TAG]...] [--keep-legacy]",
      "Store the original dogestry's images in the current layout (dedup, verified pulls, registry)."),
     ("import", cmd_import, "import STORE FILE|- [NAME:TAG...]",
@@ -7924,6 +8021,8 @@ def build_parser() -> argparse.ArgumentParser:
                            " version reads the migrated image")
         if name == "stats":
             p.add_argument("-json", "--json", action="store_true", help="print JSON")
+            p.add_argument("-grace", "--grace", metavar="DURATION", default="1h",
+                           help="count what a gc with this grace period frees now and holds back (default 1h)")
         if name == "inspect":
             p.add_argument("image", metavar="IMAGE", help="NAME[:TAG] or an image ID prefix")
         if name in ("push", "migrate", "import", "copy"):

@@ -11,6 +11,7 @@
 import hashlib
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -212,3 +213,122 @@ def test_import_stores_only_the_layers_of_the_images_it_imports(docker_env, imag
     assert (store / "repositories" / "dgint" / "app" / "1").read_text().strip() == images["app"][7:]
     assert blobs(store) == blobs(src)
     assert sorted(p.name for p in (store / "images").iterdir()) == [images["app"][7:]]
+
+
+# === gc deletes keys of its own shapes only =====================================================
+
+GC_ENV = {"DOGESTRY_GC_MIN_GRACE": "10"}
+# the keys the root store's gc may delete: exactly these shapes
+ROOT_OWN = re.compile(r"^(images/[0-9a-f]{64}/(config\.json|manifest\.json)|layers/[0-9a-f]{64}\.json"
+                      r"|blobs/sha256/[0-9a-f]{64}|gc/untagged/[0-9a-f]{64})$")
+FOREIGN = ("blobs/sha256/README", "images/%s/notes.txt" % ("a" * 64), "layers/notes.json", "gc/untagged/README")
+
+
+def test_gc_on_s3_leaves_nested_stores_and_other_keys_alone(docker_host, rgw, s3_env, images, bucket):
+    """Stores nested in one bucket (s3://b/, s3://b/layers/, s3://b/blobs/sha256/team/) and files of
+    other shapes: a gc of s3://b/ deletes what it owns and no tag reaches, says what it left alone,
+    and leaves every key of the nested stores, their multipart uploads and the other files as they were."""
+    from test_gc import s3_client, wait_until_older_than
+    env = dict(s3_env, **GC_ENV)
+    root, in_layers, in_team = ("s3://%s/%s" % (bucket, p) for p in ("", "layers/", "blobs/sha256/team/"))
+    ok(run_dogestry("push", root, "dgint/base:1", env=env))
+    ok(run_dogestry("rm", root, "dgint/base:1", env=env))
+    ok(run_dogestry("push", in_layers, "dgint/app:1", env=env))
+    ok(run_dogestry("push", in_team, "dgint/base:1", env=env))
+    client = s3_client(rgw, bucket)
+    for key in FOREIGN:
+        client.put(key, lambda: b"not dogestry's\n", 15, hashlib.sha256(b"not dogestry's\n").hexdigest())
+    nested_upload, own_upload = "layers/blobs/sha256/" + "1" * 64, "blobs/sha256/" + "2" * 64
+    for key in (nested_upload, own_upload):
+        client.call("POST", key, query=[("uploads", "")])
+    others = {k: size for k, size in client.list("") if not ROOT_OWN.match(k)}
+    assert len([k for k in others if k.startswith(("layers/", "blobs/sha256/team/"))]) >= 10
+    wait_until_older_than(client, "gc/untagged/" + images["base"][7:], 11)
+
+    dry = ok(run_dogestry("gc", "--dry-run", root, "--grace", "10s", env=env))
+    assert "would delete 1 images, 1 layer records, 1 blobs" in dry.stdout
+    assert "left alone" in dry.stdout and "blobs/sha256/README" in dry.stdout
+    real = ok(run_dogestry("gc", root, "--grace", "10s", env=env))
+    assert "deleted 1 images, 1 layer records, 1 blobs" in real.stdout
+    assert not any(line.startswith("deleted") and "team" in line for line in real.stdout.splitlines())
+
+    after = dict(client.list(""))
+    assert {k: after.get(k) for k in others} == others
+    assert not any(k.startswith("images/" + images["base"][7:]) for k in after)
+    assert [key for key, _, _ in client.uploads_under("")] == [nested_upload]
+    assert pulls_back(docker_host, env, in_layers, "dgint/app:1", images["app"], "dgint/app:1", "dgint/base:1")
+    assert pulls_back(docker_host, env, in_team, "dgint/base:1", images["base"], "dgint/app:1", "dgint/base:1")
+
+
+def age_store(store, seconds):
+    """Make every file of a directory store look that much older."""
+    import os
+    for path in Path(store).rglob("*"):
+        if path.is_file():
+            st = path.stat()
+            os.utime(str(path), (st.st_atime - seconds, st.st_mtime - seconds))
+
+
+def all_files(store):
+    return {str(p.relative_to(store)): p.read_bytes() for p in Path(store).rglob("*") if p.is_file()}
+
+
+def test_gc_of_a_directory_leaves_nested_stores_their_files_and_temp_files(docker_env, images, tmp_path):
+    """The same in a directory store: nested stores' keys and temp files of their killed writes, and
+    files of other shapes, are left alone; the store's own unreferenced image and temp files go."""
+    env = dict(docker_env, **GC_ENV)
+    root = tmp_path / "store"
+    ok(run_dogestry("push", root, "dgint/base:1", env=env))
+    ok(run_dogestry("rm", root, "dgint/base:1", env=env))
+    ok(run_dogestry("push", root / "layers", "dgint/app:1", env=env))
+    for key in FOREIGN + ("layers/blobs/sha256/.tmp-killed",):
+        (root / key).parent.mkdir(parents=True, exist_ok=True)
+        (root / key).write_bytes(b"not dogestry's\n")
+    (root / "blobs" / "sha256" / ".tmp-killed").write_bytes(b"a killed write of this store\n")
+    age_store(root, 7200)
+    kept = {k: v for k, v in all_files(root).items() if not ROOT_OWN.match(k) and not k.startswith("blobs/sha256/.tmp")}
+    assert "layers/blobs/sha256/.tmp-killed" in kept and len([k for k in kept if k.startswith("layers/")]) >= 6
+
+    proc = ok(run_dogestry("gc", root, env=env))
+    assert "deleted 1 images, 1 layer records, 1 blobs" in proc.stdout
+    assert "1 leftovers of killed pushes removed" in proc.stdout
+    after = all_files(root)
+    assert {k: v for k, v in after.items() if k in kept} == kept
+    assert not (root / "blobs" / "sha256" / ".tmp-killed").exists()
+    assert not (root / "images" / images["base"][7:]).exists()
+
+
+# === what the grace period holds back, and until when ===========================================
+
+def held_until(text):
+    """The Unix time in '... until about YYYY-MM-DD HH:MM UTC'."""
+    import calendar
+    import time
+    stamp = re.search(r"until about (\d{4}-\d\d-\d\d \d\d:\d\d) UTC", text).group(1)
+    return calendar.timegm(time.strptime(stamp, "%Y-%m-%d %H:%M"))
+
+
+def test_stats_and_gc_say_what_the_grace_period_holds_back_and_until_when(docker_env, images, tmp_path):
+    """After rm of every tag, stats' unreferenced bytes and gc's 'would delete 0B' agree: both say
+    how much the grace period holds back and from when gc can free it; once old enough, it is freed."""
+    import time
+    store = tmp_path / "store"
+    ok(run_dogestry("push", store, "dgint/app:1", env=docker_env))
+    ok(run_dogestry("rm", store, "dgint/app:1", env=docker_env))
+    stored = sum(p.stat().st_size for p in (store / "blobs" / "sha256").iterdir())
+    started = time.time()
+
+    stats = json.loads(ok(run_dogestry("stats", "--json", store, env=docker_env)).stdout)
+    assert (stats["unreferenced_bytes"], stats["held_bytes"], stats["freeable_bytes"]) == (stored, stored, 0)
+    assert started + 3600 - 120 <= stats["held_for"] + started <= time.time() + 3600
+    table = ok(run_dogestry("stats", store, env=docker_env)).stdout
+    assert abs(held_until(table) - (started + 3600)) <= 180
+    dry = ok(run_dogestry("gc", "--dry-run", store, env=docker_env)).stdout
+    assert "would delete 0 images, 0 layer records, 0 blobs, 0B" in dry
+    assert "held back by the 1h grace period" in dry and abs(held_until(dry) - (started + 3600)) <= 180
+
+    age_store(store, 2 * 3600)
+    stats = json.loads(ok(run_dogestry("stats", "--json", store, env=docker_env)).stdout)
+    assert (stats["unreferenced_bytes"], stats["held_bytes"], stats["freeable_bytes"]) == (stored, 0, stored)
+    assert "held back" not in ok(run_dogestry("gc", store, env=docker_env)).stdout
+    assert [key for key in all_files(store) if key.startswith("blobs/")] == []
