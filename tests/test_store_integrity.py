@@ -169,6 +169,21 @@ def test_an_index_entry_an_older_version_wrote_for_an_unchecked_layer_is_not_tru
     assert pulls_back(docker_host, docker_env, store, "dgint/app:1", images["app"], "dgint/app:1", "dgint/base:1")
 
 
+def test_copy_never_makes_an_unchecked_layer_an_index_entry(docker_host, docker_env, images, tmp_path):
+    """copy carries an image with a zstd layer (unchecked) to another store as it is, named by the
+    image's manifest only; a push of the real layer into that store then stores and names its own."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    base_layer = images["diff_ids"][0]
+    archive, zstd_blobs, evil = zstd_claiming(tmp_path / "evil.tar", [base_layer])
+    ok(run_dogestry("import", src, archive, env=docker_env))
+    ok(run_dogestry("copy", src, dst, "dgint/evil:1", env=docker_env))
+    assert stored_layers(dst, evil) == [(base_layer, zstd_blobs[0], "zstd")]
+    assert index_entry(dst, base_layer) is None
+
+    ok(run_dogestry("push", dst, "dgint/app:1", env=docker_env))
+    assert index_entry(dst, base_layer)["digest"] != zstd_blobs[0]
+    assert pulls_back(docker_host, docker_env, dst, "dgint/app:1", images["app"], "dgint/app:1", "dgint/base:1")
+
 # === import stores what its images name, nothing else ===========================================
 
 def archive_members(path):
