@@ -4647,14 +4647,13 @@ def _listing(store: Store, prefix: str) -> Dict[str, StoreEntry]:
 
 
 class GcPlan(NamedTuple):
-    """What a gc run would do with grace `grace`: its units (in deletion order), the expired
+    """What a gc run would do: its units (in deletion order), the expired
     gc/untagged records, the keys under its prefixes of other shapes (left alone), and what no
     tag reaches but the grace period holds back."""
 
     units: List[GcUnit]
     expired: List[str]
     foreign: List[str]
-    grace: float
     marks: StoreMarks       # what the tags and young gc/untagged records reach
     tags: List[Tuple[ImageRef, str]]
     image_ids: Set[str]     # the images stored (directories under images/)
@@ -4682,7 +4681,8 @@ def plan_gc(store: Store, grace: float, progress: ProgressSink) -> GcPlan:
     units = []  # type: List[GcUnit]
     dirs = collections.defaultdict(dict)  # type: Dict[str, Dict[str, StoreEntry]]
     for key, entry in image_keys.items():
-        dirs[key.split("/")[1]][key.split("/")[2]] = entry
+        _, image_hex, leaf = key.split("/")
+        dirs[image_hex][leaf] = entry
     for image_hex, leaves in sorted(dirs.items()):
         if image_hex in marks.images or min(e.age for e in leaves.values()) < grace:
             continue
@@ -4753,7 +4753,7 @@ def plan_gc(store: Store, grace: float, progress: ProgressSink) -> GcPlan:
         waits = [grace - entry.age] + [grace - readable[k].age for k in pointing.get(blob, ())]
         waits += [grace - age for root, age in young_untagged.items() if blob in marks.root_blobs.get(root, ())]
         held_for = max([held_for] + waits)
-    return GcPlan(units, expired, foreign, grace, marks, tags, set(dirs), blob_keys, len(index_keys), unreferenced,
+    return GcPlan(units, expired, foreign, marks, tags, set(dirs), blob_keys, len(index_keys), unreferenced,
                   held, held_for)
 
 
