@@ -66,6 +66,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import weakref
 import zlib
 from xml.etree import ElementTree
 from xml.sax.saxutils import escape as xml_escape
@@ -1907,7 +1908,8 @@ class S3Client:
         self._config = config
         self._local = threading.local()
         self._skew = 0.0
-        self._conns = set()  # type: Set[http.client.HTTPConnection]  # every thread's, for cancel()
+        # every live thread's, for cancel(): weak, so a thread's connections close when it ends
+        self._conns = weakref.WeakSet()  # type: weakref.WeakSet[http.client.HTTPConnection]
         self._conns_lock = threading.Lock()
 
     # -- addressing --

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 import uuid
 
 import pytest
@@ -431,3 +432,27 @@ def test_https_with_a_test_ca(pushed, servers, base_env, puller, tmp_path_factor
     untrusted = subprocess.run(["skopeo", "inspect", "docker://" + ref(NAMES[0])], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
     assert untrusted.returncode != 0 and "certificate" in untrusted.stderr
+
+
+# === what a request may cost the server and the store ===============================================
+#
+# The registry is anonymous unless -htpasswd: a request must not cost the server files, or the store
+# work, that grow with what the store holds or with the requests before.  A counting proxy
+# (FaultProxy) in front of radosgw sees every S3 request the server sends.
+
+def open_files(server):
+    return len(os.listdir("/proc/%d/fd" % server.proc.pid))
+
+
+def test_a_registry_client_leaves_no_s3_connection_open_behind(pushed, servers, base_env, puller, rgw):
+    """Each connection's thread opened an S3 connection of its own, which stayed open after the
+    thread ended: one file descriptor lost per client connection, until the server ran out."""
+    server = registry(servers, base_env, puller, pushed.s3, env=s3_env(rgw))
+    assert v2("/v2/team/app/manifests/1").status == 200
+    baseline = open_files(server)
+    for _ in range(40):  # each on a connection (and a server thread) of its own
+        assert v2("/v2/team/app/manifests/1").status == 200
+    deadline = time.monotonic() + 10
+    while open_files(server) > baseline + 3 and time.monotonic() < deadline:
+        time.sleep(0.1)  # the threads of the last connections are ending
+    assert open_files(server) <= baseline + 3, (baseline, open_files(server))
