@@ -3050,19 +3050,7 @@ def original_images_at_root(store: Store) -> List[Tuple[ImageRef, str]]:
 def load_stored_image(store: Store, image_hex: str) -> StoredImage:
     """Read an image's manifest (or, for the original layout, walk its v1 chain)."""
     if store.stat(image_key(image_hex, "manifest.json")) is not None:
-        doc = read_json(store, image_key(image_hex, "manifest.json"))
-        try:
-            if not isinstance(doc["layers"], list):
-                raise TypeError("layers is not a list")
-            layers = [LayerRecord.from_json(d) for d in doc["layers"]]
-            config_digest, config_size = doc["config"]["digest"], doc["config"]["size"]
-            if not isinstance(config_size, int) or isinstance(config_size, bool) or config_size < 0:
-                raise TypeError("config.size is not a size")
-        except (KeyError, TypeError, FormatError) as e:
-            raise FormatError("%s: malformed image manifest for %s (%s)" % (store.url, image_hex[:12], e))
-        if config_digest != "sha256:" + image_hex:
-            raise FormatError("%s: manifest of %s names another config" % (store.url, image_hex[:12]))
-        return StoredImage("sha256:" + image_hex, layers, [], config_size)
+        return stored_image_from(store, image_hex, read_json(store, image_key(image_hex, "manifest.json")))
     if store.stat(image_key(image_hex, "json")) is not None:
         migrated = migrated_image(store, image_hex)
         if migrated is not None:
@@ -3070,6 +3058,22 @@ def load_stored_image(store: Store, image_hex: str) -> StoredImage:
         return StoredImage(image_hex, [], legacy_chain(store, image_hex))
     raise NotFound("%s: image %s is missing (the tag points to an image that is not stored)"
                    % (store.url, image_hex[:12]))
+
+
+def stored_image_from(store: Store, image_hex: str, doc: Dict[str, Any]) -> StoredImage:
+    """An image as its manifest.json (read from store) describes it; FormatError if it is malformed."""
+    try:
+        if not isinstance(doc["layers"], list):
+            raise TypeError("layers is not a list")
+        layers = [LayerRecord.from_json(d) for d in doc["layers"]]
+        config_digest, config_size = doc["config"]["digest"], doc["config"]["size"]
+        if not isinstance(config_size, int) or isinstance(config_size, bool) or config_size < 0:
+            raise TypeError("config.size is not a size")
+    except (KeyError, TypeError, FormatError) as e:
+        raise FormatError("%s: malformed image manifest for %s (%s)" % (store.url, image_hex[:12], e))
+    if config_digest != "sha256:" + image_hex:
+        raise FormatError("%s: manifest of %s names another config" % (store.url, image_hex[:12]))
+    return StoredImage("sha256:" + image_hex, layers, [], config_size)
 
 
 def migrated_image(store: Store, v1_hex: str) -> Optional[str]:
@@ -5218,6 +5222,8 @@ LAYER_MEDIA_TYPES = {
 REGISTRY_PAGE = 1000  # the most tags or repositories one page lists
 REGISTRY_API_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}  # on every /v2/ answer
 BLOB_URL_TTL = 900    # seconds a presigned blob URL a client is redirected to stays valid
+REGISTRY_LISTING_TTL = 5.0  # seconds a listing of images/ or repositories/ is reused (what is pushed shows after)
+REGISTRY_INDEX_READERS = 8  # manifest.json files the digest index reads at once
 _REPO_NAME = re.compile(r"^%s(?:/%s)*$" % (_NAME_COMPONENT, _NAME_COMPONENT))
 _MANIFEST_DIGEST = re.compile(r"^[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")  # the spec's digest grammar
 
@@ -5289,14 +5295,50 @@ def page(items: Sequence[str], query: Mapping[str, List[str]]) -> Tuple[List[str
     return shown, shown[-1] if len(rest) > n and shown else None
 
 
-class Registry:
-    """The server's store as an OCI registry: read-only, manifests made (and cached) from stored images."""
+class SharedResult:
+    """What `make` returns, made at most once per `ttl` seconds and shared by every caller
+    meanwhile: who comes while it is being made waits for it; a failure is shared too."""
 
-    def __init__(self, store: Store, presign: Optional[Callable[[str], str]] = None):
+    def __init__(self, make: Callable[[], Any], ttl: float, clock: Callable[[], float] = time.monotonic):
+        self.make, self.ttl, self.clock = make, ttl, clock
+        self._lock = threading.Lock()
+        self._made_at = None  # type: Optional[float]  # when the last making began
+        self._value, self._error = None, None  # type: Any, Optional[str]
+
+    def get(self) -> Any:
+        """The result made within the last `ttl` seconds (StoreError if making it failed)."""
+        with self._lock:
+            if self._made_at is None or self.clock() - self._made_at >= self.ttl:
+                self._made_at = self.clock()
+                try:
+                    self._value, self._error = self.make(), None
+                except DogestryError as e:
+                    self._value, self._error = None, str(e)
+            if self._error is not None:
+                raise StoreError(self._error)
+            return self._value
+
+
+class Registry:
+    """The server's store as an OCI registry: read-only, manifests made from stored images.
+
+    A manifest digest is looked up in an index of every stored image's manifest digests.  A
+    digest the index lacks brings it up to date: one listing of images/, shared by concurrent
+    lookups and made at most once per `listing_ttl` seconds, then one read of each image's
+    manifest.json not read before (each image is read once: its manifests never change).  A
+    digest found is served from the image's manifest.json as it is now, so an image deleted
+    since (gc) is unknown again.  _catalog's listing is shared the same way.
+    """
+
+    def __init__(self, store: Store, presign: Optional[Callable[[str], str]] = None,
+                 clock: Callable[[], float] = time.monotonic, listing_ttl: float = REGISTRY_LISTING_TTL):
         self.store, self.presign = store, presign
         self._lock = threading.Lock()
         self._manifests = {}  # type: Dict[Tuple[str, str], Tuple[bytes, str]]  # (image hex, type) -> (bytes, digest)
         self._digests = {}    # type: Dict[str, Tuple[str, str]]               # digest -> (image hex, type)
+        self._indexed = {}    # type: Dict[str, Tuple[str, ...]]               # image hex -> its digests
+        self._index_update = SharedResult(self._update_index, listing_ttl, clock)
+        self._catalog = SharedResult(self._list_repositories, listing_ttl, clock)
 
     def tags(self, name: str) -> List[str]:
         """Every tag of a repository, sorted (NAME_UNKNOWN if it has none)."""
@@ -5307,7 +5349,10 @@ class Registry:
         return tags
 
     def repositories(self) -> List[str]:
-        """Every repository with a tag, sorted."""
+        """Every repository with a tag, sorted (as listed within the last few seconds)."""
+        return list(self._catalog.get())
+
+    def _list_repositories(self) -> List[str]:
         return sorted({key[len("repositories/"):].rpartition("/")[0] for key in self.store.list("repositories/")} - {""})
 
     def manifest(self, name: str, reference: str, media_type: str) -> Tuple[bytes, str, str]:
@@ -5315,9 +5360,7 @@ class Registry:
         repository_name(name)
         if ":" in reference:
             check_digest(reference)
-            image_hex, found_type = self._by_digest(name, reference)
-            data, digest = self._manifest_of(image_hex, found_type)
-            return data, found_type, digest
+            return self._by_digest(name, reference)
         if not _TAG_RE.match(reference):
             raise RegistryError(400, "TAG_INVALID", "invalid tag %r" % reference[:100])
         try:
@@ -5329,6 +5372,7 @@ class Registry:
         return data, media_type, digest
 
     def _manifest_of(self, image_hex: str, media_type: str) -> Tuple[bytes, str]:
+        """The manifest of the image a tag names (cached: its manifests never change)."""
         with self._lock:
             cached = self._manifests.get((image_hex, media_type))
         if cached:
@@ -5338,32 +5382,74 @@ class Registry:
             raise RegistryError(404, "MANIFEST_UNKNOWN", "image %s is in the original dogestry layout, which has no "
                                 "layer digests to serve: run 'dogestry migrate STORE' to serve it"
                                 % image_hex[:12])
+        self._index(digest_hex(image.image_id), image)
+        data = registry_manifest(image, media_type)
         with self._lock:
-            for kind in (OCI_MANIFEST, DOCKER_MANIFEST):
-                data = registry_manifest(image, kind)
-                self._manifests[(image_hex, kind)] = (data, sha256_digest(data))
-                self._digests[sha256_digest(data)] = (image_hex, kind)
-            return self._manifests[(image_hex, media_type)]
+            entry = self._manifests[(image_hex, media_type)] = (data, sha256_digest(data))
+        return entry
 
-    def _by_digest(self, name: str, digest: str) -> Tuple[str, str]:
-        """The image and manifest type a digest names: the repository's tags first, then the store."""
+    def _by_digest(self, name: str, digest: str) -> Tuple[bytes, str, str]:
+        """The manifest a digest names, of any stored image (the repository name is not checked)."""
         with self._lock:
             found = self._digests.get(digest)
-        if found:
-            return found
-        tagged = []  # type: List[str]
-        with contextlib.suppress(RegistryError):
-            tagged = [read_tag(self.store, ImageRef(name, tag)) for tag in self.tags(name)]
-        for image_hex in tagged + list_image_ids(self.store):
-            if (image_hex, OCI_MANIFEST) in self._manifests:
-                continue
-            with contextlib.suppress(DogestryError):  # the original's layout, a broken image: not this one
-                self._manifest_of(image_hex, OCI_MANIFEST)
+        if found is None:
+            self._index_update.get()
             with self._lock:
                 found = self._digests.get(digest)
-            if found:
-                return found
+        if found is not None:
+            image_hex, media_type = found
+            image = self._read_image(image_hex)
+            data = registry_manifest(image, media_type) if image else b""
+            if image and sha256_digest(data) == digest:
+                return data, media_type, digest
         raise RegistryError(404, "MANIFEST_UNKNOWN", "%s@%s is not known" % (name, digest))
+
+    def _read_image(self, image_hex: str) -> Optional[StoredImage]:
+        """An image as its manifest.json says now, indexed anew; None if it is gone (forgotten) or unusable."""
+        try:
+            doc = read_json(self.store, image_key(image_hex, "manifest.json"))
+            image = stored_image_from(self.store, image_hex, doc)
+        except NotFound:
+            with self._lock:
+                self._forget(image_hex)
+            return None
+        except FormatError:
+            image = None
+        self._index(image_hex, image)
+        return image
+
+    def _update_index(self) -> None:
+        """List images/ once; read the manifests of images the index has not seen; forget those gone."""
+        with self._lock:
+            before = set(self._indexed)
+        listed = {parts[1] for parts in (key.split("/") for key in self.store.list("images/"))
+                  if len(parts) == 3 and parts[2] == "manifest.json" and _HEX64.match(parts[1])}
+        with self._lock:
+            for image_hex in before - listed:
+                self._forget(image_hex)
+            new = sorted(listed - set(self._indexed))
+        if new:
+            with thread_pool(min(REGISTRY_INDEX_READERS, len(new)), "dogestry-index") as pool:
+                list(pool.map(self._read_image, new))
+
+    def _index(self, image_hex: str, image: Optional[StoredImage]) -> None:
+        """Record the digests of an image's manifests (none for an unusable image: it is not read again)."""
+        digests = {} if image is None else {sha256_digest(registry_manifest(image, kind)): kind
+                                            for kind in (OCI_MANIFEST, DOCKER_MANIFEST)}
+        with self._lock:
+            if self._indexed.get(image_hex) == tuple(digests):
+                return
+            self._forget(image_hex)
+            for digest, kind in digests.items():
+                self._digests[digest] = (image_hex, kind)
+            self._indexed[image_hex] = tuple(digests)
+
+    def _forget(self, image_hex: str) -> None:
+        """Drop what is known of an image (the caller holds the lock)."""
+        for digest in self._indexed.pop(image_hex, ()):
+            self._digests.pop(digest, None)
+        for kind in (OCI_MANIFEST, DOCKER_MANIFEST):
+            self._manifests.pop((image_hex, kind), None)
 
     def blob(self, digest: str) -> Tuple[str, int]:
         """(store key, size) of a blob: a stored layer, or an image's config."""

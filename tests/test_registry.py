@@ -456,3 +456,136 @@ def test_a_registry_client_leaves_no_s3_connection_open_behind(pushed, servers, 
     while open_files(server) > baseline + 3 and time.monotonic() < deadline:
         time.sleep(0.1)  # the threads of the last connections are ending
     assert open_files(server) <= baseline + 3, (baseline, open_files(server))
+
+
+def bucket_store(rgw, bucket):
+    """BUCKET as a dogestry store, read and written with the test user's keys straight at radosgw."""
+    config = dogestry.AwsConfig({"AWS_ACCESS_KEY_ID": rgw.access_key, "AWS_SECRET_ACCESS_KEY": rgw.secret_key}, "/x")
+    location = dogestry.S3Location(bucket, "", "us-east-1", rgw.endpoint)
+    return dogestry.S3Store(location, dogestry.S3Client(location, dogestry.CredentialChain(config), config))
+
+
+def store_image(store, n):
+    """Store image N (one small layer) as push writes it; return its hex and its OCI manifest's digest."""
+    layer = b"layer %d\n" % n
+    record = dogestry.LayerRecord(dogestry.sha256_digest(layer), dogestry.sha256_digest(layer), len(layer), "none")
+    store.put_bytes(dogestry.blob_key(record.digest), layer)
+    config = json.dumps({"n": n, "rootfs": {"type": "layers", "diff_ids": [record.diff_id]}}).encode()
+    image_id = dogestry.sha256_digest(config)
+    dogestry._write_image(store, image_id, config, [record])
+    manifest = dogestry.registry_manifest(dogestry.StoredImage(image_id, [record], [], len(config)),
+                                          dogestry.OCI_MANIFEST)
+    return image_id[7:], dogestry.sha256_digest(manifest)
+
+
+def tag_images(store, name, hexes, count):
+    """COUNT tags of repository NAME, t0, t1, ..., naming HEXES in turn."""
+    with dogestry.thread_pool(16, "test-tags") as pool:
+        list(pool.map(lambda i: dogestry.write_tag(store, dogestry.ImageRef(name, "t%d" % i), hexes[i % len(hexes)]),
+                      range(count)))
+
+
+def sent_to_s3(proxy, since):
+    """(method, key, listed prefix or None) of each S3 request the proxy saw after the first SINCE."""
+    return [(e["method"], e["key"], dict(e["query"]).get("prefix") if ("list-type", "2") in e["query"] else None)
+            for e in proxy.log[since:]]
+
+
+def listings(requests, prefix):
+    return [r for r in requests if r[2] == prefix]
+
+
+def unknown_digest():
+    return "sha256:" + uuid.uuid4().hex * 2
+
+
+def counted_registry(servers, base_env, puller, rgw, fault_proxy, bucket):
+    """A registry serving BUCKET through a counting proxy; the proxy."""
+    proxy = fault_proxy()
+    registry(servers, base_env, puller, "s3://%s/" % bucket, env=dict(s3_env(rgw), AWS_ENDPOINT_URL=proxy.url))
+    return proxy
+
+
+def in_parallel(paths):
+    """GET every path at once, each on its own connection; the answers in order."""
+    with dogestry.thread_pool(len(paths), "test-clients") as pool:
+        return list(pool.map(lambda path: call(HOSTS[0], "GET", path), paths))
+
+
+def test_unknown_digests_cost_one_listing_of_images_whatever_the_tags(servers, base_env, puller, rgw, fault_proxy):
+    """Each unknown digest used to read every tag of the repository, then every image: with 2,000
+    tags, 12.5 s per request for 8 in parallel.  Now concurrent lookups share one listing of images/
+    and read each image's manifest once; a repeated unknown digest costs nothing; an image pushed
+    while the server runs is found by its digest."""
+    bucket = make_bucket(rgw, "dgcost-" + uuid.uuid4().hex[:10])
+    store = bucket_store(rgw, bucket)
+    hexes = [store_image(store, n)[0] for n in range(4)]
+    tag_images(store, "team/app", hexes, 300)
+    proxy = counted_registry(servers, base_env, puller, rgw, fault_proxy, bucket)
+
+    before = len(proxy.log)
+    digests = [unknown_digest() for _ in range(16)]
+    answers = in_parallel(["/v2/team/app/manifests/" + digest for digest in digests])
+    assert {(a.status, error_code(a)) for a in answers} == {(404, "MANIFEST_UNKNOWN")}
+    sent = sent_to_s3(proxy, before)
+    assert listings(sent, "images/") == [("GET", "", "images/")], sent
+    assert sorted(key for method, key, listed in sent if listed is None) == \
+        sorted("images/%s/manifest.json" % h for h in hexes)  # each image's manifest, once
+
+    before = len(proxy.log)
+    again = v2("/v2/team/app/manifests/" + digests[0])
+    other = v2("/v2/other/name/manifests/" + unknown_digest())
+    assert (again.status, other.status) == (404, 404)
+    assert sent_to_s3(proxy, before) == []
+
+    new_hex, new_digest = store_image(store, 99)  # pushed while the server runs, not tagged
+    deadline = time.monotonic() + 4 * dogestry.REGISTRY_LISTING_TTL
+    found = v2("/v2/anything/manifests/" + new_digest)
+    while found.status == 404 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        found = v2("/v2/anything/manifests/" + new_digest)
+    assert found.status == 200 and "sha256:" + hashlib.sha256(found.body).hexdigest() == new_digest
+    assert found.json()["config"]["digest"] == "sha256:" + new_hex
+    sent = sent_to_s3(proxy, before)
+    assert ("GET", "images/%s/manifest.json" % new_hex, None) in sent
+    assert not [r for r in sent if r[1].startswith("repositories/") or r[2] not in (None, "images/")], sent
+
+
+def test_a_digest_is_checked_against_the_store_each_time_it_is_served(servers, base_env, puller, rgw, fault_proxy):
+    """A digest once found was served from memory forever, even after gc deleted its image; now each
+    answer reads the image's manifest.json (one request, no listing)."""
+    bucket = make_bucket(rgw, "dggone-" + uuid.uuid4().hex[:10])
+    store = bucket_store(rgw, bucket)
+    image_hex, digest = store_image(store, 1)
+    tag_images(store, "team/app", [image_hex], 1)
+    proxy = counted_registry(servers, base_env, puller, rgw, fault_proxy, bucket)
+    assert v2("/v2/team/app/manifests/t0").headers.getheader("Docker-Content-Digest") == digest
+
+    before = len(proxy.log)
+    assert v2("/v2/team/app/manifests/" + digest).status == 200
+    assert sent_to_s3(proxy, before) == [("GET", "images/%s/manifest.json" % image_hex, None)]
+
+    store.delete(dogestry.image_key(image_hex, "manifest.json"))  # as gc does, once the tag is gone
+    gone = v2("/v2/team/app/manifests/" + digest)
+    assert gone.status == 404 and error_code(gone) == "MANIFEST_UNKNOWN"
+
+
+def test_the_catalog_is_listed_once_for_requests_in_a_row(servers, base_env, puller, rgw, fault_proxy):
+    """_catalog listed all of repositories/ for every request; now a listing answers for a few
+    seconds (concurrent requests share it), and a repository pushed since shows after that."""
+    bucket = make_bucket(rgw, "dgcat-" + uuid.uuid4().hex[:10])
+    store = bucket_store(rgw, bucket)
+    image_hex, _ = store_image(store, 1)
+    tag_images(store, "team/app", [image_hex], 50)
+    proxy = counted_registry(servers, base_env, puller, rgw, fault_proxy, bucket)
+
+    before = len(proxy.log)
+    answers = [v2("/v2/_catalog"), v2("/v2/_catalog?n=1")] + in_parallel(["/v2/_catalog"] * 8)
+    assert {json.dumps(a.json()) for a in answers} == {'{"repositories": ["team/app"]}'}
+    assert sent_to_s3(proxy, before) == [("GET", "", "repositories/")]
+
+    tag_images(store, "team/new", [image_hex], 1)
+    deadline = time.monotonic() + 4 * dogestry.REGISTRY_LISTING_TTL
+    while v2("/v2/_catalog").json()["repositories"] != ["team/app", "team/new"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert v2("/v2/_catalog").json()["repositories"] == ["team/app", "team/new"]
