@@ -5283,13 +5283,23 @@ def check_digest(digest: str) -> Optional[str]:
     return encoded
 
 
+_DECIMAL = re.compile(r"^[0-9]+$")
+_HUGE = 1 << 63  # stands for any number of more than 18 digits: beyond every size and count
+
+
+def decimal_number(digits: str) -> int:
+    """The value of ASCII digits, at most _HUGE (int() refuses more than 4300 digits on Python 3.11+)."""
+    significant = digits.lstrip("0") or "0"
+    return int(significant) if len(significant) <= 18 else _HUGE
+
+
 def page(items: Sequence[str], query: Mapping[str, List[str]]) -> Tuple[List[str], Optional[str]]:
     """The items after `last`, at most `n` of them; and the `last` of the next page, if there is one."""
     last = (query.get("last") or [""])[0]
     text = (query.get("n") or [str(REGISTRY_PAGE)])[0]
-    if not text.isdigit():
+    if not _DECIMAL.match(text):  # ASCII digits only (str.isdigit takes '²', which int() refuses)
         raise RegistryError(400, "PAGINATION_NUMBER_INVALID", "n must be a whole number")
-    n = min(int(text), REGISTRY_PAGE)
+    n = min(decimal_number(text), REGISTRY_PAGE)
     rest = [item for item in items if item > last] if last else list(items)
     shown = rest[:n]
     return shown, shown[-1] if len(rest) > n and shown else None
@@ -5473,16 +5483,16 @@ def parse_range(header: str, size: int) -> Optional[Tuple[int, int]]:
 
     RFC 9110 section 14: a range the blob cannot satisfy is a 416.
     """
-    m = re.match(r"^bytes=(\d*)-(\d*)$", header.strip())
+    m = re.match(r"^bytes=([0-9]*)-([0-9]*)$", header.strip())
     if not m or not (m.group(1) or m.group(2)):
         return None  # not a single byte range: ignored, as the RFC allows
     if not m.group(1):  # the last N bytes
-        n = int(m.group(2))
+        n = decimal_number(m.group(2))
         if n == 0:
             raise RegistryError(416, "RANGE_INVALID", "an empty suffix range")
         return max(0, size - n), size - 1
-    first = int(m.group(1))
-    last = min(int(m.group(2)), size - 1) if m.group(2) else size - 1
+    first = decimal_number(m.group(1))
+    last = min(decimal_number(m.group(2)), size - 1) if m.group(2) else size - 1
     if first >= size or last < first:
         raise RegistryError(416, "RANGE_INVALID", "bytes %s are outside the blob's %d" % (header[6:40], size))
     return first, last

@@ -417,6 +417,28 @@ def test_htpasswd_and_docker_login(pushed, servers, base_env, puller, tmp_path):
     forget(puller, ref(NAMES[0]))
 
 
+def test_numbers_no_int_can_hold_are_refused_or_read_as_huge(pushed, servers, base_env, puller):
+    """?n=² (a Unicode digit), ?n= of 5,000 digits and a Range of 5,000 digits were 500s with a
+    traceback (str.isdigit takes '²'; int() refuses more than 4,300 digits)."""
+    registry(servers, base_env, puller, pushed.store)
+    for path in ("/v2/_catalog?n=%C2%B2", "/v2/team/app/tags/list?n=%C2%B2", "/v2/_catalog?n=%D9%A3"):
+        answer = v2(path)
+        assert answer.status == 400 and error_code(answer) == "PAGINATION_NUMBER_INVALID", (path, answer)
+    huge = "9" * 5000
+    assert v2("/v2/_catalog?n=" + huge).json() == {"repositories": ["a/b/c/app", "team/app"]}
+    assert v2("/v2/team/app/tags/list?n=000" + huge).json()["tags"] == ["1", "2"]
+
+    layer = v2("/v2/team/app/manifests/1").json()["layers"][1]
+    path = "/v2/team/app/blobs/" + layer["digest"]
+    whole = v2(path).body
+    for wanted in ("bytes=0-" + huge, "bytes=-" + huge):
+        part = v2(path, {"Range": wanted})
+        assert part.status == 206 and part.body == whole, wanted[:20]
+        assert part.headers.getheader("Content-Range") == "bytes 0-%d/%d" % (len(whole) - 1, len(whole))
+    beyond = v2(path, {"Range": "bytes=%s-" % huge})
+    assert beyond.status == 416 and error_code(beyond) == "RANGE_INVALID"
+
+
 def test_https_with_a_test_ca(pushed, servers, base_env, puller, tmp_path_factory):
     d = ca_dir(tmp_path_factory, "regtls")
     make_leaf(d, "ca", "server", "/CN=%s" % HOSTS[0], server_ext("IP:%s" % HOSTS[0]))
