@@ -5231,9 +5231,9 @@ _MANIFEST_DIGEST = re.compile(r"^[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$"
 class RegistryError(DogestryError):
     """An answer of the registry API other than success: HTTP status, the spec's error code."""
 
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str, headers: Optional[Dict[str, str]] = None):
         super().__init__(message)
-        self.status, self.code = status, code
+        self.status, self.code, self.headers = status, code, headers or {}
 
 
 def registry_manifest(image: StoredImage, media_type: str) -> bytes:
@@ -5515,17 +5515,68 @@ def password_hash(password: str, salt: Optional[str] = None, iterations: int = P
 
 def password_matches(password: str, stored: str) -> bool:
     """Does a password match a pbkdf2_sha256 hash (in constant time)?"""
-    parts = stored.split("$")
-    if len(parts) != 4 or parts[0] != "pbkdf2_sha256" or not parts[1].isdigit() or not 1 <= int(parts[1]) <= 10 ** 7:
+    iterations = hash_iterations(stored)
+    if iterations is None:
         return False
-    return hmac.compare_digest(password_hash(password, parts[2], int(parts[1])), stored)
+    return hmac.compare_digest(password_hash(password, stored.split("$")[2], iterations), stored)
+
+
+def hash_iterations(stored: str) -> Optional[int]:
+    """The iteration count of a pbkdf2_sha256 hash (None unless it is 1 to 10**7)."""
+    parts = stored.split("$")
+    if len(parts) != 4 or parts[0] != "pbkdf2_sha256" or not _DECIMAL.match(parts[1]) or len(parts[1]) > 8:
+        return None
+    return int(parts[1]) if 1 <= int(parts[1]) <= 10 ** 7 else None
+
+
+AUTH_FAILURES = 5          # wrong passwords a client address may try in a row before it must wait
+AUTH_FAILURE_REFILL = 2.0  # seconds after which it may try one more
+AUTH_CLIENTS = 4096        # client addresses whose failures are remembered (the least recent are forgotten)
+
+
+class FailureLimiter:
+    """A token bucket of password checks per client address: AUTH_FAILURES at once, then one more
+    every AUTH_FAILURE_REFILL seconds; a check that succeeds costs nothing."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, burst: int = AUTH_FAILURES,
+                 refill: float = AUTH_FAILURE_REFILL, most: int = AUTH_CLIENTS):
+        self.clock, self.burst, self.refill, self.most = clock, burst, refill, most
+        self._lock = threading.Lock()
+        self._buckets = collections.OrderedDict()  # type: collections.OrderedDict[str, Tuple[float, float]]
+        # client -> (tokens, when counted), the least recently used first
+
+    def reserve(self, client: str) -> float:
+        """Take a check for a client: 0.0, or (none left) the seconds until it may check again."""
+        with self._lock:
+            now = self.clock()
+            tokens, since = self._buckets.pop(client, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - since) / self.refill)
+            self._buckets[client] = (tokens - 1 if tokens >= 1 else tokens, now)
+            while len(self._buckets) > self.most:
+                self._buckets.popitem(last=False)
+            return 0.0 if tokens >= 1 else (1 - tokens) * self.refill
+
+    def give_back(self, client: str) -> None:
+        """A check succeeded: return what it took."""
+        with self._lock:
+            tokens, since = self._buckets.get(client, (float(self.burst), 0.0))
+            if tokens + 1 >= self.burst:
+                self._buckets.pop(client, None)  # a full bucket need not be remembered
+            else:
+                self._buckets[client] = (tokens + 1, since)
 
 
 class Htpasswd:
-    """The users of -htpasswd FILE; a password once checked is remembered (PBKDF2 is slow on purpose)."""
+    """The users of -htpasswd FILE; a password once checked is remembered (PBKDF2 is slow on purpose).
 
-    def __init__(self, path: str):
-        self.path, self.users = path, {}  # type: str, Dict[str, str]
+    An unknown user costs the same PBKDF2 work as a known one (checked against a hash of the
+    iterations most users have), so answer times do not tell which users exist; a client address
+    may check only so many passwords in a row (FailureLimiter).
+    """
+
+    def __init__(self, path: str, clock: Callable[[], float] = time.monotonic,
+                 matches: Callable[[str, str], bool] = password_matches):
+        self.path, self.users, self.matches = path, {}, matches  # type: str, Dict[str, str], Callable[[str, str], bool]
         try:
             with open(path, encoding="utf-8") as f:
                 lines = f.read().splitlines()
@@ -5543,9 +5594,18 @@ class Htpasswd:
             raise UsageError("-htpasswd %s lists no user" % path)
         self._known = set()  # type: Set[str]
         self._lock = threading.Lock()
+        self._limiter = FailureLimiter(clock)
+        counts = collections.Counter(hash_iterations(stored) for stored in self.users.values())
+        iterations = max(((n, i) for i, n in counts.items() if i is not None), default=(0, PBKDF2_ITERATIONS))[1]
+        self._nobody = "pbkdf2_sha256$%d$%s$%s" % (iterations, binascii.hexlify(os.urandom(9)).decode(),
+                                                   base64.b64encode(os.urandom(32)).decode())  # matches no password
 
-    def allows(self, authorization: str) -> bool:
-        """Is `Authorization: Basic …` one of the users with the right password?"""
+    def allows(self, authorization: str, client: str = "") -> bool:
+        """Is `Authorization: Basic …` one of the users with the right password?
+
+        RegistryError 429 (TOOMANYREQUESTS), without checking, when `client` (an address) has
+        run out of checks; a password remembered as right is let through even then.
+        """
         scheme, _, token = authorization.strip().partition(" ")
         if scheme.lower() != "basic":
             return False
@@ -5554,14 +5614,17 @@ class Htpasswd:
         except (ValueError, UnicodeDecodeError, binascii.Error):
             return False
         stored = self.users.get(user)
-        if stored is None:
-            return False
-        remembered = hashlib.sha256(("%s\0%s\0%s" % (user, password, stored)).encode()).hexdigest()
+        remembered = hashlib.sha256(("%s\0%s\0%s" % (user, password, stored or self._nobody)).encode()).hexdigest()
         with self._lock:
-            if remembered in self._known:
+            if stored is not None and remembered in self._known:
                 return True
-        if not password_matches(password, stored):
+        wait = self._limiter.reserve(client)
+        if wait:
+            raise RegistryError(429, "TOOMANYREQUESTS", "too many failed logins from %s: try again in %d s"
+                                % (client, int(wait) + 1), {"Retry-After": str(int(wait) + 1)})
+        if not self.matches(password, stored or self._nobody) or stored is None:
             return False
+        self._limiter.give_back(client)
         with self._lock:
             self._known.add(remembered)
         return True
@@ -6975,7 +7038,7 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
         try:
             self._registry_answer()
         except RegistryError as e:
-            extra = {"WWW-Authenticate": 'Basic realm="dogestry"'} if e.status == 401 else {}
+            extra = dict(e.headers, **({"WWW-Authenticate": 'Basic realm="dogestry"'} if e.status == 401 else {}))
             self._registry_send(e.status, registry_error_body(e.code, self.server.public(str(e))), extra=extra)
         except NotFound as e:
             self._registry_send(404, registry_error_body("MANIFEST_UNKNOWN", self.server.public(str(e))))
@@ -6991,7 +7054,8 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
         if registry is None:
             raise RegistryError(404, "UNSUPPORTED", "this dogestry server has no store: the registry API needs one "
                                 "(dogestry -server STORE)")
-        if self.server.htpasswd is not None and not self.server.htpasswd.allows(self.headers.get("Authorization", "")):
+        htpasswd = self.server.htpasswd
+        if htpasswd is not None and not htpasswd.allows(self.headers.get("Authorization", ""), self.client_address[0]):
             raise RegistryError(401, "UNAUTHORIZED", "authentication required")
         if self.command not in ("GET", "HEAD"):
             raise RegistryError(405, "UNSUPPORTED", "this registry is read-only: push with dogestry push")

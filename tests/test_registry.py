@@ -417,6 +417,111 @@ def test_htpasswd_and_docker_login(pushed, servers, base_env, puller, tmp_path):
     forget(puller, ref(NAMES[0]))
 
 
+def basic(user, password):
+    return "Basic " + base64.b64encode(("%s:%s" % (user, password)).encode()).decode()
+
+
+class CountedChecks:
+    """dogestry.password_matches, recording the iteration count of every hash it checks (the PBKDF2 work)."""
+
+    def __init__(self):
+        self.iterations = []
+
+    def __call__(self, password, stored):
+        self.iterations.append(dogestry.hash_iterations(stored))
+        return dogestry.password_matches(password, stored)
+
+
+def htpasswd_of(tmp_path, users):
+    """An -htpasswd file of USERS: {user: (password, iterations)}."""
+    path = tmp_path / "htpasswd"
+    path.write_text("".join("%s:%s\n" % (user, dogestry.password_hash(password, iterations=iterations))
+                            for user, (password, iterations) in users.items()))
+    return str(path)
+
+
+def test_an_unknown_user_costs_the_same_password_check_as_a_known_one(tmp_path):
+    """Unknown users were refused in 1 ms, known ones after 150-200 ms of PBKDF2: the answer time
+    told which users exist.  Now an unknown user's password is checked too, against a hash of the
+    iterations most users have; a password remembered as right is not checked again."""
+    checks = CountedChecks()
+    users = {"alice": ("a", 1000), "bob": ("b", 1000), "carol": ("c", 2000)}
+    htpasswd = dogestry.Htpasswd(htpasswd_of(tmp_path, users), matches=checks)
+    assert not htpasswd.allows(basic("alice", "wrong"), "10.0.0.1")
+    assert not htpasswd.allows(basic("mallory", "guess"), "10.0.0.2")
+    assert checks.iterations == [1000, 1000]
+    assert htpasswd.allows(basic("carol", "c"), "10.0.0.3") and htpasswd.allows(basic("carol", "c"), "10.0.0.3")
+    assert checks.iterations == [1000, 1000, 2000]  # the second time, remembered
+
+
+def test_an_address_runs_out_of_password_checks_and_gets_them_back_with_time(tmp_path):
+    """16 wrong passwords at once cost ~3 s of CPU each; now an address may check AUTH_FAILURES in a
+    row, then one more every AUTH_FAILURE_REFILL seconds, and is answered 429 meanwhile without any
+    work.  Right passwords cost an address nothing, and other addresses are not held back."""
+    now = [0.0]
+    checks = CountedChecks()
+    users = {"user%d" % n: ("pw%d" % n, 1000) for n in range(dogestry.AUTH_FAILURES + 1)}
+    users["alice"] = ("a", 1000)
+    htpasswd = dogestry.Htpasswd(htpasswd_of(tmp_path, users), clock=lambda: now[0], matches=checks)
+    for _ in range(dogestry.AUTH_FAILURES):
+        assert not htpasswd.allows(basic("alice", "wrong"), "10.0.0.1")
+    for user in ("alice", "nobody"):
+        with pytest.raises(dogestry.RegistryError) as refused:
+            htpasswd.allows(basic(user, "wrong"), "10.0.0.1")
+        assert (refused.value.status, refused.value.code) == (429, "TOOMANYREQUESTS")
+        assert refused.value.headers == {"Retry-After": "%d" % (dogestry.AUTH_FAILURE_REFILL + 1)}
+    assert len(checks.iterations) == dogestry.AUTH_FAILURES
+
+    assert htpasswd.allows(basic("alice", "a"), "10.0.0.2")  # another address
+    assert htpasswd.allows(basic("alice", "a"), "10.0.0.1")  # remembered as right: passes even here
+    for n in range(dogestry.AUTH_FAILURES + 1):  # more right passwords than an address may check wrong ones
+        assert htpasswd.allows(basic("user%d" % n, "pw%d" % n), "10.0.0.3")
+    for _ in range(dogestry.AUTH_FAILURES):  # and they took none of its checks
+        assert not htpasswd.allows(basic("alice", "wrong"), "10.0.0.3")
+    assert len(checks.iterations) == 3 * dogestry.AUTH_FAILURES + 2
+
+    now[0] += dogestry.AUTH_FAILURE_REFILL
+    assert not htpasswd.allows(basic("alice", "wrong"), "10.0.0.1")  # one more check, then none
+    with pytest.raises(dogestry.RegistryError):
+        htpasswd.allows(basic("alice", "wrong"), "10.0.0.1")
+
+
+def test_the_failures_of_only_so_many_addresses_are_remembered():
+    limiter = dogestry.FailureLimiter(lambda: 0.0, burst=1, refill=60.0, most=2)
+    assert limiter.reserve("10.0.0.1") == 0.0 and limiter.reserve("10.0.0.1") == 60.0
+    assert limiter.reserve("10.0.0.2") == 0.0 and limiter.reserve("10.0.0.3") == 0.0
+    assert limiter.reserve("10.0.0.1") == 0.0  # forgotten: the least recent of three
+
+
+@pytest.mark.parametrize("count", ["\u00b2", "6" * 5000, "-1", "0"], ids=["superscript-two", "5000-digits", "negative",
+                                                                          "zero"])
+def test_a_hash_with_a_strange_iteration_count_matches_nothing(count):
+    """'²' passed str.isdigit() and then made int() raise: a traceback at every login."""
+    stored = dogestry.password_hash("pw", iterations=1000).replace("$1000$", "$%s$" % count)
+    assert dogestry.password_matches("pw", stored) is False
+
+
+def test_wrong_passwords_from_one_address_get_429_at_once(pushed, servers, base_env, puller, tmp_path):
+    """16 wrong passwords in parallel from one address: AUTH_FAILURES are checked (401), the rest are
+    answered 429 without the work; a right password from another address still gets in."""
+    attacker, user = loopback_addresses(2)
+    path = htpasswd_of(tmp_path, {"alice": ("s3cret", dogestry.PBKDF2_ITERATIONS)})
+    registry(servers, base_env, puller, pushed.store, "-htpasswd", path)
+    started = time.monotonic()
+    with dogestry.thread_pool(16, "test-logins") as pool:
+        answers = list(pool.map(lambda n: call(HOSTS[0], "GET", "/v2/", {"Authorization": basic("alice", "no%d" % n)},
+                                               source=attacker), range(16)))
+    refills = (time.monotonic() - started) / dogestry.AUTH_FAILURE_REFILL
+    statuses = sorted(a.status for a in answers)
+    assert dogestry.AUTH_FAILURES <= statuses.count(401) <= dogestry.AUTH_FAILURES + refills + 1, statuses
+    throttled = [a for a in answers if a.status == 429]
+    assert throttled and statuses.count(401) + len(throttled) == 16, statuses
+    assert {error_code(a) for a in throttled} == {"TOOMANYREQUESTS"}
+    assert all(int(a.headers.getheader("Retry-After")) >= 1 for a in throttled)
+    right = call(HOSTS[0], "GET", "/v2/team/app/tags/list", {"Authorization": basic("alice", "s3cret")}, source=user)
+    assert right.status == 200 and right.json()["tags"] == ["1", "2"]
+
+
 def test_numbers_no_int_can_hold_are_refused_or_read_as_huge(pushed, servers, base_env, puller):
     """?n=² (a Unicode digit), ?n= of 5,000 digits and a Range of 5,000 digits were 500s with a
     traceback (str.isdigit takes '²'; int() refuses more than 4,300 digits)."""
