@@ -6282,6 +6282,12 @@ def copy_image(found: FoundImage, dst: Store, copier: BlobCopier, progress: Prog
 # refused; nothing is ever proxied to dockerd.  See the README's security model.
 
 SERVER_MAX_PULLS = 2
+SERVER_MAX_CONNECTIONS = 512  # the most connections served at once by default, open files permitting
+# Open files a server keeps for itself, out of its open-files limit (RLIMIT_NOFILE):
+SERVER_OWN_FILES = 32   # stdio, the listening socket, the spare, the selector, the registry's index readers (8)
+SERVER_PULL_FILES = 24  # a pull: its docker connections (two pipelined loads, inspect and tag) and S3
+                        # connections (two tar streams, each reading a blob with 4 ranged GETs, and more)
+SERVER_CONNECTION_FILES = 2  # a client's connection: its socket, and the store connection or file its thread reads
 SERVER_BODY_LIMIT = 1 << 20
 SERVER_BACKLOG = 1024  # a burst of connections waits in the kernel, not in SYN retries (capped by somaxconn)
 SERVER_WRITE_TIMEOUT = 60.0
@@ -6302,7 +6308,7 @@ def _is_registry_path(target: str) -> bool:
 class ServerLimits(NamedTuple):
     """What one server lets its clients hold: connections, request time, pulls."""
 
-    max_connections: int = 512
+    max_connections: int = SERVER_MAX_CONNECTIONS
     read_timeout: float = 30.0      # from waiting for a request to the end of its body
     max_pulls: int = SERVER_MAX_PULLS
     pulls_per_client: int = 1
@@ -7421,13 +7427,34 @@ def registry_presigner(store: Store) -> Optional[Callable[[str], str]]:
     return lambda key: store.client.presign(store.location.prefix + key, BLOB_URL_TTL)
 
 
-def raise_open_files_limit() -> None:
-    """Let a server use every file descriptor it is allowed (the soft limit up to the hard one, as Go does)."""
-    with contextlib.suppress(ImportError, ValueError, OSError):
+def raise_open_files_limit() -> Optional[int]:
+    """Let a server use every file descriptor it is allowed (the soft limit up to the hard one, as Go
+    does); return the limit it has now (None where there is none to know)."""
+    try:
         import resource
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft != hard:
+    except (ImportError, ValueError, OSError):
+        return None
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def server_max_connections(asked: Optional[int], open_files: Optional[int], max_pulls: int = SERVER_MAX_PULLS) -> int:
+    """The connections a server serves at once: `asked` (-max-connections), which the open-files limit
+    must allow, or else what that limit leaves after the server's own files, at most SERVER_MAX_CONNECTIONS."""
+    if open_files is None:
+        return asked or SERVER_MAX_CONNECTIONS
+    spare = (open_files - SERVER_OWN_FILES - max_pulls * SERVER_PULL_FILES) // SERVER_CONNECTION_FILES
+    room = max(1, min(SERVER_MAX_CONNECTIONS, spare))
+    if asked is None:
+        return room
+    if asked > open_files:
+        raise UsageError("-max-connections %d is more than the open-files limit of %d (ulimit -n); without it "
+                         "the server serves %d, leaving files for its own use" % (asked, open_files, room))
+    return asked
 
 
 OPEN_SERVER_WARNING = (
@@ -7439,6 +7466,9 @@ OPEN_SERVER_WARNING = (
 def cmd_server(ctx: Context) -> int:
     """-server [STORE]: serve image pulls to docker clients and dogestry -pullhosts."""
     options = ctx.options
+    open_files = raise_open_files_limit()
+    limits = ServerLimits(max_connections=server_max_connections(options.max_connections, open_files),
+                          read_timeout=options.read_timeout)
     own = ctx.remotes.get(options.store, options.store) if options.store else None
     private, registry = "", None  # type: str, Optional[Registry]
     if own:
@@ -7450,7 +7480,6 @@ def cmd_server(ctx: Context) -> int:
     policy = ServerPolicy(own, options.allow or [], options.registry or [],
                           ctx.environ.get("AWS_ENDPOINT_URL_S3") or ctx.environ.get("AWS_ENDPOINT_URL"))
     tls = server_tls_context(options, ctx.environ, ctx.home)
-    limits = ServerLimits(max_connections=options.max_connections, read_timeout=options.read_timeout)
 
     def open_for(choice: StoreChoice, creds: Optional[Credentials]) -> Store:
         if choice.own:
@@ -7458,17 +7487,18 @@ def cmd_server(ctx: Context) -> int:
         assert choice.location is not None
         return ctx.s3_store(choice.location, creds)
 
-    raise_open_files_limit()
     try:
         server = DogestryServer((options.address, options.port), ctx.docker(), policy, open_for,
                                 ctx.presigned_store, ctx.stdout, ctx.stderr, tls, limits, private, registry,
                                 htpasswd, options.redirect)
     except OSError as e:
         raise DogestryError("cannot listen on %s:%d: %s" % (options.address, options.port, _os_reason(e)))
-    ctx.stdout.write("dogestry server %s listening on %s:%d%s (Docker at %s)\n"
+    ctx.stdout.write("dogestry server %s listening on %s:%d%s (Docker at %s; %d connections at most, %s)\n"
                      % (__version__, options.address, server.server_address[1],
                         " with TLS" + (", client certificates required" if options.tlsverify else "") if tls else "",
-                        server.docker.endpoint.url))
+                        server.docker.endpoint.url, limits.max_connections,
+                        "-max-connections" if options.max_connections is not None else
+                        "for an open-files limit of %d" % open_files if open_files is not None else "the default"))
     ctx.stdout.flush()
     if policy.is_open:
         ctx.stderr.write(OPEN_SERVER_WARNING + "\n")
@@ -7965,8 +7995,9 @@ def _add_global_options(parser: argparse.ArgumentParser) -> None:
     flag("redirect", metavar="BOOL", type=parse_bool, nargs="?", const=True, default=True,
          help="with -server STORE on S3: send registry clients to presigned S3 URLs for blobs (default true; "
               "-redirect=false streams them through the server)")
-    flag("max-connections", metavar="N", type=int, default=server_defaults.max_connections,
-         help="with -server: connections served at once (default %d)" % server_defaults.max_connections)
+    flag("max-connections", metavar="N", type=int,
+         help="with -server: connections served at once (default: what the open-files limit leaves room for, "
+              "at most %d)" % SERVER_MAX_CONNECTIONS)
     parser.add_argument("-version", "--version", "-v", action="store_true", help="print the version and exit")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
@@ -8063,7 +8094,8 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: List[str]) -> argp
         return parser.parse_args(argv)
     if not 0 <= early.port <= 65535:
         raise UsageError("-port %d is not a TCP port (0-65535)" % early.port)
-    if early.read_timeout <= 0 or early.max_connections < 1 or early.host_timeout <= 0:
+    if early.read_timeout <= 0 or (early.max_connections is not None and early.max_connections < 1) \
+            or early.host_timeout <= 0:
         raise UsageError("-read-timeout, -host-timeout and -max-connections must be positive")
     if early.server:
         if len(rest) > 1 or any(r.startswith("-") for r in rest):
