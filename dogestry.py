@@ -66,6 +66,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import weakref
 import zlib
 from xml.etree import ElementTree
 from xml.sax.saxutils import escape as xml_escape
@@ -1911,7 +1912,8 @@ class S3Client:
         self._config = config
         self._local = threading.local()
         self._skew = 0.0
-        self._conns = set()  # type: Set[http.client.HTTPConnection]  # every thread's, for cancel()
+        # every live thread's, for cancel(): weak, so a thread's connections close when it ends
+        self._conns = weakref.WeakSet()  # type: weakref.WeakSet[http.client.HTTPConnection]
         self._conns_lock = threading.Lock()
 
     # -- addressing --
@@ -3105,19 +3107,7 @@ def original_images_at_root(store: Store) -> List[Tuple[ImageRef, str]]:
 def load_stored_image(store: Store, image_hex: str) -> StoredImage:
     """Read an image's manifest (or, for the original layout, walk its v1 chain)."""
     if store.stat(image_key(image_hex, "manifest.json")) is not None:
-        doc = read_json(store, image_key(image_hex, "manifest.json"))
-        try:
-            if not isinstance(doc["layers"], list):
-                raise TypeError("layers is not a list")
-            layers = [LayerRecord.from_json(d) for d in doc["layers"]]
-            config_digest, config_size = doc["config"]["digest"], doc["config"]["size"]
-            if not isinstance(config_size, int) or isinstance(config_size, bool) or config_size < 0:
-                raise TypeError("config.size is not a size")
-        except (KeyError, TypeError, FormatError) as e:
-            raise FormatError("%s: malformed image manifest for %s (%s)" % (store.url, image_hex[:12], e))
-        if config_digest != "sha256:" + image_hex:
-            raise FormatError("%s: manifest of %s names another config" % (store.url, image_hex[:12]))
-        return StoredImage("sha256:" + image_hex, layers, [], config_size)
+        return stored_image_from(store, image_hex, read_json(store, image_key(image_hex, "manifest.json")))
     if store.stat(image_key(image_hex, "json")) is not None:
         migrated = migrated_image(store, image_hex)
         if migrated is not None:
@@ -3125,6 +3115,22 @@ def load_stored_image(store: Store, image_hex: str) -> StoredImage:
         return StoredImage(image_hex, [], legacy_chain(store, image_hex))
     raise NotFound("%s: image %s is missing (the tag points to an image that is not stored)"
                    % (store.url, image_hex[:12]))
+
+
+def stored_image_from(store: Store, image_hex: str, doc: Dict[str, Any]) -> StoredImage:
+    """An image as its manifest.json (read from store) describes it; FormatError if it is malformed."""
+    try:
+        if not isinstance(doc["layers"], list):
+            raise TypeError("layers is not a list")
+        layers = [LayerRecord.from_json(d) for d in doc["layers"]]
+        config_digest, config_size = doc["config"]["digest"], doc["config"]["size"]
+        if not isinstance(config_size, int) or isinstance(config_size, bool) or config_size < 0:
+            raise TypeError("config.size is not a size")
+    except (KeyError, TypeError, FormatError) as e:
+        raise FormatError("%s: malformed image manifest for %s (%s)" % (store.url, image_hex[:12], e))
+    if config_digest != "sha256:" + image_hex:
+        raise FormatError("%s: manifest of %s names another config" % (store.url, image_hex[:12]))
+    return StoredImage("sha256:" + image_hex, layers, [], config_size)
 
 
 def migrated_image(store: Store, v1_hex: str) -> Optional[str]:
@@ -5323,6 +5329,8 @@ LAYER_MEDIA_TYPES = {
 REGISTRY_PAGE = 1000  # the most tags or repositories one page lists
 REGISTRY_API_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}  # on every /v2/ answer
 BLOB_URL_TTL = 900    # seconds a presigned blob URL a client is redirected to stays valid
+REGISTRY_LISTING_TTL = 5.0  # seconds a listing of images/ or repositories/ is reused (what is pushed shows after)
+REGISTRY_INDEX_READERS = 8  # manifest.json files the digest index reads at once
 _REPO_NAME = re.compile(r"^%s(?:/%s)*$" % (_NAME_COMPONENT, _NAME_COMPONENT))
 _MANIFEST_DIGEST = re.compile(r"^[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")  # the spec's digest grammar
 
@@ -5330,9 +5338,9 @@ _MANIFEST_DIGEST = re.compile(r"^[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$"
 class RegistryError(DogestryError):
     """An answer of the registry API other than success: HTTP status, the spec's error code."""
 
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str, headers: Optional[Dict[str, str]] = None):
         super().__init__(message)
-        self.status, self.code = status, code
+        self.status, self.code, self.headers = status, code, headers or {}
 
 
 def registry_manifest(image: StoredImage, media_type: str) -> bytes:
@@ -5382,26 +5390,72 @@ def check_digest(digest: str) -> Optional[str]:
     return encoded
 
 
+_DECIMAL = re.compile(r"^[0-9]+$")
+_HUGE = 1 << 63  # stands for any number of more than 18 digits: beyond every size and count
+
+
+def decimal_number(digits: str) -> int:
+    """The value of ASCII digits, at most _HUGE (int() refuses more than 4300 digits on Python 3.11+)."""
+    significant = digits.lstrip("0") or "0"
+    return int(significant) if len(significant) <= 18 else _HUGE
+
+
 def page(items: Sequence[str], query: Mapping[str, List[str]]) -> Tuple[List[str], Optional[str]]:
     """The items after `last`, at most `n` of them; and the `last` of the next page, if there is one."""
     last = (query.get("last") or [""])[0]
     text = (query.get("n") or [str(REGISTRY_PAGE)])[0]
-    if not text.isdigit():
+    if not _DECIMAL.match(text):  # ASCII digits only (str.isdigit takes '²', which int() refuses)
         raise RegistryError(400, "PAGINATION_NUMBER_INVALID", "n must be a whole number")
-    n = min(int(text), REGISTRY_PAGE)
+    n = min(decimal_number(text), REGISTRY_PAGE)
     rest = [item for item in items if item > last] if last else list(items)
     shown = rest[:n]
     return shown, shown[-1] if len(rest) > n and shown else None
 
 
-class Registry:
-    """The server's store as an OCI registry: read-only, manifests made (and cached) from stored images."""
+class SharedResult:
+    """What `make` returns, made at most once per `ttl` seconds and shared by every caller
+    meanwhile: who comes while it is being made waits for it; a failure is shared too."""
 
-    def __init__(self, store: Store, presign: Optional[Callable[[str], str]] = None):
+    def __init__(self, make: Callable[[], Any], ttl: float, clock: Callable[[], float] = time.monotonic):
+        self.make, self.ttl, self.clock = make, ttl, clock
+        self._lock = threading.Lock()
+        self._made_at = None  # type: Optional[float]  # when the last making began
+        self._value, self._error = None, None  # type: Any, Optional[str]
+
+    def get(self) -> Any:
+        """The result made within the last `ttl` seconds (StoreError if making it failed)."""
+        with self._lock:
+            if self._made_at is None or self.clock() - self._made_at >= self.ttl:
+                self._made_at = self.clock()
+                try:
+                    self._value, self._error = self.make(), None
+                except DogestryError as e:
+                    self._value, self._error = None, str(e)
+            if self._error is not None:
+                raise StoreError(self._error)
+            return self._value
+
+
+class Registry:
+    """The server's store as an OCI registry: read-only, manifests made from stored images.
+
+    A manifest digest is looked up in an index of every stored image's manifest digests.  A
+    digest the index lacks brings it up to date: one listing of images/, shared by concurrent
+    lookups and made at most once per `listing_ttl` seconds, then one read of each image's
+    manifest.json not read before (each image is read once: its manifests never change).  A
+    digest found is served from the image's manifest.json as it is now, so an image deleted
+    since (gc) is unknown again.  _catalog's listing is shared the same way.
+    """
+
+    def __init__(self, store: Store, presign: Optional[Callable[[str], str]] = None,
+                 clock: Callable[[], float] = time.monotonic, listing_ttl: float = REGISTRY_LISTING_TTL):
         self.store, self.presign = store, presign
         self._lock = threading.Lock()
         self._manifests = {}  # type: Dict[Tuple[str, str], Tuple[bytes, str]]  # (image hex, type) -> (bytes, digest)
         self._digests = {}    # type: Dict[str, Tuple[str, str]]               # digest -> (image hex, type)
+        self._indexed = {}    # type: Dict[str, Tuple[str, ...]]               # image hex -> its digests
+        self._index_update = SharedResult(self._update_index, listing_ttl, clock)
+        self._catalog = SharedResult(self._list_repositories, listing_ttl, clock)
 
     def tags(self, name: str) -> List[str]:
         """Every tag of a repository, sorted (NAME_UNKNOWN if it has none)."""
@@ -5412,7 +5466,10 @@ class Registry:
         return tags
 
     def repositories(self) -> List[str]:
-        """Every repository with a tag, sorted."""
+        """Every repository with a tag, sorted (as listed within the last few seconds)."""
+        return list(self._catalog.get())
+
+    def _list_repositories(self) -> List[str]:
         return sorted({key[len("repositories/"):].rpartition("/")[0] for key in self.store.list("repositories/")} - {""})
 
     def manifest(self, name: str, reference: str, media_type: str) -> Tuple[bytes, str, str]:
@@ -5420,9 +5477,7 @@ class Registry:
         repository_name(name)
         if ":" in reference:
             check_digest(reference)
-            image_hex, found_type = self._by_digest(name, reference)
-            data, digest = self._manifest_of(image_hex, found_type)
-            return data, found_type, digest
+            return self._by_digest(name, reference)
         if not _TAG_RE.match(reference):
             raise RegistryError(400, "TAG_INVALID", "invalid tag %r" % reference[:100])
         try:
@@ -5434,6 +5489,7 @@ class Registry:
         return data, media_type, digest
 
     def _manifest_of(self, image_hex: str, media_type: str) -> Tuple[bytes, str]:
+        """The manifest of the image a tag names (cached: its manifests never change)."""
         with self._lock:
             cached = self._manifests.get((image_hex, media_type))
         if cached:
@@ -5443,32 +5499,74 @@ class Registry:
             raise RegistryError(404, "MANIFEST_UNKNOWN", "image %s is in the original dogestry layout, which has no "
                                 "layer digests to serve: run 'dogestry migrate STORE' to serve it"
                                 % image_hex[:12])
+        self._index(digest_hex(image.image_id), image)
+        data = registry_manifest(image, media_type)
         with self._lock:
-            for kind in (OCI_MANIFEST, DOCKER_MANIFEST):
-                data = registry_manifest(image, kind)
-                self._manifests[(image_hex, kind)] = (data, sha256_digest(data))
-                self._digests[sha256_digest(data)] = (image_hex, kind)
-            return self._manifests[(image_hex, media_type)]
+            entry = self._manifests[(image_hex, media_type)] = (data, sha256_digest(data))
+        return entry
 
-    def _by_digest(self, name: str, digest: str) -> Tuple[str, str]:
-        """The image and manifest type a digest names: the repository's tags first, then the store."""
+    def _by_digest(self, name: str, digest: str) -> Tuple[bytes, str, str]:
+        """The manifest a digest names, of any stored image (the repository name is not checked)."""
         with self._lock:
             found = self._digests.get(digest)
-        if found:
-            return found
-        tagged = []  # type: List[str]
-        with contextlib.suppress(RegistryError):
-            tagged = [read_tag(self.store, ImageRef(name, tag)) for tag in self.tags(name)]
-        for image_hex in tagged + list_image_ids(self.store):
-            if (image_hex, OCI_MANIFEST) in self._manifests:
-                continue
-            with contextlib.suppress(DogestryError):  # the original's layout, a broken image: not this one
-                self._manifest_of(image_hex, OCI_MANIFEST)
+        if found is None:
+            self._index_update.get()
             with self._lock:
                 found = self._digests.get(digest)
-            if found:
-                return found
+        if found is not None:
+            image_hex, media_type = found
+            image = self._read_image(image_hex)
+            data = registry_manifest(image, media_type) if image else b""
+            if image and sha256_digest(data) == digest:
+                return data, media_type, digest
         raise RegistryError(404, "MANIFEST_UNKNOWN", "%s@%s is not known" % (name, digest))
+
+    def _read_image(self, image_hex: str) -> Optional[StoredImage]:
+        """An image as its manifest.json says now, indexed anew; None if it is gone (forgotten) or unusable."""
+        try:
+            doc = read_json(self.store, image_key(image_hex, "manifest.json"))
+            image = stored_image_from(self.store, image_hex, doc)
+        except NotFound:
+            with self._lock:
+                self._forget(image_hex)
+            return None
+        except FormatError:
+            image = None
+        self._index(image_hex, image)
+        return image
+
+    def _update_index(self) -> None:
+        """List images/ once; read the manifests of images the index has not seen; forget those gone."""
+        with self._lock:
+            before = set(self._indexed)
+        listed = {parts[1] for parts in (key.split("/") for key in self.store.list("images/"))
+                  if len(parts) == 3 and parts[2] == "manifest.json" and _HEX64.match(parts[1])}
+        with self._lock:
+            for image_hex in before - listed:
+                self._forget(image_hex)
+            new = sorted(listed - set(self._indexed))
+        if new:
+            with thread_pool(min(REGISTRY_INDEX_READERS, len(new)), "dogestry-index") as pool:
+                list(pool.map(self._read_image, new))
+
+    def _index(self, image_hex: str, image: Optional[StoredImage]) -> None:
+        """Record the digests of an image's manifests (none for an unusable image: it is not read again)."""
+        digests = {} if image is None else {sha256_digest(registry_manifest(image, kind)): kind
+                                            for kind in (OCI_MANIFEST, DOCKER_MANIFEST)}
+        with self._lock:
+            if self._indexed.get(image_hex) == tuple(digests):
+                return
+            self._forget(image_hex)
+            for digest, kind in digests.items():
+                self._digests[digest] = (image_hex, kind)
+            self._indexed[image_hex] = tuple(digests)
+
+    def _forget(self, image_hex: str) -> None:
+        """Drop what is known of an image (the caller holds the lock)."""
+        for digest in self._indexed.pop(image_hex, ()):
+            self._digests.pop(digest, None)
+        for kind in (OCI_MANIFEST, DOCKER_MANIFEST):
+            self._manifests.pop((image_hex, kind), None)
 
     def blob(self, digest: str) -> Tuple[str, int]:
         """(store key, size) of a blob: a stored layer, or an image's config."""
@@ -5492,16 +5590,16 @@ def parse_range(header: str, size: int) -> Optional[Tuple[int, int]]:
 
     RFC 9110 section 14: a range the blob cannot satisfy is a 416.
     """
-    m = re.match(r"^bytes=(\d*)-(\d*)$", header.strip())
+    m = re.match(r"^bytes=([0-9]*)-([0-9]*)$", header.strip())
     if not m or not (m.group(1) or m.group(2)):
         return None  # not a single byte range: ignored, as the RFC allows
     if not m.group(1):  # the last N bytes
-        n = int(m.group(2))
+        n = decimal_number(m.group(2))
         if n == 0:
             raise RegistryError(416, "RANGE_INVALID", "an empty suffix range")
         return max(0, size - n), size - 1
-    first = int(m.group(1))
-    last = min(int(m.group(2)), size - 1) if m.group(2) else size - 1
+    first = decimal_number(m.group(1))
+    last = min(decimal_number(m.group(2)), size - 1) if m.group(2) else size - 1
     if first >= size or last < first:
         raise RegistryError(416, "RANGE_INVALID", "bytes %s are outside the blob's %d" % (header[6:40], size))
     return first, last
@@ -5524,17 +5622,68 @@ def password_hash(password: str, salt: Optional[str] = None, iterations: int = P
 
 def password_matches(password: str, stored: str) -> bool:
     """Does a password match a pbkdf2_sha256 hash (in constant time)?"""
-    parts = stored.split("$")
-    if len(parts) != 4 or parts[0] != "pbkdf2_sha256" or not parts[1].isdigit() or not 1 <= int(parts[1]) <= 10 ** 7:
+    iterations = hash_iterations(stored)
+    if iterations is None:
         return False
-    return hmac.compare_digest(password_hash(password, parts[2], int(parts[1])), stored)
+    return hmac.compare_digest(password_hash(password, stored.split("$")[2], iterations), stored)
+
+
+def hash_iterations(stored: str) -> Optional[int]:
+    """The iteration count of a pbkdf2_sha256 hash (None unless it is 1 to 10**7)."""
+    parts = stored.split("$")
+    if len(parts) != 4 or parts[0] != "pbkdf2_sha256" or not _DECIMAL.match(parts[1]) or len(parts[1]) > 8:
+        return None
+    return int(parts[1]) if 1 <= int(parts[1]) <= 10 ** 7 else None
+
+
+AUTH_FAILURES = 5          # wrong passwords a client address may try in a row before it must wait
+AUTH_FAILURE_REFILL = 2.0  # seconds after which it may try one more
+AUTH_CLIENTS = 4096        # client addresses whose failures are remembered (the least recent are forgotten)
+
+
+class FailureLimiter:
+    """A token bucket of password checks per client address: AUTH_FAILURES at once, then one more
+    every AUTH_FAILURE_REFILL seconds; a check that succeeds costs nothing."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, burst: int = AUTH_FAILURES,
+                 refill: float = AUTH_FAILURE_REFILL, most: int = AUTH_CLIENTS):
+        self.clock, self.burst, self.refill, self.most = clock, burst, refill, most
+        self._lock = threading.Lock()
+        self._buckets = collections.OrderedDict()  # type: collections.OrderedDict[str, Tuple[float, float]]
+        # client -> (tokens, when counted), the least recently used first
+
+    def reserve(self, client: str) -> float:
+        """Take a check for a client: 0.0, or (none left) the seconds until it may check again."""
+        with self._lock:
+            now = self.clock()
+            tokens, since = self._buckets.pop(client, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - since) / self.refill)
+            self._buckets[client] = (tokens - 1 if tokens >= 1 else tokens, now)
+            while len(self._buckets) > self.most:
+                self._buckets.popitem(last=False)
+            return 0.0 if tokens >= 1 else (1 - tokens) * self.refill
+
+    def give_back(self, client: str) -> None:
+        """A check succeeded: return what it took."""
+        with self._lock:
+            tokens, since = self._buckets.get(client, (float(self.burst), 0.0))
+            if tokens + 1 >= self.burst:
+                self._buckets.pop(client, None)  # a full bucket need not be remembered
+            else:
+                self._buckets[client] = (tokens + 1, since)
 
 
 class Htpasswd:
-    """The users of -htpasswd FILE; a password once checked is remembered (PBKDF2 is slow on purpose)."""
+    """The users of -htpasswd FILE; a password once checked is remembered (PBKDF2 is slow on purpose).
 
-    def __init__(self, path: str):
-        self.path, self.users = path, {}  # type: str, Dict[str, str]
+    An unknown user costs the same PBKDF2 work as a known one (checked against a hash of the
+    iterations most users have), so answer times do not tell which users exist; a client address
+    may check only so many passwords in a row (FailureLimiter).
+    """
+
+    def __init__(self, path: str, clock: Callable[[], float] = time.monotonic,
+                 matches: Callable[[str, str], bool] = password_matches):
+        self.path, self.users, self.matches = path, {}, matches  # type: str, Dict[str, str], Callable[[str, str], bool]
         try:
             with open(path, encoding="utf-8") as f:
                 lines = f.read().splitlines()
@@ -5552,9 +5701,18 @@ class Htpasswd:
             raise UsageError("-htpasswd %s lists no user" % path)
         self._known = set()  # type: Set[str]
         self._lock = threading.Lock()
+        self._limiter = FailureLimiter(clock)
+        counts = collections.Counter(hash_iterations(stored) for stored in self.users.values())
+        iterations = max(((n, i) for i, n in counts.items() if i is not None), default=(0, PBKDF2_ITERATIONS))[1]
+        self._nobody = "pbkdf2_sha256$%d$%s$%s" % (iterations, binascii.hexlify(os.urandom(9)).decode(),
+                                                   base64.b64encode(os.urandom(32)).decode())  # matches no password
 
-    def allows(self, authorization: str) -> bool:
-        """Is `Authorization: Basic …` one of the users with the right password?"""
+    def allows(self, authorization: str, client: str = "") -> bool:
+        """Is `Authorization: Basic …` one of the users with the right password?
+
+        RegistryError 429 (TOOMANYREQUESTS), without checking, when `client` (an address) has
+        run out of checks; a password remembered as right is let through even then.
+        """
         scheme, _, token = authorization.strip().partition(" ")
         if scheme.lower() != "basic":
             return False
@@ -5563,14 +5721,17 @@ class Htpasswd:
         except (ValueError, UnicodeDecodeError, binascii.Error):
             return False
         stored = self.users.get(user)
-        if stored is None:
-            return False
-        remembered = hashlib.sha256(("%s\0%s\0%s" % (user, password, stored)).encode()).hexdigest()
+        remembered = hashlib.sha256(("%s\0%s\0%s" % (user, password, stored or self._nobody)).encode()).hexdigest()
         with self._lock:
-            if remembered in self._known:
+            if stored is not None and remembered in self._known:
                 return True
-        if not password_matches(password, stored):
+        wait = self._limiter.reserve(client)
+        if wait:
+            raise RegistryError(429, "TOOMANYREQUESTS", "too many failed logins from %s: try again in %d s"
+                                % (client, int(wait) + 1), {"Retry-After": str(int(wait) + 1)})
+        if not self.matches(password, stored or self._nobody) or stored is None:
             return False
+        self._limiter.give_back(client)
         with self._lock:
             self._known.add(remembered)
         return True
@@ -6253,6 +6414,12 @@ def copy_image(found: FoundImage, dst: Store, copier: BlobCopier, progress: Prog
 # refused; nothing is ever proxied to dockerd.  See the README's security model.
 
 SERVER_MAX_PULLS = 2
+SERVER_MAX_CONNECTIONS = 512  # the most connections served at once by default, open files permitting
+# Open files a server keeps for itself, out of its open-files limit (RLIMIT_NOFILE):
+SERVER_OWN_FILES = 32   # stdio, the listening socket, the spare, the selector, the registry's index readers (8)
+SERVER_PULL_FILES = 24  # a pull: its docker connections (two pipelined loads, inspect and tag) and S3
+                        # connections (two tar streams, each reading a blob with 4 ranged GETs, and more)
+SERVER_CONNECTION_FILES = 2  # a client's connection: its socket, and the store connection or file its thread reads
 SERVER_BODY_LIMIT = 1 << 20
 SERVER_BACKLOG = 1024  # a burst of connections waits in the kernel, not in SYN retries (capped by somaxconn)
 SERVER_WRITE_TIMEOUT = 60.0
@@ -6273,7 +6440,7 @@ def _is_registry_path(target: str) -> bool:
 class ServerLimits(NamedTuple):
     """What one server lets its clients hold: connections, request time, pulls."""
 
-    max_connections: int = 512
+    max_connections: int = SERVER_MAX_CONNECTIONS
     read_timeout: float = 30.0      # from waiting for a request to the end of its body
     max_pulls: int = SERVER_MAX_PULLS
     pulls_per_client: int = 1
@@ -7009,7 +7176,7 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
         try:
             self._registry_answer()
         except RegistryError as e:
-            extra = {"WWW-Authenticate": 'Basic realm="dogestry"'} if e.status == 401 else {}
+            extra = dict(e.headers, **({"WWW-Authenticate": 'Basic realm="dogestry"'} if e.status == 401 else {}))
             self._registry_send(e.status, registry_error_body(e.code, self.server.public(str(e))), extra=extra)
         except NotFound as e:
             self._registry_send(404, registry_error_body("MANIFEST_UNKNOWN", self.server.public(str(e))))
@@ -7025,7 +7192,8 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
         if registry is None:
             raise RegistryError(404, "UNSUPPORTED", "this dogestry server has no store: the registry API needs one "
                                 "(dogestry -server STORE)")
-        if self.server.htpasswd is not None and not self.server.htpasswd.allows(self.headers.get("Authorization", "")):
+        htpasswd = self.server.htpasswd
+        if htpasswd is not None and not htpasswd.allows(self.headers.get("Authorization", ""), self.client_address[0]):
             raise RegistryError(401, "UNAUTHORIZED", "authentication required")
         if self.command not in ("GET", "HEAD"):
             raise RegistryError(405, "UNSUPPORTED", "this registry is read-only: push with dogestry push")
@@ -7391,13 +7559,34 @@ def registry_presigner(store: Store) -> Optional[Callable[[str], str]]:
     return lambda key: store.client.presign(store.location.prefix + key, BLOB_URL_TTL)
 
 
-def raise_open_files_limit() -> None:
-    """Let a server use every file descriptor it is allowed (the soft limit up to the hard one, as Go does)."""
-    with contextlib.suppress(ImportError, ValueError, OSError):
+def raise_open_files_limit() -> Optional[int]:
+    """Let a server use every file descriptor it is allowed (the soft limit up to the hard one, as Go
+    does); return the limit it has now (None where there is none to know)."""
+    try:
         import resource
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft != hard:
+    except (ImportError, ValueError, OSError):
+        return None
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def server_max_connections(asked: Optional[int], open_files: Optional[int], max_pulls: int = SERVER_MAX_PULLS) -> int:
+    """The connections a server serves at once: `asked` (-max-connections), which the open-files limit
+    must allow, or else what that limit leaves after the server's own files, at most SERVER_MAX_CONNECTIONS."""
+    if open_files is None:
+        return asked or SERVER_MAX_CONNECTIONS
+    spare = (open_files - SERVER_OWN_FILES - max_pulls * SERVER_PULL_FILES) // SERVER_CONNECTION_FILES
+    room = max(1, min(SERVER_MAX_CONNECTIONS, spare))
+    if asked is None:
+        return room
+    if asked > open_files:
+        raise UsageError("-max-connections %d is more than the open-files limit of %d (ulimit -n); without it "
+                         "the server serves %d, leaving files for its own use" % (asked, open_files, room))
+    return asked
 
 
 OPEN_SERVER_WARNING = (
@@ -7409,6 +7598,9 @@ OPEN_SERVER_WARNING = (
 def cmd_server(ctx: Context) -> int:
     """-server [STORE]: serve image pulls to docker clients and dogestry -pullhosts."""
     options = ctx.options
+    open_files = raise_open_files_limit()
+    limits = ServerLimits(max_connections=server_max_connections(options.max_connections, open_files),
+                          read_timeout=options.read_timeout)
     own = ctx.remotes.get(options.store, options.store) if options.store else None
     private, registry = "", None  # type: str, Optional[Registry]
     if own:
@@ -7420,7 +7612,6 @@ def cmd_server(ctx: Context) -> int:
     policy = ServerPolicy(own, options.allow or [], options.registry or [],
                           ctx.environ.get("AWS_ENDPOINT_URL_S3") or ctx.environ.get("AWS_ENDPOINT_URL"))
     tls = server_tls_context(options, ctx.environ, ctx.home)
-    limits = ServerLimits(max_connections=options.max_connections, read_timeout=options.read_timeout)
 
     def open_for(choice: StoreChoice, creds: Optional[Credentials]) -> Store:
         if choice.own:
@@ -7428,17 +7619,18 @@ def cmd_server(ctx: Context) -> int:
         assert choice.location is not None
         return ctx.s3_store(choice.location, creds)
 
-    raise_open_files_limit()
     try:
         server = DogestryServer((options.address, options.port), ctx.docker(), policy, open_for,
                                 ctx.presigned_store, ctx.stdout, ctx.stderr, tls, limits, private, registry,
                                 htpasswd, options.redirect)
     except OSError as e:
         raise DogestryError("cannot listen on %s:%d: %s" % (options.address, options.port, _os_reason(e)))
-    ctx.stdout.write("dogestry server %s listening on %s:%d%s (Docker at %s)\n"
+    ctx.stdout.write("dogestry server %s listening on %s:%d%s (Docker at %s; %d connections at most, %s)\n"
                      % (__version__, options.address, server.server_address[1],
                         " with TLS" + (", client certificates required" if options.tlsverify else "") if tls else "",
-                        server.docker.endpoint.url))
+                        server.docker.endpoint.url, limits.max_connections,
+                        "-max-connections" if options.max_connections is not None else
+                        "for an open-files limit of %d" % open_files if open_files is not None else "the default"))
     ctx.stdout.flush()
     if policy.is_open:
         ctx.stderr.write(OPEN_SERVER_WARNING + "\n")
@@ -7957,8 +8149,9 @@ def _add_global_options(parser: argparse.ArgumentParser) -> None:
     flag("redirect", metavar="BOOL", type=parse_bool, nargs="?", const=True, default=True,
          help="with -server STORE on S3: send registry clients to presigned S3 URLs for blobs (default true; "
               "-redirect=false streams them through the server)")
-    flag("max-connections", metavar="N", type=int, default=server_defaults.max_connections,
-         help="with -server: connections served at once (default %d)" % server_defaults.max_connections)
+    flag("max-connections", metavar="N", type=int,
+         help="with -server: connections served at once (default: what the open-files limit leaves room for, "
+              "at most %d)" % SERVER_MAX_CONNECTIONS)
     parser.add_argument("-version", "--version", "-v", action="store_true", help="print the version and exit")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
@@ -8057,7 +8250,8 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: List[str]) -> argp
         return parser.parse_args(argv)
     if not 0 <= early.port <= 65535:
         raise UsageError("-port %d is not a TCP port (0-65535)" % early.port)
-    if early.read_timeout <= 0 or early.max_connections < 1 or early.host_timeout <= 0:
+    if early.read_timeout <= 0 or (early.max_connections is not None and early.max_connections < 1) \
+            or early.host_timeout <= 0:
         raise UsageError("-read-timeout, -host-timeout and -max-connections must be positive")
     if early.server:
         if len(rest) > 1 or any(r.startswith("-") for r in rest):

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 import uuid
 
 import pytest
@@ -416,6 +417,133 @@ def test_htpasswd_and_docker_login(pushed, servers, base_env, puller, tmp_path):
     forget(puller, ref(NAMES[0]))
 
 
+def basic(user, password):
+    return "Basic " + base64.b64encode(("%s:%s" % (user, password)).encode()).decode()
+
+
+class CountedChecks:
+    """dogestry.password_matches, recording the iteration count of every hash it checks (the PBKDF2 work)."""
+
+    def __init__(self):
+        self.iterations = []
+
+    def __call__(self, password, stored):
+        self.iterations.append(dogestry.hash_iterations(stored))
+        return dogestry.password_matches(password, stored)
+
+
+def htpasswd_of(tmp_path, users):
+    """An -htpasswd file of USERS: {user: (password, iterations)}."""
+    path = tmp_path / "htpasswd"
+    path.write_text("".join("%s:%s\n" % (user, dogestry.password_hash(password, iterations=iterations))
+                            for user, (password, iterations) in users.items()))
+    return str(path)
+
+
+def test_an_unknown_user_costs_the_same_password_check_as_a_known_one(tmp_path):
+    """Unknown users were refused in 1 ms, known ones after 150-200 ms of PBKDF2: the answer time
+    told which users exist.  Now an unknown user's password is checked too, against a hash of the
+    iterations most users have; a password remembered as right is not checked again."""
+    checks = CountedChecks()
+    users = {"alice": ("a", 1000), "bob": ("b", 1000), "carol": ("c", 2000)}
+    htpasswd = dogestry.Htpasswd(htpasswd_of(tmp_path, users), matches=checks)
+    assert not htpasswd.allows(basic("alice", "wrong"), "10.0.0.1")
+    assert not htpasswd.allows(basic("mallory", "guess"), "10.0.0.2")
+    assert checks.iterations == [1000, 1000]
+    assert htpasswd.allows(basic("carol", "c"), "10.0.0.3") and htpasswd.allows(basic("carol", "c"), "10.0.0.3")
+    assert checks.iterations == [1000, 1000, 2000]  # the second time, remembered
+
+
+def test_an_address_runs_out_of_password_checks_and_gets_them_back_with_time(tmp_path):
+    """16 wrong passwords at once cost ~3 s of CPU each; now an address may check AUTH_FAILURES in a
+    row, then one more every AUTH_FAILURE_REFILL seconds, and is answered 429 meanwhile without any
+    work.  Right passwords cost an address nothing, and other addresses are not held back."""
+    now = [0.0]
+    checks = CountedChecks()
+    users = {"user%d" % n: ("pw%d" % n, 1000) for n in range(dogestry.AUTH_FAILURES + 1)}
+    users["alice"] = ("a", 1000)
+    htpasswd = dogestry.Htpasswd(htpasswd_of(tmp_path, users), clock=lambda: now[0], matches=checks)
+    for _ in range(dogestry.AUTH_FAILURES):
+        assert not htpasswd.allows(basic("alice", "wrong"), "10.0.0.1")
+    for user in ("alice", "nobody"):
+        with pytest.raises(dogestry.RegistryError) as refused:
+            htpasswd.allows(basic(user, "wrong"), "10.0.0.1")
+        assert (refused.value.status, refused.value.code) == (429, "TOOMANYREQUESTS")
+        assert refused.value.headers == {"Retry-After": "%d" % (dogestry.AUTH_FAILURE_REFILL + 1)}
+    assert len(checks.iterations) == dogestry.AUTH_FAILURES
+
+    assert htpasswd.allows(basic("alice", "a"), "10.0.0.2")  # another address
+    assert htpasswd.allows(basic("alice", "a"), "10.0.0.1")  # remembered as right: passes even here
+    for n in range(dogestry.AUTH_FAILURES + 1):  # more right passwords than an address may check wrong ones
+        assert htpasswd.allows(basic("user%d" % n, "pw%d" % n), "10.0.0.3")
+    for _ in range(dogestry.AUTH_FAILURES):  # and they took none of its checks
+        assert not htpasswd.allows(basic("alice", "wrong"), "10.0.0.3")
+    assert len(checks.iterations) == 3 * dogestry.AUTH_FAILURES + 2
+
+    now[0] += dogestry.AUTH_FAILURE_REFILL
+    assert not htpasswd.allows(basic("alice", "wrong"), "10.0.0.1")  # one more check, then none
+    with pytest.raises(dogestry.RegistryError):
+        htpasswd.allows(basic("alice", "wrong"), "10.0.0.1")
+
+
+def test_the_failures_of_only_so_many_addresses_are_remembered():
+    limiter = dogestry.FailureLimiter(lambda: 0.0, burst=1, refill=60.0, most=2)
+    assert limiter.reserve("10.0.0.1") == 0.0 and limiter.reserve("10.0.0.1") == 60.0
+    assert limiter.reserve("10.0.0.2") == 0.0 and limiter.reserve("10.0.0.3") == 0.0
+    assert limiter.reserve("10.0.0.1") == 0.0  # forgotten: the least recent of three
+
+
+@pytest.mark.parametrize("count", ["\u00b2", "6" * 5000, "-1", "0"], ids=["superscript-two", "5000-digits", "negative",
+                                                                          "zero"])
+def test_a_hash_with_a_strange_iteration_count_matches_nothing(count):
+    """'²' passed str.isdigit() and then made int() raise: a traceback at every login."""
+    stored = dogestry.password_hash("pw", iterations=1000).replace("$1000$", "$%s$" % count)
+    assert dogestry.password_matches("pw", stored) is False
+
+
+def test_wrong_passwords_from_one_address_get_429_at_once(pushed, servers, base_env, puller, tmp_path):
+    """16 wrong passwords in parallel from one address: AUTH_FAILURES are checked (401), the rest are
+    answered 429 without the work; a right password from another address still gets in."""
+    attacker, user = loopback_addresses(2)
+    path = htpasswd_of(tmp_path, {"alice": ("s3cret", dogestry.PBKDF2_ITERATIONS)})
+    registry(servers, base_env, puller, pushed.store, "-htpasswd", path)
+    started = time.monotonic()
+    with dogestry.thread_pool(16, "test-logins") as pool:
+        answers = list(pool.map(lambda n: call(HOSTS[0], "GET", "/v2/", {"Authorization": basic("alice", "no%d" % n)},
+                                               source=attacker), range(16)))
+    refills = (time.monotonic() - started) / dogestry.AUTH_FAILURE_REFILL
+    statuses = sorted(a.status for a in answers)
+    assert dogestry.AUTH_FAILURES <= statuses.count(401) <= dogestry.AUTH_FAILURES + refills + 1, statuses
+    throttled = [a for a in answers if a.status == 429]
+    assert throttled and statuses.count(401) + len(throttled) == 16, statuses
+    assert {error_code(a) for a in throttled} == {"TOOMANYREQUESTS"}
+    assert all(int(a.headers.getheader("Retry-After")) >= 1 for a in throttled)
+    right = call(HOSTS[0], "GET", "/v2/team/app/tags/list", {"Authorization": basic("alice", "s3cret")}, source=user)
+    assert right.status == 200 and right.json()["tags"] == ["1", "2"]
+
+
+def test_numbers_no_int_can_hold_are_refused_or_read_as_huge(pushed, servers, base_env, puller):
+    """?n=² (a Unicode digit), ?n= of 5,000 digits and a Range of 5,000 digits were 500s with a
+    traceback (str.isdigit takes '²'; int() refuses more than 4,300 digits)."""
+    registry(servers, base_env, puller, pushed.store)
+    for path in ("/v2/_catalog?n=%C2%B2", "/v2/team/app/tags/list?n=%C2%B2", "/v2/_catalog?n=%D9%A3"):
+        answer = v2(path)
+        assert answer.status == 400 and error_code(answer) == "PAGINATION_NUMBER_INVALID", (path, answer)
+    huge = "9" * 5000
+    assert v2("/v2/_catalog?n=" + huge).json() == {"repositories": ["a/b/c/app", "team/app"]}
+    assert v2("/v2/team/app/tags/list?n=000" + huge).json()["tags"] == ["1", "2"]
+
+    layer = v2("/v2/team/app/manifests/1").json()["layers"][1]
+    path = "/v2/team/app/blobs/" + layer["digest"]
+    whole = v2(path).body
+    for wanted in ("bytes=0-" + huge, "bytes=-" + huge):
+        part = v2(path, {"Range": wanted})
+        assert part.status == 206 and part.body == whole, wanted[:20]
+        assert part.headers.getheader("Content-Range") == "bytes 0-%d/%d" % (len(whole) - 1, len(whole))
+    beyond = v2(path, {"Range": "bytes=%s-" % huge})
+    assert beyond.status == 416 and error_code(beyond) == "RANGE_INVALID"
+
+
 def test_https_with_a_test_ca(pushed, servers, base_env, puller, tmp_path_factory):
     d = ca_dir(tmp_path_factory, "regtls")
     make_leaf(d, "ca", "server", "/CN=%s" % HOSTS[0], server_ext("IP:%s" % HOSTS[0]))
@@ -431,3 +559,160 @@ def test_https_with_a_test_ca(pushed, servers, base_env, puller, tmp_path_factor
     untrusted = subprocess.run(["skopeo", "inspect", "docker://" + ref(NAMES[0])], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
     assert untrusted.returncode != 0 and "certificate" in untrusted.stderr
+
+
+# === what a request may cost the server and the store ===============================================
+#
+# The registry is anonymous unless -htpasswd: a request must not cost the server files, or the store
+# work, that grow with what the store holds or with the requests before.  A counting proxy
+# (FaultProxy) in front of radosgw sees every S3 request the server sends.
+
+def open_files(server):
+    return len(os.listdir("/proc/%d/fd" % server.proc.pid))
+
+
+def test_a_registry_client_leaves_no_s3_connection_open_behind(pushed, servers, base_env, puller, rgw):
+    """Each connection's thread opened an S3 connection of its own, which stayed open after the
+    thread ended: one file descriptor lost per client connection, until the server ran out."""
+    server = registry(servers, base_env, puller, pushed.s3, env=s3_env(rgw))
+    assert v2("/v2/team/app/manifests/1").status == 200
+    baseline = open_files(server)
+    for _ in range(40):  # each on a connection (and a server thread) of its own
+        assert v2("/v2/team/app/manifests/1").status == 200
+    deadline = time.monotonic() + 10
+    while open_files(server) > baseline + 3 and time.monotonic() < deadline:
+        time.sleep(0.1)  # the threads of the last connections are ending
+    assert open_files(server) <= baseline + 3, (baseline, open_files(server))
+
+
+def bucket_store(rgw, bucket):
+    """BUCKET as a dogestry store, read and written with the test user's keys straight at radosgw."""
+    config = dogestry.AwsConfig({"AWS_ACCESS_KEY_ID": rgw.access_key, "AWS_SECRET_ACCESS_KEY": rgw.secret_key}, "/x")
+    location = dogestry.S3Location(bucket, "", "us-east-1", rgw.endpoint)
+    return dogestry.S3Store(location, dogestry.S3Client(location, dogestry.CredentialChain(config), config))
+
+
+def store_image(store, n):
+    """Store image N (one small layer) as push writes it; return its hex and its OCI manifest's digest."""
+    layer = b"layer %d\n" % n
+    record = dogestry.LayerRecord(dogestry.sha256_digest(layer), dogestry.sha256_digest(layer), len(layer), "none")
+    store.put_bytes(dogestry.blob_key(record.digest), layer)
+    config = json.dumps({"n": n, "rootfs": {"type": "layers", "diff_ids": [record.diff_id]}}).encode()
+    image_id = dogestry.sha256_digest(config)
+    dogestry._write_image(store, image_id, config, [record])
+    manifest = dogestry.registry_manifest(dogestry.StoredImage(image_id, [record], [], len(config)),
+                                          dogestry.OCI_MANIFEST)
+    return image_id[7:], dogestry.sha256_digest(manifest)
+
+
+def tag_images(store, name, hexes, count):
+    """COUNT tags of repository NAME, t0, t1, ..., naming HEXES in turn."""
+    with dogestry.thread_pool(16, "test-tags") as pool:
+        list(pool.map(lambda i: dogestry.write_tag(store, dogestry.ImageRef(name, "t%d" % i), hexes[i % len(hexes)]),
+                      range(count)))
+
+
+def sent_to_s3(proxy, since):
+    """(method, key, listed prefix or None) of each S3 request the proxy saw after the first SINCE."""
+    return [(e["method"], e["key"], dict(e["query"]).get("prefix") if ("list-type", "2") in e["query"] else None)
+            for e in proxy.log[since:]]
+
+
+def listings(requests, prefix):
+    return [r for r in requests if r[2] == prefix]
+
+
+def unknown_digest():
+    return "sha256:" + uuid.uuid4().hex * 2
+
+
+def counted_registry(servers, base_env, puller, rgw, fault_proxy, bucket):
+    """A registry serving BUCKET through a counting proxy; the proxy."""
+    proxy = fault_proxy()
+    registry(servers, base_env, puller, "s3://%s/" % bucket, env=dict(s3_env(rgw), AWS_ENDPOINT_URL=proxy.url))
+    return proxy
+
+
+def in_parallel(paths):
+    """GET every path at once, each on its own connection; the answers in order."""
+    with dogestry.thread_pool(len(paths), "test-clients") as pool:
+        return list(pool.map(lambda path: call(HOSTS[0], "GET", path), paths))
+
+
+def test_unknown_digests_cost_one_listing_of_images_whatever_the_tags(servers, base_env, puller, rgw, fault_proxy):
+    """Each unknown digest used to read every tag of the repository, then every image: with 2,000
+    tags, 12.5 s per request for 8 in parallel.  Now concurrent lookups share one listing of images/
+    and read each image's manifest once; a repeated unknown digest costs nothing; an image pushed
+    while the server runs is found by its digest."""
+    bucket = make_bucket(rgw, "dgcost-" + uuid.uuid4().hex[:10])
+    store = bucket_store(rgw, bucket)
+    hexes = [store_image(store, n)[0] for n in range(4)]
+    tag_images(store, "team/app", hexes, 300)
+    proxy = counted_registry(servers, base_env, puller, rgw, fault_proxy, bucket)
+
+    before = len(proxy.log)
+    digests = [unknown_digest() for _ in range(16)]
+    answers = in_parallel(["/v2/team/app/manifests/" + digest for digest in digests])
+    assert {(a.status, error_code(a)) for a in answers} == {(404, "MANIFEST_UNKNOWN")}
+    sent = sent_to_s3(proxy, before)
+    assert listings(sent, "images/") == [("GET", "", "images/")], sent
+    assert sorted(key for method, key, listed in sent if listed is None) == \
+        sorted("images/%s/manifest.json" % h for h in hexes)  # each image's manifest, once
+
+    before = len(proxy.log)
+    again = v2("/v2/team/app/manifests/" + digests[0])
+    other = v2("/v2/other/name/manifests/" + unknown_digest())
+    assert (again.status, other.status) == (404, 404)
+    assert sent_to_s3(proxy, before) == []
+
+    new_hex, new_digest = store_image(store, 99)  # pushed while the server runs, not tagged
+    deadline = time.monotonic() + 4 * dogestry.REGISTRY_LISTING_TTL
+    found = v2("/v2/anything/manifests/" + new_digest)
+    while found.status == 404 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        found = v2("/v2/anything/manifests/" + new_digest)
+    assert found.status == 200 and "sha256:" + hashlib.sha256(found.body).hexdigest() == new_digest
+    assert found.json()["config"]["digest"] == "sha256:" + new_hex
+    sent = sent_to_s3(proxy, before)
+    assert ("GET", "images/%s/manifest.json" % new_hex, None) in sent
+    assert not [r for r in sent if r[1].startswith("repositories/") or r[2] not in (None, "images/")], sent
+
+
+def test_a_digest_is_checked_against_the_store_each_time_it_is_served(servers, base_env, puller, rgw, fault_proxy):
+    """A digest once found was served from memory forever, even after gc deleted its image; now each
+    answer reads the image's manifest.json (one request, no listing)."""
+    bucket = make_bucket(rgw, "dggone-" + uuid.uuid4().hex[:10])
+    store = bucket_store(rgw, bucket)
+    image_hex, digest = store_image(store, 1)
+    tag_images(store, "team/app", [image_hex], 1)
+    proxy = counted_registry(servers, base_env, puller, rgw, fault_proxy, bucket)
+    assert v2("/v2/team/app/manifests/t0").headers.getheader("Docker-Content-Digest") == digest
+
+    before = len(proxy.log)
+    assert v2("/v2/team/app/manifests/" + digest).status == 200
+    assert sent_to_s3(proxy, before) == [("GET", "images/%s/manifest.json" % image_hex, None)]
+
+    store.delete(dogestry.image_key(image_hex, "manifest.json"))  # as gc does, once the tag is gone
+    gone = v2("/v2/team/app/manifests/" + digest)
+    assert gone.status == 404 and error_code(gone) == "MANIFEST_UNKNOWN"
+
+
+def test_the_catalog_is_listed_once_for_requests_in_a_row(servers, base_env, puller, rgw, fault_proxy):
+    """_catalog listed all of repositories/ for every request; now a listing answers for a few
+    seconds (concurrent requests share it), and a repository pushed since shows after that."""
+    bucket = make_bucket(rgw, "dgcat-" + uuid.uuid4().hex[:10])
+    store = bucket_store(rgw, bucket)
+    image_hex, _ = store_image(store, 1)
+    tag_images(store, "team/app", [image_hex], 50)
+    proxy = counted_registry(servers, base_env, puller, rgw, fault_proxy, bucket)
+
+    before = len(proxy.log)
+    answers = [v2("/v2/_catalog"), v2("/v2/_catalog?n=1")] + in_parallel(["/v2/_catalog"] * 8)
+    assert {json.dumps(a.json()) for a in answers} == {'{"repositories": ["team/app"]}'}
+    assert sent_to_s3(proxy, before) == [("GET", "", "repositories/")]
+
+    tag_images(store, "team/new", [image_hex], 1)
+    deadline = time.monotonic() + 4 * dogestry.REGISTRY_LISTING_TTL
+    while v2("/v2/_catalog").json()["repositories"] != ["team/app", "team/new"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert v2("/v2/_catalog").json()["repositories"] == ["team/app", "team/new"]

@@ -33,8 +33,8 @@ import pytest
 
 import dogestry
 from conftest import make_bucket, skip_or_fail
-from realdocker import (DockerdError, build_image, docker_cli, image_id, loopback_addresses, one_error_line,
-                        random_bytes, run_dogestry)
+from realdocker import (DOGESTRY, DockerdError, build_image, docker_cli, image_id, loopback_addresses,
+                        one_error_line, random_bytes, run_dogestry)
 from serverkit import (PORT, assert_json_refusal, auth_header, b64, call, docker_user, login,
                        pull_request, raw_exchange, raw_status, read_answer, read_until_closed, server_env,
                        started_dockerds, status_check, tls_client_context, wipe)
@@ -579,6 +579,38 @@ def test_slow_connections_cannot_starve_the_server(fleet, rgw, base_env, servers
     assert server.proc.poll() is None and small.proc.poll() is None
 
 
+def open_files_limit(soft, hard):
+    """A preexec function: the child's RLIMIT_NOFILE (as `ulimit -n` sets it)."""
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_the_default_connection_bound_fits_the_open_files_limit(fleet, rgw, base_env, servers):
+    """Under `ulimit -n 256` 400 slow clients made every /_ping fail for 30 s: the default of 512
+    connections ignored the limit.  The server now raises its soft limit to the hard one, serves
+    what that leaves after its own files, and says so when it starts."""
+    server = servers(HOSTS[0], server_env(base_env, fleet[0], rgw.endpoint), preexec=open_files_limit(64, 256))
+    chosen = dogestry.server_max_connections(None, 256)
+    assert 1 < chosen < 256 // 2
+    assert "%d connections at most, for an open-files limit of 256" % chosen in server.stdout, server.stdout
+    held = hold_connections(HOSTS[0], 400)
+    try:
+        for _ in range(5):
+            assert timed_ping(HOSTS[0]) < 1.0
+    finally:
+        for sock in held:
+            sock.close()
+    assert "out of file descriptors" not in server.stdout
+
+
+def test_max_connections_above_the_open_files_limit_is_refused_at_start(base_env):
+    proc = subprocess.run([sys.executable, str(DOGESTRY), "-server", "-address", "127.0.0.1", "-port", "0",
+                           "-max-connections", "300"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, env=base_env, timeout=30,
+                          preexec_fn=open_files_limit(256, 256))
+    assert proc.returncode == 2
+    one_error_line(proc, "-max-connections 300", "open-files limit of 256")
+
+
 def trickle(address, head, body=b"", interval=0.5):
     """Send HEAD at once, then BODY one byte every INTERVAL seconds; return the seconds until the
     server closed the connection, or None if it never did."""
@@ -607,11 +639,8 @@ def test_a_request_must_arrive_within_the_read_timeout(fleet, rgw, base_env, ser
 
 def test_out_of_file_descriptors_sheds_connections_without_spinning(fleet, rgw, base_env, servers):
     """At the open-file limit accept() fails with EMFILE; the loop used to spin at 100% CPU."""
-    def low_limit():
-        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-
-    server = servers(HOSTS[0], server_env(base_env, fleet[0], rgw.endpoint), args=["-max-connections", "1000"],
-                     preexec=low_limit)
+    server = servers(HOSTS[0], server_env(base_env, fleet[0], rgw.endpoint), args=["-max-connections", "64"],
+                     preexec=open_files_limit(64, 64))  # as many connections as files: some must be shed
     held = []
     try:
         for _ in range(100):
