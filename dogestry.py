@@ -288,16 +288,111 @@ def printable(text: str) -> str:
 DOCUMENT_LIMIT = 4 << 20  # the largest JSON document (manifest, config, index entry) read or written
 
 
-def parse_json(data: bytes, what: str) -> Any:
-    """A JSON document from bytes we did not write ourselves: size- and depth-bounded."""
+def parse_json(data: bytes, what: str, shape: Any = None) -> Any:
+    """A JSON document from bytes we did not write ourselves: size- and depth-bounded, and of
+    the given shape (check_shape), if one is given."""
     if len(data) > DOCUMENT_LIMIT:
         raise FormatError("%s is larger than %s" % (what, human_size(DOCUMENT_LIMIT)))
     try:
-        return json.loads(data.decode("utf-8"))
+        doc = json.loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise FormatError("%s is not valid JSON: %s" % (what, e))
     except RecursionError:
         raise FormatError("%s is nested too deeply" % what)
+    return doc if shape is None else check_shape(doc, shape, what)
+
+
+# Every document read from an archive or a store is checked against a shape where it is read,
+# so the code past that point can rely on it.  A shape is written as the document looks:
+#   str, int, bool                   a value of that JSON type (int: not true or false)
+#   Check("a size", test)            a value test() accepts (SIZE, DIGEST, one_of(...))
+#   [shape]                          a list of values of that shape
+#   {"key": shape, "opt?": shape}    an object with that key (and maybe opt); "*": the shape
+#                                    of every other key's value (without it: anything)
+#   OrNull(shape)                    null, or that shape
+
+
+class Check(NamedTuple):
+    """A shape: the values test() accepts, described in errors as `expected`."""
+
+    expected: str
+    test: Callable[[Any], bool]
+
+
+class OrNull(NamedTuple):
+    """A shape: null, or a value of the shape."""
+
+    shape: Any
+
+
+SIZE = Check("a size (an integer >= 0)", lambda v: type(v) is int and v >= 0)
+DIGEST = Check("a sha256 digest", lambda v: isinstance(v, str) and v[:7] == "sha256:" and bool(_HEX64.match(v[7:])))
+_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false"}
+
+
+def one_of(*values: str) -> Check:
+    """The shape of a string that is one of values."""
+    return Check(" or ".join(values), lambda v: isinstance(v, str) and v in values)
+
+
+def check_shape(doc: Any, shape: Any, what: str) -> Any:
+    """doc, if it has the shape; else a FormatError naming what and where (JSON-path-like) it differs."""
+    problem = _shape_problem(doc, shape, "")
+    if problem is not None:
+        where, complaint = problem
+        raise FormatError("%s%s %s" % (what, ": " + where if where else "", complaint))
+    return doc
+
+
+def _shape_problem(value: Any, shape: Any, path: str) -> Optional[Tuple[str, str]]:
+    """(where, what is wrong) of the first part of value that does not have the shape, else None."""
+    if isinstance(shape, OrNull):
+        return None if value is None else _shape_problem(value, shape.shape, path)
+    if isinstance(shape, Check):
+        return None if shape.test(value) else (path, "is not " + shape.expected)
+    if isinstance(shape, list):
+        if type(value) is not list:
+            return path, "is not a list"
+        for i, item in enumerate(value):
+            problem = _shape_problem(item, shape[0], "%s[%d]" % (path, i))
+            if problem is not None:
+                return problem
+        return None
+    if isinstance(shape, dict):
+        return _object_problem(value, shape, path)
+    return None if type(value) is shape else (path, "is not " + _TYPE_NAMES[shape])
+
+
+def _object_problem(value: Any, shape: Dict[str, Any], path: str) -> Optional[Tuple[str, str]]:
+    if type(value) is not dict:
+        return path, "is not an object"
+    named = set()
+    for key, item_shape in shape.items():
+        name = key.rstrip("?")
+        if key == "*":
+            continue
+        named.add(name)
+        if name not in value:
+            if key.endswith("?"):
+                continue
+            return _key_path(path, name), "is missing"
+        problem = _shape_problem(value[name], item_shape, _key_path(path, name))
+        if problem is not None:
+            return problem
+    if "*" in shape:
+        for name, item in value.items():
+            if name not in named:
+                problem = _shape_problem(item, shape["*"], _key_path(path, name))
+                if problem is not None:
+                    return problem
+    return None
+
+
+def _key_path(path: str, key: str) -> str:
+    """path.key, or path["key"] for a key that is no identifier (shown printable, at most 60 characters)."""
+    if key.isidentifier():
+        return "%s.%s" % (path, key) if path else key
+    return "%s[%s]" % (path, printable(json.dumps(key[:60])))
 
 
 class HashingReader:
@@ -2920,20 +3015,24 @@ class LayerRecord(NamedTuple):
         return self.compression != "zstd"
 
     @classmethod
-    def from_json(cls, doc: Mapping[str, Any]) -> "LayerRecord":
-        try:
-            raw_size, members = doc.get("rawSize"), doc.get("members")
-            record = cls(str(doc["diffID"]), str(doc["digest"]), int(doc["size"]), str(doc["compression"]),
-                         None if raw_size is None else int(raw_size),
-                         None if members is None else tuple(int(n) for n in members))
-        except (KeyError, TypeError, ValueError, AttributeError):
-            raise FormatError("malformed layer record: %.200s" % json.dumps(doc))
-        digest_hex(record.diff_id), digest_hex(record.digest)
-        if record.size < 0 or (record.raw_size or 0) < 0 or record.compression not in ("gzip", "zstd", "none") \
-                or (record.members is not None and (record.compression != "gzip" or sum(record.members) != record.size
-                                                    or min(record.members, default=1) < 1)):
-            raise FormatError("malformed layer record: %.200s" % json.dumps(doc))
+    def from_json(cls, doc: Any, what: str = "a layer record") -> "LayerRecord":
+        check_shape(doc, LAYER_RECORD_SHAPE, what)
+        members = doc.get("members")
+        record = cls(doc["diffID"], doc["digest"], doc["size"], doc["compression"], doc.get("rawSize"),
+                     None if members is None else tuple(members))
+        if record.members is not None and (record.compression != "gzip" or sum(record.members) != record.size):
+            raise FormatError("%s is malformed: its gzip members do not add up to its blob" % what)
         return record
+
+
+# layers/<diffID>.json, and each of images/<id>/manifest.json's layers (what LayerRecord.to_json writes)
+LAYER_RECORD_SHAPE = {"diffID": DIGEST, "digest": DIGEST, "size": SIZE, "compression": one_of("gzip", "zstd", "none"),
+                      "rawSize?": OrNull(SIZE), "members?": OrNull([Check("a size above 0", lambda v: type(v) is int
+                                                                          and v > 0)])}
+STORED_MANIFEST_SHAPE = {"config": {"digest": DIGEST, "size": SIZE}, "layers": [LAYER_RECORD_SHAPE]}
+# images/<v1-id>/json of the original layout: what its reader uses (the rest goes into a config as it is)
+V1_JSON_SHAPE = {"parent?": OrNull(str), "created?": OrNull(str), "author?": OrNull(str), "comment?": OrNull(str),
+                 "container_config?": OrNull({"Cmd?": OrNull([str])})}
 
 
 class StoredImage(NamedTuple):
@@ -2949,12 +3048,9 @@ class StoredImage(NamedTuple):
         return bool(self.legacy_chain)
 
 
-def read_json(store: Store, key: str) -> Dict[str, Any]:
-    """A stored JSON object (at most DOCUMENT_LIMIT bytes)."""
-    doc = parse_json(store.get_bytes(key, limit=DOCUMENT_LIMIT), "%s: %s" % (store.url, key))
-    if not isinstance(doc, dict):
-        raise FormatError("%s: %s is not a JSON object" % (store.url, key))
-    return doc
+def read_json(store: Store, key: str, shape: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """A stored JSON object (at most DOCUMENT_LIMIT bytes) of the shape (check_shape; default: any object)."""
+    return parse_json(store.get_bytes(key, limit=DOCUMENT_LIMIT), "%s: %s" % (store.url, key), shape or {})
 
 
 def json_document(doc: Any) -> bytes:
@@ -3119,18 +3215,12 @@ def load_stored_image(store: Store, image_hex: str) -> StoredImage:
 
 def stored_image_from(store: Store, image_hex: str, doc: Dict[str, Any]) -> StoredImage:
     """An image as its manifest.json (read from store) describes it; FormatError if it is malformed."""
-    try:
-        if not isinstance(doc["layers"], list):
-            raise TypeError("layers is not a list")
-        layers = [LayerRecord.from_json(d) for d in doc["layers"]]
-        config_digest, config_size = doc["config"]["digest"], doc["config"]["size"]
-        if not isinstance(config_size, int) or isinstance(config_size, bool) or config_size < 0:
-            raise TypeError("config.size is not a size")
-    except (KeyError, TypeError, FormatError) as e:
-        raise FormatError("%s: malformed image manifest for %s (%s)" % (store.url, image_hex[:12], e))
-    if config_digest != "sha256:" + image_hex:
+    key = image_key(image_hex, "manifest.json")
+    check_shape(doc, STORED_MANIFEST_SHAPE, "%s: %s" % (store.url, key))
+    if doc["config"]["digest"] != "sha256:" + image_hex:
         raise FormatError("%s: manifest of %s names another config" % (store.url, image_hex[:12]))
-    return StoredImage("sha256:" + image_hex, layers, [], config_size)
+    layers = [LayerRecord.from_json(d, "%s: %s: layers[%d]" % (store.url, key, i)) for i, d in enumerate(doc["layers"])]
+    return StoredImage("sha256:" + image_hex, layers, [], doc["config"]["size"])
 
 
 def migrated_image(store: Store, v1_hex: str) -> Optional[str]:
@@ -3155,10 +3245,7 @@ def legacy_chain(store: Store, top_hex: str) -> List[str]:
             raise FormatError("%s: legacy image names a bad parent %r" % (store.url, current[:80]))
         seen.add(current)
         chain.append(current)
-        doc = read_json(store, image_key(current, "json"))
-        current = doc.get("parent") or None
-        if current is not None and not isinstance(current, str):
-            raise FormatError("%s: legacy image %s names a bad parent" % (store.url, chain[-1][:12]))
+        current = read_json(store, image_key(current, "json"), V1_JSON_SHAPE).get("parent") or None
     chain.reverse()
     return chain
 
@@ -3175,9 +3262,18 @@ def legacy_chain(store: Store, top_hex: str) -> List[str]:
 # We spool each large member to disk while hashing it; the hash tells which layer it is.
 
 SMALL_MEMBER = 1 << 20
-SMALL_MEMBERS_LIMIT = 256 << 20  # the most bytes of small members (not layers) held in memory
+SMALL_MEMBERS_LIMIT = 256 << 20  # the most bytes of small members (not layers) and names held in memory
 TAR_BLOCK = 512
 TAR_META_LIMIT = 1 << 20  # the largest PAX or GNU long-name header we read
+# The most tar headers a save stream or an archive may have.  Generous: docker writes about four
+# per layer (a directory, VERSION, json, layer.tar) and an image has at most ~128 layers, so this
+# is some 25,000 layers: hundreds of the deepest images, thousands of common ones, in one archive.
+TAR_MEMBER_LIMIT = 100000
+NAME_LIMIT = 4096  # the longest member name (or link target) in bytes: PATH_MAX
+# The members an image is made of: documents (manifest.json, index.json, configs), layers
+# (<v1-id>/layer.tar, podman's <diffID>.tar, crane's <digest>.tar.gz) and OCI blobs.  The rest
+# (VERSION, <v1-id>/json, repositories, oci-layout) is read by nothing, and skipped unread.
+_IMAGE_MEMBER = re.compile(r"(?:\.json|\.tar|\.tar\.gz)$|^blobs/sha256/[0-9a-f]{64}$")
 
 
 class Spool(NamedTuple):
@@ -3218,6 +3314,8 @@ class SaveContents:
         self.spooled = {}   # type: Dict[str, Spool]
         self.links = {}     # type: Dict[str, str]
         self.digests = {}   # type: Dict[str, str]  # member name -> sha256 of its content
+        self._documents = {}  # type: Dict[str, Any]     # member name -> its JSON, parsed
+        self._checked = set()  # type: Set[Tuple[str, int]]  # (member, id of a shape it has)
 
     def resolve(self, name: str) -> str:
         """Follow symlinks (relative to the member's directory) to a regular member name."""
@@ -3237,6 +3335,17 @@ class SaveContents:
             with open(spool.path, "rb") as f:
                 return f.read()
         raise FormatError("docker save stream has no %r" % name)
+
+    def document(self, name: str, shape: Any, what: str) -> Any:
+        """A JSON member of the shape (check_shape), read, parsed and checked once however often
+        it is asked for (an archive may name one manifest or config thousands of times)."""
+        name = self.resolve(name)
+        if name not in self._documents:
+            self._documents[name] = parse_json(self.read_small(name), what)
+        if (name, id(shape)) not in self._checked:  # shapes are module constants: their ids do not change
+            check_shape(self._documents[name], shape, what)
+            self._checked.add((name, id(shape)))
+        return self._documents[name]
 
 
 class TarEntry(NamedTuple):
@@ -3296,19 +3405,24 @@ def _pax_fields(data: bytes) -> Dict[str, str]:
 
 
 def iter_tar(stream: ByteSource) -> Iterator[Tuple[TarEntry, MemberReader]]:
-    """Stream a tar's members (ustar, GNU long names, PAX headers); each reader must be read or skipped."""
+    """Stream a tar's members (ustar, GNU long names, PAX headers); each reader must be read or skipped.
+    At most TAR_MEMBER_LIMIT headers, names of at most NAME_LIMIT bytes."""
     pax = {}  # type: Dict[str, str]
     long_name = long_link = None  # type: Optional[str]
-    while True:
+    for count in itertools.count(1):
         block = stream.read(TAR_BLOCK)
         if len(block) < TAR_BLOCK and block:
             block += read_exactly(stream, TAR_BLOCK - len(block))
         if not block or block == b"\0" * TAR_BLOCK:
             return
+        if count > TAR_MEMBER_LIMIT:
+            raise FormatError("docker save stream has more than %d members (tar headers)" % TAR_MEMBER_LIMIT)
         try:
             info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
         except tarfile.HeaderError as e:
             raise FormatError("broken docker save stream: bad tar header (%s)" % e)
+        if info.size < 0:  # GNU base-256 sizes can be negative
+            raise FormatError("broken docker save stream: a tar header with a negative size")
         reader = MemberReader(stream, info.size)
         if info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK):
             if info.size > TAR_META_LIMIT:
@@ -3327,6 +3441,10 @@ def iter_tar(stream: ByteSource) -> Iterator[Tuple[TarEntry, MemberReader]]:
             continue
         name = pax.get("path") or long_name or info.name
         linkname = pax.get("linkpath") or long_link or info.linkname
+        if max(len(name.encode("utf-8", "surrogateescape")), len(linkname.encode("utf-8", "surrogateescape"))) \
+                > NAME_LIMIT:
+            raise FormatError("docker save stream has a member name or link target longer than %d bytes: %s..."
+                              % (NAME_LIMIT, printable(name[:60])))
         try:
             size = int(pax["size"]) if "size" in pax else info.size
         except ValueError:
@@ -3354,36 +3472,42 @@ def safe_member_name(name: str) -> str:
 
 def read_save_stream(stream: ByteSource, spool: Callable[[TarEntry, MemberReader], Optional[Spool]],
                      abort: Optional[threading.Event] = None, what: str = "") -> SaveContents:
-    """Walk a `docker save` tar: small members stay in memory, spool() decides about the rest.
+    """Walk a `docker save` tar: small members stay in memory, spool() decides about the rest;
+    members no image is made of (_IMAGE_MEMBER) are skipped unread.
 
     spool(entry, reader) returns a Spool for a member it stored (or dropped: path ""),
     or None to have the member kept in memory like a small one.  what: the stream's name in
     errors, if it is not docker's (an archive file being imported).
     """
     contents = SaveContents()
-    small_bytes = 0
+    held = 0  # bytes held in memory: small members, and a header's worth for every member kept
     try:
         for entry, reader in iter_tar(stream):
             if abort is not None and abort.is_set():
                 raise Interrupted("stopped")
             safe_member_name(entry.name)
+            target = _link_target(entry) if entry.kind == "link" else ""  # checked even if not kept
+            if entry.kind == "other" or not _IMAGE_MEMBER.search(entry.name):
+                continue
+            held += TAR_BLOCK + len(entry.name) + len(target)
             if entry.kind == "link":
-                contents.links[entry.name] = _link_target(entry)
-                continue
-            if entry.kind != "file":
-                continue
-            spooled = spool(entry, reader) if entry.size > SMALL_MEMBER or entry.name.endswith(".tar") else None
-            if spooled is None:
-                small_bytes += entry.size
-                if entry.size > DOCUMENT_LIMIT or small_bytes > SMALL_MEMBERS_LIMIT:
-                    raise FormatError("docker save stream member %r is too large for a document (%s, %s in all)"
-                                      % (entry.name[:100], human_size(entry.size), human_size(small_bytes)))
-                data = reader.read()
-                contents.small[entry.name] = data
-                contents.digests[entry.name] = sha256_digest(data)
+                contents.links[entry.name] = target
             else:
-                contents.spooled[entry.name] = spooled
-                contents.digests[entry.name] = spooled.raw_digest
+                spooled = spool(entry, reader) if entry.size > SMALL_MEMBER or entry.name.endswith(".tar") else None
+                if spooled is None:
+                    if entry.size > DOCUMENT_LIMIT:
+                        raise FormatError("docker save stream member %r is too large for a document (%s)"
+                                          % (printable(entry.name[:100]), human_size(entry.size)))
+                    data = reader.read()
+                    held += len(data)
+                    contents.small[entry.name] = data
+                    contents.digests[entry.name] = sha256_digest(data)
+                else:
+                    contents.spooled[entry.name] = spooled
+                    contents.digests[entry.name] = spooled.raw_digest
+            if held > SMALL_MEMBERS_LIMIT:
+                raise FormatError("docker save stream holds more than %s of documents and names"
+                                  % human_size(SMALL_MEMBERS_LIMIT))
         while stream.read(CHUNK):  # the tar's trailing padding: read to the end of the response
             pass
     except FormatError as e:
@@ -3419,31 +3543,29 @@ class SavedImage(NamedTuple):
     diff_ids: List[str]
 
 
+# manifest.json of `docker save` and of docker-archives (podman, skopeo): one entry per image
+SAVE_MANIFEST_SHAPE = [{"Config": str, "RepoTags?": OrNull([str]), "Layers?": OrNull([str])}]
+# an image config: what dogestry reads of it (the rest is the engine's business)
+IMAGE_CONFIG_SHAPE = {"rootfs": {"diff_ids": [DIGEST]}, "config?": OrNull({"Labels?": OrNull({"*": str})})}
+
+
+def saved_config(contents: SaveContents, name: str) -> Tuple[bytes, List[str]]:
+    """An image config member of a save stream or archive, and its rootfs.diff_ids."""
+    doc = contents.document(name, IMAGE_CONFIG_SHAPE, "the image config")
+    return contents.read_small(name), doc["rootfs"]["diff_ids"]
+
+
 def parse_saved_image(contents: SaveContents, image_id: str) -> SavedImage:
     """Find the image's config and layer list in manifest.json (any save format)."""
-    manifest = parse_json(contents.read_small("manifest.json"), "the docker save stream's manifest.json")
-    if not isinstance(manifest, list):
-        raise FormatError("docker save stream's manifest.json is not a list")
-    entries = [e for e in manifest if isinstance(e, dict) and isinstance(e.get("Config"), str)
-               and isinstance(e.get("Layers") or [], list) and all(isinstance(n, str) for n in e.get("Layers") or [])]
+    entries = contents.document("manifest.json", SAVE_MANIFEST_SHAPE, "the docker save stream's manifest.json")
     if not entries:
         raise FormatError("docker save stream's manifest.json lists no image")
-    chosen = None
-    for entry in entries:
-        name = contents.resolve(entry["Config"])
-        if contents.digests.get(name) == image_id:
-            chosen = entry
+    chosen = next((e for e in entries if contents.digests.get(contents.resolve(e["Config"])) == image_id), None)
     if chosen is None:
         if len(entries) != 1:
             raise FormatError("docker save stream does not contain image %s" % image_id)
         chosen = entries[0]
-    config = contents.read_small(chosen["Config"])
-    try:
-        diff_ids = parse_json(config, "the image config")["rootfs"]["diff_ids"]
-        for diff_id in diff_ids:
-            digest_hex(diff_id)
-    except (KeyError, TypeError, FormatError):
-        raise FormatError("image config has no rootfs.diff_ids (a list of sha256 digests)")
+    config, diff_ids = saved_config(contents, chosen["Config"])
     layers = [contents.resolve(name) for name in chosen.get("Layers") or []]
     if len(layers) != len(diff_ids):
         raise FormatError("manifest.json lists %d layers but the config %d" % (len(layers), len(diff_ids)))
@@ -4269,12 +4391,9 @@ def load_batches(image: StoredImage, missing: Set[int], least: int) -> List[List
 def partial_config(config: bytes, layers: int, nonce: str) -> bytes:
     """The config of a partial image: the image's first `layers` layers, no history, labelled
     PARTIAL_LABEL=nonce (so it is unique to one pull and easy to find)."""
-    doc = parse_json(config, "image config")
-    if not isinstance(doc, dict) or not isinstance(doc.get("rootfs"), dict) \
-            or not isinstance(doc["rootfs"].get("diff_ids"), list):
-        raise FormatError("the image config has no rootfs.diff_ids")
-    inner = doc["config"] if isinstance(doc.get("config"), dict) else {}  # type: Dict[str, Any]
-    labels = inner["Labels"] if isinstance(inner.get("Labels"), dict) else {}  # type: Dict[str, Any]
+    doc = parse_json(config, "the image config", IMAGE_CONFIG_SHAPE)
+    inner = doc.get("config") or {}  # type: Dict[str, Any]
+    labels = inner.get("Labels") or {}  # type: Dict[str, Any]
     doc = dict(doc, history=[], rootfs=dict(doc["rootfs"], diff_ids=doc["rootfs"]["diff_ids"][:layers]),
                config=dict(inner, Labels=dict(labels, **{PARTIAL_LABEL: nonce})))
     return json.dumps(doc, sort_keys=True).encode()
@@ -4454,7 +4573,7 @@ def v1_history(doc: Dict[str, Any]) -> Dict[str, Any]:
 
 def legacy_layer(store: Store, v1_id: str) -> Tuple[Dict[str, Any], str, int]:
     """A v1 layer of the original layout: its json, and the key and size of its layer.tar."""
-    doc = read_json(store, image_key(v1_id, "json"))
+    doc = read_json(store, image_key(v1_id, "json"), V1_JSON_SHAPE)
     key = image_key(v1_id, "layer.tar")
     size = store.stat(key)
     if size is None:
@@ -5851,34 +5970,26 @@ def archive_tar(raw: IO[bytes]) -> IO[bytes]:
 
 
 class ArchivedImage(NamedTuple):
-    """An image an archive holds: its config, its layers' member names (bottom first), tags."""
+    """An image an archive holds: its config, its layers' member names (bottom first), tags, ID."""
 
     config: bytes
     members: List[str]
     diff_ids: List[str]
     tags: List[ImageRef]
-
-    @property
-    def image_id(self) -> str:
-        return sha256_digest(self.config)
+    image_id: str  # the sha256 of config
 
 
-def config_diff_ids(config: bytes) -> List[str]:
-    """rootfs.diff_ids of an image config."""
-    try:
-        diff_ids = parse_json(config, "the image config")["rootfs"]["diff_ids"]
-        if not isinstance(diff_ids, list):
-            raise TypeError("not a list")
-        for diff_id in diff_ids:
-            digest_hex(diff_id)
-    except (KeyError, TypeError, FormatError):
-        raise FormatError("image config has no rootfs.diff_ids (a list of sha256 digests)")
-    return list(diff_ids)
+# An OCI index (index.json, or a multi-platform image's index) and manifest: what dogestry reads
+# of them.  Docker's manifest lists and manifests (schema 2) have the same shape.
+DESCRIPTOR_SHAPE = {"digest": DIGEST, "size?": SIZE, "annotations?": OrNull({"*": str}),
+                    "platform?": OrNull({"os?": str, "architecture?": str})}
+OCI_INDEX_SHAPE = {"manifests": [DESCRIPTOR_SHAPE]}
+OCI_MANIFEST_SHAPE = {"config": DESCRIPTOR_SHAPE, "layers?": OrNull([DESCRIPTOR_SHAPE])}
 
 
-def archive_tag(text: Any) -> Optional[ImageRef]:
+def archive_tag(text: Optional[str]) -> Optional[ImageRef]:
     """A tag of an archive as this store names it: docker.io/library/x:t is x:t (None: not a NAME:TAG)."""
-    if not isinstance(text, str) or ":" not in text.rsplit("/", 1)[-1]:
+    if text is None or ":" not in text.rsplit("/", 1)[-1]:
         return None
     name, _, tag = text.rpartition(":")
     host, parts = split_registry(name)
@@ -5897,52 +6008,50 @@ def full_image_name(ref: ImageRef) -> str:
     return "%s/%s:%s" % (host, "/".join(parts), ref.tag)
 
 
-def archive_blob(contents: SaveContents, descriptor: Any, what: str) -> Tuple[str, bytes]:
-    """(member name, bytes) of a small blob an OCI descriptor names, checked against its digest."""
-    if not isinstance(descriptor, dict) or not isinstance(descriptor.get("digest"), str):
-        raise FormatError("the archive's %s has a malformed descriptor" % what)
+def archive_blob(contents: SaveContents, descriptor: Dict[str, Any], what: str) -> str:
+    """The member of a small blob an OCI descriptor (DESCRIPTOR_SHAPE) names, checked against
+    the descriptor's digest and size."""
     digest = descriptor["digest"]
-    name = "blobs/sha256/%s" % digest_hex(digest)
-    data = contents.read_small(name)
-    if sha256_digest(data) != digest or descriptor.get("size", len(data)) != len(data):
+    name = contents.resolve("blobs/sha256/" + digest_hex(digest))
+    size = len(contents.read_small(name))
+    if contents.digests.get(name) != digest or descriptor.get("size", size) != size:
         raise IntegrityError("the archive's %s %s does not match its digest" % (what, digest))
-    return name, data
+    return name
+
+
+def archived_config(contents: SaveContents, name: str) -> Tuple[bytes, List[str], str]:
+    """(bytes, rootfs.diff_ids, image ID) of an image config member."""
+    config, diff_ids = saved_config(contents, name)
+    return config, diff_ids, contents.digests[contents.resolve(name)]
 
 
 def docker_archive_images(contents: SaveContents) -> List[ArchivedImage]:
     """The images of a `docker save` / `podman save` archive, from its manifest.json."""
-    manifest = parse_json(contents.read_small("manifest.json"), "the archive's manifest.json")
-    if not isinstance(manifest, list) or not manifest:
+    manifest = contents.document("manifest.json", SAVE_MANIFEST_SHAPE, "the archive's manifest.json")
+    if not manifest:
         raise FormatError("the archive's manifest.json lists no image")
     images = []
     for entry in manifest:
-        if not isinstance(entry, dict) or not isinstance(entry.get("Config"), str) or \
-                not isinstance(entry.get("Layers") or [], list) or \
-                not all(isinstance(n, str) for n in entry.get("Layers") or []):
-            raise FormatError("the archive's manifest.json has a malformed entry")
-        config_name = contents.resolve(entry["Config"])
-        config = contents.read_small(config_name)
-        named = _OCI_BLOB.match(config_name)
-        if named and sha256_digest(config) != "sha256:" + named.group(1):
-            raise IntegrityError("the archive's config %s does not match its digest" % config_name)
-        diff_ids = config_diff_ids(config)
+        config, diff_ids, image_id = archived_config(contents, entry["Config"])
+        named = _OCI_BLOB.match(contents.resolve(entry["Config"]))
+        if named and image_id != "sha256:" + named.group(1):
+            raise IntegrityError("the archive's config %s does not match its digest" % named.group(0))
         members = [contents.resolve(n) for n in entry.get("Layers") or []]
         if len(members) != len(diff_ids):
             raise FormatError("manifest.json lists %d layers but the config %d" % (len(members), len(diff_ids)))
         tags = [t for t in (archive_tag(text) for text in entry.get("RepoTags") or []) if t is not None]
-        images.append(ArchivedImage(config, members, diff_ids, tags))
+        images.append(ArchivedImage(config, members, diff_ids, tags, image_id))
     return images
 
 
-def _platform_manifest(contents: SaveContents, index: Dict[str, Any]) -> Any:
-    """The descriptor of a nested index that fits this machine (or its only image)."""
-    images = [d for d in index.get("manifests") or [] if isinstance(d, dict) and
-              (d.get("platform") or {}).get("os") != "unknown"]  # buildx's attestations
+def _platform_manifest(index: Dict[str, Any]) -> Dict[str, Any]:
+    """The descriptor of a nested index (OCI_INDEX_SHAPE) that fits this machine (or its only image)."""
+    platforms = [(d, d.get("platform") or {}) for d in index["manifests"]]
+    images = [(d, p) for d, p in platforms if p.get("os") != "unknown"]  # buildx's attestations
     if len(images) == 1:
-        return images[0]
+        return images[0][0]
     arch = MACHINE_ARCH.get(os.uname().machine, os.uname().machine)
-    fits = [d for d in images if (d.get("platform") or {}).get("os") == "linux"
-            and (d.get("platform") or {}).get("architecture") == arch]
+    fits = [d for d, p in images if p.get("os") == "linux" and p.get("architecture") == arch]
     if not fits:
         raise FormatError("the archive holds a multi-platform image without a linux/%s one" % arch)
     return fits[0]
@@ -5950,35 +6059,41 @@ def _platform_manifest(contents: SaveContents, index: Dict[str, Any]) -> Any:
 
 def oci_archive_images(contents: SaveContents) -> List[ArchivedImage]:
     """The images of an OCI image layout archive, from its index.json."""
-    index = parse_json(contents.read_small("index.json"), "the archive's index.json")
-    if not isinstance(index, dict) or not isinstance(index.get("manifests"), list):
-        raise FormatError("the archive's index.json lists no manifests")
+    index = contents.document("index.json", OCI_INDEX_SHAPE, "the archive's index.json")
+    found = {}  # type: Dict[str, ArchivedImage]
     images = []
     for descriptor in index["manifests"]:
-        annotations = (descriptor.get("annotations") if isinstance(descriptor, dict) else None) or {}
-        for _ in range(4):  # an index may name an index (a multi-platform image)
-            _, data = archive_blob(contents, descriptor, "manifest")
-            doc = parse_json(data, "a manifest in the archive")
-            if not isinstance(doc, dict):
-                raise FormatError("a manifest in the archive is not a JSON object")
-            if doc.get("mediaType") not in (OCI_INDEX, DOCKER_MANIFEST_LIST) and "manifests" not in doc:
-                break
-            descriptor = _platform_manifest(contents, doc)
-        else:
+        annotations = descriptor.get("annotations") or {}
+        tag = archive_tag(annotations.get(IMAGE_NAME_ANNOTATION)) or archive_tag(annotations.get(REF_NAME_ANNOTATION))
+        images.append(_oci_image(contents, descriptor, found)._replace(tags=[tag] if tag else []))
+    return images
+
+
+def _oci_image(contents: SaveContents, descriptor: Dict[str, Any], found: Dict[str, ArchivedImage],
+               depth: int = 4) -> ArchivedImage:
+    """The image a descriptor names: a manifest's, or that of the manifest for this machine an
+    index names (a multi-platform image), at most `depth` documents down.  found: digest -> its
+    image, so a document many descriptors name is read once."""
+    name = archive_blob(contents, descriptor, "manifest")
+    if descriptor["digest"] in found:
+        return found[descriptor["digest"]]
+    doc = contents.document(name, {}, "a manifest in the archive")
+    if doc.get("mediaType") in (OCI_INDEX, DOCKER_MANIFEST_LIST) or "manifests" in doc:
+        if depth <= 1:
             raise FormatError("the archive's index.json nests indexes too deep")
-        _, config = archive_blob(contents, doc.get("config"), "config")
-        layers = doc.get("layers") or []
-        if not isinstance(layers, list) or not all(isinstance(d, dict) and isinstance(d.get("digest"), str)
-                                                   for d in layers):
-            raise FormatError("a manifest in the archive has malformed layers")
-        diff_ids = config_diff_ids(config)
+        nested = contents.document(name, OCI_INDEX_SHAPE, "an index in the archive")
+        image = _oci_image(contents, _platform_manifest(nested), found, depth - 1)
+    else:
+        manifest = contents.document(name, OCI_MANIFEST_SHAPE, "a manifest in the archive")
+        config, diff_ids, image_id = archived_config(contents, archive_blob(contents, manifest["config"], "config"))
+        layers = manifest.get("layers") or []
         if len(layers) != len(diff_ids):
             raise FormatError("a manifest in the archive lists %d layers but its config %d"
                               % (len(layers), len(diff_ids)))
-        members = ["blobs/sha256/%s" % digest_hex(d["digest"]) for d in layers]
-        tag = archive_tag(annotations.get(IMAGE_NAME_ANNOTATION)) or archive_tag(annotations.get(REF_NAME_ANNOTATION))
-        images.append(ArchivedImage(config, members, diff_ids, [tag] if tag else []))
-    return images
+        members = ["blobs/sha256/" + digest_hex(d["digest"]) for d in layers]
+        image = ArchivedImage(config, members, diff_ids, [], image_id)
+    found[descriptor["digest"]] = image
+    return image
 
 
 def archive_images(contents: SaveContents) -> List[ArchivedImage]:
@@ -5990,14 +6105,11 @@ def archive_images(contents: SaveContents) -> List[ArchivedImage]:
     else:
         raise FormatError("not an image archive: it has no manifest.json (docker save, podman save) "
                           "and no index.json (an OCI image layout)")
-    merged = collections.OrderedDict()  # type: collections.OrderedDict
+    merged = collections.OrderedDict()  # type: collections.OrderedDict  # image ID -> (image, {tag: None})
     for image in images:
-        known = merged.get(image.image_id)
-        if known is None:
-            merged[image.image_id] = image
-        else:
-            merged[image.image_id] = known._replace(tags=known.tags + [t for t in image.tags if t not in known.tags])
-    return list(merged.values())
+        _, tags = merged.setdefault(image.image_id, (image, collections.OrderedDict()))
+        tags.update((t, None) for t in image.tags)
+    return [image._replace(tags=list(tags)) for image, tags in merged.values()]
 
 
 def choose_archived(images: List[ArchivedImage], names: Sequence[str]) -> List[ArchivedImage]:
@@ -6105,6 +6217,10 @@ class ArchiveReader:
         named = _OCI_BLOB.match(member)
         if named and sha256_digest(data) != "sha256:" + named.group(1):
             raise IntegrityError("archive member %s does not match its digest" % member)
+        record = reused_layer(self.store, diff_id, self.freshness)
+        if record is not None and small_layer_checks_out(data, diff_id):
+            self.known[member] = record  # checked in memory: no temp space for a layer the store has
+            return
         self.take(member, self.pipeline.spool_bytes(data, diff_id[7:19]), diff_id)
 
     def layer_record(self, contents: SaveContents, member: str, diff_id: str,
@@ -6153,6 +6269,18 @@ class ArchiveReader:
         else:
             self.freshness.seen(key, age)  # no index entry will keep it young: the blob itself is refreshed
         return record
+
+
+def small_layer_checks_out(data: bytes, diff_id: str) -> bool:
+    """Does a layer held in memory unpack to diff_id, or is it one that cannot be checked (zstd)?"""
+    if detect_compression(data[:4]) == "zstd":
+        return True
+    hasher = DiffIdHasher()
+    try:
+        hasher.update(data)
+        return hasher.digest() == diff_id
+    except zlib.error:
+        return False
 
 
 def import_archive(store: Store, stream: IO[bytes], names: Sequence[str], progress: ProgressSink,

@@ -4,24 +4,40 @@ and nothing is half-written (no tag in the store after a push, none on the engin
   - every file of a small stored image (current layout, and the original's) truncated, replaced by
     garbage, by JSON of the wrong type, or naming a wrong digest, then pulled into the real dockerd;
   - every tar header of a real `docker save` of that image given a wrong size, name, type or
-    checksum, or cut short, then pushed (the engine's save() seam hands the mutated stream over).
+    checksum, or cut short, then pushed (the engine's save() seam hands the mutated stream over);
+  - every document dogestry reads from an archive or a store (docker and podman manifest.json,
+    OCI index.json, a nested index, an OCI manifest, an image config, the store's manifests and
+    layer records, the original layout's v1 json) given values of the wrong JSON type, keys
+    dropped and values nested deeper, then read by the functions that read it;
+  - hostile archives: tar headers of negative size, more members than dogestry reads, names
+    longer than PATH_MAX, one document named thousands of times.
 
-Runs go through dogestry.main() in this process: its exit status and stderr are what users see.
+Runs go through dogestry.main() in this process: its exit status and stderr are what users see
+(hostile archives: in a child, whose memory and CPU time are measured).
 """
 
+import collections
+import copy
 import gzip
 import hashlib
 import io
 import json
 import os
+import random
+import resource
 import shutil
+import subprocess
+import sys
 import tarfile
+import tempfile
 import threading
+import zlib
 
 import pytest
 
 import dogestry
-from realdocker import build_image, client_env, docker_cli, image_id, random_bytes, text_bytes
+from realdocker import (DOGESTRY, build_image, client_env, docker_cli, image_id, one_error_line, random_bytes,
+                        text_bytes)
 
 pytestmark = pytest.mark.integration
 
@@ -278,3 +294,350 @@ def test_bad_settings_are_one_clear_error(env, needle, docker_host, tmp_path):
     code = dogestry.main(["pull", "s3://some-bucket/", "x"], dict(base, **env), out, err)
     assert code in (1, 2) and len(err.getvalue().splitlines()) == 1, err.getvalue()
     assert needle in err.getvalue() and "Traceback" not in err.getvalue()
+
+
+
+# --- documents of the wrong shape --------------------------------------------------------------
+
+def sha(data):
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def tar_of(files):
+    """A tar (bytes) of [(member name, bytes)]."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+LAYER = tar_of([("hello.txt", b"hello\n")])
+ARCH = dogestry.MACHINE_ARCH.get(os.uname().machine, os.uname().machine)
+CONFIG = {"architecture": ARCH, "os": "linux", "config": {"Labels": {"a": "b"}, "Cmd": ["sh"]},
+          "rootfs": {"type": "layers", "diff_ids": [sha(LAYER)]}}
+
+
+def _same(doc):
+    return doc
+
+
+def oci_archive(kind="", change=_same, copies=1):
+    """An OCI image layout, [(member, bytes)]: index.json names (COPIES times, each with a tag of
+    its own) a multi-platform index naming this machine's manifest, an attestation and another
+    platform's.  CHANGE rewrites the document of KIND ('index.json', 'nested index', 'manifest',
+    'config') first; the digests naming it follow it."""
+    files = []
+
+    def blob(data, media_type):
+        files.append(("blobs/sha256/" + sha(data)[7:], data))
+        return {"mediaType": media_type, "digest": sha(data), "size": len(data)}
+
+    def document(name, doc):
+        return json.dumps(change(doc) if kind == name else doc).encode()
+
+    layer = blob(gzip.compress(LAYER, mtime=0), "application/vnd.oci.image.layer.v1.tar+gzip")
+    config = blob(document("config", CONFIG), "application/vnd.oci.image.config.v1+json")
+    manifest = blob(document("manifest", {"schemaVersion": 2, "mediaType": dogestry.OCI_MANIFEST,
+                                          "config": config, "layers": [layer]}), dogestry.OCI_MANIFEST)
+    other = dict(manifest, digest="sha256:" + "0" * 64)  # never read: not this machine's
+    nested = blob(document("nested index", {"schemaVersion": 2, "mediaType": dogestry.OCI_INDEX, "manifests": [
+        dict(other, platform={"os": "linux", "architecture": "not-" + ARCH}),
+        dict(manifest, platform={"os": "linux", "architecture": ARCH}),
+        dict(other, platform={"os": "unknown", "architecture": "unknown"},
+             annotations={"vnd.docker.reference.type": "attestation-manifest"})]}), dogestry.OCI_INDEX)
+    index = {"schemaVersion": 2, "manifests": [
+        dict(nested, annotations={dogestry.IMAGE_NAME_ANNOTATION: "docker.io/fz/oci:%d" % i,
+                                  dogestry.REF_NAME_ANNOTATION: "%d" % i}) for i in range(copies)]}
+    return files + [("index.json", document("index.json", index)), ("oci-layout", b'{"imageLayoutVersion":"1.0.0"}')]
+
+
+def docker_archive(kind="", change=_same, copies=1):
+    """A `docker save` (20.10's shape), [(member, bytes)], manifest.json naming its image COPIES
+    times (each with a tag of its own); CHANGE rewrites the document of KIND ('manifest.json',
+    'config') first, and its member's name follows it."""
+    config = json.dumps(change(CONFIG) if kind == "config" else CONFIG).encode()
+    config_name = sha(config)[7:] + ".json"
+    v1 = "ab" * 32
+    manifest = [{"Config": config_name, "RepoTags": ["fz/docker:%d" % i], "Layers": [v1 + "/layer.tar"]}
+                for i in range(copies)]
+    manifest = change(manifest) if kind == "manifest.json" else manifest
+    return [(v1 + "/VERSION", b"1.0"), (v1 + "/json", b'{"id": "%s"}' % v1.encode()), (v1 + "/layer.tar", LAYER),
+            (config_name, config), ("manifest.json", json.dumps(manifest).encode())]
+
+
+def json_paths(doc, path=()):
+    """The path (keys and indexes) of every value of a JSON document, the document itself first."""
+    yield path
+    items = doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list) else ()
+    for key, value in items:
+        yield from json_paths(value, path + (key,))
+
+
+def at(doc, path):
+    for key in path:
+        doc = doc[key]
+    return doc
+
+
+def replaced(doc, path, value):
+    """A copy of doc with the value at path replaced (None: removed)."""
+    if not path:
+        return value
+    doc = copy.deepcopy(doc)
+    parent = at(doc, path[:-1])
+    if value is None and isinstance(parent, dict):
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+    return doc
+
+
+OTHER_VALUES = [None, True, 0, -1, 2.5, "x", "sha256:" + "0" * 64, [], [7], {}, {"x": "y"}]
+
+
+def wrong_shapes(doc, seed):
+    """(label, document): doc with each value replaced by a value of every other JSON type (None:
+    a key dropped, null in a list), nested one level deeper in a list and in an object; then
+    doc with several such changes at random places."""
+    for path in list(json_paths(doc)):
+        value = at(doc, path)
+        for other in OTHER_VALUES + [[value], {"v": value}]:
+            if other != value or type(other) is not type(value):
+                yield "%s = %.40r" % (path, other), replaced(doc, path, other)
+    rng = random.Random(seed)
+    for attempt in range(200):
+        changed = doc
+        for _ in range(rng.randint(2, 4)):
+            path = rng.choice(list(json_paths(changed)))
+            value = at(changed, path)
+            changed = replaced(changed, path, rng.choice(OTHER_VALUES + [[value], {"v": value}]))
+        yield "random %d" % attempt, changed
+
+
+def outcome(read, label):
+    """'read' or 'refused' (a FormatError or an IntegrityError); any other exception fails the test."""
+    try:
+        read()
+    except (dogestry.FormatError, dogestry.IntegrityError):
+        return "refused"
+    except Exception as e:
+        raise AssertionError("%s: %r" % (label, e)) from e
+    return "read"
+
+
+def read_archive(files):
+    """What import reads of an archive: its images (and, for docker's shape, what push reads)."""
+    contents = dogestry.read_save_stream(io.BytesIO(tar_of(files)), lambda entry, reader: None, what="archive")
+    images = dogestry.choose_archived(dogestry.archive_images(contents), [])
+    if "manifest.json" in contents.small:
+        dogestry.parse_saved_image(contents, images[0].image_id)
+    for image in images:
+        dogestry.partial_config(image.config, len(image.diff_ids), "n")
+
+
+@pytest.mark.parametrize("build,kind", [(oci_archive, "index.json"), (oci_archive, "nested index"),
+                                        (oci_archive, "manifest"), (oci_archive, "config"),
+                                        (docker_archive, "manifest.json"), (docker_archive, "config")],
+                         ids=["oci-index", "oci-nested-index", "oci-manifest", "oci-config", "docker-manifest",
+                              "docker-config"])
+def test_archive_documents_of_any_wrong_shape_are_read_or_refused_as_malformed(build, kind):
+    """Each archive document with values of the wrong type, keys dropped, values nested deeper:
+    import (and push, for docker's shape) reads it or refuses it with a FormatError (or an
+    IntegrityError), never another exception."""
+    assert outcome(lambda: read_archive(build()), "pristine") == "read"
+    seen = collections.Counter(outcome(lambda: read_archive(build(kind, lambda doc: changed)), label)
+                               for label, changed in wrong_shapes(_document_of(build, kind), kind))
+    assert seen["refused"] > 50 and set(seen) <= {"read", "refused"}, seen
+
+
+def _document_of(build, kind):
+    """The document of KIND in BUILD's archive, as it is written."""
+    found = []
+    build(kind, lambda doc: found.append(doc) or doc)
+    return found[0]
+
+
+def stored_image(store):
+    """A LocalStore holding one image (manifest, config, layer record) and one of the original
+    layout (two v1 layers); (image hex, diffID, top v1 id)."""
+    config = json.dumps(CONFIG).encode()
+    record = {"diffID": sha(LAYER), "digest": sha(LAYER), "size": len(LAYER), "compression": "none",
+              "rawSize": len(LAYER)}
+    image_hex = sha(config)[7:]
+    store.put_bytes("images/%s/config.json" % image_hex, config)
+    store.put_bytes("blobs/sha256/" + sha(LAYER)[7:], LAYER)
+    dogestry.write_json(store, "layers/%s.json" % sha(LAYER)[7:], record)
+    dogestry.write_json(store, "images/%s/manifest.json" % image_hex, {
+        "mediaType": dogestry.MANIFEST_MEDIA_TYPE, "schemaVersion": 2, "config": {"digest": sha(config), "size": len(config)},
+        "layers": [record]})
+    base, top = "b" * 64, "c" * 64
+    for v1, parent in ((base, None), (top, base)):
+        dogestry.write_json(store, "images/%s/json" % v1, {
+            "id": v1, "parent": parent, "created": "2014-01-01T00:00:00Z", "author": "me", "comment": "",
+            "container_config": {"Cmd": ["/bin/sh", "-c", "true"]}, "os": "linux"})
+        store.put_bytes("images/%s/layer.tar" % v1, LAYER)
+    return image_hex, sha(LAYER), top
+
+
+def read_stored(store, image_hex, diff_id, top):
+    """What push, pull, export and gc read of the store's documents."""
+    image = dogestry.load_stored_image(store, image_hex)
+    dogestry.stored_layer(store, diff_id)
+    dogestry.LayerRecord.from_json(dogestry.read_json(store, "layers/%s.json" % diff_id[7:]))
+    chain = dogestry.load_stored_image(store, top).legacy_chain
+    layers = [dogestry.legacy_layer(store, v1) for v1 in chain]
+    dogestry.v1_config(layers[-1][0], [dogestry.v1_history(doc) for doc, _, _ in layers], [diff_id] * len(layers))
+    return image
+
+
+@pytest.mark.parametrize("kind", ["manifest", "layer record", "v1 json"])
+def test_store_documents_of_any_wrong_shape_are_read_or_refused_as_malformed(kind, tmp_path):
+    """The store's image manifest, a layer record, a v1 json of the original layout, each with
+    values of the wrong type, keys dropped, values nested deeper: read, or refused with a
+    FormatError (or an IntegrityError), never another exception."""
+    store = dogestry.LocalStore(str(tmp_path / "store"))
+    store.ensure()
+    image_hex, diff_id, top = stored_image(store)
+    key = {"manifest": "images/%s/manifest.json" % image_hex, "layer record": "layers/%s.json" % diff_id[7:],
+           "v1 json": "images/%s/json" % top}[kind]
+    pristine = json.loads(store.get_bytes(key))
+    assert outcome(lambda: read_stored(store, image_hex, diff_id, top), "pristine") == "read"
+    seen = collections.Counter()
+    for label, changed in wrong_shapes(pristine, kind):
+        dogestry.write_json(store, key, changed)
+        seen[outcome(lambda: read_stored(store, image_hex, diff_id, top), label)] += 1
+    assert seen["refused"] > 50 and set(seen) <= {"read", "refused"}, seen
+
+
+def write_archive(path, files):
+    path.write_bytes(tar_of(files))
+    return path
+
+
+def dogestry_import(store, archive, env=None):
+    return subprocess.run([sys.executable, str(DOGESTRY), "-q", "import", str(store), str(archive)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=120,
+                          env=dict(env or os.environ, DOGESTRY_DEBUG=""))
+
+
+def _set(path, value):
+    return lambda doc: replaced(doc, path, value)
+
+
+@pytest.mark.parametrize("build,kind,change,needle", [
+    (oci_archive, "index.json", _set(("manifests", 0, "annotations"), "x"), "manifests[0].annotations"),
+    (oci_archive, "nested index", _set(("manifests", 1, "platform"), "linux/amd64"), "manifests[1].platform"),
+    (oci_archive, "nested index", _set(("manifests",), 1), "manifests"),
+    (oci_archive, "config", _set(("rootfs", "diff_ids", 0), 1), "rootfs.diff_ids[0]"),
+    (docker_archive, "manifest.json", _set((0, "RepoTags"), 1), "[0].RepoTags"),
+], ids=["annotations-a-string", "platform-a-string", "nested-manifests-an-int", "diff-id-an-int",
+        "repotags-an-int"])
+def test_an_archive_document_of_the_wrong_shape_is_one_format_error(build, kind, change, needle, tmp_path):
+    """import names the document and where in it the shape is wrong, on one line, exit status 1
+    (no 'internal error'), and stores nothing."""
+    archive = write_archive(tmp_path / "bad.tar", build(kind, change))
+    proc = dogestry_import(tmp_path / "store", archive)
+    line = one_error_line(proc, needle)
+    assert proc.returncode == 1 and "internal error" not in line, proc.stderr
+    assert not (tmp_path / "store" / "repositories").exists() and not (tmp_path / "store" / "images").exists()
+
+
+# --- hostile archives: bounded memory and work ------------------------------------------------
+
+MEMORY_CAP = 1 << 30  # address space of a child reading a hostile archive: a runaway read fails early
+
+
+def run_capped(*args, cpu_seconds=60):
+    """Run dogestry ARGS in a child capped at MEMORY_CAP of address space and CPU_SECONDS of CPU:
+    (exit status, stderr, CPU seconds used, peak RSS in bytes)."""
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
+
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen([sys.executable, str(DOGESTRY), "-q"] + [str(a) for a in args], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=err, preexec_fn=cap,
+                                env=dict(os.environ, DOGESTRY_DEBUG=""))
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
+        err.seek(0)
+        return proc.returncode, err.read().decode(), usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
+
+
+def zeros_gz(n_mib):
+    """N_MIB MiB of zeros, gzip'ed as N_MIB concatenated members (a small file, a large stream)."""
+    member = zlib.compressobj(6, zlib.DEFLATED, 31)
+    one = member.compress(b"\0" * (1 << 20)) + member.flush()
+    return one * n_mib
+
+
+def base256_size(header, value):
+    """A tar header with its size field in GNU base-256 (0x80 positive, 0xff negative), checksum fixed."""
+    field = (value % (1 << 88)).to_bytes(11, "big")
+    return with_checksum(header[:124] + (b"\xff" if value < 0 else b"\x80") + field + header[136:])
+
+
+def negative_member(kind):
+    """A tar header of type KIND whose size is -1 (after a PAX header giving size=0, for the
+    types whose size a PAX header may set)."""
+    info = tarfile.TarInfo("././@LongLink" if kind in "LK" else "member")
+    info.type, info.linkname = kind.encode(), "target" if kind in "12" else ""
+    header = base256_size(info.tobuf(tarfile.USTAR_FORMAT)[:512], -1)
+    return header if kind in "LKxg" else pax_header(b"10 size=0\n") + header
+
+
+@pytest.mark.parametrize("kind", list("LKxg01234567"))
+def test_a_tar_header_of_negative_size_is_one_error_in_bounded_memory(kind, tmp_path):
+    """A header whose GNU base-256 size is -1, of every type (extension headers, then members whose
+    size a PAX header overrides), followed by 1 GiB of zeros in a 1 MB .tar.gz: refused at that
+    header, in little memory and CPU (it used to read the rest of the archive into memory)."""
+    archive = tmp_path / "negative.tar.gz"
+    archive.write_bytes(gzip.compress(negative_member(kind), mtime=0) + zeros_gz(1024))
+    code, err, cpu, rss = run_capped("import", tmp_path / "store", archive)
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert err.startswith("dogestry: error: broken archive: a tar header with a negative size"), err
+    assert cpu < 10 and rss < 200 << 20, (cpu, rss)
+
+
+def test_an_archive_of_more_members_than_dogestry_reads_is_one_error(tmp_path):
+    """More than TAR_MEMBER_LIMIT (100,000) tar headers: refused once it has read that many."""
+    junk = tarfile.TarInfo("junk").tobuf(tarfile.USTAR_FORMAT)
+    archive = tmp_path / "many.tar.gz"
+    archive.write_bytes(gzip.compress(junk * (dogestry.TAR_MEMBER_LIMIT + 1) + b"\0" * 1024, 1, mtime=0))
+    code, err, cpu, rss = run_capped("import", tmp_path / "store", archive)
+    assert code == 1 and err == "dogestry: error: archive has more than 100000 members (tar headers)\n", err
+    assert rss < 200 << 20, rss
+
+
+def test_a_member_name_longer_than_path_max_is_one_error(tmp_path):
+    """A member named by 4097 bytes (a GNU long name) in an otherwise good archive: refused."""
+    files = docker_archive()
+    archive = write_archive(tmp_path / "long.tar", files[:1] + [("d/" + "x" * 4095, b"")] + files[1:])
+    proc = dogestry_import(tmp_path / "store", archive)
+    one_error_line(proc, "longer than 4096 bytes")
+    assert proc.returncode == 1
+    ok_archive = write_archive(tmp_path / "ok.tar", files[:1] + [("d/" + "x" * 4094, b"")] + files[1:])
+    assert dogestry_import(tmp_path / "store", ok_archive).returncode == 0
+
+
+@pytest.mark.parametrize("build", [oci_archive, docker_archive], ids=["oci", "docker"])
+def test_each_document_of_an_archive_is_parsed_once_however_often_it_is_named(build, tmp_path, monkeypatch):
+    """An index naming one (multi-platform) index 300 times, a manifest.json naming one config 300
+    times: each document is parsed once, and the image stored with all 300 tags."""
+    parsed = collections.Counter()
+    parse = dogestry.parse_json
+
+    def counting(data, *args, **kwargs):
+        parsed[sha(data)] += 1
+        return parse(data, *args, **kwargs)
+
+    monkeypatch.setattr(dogestry, "parse_json", counting)
+    archive = write_archive(tmp_path / "many.tar", build(copies=300))
+    out, err = io.StringIO(), io.StringIO()
+    code = dogestry.main(["-q", "import", str(tmp_path / "store"), str(archive)], environ={}, stdout=out, stderr=err)
+    assert code == 0, err.getvalue()
+    assert len(out.getvalue().splitlines()) == 300
+    assert parsed and max(parsed.values()) == 1, parsed.most_common(3)

@@ -119,6 +119,46 @@ def test_tar_reader_handles_long_names_and_pax_headers():
     assert seen == [(long_name, b"abc"), ("p/" + "ü" * 120, b"hi")]
 
 
+def _tar(members):
+    """A tar (bytes) of [(name, bytes, or a link target as str)]."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if isinstance(data, str):
+                info.type, info.linkname = tarfile.SYMTYPE, data
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_only_the_members_an_image_is_made_of_are_kept_from_a_save_stream():
+    """Documents, configs, layers (and links to them) are kept; VERSION, v1 json, repositories,
+    oci-layout and the like are skipped unread."""
+    v1, other = "a" * 64, "b" * 64
+    stream = _tar([(v1 + "/VERSION", b"1.0"), (v1 + "/json", b"{}"), (v1 + "/layer.tar", b"layer"),
+                   (other + "/layer.tar", "../%s/layer.tar" % v1), (other + "/json", "../%s/json" % v1),
+                   ("c" * 64 + ".json", b"{}"), ("blobs/sha256/" + "d" * 64, b"blob"), ("e" * 64 + ".tar.gz", b"gz"),
+                   ("repositories", b"{}"), ("oci-layout", b"{}"), ("README", b"hi"), ("index.json", b"{}"),
+                   ("manifest.json", b"[]")])
+    contents = dogestry.read_save_stream(io.BytesIO(stream), lambda entry, reader: None)
+    assert sorted(contents.small) == sorted([v1 + "/layer.tar", "c" * 64 + ".json", "blobs/sha256/" + "d" * 64,
+                                             "e" * 64 + ".tar.gz", "index.json", "manifest.json"])
+    assert contents.links == {other + "/layer.tar": "../%s/layer.tar" % v1}
+
+
+def test_what_a_save_stream_holds_in_memory_counts_names_and_links_too(monkeypatch):
+    """Links with long names, no data: still refused once they hold more than SMALL_MEMBERS_LIMIT."""
+    monkeypatch.setattr(dogestry, "SMALL_MEMBERS_LIMIT", 256 << 10)
+    links = [("l%03d/%s.tar" % (i, "x" * 1000), "y" * 1000) for i in range(150)]
+    contents = dogestry.read_save_stream(io.BytesIO(_tar(links[:50])), lambda entry, reader: None)
+    assert len(contents.links) == 50
+    with pytest.raises(dogestry.FormatError, match="holds more than 262.1kB of documents and names"):
+        dogestry.read_save_stream(io.BytesIO(_tar(links)), lambda entry, reader: None)
+
+
 def test_truncated_tar_is_a_format_error():
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
@@ -507,11 +547,12 @@ def test_layers_go_in_batches_of_at_least_the_batch_size(sizes, missing, least, 
 
 
 def test_a_partial_image_config_keeps_the_first_layers_and_is_labelled_for_one_pull():
+    A, B = "sha256:" + "a" * 64, "sha256:" + "b" * 64
     config = json.dumps({"architecture": "amd64", "os": "linux", "history": [{"created_by": "COPY a /"}] * 3,
                          "config": {"Labels": {"app": "x"}},
-                         "rootfs": {"type": "layers", "diff_ids": ["sha256:a", "sha256:b", "sha256:c"]}}).encode()
+                         "rootfs": {"type": "layers", "diff_ids": [A, B, "sha256:" + "c" * 64]}}).encode()
     partial = json.loads(dogestry.partial_config(config, 2, "n1"))
-    assert partial["rootfs"] == {"type": "layers", "diff_ids": ["sha256:a", "sha256:b"]}
+    assert partial["rootfs"] == {"type": "layers", "diff_ids": [A, B]}
     assert partial["history"] == [] and partial["os"] == "linux" and partial["architecture"] == "amd64"
     assert partial["config"]["Labels"] == {"app": "x", "org.dogestry.partial": "n1"}
     assert dogestry.partial_config(config, 2, "n2") != dogestry.partial_config(config, 2, "n1")
