@@ -3029,7 +3029,7 @@ class LayerRecord(NamedTuple):
 LAYER_RECORD_SHAPE = {"diffID": DIGEST, "digest": DIGEST, "size": SIZE, "compression": one_of("gzip", "zstd", "none"),
                       "rawSize?": OrNull(SIZE), "members?": OrNull([Check("a size above 0", lambda v: type(v) is int
                                                                           and v > 0)])}
-STORED_MANIFEST_SHAPE = {"config": {"digest": DIGEST, "size": SIZE}, "layers": [LAYER_RECORD_SHAPE]}
+STORED_MANIFEST_SHAPE = {"config": {"digest": DIGEST, "size": SIZE}, "layers": [{}]}  # layers: LayerRecord.from_json
 # images/<v1-id>/json of the original layout: what its reader uses (the rest goes into a config as it is)
 V1_JSON_SHAPE = {"parent?": OrNull(str), "created?": OrNull(str), "author?": OrNull(str), "comment?": OrNull(str),
                  "container_config?": OrNull({"Cmd?": OrNull([str])})}
