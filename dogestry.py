@@ -2710,23 +2710,47 @@ def file_sha256(path: str) -> str:
     return sha.hexdigest()
 
 
+_URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")       # RFC 3986 section 3.1
+_SCHEME_WITHOUT_COLON = re.compile(r"^(s3|file|https?)//", re.IGNORECASE)
+
+
 def open_store(url: str, s3: Optional[Callable[[S3Location], Store]] = None) -> Store:
-    """A store from a path, file:///path, or s3://bucket/prefix/ (built by the s3 factory)."""
-    if "://" not in url:
-        if not url:
-            raise UsageError("empty store location")
+    """A store from a directory path, file:///path, or s3://bucket/prefix/ (built by the s3 factory).
+
+    A location that starts with a URL scheme (`s3:`, `http:`, `foo:`) is a URL, and one that is
+    not s3://... or file:///... is refused: a directory whose name looks like that is ./NAME."""
+    if not url:
+        raise UsageError("empty store location")
+    match = _URL_SCHEME.match(url)
+    if match is None:
+        typo = _SCHEME_WITHOUT_COLON.match(url)
+        if typo:
+            raise UsageError("invalid store URL %r: did you mean %s:%s? (a directory of that name is given as ./%s)"
+                             % (url, typo.group(1), url[len(typo.group(1)):], url))
         return LocalStore(url)
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme == "file":
+    scheme, rest = match.group(1).lower(), url[match.end():]
+    if scheme == "file" and rest.startswith("/"):  # file:///path, file://localhost/path, file:/path (RFC 8089)
+        parsed = urllib.parse.urlsplit(url)
         if parsed.netloc not in ("", "localhost"):
             raise UsageError("file:// store URLs must be local: file:///path (got %r)" % url)
         return LocalStore(urllib.parse.unquote(parsed.path) or "/")
-    if parsed.scheme == "s3":
+    if scheme == "s3" and rest.startswith("//"):
         location = parse_s3_url(url)
         if s3 is None:
             raise UsageError("s3:// stores need AWS settings here")
         return s3(location)
-    raise UsageError("unsupported store URL %r: use a directory, file:///path or s3://bucket/prefix" % url)
+    raise UsageError("%s store URL %r: %s (a directory whose name starts with %r is given as ./%s)"
+                     % ("invalid" if scheme in ("s3", "file") else "unsupported", url,
+                        _STORE_FORMS.get(scheme, _STORE_FORMS[""]), match.group(0), url))
+
+
+_STORE_FORMS = {
+    "s3": "an S3 store is s3://bucket/prefix/",
+    "file": "a file: URL names an absolute path, file:///path",
+    "http": "S3 over HTTP is s3://bucket/prefix/?endpoint=http://HOST:PORT (or AWS_ENDPOINT_URL)",
+    "https": "S3 over HTTPS is s3://bucket/prefix/?endpoint=https://HOST (or AWS_ENDPOINT_URL)",
+    "": "a store is a directory, file:///path or s3://bucket/prefix/",
+}
 
 
 # === 9. Store layout: tags, images, layers ===
