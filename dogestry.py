@@ -747,12 +747,32 @@ class DockerClient:
     # -- API --
 
     def api_version(self) -> str:
-        """The API version to speak, negotiated once from GET /_ping."""
+        """The API version to speak, negotiated once from GET /_ping; DockerError if what
+        answers is not a Docker engine (a Docker engine, podman's service and a dogestry
+        server answer "OK", Docker since 1.13 and podman with an Api-Version header too)."""
         if self._api_version is None:
-            resp = self.request("GET", "/_ping", timeout=min(self.timeout, 10.0), versioned=False)
-            resp.read()
-            self._api_version = resp.getheader("Api-Version") or DOCKER_MIN_API
+            try:
+                resp = self.request("GET", "/_ping", timeout=min(self.timeout, 10.0), versioned=False)
+                body = resp.read(DOCKER_ERROR_LIMIT)
+            except DockerError as e:
+                if e.status == 0 or "HTTP request to an HTTPS server" in str(e):
+                    raise
+                raise self._not_docker("HTTP %d" % e.status)
+            except (OSError, http.client.HTTPException) as e:
+                self._drop_connection()
+                raise DockerError("cannot talk to Docker at %s: %s" % (self.endpoint.url, _os_reason(e)))
+            version = resp.getheader("Api-Version")
+            if not version and body.strip() != b"OK":
+                kind = resp.getheader("Content-Type") or "no Content-Type"
+                raise self._not_docker("HTTP %d, %s" % (resp.status, kind.split(";")[0]))
+            self._api_version = version or DOCKER_MIN_API
         return self._api_version
+
+    def _not_docker(self, answer: str) -> DockerError:
+        """The error for an endpoint that is not a Docker engine (status 0: no request of ours reached one)."""
+        self._drop_connection()
+        return DockerError("%s is not a Docker engine: GET /_ping answered %s, where an engine answers OK"
+                           % (self.endpoint.url, answer))
 
     def version(self) -> Dict[str, Any]:
         """GET /version."""
@@ -4960,7 +4980,7 @@ def check_hosts(clients: Sequence[DockerClient]) -> None:
             client.version()
             return None
         except DogestryError as e:
-            return "%s: %s" % (client.endpoint.url, e)
+            return str(e) if str(e).startswith(client.endpoint.url) else "%s: %s" % (client.endpoint.url, e)
 
     found = {}  # type: Dict[str, Optional[str]]
     run_in_threads(lambda client: found.__setitem__(client.endpoint.url, check(client)), clients)
