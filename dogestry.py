@@ -438,6 +438,12 @@ class Progress:
         with self._lock:
             self._write_above(printable(message))
 
+    def warn(self, message: str) -> None:
+        """A line "dogestry: warning: ...", shown even with -q: it explains a wait (S3 retrying)
+        that would otherwise look like a hang, and goes to stderr, never into a command's output."""
+        with self._lock:
+            self._write_above("dogestry: warning: " + printable(message))
+
     def task(self, label: str, action: str, total: Optional[int]) -> "ProgressTask":
         """Start tracking a transfer of `total` bytes."""
         task = ProgressTask(self, printable(label), action, total)
@@ -1803,6 +1809,8 @@ S3_RANGE = 4 << 20
 S3_COPY_MAX = 5 << 30     # the largest object one CopyObject copies; larger ones are copied in parts
 S3_COPY_PART = 512 << 20  # the part size of those (UploadPartCopy)
 S3_RETRY_BUDGET = 120.0   # seconds a failing request is retried when AWS_MAX_ATTEMPTS is not set
+RETRY_NOTICE_AFTER = 5.0  # a request failing this long says so (one line) ...
+RETRY_NOTICE_WINDOW = S3_RETRY_BUDGET  # ... and no other request of the client says it again within this
 STALE_UPLOAD_AGE = 3600.0  # a multipart upload this old is abandoned: the next push of its blob aborts it
 UPLOAD_CLOCK_MARGIN = 60.0  # uploads S3 says it began this long before ours count as ours after a retry
 S3_ANSWER_LIMIT = 16 << 20  # the largest answer (XML) read whole
@@ -1819,6 +1827,16 @@ class S3Error(StoreError):
     def __init__(self, message: str, code: str = "", status: int = 0):
         super().__init__(message)
         self.code, self.status = code, status
+
+
+UNKNOWN_HOST = "UnknownHost"  # the code of an S3Error for a host name that does not resolve
+
+
+def unknown_host(e: BaseException) -> bool:
+    """Is this the resolver saying the host name does not exist (EAI_NONAME, EAI_NODATA: no retry
+    will change that), rather than that it could not find out now (EAI_AGAIN)?"""
+    permanent = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
+    return isinstance(e, socket.gaierror) and e.errno in permanent
 
 
 class S3Location(NamedTuple):
@@ -1907,13 +1925,18 @@ class S3Client:
 
     A failed request is tried again, with backoff, for S3_RETRY_BUDGET seconds (long enough to
     ride out a minute's outage in the middle of a transfer), or AWS_MAX_ATTEMPTS times if set.
+    Once a request has failed for RETRY_NOTICE_AFTER, notify() gets one line saying so.  A host
+    name that does not resolve (EAI_NONAME, EAI_NODATA) fails at once: retries will not help.
     """
 
     def __init__(self, location: S3Location, credentials: CredentialChain, config: AwsConfig,
                  clock: Callable[[], float] = time.time, sleep: Optional[Callable[[float], None]] = None,
                  rand: Callable[[], float] = random.random, max_attempts: Optional[int] = None,
-                 presigned: Optional[Mapping[str, str]] = None):
+                 presigned: Optional[Mapping[str, str]] = None, notify: Callable[[str], None] = lambda line: None):
         self.bucket = location.bucket
+        self.notify = notify    # a warning for the user: requests keep failing, and are retried
+        self._noticed_at = None  # type: Optional[float]  # when notify() was last told of retries
+        self._notice_lock = threading.Lock()
         self.credentials, self.clock, self.rand = credentials, clock, rand
         self.cancelled = threading.Event()    # set by cancel(): no new requests, no more retries
         self.interrupted = threading.Event()  # and no clean-up retries or waits either
@@ -1952,6 +1975,11 @@ class S3Client:
             with self._conns_lock:
                 self._conns.add(conn)
         return conn
+
+    def netloc(self) -> str:
+        """host, or host:port, of where this bucket's requests go."""
+        _, host, port, _ = self._target()
+        return host if port in (80, 443) else "%s:%d" % (host, port)
 
     def _drop(self, scheme: str, host: str, port: int) -> None:
         conn = getattr(self._local, "conns", {}).pop((scheme, host, port), None)
@@ -2006,11 +2034,15 @@ class S3Client:
                               % (method, self.describe(key), scheme, netloc, e.verify_message or e.reason))
             except (OSError, http.client.HTTPException) as e:
                 self._drop(scheme, host, port)
-                if idempotent and self.may_retry(attempt, started, cancellable):
-                    self._backoff(attempt)
+                reason = self._failure(e, host)
+                if unknown_host(e):
+                    raise S3Error("%s %s: %s (%s)" % (method, self.describe(key), reason, self._endpoint_note()),
+                                  UNKNOWN_HOST)
+                if idempotent and self._wait_to_retry(attempt, started, _os_reason(e), netloc, cancellable):
                     continue
-                raise S3Error("%s %s: %s (after %d attempt%s)" % (method, self.describe(key), _os_reason(e), attempt,
-                                                                  "s" if attempt > 1 else ""))
+                raise S3Error("%s %s: %s (after %d attempt%s%s)" % (
+                    method, self.describe(key), reason, attempt, "s" if attempt > 1 else "",
+                    "; " + self._endpoint_note() if isinstance(e, socket.gaierror) else ""))
             except BaseException:  # an interrupted body (Ctrl-C, a cancelled upload): the connection is spent
                 self._drop(scheme, host, port)
                 raise
@@ -2039,8 +2071,8 @@ class S3Client:
             if code in ("ExpiredToken", "TokenRefreshRequired"):
                 self.credentials.get(force_refresh=True)
             retriable = resp.status in S3_RETRY_STATUSES or code in S3_RETRY_CODES
-            if retriable and idempotent and self.may_retry(attempt, started, cancellable):
-                self._backoff(attempt)
+            if retriable and idempotent and self._wait_to_retry(attempt, started, "%s, HTTP %d" % (code, resp.status),
+                                                                netloc, cancellable):
                 continue
             hint = ""
             if code in ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "ExpiredToken"):
@@ -2062,9 +2094,10 @@ class S3Client:
             except (OSError, http.client.HTTPException) as e:
                 scheme, host, port, _ = self._target()
                 self._drop(scheme, host, port)
-                if not kw.get("idempotent", True) or not self.may_retry(attempt, started, kw.get("cancellable", True)):
-                    raise S3Error("%s %s: the answer broke off: %s" % (method, self.describe(key), _os_reason(e)))
-                self._backoff(attempt)
+                reason = "the answer broke off: %s" % _os_reason(e)
+                if not kw.get("idempotent", True) or not self._wait_to_retry(attempt, started, reason, self.netloc(),
+                                                                             kw.get("cancellable", True)):
+                    raise S3Error("%s %s: %s" % (method, self.describe(key), reason))
                 continue
             if len(data) > S3_ANSWER_LIMIT:
                 raise S3Error("%s %s: the answer is larger than %s" % (method, self.describe(key),
@@ -2098,9 +2131,42 @@ class S3Client:
             return attempt < self.max_attempts
         return self.clock() - started < S3_RETRY_BUDGET
 
-    def _backoff(self, attempt: int) -> None:
+    def _wait_to_retry(self, attempt: int, started: float, reason: str, host: str, cancellable: bool = True) -> bool:
+        """Back off before trying a failing request once more (may_retry), or False to give up.  A
+        request that will have been failing RETRY_NOTICE_AFTER by then sends notify() one line naming
+        the host and the reason (and no request of this client does again for RETRY_NOTICE_WINDOW)."""
+        if not self.may_retry(attempt, started, cancellable):
+            return False
+        delay = self._backoff_delay(attempt)
+        now = self.clock()
+        if now + delay - started >= RETRY_NOTICE_AFTER:
+            with self._notice_lock:
+                due = self._noticed_at is None or now - self._noticed_at >= RETRY_NOTICE_WINDOW
+                if due:
+                    self._noticed_at = now
+            if due:
+                limit = ("up to %d attempts (AWS_MAX_ATTEMPTS)" % self.max_attempts if self.max_attempts is not None
+                         else "for up to %s" % human_duration(S3_RETRY_BUDGET))
+                self.notify("S3 requests to %s keep failing (%s); retrying %s" % (host, reason, limit))
+        self.sleep(delay)
+        return True
+
+    def _failure(self, e: BaseException, host: str) -> str:
+        """What went wrong with a request that got no answer (a host name that did not resolve is named)."""
+        if isinstance(e, socket.gaierror):
+            return "cannot resolve the host name %s: %s" % (host, _os_reason(e))
+        return _os_reason(e)
+
+    def _endpoint_note(self) -> str:
+        """For a host name that did not resolve: where it came from."""
+        if self.endpoint:
+            return "the endpoint %s" % self.endpoint
+        return ("no endpoint is set, so this is the bucket's host on AWS; for another S3-compatible store "
+                "add ?endpoint=URL to the store or set AWS_ENDPOINT_URL")
+
+    def _backoff_delay(self, attempt: int) -> float:
         """Exponential backoff with full jitter (AWS Architecture Blog, 2015)."""
-        self.sleep(self.rand() * min(20.0, 0.25 * (2 ** attempt)))
+        return self.rand() * min(20.0, 0.25 * (2 ** attempt))
 
     def _wait(self, seconds: float) -> None:
         """Sleep, unless an interrupt comes first."""
@@ -2289,8 +2355,7 @@ class S3Client:
                                             headers={"Content-Type": "application/octet-stream"})[1])
             except S3Error as e:
                 if (e.status == 0 or e.status in S3_RETRY_STATUSES or e.code in S3_RETRY_CODES) \
-                        and self.may_retry(attempt, started):
-                    self._backoff(attempt)
+                        and e.code != UNKNOWN_HOST and self._wait_to_retry(attempt, started, str(e), self.netloc()):
                     continue
                 raise
             upload_id = _xml_text(root, ".//UploadId") if root is not None else None
@@ -2526,10 +2591,10 @@ class S3Reader(io.RawIOBase):
             self.failures += 1
             if self.failing_since is None:
                 self.failing_since = self.client.clock()
-            if not self.client.may_retry(self.failures, self.failing_since):
+            reason = "the body broke off: %s" % (_os_reason(error) if error else "short body")
+            if not self.client._wait_to_retry(self.failures, self.failing_since, reason, self.client.netloc()):
                 raise S3Error("GET %s: the body broke off at byte %d of %s (%s)" % (
                     self.client.describe(self.key), self.pos, self.expected, error or "short body"))
-            self.client._backoff(self.failures)
 
     def _close_response(self) -> None:
         if self.resp is not None:
@@ -7190,11 +7255,12 @@ class Context:
             chain = StaticCredentials(creds)  # type: Any
         else:
             chain = CredentialChain(config, force_metadata=bool(getattr(self.options, "use_metaservice", False)))
-        return S3Store(location, S3Client(location, chain, config))
+        return S3Store(location, S3Client(location, chain, config, notify=self.progress.warn))
 
     def presigned_store(self, location: S3Location, urls: Dict[str, str], sizes: Dict[str, int]) -> Store:
         """The objects of one delegated pull, read through the URLs the client presigned."""
-        client = S3Client(location, None, AwsConfig(self.environ, self.home), presigned=urls)  # type: ignore
+        client = S3Client(location, None, AwsConfig(self.environ, self.home), presigned=urls,  # type: ignore
+                          notify=self.progress.warn)
         return PresignedS3Store(location, client, sizes)
 
     def push_options(self) -> PushOptions:
