@@ -6083,12 +6083,18 @@ def oci_archive_stream(items: Sequence[ExportItem], progress: ProgressSink) -> I
 
 
 def write_archive(chunks: Iterable[bytes], path: str) -> None:
-    """Write an archive to path through a temp file beside it: a failure leaves no file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise DogestryError("cannot write %s: it is a directory" % path)
+    """Write an archive to path: into a FIFO or a character device as it is (/dev/stdout, a pipe);
+    else to a temp file beside the file, renamed onto it at the end, so a failure leaves no file.
+    A symlink is written through, never replaced: its target gets the archive."""
+    target, direct = archive_target(path)
+    if direct:
+        with OutputFile(target) as out:
+            for data in chunks:
+                out.write(data)
+        return
+    directory = os.path.dirname(target)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=directory)
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(target) + ".tmp-", dir=directory)
         os.close(fd)
     except OSError as e:
         raise DogestryError("cannot write %s: %s" % (path, _os_reason(e)))
@@ -6098,13 +6104,62 @@ def write_archive(chunks: Iterable[bytes], path: str) -> None:
                 out.write(data)
         try:
             os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
+            os.replace(tmp, target)
         except OSError as e:
             raise DogestryError("cannot write %s: %s" % (path, _os_reason(e)))
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def archive_target(path: str) -> Tuple[str, bool]:
+    """Where export -o PATH writes: (path, True) for a FIFO or character device, written into as it
+    is; else (the absolute path of the regular file to replace or create, False), symlinks followed.
+    Other kinds of files (directories, sockets, block devices) are refused."""
+    try:
+        st = os.stat(path)  # through symlinks
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise DogestryError("cannot write %s: %s" % (path, _os_reason(e)))
+    if st is not None and (stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+        return path, True
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise DogestryError("cannot write %s: it is %s (export -o writes a file, a FIFO or a character device)"
+                            % (path, _file_kind(st.st_mode)))
+    return _symlink_end(path), False
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _symlink_end(path: str) -> str:
+    """The absolute path a chain of symlinks at path ends at (path itself if it is none).  As the
+    kernel's fs.protected_symlinks does for open(), a link in a sticky world-writable directory
+    (/tmp) is followed only if the caller or the directory's owner owns it: the file renamed onto
+    its target must not be one another user pointed the link at."""
+    path = os.path.abspath(path)
+    for _ in range(40):  # SYMLOOP_MAX
+        try:
+            link = os.lstat(path)
+            if not stat.S_ISLNK(link.st_mode):
+                return os.path.realpath(path)
+            parent = os.stat(os.path.dirname(path))
+            shared = parent.st_mode & stat.S_ISVTX and parent.st_mode & stat.S_IWOTH
+            if shared and link.st_uid not in (os.geteuid(), parent.st_uid):
+                raise DogestryError("cannot write %s: a symlink someone else owns in a shared directory "
+                                    "(as the kernel's protected_symlinks, it is not followed)" % path)
+            path = os.path.join(os.path.dirname(path), os.readlink(path))
+        except FileNotFoundError:
+            return os.path.realpath(path)
+        except OSError as e:
+            raise DogestryError("cannot write %s: %s" % (path, _os_reason(e)))
+    raise DogestryError("cannot write %s: too many levels of symbolic links" % path)
 
 
 # --- copy: store to store ---
