@@ -2961,6 +2961,11 @@ def tag_key(ref: ImageRef) -> str:
     return "repositories/%s/%s" % (ref.name, ref.tag)
 
 
+def protection_key(ref: ImageRef) -> str:
+    """The marker of a tag prune never removes (and rm removes only with --force)."""
+    return PROTECTED_PREFIX + "%s/%s" % (ref.name, ref.tag)
+
+
 def image_key(image_hex: str, leaf: str) -> str:
     return "images/%s/%s" % (image_hex, leaf)
 
@@ -4887,14 +4892,15 @@ def prune_tags(store: Store, keep_last: Optional[int], older_than: Optional[floa
     return doomed
 
 
-def remove_tags(store: Store, tags: Sequence[Tuple[ImageRef, str]]) -> None:
-    """Delete tags, first recording their images as untagged (gc spares them for its grace period)."""
+def remove_tags(store: Store, tags: Sequence[Tuple[ImageRef, str]], unprotect: Sequence[ImageRef] = ()) -> None:
+    """Delete tags, first recording their images as untagged (gc spares them for its grace period),
+    and the protection of those in `unprotect` with them (a tag pushed again later is not protected)."""
     by_image = collections.defaultdict(list)  # type: Dict[str, List[ImageRef]]
     for ref, image_hex in tags:
         by_image[image_hex].append(ref)
     for image_hex, refs in by_image.items():
         record_untagged(store, image_hex, refs)
-    store.delete_many([tag_key(ref) for ref, _ in tags])
+    store.delete_many([tag_key(ref) for ref, _ in tags] + [protection_key(ref) for ref in unprotect])
 
 
 class DiffIdReader:
@@ -7736,10 +7742,17 @@ def cmd_rm(ctx: Context) -> int:
             ctx.progress.note("image %s has no tags in %s (gc frees it)" % (image_hex[:12], store.url))
         doomed.extend(tags)
     doomed = sorted(set(doomed))
+    markers = set(store.list(PROTECTED_PREFIX))
+    protected = [ref for ref, _ in doomed if protection_key(ref) in markers]
+    if protected and not ctx.options.force:
+        raise DogestryError("%s %s protected in %s: 'dogestry unprotect' first, or rm --force; nothing was deleted"
+                            % (", ".join(printable(str(r)) for r in protected), "is" if len(protected) == 1 else "are",
+                               store.url))
     if doomed:
-        remove_tags(store, doomed)
+        remove_tags(store, doomed, unprotect=protected)
     for ref, image_hex in doomed:
-        ctx.progress.note("deleted %s (%s) from %s" % (ref, image_hex[:12], store.url))
+        ctx.progress.note("deleted %s (%s)%s from %s" % (ref, image_hex[:12],
+                                                         " and its protection" if ref in protected else "", store.url))
     return 0
 
 
@@ -7793,12 +7806,16 @@ def cmd_protect(ctx: Context, protect: bool = True) -> int:
         if protect and store.stat(tag_key(ref)) is None:
             raise NotFound("%s not found in %s" % (ref, store.url))
     for ref in refs:
-        key = PROTECTED_PREFIX + "%s/%s" % (ref.name, ref.tag)
+        key = protection_key(ref)
+        was = store.stat(key) is not None
         if protect:
             store.put_bytes(key, b"")
-        else:
+            ctx.progress.note(("%s was already protected in %s" if was else "protected %s in %s") % (ref, store.url))
+        elif was:
             store.delete(key)
-        ctx.progress.note("%s %s in %s" % ("protected" if protect else "unprotected", ref, store.url))
+            ctx.progress.note("unprotected %s in %s" % (ref, store.url))
+        else:
+            ctx.progress.note("%s was not protected in %s" % (ref, store.url))
     return 0
 
 
@@ -7875,7 +7892,8 @@ COMMANDS = (
     ("pull", cmd_pull, "pull STORE IMAGE[:TAG]...", "Load images from STORE into the Docker host."),
     ("list", cmd_list, "list STORE", "List the repositories and tags in STORE."),
     ("inspect", cmd_inspect, "inspect STORE IMAGE", "Show what STORE holds for IMAGE, as JSON."),
-    ("rm", cmd_rm, "rm STORE IMAGE:TAG|IMAGE_ID...", "Delete tags from STORE (an image ID: all its tags)."),
+    ("rm", cmd_rm, "rm STORE IMAGE:TAG|IMAGE_ID... [--force]",
+     "Delete tags from STORE (an image ID: all its tags); protected ones only with --force."),
     ("gc", cmd_gc, "gc STORE [--grace DURATION] [--dry-run]",
      "Delete images, layers and blobs no tag reaches, once older than the grace period."),
     ("prune", cmd_prune, "prune STORE (--keep-last N | --older-than DURATION) [NAME...]",
@@ -8011,6 +8029,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("-all", "--all", action="store_true", help="copy every tag of SRC")
         if name in ("push", "pull", "rm", "protect", "unprotect"):
             p.add_argument("images", metavar="IMAGE", nargs="+", help="NAME[:TAG] (or an image ID)")
+        if name == "rm":
+            p.add_argument("-force", "--force", action="store_true",
+                           help="delete protected tags too (and their protection)")
         if name in ("gc", "prune"):
             p.add_argument("-dry-run", "--dry-run", action="store_true", help="print what would go, change nothing")
         if name == "gc":
