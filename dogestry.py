@@ -1551,13 +1551,17 @@ def _answer_error(body: bytes) -> Optional[str]:
 
 
 def _iso_time(text: Optional[str]) -> Optional[float]:
-    """Unix time of an ISO 8601 timestamp like 2026-11-27T21:00:00Z, or None."""
+    """Unix time of an ISO 8601 timestamp like 2026-11-27T21:00:00Z or 2026-11-27T21:00:00.123Z
+    (fractions of a second kept: radosgw's listings have milliseconds, AWS's whole seconds), or None."""
     if not text:
         return None
     text = text.strip().replace("Z", "+00:00")
-    text = re.sub(r"\.\d+", "", text)
+    fraction = re.search(r"\.(\d+)", text)  # Python < 3.11 reads 3 or 6 digits only
+    if fraction:
+        text = text[:fraction.start()] + text[fraction.end():]
     try:
-        return datetime.datetime.fromisoformat(text).timestamp()
+        seconds = datetime.datetime.fromisoformat(text).timestamp()
+        return seconds + (float("0." + fraction.group(1)) if fraction else 0.0)
     except ValueError:
         return None
 
@@ -4868,11 +4872,20 @@ def store_stats(store: Store, progress: ProgressSink) -> StoreStats:
                       sum(blobs.values()) - referenced)
 
 
+class PrunePlan(NamedTuple):
+    """The tags prune removes, and those it keeps beyond --keep-last because their push times tie
+    with the oldest one kept (with that one)."""
+
+    doomed: List[Tuple[ImageRef, str]]
+    tied: List[Tuple[List[ImageRef], ImageRef]]
+
+
 def prune_tags(store: Store, keep_last: Optional[int], older_than: Optional[float],
-               names: Sequence[str]) -> List[Tuple[ImageRef, str]]:
-    """The tags prune removes: per repository, all but the keep_last most recently pushed (a
-    tag's push time is its own last write), or those pushed more than older_than ago; never a
-    protected tag."""
+               names: Sequence[str]) -> PrunePlan:
+    """The tags prune removes: per repository, all but the keep_last most recently pushed (a tag's
+    push time is its own last write, as precise as the store keeps it), or those pushed more than
+    older_than ago; never a protected tag, nor one whose push time is the same as that of the
+    oldest tag kept (it may be the newer of the two: AWS S3 keeps whole seconds)."""
     entries = {e.key: e for e in store.list_entries("repositories/")}
     protected = {k[len(PROTECTED_PREFIX):] for k in store.list(PROTECTED_PREFIX)}
     by_repo = collections.defaultdict(list)  # type: Dict[str, List[Tuple[ImageRef, str, float]]]
@@ -4881,15 +4894,21 @@ def prune_tags(store: Store, keep_last: Optional[int], older_than: Optional[floa
         if entry is None or (names and ref.name not in names):
             continue
         by_repo[ref.name].append((ref, image_hex, entry.age))
-    doomed = []
+    doomed, tied = [], []  # type: List[Tuple[ImageRef, str]], List[Tuple[List[ImageRef], ImageRef]]
     for name, tags in sorted(by_repo.items()):
         tags.sort(key=lambda t: (t[2], t[0].tag))  # youngest first
+        boundary = tags[keep_last - 1] if keep_last and len(tags) > keep_last else None
+        kept_tied = []  # type: List[ImageRef]
         for index, (ref, image_hex, age) in enumerate(tags):
             if "%s/%s" % (ref.name, ref.tag) in protected:
                 continue
-            if (keep_last is not None and index >= keep_last) or (older_than is not None and age > older_than):
+            if keep_last is not None and index >= keep_last and boundary is not None and age == boundary[2]:
+                kept_tied.append(ref)
+            elif (keep_last is not None and index >= keep_last) or (older_than is not None and age > older_than):
                 doomed.append((ref, image_hex))
-    return doomed
+        if kept_tied and boundary is not None:
+            tied.append((kept_tied, boundary[0]))
+    return PrunePlan(doomed, tied)
 
 
 def remove_tags(store: Store, tags: Sequence[Tuple[ImageRef, str]], unprotect: Sequence[ImageRef] = ()) -> None:
@@ -7787,10 +7806,15 @@ def cmd_prune(ctx: Context) -> int:
     names = [parse_image_ref(n).name for n in ctx.options.names]
     store = ctx.store()
     store.check()
-    doomed = prune_tags(store, keep, None if older is None else parse_duration(older), names)
+    doomed, tied = prune_tags(store, keep, None if older is None else parse_duration(older), names)
     if doomed and not ctx.options.dry_run:
         remove_tags(store, doomed)
     verb = "would remove" if ctx.options.dry_run else "removed"
+    for refs, boundary in tied:
+        ctx.stdout.write("%s %s too: pushed at the same time as %s, the oldest of the %d kept, as far as the store's "
+                         "times tell (prune never removes a tag that may be newer than one it keeps)\n"
+                         % ("would keep" if ctx.options.dry_run else "kept", ", ".join(printable(str(r)) for r in refs),
+                            printable(str(boundary)), keep))
     for ref, image_hex in doomed:
         ctx.stdout.write("%s %s (%s)\n" % (verb, printable(str(ref)), image_hex[:12]))
     ctx.stdout.write("prune %s: %s %d tags\n" % (store.url, verb, len(doomed)))

@@ -3,6 +3,8 @@ protection, so a tag pushed again later under that name is not protected without
 unprotect of a tag that never was says so; prune --keep-last orders tags by their push times as
 precisely as the store keeps them, and keeps tags whose times tie with the oldest one it keeps."""
 
+import os
+import time
 import uuid
 from pathlib import Path
 
@@ -93,3 +95,39 @@ def test_unprotect_of_a_tag_that_never_was_protected_says_so(images, docker_env,
     again = ok(run_dogestry("protect", store, "dgtag/app:1", env=docker_env))
     assert "dgtag/app:1 was already protected" in again.stderr
     assert "unprotected dgtag/app:1" in ok(run_dogestry("unprotect", store, "dgtag/app:1", env=docker_env)).stderr
+
+
+# --- prune --keep-last: push order ---------------------------------------------------------------
+
+def set_push_time(store, ref, when_ns):
+    name, tag = ref.split(":")
+    path = Path(store, "repositories", name, tag)
+    os.utime(str(path), ns=(when_ns, when_ns))
+
+
+def test_prune_keeps_every_tag_whose_push_time_ties_with_the_oldest_kept_and_says_so(images, docker_env, tmp_path):
+    """A directory store on a file system with coarse timestamps: c, d and e were written in the
+    same tick.  --keep-last 2 keeps all three (any of them may be the newest) and removes a and b."""
+    store = tmp_path / "store"
+    push(docker_env, store, images["one"], *["dgtag/app:%s" % t for t in "abcde"])
+    now = time.time_ns()
+    for tag, when in zip("abcde", (now - 3 * 10**9, now - 2 * 10**9, now - 10**9, now - 10**9, now - 10**9)):
+        set_push_time(store, "dgtag/app:" + tag, when)
+
+    proc = ok(run_dogestry("prune", store, "--keep-last", "2", env=docker_env))
+
+    assert tags_of(docker_env, store, "dgtag/app") == ["c", "d", "e"]
+    assert "kept dgtag/app:e too: pushed at the same time as dgtag/app:d, the oldest of the 2 kept" in proc.stdout
+    assert "removed dgtag/app:a" in proc.stdout and "removed dgtag/app:b" in proc.stdout
+
+
+def test_prune_on_s3_keeps_the_tags_pushed_last_by_one_command(images, docker_env, s3_env, bucket):
+    """Six tags pushed by one command, within a second or so: radosgw's listing times have
+    milliseconds, and prune --keep-last 2 keeps the two pushed last, whatever their names."""
+    store = "s3://%s/prune/" % bucket
+    tags = ["dgtag/app:%s" % t for t in ("f", "a", "e", "b", "d", "c")]  # the push order
+    push(s3_env, store, images["one"], *tags)
+
+    proc = ok(run_dogestry("prune", store, "--keep-last", "2", env=s3_env))
+
+    assert tags_of(s3_env, store, "dgtag/app") == ["c", "d"], proc.stdout
