@@ -821,9 +821,10 @@ class DockerClient:
             raise DockerError("bad answer from Docker at %s: no image Id for %s" % (self.endpoint.url, ref))
         return info
 
-    def list_images(self) -> List[Dict[str, Any]]:
-        """GET /images/json?all=1."""
-        images = self.json("GET", "/images/json?all=1")
+    def list_images(self, label: Optional[str] = None) -> List[Dict[str, Any]]:
+        """GET /images/json?all=1: every image, or those with a label (KEY or KEY=VALUE)."""
+        query = "" if label is None else "&filters=" + urllib.parse.quote(json.dumps({"label": [label]}))
+        images = self.json("GET", "/images/json?all=1" + query)
         if not isinstance(images, list) or not all(isinstance(i, dict) and isinstance(i.get("Id"), str)
                                                    for i in images):
             raise DockerError("bad answer from Docker at %s: the image list is not a list of images"
@@ -4297,9 +4298,12 @@ def load_tar_stream(store: Store, image: StoredImage, config: bytes, repo_tags: 
 # batch streaming while the engine registers the one before; the engine finds the layers
 # of earlier batches by chain ID, so a load holds its manifest back until the load before
 # it has finished.  The partial images are deleted once the image is loaded, or the pull
-# has failed.  Only into Docker's own layer store (DockerClient.takes_partial_loads).
+# has failed.  Only into Docker's own layer store (DockerClient.takes_partial_loads).  A pull
+# killed mid-way leaves its partial images: the next successful pull of the image removes
+# them (PARTIAL_FOR_LABEL names the image they were for).
 
 PARTIAL_LABEL = "org.dogestry.partial"
+PARTIAL_FOR_LABEL = "org.dogestry.partial.for"
 PARTIAL_JOIN_WAIT = 1.0  # after a failure, how long the other loads' threads get to end
 
 
@@ -4321,15 +4325,17 @@ def load_batches(image: StoredImage, missing: Set[int], least: int) -> List[List
 
 def partial_config(config: bytes, layers: int, nonce: str) -> bytes:
     """The config of a partial image: the image's first `layers` layers, no history, labelled
-    PARTIAL_LABEL=nonce (so it is unique to one pull and easy to find)."""
+    PARTIAL_LABEL=nonce (so it is unique to one pull and easy to find) and PARTIAL_FOR_LABEL=the
+    ID of the image (so a later pull of it can remove what a killed one left)."""
     doc = parse_json(config, "image config")
     if not isinstance(doc, dict) or not isinstance(doc.get("rootfs"), dict) \
             or not isinstance(doc["rootfs"].get("diff_ids"), list):
         raise FormatError("the image config has no rootfs.diff_ids")
     inner = doc["config"] if isinstance(doc.get("config"), dict) else {}  # type: Dict[str, Any]
     labels = inner["Labels"] if isinstance(inner.get("Labels"), dict) else {}  # type: Dict[str, Any]
+    labels = dict(labels, **{PARTIAL_LABEL: nonce, PARTIAL_FOR_LABEL: sha256_digest(config)})
     doc = dict(doc, history=[], rootfs=dict(doc["rootfs"], diff_ids=doc["rootfs"]["diff_ids"][:layers]),
-               config=dict(inner, Labels=dict(labels, **{PARTIAL_LABEL: nonce})))
+               config=dict(inner, Labels=labels))
     return json.dumps(doc, sort_keys=True).encode()
 
 
@@ -4422,6 +4428,23 @@ def _remove_partials(docker: DockerClient, loads: List[BatchLoad], partials: Lis
             return
 
 
+def remove_leftover_partials(docker: DockerClient, image_id: str, progress: ProgressSink) -> None:
+    """Delete the partial images earlier pulls of an image left (killed mid-way), once the engine
+    has the image.  Safe while another pull of the same image is loading batches: its later batches
+    find the layers of its earlier ones by chain ID, and the image, here whole, holds them all."""
+    try:
+        leftovers = [i["Id"] for i in docker.list_images(label="%s=%s" % (PARTIAL_FOR_LABEL, image_id))]
+        for partial in leftovers:
+            docker.remove_image(partial, timeout=min(docker.timeout, CLEANUP_TIMEOUT))
+    except DogestryError as e:
+        progress.note("could not remove the partial images an earlier pull of %s left (%s): `docker image prune "
+                      "--filter label=%s`" % (image_id[7:19], e, PARTIAL_LABEL))
+        return
+    if leftovers:
+        progress.note("removed %d partial image%s an interrupted pull of %s left"
+                      % (len(leftovers), "s" if len(leftovers) > 1 else "", image_id[7:19]))
+
+
 def pull_image(docker: DockerClient, store: Store, text: str, progress: ProgressSink,
                tag_as: Optional[List[ImageRef]] = None) -> str:
     """Pull one image (NAME[:TAG] or ID prefix) into the engine and tag it; return its ID there.
@@ -4458,6 +4481,7 @@ def _pull_image(docker: DockerClient, store: Store, image: StoredImage, repo_tag
                 progress: ProgressSink) -> str:
     if docker.inspect_image(image.image_id) is not None:
         progress.note("%s: already on the Docker host" % image.image_id[7:19])
+        remove_leftover_partials(docker, image.image_id, progress)
         return image.image_id
     config = verified_config(store, image)
     host_chains = docker.layer_chains()
@@ -4474,6 +4498,7 @@ def _pull_image(docker: DockerClient, store: Store, image: StoredImage, repo_tag
     load_layers(docker, store, image, config, repo_tags, missing, progress, inflate)
     if docker.inspect_image(image.image_id) is None:
         raise DockerError("docker load finished but the engine has no image %s" % image.image_id)
+    remove_leftover_partials(docker, image.image_id, progress)
     return image.image_id
 
 
