@@ -2906,8 +2906,10 @@ class Freshness:
     """
 
     def __init__(self, store: "Store", min_grace: float = GC_MIN_GRACE, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, command: str = "push"):
         self.store, self.min_grace, self.clock, self.sleep = store, min_grace, clock, sleep
+        self.command = command  # what the user ran (push, import, copy, migrate): errors name it
+        self.started = clock()
         self.safe_until = {}  # type: Dict[str, float]  # key -> monotonic time it may become gc-able
         self.refreshed_at = None  # type: Optional[float]
 
@@ -2935,8 +2937,7 @@ class Freshness:
         def refresh_one(key: str) -> None:
             if not self.store.touch(key):
                 if key not in rewrite:
-                    raise IntegrityError("%s: %s was deleted (by a gc?) while this push relied on it; push again"
-                                         % (self.store.url, key))
+                    raise self.deleted(key)
                 rewrite[key]()
 
         self.refreshed()
@@ -2957,9 +2958,23 @@ class Freshness:
             sizes = list(pool.map(self.store.stat, keys))
         for key, size in zip(keys, sizes):
             expected = must_exist[key]
-            if size is None or (expected is not None and size != expected):
-                raise IntegrityError("%s: %s is missing or has the wrong size (a gc with a grace period shorter"
-                                     " than this push?); nothing was tagged, push again" % (self.store.url, key))
+            if size is None:
+                raise self.deleted(key)
+            if expected is not None and size != expected:
+                raise IntegrityError("%s: %s is %d bytes, not the %d this %s relied on (changed by hand?); nothing "
+                                     "was tagged: run the %s again" % (self.store.url, key, size, expected,
+                                                                       self.command, self.command))
+
+    def deleted(self, key: str) -> IntegrityError:
+        """The error for an object the command relied on that is gone.  A gc cannot have taken it
+        unless the command ran longer than half of gc's shortest grace: only then is that said."""
+        ran = self.clock() - self.started
+        why = ""
+        if ran > self.min_grace / 2:
+            why = (" (this %s ran %.0f s, longer than half of the shortest grace period gc takes, %s: a gc "
+                   "that ran meanwhile may have reached it)" % (self.command, ran, human_duration(self.min_grace)))
+        return IntegrityError("%s: %s was deleted while this %s relied on it (by a gc or by hand)%s; nothing was "
+                              "tagged: run the %s again" % (self.store.url, key, self.command, why, self.command))
 
 
 def tag_key(ref: ImageRef) -> str:
@@ -3687,6 +3702,11 @@ class PushOptions(NamedTuple):
     gc_min_grace: float = GC_MIN_GRACE  # what the store's gc may at least wait (see Freshness)
     workers: int = max(os.cpu_count() or 1, 1)
     uploads: int = 2
+    command: str = "push"  # what the user ran, for messages: push, import, copy, migrate
+
+    def freshness(self, store: Store) -> Freshness:
+        """A Freshness for one image this command stores in store."""
+        return Freshness(store, self.gc_min_grace, command=self.command)
 
 
 SPOOL_DEPTH = 4  # pieces waiting for the spool writer at least (more on more cores): slack for its fdatasyncs
@@ -3741,7 +3761,7 @@ class LayerPipeline:
                  freshness: Optional[Freshness] = None, write_index: bool = True):
         self.store, self.work_dir, self.progress, self.options = store, work_dir, progress, options
         self.write_index = write_index  # False: blobs only, the caller writes index entries once it may
-        self.freshness = freshness or Freshness(store, options.gc_min_grace)
+        self.freshness = freshness or options.freshness(store)
         self.abort = threading.Event()
         self.records = {}  # type: Dict[str, LayerRecord]
         self._lock = threading.Lock()
@@ -3914,10 +3934,10 @@ def push_image(docker: DockerClient, store: Store, text: str, progress: Progress
     image_hex = digest_hex(image_id)
     diff_ids = image_diff_ids(info)
     store.ensure()
-    if _keep_stored_image(store, image_hex, Freshness(store, options.gc_min_grace)):
+    if _keep_stored_image(store, image_hex, options.freshness(store)):
         progress.note("%s: image %s is already stored" % (str(ref or text), image_hex[:12]))
     else:
-        _push_new_image(docker, store, image_id, diff_ids, progress, options, Freshness(store, options.gc_min_grace))
+        _push_new_image(docker, store, image_id, diff_ids, progress, options, options.freshness(store))
     if ref is not None:
         write_tag(store, ref, image_hex)
         progress.note("pushed %s (%s) to %s" % (ref, image_hex[:12], store.url))
@@ -4984,7 +5004,7 @@ def migrate_image(store: Store, top_hex: str, progress: ProgressSink, options: P
     ID, the one a pull of it gives."""
     chain = legacy_chain(store, top_hex)
     target = target or store
-    freshness = Freshness(target, options.gc_min_grace)
+    freshness = options.freshness(target)
     diff_ids, history, known = [], [], {}  # type: List[str], List[Dict[str, Any]], Dict[str, LayerRecord]
     top = {}  # type: Dict[str, Any]
     with work_directory(options.tempdir or target.spool_dir()) as work:
@@ -6024,7 +6044,7 @@ def import_archive(store: Store, stream: IO[bytes], names: Sequence[str], progre
     """Store the images of an archive (all, or those NAME:TAG arguments pick) as push would;
     return them, with the tags written."""
     store.ensure()
-    freshness = Freshness(store, options.gc_min_grace)
+    freshness = options.freshness(store)
     with work_directory(options.tempdir or store.spool_dir()) as work:
         pipeline = LayerPipeline(store, work, progress, options, freshness, write_index=False)
         reader = ArchiveReader(store, pipeline, freshness)
@@ -6049,7 +6069,7 @@ def import_archive(store: Store, stream: IO[bytes], names: Sequence[str], progre
         freshness.written(layer_index_key(record.diff_id))
     for image, records in zip(images, layers):
         image_hex = digest_hex(image.image_id)
-        if _keep_stored_image(store, image_hex, Freshness(store, options.gc_min_grace)):
+        if _keep_stored_image(store, image_hex, options.freshness(store)):
             progress.note("image %s is already stored" % image_hex[:12])
         else:
             _secure_and_write_image(store, freshness, image.image_id, image.config, records)
@@ -6298,7 +6318,7 @@ def copy_image(found: FoundImage, dst: Store, copier: BlobCopier, progress: Prog
         progress.note("%s is in the original dogestry layout: storing it in the current one" % found.image_hex[:12])
         return migrate_image(src, found.image_hex, progress, options, target=dst)
     image_hex = digest_hex(image.image_id)
-    freshness = Freshness(dst, options.gc_min_grace)
+    freshness = options.freshness(dst)
     if _keep_stored_image(dst, image_hex, freshness):
         progress.note("%s: image %s is already stored" % (dst.url, image_hex[:12]))
         return image.image_id
@@ -7372,7 +7392,7 @@ class Context:
         return PushOptions(compression=getattr(self.options, "compress", "gzip") or "gzip",
                            tempdir=self.options.tempdir,
                            level=getattr(self.options, "compress_level", GZIP_LEVEL) or GZIP_LEVEL,
-                           gc_min_grace=gc_min_grace(self.environ))
+                           gc_min_grace=gc_min_grace(self.environ), command=self.options.command)
 
 
 def cmd_push(ctx: Context) -> int:
