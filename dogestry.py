@@ -534,6 +534,12 @@ class Progress:
         with self._lock:
             self._write_above(printable(message))
 
+    def warn(self, message: str) -> None:
+        """A line "dogestry: warning: ...", shown even with -q: it explains a wait (S3 retrying)
+        that would otherwise look like a hang, and goes to stderr, never into a command's output."""
+        with self._lock:
+            self._write_above("dogestry: warning: " + printable(message))
+
     def task(self, label: str, action: str, total: Optional[int]) -> "ProgressTask":
         """Start tracking a transfer of `total` bytes."""
         task = ProgressTask(self, printable(label), action, total)
@@ -843,12 +849,32 @@ class DockerClient:
     # -- API --
 
     def api_version(self) -> str:
-        """The API version to speak, negotiated once from GET /_ping."""
+        """The API version to speak, negotiated once from GET /_ping; DockerError if what
+        answers is not a Docker engine (a Docker engine, podman's service and a dogestry
+        server answer "OK", Docker since 1.13 and podman with an Api-Version header too)."""
         if self._api_version is None:
-            resp = self.request("GET", "/_ping", timeout=min(self.timeout, 10.0), versioned=False)
-            resp.read()
-            self._api_version = resp.getheader("Api-Version") or DOCKER_MIN_API
+            try:
+                resp = self.request("GET", "/_ping", timeout=min(self.timeout, 10.0), versioned=False)
+                body = resp.read(DOCKER_ERROR_LIMIT)
+            except DockerError as e:
+                if e.status == 0 or "HTTP request to an HTTPS server" in str(e):
+                    raise
+                raise self._not_docker("HTTP %d" % e.status)
+            except (OSError, http.client.HTTPException) as e:
+                self._drop_connection()
+                raise DockerError("cannot talk to Docker at %s: %s" % (self.endpoint.url, _os_reason(e)))
+            version = resp.getheader("Api-Version")
+            if not version and body.strip() != b"OK":
+                kind = resp.getheader("Content-Type") or "no Content-Type"
+                raise self._not_docker("HTTP %d, %s" % (resp.status, kind.split(";")[0]))
+            self._api_version = version or DOCKER_MIN_API
         return self._api_version
+
+    def _not_docker(self, answer: str) -> DockerError:
+        """The error for an endpoint that is not a Docker engine (status 0: no request of ours reached one)."""
+        self._drop_connection()
+        return DockerError("%s is not a Docker engine: GET /_ping answered %s, where an engine answers OK"
+                           % (self.endpoint.url, answer))
 
     def version(self) -> Dict[str, Any]:
         """GET /version."""
@@ -891,9 +917,10 @@ class DockerClient:
             raise DockerError("bad answer from Docker at %s: no image Id for %s" % (self.endpoint.url, ref))
         return info
 
-    def list_images(self) -> List[Dict[str, Any]]:
-        """GET /images/json?all=1."""
-        images = self.json("GET", "/images/json?all=1")
+    def list_images(self, label: Optional[str] = None) -> List[Dict[str, Any]]:
+        """GET /images/json?all=1: every image, or those with a label (KEY or KEY=VALUE)."""
+        query = "" if label is None else "&filters=" + urllib.parse.quote(json.dumps({"label": [label]}))
+        images = self.json("GET", "/images/json?all=1" + query)
         if not isinstance(images, list) or not all(isinstance(i, dict) and isinstance(i.get("Id"), str)
                                                    for i in images):
             raise DockerError("bad answer from Docker at %s: the image list is not a list of images"
@@ -1625,13 +1652,17 @@ def _answer_error(body: bytes) -> Optional[str]:
 
 
 def _iso_time(text: Optional[str]) -> Optional[float]:
-    """Unix time of an ISO 8601 timestamp like 2026-11-27T21:00:00Z, or None."""
+    """Unix time of an ISO 8601 timestamp like 2026-11-27T21:00:00Z or 2026-11-27T21:00:00.123Z
+    (fractions of a second kept: radosgw's listings have milliseconds, AWS's whole seconds), or None."""
     if not text:
         return None
     text = text.strip().replace("Z", "+00:00")
-    text = re.sub(r"\.\d+", "", text)
+    fraction = re.search(r"\.(\d+)", text)  # Python < 3.11 reads 3 or 6 digits only
+    if fraction:
+        text = text[:fraction.start()] + text[fraction.end():]
     try:
-        return datetime.datetime.fromisoformat(text).timestamp()
+        seconds = datetime.datetime.fromisoformat(text).timestamp()
+        return seconds + (float("0." + fraction.group(1)) if fraction else 0.0)
     except ValueError:
         return None
 
@@ -1883,6 +1914,8 @@ S3_RANGE = 4 << 20
 S3_COPY_MAX = 5 << 30     # the largest object one CopyObject copies; larger ones are copied in parts
 S3_COPY_PART = 512 << 20  # the part size of those (UploadPartCopy)
 S3_RETRY_BUDGET = 120.0   # seconds a failing request is retried when AWS_MAX_ATTEMPTS is not set
+RETRY_NOTICE_AFTER = 5.0  # a request failing this long says so (one line) ...
+RETRY_NOTICE_WINDOW = S3_RETRY_BUDGET  # ... and no other request of the client says it again within this
 STALE_UPLOAD_AGE = 3600.0  # a multipart upload this old is abandoned: the next push of its blob aborts it
 UPLOAD_CLOCK_MARGIN = 60.0  # uploads S3 says it began this long before ours count as ours after a retry
 S3_ANSWER_LIMIT = 16 << 20  # the largest answer (XML) read whole
@@ -1899,6 +1932,16 @@ class S3Error(StoreError):
     def __init__(self, message: str, code: str = "", status: int = 0):
         super().__init__(message)
         self.code, self.status = code, status
+
+
+UNKNOWN_HOST = "UnknownHost"  # the code of an S3Error for a host name that does not resolve
+
+
+def unknown_host(e: BaseException) -> bool:
+    """Is this the resolver saying the host name does not exist (EAI_NONAME, EAI_NODATA: no retry
+    will change that), rather than that it could not find out now (EAI_AGAIN)?"""
+    permanent = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
+    return isinstance(e, socket.gaierror) and e.errno in permanent
 
 
 class S3Location(NamedTuple):
@@ -1987,13 +2030,18 @@ class S3Client:
 
     A failed request is tried again, with backoff, for S3_RETRY_BUDGET seconds (long enough to
     ride out a minute's outage in the middle of a transfer), or AWS_MAX_ATTEMPTS times if set.
+    Once a request has failed for RETRY_NOTICE_AFTER, notify() gets one line saying so.  A host
+    name that does not resolve (EAI_NONAME, EAI_NODATA) fails at once: retries will not help.
     """
 
     def __init__(self, location: S3Location, credentials: CredentialChain, config: AwsConfig,
                  clock: Callable[[], float] = time.time, sleep: Optional[Callable[[float], None]] = None,
                  rand: Callable[[], float] = random.random, max_attempts: Optional[int] = None,
-                 presigned: Optional[Mapping[str, str]] = None):
+                 presigned: Optional[Mapping[str, str]] = None, notify: Callable[[str], None] = lambda line: None):
         self.bucket = location.bucket
+        self.notify = notify    # a warning for the user: requests keep failing, and are retried
+        self._noticed_at = None  # type: Optional[float]  # when notify() was last told of retries
+        self._notice_lock = threading.Lock()
         self.credentials, self.clock, self.rand = credentials, clock, rand
         self.cancelled = threading.Event()    # set by cancel(): no new requests, no more retries
         self.interrupted = threading.Event()  # and no clean-up retries or waits either
@@ -2033,6 +2081,11 @@ class S3Client:
             with self._conns_lock:
                 self._conns.add(conn)
         return conn
+
+    def netloc(self) -> str:
+        """host, or host:port, of where this bucket's requests go."""
+        _, host, port, _ = self._target()
+        return host if port in (80, 443) else "%s:%d" % (host, port)
 
     def _drop(self, scheme: str, host: str, port: int) -> None:
         conn = getattr(self._local, "conns", {}).pop((scheme, host, port), None)
@@ -2087,11 +2140,15 @@ class S3Client:
                               % (method, self.describe(key), scheme, netloc, e.verify_message or e.reason))
             except (OSError, http.client.HTTPException) as e:
                 self._drop(scheme, host, port)
-                if idempotent and self.may_retry(attempt, started, cancellable):
-                    self._backoff(attempt)
+                reason = self._failure(e, host)
+                if unknown_host(e):
+                    raise S3Error("%s %s: %s (%s)" % (method, self.describe(key), reason, self._endpoint_note()),
+                                  UNKNOWN_HOST)
+                if idempotent and self._wait_to_retry(attempt, started, _os_reason(e), netloc, cancellable):
                     continue
-                raise S3Error("%s %s: %s (after %d attempt%s)" % (method, self.describe(key), _os_reason(e), attempt,
-                                                                  "s" if attempt > 1 else ""))
+                raise S3Error("%s %s: %s (after %d attempt%s%s)" % (
+                    method, self.describe(key), reason, attempt, "s" if attempt > 1 else "",
+                    "; " + self._endpoint_note() if isinstance(e, socket.gaierror) else ""))
             except BaseException:  # an interrupted body (Ctrl-C, a cancelled upload): the connection is spent
                 self._drop(scheme, host, port)
                 raise
@@ -2120,8 +2177,8 @@ class S3Client:
             if code in ("ExpiredToken", "TokenRefreshRequired"):
                 self.credentials.get(force_refresh=True)
             retriable = resp.status in S3_RETRY_STATUSES or code in S3_RETRY_CODES
-            if retriable and idempotent and self.may_retry(attempt, started, cancellable):
-                self._backoff(attempt)
+            if retriable and idempotent and self._wait_to_retry(attempt, started, "%s, HTTP %d" % (code, resp.status),
+                                                                netloc, cancellable):
                 continue
             hint = ""
             if code in ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "ExpiredToken"):
@@ -2143,9 +2200,10 @@ class S3Client:
             except (OSError, http.client.HTTPException) as e:
                 scheme, host, port, _ = self._target()
                 self._drop(scheme, host, port)
-                if not kw.get("idempotent", True) or not self.may_retry(attempt, started, kw.get("cancellable", True)):
-                    raise S3Error("%s %s: the answer broke off: %s" % (method, self.describe(key), _os_reason(e)))
-                self._backoff(attempt)
+                reason = "the answer broke off: %s" % _os_reason(e)
+                if not kw.get("idempotent", True) or not self._wait_to_retry(attempt, started, reason, self.netloc(),
+                                                                             kw.get("cancellable", True)):
+                    raise S3Error("%s %s: %s" % (method, self.describe(key), reason))
                 continue
             if len(data) > S3_ANSWER_LIMIT:
                 raise S3Error("%s %s: the answer is larger than %s" % (method, self.describe(key),
@@ -2179,9 +2237,42 @@ class S3Client:
             return attempt < self.max_attempts
         return self.clock() - started < S3_RETRY_BUDGET
 
-    def _backoff(self, attempt: int) -> None:
+    def _wait_to_retry(self, attempt: int, started: float, reason: str, host: str, cancellable: bool = True) -> bool:
+        """Back off before trying a failing request once more (may_retry), or False to give up.  A
+        request that will have been failing RETRY_NOTICE_AFTER by then sends notify() one line naming
+        the host and the reason (and no request of this client does again for RETRY_NOTICE_WINDOW)."""
+        if not self.may_retry(attempt, started, cancellable):
+            return False
+        delay = self._backoff_delay(attempt)
+        now = self.clock()
+        if now + delay - started >= RETRY_NOTICE_AFTER:
+            with self._notice_lock:
+                due = self._noticed_at is None or now - self._noticed_at >= RETRY_NOTICE_WINDOW
+                if due:
+                    self._noticed_at = now
+            if due:
+                limit = ("up to %d attempts (AWS_MAX_ATTEMPTS)" % self.max_attempts if self.max_attempts is not None
+                         else "for up to %s" % human_duration(S3_RETRY_BUDGET))
+                self.notify("S3 requests to %s keep failing (%s); retrying %s" % (host, reason, limit))
+        self.sleep(delay)
+        return True
+
+    def _failure(self, e: BaseException, host: str) -> str:
+        """What went wrong with a request that got no answer (a host name that did not resolve is named)."""
+        if isinstance(e, socket.gaierror):
+            return "cannot resolve the host name %s: %s" % (host, _os_reason(e))
+        return _os_reason(e)
+
+    def _endpoint_note(self) -> str:
+        """For a host name that did not resolve: where it came from."""
+        if self.endpoint:
+            return "the endpoint %s" % self.endpoint
+        return ("no endpoint is set, so this is the bucket's host on AWS; for another S3-compatible store "
+                "add ?endpoint=URL to the store or set AWS_ENDPOINT_URL")
+
+    def _backoff_delay(self, attempt: int) -> float:
         """Exponential backoff with full jitter (AWS Architecture Blog, 2015)."""
-        self.sleep(self.rand() * min(20.0, 0.25 * (2 ** attempt)))
+        return self.rand() * min(20.0, 0.25 * (2 ** attempt))
 
     def _wait(self, seconds: float) -> None:
         """Sleep, unless an interrupt comes first."""
@@ -2370,8 +2461,7 @@ class S3Client:
                                             headers={"Content-Type": "application/octet-stream"})[1])
             except S3Error as e:
                 if (e.status == 0 or e.status in S3_RETRY_STATUSES or e.code in S3_RETRY_CODES) \
-                        and self.may_retry(attempt, started):
-                    self._backoff(attempt)
+                        and e.code != UNKNOWN_HOST and self._wait_to_retry(attempt, started, str(e), self.netloc()):
                     continue
                 raise
             upload_id = _xml_text(root, ".//UploadId") if root is not None else None
@@ -2609,10 +2699,10 @@ class S3Reader(io.RawIOBase):
             self.failures += 1
             if self.failing_since is None:
                 self.failing_since = self.client.clock()
-            if not self.client.may_retry(self.failures, self.failing_since):
+            reason = "the body broke off: %s" % (_os_reason(error) if error else "short body")
+            if not self.client._wait_to_retry(self.failures, self.failing_since, reason, self.client.netloc()):
                 raise S3Error("GET %s: the body broke off at byte %d of %s (%s)" % (
                     self.client.describe(self.key), self.pos, self.expected, error or "short body"))
-            self.client._backoff(self.failures)
 
     def _close_response(self) -> None:
         if self.resp is not None:
@@ -2816,23 +2906,47 @@ def file_sha256(path: str) -> str:
     return sha.hexdigest()
 
 
+_URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")       # RFC 3986 section 3.1
+_SCHEME_WITHOUT_COLON = re.compile(r"^(s3|file|https?)//", re.IGNORECASE)
+
+
 def open_store(url: str, s3: Optional[Callable[[S3Location], Store]] = None) -> Store:
-    """A store from a path, file:///path, or s3://bucket/prefix/ (built by the s3 factory)."""
-    if "://" not in url:
-        if not url:
-            raise UsageError("empty store location")
+    """A store from a directory path, file:///path, or s3://bucket/prefix/ (built by the s3 factory).
+
+    A location that starts with a URL scheme (`s3:`, `http:`, `foo:`) is a URL, and one that is
+    not s3://... or file:///... is refused: a directory whose name looks like that is ./NAME."""
+    if not url:
+        raise UsageError("empty store location")
+    match = _URL_SCHEME.match(url)
+    if match is None:
+        typo = _SCHEME_WITHOUT_COLON.match(url)
+        if typo:
+            raise UsageError("invalid store URL %r: did you mean %s:%s? (a directory of that name is given as ./%s)"
+                             % (url, typo.group(1), url[len(typo.group(1)):], url))
         return LocalStore(url)
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme == "file":
+    scheme, rest = match.group(1).lower(), url[match.end():]
+    if scheme == "file" and rest.startswith("/"):  # file:///path, file://localhost/path, file:/path (RFC 8089)
+        parsed = urllib.parse.urlsplit(url)
         if parsed.netloc not in ("", "localhost"):
             raise UsageError("file:// store URLs must be local: file:///path (got %r)" % url)
         return LocalStore(urllib.parse.unquote(parsed.path) or "/")
-    if parsed.scheme == "s3":
+    if scheme == "s3" and rest.startswith("//"):
         location = parse_s3_url(url)
         if s3 is None:
             raise UsageError("s3:// stores need AWS settings here")
         return s3(location)
-    raise UsageError("unsupported store URL %r: use a directory, file:///path or s3://bucket/prefix" % url)
+    raise UsageError("%s store URL %r: %s (a directory whose name starts with %r is given as ./%s)"
+                     % ("invalid" if scheme in ("s3", "file") else "unsupported", url,
+                        _STORE_FORMS.get(scheme, _STORE_FORMS[""]), match.group(0), url))
+
+
+_STORE_FORMS = {
+    "s3": "an S3 store is s3://bucket/prefix/",
+    "file": "a file: URL names an absolute path, file:///path",
+    "http": "S3 over HTTP is s3://bucket/prefix/?endpoint=http://HOST:PORT (or AWS_ENDPOINT_URL)",
+    "https": "S3 over HTTPS is s3://bucket/prefix/?endpoint=https://HOST (or AWS_ENDPOINT_URL)",
+    "": "a store is a directory, file:///path or s3://bucket/prefix/",
+}
 
 
 # === 9. Store layout: tags, images, layers ===
@@ -2916,8 +3030,10 @@ class Freshness:
     """
 
     def __init__(self, store: "Store", min_grace: float = GC_MIN_GRACE, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, command: str = "push"):
         self.store, self.min_grace, self.clock, self.sleep = store, min_grace, clock, sleep
+        self.command = command  # what the user ran (push, import, copy, migrate): errors name it
+        self.started = clock()
         self.safe_until = {}  # type: Dict[str, float]  # key -> monotonic time it may become gc-able
         self.refreshed_at = None  # type: Optional[float]
 
@@ -2945,8 +3061,7 @@ class Freshness:
         def refresh_one(key: str) -> None:
             if not self.store.touch(key):
                 if key not in rewrite:
-                    raise IntegrityError("%s: %s was deleted (by a gc?) while this push relied on it; push again"
-                                         % (self.store.url, key))
+                    raise self.deleted(key)
                 rewrite[key]()
 
         self.refreshed()
@@ -2967,13 +3082,32 @@ class Freshness:
             sizes = list(pool.map(self.store.stat, keys))
         for key, size in zip(keys, sizes):
             expected = must_exist[key]
-            if size is None or (expected is not None and size != expected):
-                raise IntegrityError("%s: %s is missing or has the wrong size (a gc with a grace period shorter"
-                                     " than this push?); nothing was tagged, push again" % (self.store.url, key))
+            if size is None:
+                raise self.deleted(key)
+            if expected is not None and size != expected:
+                raise IntegrityError("%s: %s is %d bytes, not the %d this %s relied on (changed by hand?); nothing "
+                                     "was tagged: run the %s again" % (self.store.url, key, size, expected,
+                                                                       self.command, self.command))
+
+    def deleted(self, key: str) -> IntegrityError:
+        """The error for an object the command relied on that is gone.  A gc cannot have taken it
+        unless the command ran longer than half of gc's shortest grace: only then is that said."""
+        ran = self.clock() - self.started
+        why = ""
+        if ran > self.min_grace / 2:
+            why = (" (this %s ran %.0f s, longer than half of the shortest grace period gc takes, %s: a gc "
+                   "that ran meanwhile may have reached it)" % (self.command, ran, human_duration(self.min_grace)))
+        return IntegrityError("%s: %s was deleted while this %s relied on it (by a gc or by hand)%s; nothing was "
+                              "tagged: run the %s again" % (self.store.url, key, self.command, why, self.command))
 
 
 def tag_key(ref: ImageRef) -> str:
     return "repositories/%s/%s" % (ref.name, ref.tag)
+
+
+def protection_key(ref: ImageRef) -> str:
+    """The marker of a tag prune never removes (and rm removes only with --force)."""
+    return PROTECTED_PREFIX + "%s/%s" % (ref.name, ref.tag)
 
 
 def image_key(image_hex: str, leaf: str) -> str:
@@ -3753,6 +3887,11 @@ class PushOptions(NamedTuple):
     gc_min_grace: float = GC_MIN_GRACE  # what the store's gc may at least wait (see Freshness)
     workers: int = max(os.cpu_count() or 1, 1)
     uploads: int = 2
+    command: str = "push"  # what the user ran, for messages: push, import, copy, migrate
+
+    def freshness(self, store: Store) -> Freshness:
+        """A Freshness for one image this command stores in store."""
+        return Freshness(store, self.gc_min_grace, command=self.command)
 
 
 SPOOL_DEPTH = 4  # pieces waiting for the spool writer at least (more on more cores): slack for its fdatasyncs
@@ -3807,7 +3946,7 @@ class LayerPipeline:
                  freshness: Optional[Freshness] = None, write_index: bool = True):
         self.store, self.work_dir, self.progress, self.options = store, work_dir, progress, options
         self.write_index = write_index  # False: blobs only, the caller writes index entries once it may
-        self.freshness = freshness or Freshness(store, options.gc_min_grace)
+        self.freshness = freshness or options.freshness(store)
         self.abort = threading.Event()
         self.records = {}  # type: Dict[str, LayerRecord]
         self._lock = threading.Lock()
@@ -3981,10 +4120,10 @@ def push_image(docker: DockerClient, store: Store, text: str, progress: Progress
     image_hex = digest_hex(image_id)
     diff_ids = image_diff_ids(info)
     store.ensure()
-    if _keep_stored_image(store, image_hex, Freshness(store, options.gc_min_grace)):
+    if _keep_stored_image(store, image_hex, options.freshness(store)):
         progress.note("%s: image %s is already stored" % (str(ref or text), image_hex[:12]))
     else:
-        _push_new_image(docker, store, image_id, diff_ids, progress, options, Freshness(store, options.gc_min_grace))
+        _push_new_image(docker, store, image_id, diff_ids, progress, options, options.freshness(store))
     if ref is not None:
         write_tag(store, ref, image_hex)
         progress.note("pushed %s (%s) to %s" % (ref, image_hex[:12], store.url))
@@ -4366,9 +4505,12 @@ def load_tar_stream(store: Store, image: StoredImage, config: bytes, repo_tags: 
 # batch streaming while the engine registers the one before; the engine finds the layers
 # of earlier batches by chain ID, so a load holds its manifest back until the load before
 # it has finished.  The partial images are deleted once the image is loaded, or the pull
-# has failed.  Only into Docker's own layer store (DockerClient.takes_partial_loads).
+# has failed.  Only into Docker's own layer store (DockerClient.takes_partial_loads).  A pull
+# killed mid-way leaves its partial images: the next successful pull of the image removes
+# them (PARTIAL_FOR_LABEL names the image they were for).
 
 PARTIAL_LABEL = "org.dogestry.partial"
+PARTIAL_FOR_LABEL = "org.dogestry.partial.for"
 PARTIAL_JOIN_WAIT = 1.0  # after a failure, how long the other loads' threads get to end
 
 
@@ -4390,12 +4532,13 @@ def load_batches(image: StoredImage, missing: Set[int], least: int) -> List[List
 
 def partial_config(config: bytes, layers: int, nonce: str) -> bytes:
     """The config of a partial image: the image's first `layers` layers, no history, labelled
-    PARTIAL_LABEL=nonce (so it is unique to one pull and easy to find)."""
+    PARTIAL_LABEL=nonce (so it is unique to one pull and easy to find) and PARTIAL_FOR_LABEL=the
+    ID of the image (so a later pull of it can remove what a killed one left)."""
     doc = parse_json(config, "the image config", IMAGE_CONFIG_SHAPE)
     inner = doc.get("config") or {}  # type: Dict[str, Any]
-    labels = inner.get("Labels") or {}  # type: Dict[str, Any]
+    labels = dict(inner.get("Labels") or {}, **{PARTIAL_LABEL: nonce, PARTIAL_FOR_LABEL: sha256_digest(config)})
     doc = dict(doc, history=[], rootfs=dict(doc["rootfs"], diff_ids=doc["rootfs"]["diff_ids"][:layers]),
-               config=dict(inner, Labels=dict(labels, **{PARTIAL_LABEL: nonce})))
+               config=dict(inner, Labels=labels))
     return json.dumps(doc, sort_keys=True).encode()
 
 
@@ -4488,6 +4631,23 @@ def _remove_partials(docker: DockerClient, loads: List[BatchLoad], partials: Lis
             return
 
 
+def remove_leftover_partials(docker: DockerClient, image_id: str, progress: ProgressSink) -> None:
+    """Delete the partial images earlier pulls of an image left (killed mid-way), once the engine
+    has the image.  Safe while another pull of the same image is loading batches: its later batches
+    find the layers of its earlier ones by chain ID, and the image, here whole, holds them all."""
+    try:
+        leftovers = [i["Id"] for i in docker.list_images(label="%s=%s" % (PARTIAL_FOR_LABEL, image_id))]
+        for partial in leftovers:
+            docker.remove_image(partial, timeout=min(docker.timeout, CLEANUP_TIMEOUT))
+    except DogestryError as e:
+        progress.note("could not remove the partial images an earlier pull of %s left (%s): `docker image prune "
+                      "--filter label=%s`" % (image_id[7:19], e, PARTIAL_LABEL))
+        return
+    if leftovers:
+        progress.note("removed %d partial image%s an interrupted pull of %s left"
+                      % (len(leftovers), "s" if len(leftovers) > 1 else "", image_id[7:19]))
+
+
 def pull_image(docker: DockerClient, store: Store, text: str, progress: ProgressSink,
                tag_as: Optional[List[ImageRef]] = None) -> str:
     """Pull one image (NAME[:TAG] or ID prefix) into the engine and tag it; return its ID there.
@@ -4524,6 +4684,7 @@ def _pull_image(docker: DockerClient, store: Store, image: StoredImage, repo_tag
                 progress: ProgressSink) -> str:
     if docker.inspect_image(image.image_id) is not None:
         progress.note("%s: already on the Docker host" % image.image_id[7:19])
+        remove_leftover_partials(docker, image.image_id, progress)
         return image.image_id
     config = verified_config(store, image)
     host_chains = docker.layer_chains()
@@ -4540,6 +4701,7 @@ def _pull_image(docker: DockerClient, store: Store, image: StoredImage, repo_tag
     load_layers(docker, store, image, config, repo_tags, missing, progress, inflate)
     if docker.inspect_image(image.image_id) is None:
         raise DockerError("docker load finished but the engine has no image %s" % image.image_id)
+    remove_leftover_partials(docker, image.image_id, progress)
     return image.image_id
 
 
@@ -4986,11 +5148,20 @@ def store_stats(store: Store, progress: ProgressSink, grace: float = 3600.0) -> 
                       plan.unreferenced_bytes - plan.held_bytes, plan.held_bytes, plan.held_for, grace)
 
 
+class PrunePlan(NamedTuple):
+    """The tags prune removes, and those it keeps beyond --keep-last because their push times tie
+    with the oldest one kept (with that one)."""
+
+    doomed: List[Tuple[ImageRef, str]]
+    tied: List[Tuple[List[ImageRef], ImageRef]]
+
+
 def prune_tags(store: Store, keep_last: Optional[int], older_than: Optional[float],
-               names: Sequence[str]) -> List[Tuple[ImageRef, str]]:
-    """The tags prune removes: per repository, all but the keep_last most recently pushed (a
-    tag's push time is its own last write), or those pushed more than older_than ago; never a
-    protected tag."""
+               names: Sequence[str]) -> PrunePlan:
+    """The tags prune removes: per repository, all but the keep_last most recently pushed (a tag's
+    push time is its own last write, as precise as the store keeps it), or those pushed more than
+    older_than ago; never a protected tag, nor one whose push time is the same as that of the
+    oldest tag kept (it may be the newer of the two: AWS S3 keeps whole seconds)."""
     entries = {e.key: e for e in store.list_entries("repositories/")}
     protected = {k[len(PROTECTED_PREFIX):] for k in store.list(PROTECTED_PREFIX)}
     by_repo = collections.defaultdict(list)  # type: Dict[str, List[Tuple[ImageRef, str, float]]]
@@ -4999,25 +5170,32 @@ def prune_tags(store: Store, keep_last: Optional[int], older_than: Optional[floa
         if entry is None or (names and ref.name not in names):
             continue
         by_repo[ref.name].append((ref, image_hex, entry.age))
-    doomed = []
+    doomed, tied = [], []  # type: List[Tuple[ImageRef, str]], List[Tuple[List[ImageRef], ImageRef]]
     for name, tags in sorted(by_repo.items()):
         tags.sort(key=lambda t: (t[2], t[0].tag))  # youngest first
+        boundary = tags[keep_last - 1] if keep_last and len(tags) > keep_last else None
+        kept_tied = []  # type: List[ImageRef]
         for index, (ref, image_hex, age) in enumerate(tags):
             if "%s/%s" % (ref.name, ref.tag) in protected:
                 continue
-            if (keep_last is not None and index >= keep_last) or (older_than is not None and age > older_than):
+            if keep_last is not None and index >= keep_last and boundary is not None and age == boundary[2]:
+                kept_tied.append(ref)
+            elif (keep_last is not None and index >= keep_last) or (older_than is not None and age > older_than):
                 doomed.append((ref, image_hex))
-    return doomed
+        if kept_tied and boundary is not None:
+            tied.append((kept_tied, boundary[0]))
+    return PrunePlan(doomed, tied)
 
 
-def remove_tags(store: Store, tags: Sequence[Tuple[ImageRef, str]]) -> None:
-    """Delete tags, first recording their images as untagged (gc spares them for its grace period)."""
+def remove_tags(store: Store, tags: Sequence[Tuple[ImageRef, str]], unprotect: Sequence[ImageRef] = ()) -> None:
+    """Delete tags, first recording their images as untagged (gc spares them for its grace period),
+    and the protection of those in `unprotect` with them (a tag pushed again later is not protected)."""
     by_image = collections.defaultdict(list)  # type: Dict[str, List[ImageRef]]
     for ref, image_hex in tags:
         by_image[image_hex].append(ref)
     for image_hex, refs in by_image.items():
         record_untagged(store, image_hex, refs)
-    store.delete_many([tag_key(ref) for ref, _ in tags])
+    store.delete_many([tag_key(ref) for ref, _ in tags] + [protection_key(ref) for ref in unprotect])
 
 
 class DiffIdReader:
@@ -5057,7 +5235,7 @@ def migrate_image(store: Store, top_hex: str, progress: ProgressSink, options: P
     ID, the one a pull of it gives."""
     chain = legacy_chain(store, top_hex)
     target = target or store
-    freshness = Freshness(target, options.gc_min_grace)
+    freshness = options.freshness(target)
     diff_ids, history, known = [], [], {}  # type: List[str], List[Dict[str, Any]], Dict[str, LayerRecord]
     top = {}  # type: Dict[str, Any]
     with work_directory(options.tempdir or target.spool_dir()) as work:
@@ -5168,7 +5346,7 @@ def check_hosts(clients: Sequence[DockerClient]) -> None:
             client.version()
             return None
         except DogestryError as e:
-            return "%s: %s" % (client.endpoint.url, e)
+            return str(e) if str(e).startswith(client.endpoint.url) else "%s: %s" % (client.endpoint.url, e)
 
     found = {}  # type: Dict[str, Optional[str]]
     run_in_threads(lambda client: found.__setitem__(client.endpoint.url, check(client)), clients)
@@ -6288,7 +6466,7 @@ def import_archive(store: Store, stream: IO[bytes], names: Sequence[str], progre
     """Store the images of an archive (all, or those NAME:TAG arguments pick) as push would;
     return them, with the tags written."""
     store.ensure()
-    freshness = Freshness(store, options.gc_min_grace)
+    freshness = options.freshness(store)
     with work_directory(options.tempdir or store.spool_dir()) as work:
         pipeline = LayerPipeline(store, work, progress, options, freshness, write_index=False)
         reader = ArchiveReader(store, pipeline, freshness)
@@ -6312,7 +6490,7 @@ def import_archive(store: Store, stream: IO[bytes], names: Sequence[str], progre
         name_layer(store, record, freshness)  # every check passed: name it
     for image, records in zip(images, layers):
         image_hex = digest_hex(image.image_id)
-        if _keep_stored_image(store, image_hex, Freshness(store, options.gc_min_grace)):
+        if _keep_stored_image(store, image_hex, options.freshness(store)):
             progress.note("image %s is already stored" % image_hex[:12])
         else:
             _secure_and_write_image(store, freshness, image.image_id, image.config, records)
@@ -6396,12 +6574,18 @@ def oci_archive_stream(items: Sequence[ExportItem], progress: ProgressSink) -> I
 
 
 def write_archive(chunks: Iterable[bytes], path: str) -> None:
-    """Write an archive to path through a temp file beside it: a failure leaves no file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise DogestryError("cannot write %s: it is a directory" % path)
+    """Write an archive to path: into a FIFO or a character device as it is (/dev/stdout, a pipe);
+    else to a temp file beside the file, renamed onto it at the end, so a failure leaves no file.
+    A symlink is written through, never replaced: its target gets the archive."""
+    target, direct = archive_target(path)
+    if direct:
+        with OutputFile(target) as out:
+            for data in chunks:
+                out.write(data)
+        return
+    directory = os.path.dirname(target)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=directory)
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(target) + ".tmp-", dir=directory)
         os.close(fd)
     except OSError as e:
         raise DogestryError("cannot write %s: %s" % (path, _os_reason(e)))
@@ -6411,13 +6595,62 @@ def write_archive(chunks: Iterable[bytes], path: str) -> None:
                 out.write(data)
         try:
             os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
+            os.replace(tmp, target)
         except OSError as e:
             raise DogestryError("cannot write %s: %s" % (path, _os_reason(e)))
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def archive_target(path: str) -> Tuple[str, bool]:
+    """Where export -o PATH writes: (path, True) for a FIFO or character device, written into as it
+    is; else (the absolute path of the regular file to replace or create, False), symlinks followed.
+    Other kinds of files (directories, sockets, block devices) are refused."""
+    try:
+        st = os.stat(path)  # through symlinks
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise DogestryError("cannot write %s: %s" % (path, _os_reason(e)))
+    if st is not None and (stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+        return path, True
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise DogestryError("cannot write %s: it is %s (export -o writes a file, a FIFO or a character device)"
+                            % (path, _file_kind(st.st_mode)))
+    return _symlink_end(path), False
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _symlink_end(path: str) -> str:
+    """The absolute path a chain of symlinks at path ends at (path itself if it is none).  As the
+    kernel's fs.protected_symlinks does for open(), a link in a sticky world-writable directory
+    (/tmp) is followed only if the caller or the directory's owner owns it: the file renamed onto
+    its target must not be one another user pointed the link at."""
+    path = os.path.abspath(path)
+    for _ in range(40):  # SYMLOOP_MAX
+        try:
+            link = os.lstat(path)
+            if not stat.S_ISLNK(link.st_mode):
+                return os.path.realpath(path)
+            parent = os.stat(os.path.dirname(path))
+            shared = parent.st_mode & stat.S_ISVTX and parent.st_mode & stat.S_IWOTH
+            if shared and link.st_uid not in (os.geteuid(), parent.st_uid):
+                raise DogestryError("cannot write %s: a symlink someone else owns in a shared directory "
+                                    "(as the kernel's protected_symlinks, it is not followed)" % path)
+            path = os.path.join(os.path.dirname(path), os.readlink(path))
+        except FileNotFoundError:
+            return os.path.realpath(path)
+        except OSError as e:
+            raise DogestryError("cannot write %s: %s" % (path, _os_reason(e)))
+    raise DogestryError("cannot write %s: too many levels of symbolic links" % path)
 
 
 # --- copy: store to store ---
@@ -6506,7 +6739,7 @@ def copy_image(found: FoundImage, dst: Store, copier: BlobCopier, progress: Prog
         progress.note("%s is in the original dogestry layout: storing it in the current one" % found.image_hex[:12])
         return migrate_image(src, found.image_hex, progress, options, target=dst)
     image_hex = digest_hex(image.image_id)
-    freshness = Freshness(dst, options.gc_min_grace)
+    freshness = options.freshness(dst)
     if _keep_stored_image(dst, image_hex, freshness):
         progress.note("%s: image %s is already stored" % (dst.url, image_hex[:12]))
         return image.image_id
@@ -7574,18 +7807,19 @@ class Context:
             chain = StaticCredentials(creds)  # type: Any
         else:
             chain = CredentialChain(config, force_metadata=bool(getattr(self.options, "use_metaservice", False)))
-        return S3Store(location, S3Client(location, chain, config))
+        return S3Store(location, S3Client(location, chain, config, notify=self.progress.warn))
 
     def presigned_store(self, location: S3Location, urls: Dict[str, str], sizes: Dict[str, int]) -> Store:
         """The objects of one delegated pull, read through the URLs the client presigned."""
-        client = S3Client(location, None, AwsConfig(self.environ, self.home), presigned=urls)  # type: ignore
+        client = S3Client(location, None, AwsConfig(self.environ, self.home), presigned=urls,  # type: ignore
+                          notify=self.progress.warn)
         return PresignedS3Store(location, client, sizes)
 
     def push_options(self) -> PushOptions:
         return PushOptions(compression=getattr(self.options, "compress", "gzip") or "gzip",
                            tempdir=self.options.tempdir,
                            level=getattr(self.options, "compress_level", GZIP_LEVEL) or GZIP_LEVEL,
-                           gc_min_grace=gc_min_grace(self.environ))
+                           gc_min_grace=gc_min_grace(self.environ), command=self.options.command)
 
 
 def cmd_push(ctx: Context) -> int:
@@ -8023,10 +8257,17 @@ def cmd_rm(ctx: Context) -> int:
             ctx.progress.note("image %s has no tags in %s (gc frees it)" % (image_hex[:12], store.url))
         doomed.extend(tags)
     doomed = sorted(set(doomed))
+    markers = set(store.list(PROTECTED_PREFIX))
+    protected = [ref for ref, _ in doomed if protection_key(ref) in markers]
+    if protected and not ctx.options.force:
+        raise DogestryError("%s %s protected in %s: 'dogestry unprotect' first, or rm --force; nothing was deleted"
+                            % (", ".join(printable(str(r)) for r in protected), "is" if len(protected) == 1 else "are",
+                               store.url))
     if doomed:
-        remove_tags(store, doomed)
+        remove_tags(store, doomed, unprotect=protected)
     for ref, image_hex in doomed:
-        ctx.progress.note("deleted %s (%s) from %s" % (ref, image_hex[:12], store.url))
+        ctx.progress.note("deleted %s (%s)%s from %s" % (ref, image_hex[:12],
+                                                         " and its protection" if ref in protected else "", store.url))
     return 0
 
 
@@ -8076,10 +8317,15 @@ def cmd_prune(ctx: Context) -> int:
     names = [parse_image_ref(n).name for n in ctx.options.names]
     store = ctx.store()
     store.check()
-    doomed = prune_tags(store, keep, None if older is None else parse_duration(older), names)
+    doomed, tied = prune_tags(store, keep, None if older is None else parse_duration(older), names)
     if doomed and not ctx.options.dry_run:
         remove_tags(store, doomed)
     verb = "would remove" if ctx.options.dry_run else "removed"
+    for refs, boundary in tied:
+        ctx.stdout.write("%s %s too: pushed at the same time as %s, the oldest of the %d kept, as far as the store's "
+                         "times tell (prune never removes a tag that may be newer than one it keeps)\n"
+                         % ("would keep" if ctx.options.dry_run else "kept", ", ".join(printable(str(r)) for r in refs),
+                            printable(str(boundary)), keep))
     for ref, image_hex in doomed:
         ctx.stdout.write("%s %s (%s)\n" % (verb, printable(str(ref)), image_hex[:12]))
     ctx.stdout.write("prune %s: %s %d tags\n" % (store.url, verb, len(doomed)))
@@ -8095,12 +8341,16 @@ def cmd_protect(ctx: Context, protect: bool = True) -> int:
         if protect and store.stat(tag_key(ref)) is None:
             raise NotFound("%s not found in %s" % (ref, store.url))
     for ref in refs:
-        key = PROTECTED_PREFIX + "%s/%s" % (ref.name, ref.tag)
+        key = protection_key(ref)
+        was = store.stat(key) is not None
         if protect:
             store.put_bytes(key, b"")
-        else:
+            ctx.progress.note(("%s was already protected in %s" if was else "protected %s in %s") % (ref, store.url))
+        elif was:
             store.delete(key)
-        ctx.progress.note("%s %s in %s" % ("protected" if protect else "unprotected", ref, store.url))
+            ctx.progress.note("unprotected %s in %s" % (ref, store.url))
+        else:
+            ctx.progress.note("%s was not protected in %s" % (ref, store.url))
     return 0
 
 
@@ -8183,7 +8433,8 @@ COMMANDS = (
     ("pull", cmd_pull, "pull STORE IMAGE[:TAG]...", "Load images from STORE into the Docker host."),
     ("list", cmd_list, "list STORE", "List the repositories and tags in STORE."),
     ("inspect", cmd_inspect, "inspect STORE IMAGE", "Show what STORE holds for IMAGE, as JSON."),
-    ("rm", cmd_rm, "rm STORE IMAGE:TAG|IMAGE_ID...", "Delete tags from STORE (an image ID: all its tags)."),
+    ("rm", cmd_rm, "rm STORE IMAGE:TAG|IMAGE_ID... [--force]",
+     "Delete tags from STORE (an image ID: all its tags); protected ones only with --force."),
     ("gc", cmd_gc, "gc STORE [--grace DURATION] [--dry-run]",
      "Delete images, layers and blobs no tag reaches, once older than the grace period."),
     ("prune", cmd_prune, "prune STORE (--keep-last N | --older-than DURATION) [NAME...]",
@@ -8321,6 +8572,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("-all", "--all", action="store_true", help="copy every tag of SRC")
         if name in ("push", "pull", "rm", "protect", "unprotect"):
             p.add_argument("images", metavar="IMAGE", nargs="+", help="NAME[:TAG] (or an image ID)")
+        if name == "rm":
+            p.add_argument("-force", "--force", action="store_true",
+                           help="delete protected tags too (and their protection)")
         if name in ("gc", "prune"):
             p.add_argument("-dry-run", "--dry-run", action="store_true", help="print what would go, change nothing")
         if name == "gc":

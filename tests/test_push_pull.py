@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -381,6 +382,55 @@ def test_a_corrupt_blob_in_a_later_batch_leaves_no_image_and_no_partial_one(dock
     assert image_id(docker_host, built) is None
     assert layers[0]["diffID"] not in json.dumps(
         [image_layers(docker_host, i) for i in docker_cli(docker_host, "images", "-aq").stdout.split()])
+
+
+def test_partial_images_a_killed_pull_left_are_removed_by_the_next_pull_of_the_image(docker_host, docker_env,
+                                                                                   tmp_path):
+    """A batched pull killed with kill -9 once its first batch is loaded leaves that partial image
+    (nothing runs after SIGKILL); the next pull of the image loads it and removes the partial image,
+    which names the image it was for (org.dogestry.partial.for)."""
+    store = tmp_path / "store"
+    built = build_image(docker_host, "dgtest/killed:1", [
+        {"a": text_bytes(2 << 20, 51)}, {"b": random_bytes(2 << 20, 52)}, {"c": text_bytes(2 << 20, 53)},
+        {"d": b"top\n"}])
+    dogestry_ok(docker_env, "push", store, "dgtest/killed:1")
+    forget(docker_host, "dgtest/killed:1")
+    blob = store / "blobs" / "sha256" / manifest(store, built)["layers"][1]["digest"][7:]
+    blob.rename(tmp_path / "held-back")
+    os.mkfifo(str(blob))  # the second batch waits at this blob for a writer: the pull stalls there
+    env = dict(docker_env, DOGESTRY_LOAD_BATCH="1")
+    since = "%.3f" % time.time()
+    events = subprocess.Popen(["docker", "-H", docker_host, "events", "--since", since, "--filter", "type=image",
+                               "--filter", "event=load", "--format", "{{.ID}}"],
+                              stdout=subprocess.PIPE, universal_newlines=True)
+    pull = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parent.parent / "dogestry.py"),
+                             "pull", str(store), "dgtest/killed:1"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    watchdog = threading.Timer(120, events.kill)
+    watchdog.start()
+    try:
+        first_load = events.stdout.readline().strip()  # the first batch's partial image is loaded
+    finally:
+        watchdog.cancel()
+        pull.send_signal(signal.SIGKILL)
+        pull.wait()
+        events.kill()
+        events.wait()
+    assert first_load and partial_images(docker_host) == [first_load[7:19]]
+    labels = inspect_labels(docker_host, first_load)
+    blob.unlink()
+    (tmp_path / "held-back").rename(blob)
+
+    dogestry_ok(env, "pull", store, "dgtest/killed:1")
+
+    assert partial_images(docker_host) == []
+    assert image_id(docker_host, "dgtest/killed:1") == built
+    assert len(image_layers(docker_host, built)) == 4
+    assert labels.get("org.dogestry.partial.for") == built
+
+
+def inspect_labels(docker_host, image):
+    return json.loads(docker_cli(docker_host, "image", "inspect", "-f", "{{json .Config.Labels}}", image).stdout)
 
 
 def test_missing_blob_fails_cleanly(docker_host, docker_env, tmp_path):

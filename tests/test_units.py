@@ -554,7 +554,8 @@ def test_a_partial_image_config_keeps_the_first_layers_and_is_labelled_for_one_p
     partial = json.loads(dogestry.partial_config(config, 2, "n1"))
     assert partial["rootfs"] == {"type": "layers", "diff_ids": [A, B]}
     assert partial["history"] == [] and partial["os"] == "linux" and partial["architecture"] == "amd64"
-    assert partial["config"]["Labels"] == {"app": "x", "org.dogestry.partial": "n1"}
+    assert partial["config"]["Labels"] == {"app": "x", "org.dogestry.partial": "n1",
+                                           "org.dogestry.partial.for": "sha256:" + hashlib.sha256(config).hexdigest()}
     assert dogestry.partial_config(config, 2, "n2") != dogestry.partial_config(config, 2, "n1")
     with pytest.raises(dogestry.FormatError):
         dogestry.partial_config(b'{"rootfs": []}', 1, "n1")
