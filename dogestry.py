@@ -3131,6 +3131,7 @@ class LayerRecord(NamedTuple):
     compression: str  # "gzip", "zstd" or "none"
     raw_size: Optional[int] = None  # size of the uncompressed tar, when known
     members: Optional[Tuple[int, ...]] = None  # a gzip blob's independent members, their sizes in order
+    unchecked: bool = False  # the diffID is a client's word, not checked against the blob (a registry push)
 
     def to_json(self) -> Dict[str, Any]:
         doc = {"diffID": self.diff_id, "digest": self.digest, "size": self.size,
@@ -3139,21 +3140,24 @@ class LayerRecord(NamedTuple):
             doc["rawSize"] = self.raw_size
         if self.members:
             doc["members"] = list(self.members)
+        if self.unchecked:
+            doc["unchecked"] = True
         return doc
 
     @property
     def checked(self) -> bool:
         """Was the layer's diffID checked against the blob's unpacked bytes when it was stored?
         Only such a record may be a layer index entry (the layer index rule, below): a zstd blob
-        cannot be unpacked here, so its diffID is only the word of the image config naming it."""
-        return self.compression != "zstd"
+        cannot be unpacked here, and a layer pushed through the registry API is not unpacked, so
+        their diffID is only the word of the image config naming them."""
+        return not self.unchecked and self.compression != "zstd"
 
     @classmethod
     def from_json(cls, doc: Any, what: str = "a layer record") -> "LayerRecord":
         check_shape(doc, LAYER_RECORD_SHAPE, what)
         members = doc.get("members")
         record = cls(doc["diffID"], doc["digest"], doc["size"], doc["compression"], doc.get("rawSize"),
-                     None if members is None else tuple(members))
+                     None if members is None else tuple(members), bool(doc.get("unchecked")))
         if record.members is not None and (record.compression != "gzip" or sum(record.members) != record.size):
             raise FormatError("%s is malformed: its gzip members do not add up to its blob" % what)
         return record
@@ -3162,7 +3166,7 @@ class LayerRecord(NamedTuple):
 # layers/<diffID>.json, and each of images/<id>/manifest.json's layers (what LayerRecord.to_json writes)
 LAYER_RECORD_SHAPE = {"diffID": DIGEST, "digest": DIGEST, "size": SIZE, "compression": one_of("gzip", "zstd", "none"),
                       "rawSize?": OrNull(SIZE), "members?": OrNull([Check("a size above 0", lambda v: type(v) is int
-                                                                          and v > 0)])}
+                                                                          and v > 0)]), "unchecked?": bool}
 STORED_MANIFEST_SHAPE = {"config": {"digest": DIGEST, "size": SIZE}, "layers": [{}]}  # layers: LayerRecord.from_json
 # images/<v1-id>/json of the original layout: what its reader uses (the rest goes into a config as it is)
 V1_JSON_SHAPE = {"parent?": OrNull(str), "created?": OrNull(str), "author?": OrNull(str), "comment?": OrNull(str),
@@ -6996,11 +7000,12 @@ class DogestryServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
                  presigned_store: Callable[[S3Location, Dict[str, str], Dict[str, int]], Store],
                  log: IO[str], errors: IO[str], tls: Optional[ssl.SSLContext] = None,
                  limits: ServerLimits = ServerLimits(), private: str = "", registry: Optional[Registry] = None,
-                 htpasswd: Optional[Htpasswd] = None, redirect: bool = True):
+                 htpasswd: Optional[Htpasswd] = None, redirect: bool = True, anonymous_push: bool = False):
         super().__init__(address, ServerHandler)
         self.docker, self.policy, self.open_store, self.presigned_store = docker, policy, open_store, presigned_store
         self.log, self.errors, self.tls, self.limits = log, errors, tls, limits
         self.registry, self.htpasswd, self.redirect = registry, htpasswd, redirect
+        self.anonymous_push = anonymous_push  # -anonymous-push: anyone who reaches the port may push
         self.inflight = {}  # type: Dict[str, "concurrent.futures.Future[str]"]
         self.inflight_lock = threading.Lock()
         self.log_lock = threading.Lock()
@@ -7301,8 +7306,9 @@ class DeadlineReader(io.RawIOBase):
         return n
 
 
-class ServerHandler(http.server.BaseHTTPRequestHandler):
-    """One client connection: strict HTTP/1.0 and 1.1, JSON answers, access log lines on stdout."""
+class RequestHandler(http.server.BaseHTTPRequestHandler):
+    """One client connection: strict HTTP/1.0 and 1.1 within the server's limits, JSON answers,
+    access log lines on stdout.  The protocols (below) answer what it routes to them."""
 
     server_version = "dogestry/" + __version__
     protocol_version = "HTTP/1.1"
@@ -7435,13 +7441,13 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
             self._refuse(e.status, str(e))
             return None
 
-    def do_HEAD(self) -> None:
-        self.do_GET()
 
-    def do_GET(self) -> None:
-        if _is_registry_path(self.path):
-            return self._registry_request()
-        route = self._route()
+class DockerApiHandler(RequestHandler):
+    """The Docker Engine API, as much of it as `docker pull` and dogestry clients need: pulls
+    into the server's host, never proxied to dockerd."""
+
+    def _docker_get(self, route: str) -> None:
+        """GET (and HEAD) of the Docker API: /_ping, /version, the original's /status/check."""
         if route == "/_ping":
             self._send(200, b"OK", "text/plain; charset=utf-8",
                        {"Docker-Experimental": "false", "OSType": "linux", "Cache-Control": "no-cache"})
@@ -7457,13 +7463,8 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
         else:
             self._refuse(403, NOT_SERVED % route)
 
-    def do_POST(self) -> None:
-        body = self._read_body()
-        if body is None:
-            return
-        if _is_registry_path(self.path):
-            return self._registry_request()
-        route = self._route()
+    def _docker_post(self, route: str, body: bytes) -> None:
+        """POST of the Docker API: /images/create (docker pull), and delegated pulls."""
         try:
             if route == "/images/create":
                 request = self._docker_pull()
@@ -7476,15 +7477,6 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
         except DogestryError as e:
             return self._refuse(400, self.server.public(str(e)))
         self._stream_pull(request)
-
-    def do_PUT(self) -> None:
-        if self._read_body() is None:  # read, so the client can read the refusal
-            return
-        if _is_registry_path(self.path):
-            return self._registry_request()
-        self._refuse(403, NOT_SERVED % self._route())
-
-    do_DELETE = do_PATCH = do_PUT
 
     def _stream_pull(self, request: PullRequest) -> None:
         """Answer a pull with docker's JSON progress lines, as chunks."""
@@ -7531,111 +7523,6 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(b"0\r\n\r\n")
 
     # -- the registry API (/v2/) --
-
-    def _registry_request(self) -> None:
-        """/v2/…: the OCI Distribution API, read-only; every answer carries the spec's version header."""
-        try:
-            self._registry_answer()
-        except RegistryError as e:
-            extra = dict(e.headers, **({"WWW-Authenticate": 'Basic realm="dogestry"'} if e.status == 401 else {}))
-            self._registry_send(e.status, registry_error_body(e.code, self.server.public(str(e))), extra=extra)
-        except NotFound as e:
-            self._registry_send(404, registry_error_body("MANIFEST_UNKNOWN", self.server.public(str(e))))
-        except DogestryError as e:  # the store failed (S3 down, a broken image): not the client's fault
-            self._registry_send(500, registry_error_body("UNKNOWN", self.server.public(str(e))))
-
-    def _registry_send(self, status: int, body: bytes, content_type: str = "application/json",
-                       extra: Optional[Dict[str, str]] = None) -> None:
-        self._send(status, body, content_type, dict(REGISTRY_API_HEADERS, **(extra or {})))
-
-    def _registry_answer(self) -> None:
-        registry = self.server.registry
-        if registry is None:
-            raise RegistryError(404, "UNSUPPORTED", "this dogestry server has no store: the registry API needs one "
-                                "(dogestry -server STORE)")
-        htpasswd = self.server.htpasswd
-        if htpasswd is not None and not htpasswd.allows(self.headers.get("Authorization", ""), self.client_address[0]):
-            raise RegistryError(401, "UNAUTHORIZED", "authentication required")
-        if self.command not in ("GET", "HEAD"):
-            raise RegistryError(405, "UNSUPPORTED", "this registry is read-only: push with dogestry push")
-        parts = urllib.parse.urlsplit(self.path)
-        route, query = parts.path, urllib.parse.parse_qs(parts.query)
-        if route in ("/v2", "/v2/"):
-            return self._registry_send(200, b"{}\n")
-        if route == "/v2/_catalog":
-            names, last = page(registry.repositories(), query)
-            return self._registry_list({"repositories": names}, route, last, query)
-        m = _TAGS_ROUTE.match(route)
-        if m:
-            tags, last = page(registry.tags(m.group(1)), query)
-            return self._registry_list({"name": m.group(1), "tags": tags}, route, last, query)
-        m = _CONTENT_ROUTE.match(route)
-        if not m:
-            raise RegistryError(404, "NAME_UNKNOWN", "%s is not part of the registry API" % route[:100])
-        name, kind, reference = m.groups()
-        repository_name(name)
-        if kind == "blobs":
-            return self._send_blob(registry, reference)
-        data, media_type, digest = registry.manifest(name, reference,
-                                                     manifest_type_for(", ".join(self.headers.get_all("Accept") or [])))
-        self._registry_send(200, data, media_type, {"Docker-Content-Digest": digest})
-
-    def _registry_list(self, doc: Dict[str, Any], route: str, last: Optional[str],
-                       query: Mapping[str, List[str]]) -> None:
-        """A page of a list, with a Link to the next one (RFC 8288) if there is more."""
-        extra = {}
-        if last is not None:
-            n = (query.get("n") or [str(REGISTRY_PAGE)])[0]
-            extra["Link"] = '<%s?%s>; rel="next"' % (route, urllib.parse.urlencode({"n": n, "last": last}))
-        self._registry_send(200, json.dumps(doc).encode() + b"\n", extra=extra)
-
-    def _send_blob(self, registry: Registry, digest: str) -> None:
-        """A blob: its headers (HEAD), a redirect to a presigned URL (S3), or its bytes (Range: 206)."""
-        key, size = registry.blob(digest)
-        headers = dict(REGISTRY_API_HEADERS, **{"Docker-Content-Digest": digest, "Accept-Ranges": "bytes"})
-        if self.command == "HEAD":
-            return self._blob_head(200, size, headers)
-        if registry.presign is not None and self.server.redirect:
-            headers["Location"] = registry.presign(key)
-            return self._blob_head(307, 0, headers)
-        wanted = parse_range(self.headers["Range"], size) if self.headers.get("Range") else None
-        first, last = wanted or (0, size - 1)
-        if wanted:
-            headers["Content-Range"] = "bytes %d-%d/%d" % (first, last, size)
-        self._blob_head(206 if wanted else 200, last - first + 1, headers)
-        try:
-            self._blob_body(registry.store, key, digest, size, first, last)
-        except DogestryError as e:  # the answer is cut short: the client sees a truncated body
-            self.server.log_line(self.client_address[0], "blob %s: %s" % (digest, e))
-            self.close_connection = True
-
-    def _blob_head(self, status: int, length: int, headers: Dict[str, str]) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(length))
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-
-    def _blob_body(self, store: Store, key: str, digest: str, size: int, first: int, last: int) -> None:
-        """The bytes first..last of a stored blob: sendfile from a directory store; from S3, a whole
-        blob verified as it streams (its last piece held back unless the digest matches)."""
-        count = last - first + 1
-        if isinstance(store, LocalStore):
-            with open(store.path(key), "rb") as f:
-                if self.connection.sendfile(f, first, count) != count:
-                    raise IntegrityError("%s changed while it was sent" % key)
-            return
-        if first == 0 and count == size:
-            record = LayerRecord(digest, digest, size, "none")
-            for data in verified_blob_chunks(store, record, lambda n: None, key=key):
-                self.wfile.write(data)
-            return
-        with contextlib.closing(store.open_range(key, first, last)) as f:
-            if copy_stream(f, self.wfile, count) != count:
-                raise IntegrityError("%s came back short" % key)
-
-    # -- what a client may ask for --
 
     def _docker_pull(self) -> PullRequest:
         """POST /images/create from the docker CLI: fromImage, tag, X-Registry-Auth."""
@@ -7738,6 +7625,216 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
         if not isinstance(doc, dict) or not all(isinstance(v, str) for v in doc.values()):
             raise UsageError("X-Registry-Auth is not a JSON object of strings")
         return doc
+
+
+class RegistryHandler(RequestHandler):
+    """The registry API (/v2/): the OCI Distribution Spec for the server's STORE."""
+
+    def _registry_request(self) -> None:
+        """/v2/…: the OCI Distribution API, read-only; every answer carries the spec's version header."""
+        try:
+            self._registry_answer()
+        except RegistryError as e:
+            extra = dict(e.headers, **({"WWW-Authenticate": 'Basic realm="dogestry"'} if e.status == 401 else {}))
+            self._registry_send(e.status, registry_error_body(e.code, self.server.public(str(e))), extra=extra)
+        except NotFound as e:
+            self._registry_send(404, registry_error_body("MANIFEST_UNKNOWN", self.server.public(str(e))))
+        except DogestryError as e:  # the store failed (S3 down, a broken image): not the client's fault
+            self._registry_send(500, registry_error_body("UNKNOWN", self.server.public(str(e))))
+
+    def _registry_send(self, status: int, body: bytes, content_type: str = "application/json",
+                       extra: Optional[Dict[str, str]] = None) -> None:
+        self._send(status, body, content_type, dict(REGISTRY_API_HEADERS, **(extra or {})))
+
+    def _registry_answer(self) -> None:
+        """Who may ask, then the read or the write asked for."""
+        registry = self.server.registry
+        if registry is None:
+            raise RegistryError(404, "UNSUPPORTED", "this dogestry server has no store: the registry API needs one "
+                                "(dogestry -server STORE)")
+        htpasswd = self.server.htpasswd
+        if htpasswd is not None and not htpasswd.allows(self.headers.get("Authorization", ""), self.client_address[0]):
+            raise RegistryError(401, "UNAUTHORIZED", "authentication required")
+        if self.command not in ("GET", "HEAD"):
+            return self._registry_write(registry)
+        self._registry_read(registry)
+
+    def _registry_write(self, registry: Registry) -> None:
+        """A write (POST, PUT, PATCH, DELETE): refused here (RegistryWriteHandler answers them)."""
+        raise RegistryError(405, "UNSUPPORTED", "this registry is read-only: push with dogestry push")
+
+    def _require(self, right: str, name: str) -> None:
+        """Go on only if the request's user may `right` (pull, push, delete) repository `name`:
+        RegistryError 401 (who is it?) or 403 (not this user) otherwise."""
+        if right == "pull" or (right == "push" and self.server.anonymous_push):
+            return
+        raise RegistryError(401, "UNAUTHORIZED", "authentication required to %s" % right)
+
+    def _registry_read(self, registry: Registry) -> None:
+        """GET and HEAD: the API's version check, the catalog, tags, manifests and blobs."""
+        parts = urllib.parse.urlsplit(self.path)
+        route, query = parts.path, urllib.parse.parse_qs(parts.query)
+        if route in ("/v2", "/v2/"):
+            return self._registry_send(200, b"{}\n")
+        if route == "/v2/_catalog":
+            names, last = page(registry.repositories(), query)
+            return self._registry_list({"repositories": names}, route, last, query)
+        m = _TAGS_ROUTE.match(route)
+        if m:
+            tags, last = page(registry.tags(m.group(1)), query)
+            return self._registry_list({"name": m.group(1), "tags": tags}, route, last, query)
+        m = _CONTENT_ROUTE.match(route)
+        if not m:
+            raise RegistryError(404, "NAME_UNKNOWN", "%s is not part of the registry API" % route[:100])
+        name, kind, reference = m.groups()
+        repository_name(name)
+        if kind == "blobs":
+            return self._send_blob(registry, reference)
+        data, media_type, digest = registry.manifest(name, reference,
+                                                     manifest_type_for(", ".join(self.headers.get_all("Accept") or [])))
+        self._registry_send(200, data, media_type, {"Docker-Content-Digest": digest})
+
+    def _registry_list(self, doc: Dict[str, Any], route: str, last: Optional[str],
+                       query: Mapping[str, List[str]]) -> None:
+        """A page of a list, with a Link to the next one (RFC 8288) if there is more."""
+        extra = {}
+        if last is not None:
+            n = (query.get("n") or [str(REGISTRY_PAGE)])[0]
+            extra["Link"] = '<%s?%s>; rel="next"' % (route, urllib.parse.urlencode({"n": n, "last": last}))
+        self._registry_send(200, json.dumps(doc).encode() + b"\n", extra=extra)
+
+    def _send_blob(self, registry: Registry, digest: str) -> None:
+        """A blob: its headers (HEAD), a redirect to a presigned URL (S3), or its bytes (Range: 206)."""
+        key, size = registry.blob(digest)
+        headers = dict(REGISTRY_API_HEADERS, **{"Docker-Content-Digest": digest, "Accept-Ranges": "bytes"})
+        if self.command == "HEAD":
+            return self._blob_head(200, size, headers)
+        if registry.presign is not None and self.server.redirect:
+            headers["Location"] = registry.presign(key)
+            return self._blob_head(307, 0, headers)
+        wanted = parse_range(self.headers["Range"], size) if self.headers.get("Range") else None
+        first, last = wanted or (0, size - 1)
+        if wanted:
+            headers["Content-Range"] = "bytes %d-%d/%d" % (first, last, size)
+        self._blob_head(206 if wanted else 200, last - first + 1, headers)
+        try:
+            self._blob_body(registry.store, key, digest, size, first, last)
+        except DogestryError as e:  # the answer is cut short: the client sees a truncated body
+            self.server.log_line(self.client_address[0], "blob %s: %s" % (digest, e))
+            self.close_connection = True
+
+    def _blob_head(self, status: int, length: int, headers: Dict[str, str]) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(length))
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+
+    def _blob_body(self, store: Store, key: str, digest: str, size: int, first: int, last: int) -> None:
+        """The bytes first..last of a stored blob: sendfile from a directory store; from S3, a whole
+        blob verified as it streams (its last piece held back unless the digest matches)."""
+        count = last - first + 1
+        if isinstance(store, LocalStore):
+            with open(store.path(key), "rb") as f:
+                if self.connection.sendfile(f, first, count) != count:
+                    raise IntegrityError("%s changed while it was sent" % key)
+            return
+        if first == 0 and count == size:
+            record = LayerRecord(digest, digest, size, "none")
+            for data in verified_blob_chunks(store, record, lambda n: None, key=key):
+                self.wfile.write(data)
+            return
+        with contextlib.closing(store.open_range(key, first, last)) as f:
+            if copy_stream(f, self.wfile, count) != count:
+                raise IntegrityError("%s came back short" % key)
+
+    # -- what a client may ask for --
+
+
+_UPLOADS_ROUTE = re.compile(r"^/v2/(.+)/blobs/uploads/([^/]*)$")
+
+
+class RegistryWriteHandler(RegistryHandler):
+    """The registry API's writes: blob uploads, manifests, deletes (section 17 stores them)."""
+
+    def _registry_write(self, registry: Registry) -> None:
+        route = urllib.parse.urlsplit(self.path).path
+        m = _UPLOADS_ROUTE.match(route)
+        if m:
+            name, session = repository_name(m.group(1)), m.group(2)
+            self._require("push", name)
+            if self.command == "POST" and not session:
+                return self._upload_start(registry, name)
+            if session and self.command in ("PATCH", "PUT", "DELETE"):
+                return {"PATCH": self._upload_chunk, "PUT": self._upload_finish,
+                        "DELETE": self._upload_cancel}[self.command](registry, name, session)
+            raise RegistryError(405, "UNSUPPORTED", "%s %s is not part of the registry API" % (self.command, route[:100]))
+        m = _CONTENT_ROUTE.match(route)
+        if m and m.group(2) == "manifests" and self.command in ("PUT", "DELETE"):
+            name = repository_name(m.group(1))
+            self._require("push" if self.command == "PUT" else "delete", name)
+            return (self._manifest_put if self.command == "PUT" else self._manifest_delete)(registry, name, m.group(3))
+        if m and m.group(2) == "blobs" and self.command == "DELETE":
+            raise RegistryError(405, "UNSUPPORTED", "blobs are never deleted through the API: gc frees what nothing names")
+        raise RegistryError(405, "UNSUPPORTED", "%s %s is not part of the registry API" % (self.command, route[:100]))
+
+    # -- blob uploads --
+
+    def _upload_start(self, registry: Registry, name: str) -> None:
+        """POST /v2/<name>/blobs/uploads/: a session, a monolithic upload (?digest=) or a mount (?mount=)."""
+        raise RegistryError(405, "UNSUPPORTED", "uploads are not served yet")
+
+    def _upload_chunk(self, registry: Registry, name: str, session: str) -> None:
+        """PATCH /v2/<name>/blobs/uploads/<id>: more bytes of a session."""
+        raise RegistryError(405, "UNSUPPORTED", "uploads are not served yet")
+
+    def _upload_finish(self, registry: Registry, name: str, session: str) -> None:
+        """PUT /v2/<name>/blobs/uploads/<id>?digest=: the last bytes, then the blob is checked and stored."""
+        raise RegistryError(405, "UNSUPPORTED", "uploads are not served yet")
+
+    def _upload_cancel(self, registry: Registry, name: str, session: str) -> None:
+        """DELETE /v2/<name>/blobs/uploads/<id>: the session and its bytes go."""
+        raise RegistryError(405, "UNSUPPORTED", "uploads are not served yet")
+
+    # -- manifests --
+
+    def _manifest_put(self, registry: Registry, name: str, reference: str) -> None:
+        """PUT /v2/<name>/manifests/<tag or digest>: a manifest, kept byte for byte."""
+        raise RegistryError(405, "UNSUPPORTED", "manifest pushes are not served yet")
+
+    def _manifest_delete(self, registry: Registry, name: str, reference: str) -> None:
+        """DELETE /v2/<name>/manifests/<tag or digest>: tags go as `dogestry rm` removes them."""
+        raise RegistryError(405, "UNSUPPORTED", "manifest deletes are not served yet")
+
+
+class ServerHandler(DockerApiHandler, RegistryWriteHandler):
+    """Routes each request to its protocol: the registry API under /v2/, the Docker API elsewhere."""
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+    def do_GET(self) -> None:
+        if _is_registry_path(self.path):
+            return self._registry_request()
+        self._docker_get(self._route())
+
+    def do_POST(self) -> None:
+        if _is_registry_path(self.path):
+            return self._registry_request()  # its body is read (or streamed) by the route, if at all
+        body = self._read_body()
+        if body is None:
+            return
+        self._docker_post(self._route(), body)
+
+    def do_PUT(self) -> None:
+        if _is_registry_path(self.path):
+            return self._registry_request()
+        if self._read_body() is None:  # read, so the client can read the refusal
+            return
+        self._refuse(403, NOT_SERVED % self._route())
+
+    do_DELETE = do_PATCH = do_PUT
 
 
 # === 19. Commands ===
@@ -7984,7 +8081,7 @@ def cmd_server(ctx: Context) -> int:
     try:
         server = DogestryServer((options.address, options.port), ctx.docker(), policy, open_for,
                                 ctx.presigned_store, ctx.stdout, ctx.stderr, tls, limits, private, registry,
-                                htpasswd, options.redirect)
+                                htpasswd, options.redirect, options.anonymous_push)
     except OSError as e:
         raise DogestryError("cannot listen on %s:%d: %s" % (options.address, options.port, _os_reason(e)))
     ctx.stdout.write("dogestry server %s listening on %s:%d%s (Docker at %s; %d connections at most, %s)\n"
@@ -8528,6 +8625,8 @@ def _add_global_options(parser: argparse.ArgumentParser) -> None:
     flag("redirect", metavar="BOOL", type=parse_bool, nargs="?", const=True, default=True,
          help="with -server STORE on S3: send registry clients to presigned S3 URLs for blobs (default true; "
               "-redirect=false streams them through the server)")
+    flag("anonymous-push", action="store_true",
+         help="with -server STORE: anyone who reaches the port may push into the registry (never delete)")
     flag("max-connections", metavar="N", type=int,
          help="with -server: connections served at once (default: what the open-files limit leaves room for, "
               "at most %d)" % SERVER_MAX_CONNECTIONS)

@@ -355,10 +355,11 @@ def test_s3_blobs_redirect_or_stream_verified(pushed, servers, base_env, puller,
     ("GET", "/v2/team/app/manifests/-bad", 400, "TAG_INVALID"),
     ("GET", "/v2/team/app/manifests/" + "t" * 200, 400, "TAG_INVALID"),
     ("GET", "/v2/team/app/tags/list?n=abc", 400, "PAGINATION_NUMBER_INVALID"),
-    ("POST", "/v2/team/app/blobs/uploads/", 405, "UNSUPPORTED"),
-    ("PUT", "/v2/team/app/manifests/1", 405, "UNSUPPORTED"),
-    ("PATCH", "/v2/team/app/blobs/uploads/x", 405, "UNSUPPORTED"),
-    ("DELETE", "/v2/team/app/manifests/1", 405, "UNSUPPORTED"),
+    ("POST", "/v2/team/app/blobs/uploads/", 401, "UNAUTHORIZED"),  # writes need a user allowed to write
+    ("PUT", "/v2/team/app/manifests/1", 401, "UNAUTHORIZED"),
+    ("PATCH", "/v2/team/app/blobs/uploads/x", 401, "UNAUTHORIZED"),
+    ("DELETE", "/v2/team/app/manifests/1", 401, "UNAUTHORIZED"),
+    ("DELETE", "/v2/team/app/blobs/sha256:" + "0" * 64, 405, "UNSUPPORTED"),  # only gc frees blobs
     ("GET", "/v2/team/app/referrers/sha256:" + "0" * 64, 404, "NAME_UNKNOWN"),
 ])
 def test_bad_requests_get_the_specs_errors(method, path, status, code, pushed, servers, base_env, puller):
