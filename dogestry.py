@@ -2978,7 +2978,9 @@ IMAGE_LEAVES = ("config.json", "manifest.json", "migrated", "json", "layer.tar",
 # The keys gc may delete, exactly: anything else under its prefixes is someone else's (a README,
 # a store nested in this one, such as s3://bucket/layers/ inside s3://bucket/) and is left alone.
 _GC_KEY = re.compile(r"^(?:images/[0-9a-f]{64}/(?:%s)|layers/[0-9a-f]{64}\.json|blobs/sha256/[0-9a-f]{64}"
-                     r"|gc/untagged/[0-9a-f]{64})$" % "|".join(re.escape(leaf) for leaf in IMAGE_LEAVES))
+                     r"|gc/untagged/[0-9a-f]{64}|manifests/sha256/[0-9a-f]{64}"
+                     r"|manifests/referrers/[0-9a-f]{64}/[0-9a-f]{64}|manifests/tags/%s(?:/%s)*/[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})$"
+                     % ("|".join(re.escape(leaf) for leaf in IMAGE_LEAVES), _NAME_COMPONENT, _NAME_COMPONENT))
 # Where dogestry's killed writes leave temp files (a directory store) and multipart uploads (S3).
 _GC_LEFTOVER = re.compile(r"^(?:blobs/sha256|layers|gc/untagged|images/[0-9a-f]{64})/[^/]+$")
 
@@ -3224,37 +3226,70 @@ def name_layer(store: Store, record: LayerRecord, freshness: "Freshness") -> Non
     freshness.written(relied_key(record))
 
 
-def read_tag(store: Store, ref: ImageRef) -> str:
-    """The image hex a tag points to (NotFound if the tag is absent)."""
+MANIFEST_TAG = "@sha256:"  # a tag's content for a manifest pushed through the registry that is no single image
+
+
+class NotAnImage(FormatError):
+    """A tag names a manifest that is no single image (an index, an artifact)."""
+
+
+class TagTarget(NamedTuple):
+    """What a tag names: an image (its ID hex), or a manifest pushed through the registry API
+    that is no single image (an index, an artifact: 'sha256:<hex>')."""
+
+    image_hex: Optional[str]
+    manifest: Optional[str] = None
+
+
+def read_tag_target(store: Store, ref: ImageRef) -> TagTarget:
+    """What a tag names (NotFound if the tag is absent)."""
     try:
         text = store.get_bytes(tag_key(ref), limit=4096).decode("ascii", "replace").strip()
     except NotFound:
         raise NotFound("%s not found in %s" % (ref, store.url))
+    if text.startswith(MANIFEST_TAG) and _HEX64.match(text[len(MANIFEST_TAG):]):
+        return TagTarget(None, text[1:])
     hexpart = text[7:] if text.startswith("sha256:") else text
     if not _HEX64.match(hexpart):
         raise FormatError("%s: tag %s holds %r, not an image id" % (store.url, ref, text[:80]))
-    return hexpart
+    return TagTarget(hexpart)
+
+
+def read_tag(store: Store, ref: ImageRef) -> str:
+    """The image hex a tag points to (NotFound if the tag is absent; NotAnImage if it names an
+    index or an artifact)."""
+    target = read_tag_target(store, ref)
+    if target.image_hex is None:
+        raise NotAnImage("%s: %s names %s, pushed through the registry API, which is no single image (an image "
+                         "index or an artifact)" % (store.url, ref, target.manifest))
+    return target.image_hex
 
 
 TAG_READERS = 8  # tag files read at once by list/inspect/remote: one request each on S3
 
 
-def list_tags(store: Store) -> List[Tuple[ImageRef, str]]:
-    """Every (ref, image hex) in the store, in key order (by name, then tag); unreadable tags are left out."""
+def list_tag_targets(store: Store) -> List[Tuple[ImageRef, TagTarget]]:
+    """Every tag in the store and what it names, in key order (by name, then tag); unreadable
+    tags are left out."""
     refs = []
     for key in store.list("repositories/"):
         name, _, tag = key[len("repositories/"):].rpartition("/")
         if name:
             refs.append(ImageRef(name, tag))
 
-    def read(ref: ImageRef) -> Optional[Tuple[ImageRef, str]]:
+    def read(ref: ImageRef) -> Optional[Tuple[ImageRef, TagTarget]]:
         try:
-            return ref, read_tag(store, ref)
+            return ref, read_tag_target(store, ref)
         except DogestryError:
             return None
 
     with thread_pool(min(TAG_READERS, len(refs)), "dogestry-tags") as pool:
         return [r for r in pool.map(read, refs) if r is not None]
+
+
+def list_tags(store: Store) -> List[Tuple[ImageRef, str]]:
+    """Every (ref, image hex) of the tags that name images, in key order (by name, then tag)."""
+    return [(ref, target.image_hex) for ref, target in list_tag_targets(store) if target.image_hex is not None]
 
 
 def list_image_ids(store: Store) -> List[str]:
@@ -4135,16 +4170,25 @@ def push_image(docker: DockerClient, store: Store, text: str, progress: Progress
 
 
 def write_tag(store: Store, ref: ImageRef, image_hex: str) -> None:
-    """Point a tag at an image; an image it named before is recorded for gc (pulls may be reading it)."""
+    """Point a tag at an image; what it named before is recorded for gc (pulls may be reading it)."""
+    point_tag(store, ref, TagTarget(image_hex))
+
+
+def point_tag(store: Store, ref: ImageRef, target: TagTarget) -> None:
+    """Point a tag at an image, or at a manifest that is no image; what it named before (an image
+    or a manifest) is recorded for gc: pulls may be reading it."""
+    new = target.image_hex or digest_hex(str(target.manifest))
     with contextlib.suppress(NotFound, FormatError):
-        old = read_tag(store, ref)
-        if old != image_hex:
-            record_untagged(store, old, [ref])
-    store.put_bytes(tag_key(ref), image_hex.encode())
+        old = read_tag_target(store, ref)
+        old_hex = old.image_hex or digest_hex(str(old.manifest))
+        if old_hex != new:
+            record_untagged(store, old_hex, [ref])
+    store.put_bytes(tag_key(ref), (target.image_hex or "@" + str(target.manifest)).encode())
 
 
 def record_untagged(store: Store, image_hex: str, refs: Sequence[ImageRef]) -> None:
-    """Note that tags were taken from an image: gc spares it for its grace period from now."""
+    """Note that tags were taken from an image (or a manifest pushed through the registry that is
+    no image: its hex): gc spares it for its grace period from now."""
     write_json(store, UNTAGGED_PREFIX + image_hex, {
         "tags": [str(r) for r in refs],
         "untagged": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})
@@ -4882,6 +4926,16 @@ class StoreMarks(NamedTuple):
     index_md5s: Dict[str, Set[str]]
     root_blobs: Dict[str, Set[str]]  # root image -> the blobs of its layers
     root_bytes: Dict[str, int]       # root image -> the bytes of its layers
+    root_manifests: Dict[str, Set[str]]  # root image -> the digests (hex) of the manifests made from it
+
+    def merged(self, other: "StoreMarks") -> "StoreMarks":
+        """What both reach."""
+        md5s = collections.defaultdict(set, {k: set(v) for k, v in self.index_md5s.items()})  # type: Dict[str, Set[str]]
+        for key, values in other.index_md5s.items():
+            md5s[key].update(values)
+        return StoreMarks(self.images | other.images, self.diff_ids | other.diff_ids, self.blobs | other.blobs, md5s,
+                          dict(self.root_blobs, **other.root_blobs), dict(self.root_bytes, **other.root_bytes),
+                          dict(self.root_manifests, **other.root_manifests))
 
     def image_bytes(self, roots: Iterable[str]) -> int:
         """The layers of these root images, counted once per image that uses them."""
@@ -4897,7 +4951,7 @@ def mark_reachable(store: Store, roots: Iterable[str], progress: ProgressSink) -
     can safely be deleted)."""
     images, diff_ids, blobs = set(), set(), set()  # type: Set[str], Set[str], Set[str]
     index_md5s = collections.defaultdict(set)  # type: Dict[str, Set[str]]
-    root_blobs, root_bytes = {}, {}  # type: Dict[str, Set[str]], Dict[str, int]
+    root_blobs, root_bytes, root_manifests = {}, {}, {}  # type: Dict[str, Set[str]], Dict[str, int], Dict[str, Set[str]]
 
     def read(image_hex: str) -> Optional[StoredImage]:
         try:
@@ -4921,11 +4975,14 @@ def mark_reachable(store: Store, roots: Iterable[str], progress: ProgressSink) -
                 images.update(legacy_chain(store, image_hex))
             root_bytes[image_hex] = sum(r.size for r in image.layers)
             root_blobs[image_hex] = {digest_hex(r.digest) for r in image.layers}
+            if not image.legacy:
+                root_manifests[image_hex] = {hashlib.sha256(registry_manifest(image, kind)).hexdigest()
+                                             for kind in (OCI_MANIFEST, DOCKER_MANIFEST)}
             for record in image.layers:
                 diff_ids.add(digest_hex(record.diff_id))
                 blobs.add(digest_hex(record.digest))
                 index_md5s[layer_index_key(record.diff_id)].add(hashlib.md5(json_document(record.to_json())).hexdigest())
-    return StoreMarks(images, diff_ids, blobs, index_md5s, root_blobs, root_bytes)
+    return StoreMarks(images, diff_ids, blobs, index_md5s, root_blobs, root_bytes, root_manifests)
 
 
 def _image_key_order(key: str) -> Tuple[int, str]:
@@ -4935,6 +4992,63 @@ def _image_key_order(key: str) -> Tuple[int, str]:
 
 def _listing(store: Store, prefix: str) -> Dict[str, StoreEntry]:
     return {e.key: e for e in store.list_entries(prefix)}
+
+
+class ManifestGraph(NamedTuple):
+    """The manifests pushed through the registry, as gc reads them (all of them, once per run):
+    what each names, which images' manifests they are, which name which as their subject."""
+
+    manifests: Dict[str, Optional["PushedManifest"]]  # hex -> the manifest (None: unreadable)
+    by_image: Dict[str, Set[str]]    # image hex -> the manifests whose config it is
+    referrers: Dict[str, Set[str]]   # subject hex -> the manifests naming it as their subject
+
+    def closure(self, images: Set[str], manifests: Set[str], marks: StoreMarks,
+                has_record: Callable[[str], bool]) -> Tuple[Set[str], Set[str]]:
+        """(images, manifests) these images and manifests keep: an image keeps the manifests of it
+        (pushed, or made from it) and their referrers; a manifest keeps the manifests an index
+        names, its referrers, and the image its config is (where an image record was written)."""
+        images = set(images)
+        kept, todo = set(), set(manifests)  # type: Set[str], Set[str]
+        while True:
+            for image_hex in images:
+                todo |= self.by_image.get(image_hex, set())
+                for digest in marks.root_manifests.get(image_hex, set()):
+                    todo |= self.referrers.get(digest, set())
+            todo -= kept
+            if not todo:
+                return images, kept
+            while todo:
+                digest = todo.pop()
+                kept.add(digest)
+                todo |= self.referrers.get(digest, set()) - kept
+                manifest = self.manifests.get(digest)
+                if manifest is None:
+                    continue
+                todo |= {digest_hex(d) for d in manifest.children} - kept
+                config = manifest.blobs[0][0] if manifest.blobs else None
+                if config is not None and has_record(digest_hex(config)):
+                    images.add(digest_hex(config))
+
+
+def read_manifest_graph(store: Store, hexes: Iterable[str]) -> ManifestGraph:
+    """Read every pushed manifest (in parallel): one GET each."""
+    def read(digest_hex_: str) -> Optional[PushedManifest]:
+        with contextlib.suppress(NotFound, FormatError, IntegrityError):
+            return read_pushed_manifest(store, "sha256:" + digest_hex_)
+        return None
+
+    hexes = sorted(hexes)
+    with thread_pool(min(GC_THREADS, max(1, len(hexes))), "dogestry-manifests") as pool:
+        manifests = dict(zip(hexes, pool.map(read, hexes)))
+    by_image, referrers = collections.defaultdict(set), collections.defaultdict(set)  # type: Dict[str, Set[str]], Dict[str, Set[str]]
+    for digest, manifest in manifests.items():
+        if manifest is None:
+            continue
+        if manifest.blobs:
+            by_image[digest_hex(manifest.blobs[0][0])].add(digest)
+        if manifest.subject:
+            referrers[digest_hex(manifest.subject)].add(digest)
+    return ManifestGraph(manifests, by_image, referrers)
 
 
 class GcPlan(NamedTuple):
@@ -4955,30 +5069,62 @@ class GcPlan(NamedTuple):
     held_for: float          # seconds until the last of those may go (0: none held)
 
 
+GC_PREFIXES = ("images/", "layers/", "blobs/sha256/", UNTAGGED_PREFIX, "manifests/")
+GC_KINDS = ("image", "manifest", "record", "layer", "blob")  # the order units are deleted in
+
+
 def plan_gc(store: Store, grace: float, progress: ProgressSink) -> GcPlan:
     """The units no tag reaches that are older than grace, and what else a gc would know."""
-    prefixes = ("images/", "layers/", "blobs/sha256/", UNTAGGED_PREFIX)
-    with thread_pool(len(prefixes), "dogestry-list") as pool:
-        listings = list(pool.map(functools.partial(_listing, store), prefixes))
+    with thread_pool(len(GC_PREFIXES), "dogestry-list") as pool:
+        listings = list(pool.map(functools.partial(_listing, store), GC_PREFIXES))
     foreign = sorted(key for listing in listings for key in listing if not gc_owns(key))
-    image_keys, index_keys, blob_keys, untagged_keys = ({k: e for k, e in listing.items() if gc_owns(k)}
-                                                        for listing in listings)
-    tags = list_tags(store)
+    image_keys, index_keys, blob_keys, untagged_keys, manifest_keys = (
+        {k: e for k, e in listing.items() if gc_owns(k)} for listing in listings)
+    targets = list_tag_targets(store)
+    tags = [(ref, t.image_hex) for ref, t in targets if t.image_hex is not None]
     tagged = {digest for _, digest in tags}
-    young_untagged = {k[len(UNTAGGED_PREFIX):]: e.age for k, e in untagged_keys.items() if e.age < grace}
-    expired = sorted(k for k, e in untagged_keys.items() if e.age >= grace)
-    marks = mark_reachable(store, tagged | set(young_untagged), progress)
-
-    units = []  # type: List[GcUnit]
     dirs = collections.defaultdict(dict)  # type: Dict[str, Dict[str, StoreEntry]]
     for key, entry in image_keys.items():
         _, image_hex, leaf = key.split("/")
         dirs[image_hex][leaf] = entry
+    pushed = {k[len("manifests/sha256/"):]: e for k, e in manifest_keys.items() if k.startswith("manifests/sha256/")}
+    graph = read_manifest_graph(store, pushed)
+    tag_manifests = {digest_hex(str(t.manifest)) for _, t in targets if t.manifest} | \
+        _tag_pointers(store, [ref for ref, _ in tags], manifest_keys)
+    young_untagged = {k[len(UNTAGGED_PREFIX):]: e.age for k, e in untagged_keys.items() if e.age < grace}
+    expired = sorted(k for k, e in untagged_keys.items() if e.age >= grace)
+
+    def has_record(image_hex: str) -> bool:
+        return "manifest.json" in dirs.get(image_hex, {})
+
+    # Roots: tags, images and manifests untagged less than the grace ago, manifests pushed less
+    # than the grace ago (a push by digest, an index's children before the index); what they
+    # reach through manifests may add images, whose manifests may add more (referrers).
+    image_roots = tagged | {h for h in young_untagged if h not in pushed}
+    manifest_roots = tag_manifests | {h for h in young_untagged if h in pushed} | \
+        {h for h, e in pushed.items() if e.age < grace}
+    marks, marked = mark_reachable(store, image_roots, progress), set(image_roots)
+    while True:
+        images, kept = graph.closure(image_roots, manifest_roots, marks, has_record)
+        new = images - marked
+        if not new:
+            break
+        marked |= new
+        marks = marks.merged(mark_reachable(store, new, progress))
+    unreadable = sorted(h for h in kept if h in pushed and graph.manifests.get(h) is None)
+    if unreadable:
+        raise GcError("cannot read manifest sha256:%s, which is kept; nothing was deleted" % unreadable[0])
+    manifest_blobs = {h: {digest_hex(d) for d, _ in graph.manifests[h].blobs} for h in kept  # type: ignore[union-attr]
+                      if graph.manifests.get(h) is not None}
+    marks = marks._replace(blobs=marks.blobs.union(*manifest_blobs.values()))
+
+    units = []  # type: List[GcUnit]
     for image_hex, leaves in sorted(dirs.items()):
         if image_hex in marks.images or min(e.age for e in leaves.values()) < grace:
             continue
         keys = tuple(sorted((e.key for e in leaves.values()), key=_image_key_order))
         units.append(GcUnit("image", image_hex, keys, keys, sum(e.size for e in leaves.values())))
+    units += _manifest_units(pushed, manifest_keys, kept, graph, {str(ref) for ref, _ in targets}, grace)
 
     # Which blob each index entry names: a push that reuses a layer relies on that blob, so a
     # blob is re-checked with every entry naming it.  An entry of a layer the tags reach whose
@@ -5027,9 +5173,12 @@ def plan_gc(store: Store, grace: float, progress: ProgressSink) -> GcPlan:
         # that finds one gone writes it again, and the blob must then stay.
         units.append(GcUnit("blob", "sha256:" + blob, (key,) + tuple(pointing.get(blob, ())), (key,), entry.size))
 
-    # What no tag reaches but gc may not delete yet: young blobs, blobs young index entries name,
-    # images untagged less than `grace` ago; each may go once the last of those is old enough.
-    tag_blobs = marks.blobs_of(tagged)
+    # What no tag reaches but gc may not delete yet: young blobs, blobs young index entries or
+    # manifests name, images untagged less than `grace` ago; each may go once the last of those
+    # is old enough.
+    tag_images, tag_kept = graph.closure(tagged, tag_manifests, marks, has_record)
+    tag_blobs = marks.blobs_of(tag_images).union(*(manifest_blobs.get(h, set()) for h in tag_kept))
+    young_manifests = {h: pushed[h].age for h in kept - tag_kept if h in pushed}
     freed = {name[len("sha256:"):] for unit in units for kind, name, _ in unit.parts() if kind == "blob"}
     unreferenced = held = 0
     held_for = 0.0
@@ -5043,9 +5192,50 @@ def plan_gc(store: Store, grace: float, progress: ProgressSink) -> GcPlan:
         held += entry.size
         waits = [grace - entry.age] + [grace - readable[k].age for k in pointing.get(blob, ())]
         waits += [grace - age for root, age in young_untagged.items() if blob in marks.root_blobs.get(root, ())]
+        waits += [grace - age for h, age in young_manifests.items() if blob in manifest_blobs.get(h, ())]
         held_for = max([held_for] + waits)
     return GcPlan(units, expired, foreign, marks, tags, set(dirs), blob_keys, len(index_keys), unreferenced,
                   held, held_for)
+
+
+def _tag_pointers(store: Store, refs: Sequence[ImageRef], manifest_keys: Mapping[str, StoreEntry]) -> Set[str]:
+    """The manifests (hex) that image tags say they were pushed with (manifests/tags/<name>/<tag>)."""
+    keys = [tag_manifest_key(ref) for ref in refs if tag_manifest_key(ref) in manifest_keys]
+
+    def read(key: str) -> Optional[str]:
+        with contextlib.suppress(DogestryError):
+            return digest_hex(store.get_bytes(key, limit=4096).decode("ascii", "replace").strip())
+        return None
+
+    with thread_pool(min(GC_THREADS, max(1, len(keys))), "dogestry-pointers") as pool:
+        return {h for h in pool.map(read, keys) if h is not None}
+
+
+def _manifest_units(pushed: Mapping[str, StoreEntry], manifest_keys: Mapping[str, StoreEntry], kept: Set[str],
+                    graph: ManifestGraph, tags: Set[str], grace: float) -> List[GcUnit]:
+    """Manifests nothing keeps (each with its referrer record), and the records of manifests gone
+    or of tags gone (referrer records, tag pointers), older than grace."""
+    units, records = [], set()  # type: List[GcUnit], Set[str]
+    for digest, entry in sorted(pushed.items()):
+        if digest in kept or entry.age < grace:
+            continue
+        keys = (entry.key,)  # type: Tuple[str, ...]
+        manifest = graph.manifests.get(digest)
+        if manifest is not None and manifest.subject and referrer_key(manifest.subject, "sha256:" + digest) in manifest_keys:
+            keys += (referrer_key(manifest.subject, "sha256:" + digest),)
+        records.update(keys)
+        units.append(GcUnit("manifest", "sha256:" + digest, keys, keys, sum(manifest_keys[k].size for k in keys)))
+    for key, entry in sorted(manifest_keys.items()):
+        if key in records or entry.age < grace or key.startswith("manifests/sha256/"):
+            continue
+        if key.startswith("manifests/referrers/"):
+            gone = key.rsplit("/", 1)[1] not in pushed
+        else:
+            name, _, tag = key[len("manifests/tags/"):].rpartition("/")
+            gone = "%s:%s" % (name, tag) not in tags
+        if gone:
+            units.append(GcUnit("record", key, (key,), (key,), entry.size))
+    return units
 
 
 def delete_units(store: Store, units: Sequence[GcUnit], grace: float, stop_at: float,
@@ -5107,8 +5297,8 @@ def collect_garbage(store: Store, grace: float, progress: ProgressSink, dry_run:
         return GcReport(plan.units, 0, 0, len(plan.expired), plan)
     stop_at = started + grace / 2
     done, spared = [], 0  # type: List[GcUnit], int
-    for kind in ("image", "layer", "blob"):  # images first: nothing then names the layers they free;
-        # then index entries (with their blobs), then blobs no entry names
+    for kind in GC_KINDS:  # images and manifests first: nothing then names the layers and blobs
+        # they free; then index entries (with their blobs), then blobs no entry names
         deleted, young = delete_units(store, [u for u in plan.units if u.kind == kind], grace, stop_at, clock)
         done.extend(deleted)
         spared += young
@@ -5199,7 +5389,8 @@ def remove_tags(store: Store, tags: Sequence[Tuple[ImageRef, str]], unprotect: S
         by_image[image_hex].append(ref)
     for image_hex, refs in by_image.items():
         record_untagged(store, image_hex, refs)
-    store.delete_many([tag_key(ref) for ref, _ in tags] + [protection_key(ref) for ref in unprotect])
+    store.delete_many([tag_key(ref) for ref, _ in tags] + [tag_manifest_key(ref) for ref, _ in tags] +
+                      [protection_key(ref) for ref in unprotect])
 
 
 class DiffIdReader:
@@ -5619,6 +5810,8 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 LAYER_MEDIA_TYPES = {
     OCI_MANIFEST: {"gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
                    "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
@@ -5713,6 +5906,198 @@ def page(items: Sequence[str], query: Mapping[str, List[str]]) -> Tuple[List[str
     return shown, shown[-1] if len(rest) > n and shown else None
 
 
+# --- manifests pushed through the registry ---
+#
+# A pushed manifest is kept byte for byte at manifests/sha256/<hex>: the digest a client computed
+# is the one every later pull gets.  An image manifest whose config is an image config also
+# makes the dogestry image record (images/<id>/, its layers unchecked: their diffIDs are the
+# client's word), so every command handles the image; a tag of it names the image (the tag file
+# holds the image ID, as always) and manifests/tags/<name>/<tag> the manifest it was pushed with,
+# which the registry serves for the tag as long as that manifest is of the tag's image.  A tag of
+# anything else (an index, an artifact) holds @sha256:<hex>.  A manifest with a subject is listed
+# under manifests/referrers/<subject hex>/<hex> (its descriptor), for the referrers API.
+
+INDEX_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
+MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST) + INDEX_TYPES
+IMAGE_CONFIG_TYPES = (OCI_CONFIG, DOCKER_CONFIG)
+LAYER_COMPRESSION = {media_type: compression for types in LAYER_MEDIA_TYPES.values()
+                     for compression, media_type in types.items()}
+SCHEMA_VERSION_2 = Check("2", lambda v: type(v) is int and v == 2)
+_PUSHED_DESCRIPTOR = {"mediaType": str, "digest": DIGEST, "size": SIZE, "annotations?": OrNull({"*": str}),
+                      "artifactType?": str}
+PUSHED_MANIFEST_SHAPE = {"schemaVersion": SCHEMA_VERSION_2, "mediaType?": str, "artifactType?": str,
+                         "config": _PUSHED_DESCRIPTOR, "layers": [_PUSHED_DESCRIPTOR], "subject?": _PUSHED_DESCRIPTOR,
+                         "annotations?": OrNull({"*": str})}
+PUSHED_INDEX_SHAPE = {"schemaVersion": SCHEMA_VERSION_2, "mediaType?": str, "artifactType?": str,
+                      "manifests": [dict(_PUSHED_DESCRIPTOR, **{"platform?": OrNull({"os": str, "architecture": str})})],
+                      "subject?": _PUSHED_DESCRIPTOR, "annotations?": OrNull({"*": str})}
+REFERRER_SHAPE = {"mediaType": str, "digest": DIGEST, "size": SIZE, "artifactType?": str,
+                  "annotations?": OrNull({"*": str})}
+
+
+def manifest_key(digest: str) -> str:
+    return "manifests/sha256/" + digest_hex(digest)
+
+
+def tag_manifest_key(ref: ImageRef) -> str:
+    return "manifests/tags/%s/%s" % (ref.name, ref.tag)
+
+
+def referrer_key(subject: str, digest: str) -> str:
+    return "manifests/referrers/%s/%s" % (digest_hex(subject), digest_hex(digest))
+
+
+class PushedManifest(NamedTuple):
+    """A manifest as a client pushed it: its digest, media type, bytes and (shape-checked) document."""
+
+    digest: str
+    media_type: str
+    data: bytes
+    doc: Dict[str, Any]
+
+    @property
+    def is_index(self) -> bool:
+        return self.media_type in INDEX_TYPES
+
+    @property
+    def subject(self) -> Optional[str]:
+        subject = self.doc.get("subject")
+        return subject["digest"] if subject else None
+
+    @property
+    def children(self) -> List[str]:
+        """The digests of the manifests an index names."""
+        return [d["digest"] for d in self.doc["manifests"]] if self.is_index else []
+
+    @property
+    def blobs(self) -> List[Tuple[str, int]]:
+        """(digest, size) of the blobs an image or artifact manifest names: its config, then its layers."""
+        if self.is_index:
+            return []
+        return [(d["digest"], d["size"]) for d in [self.doc["config"]] + self.doc["layers"]]
+
+    def descriptor(self) -> Dict[str, Any]:
+        """Its descriptor in an image index (the referrers API): artifactType as the spec says
+        (the manifest's own, else its config's media type)."""
+        doc = {"mediaType": self.media_type, "digest": self.digest, "size": len(self.data)}  # type: Dict[str, Any]
+        artifact = self.doc.get("artifactType") or (None if self.is_index else self.doc["config"]["mediaType"])
+        if artifact:
+            doc["artifactType"] = artifact
+        if self.doc.get("annotations"):
+            doc["annotations"] = self.doc["annotations"]
+        return doc
+
+
+def parse_pushed_manifest(data: bytes, content_type: str, what: str = "the manifest") -> PushedManifest:
+    """A manifest as stored or as a client pushes it, checked: of a known media type (the
+    Content-Type, which its own mediaType must not contradict), at most 4 MiB of JSON of the
+    shape; RegistryError MANIFEST_INVALID (413 SIZE_INVALID when too large) otherwise."""
+    if len(data) > DOCUMENT_LIMIT:
+        raise RegistryError(413, "SIZE_INVALID", "%s is larger than %s" % (what, human_size(DOCUMENT_LIMIT)))
+    media_type = content_type.split(";")[0].strip().lower()
+    if media_type not in MANIFEST_TYPES:
+        raise RegistryError(400, "MANIFEST_INVALID", "%s's media type %r is none of %s"
+                            % (what, media_type[:100], ", ".join(MANIFEST_TYPES)))
+    try:
+        doc = parse_json(data, what, PUSHED_INDEX_SHAPE if media_type in INDEX_TYPES else PUSHED_MANIFEST_SHAPE)
+    except FormatError as e:
+        raise RegistryError(400, "MANIFEST_INVALID", str(e))
+    if doc.get("mediaType", media_type) != media_type:
+        raise RegistryError(400, "MANIFEST_INVALID", "%s says its media type is %r, its Content-Type %r"
+                            % (what, str(doc["mediaType"])[:100], media_type))
+    return PushedManifest(sha256_digest(data), media_type, data, doc)
+
+
+def read_pushed_manifest(store: Store, digest: str) -> Optional[PushedManifest]:
+    """A manifest pushed through the registry, as stored (None if there is none of that digest)."""
+    try:
+        data = store.get_bytes(manifest_key(digest), limit=DOCUMENT_LIMIT)
+    except NotFound:
+        return None
+    if sha256_digest(data) != digest:
+        raise IntegrityError("%s: %s is not manifest %s" % (store.url, manifest_key(digest), digest))
+    try:
+        doc = parse_json(data, "%s: %s" % (store.url, manifest_key(digest)))
+    except FormatError:
+        doc = {}
+    media_type = str(doc.get("mediaType")) if isinstance(doc, dict) and isinstance(doc.get("mediaType"), str) else \
+        OCI_INDEX if isinstance(doc, dict) and "manifests" in doc else OCI_MANIFEST
+    try:
+        return parse_pushed_manifest(data, media_type, "%s: %s" % (store.url, manifest_key(digest)))
+    except RegistryError as e:
+        raise FormatError(str(e))
+
+
+def pushed_image_layers(manifest: PushedManifest, config: bytes) -> Optional[List[LayerRecord]]:
+    """The layer records of the image an image manifest describes (its diffIDs the config's word:
+    unchecked), or None if it is no image dogestry can store (an artifact, foreign layers)."""
+    if manifest.is_index or manifest.doc["config"]["mediaType"] not in IMAGE_CONFIG_TYPES or \
+            any(d["mediaType"] not in LAYER_COMPRESSION for d in manifest.doc["layers"]):
+        return None
+    try:
+        diff_ids = parse_json(config, "the image config", IMAGE_CONFIG_SHAPE)["rootfs"]["diff_ids"]
+    except FormatError as e:
+        raise RegistryError(400, "MANIFEST_INVALID", str(e))
+    if len(diff_ids) != len(manifest.doc["layers"]):
+        raise RegistryError(400, "MANIFEST_INVALID", "the manifest names %d layers, its config %d"
+                            % (len(manifest.doc["layers"]), len(diff_ids)))
+    return [LayerRecord(diff_id, d["digest"], d["size"], LAYER_COMPRESSION[d["mediaType"]], unchecked=True)
+            for diff_id, d in zip(diff_ids, manifest.doc["layers"])]
+
+
+def stored_blob_key(store: Store, digest: str, size: int) -> Optional[str]:
+    """Where the store holds a blob of that digest and size: blobs/, or (an image config) images/."""
+    for key in (blob_key(digest), image_key(digest_hex(digest), "config.json")):
+        if store.stat(key) == size:
+            return key
+    return None
+
+
+def store_pushed_manifest(store: Store, manifest: PushedManifest, ref: Optional[ImageRef],
+                          known_manifest: Callable[[str], bool], freshness: Freshness) -> Optional[str]:
+    """Store a pushed manifest (and its tag, if ref): the blobs it names must be stored
+    (MANIFEST_BLOB_UNKNOWN) and the manifests an index names (MANIFEST_UNKNOWN); the image
+    record is written for an image manifest; the tag last.  Return the image ID hex, if it is one."""
+    blobs = manifest.blobs
+    with thread_pool(min(8, max(1, len(blobs))), "dogestry-check") as pool:
+        keys = list(pool.map(lambda blob: stored_blob_key(store, *blob), blobs))
+    missing = [digest for (digest, _), key in zip(blobs, keys) if key is None]
+    if missing:
+        raise RegistryError(400, "MANIFEST_BLOB_UNKNOWN", "blob %s is not stored (push it first)" % missing[0])
+    unknown = [digest for digest in manifest.children if not known_manifest(digest)]
+    if unknown:
+        raise RegistryError(400, "MANIFEST_UNKNOWN", "manifest %s, which the index names, is not stored" % unknown[0])
+    with thread_pool(min(8, max(1, len(blobs))), "dogestry-ages") as pool:
+        for key, age in zip(keys, pool.map(store.age, keys)):
+            freshness.seen(str(key), age)
+    store.put_bytes(manifest_key(manifest.digest), manifest.data, if_absent=True)
+    freshness.written(manifest_key(manifest.digest))
+    image_hex = _pushed_image_record(store, manifest, keys[0] if keys else None, freshness)
+    if manifest.subject:
+        write_json(store, referrer_key(manifest.subject, manifest.digest), manifest.descriptor())
+    freshness.secure({}, {str(key): size for key, (_, size) in zip(keys, blobs)})
+    if ref is not None:
+        if image_hex is not None:
+            store.put_bytes(tag_manifest_key(ref), manifest.digest.encode())  # before the tag it goes with
+        point_tag(store, ref, TagTarget(image_hex, None if image_hex else manifest.digest))
+    return image_hex
+
+
+def _pushed_image_record(store: Store, manifest: PushedManifest, config_key: Optional[str],
+                         freshness: Freshness) -> Optional[str]:
+    """The image record of an image manifest (written unless the image is stored already); its ID hex."""
+    if config_key is None or manifest.is_index:
+        return None
+    config = store.get_bytes(config_key, limit=DOCUMENT_LIMIT)
+    layers = pushed_image_layers(manifest, config)
+    if layers is None:
+        return None
+    image_id = manifest.doc["config"]["digest"]
+    if not _keep_stored_image(store, digest_hex(image_id), freshness):
+        _secure_and_write_image(store, freshness, image_id, config, layers)
+    return digest_hex(image_id)
+
+
 class SharedResult:
     """What `make` returns, made at most once per `ttl` seconds and shared by every caller
     meanwhile: who comes while it is being made waits for it; a failure is shared too."""
@@ -5749,8 +6134,9 @@ class Registry:
     """
 
     def __init__(self, store: Store, presign: Optional[Callable[[str], str]] = None,
-                 clock: Callable[[], float] = time.monotonic, listing_ttl: float = REGISTRY_LISTING_TTL):
-        self.store, self.presign = store, presign
+                 clock: Callable[[], float] = time.monotonic, listing_ttl: float = REGISTRY_LISTING_TTL,
+                 gc_min_grace: float = GC_MIN_GRACE):
+        self.store, self.presign, self.gc_min_grace = store, presign, gc_min_grace
         self._lock = threading.Lock()
         self._manifests = {}  # type: Dict[Tuple[str, str], Tuple[bytes, str]]  # (image hex, type) -> (bytes, digest)
         self._digests = {}    # type: Dict[str, Tuple[str, str]]               # digest -> (image hex, type)
@@ -5774,20 +6160,118 @@ class Registry:
         return sorted({key[len("repositories/"):].rpartition("/")[0] for key in self.store.list("repositories/")} - {""})
 
     def manifest(self, name: str, reference: str, media_type: str) -> Tuple[bytes, str, str]:
-        """(bytes, media type, digest) of a repository's manifest, by tag or by digest."""
+        """(bytes, media type, digest) of a repository's manifest, by tag or by digest: one pushed
+        through the registry as it was pushed, else the one made from the stored image."""
         repository_name(name)
         if ":" in reference:
-            check_digest(reference)
+            if check_digest(reference) is not None:
+                pushed = read_pushed_manifest(self.store, reference)
+                if pushed is not None:
+                    return pushed.data, pushed.media_type, pushed.digest
             return self._by_digest(name, reference)
-        if not _TAG_RE.match(reference):
-            raise RegistryError(400, "TAG_INVALID", "invalid tag %r" % reference[:100])
+        ref = self._tag(name, reference)
         try:
-            image_hex = read_tag(self.store, ImageRef(name, reference))
+            target = read_tag_target(self.store, ref)
         except NotFound:
             self.tags(name)  # NAME_UNKNOWN when the repository has no tag at all
             raise RegistryError(404, "MANIFEST_UNKNOWN", "%s:%s is not known" % (name, reference))
-        data, digest = self._manifest_of(image_hex, media_type)
+        pushed = self._pushed_for_tag(ref, target)
+        if pushed is not None:
+            return pushed.data, pushed.media_type, pushed.digest
+        if target.image_hex is None:
+            raise RegistryError(404, "MANIFEST_UNKNOWN", "%s names %s, which is not stored" % (ref, target.manifest))
+        data, digest = self._manifest_of(target.image_hex, media_type)
         return data, media_type, digest
+
+    @staticmethod
+    def _tag(name: str, reference: str) -> ImageRef:
+        if not _TAG_RE.match(reference):
+            raise RegistryError(400, "TAG_INVALID", "invalid tag %r" % reference[:100])
+        return ImageRef(name, reference)
+
+    def _pushed_for_tag(self, ref: ImageRef, target: TagTarget) -> Optional[PushedManifest]:
+        """The manifest pushed through the registry that a tag names: the one it holds, or for an
+        image, the one manifests/tags/ says it was pushed with, if that is still of the tag's image."""
+        if target.manifest is not None:
+            return read_pushed_manifest(self.store, target.manifest)
+        try:
+            digest = self.store.get_bytes(tag_manifest_key(ref), limit=4096).decode("ascii", "replace").strip()
+            digest_hex(digest)
+        except (NotFound, FormatError):
+            return None
+        pushed = read_pushed_manifest(self.store, digest)
+        if pushed is None or pushed.is_index or pushed.doc["config"]["digest"] != "sha256:%s" % target.image_hex:
+            return None  # a later `dogestry push` moved the tag: its own manifest is served
+        return pushed
+
+    def has_manifest(self, digest: str) -> bool:
+        """Is a manifest of that digest stored: pushed through the registry, or made from an image?"""
+        if self.store.stat(manifest_key(digest)) is not None:
+            return True
+        try:
+            self._by_digest("", digest)
+        except RegistryError:
+            return False
+        return True
+
+    def put_manifest(self, name: str, reference: str, manifest: PushedManifest) -> None:
+        """Store a manifest pushed under a tag or its digest (RegistryError if it cannot be)."""
+        ref = None  # type: Optional[ImageRef]
+        if ":" in reference:
+            if check_digest(reference) is None or reference != manifest.digest:
+                raise RegistryError(400, "DIGEST_INVALID", "the manifest's digest is %s, not %s"
+                                    % (manifest.digest, reference[:100]))
+        else:
+            ref = self._tag(name, reference)
+        store_pushed_manifest(self.store, manifest, ref, self.has_manifest,
+                              Freshness(self.store, self.gc_min_grace, command="registry push"))
+
+    def delete_manifest(self, name: str, reference: str) -> List[ImageRef]:
+        """Remove a tag, or every tag of the repository that names a manifest (by digest), as
+        `dogestry rm` does: the manifests and blobs stay for gc.  The tags removed."""
+        doomed = []  # type: List[Tuple[ImageRef, str]]
+        if ":" not in reference:
+            ref = self._tag(name, reference)
+            try:
+                target = read_tag_target(self.store, ref)
+            except NotFound:
+                raise RegistryError(404, "MANIFEST_UNKNOWN", "%s is not known" % str(ref))
+            doomed.append((ref, target.image_hex or digest_hex(str(target.manifest))))
+        else:
+            check_digest(reference)
+            for tag in self.tags(name):
+                ref = ImageRef(name, tag)
+                with contextlib.suppress(NotFound, FormatError):
+                    target = read_tag_target(self.store, ref)
+                    if reference in self._tag_digests(ref, target):
+                        doomed.append((ref, target.image_hex or digest_hex(str(target.manifest))))
+            if not doomed:
+                raise RegistryError(404, "MANIFEST_UNKNOWN", "no tag of %s names %s" % (name, reference))
+        markers = set(self.store.list(PROTECTED_PREFIX))
+        protected = [str(ref) for ref, _ in doomed if protection_key(ref) in markers]
+        if protected:
+            raise RegistryError(403, "DENIED", "%s %s protected: 'dogestry unprotect' first"
+                                % (", ".join(protected), "is" if len(protected) == 1 else "are"))
+        remove_tags(self.store, doomed)
+        return [ref for ref, _ in doomed]
+
+    def _tag_digests(self, ref: ImageRef, target: TagTarget) -> Set[str]:
+        """The manifest digests a pull of the tag may have been given."""
+        pushed = self._pushed_for_tag(ref, target)
+        digests = {pushed.digest} if pushed is not None else set()
+        if target.image_hex is not None:
+            with contextlib.suppress(DogestryError):
+                digests.update(self._manifest_of(target.image_hex, kind)[1] for kind in (OCI_MANIFEST, DOCKER_MANIFEST))
+        return digests
+
+    def referrers(self, digest: str, artifact_type: Optional[str]) -> List[Dict[str, Any]]:
+        """The descriptors of the manifests whose subject is digest (of that artifactType, if given)."""
+        prefix = "manifests/referrers/%s/" % digest_hex(digest)
+        found = []
+        for key in self.store.list(prefix):
+            with contextlib.suppress(NotFound, FormatError):
+                found.append(read_json(self.store, key, REFERRER_SHAPE))
+        return [d for d in found if artifact_type is None or d.get("artifactType") == artifact_type]
 
     def _manifest_of(self, image_hex: str, media_type: str) -> Tuple[bytes, str]:
         """The manifest of the image a tag names (cached: its manifests never change)."""
@@ -6048,8 +6532,6 @@ class Htpasswd:
 # index.json's descriptors name manifests (or nested indexes), annotated with
 # org.opencontainers.image.ref.name and containerd's io.containerd.image.name.
 
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
 IMAGE_NAME_ANNOTATION = "io.containerd.image.name"
 OCI_LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
@@ -6792,6 +7274,7 @@ NOT_SERVED = "dogestry server: %s is not served (only image pulls are)"
 _VERSION_PREFIX = re.compile(r"^/v[0-9]+(?:\.[0-9]+)?(/.*)$")
 _TAGS_ROUTE = re.compile(r"^/v2/(.+)/tags/list$")
 _CONTENT_ROUTE = re.compile(r"^/v2/(.+)/(manifests|blobs)/([^/]+)$")
+_REFERRERS_ROUTE = re.compile(r"^/v2/(.+)/referrers/([^/]+)$")
 _PRESIGN_PARAMS = frozenset(("X-Amz-Algorithm", "X-Amz-Credential", "X-Amz-Date", "X-Amz-Expires",
                              "X-Amz-SignedHeaders", "X-Amz-Signature", "X-Amz-Security-Token", "x-id"))
 _BLOB_KEY = re.compile(r"^blobs/sha256/[0-9a-f]{64}$")
@@ -7683,6 +8166,9 @@ class RegistryHandler(RequestHandler):
         if m:
             tags, last = page(registry.tags(m.group(1)), query)
             return self._registry_list({"name": m.group(1), "tags": tags}, route, last, query)
+        m = _REFERRERS_ROUTE.match(route)
+        if m:
+            return self._referrers(registry, repository_name(m.group(1)), m.group(2), query)
         m = _CONTENT_ROUTE.match(route)
         if not m:
             raise RegistryError(404, "NAME_UNKNOWN", "%s is not part of the registry API" % route[:100])
@@ -7693,6 +8179,15 @@ class RegistryHandler(RequestHandler):
         data, media_type, digest = registry.manifest(name, reference,
                                                      manifest_type_for(", ".join(self.headers.get_all("Accept") or [])))
         self._registry_send(200, data, media_type, {"Docker-Content-Digest": digest})
+
+    def _referrers(self, registry: Registry, name: str, digest: str, query: Mapping[str, List[str]]) -> None:
+        """GET /v2/<name>/referrers/<digest>: an image index of the manifests whose subject it is."""
+        if check_digest(digest) is None:
+            raise RegistryError(400, "DIGEST_INVALID", "only sha256 digests are stored (%s)" % digest[:100])
+        artifact_type = query["artifactType"][0] if query.get("artifactType") else None
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": registry.referrers(digest, artifact_type)}
+        self._registry_send(200, json.dumps(index, sort_keys=True).encode(), OCI_INDEX,
+                            {"OCI-Filters-Applied": "artifactType"} if artifact_type is not None else {})
 
     def _registry_list(self, doc: Dict[str, Any], route: str, last: Optional[str],
                        query: Mapping[str, List[str]]) -> None:
@@ -7801,11 +8296,22 @@ class RegistryWriteHandler(RegistryHandler):
 
     def _manifest_put(self, registry: Registry, name: str, reference: str) -> None:
         """PUT /v2/<name>/manifests/<tag or digest>: a manifest, kept byte for byte."""
-        raise RegistryError(405, "UNSUPPORTED", "manifest pushes are not served yet")
+        try:
+            data = self.body.read(DOCUMENT_LIMIT)
+        except FramingError as e:
+            self.close_connection = True
+            raise RegistryError(e.status, "SIZE_INVALID" if e.status == 413 else "MANIFEST_INVALID", str(e))
+        manifest = parse_pushed_manifest(data, self.headers.get("Content-Type", ""))
+        registry.put_manifest(name, reference, manifest)
+        headers = {"Location": "/v2/%s/manifests/%s" % (name, manifest.digest), "Docker-Content-Digest": manifest.digest}
+        if manifest.subject:
+            headers["OCI-Subject"] = manifest.subject
+        self._registry_send(201, b"", extra=headers)
 
     def _manifest_delete(self, registry: Registry, name: str, reference: str) -> None:
         """DELETE /v2/<name>/manifests/<tag or digest>: tags go as `dogestry rm` removes them."""
-        raise RegistryError(405, "UNSUPPORTED", "manifest deletes are not served yet")
+        registry.delete_manifest(name, reference)
+        self._registry_send(202, b"")
 
 
 class ServerHandler(DockerApiHandler, RegistryWriteHandler):
@@ -8066,7 +8572,7 @@ def cmd_server(ctx: Context) -> int:
         store = ctx.store(own)
         store.check()
         private = store.root if isinstance(store, LocalStore) else ""
-        registry = Registry(store, registry_presigner(store))
+        registry = Registry(store, registry_presigner(store), gc_min_grace=gc_min_grace(ctx.environ))
     htpasswd = Htpasswd(options.htpasswd) if options.htpasswd else None
     policy = ServerPolicy(own, options.allow or [], options.registry or [],
                           ctx.environ.get("AWS_ENDPOINT_URL_S3") or ctx.environ.get("AWS_ENDPOINT_URL"))
@@ -8382,8 +8888,10 @@ def cmd_gc(ctx: Context) -> int:
         ctx.stdout.write("%s %s %s (%s)\n" % (verb, kind, printable(name), human_size(size)))
     counts = collections.Counter(kind for kind, _, _ in parts)
     plan = report.plan
-    ctx.stdout.write("gc %s: %s %d images, %d layer records, %d blobs, %s%s%s%s\n" % (
+    ctx.stdout.write("gc %s: %s %d images, %d layer records, %d blobs, %s%s%s%s%s\n" % (
         store.url, verb, counts["image"], counts["layer"], counts["blob"],
+        "%d manifests, %d other records, " % (counts["manifest"], counts["record"])
+        if counts["manifest"] or counts["record"] else "",
         human_size(sum(u.size for u in report.deleted)),
         "; %d found in use again and kept" % report.spared if report.spared else "",
         "; %d leftovers of killed pushes removed" % report.leftovers if report.leftovers else "",
