@@ -5090,7 +5090,7 @@ def plan_gc(store: Store, grace: float, progress: ProgressSink) -> GcPlan:
     pushed = {k[len("manifests/sha256/"):]: e for k, e in manifest_keys.items() if k.startswith("manifests/sha256/")}
     graph = read_manifest_graph(store, pushed)
     tag_manifests = {digest_hex(str(t.manifest)) for _, t in targets if t.manifest} | \
-        _tag_pointers(store, [ref for ref, _ in tags], manifest_keys)
+        _tag_pointers(store, tags, manifest_keys, graph)
     young_untagged = {k[len(UNTAGGED_PREFIX):]: e.age for k, e in untagged_keys.items() if e.age < grace}
     expired = sorted(k for k, e in untagged_keys.items() if e.age >= grace)
 
@@ -5198,17 +5198,25 @@ def plan_gc(store: Store, grace: float, progress: ProgressSink) -> GcPlan:
                   held, held_for)
 
 
-def _tag_pointers(store: Store, refs: Sequence[ImageRef], manifest_keys: Mapping[str, StoreEntry]) -> Set[str]:
-    """The manifests (hex) that image tags say they were pushed with (manifests/tags/<name>/<tag>)."""
-    keys = [tag_manifest_key(ref) for ref in refs if tag_manifest_key(ref) in manifest_keys]
+def _tag_pointers(store: Store, tags: Sequence[Tuple[ImageRef, str]], manifest_keys: Mapping[str, StoreEntry],
+                  graph: ManifestGraph) -> Set[str]:
+    """The manifests (hex) that image tags say they were pushed with (manifests/tags/<name>/<tag>),
+    where that manifest is still of the tag's image (a `dogestry push` may have moved the tag)."""
+    found = [(tag_manifest_key(ref), image_hex) for ref, image_hex in tags if tag_manifest_key(ref) in manifest_keys]
 
     def read(key: str) -> Optional[str]:
         with contextlib.suppress(DogestryError):
             return digest_hex(store.get_bytes(key, limit=4096).decode("ascii", "replace").strip())
         return None
 
-    with thread_pool(min(GC_THREADS, max(1, len(keys))), "dogestry-pointers") as pool:
-        return {h for h in pool.map(read, keys) if h is not None}
+    with thread_pool(min(GC_THREADS, max(1, len(found))), "dogestry-pointers") as pool:
+        named = list(pool.map(read, [key for key, _ in found]))
+    kept = set()  # type: Set[str]
+    for (_, image_hex), digest in zip(found, named):
+        manifest = graph.manifests.get(digest) if digest else None
+        if digest and manifest is not None and manifest.blobs and manifest.blobs[0][0] == "sha256:" + image_hex:
+            kept.add(digest)
+    return kept
 
 
 def _manifest_units(pushed: Mapping[str, StoreEntry], manifest_keys: Mapping[str, StoreEntry], kept: Set[str],
@@ -7216,6 +7224,22 @@ class BlobCopier:
             raise StoreError("%s: cannot read %s: %s" % (self.src.url, key, _os_reason(e)))
 
 
+def copy_tag_manifest(src: Store, dst: Store, ref: ImageRef, image_id: str) -> None:
+    """The manifest an image tag of src was pushed with through the registry, to dst too (before
+    the tag), so dst's registry serves the same digest; where dst lacks a blob it names (the
+    image was stored there by `dogestry push`, with blobs of its own), dst serves its own."""
+    try:
+        digest = src.get_bytes(tag_manifest_key(ref), limit=4096).decode("ascii", "replace").strip()
+        manifest = read_pushed_manifest(src, digest)
+    except (NotFound, FormatError):
+        return
+    if manifest is None or not manifest.blobs or manifest.blobs[0][0] != image_id or \
+            any(stored_blob_key(dst, digest, size) is None for digest, size in manifest.blobs):
+        return
+    dst.put_bytes(manifest_key(manifest.digest), manifest.data, if_absent=True)
+    dst.put_bytes(tag_manifest_key(ref), manifest.digest.encode())
+
+
 def copy_image(found: FoundImage, dst: Store, copier: BlobCopier, progress: ProgressSink,
                options: PushOptions) -> str:
     """Store an image of one store in another (the original layout becomes the current one):
@@ -7737,6 +7761,20 @@ class RequestBody:
                 raise FramingError(400, "request body cut short")
         self.done = True
         return data
+
+    def discard(self, limit: int) -> bool:
+        """Read and drop a body of known length up to limit bytes (so its client can read an answer
+        refusing it); False, and nothing read, for a longer or chunked one."""
+        if self.length is None or self.length > limit:
+            return False
+        left = self.length
+        while left:
+            data = self.rfile.read(min(CHUNK, left))
+            if not data:
+                return False
+            left -= len(data)
+        self.done = True
+        return True
 
     def _read_chunked(self, limit: int) -> bytes:
         parts, total = [], 0
@@ -8299,7 +8337,8 @@ class RegistryWriteHandler(RegistryHandler):
         try:
             data = self.body.read(DOCUMENT_LIMIT)
         except FramingError as e:
-            self.close_connection = True
+            if not (e.status == 413 and self.body.discard(4 * DOCUMENT_LIMIT)):
+                self.close_connection = True
             raise RegistryError(e.status, "SIZE_INVALID" if e.status == 413 else "MANIFEST_INVALID", str(e))
         manifest = parse_pushed_manifest(data, self.headers.get("Content-Type", ""))
         registry.put_manifest(name, reference, manifest)
@@ -8798,6 +8837,7 @@ def cmd_copy(ctx: Context) -> int:
                 copied[key] = copy_image(image, dst, copier, ctx.progress, push_options)
             image_id = copied[key]
             if image.ref is not None:
+                copy_tag_manifest(image.store, dst, image.ref, image_id)
                 write_tag(dst, image.ref, digest_hex(image_id))
             ctx.stdout.write("Copied %s (%s)\n" % (printable(str(image.ref or text)), image_id))
     return 0
@@ -8808,7 +8848,9 @@ def cmd_list(ctx: Context) -> int:
     store = ctx.store()
     store.check()
     rows = [("REPOSITORY", "TAG", "IMAGE ID", "")]
-    rows += [(printable(ref.name), printable(ref.tag), image_hex[:12], "") for ref, image_hex in list_tags(store)]
+    rows += [(printable(ref.name), printable(ref.tag), target.image_hex[:12] if target.image_hex else "-",
+              "" if target.image_hex else "   (manifest %s, pushed through the registry: an index or an artifact)"
+              % str(target.manifest)[:19]) for ref, target in list_tag_targets(store)]
     rows += [(printable(ref.name), printable(ref.tag), image_hex[:12], "   (original layout, at the bucket root)")
              for ref, image_hex in original_images_at_root(store)]
     widths = [max(len(r[i]) for r in rows) for i in range(2)]
@@ -8848,7 +8890,8 @@ def cmd_rm(ctx: Context) -> int:
         with contextlib.suppress(UsageError):
             ref = parse_image_ref(text)
         if ref is not None and store.stat(tag_key(ref)) is not None:
-            doomed.append((ref, read_tag(store, ref)))
+            target = read_tag_target(store, ref)
+            doomed.append((ref, target.image_hex or digest_hex(str(target.manifest))))
             continue
         if image_id_prefix(text) is None:
             parse_image_ref(text)  # the reference's own usage error, if it is one
