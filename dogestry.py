@@ -122,6 +122,10 @@ class GcError(DogestryError):
     """gc cannot go on safely (an unreadable image, a run longer than half the grace period)."""
 
 
+class TagImmutable(DogestryError):
+    """A write would move a tag made immutable (`dogestry protect --immutable`) to other content."""
+
+
 class Interrupted(DogestryError):
     """The user or the system asked us to stop (Ctrl-C, SIGTERM)."""
 
@@ -2959,7 +2963,8 @@ _STORE_FORMS = {
 #
 #   gc/untagged/<id>               an image rm, prune or a push took a tag from (gc spares it
 #                                  for the grace period: pulls that read the tag before may need it)
-#   gc/protected/<name>/<tag>      a tag prune never removes
+#   gc/protected/<name>/<tag>      a tag prune never removes: empty, or {"immutable": true} for a
+#                                  tag no push may move to other content (older versions: protected)
 #   images/<v1-id>/migrated        `migrate --keep-legacy`: the image ID (64 hex) of the same image
 #                                  in this layout (the tag keeps the v1 id for the original tool)
 #
@@ -3108,6 +3113,43 @@ def tag_key(ref: ImageRef) -> str:
 def protection_key(ref: ImageRef) -> str:
     """The marker of a tag prune never removes (and rm removes only with --force)."""
     return PROTECTED_PREFIX + "%s/%s" % (ref.name, ref.tag)
+
+
+IMMUTABLE_MARKER = b'{"immutable": true}'  # a protection marker's content for an immutable tag
+
+
+def tag_is_immutable(store: Store, ref: ImageRef) -> bool:
+    """Is a tag protected with `protect --immutable` (its marker holds {"immutable": true})?"""
+    try:
+        data = store.get_bytes(protection_key(ref), limit=4096)
+    except NotFound:
+        return False
+    try:
+        doc = json.loads(data.decode("utf-8")) if data.strip() else None
+    except ValueError:  # UnicodeDecodeError too: a marker of someone else's making only protects
+        return False
+    return isinstance(doc, dict) and doc.get("immutable") is True
+
+
+def check_tag_may_move(store: Store, ref: ImageRef, target: str, same: Sequence[str] = ()) -> None:
+    """TagImmutable if writing `target` (an image hex, or `@sha256:<hex>`) to an immutable tag would
+    change what it names; the same content again, or one of `same` (other names of that image), is fine."""
+    if not tag_is_immutable(store, ref):
+        return
+    try:
+        text = store.get_bytes(tag_key(ref), limit=4096).decode("ascii", "replace").strip()
+    except NotFound:
+        return  # no tag: nothing to move
+    current = text[7:] if text.startswith("sha256:") else text
+    if current == target or current in same:
+        return
+
+    def shown(content: str) -> str:
+        return content[:12] if _HEX64.match(content) else printable(content[:80])
+
+    raise TagImmutable("%s is immutable in %s: it names %s, and this would move it to %s; run 'dogestry unprotect "
+                       "%s %s' first to move it" % (printable(str(ref)), store.url, shown(current), shown(target),
+                                                    store.url, printable(str(ref))))
 
 
 def image_key(image_hex: str, leaf: str) -> str:
@@ -4124,6 +4166,8 @@ def push_image(docker: DockerClient, store: Store, text: str, progress: Progress
     image_hex = digest_hex(image_id)
     diff_ids = image_diff_ids(info)
     store.ensure()
+    if ref is not None:
+        check_tag_may_move(store, ref, image_hex)  # before any layer goes up
     if _keep_stored_image(store, image_hex, options.freshness(store)):
         progress.note("%s: image %s is already stored" % (str(ref or text), image_hex[:12]))
     else:
@@ -4134,8 +4178,13 @@ def push_image(docker: DockerClient, store: Store, text: str, progress: Progress
     return image_id
 
 
-def write_tag(store: Store, ref: ImageRef, image_hex: str) -> None:
-    """Point a tag at an image; an image it named before is recorded for gc (pulls may be reading it)."""
+def write_tag(store: Store, ref: ImageRef, image_hex: str, same: Sequence[str] = ()) -> None:
+    """Point a tag at an image; an image it named before is recorded for gc (pulls may be reading it).
+
+    TagImmutable, and nothing written, if the tag is immutable and names another image (`same`:
+    other IDs of this image, which it may name).
+    """
+    check_tag_may_move(store, ref, image_hex, same)
     with contextlib.suppress(NotFound, FormatError):
         old = read_tag(store, ref)
         if old != image_hex:
@@ -6477,6 +6526,9 @@ def import_archive(store: Store, stream: IO[bytes], names: Sequence[str], progre
         try:
             contents = read_save_stream(archive_tar(stream), reader.spool, pipeline.abort, what="archive")
             images = choose_archived(archive_images(contents), names)
+            for image in images:  # every tag checked before any image record or tag is written
+                for ref in image.tags:
+                    check_tag_may_move(store, ref, digest_hex(image.image_id))
             for image in images:
                 for member, diff_id in zip(image.members, image.diff_ids):
                     reader.layer(member, contents.small.get(member), diff_id)
@@ -8282,6 +8334,9 @@ def cmd_copy(ctx: Context) -> int:
         texts = options.images
     found = [find_image(src, text, ctx.progress) for text in texts]  # all resolved before anything is copied
     dst.ensure()
+    for image in found:
+        if image.ref is not None and not image.image.legacy:  # (an original-layout image gets its ID when copied)
+            check_tag_may_move(dst, image.ref, image.image_hex)
     push_options = ctx.push_options()
     copied = {}  # type: Dict[Tuple[str, str], str]  # (store, image) -> image ID in dst
     with work_directory(push_options.tempdir or dst.spool_dir()) as work:
@@ -8430,7 +8485,7 @@ def cmd_prune(ctx: Context) -> int:
 
 
 def cmd_protect(ctx: Context, protect: bool = True) -> int:
-    """protect STORE NAME:TAG...: tags prune never removes."""
+    """protect STORE NAME:TAG... [--immutable]: tags prune never removes (and, immutable, no push moves)."""
     store = ctx.store()
     store.check()
     refs = [parse_image_ref(text) for text in ctx.options.images]
@@ -8441,14 +8496,26 @@ def cmd_protect(ctx: Context, protect: bool = True) -> int:
         key = protection_key(ref)
         was = store.stat(key) is not None
         if protect:
-            store.put_bytes(key, b"")
-            ctx.progress.note(("%s was already protected in %s" if was else "protected %s in %s") % (ref, store.url))
+            ctx.progress.note(_protect_tag(store, ref, was, getattr(ctx.options, "immutable", False)))
         elif was:
             store.delete(key)
             ctx.progress.note("unprotected %s in %s" % (ref, store.url))
         else:
             ctx.progress.note("%s was not protected in %s" % (ref, store.url))
     return 0
+
+
+def _protect_tag(store: Store, ref: ImageRef, was: bool, immutable: bool) -> str:
+    """Write a tag's protection marker (an immutable one stays immutable); what was done, for people."""
+    if was and tag_is_immutable(store, ref):
+        return "%s was already protected in %s (immutable)" % (ref, store.url)
+    if immutable:
+        store.put_bytes(protection_key(ref), IMMUTABLE_MARKER)
+        return ("made %s immutable in %s" if was else "protected %s in %s (immutable: no push may move it)") \
+            % (ref, store.url)
+    if not was:
+        store.put_bytes(protection_key(ref), b"")
+    return ("%s was already protected in %s" if was else "protected %s in %s") % (ref, store.url)
 
 
 def cmd_unprotect(ctx: Context) -> int:
@@ -8469,7 +8536,7 @@ def cmd_migrate(ctx: Context) -> int:
             store.put_bytes(image_key(top_hex, "migrated"), image_hex.encode())
         else:
             for ref in refs:
-                write_tag(store, ref, image_hex)
+                write_tag(store, ref, image_hex, same=[top_hex])  # the same image: an immutable tag may move
         ctx.stdout.write("migrated %s (%s) -> %s\n" % (", ".join(printable(str(r)) for r in refs), top_hex[:12],
                                                         image_hex[:12]))
     return 0
@@ -8536,8 +8603,10 @@ COMMANDS = (
      "Delete images, layers and blobs no tag reaches, once older than the grace period."),
     ("prune", cmd_prune, "prune STORE (--keep-last N | --older-than DURATION) [NAME...]",
      "Remove old tags per repository (never protected ones); gc then frees the space."),
-    ("protect", cmd_protect, "protect STORE NAME:TAG...", "Mark tags that prune never removes."),
-    ("unprotect", cmd_unprotect, "unprotect STORE NAME:TAG...", "Let prune remove these tags again."),
+    ("protect", cmd_protect, "protect STORE NAME:TAG... [--immutable]",
+     "Mark tags that prune never removes (--immutable: and that no push may move to another image)."),
+    ("unprotect", cmd_unprotect, "unprotect STORE NAME:TAG...",
+     "Let prune remove these tags again (and pushes move them, if they were immutable)."),
     ("stats", cmd_stats, "stats STORE [--json] [--grace DURATION]",
      "Count what STORE holds, what sharing saves, what gc would free (now, and later)."),
     ("migrate", cmd_migrate, "migrate STORE [NAME[:TAG]...] [--keep-legacy]",
@@ -8674,6 +8743,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "rm":
             p.add_argument("-force", "--force", action="store_true",
                            help="delete protected tags too (and their protection)")
+        if name == "protect":
+            p.add_argument("-immutable", "--immutable", action="store_true",
+                           help="also refuse every push that would move these tags to another image")
         if name in ("gc", "prune"):
             p.add_argument("-dry-run", "--dry-run", action="store_true", help="print what would go, change nothing")
         if name == "gc":
