@@ -70,7 +70,7 @@ import weakref
 import zlib
 from xml.etree import ElementTree
 from xml.sax.saxutils import escape as xml_escape
-from typing import (IO, Any, BinaryIO, Callable, Dict, Iterable, Iterator, List,
+from typing import (IO, Any, BinaryIO, Callable, Dict, FrozenSet, Iterable, Iterator, List,
                     Mapping, NamedTuple, Optional, Protocol, Sequence, Set, Tuple)
 
 __version__ = "0.1.0"
@@ -120,6 +120,10 @@ class Refused(DogestryError):
 
 class GcError(DogestryError):
     """gc cannot go on safely (an unreadable image, a run longer than half the grace period)."""
+
+
+class TagImmutable(DogestryError):
+    """A write would move a tag made immutable (`dogestry protect --immutable`) to other content."""
 
 
 class Interrupted(DogestryError):
@@ -2959,7 +2963,8 @@ _STORE_FORMS = {
 #
 #   gc/untagged/<id>               an image rm, prune or a push took a tag from (gc spares it
 #                                  for the grace period: pulls that read the tag before may need it)
-#   gc/protected/<name>/<tag>      a tag prune never removes
+#   gc/protected/<name>/<tag>      a tag prune never removes: empty, or {"immutable": true} for a
+#                                  tag no push may move to other content (older versions: protected)
 #   images/<v1-id>/migrated        `migrate --keep-legacy`: the image ID (64 hex) of the same image
 #                                  in this layout (the tag keeps the v1 id for the original tool)
 #
@@ -3110,6 +3115,43 @@ def tag_key(ref: ImageRef) -> str:
 def protection_key(ref: ImageRef) -> str:
     """The marker of a tag prune never removes (and rm removes only with --force)."""
     return PROTECTED_PREFIX + "%s/%s" % (ref.name, ref.tag)
+
+
+IMMUTABLE_MARKER = b'{"immutable": true}'  # a protection marker's content for an immutable tag
+
+
+def tag_is_immutable(store: Store, ref: ImageRef) -> bool:
+    """Is a tag protected with `protect --immutable` (its marker holds {"immutable": true})?"""
+    try:
+        data = store.get_bytes(protection_key(ref), limit=4096)
+    except NotFound:
+        return False
+    try:
+        doc = json.loads(data.decode("utf-8")) if data.strip() else None
+    except ValueError:  # UnicodeDecodeError too: a marker of someone else's making only protects
+        return False
+    return isinstance(doc, dict) and doc.get("immutable") is True
+
+
+def check_tag_may_move(store: Store, ref: ImageRef, target: str, same: Sequence[str] = ()) -> None:
+    """TagImmutable if writing `target` (an image hex, or `@sha256:<hex>`) to an immutable tag would
+    change what it names; the same content again, or one of `same` (other names of that image), is fine."""
+    if not tag_is_immutable(store, ref):
+        return
+    try:
+        text = store.get_bytes(tag_key(ref), limit=4096).decode("ascii", "replace").strip()
+    except NotFound:
+        return  # no tag: nothing to move
+    current = text[7:] if text.startswith("sha256:") else text
+    if current == target or current in same:
+        return
+
+    def shown(content: str) -> str:
+        return content[:12] if _HEX64.match(content) else printable(content[:80])
+
+    raise TagImmutable("%s is immutable in %s: it names %s, and this would move it to %s; run 'dogestry unprotect "
+                       "%s %s' first to move it" % (printable(str(ref)), store.url, shown(current), shown(target),
+                                                    store.url, printable(str(ref))))
 
 
 def image_key(image_hex: str, leaf: str) -> str:
@@ -4159,6 +4201,8 @@ def push_image(docker: DockerClient, store: Store, text: str, progress: Progress
     image_hex = digest_hex(image_id)
     diff_ids = image_diff_ids(info)
     store.ensure()
+    if ref is not None:
+        check_tag_may_move(store, ref, image_hex)  # before any layer goes up
     if _keep_stored_image(store, image_hex, options.freshness(store)):
         progress.note("%s: image %s is already stored" % (str(ref or text), image_hex[:12]))
     else:
@@ -4169,21 +4213,28 @@ def push_image(docker: DockerClient, store: Store, text: str, progress: Progress
     return image_id
 
 
-def write_tag(store: Store, ref: ImageRef, image_hex: str) -> None:
-    """Point a tag at an image; what it named before is recorded for gc (pulls may be reading it)."""
-    point_tag(store, ref, TagTarget(image_hex))
+def write_tag(store: Store, ref: ImageRef, image_hex: str, same: Sequence[str] = ()) -> None:
+    """Point a tag at an image; what it named before is recorded for gc (pulls may be reading it).
+
+    TagImmutable, and nothing written, if the tag is immutable and names another image (`same`:
+    other IDs of this image, which it may name).
+    """
+    point_tag(store, ref, TagTarget(image_hex), same)
 
 
-def point_tag(store: Store, ref: ImageRef, target: TagTarget) -> None:
-    """Point a tag at an image, or at a manifest that is no image; what it named before (an image
+def point_tag(store: Store, ref: ImageRef, target: TagTarget, same: Sequence[str] = ()) -> None:
+    """Point a tag at an image, or at a manifest that is no image (TagImmutable, and nothing
+    written, if the tag is immutable and names something else); what it named before (an image
     or a manifest) is recorded for gc: pulls may be reading it."""
+    content = target.image_hex or "@" + str(target.manifest)
+    check_tag_may_move(store, ref, content, same)
     new = target.image_hex or digest_hex(str(target.manifest))
     with contextlib.suppress(NotFound, FormatError):
         old = read_tag_target(store, ref)
         old_hex = old.image_hex or digest_hex(str(old.manifest))
         if old_hex != new:
             record_untagged(store, old_hex, [ref])
-    store.put_bytes(tag_key(ref), (target.image_hex or "@" + str(target.manifest)).encode())
+    store.put_bytes(tag_key(ref), content.encode())
 
 
 def record_untagged(store: Store, image_hex: str, refs: Sequence[ImageRef]) -> None:
@@ -6066,6 +6117,9 @@ def store_pushed_manifest(store: Store, manifest: PushedManifest, ref: Optional[
     """Store a pushed manifest (and its tag, if ref): the blobs it names must be stored
     (MANIFEST_BLOB_UNKNOWN) and the manifests an index names (MANIFEST_UNKNOWN); the image
     record is written for an image manifest; the tag last.  Return the image ID hex, if it is one."""
+    if ref is not None and tag_is_immutable(store, ref):  # refused before anything is written
+        config = manifest.blobs[0][0] if manifest.blobs else ""
+        check_tag_may_move(store, ref, "@" + manifest.digest, [digest_hex(config)] if config else [])
     blobs = manifest.blobs
     with thread_pool(min(8, max(1, len(blobs))), "dogestry-check") as pool:
         keys = list(pool.map(lambda blob: stored_blob_key(store, *blob), blobs))
@@ -6398,10 +6452,13 @@ def parse_range(header: str, size: int) -> Optional[Tuple[int, int]]:
     return first, last
 
 
-# --- who may pull: -htpasswd ---
+# --- who may pull, push and delete: -htpasswd ---
 #
-# One `user:hash` a line; hash is pbkdf2_sha256$ITERATIONS$SALT$HASH (Django's format: the
-# salt as text, the hash base64), which hashlib checks.  `dogestry passwd USER` writes a line.
+# One `USER:HASH[:RIGHTS[:NAMES]]` a line; HASH is pbkdf2_sha256$ITERATIONS$SALT$HASH (Django's
+# format: the salt as text, the hash base64), which hashlib checks, or `*`: a user who logs in
+# only with a client certificate (-tlsverify, its subject CN).  RIGHTS: pull (every user's),
+# push, delete; NAMES: the repository name prefixes push and delete are limited to.
+# `dogestry passwd USER [--push] [--delete] [--names P,...]` writes a line.
 
 PBKDF2_ITERATIONS = 600000
 
@@ -6466,17 +6523,54 @@ class FailureLimiter:
                 self._buckets[client] = (tokens + 1, since)
 
 
-class Htpasswd:
-    """The users of -htpasswd FILE; a password once checked is remembered (PBKDF2 is slow on purpose).
+REGISTRY_RIGHTS = ("pull", "push", "delete")
+CERTIFICATE_ONLY = "*"  # the HASH of a user who logs in only with a client certificate
 
-    An unknown user costs the same PBKDF2 work as a known one (checked against a hash of the
-    iterations most users have), so answer times do not tell which users exist; a client address
-    may check only so many passwords in a row (FailureLimiter).
+
+class UserRights(NamedTuple):
+    """What a user of -htpasswd may do: pull always; push and delete if granted, within `names`."""
+
+    rights: FrozenSet[str] = frozenset(("pull",))
+    names: Tuple[str, ...] = ()  # repository name prefixes limiting push and delete (none: every name)
+
+    def allows(self, right: str, name: str) -> bool:
+        """May this user `right` (pull, push, delete) repository `name`?"""
+        if right == "pull":
+            return True
+        return right in self.rights and (not self.names or any(name_within(name, p) for p in self.names))
+
+
+def name_within(name: str, prefix: str) -> bool:
+    """Is a repository name under a prefix: `team/` covers team/app; `app` covers app and app/…"""
+    return name.startswith(prefix) if prefix.endswith("/") else name == prefix or name.startswith(prefix + "/")
+
+
+def parse_user_rights(rights: str, names: str) -> UserRights:
+    """The RIGHTS and NAMES fields of an -htpasswd line (ValueError: what is wrong with them)."""
+    granted = {r.strip() for r in rights.split(",") if r.strip()} | {"pull"}
+    unknown = sorted(granted - set(REGISTRY_RIGHTS))
+    if unknown:
+        raise ValueError("unknown right %r (rights are %s)" % (unknown[0][:40], ", ".join(REGISTRY_RIGHTS)))
+    prefixes = tuple(p.strip() for p in names.split(",") if p.strip())
+    for prefix in prefixes:
+        if len(prefix) > 255 or not _REPO_NAME.match(prefix[:-1] if prefix.endswith("/") else prefix):
+            raise ValueError("invalid repository name prefix %r (like team/ or team/app)" % prefix[:100])
+    return UserRights(frozenset(granted), prefixes)
+
+
+class Htpasswd:
+    """The users of -htpasswd FILE and their rights; a password once checked is remembered (PBKDF2
+    is slow on purpose).
+
+    An unknown user (or a certificate-only one, HASH `*`) costs the same PBKDF2 work as a known
+    one (checked against a hash of the iterations most users have), so answer times do not tell
+    which users exist; a client address may check only so many passwords in a row (FailureLimiter).
     """
 
     def __init__(self, path: str, clock: Callable[[], float] = time.monotonic,
                  matches: Callable[[str, str], bool] = password_matches):
         self.path, self.users, self.matches = path, {}, matches  # type: str, Dict[str, str], Callable[[str, str], bool]
+        self.rights = {}  # type: Dict[str, UserRights]
         try:
             with open(path, encoding="utf-8") as f:
                 lines = f.read().splitlines()
@@ -6485,10 +6579,17 @@ class Htpasswd:
         for number, line in enumerate(lines, 1):
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
-            user, sep, stored = line.strip().partition(":")
-            if not sep or not user or not stored.startswith("pbkdf2_sha256$") or stored.count("$") != 3:
-                raise UsageError("-htpasswd %s line %d: expected USER:pbkdf2_sha256$ITERATIONS$SALT$HASH "
-                                 "(dogestry passwd USER writes one)" % (path, number))
+            fields = line.strip().split(":")
+            user, stored = fields[0], fields[1] if len(fields) > 1 else ""
+            if len(fields) > 4 or not user or not (stored == CERTIFICATE_ONLY or (
+                    stored.startswith("pbkdf2_sha256$") and stored.count("$") == 3)):
+                raise UsageError("-htpasswd %s line %d: expected USER:HASH[:RIGHTS[:NAMES]], HASH "
+                                 "pbkdf2_sha256$ITERATIONS$SALT$HASH or * (dogestry passwd USER writes one)"
+                                 % (path, number))
+            try:
+                self.rights[user] = parse_user_rights(*(fields[2:] + ["", ""])[:2])
+            except ValueError as e:
+                raise UsageError("-htpasswd %s line %d: %s" % (path, number, e))
             self.users[user] = stored
         if not self.users:
             raise UsageError("-htpasswd %s lists no user" % path)
@@ -6501,33 +6602,80 @@ class Htpasswd:
                                                    base64.b64encode(os.urandom(32)).decode())  # matches no password
 
     def allows(self, authorization: str, client: str = "") -> bool:
-        """Is `Authorization: Basic …` one of the users with the right password?
+        """Is `Authorization: Basic …` one of the users with the right password?"""
+        return self.login(authorization, client) is not None
+
+    def login(self, authorization: str, client: str = "") -> Optional[str]:
+        """The user `Authorization: Basic …` names, if the password is theirs (else None).
 
         RegistryError 429 (TOOMANYREQUESTS), without checking, when `client` (an address) has
         run out of checks; a password remembered as right is let through even then.
         """
         scheme, _, token = authorization.strip().partition(" ")
         if scheme.lower() != "basic":
-            return False
+            return None
         try:
             user, _, password = base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")
         except (ValueError, UnicodeDecodeError, binascii.Error):
-            return False
+            return None
         stored = self.users.get(user)
+        if stored == CERTIFICATE_ONLY:
+            stored = None  # no password is theirs: checked as an unknown user is
         remembered = hashlib.sha256(("%s\0%s\0%s" % (user, password, stored or self._nobody)).encode()).hexdigest()
         with self._lock:
             if stored is not None and remembered in self._known:
-                return True
+                return user
         wait = self._limiter.reserve(client)
         if wait:
             raise RegistryError(429, "TOOMANYREQUESTS", "too many failed logins from %s: try again in %d s"
                                 % (client, int(wait) + 1), {"Retry-After": str(int(wait) + 1)})
         if not self.matches(password, stored or self._nobody) or stored is None:
-            return False
+            return None
         self._limiter.give_back(client)
         with self._lock:
             self._known.add(remembered)
-        return True
+        return user
+
+
+class Caller(NamedTuple):
+    """Who sent a registry request: a user of -htpasswd who logged in, the holder of a client
+    certificate (-tlsverify: the user named by its subject CN), or nobody."""
+
+    user: str = ""  # the user name; "" for anonymous (and for a certificate without one CN)
+    how: str = ""   # "password", "certificate", or "" (anonymous)
+
+
+def registry_access(right: str, name: str, caller: Caller, htpasswd: Optional[Htpasswd],
+                    anonymous_push: bool = False) -> None:
+    """Go on only if `caller` may `right` (pull, push, delete) repository `name`: RegistryError 401
+    (UNAUTHORIZED: who is it?) or 403 (DENIED: not this caller) otherwise.
+
+    Pulls: anyone without -htpasswd, else every user and certificate holder.  Push and delete:
+    users (a certificate's CN looked up in -htpasswd) with that right, for names under their
+    prefixes; -anonymous-push lets anyone push (never delete).
+    """
+    if right == "pull":
+        if htpasswd is None or caller.how:
+            return
+        raise RegistryError(401, "UNAUTHORIZED", "authentication required")
+    rights = htpasswd.rights.get(caller.user) if htpasswd is not None and caller.how else None
+    if rights is not None and rights.allows(right, name):
+        return
+    if right == "push" and anonymous_push:
+        return
+    if not caller.how:
+        raise RegistryError(401, "UNAUTHORIZED", "authentication required to %s: %s" % (right, (
+            "log in as a user allowed to %s" % right if htpasswd is not None else
+            "this server has no users (-htpasswd)%s" % (" or -anonymous-push" if right == "push" else ""))))
+    who = ("user %s" if caller.how == "password" else "the certificate of %s") % (printable(caller.user)[:100] or "?")
+    if rights is None:
+        raise RegistryError(403, "DENIED", "%s may pull only: %s" % (who, "it has no entry in this server's -htpasswd"
+                                                                     if htpasswd is not None else
+                                                                     "this server has no users (-htpasswd)"))
+    if right not in rights.rights:
+        raise RegistryError(403, "DENIED", "%s may not %s (rights: %s)" % (
+            who, right, ", ".join(r for r in REGISTRY_RIGHTS if r in rights.rights)))
+    raise RegistryError(403, "DENIED", "%s may %s only under %s, not %s" % (who, right, ", ".join(rights.names), name))
 
 
 # === 17. Moving images without an engine: import, export, copy ===
@@ -6967,6 +7115,9 @@ def import_archive(store: Store, stream: IO[bytes], names: Sequence[str], progre
         try:
             contents = read_save_stream(archive_tar(stream), reader.spool, pipeline.abort, what="archive")
             images = choose_archived(archive_images(contents), names)
+            for image in images:  # every tag checked before any image record or tag is written
+                for ref in image.tags:
+                    check_tag_may_move(store, ref, digest_hex(image.image_id))
             for image in images:
                 for member, diff_id in zip(image.members, image.diff_ids):
                     reader.layer(member, contents.small.get(member), diff_id)
@@ -8148,16 +8299,31 @@ class DockerApiHandler(RequestHandler):
         return doc
 
 
+def certificate_user(connection: Any) -> Optional[str]:
+    """The subject CN of the client certificate a TLS connection verified (-tlsverify): "" if it has
+    not exactly one CN, None without a verified certificate."""
+    if not isinstance(connection, ssl.SSLSocket):
+        return None
+    certificate = connection.getpeercert()  # type: Any  # {"subject": ((("commonName", "alice"),), ...), ...}
+    if not certificate:
+        return None
+    names = [value for rdn in certificate.get("subject", ()) for key, value in rdn if key == "commonName"]
+    return names[0] if len(names) == 1 else ""
+
+
 class RegistryHandler(RequestHandler):
     """The registry API (/v2/): the OCI Distribution Spec for the server's STORE."""
 
     def _registry_request(self) -> None:
-        """/v2/…: the OCI Distribution API, read-only; every answer carries the spec's version header."""
+        """/v2/…: the OCI Distribution API; every answer carries the spec's version header."""
+        self._who = None  # type: Optional[Caller]  # who sent this request, once known
         try:
             self._registry_answer()
         except RegistryError as e:
             extra = dict(e.headers, **({"WWW-Authenticate": 'Basic realm="dogestry"'} if e.status == 401 else {}))
             self._registry_send(e.status, registry_error_body(e.code, self.server.public(str(e))), extra=extra)
+        except TagImmutable as e:  # the spec has no code of its own for it
+            self._registry_send(403, registry_error_body("DENIED", self.server.public(str(e))))
         except NotFound as e:
             self._registry_send(404, registry_error_body("MANIFEST_UNKNOWN", self.server.public(str(e))))
         except DogestryError as e:  # the store failed (S3 down, a broken image): not the client's fault
@@ -8173,9 +8339,7 @@ class RegistryHandler(RequestHandler):
         if registry is None:
             raise RegistryError(404, "UNSUPPORTED", "this dogestry server has no store: the registry API needs one "
                                 "(dogestry -server STORE)")
-        htpasswd = self.server.htpasswd
-        if htpasswd is not None and not htpasswd.allows(self.headers.get("Authorization", ""), self.client_address[0]):
-            raise RegistryError(401, "UNAUTHORIZED", "authentication required")
+        self._require("pull", "")  # every request, before anything else: a write needs more (its route asks)
         if self.command not in ("GET", "HEAD"):
             return self._registry_write(registry)
         self._registry_read(registry)
@@ -8186,10 +8350,32 @@ class RegistryHandler(RequestHandler):
 
     def _require(self, right: str, name: str) -> None:
         """Go on only if the request's user may `right` (pull, push, delete) repository `name`:
-        RegistryError 401 (who is it?) or 403 (not this user) otherwise."""
-        if right == "pull" or (right == "push" and self.server.anonymous_push):
-            return
-        raise RegistryError(401, "UNAUTHORIZED", "authentication required to %s" % right)
+        RegistryError 401 (who is it?) or 403 (not this user) otherwise (see registry_access)."""
+        registry_access(right, name, self._caller(), self.server.htpasswd, self.server.anonymous_push)
+
+    def _user(self) -> str:
+        """The name of the user this request comes from, for handlers to record (upload sessions
+        keep it, so no one else may continue them): the -htpasswd user who logged in (Basic), else
+        the subject CN of the client certificate (-tlsverify), else "" (anonymous).  Wrong
+        credentials are a RegistryError 401 here too."""
+        return self._caller().user
+
+    def _caller(self) -> Caller:
+        """Who sent this request (found out once per request): see Caller."""
+        if self._who is None:
+            self._who = self._identify()
+        return self._who
+
+    def _identify(self) -> Caller:
+        """A password login if the request has one (401 if it is wrong), else a client certificate."""
+        htpasswd, authorization = self.server.htpasswd, self.headers.get("Authorization", "")
+        if htpasswd is not None and authorization:
+            user = htpasswd.login(authorization, self.client_address[0])
+            if user is None:
+                raise RegistryError(401, "UNAUTHORIZED", "wrong user name or password")
+            return Caller(user, "password")
+        subject = certificate_user(self.connection)
+        return Caller(subject, "certificate") if subject is not None else Caller()
 
     def _registry_read(self, registry: Registry) -> None:
         """GET and HEAD: the API's version check, the catalog, tags, manifests and blobs."""
@@ -8685,10 +8871,28 @@ def cmd_login(ctx: Context) -> int:
 
 
 def cmd_passwd(ctx: Context) -> int:
-    """passwd USER: a line for -htpasswd FILE; the password is asked twice on a terminal, else read from stdin."""
-    user = ctx.options.user
+    """passwd USER [--push] [--delete] [--names P,...] [--certificate]: a line for -htpasswd FILE."""
+    options = ctx.options
+    user = options.user
     if not re.match(r"^[^:\s\x00-\x1f\x7f]{1,128}$", user):
         raise UsageError("invalid user name %r: no colon, space or control character" % user[:100])
+    rights = ",".join(r for r in REGISTRY_RIGHTS[1:] if getattr(options, r))
+    if options.names is not None and not rights:
+        raise UsageError("--names limits push and delete: give --push or --delete too")
+    try:
+        names = ",".join(parse_user_rights(rights, options.names or "").names)
+    except ValueError as e:
+        raise UsageError("--names: %s" % e)
+    if options.names is not None and not names:
+        raise UsageError("--names needs at least one repository name prefix (team/, team/app)")
+    stored = CERTIFICATE_ONLY if options.certificate else password_hash(_new_password(ctx))
+    fields = [user, stored] + ([rights] if rights else []) + ([names] if names else [])
+    ctx.stdout.write(":".join(fields) + "\n")
+    return 0
+
+
+def _new_password(ctx: Context) -> str:
+    """A password asked twice on a terminal, else read from stdin (one line)."""
     stdin = ctx.stdin or sys.stdin
     if hasattr(stdin, "isatty") and stdin.isatty():
         password = getpass.getpass("Password: ", stream=ctx.stderr)  # type: ignore[arg-type]
@@ -8698,8 +8902,7 @@ def cmd_passwd(ctx: Context) -> int:
         password = stdin.readline().rstrip("\r\n")
     if not password:
         raise UsageError("the password cannot be blank")
-    ctx.stdout.write("%s:%s\n" % (user, password_hash(password)))
-    return 0
+    return password
 
 
 def update_docker_config(path: str, registry: str, entry: Dict[str, str]) -> None:
@@ -8827,6 +9030,9 @@ def cmd_copy(ctx: Context) -> int:
         texts = options.images
     found = [find_image(src, text, ctx.progress) for text in texts]  # all resolved before anything is copied
     dst.ensure()
+    for image in found:
+        if image.ref is not None and not image.image.legacy:  # (an original-layout image gets its ID when copied)
+            check_tag_may_move(dst, image.ref, image.image_hex)
     push_options = ctx.push_options()
     copied = {}  # type: Dict[Tuple[str, str], str]  # (store, image) -> image ID in dst
     with work_directory(push_options.tempdir or dst.spool_dir()) as work:
@@ -8981,7 +9187,7 @@ def cmd_prune(ctx: Context) -> int:
 
 
 def cmd_protect(ctx: Context, protect: bool = True) -> int:
-    """protect STORE NAME:TAG...: tags prune never removes."""
+    """protect STORE NAME:TAG... [--immutable]: tags prune never removes (and, immutable, no push moves)."""
     store = ctx.store()
     store.check()
     refs = [parse_image_ref(text) for text in ctx.options.images]
@@ -8992,14 +9198,26 @@ def cmd_protect(ctx: Context, protect: bool = True) -> int:
         key = protection_key(ref)
         was = store.stat(key) is not None
         if protect:
-            store.put_bytes(key, b"")
-            ctx.progress.note(("%s was already protected in %s" if was else "protected %s in %s") % (ref, store.url))
+            ctx.progress.note(_protect_tag(store, ref, was, getattr(ctx.options, "immutable", False)))
         elif was:
             store.delete(key)
             ctx.progress.note("unprotected %s in %s" % (ref, store.url))
         else:
             ctx.progress.note("%s was not protected in %s" % (ref, store.url))
     return 0
+
+
+def _protect_tag(store: Store, ref: ImageRef, was: bool, immutable: bool) -> str:
+    """Write a tag's protection marker (an immutable one stays immutable); what was done, for people."""
+    if was and tag_is_immutable(store, ref):
+        return "%s was already protected in %s (immutable)" % (ref, store.url)
+    if immutable:
+        store.put_bytes(protection_key(ref), IMMUTABLE_MARKER)
+        return ("made %s immutable in %s" if was else "protected %s in %s (immutable: no push may move it)") \
+            % (ref, store.url)
+    if not was:
+        store.put_bytes(protection_key(ref), b"")
+    return ("%s was already protected in %s" if was else "protected %s in %s") % (ref, store.url)
 
 
 def cmd_unprotect(ctx: Context) -> int:
@@ -9020,7 +9238,7 @@ def cmd_migrate(ctx: Context) -> int:
             store.put_bytes(image_key(top_hex, "migrated"), image_hex.encode())
         else:
             for ref in refs:
-                write_tag(store, ref, image_hex)
+                write_tag(store, ref, image_hex, same=[top_hex])  # the same image: an immutable tag may move
         ctx.stdout.write("migrated %s (%s) -> %s\n" % (", ".join(printable(str(r)) for r in refs), top_hex[:12],
                                                         image_hex[:12]))
     return 0
@@ -9087,8 +9305,10 @@ COMMANDS = (
      "Delete images, layers and blobs no tag reaches, once older than the grace period."),
     ("prune", cmd_prune, "prune STORE (--keep-last N | --older-than DURATION) [NAME...]",
      "Remove old tags per repository (never protected ones); gc then frees the space."),
-    ("protect", cmd_protect, "protect STORE NAME:TAG...", "Mark tags that prune never removes."),
-    ("unprotect", cmd_unprotect, "unprotect STORE NAME:TAG...", "Let prune remove these tags again."),
+    ("protect", cmd_protect, "protect STORE NAME:TAG... [--immutable]",
+     "Mark tags that prune never removes (--immutable: and that no push may move to another image)."),
+    ("unprotect", cmd_unprotect, "unprotect STORE NAME:TAG...",
+     "Let prune remove these tags again (and pushes move them, if they were immutable)."),
     ("stats", cmd_stats, "stats STORE [--json] [--grace DURATION]",
      "Count what STORE holds, what sharing saves, what gc would free (now, and later)."),
     ("migrate", cmd_migrate, "migrate STORE [NAME[:TAG]...] [--keep-legacy]",
@@ -9101,7 +9321,8 @@ COMMANDS = (
      "Copy images between stores (only what DST lacks; server-side between buckets on one endpoint)."),
     ("remote", cmd_remote, "remote STORE", "Describe STORE."),
     ("login", cmd_login, "login REGISTRY", "Save AWS keys and an S3 URL as docker credentials for REGISTRY."),
-    ("passwd", cmd_passwd, "passwd USER", "Print a line for -server -htpasswd FILE: USER and a hash of a password."),
+    ("passwd", cmd_passwd, "passwd USER [--push] [--delete] [--names P,...] [--certificate]",
+     "Print a line for -server -htpasswd FILE: USER, a hash of a password, and the user's rights."),
     ("version", cmd_version, "version", "Print the version."),
     ("help", None, "help [COMMAND]", "Show help for dogestry or a command."),
 )
@@ -9172,7 +9393,7 @@ def _add_global_options(parser: argparse.ArgumentParser) -> None:
     flag("read-timeout", metavar="SECONDS", type=float, default=server_defaults.read_timeout,
          help="with -server: time a client has to send a request (default %g)" % server_defaults.read_timeout)
     flag("htpasswd", metavar="FILE", help="with -server: registry clients must log in as a user of FILE "
-         "(lines USER:pbkdf2_sha256$..., see 'dogestry passwd')")
+         "(lines USER:HASH[:RIGHTS[:NAMES]], see 'dogestry passwd')")
     flag("redirect", metavar="BOOL", type=parse_bool, nargs="?", const=True, default=True,
          help="with -server STORE on S3: send registry clients to presigned S3 URLs for blobs (default true; "
               "-redirect=false streams them through the server)")
@@ -9202,6 +9423,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("registry", metavar="REGISTRY", help="the registry name docker users pull from")
         if name == "passwd":
             p.add_argument("user", metavar="USER", help="the user name registry clients log in with")
+            p.add_argument("-push", "--push", action="store_true", help="the user may push (default: pull only)")
+            p.add_argument("-delete", "--delete", action="store_true", help="the user may delete tags and manifests")
+            p.add_argument("-names", "--names", metavar="P,...",
+                           help="push and delete only under these repository name prefixes (team/, team/app)")
+            p.add_argument("-certificate", "--certificate", action="store_true",
+                           help="no password: USER logs in only with a client certificate whose subject CN is USER "
+                           "(-tlsverify)")
         if name in ("push", "pull", "list", "inspect", "rm", "remote", "gc", "protect", "unprotect", "stats",
                     "import", "export"):
             p.add_argument("store", metavar="STORE", help=STORE_HELP)
@@ -9225,6 +9453,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "rm":
             p.add_argument("-force", "--force", action="store_true",
                            help="delete protected tags too (and their protection)")
+        if name == "protect":
+            p.add_argument("-immutable", "--immutable", action="store_true",
+                           help="also refuse every push that would move these tags to another image")
         if name in ("gc", "prune"):
             p.add_argument("-dry-run", "--dry-run", action="store_true", help="print what would go, change nothing")
         if name == "gc":

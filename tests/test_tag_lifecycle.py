@@ -1,6 +1,7 @@
 """Tags over their life: rm of a protected tag is refused (--force removes the tag and its
 protection, so a tag pushed again later under that name is not protected without anyone asking);
-unprotect of a tag that never was says so; prune --keep-last orders tags by their push times as
+unprotect of a tag that never was says so; an immutable tag (protect --immutable) is one no push,
+import, copy or migrate moves to another image; prune --keep-last orders tags by their push times as
 precisely as the store keeps them, and keeps tags whose times tie with the oldest one it keeps."""
 
 import os
@@ -95,6 +96,122 @@ def test_unprotect_of_a_tag_that_never_was_protected_says_so(images, docker_env,
     again = ok(run_dogestry("protect", store, "dgtag/app:1", env=docker_env))
     assert "dgtag/app:1 was already protected" in again.stderr
     assert "unprotected dgtag/app:1" in ok(run_dogestry("unprotect", store, "dgtag/app:1", env=docker_env)).stderr
+
+
+# --- immutable tags ---------------------------------------------------------------------------------
+
+def tag_names(store, ref):
+    """The content of REF's tag in a directory STORE."""
+    name, tag = ref.split(":")
+    return Path(store, "repositories", name, tag).read_text().strip()
+
+
+def test_protect_immutable_writes_its_marker_and_plain_protect_keeps_an_empty_one(images, docker_env, tmp_path):
+    """gc/protected/<name>/<tag> is empty for a protected tag (what older versions test for) and
+    {"immutable": true} for an immutable one; a plain protect never makes an immutable tag mutable."""
+    store = tmp_path / "store"
+    push(docker_env, store, images["one"], "dgtag/app:1", "dgtag/app:2")
+    marker = Path(store, "gc", "protected", "dgtag", "app")
+
+    ok(run_dogestry("protect", store, "dgtag/app:1", env=docker_env))
+    made = ok(run_dogestry("protect", "--immutable", store, "dgtag/app:2", env=docker_env))
+
+    assert (marker / "1").read_bytes() == b"" and (marker / "2").read_bytes() == b'{"immutable": true}'
+    assert "protected dgtag/app:2 in %s (immutable" % store in made.stderr
+    kept = ok(run_dogestry("protect", store, "dgtag/app:2", env=docker_env))
+    assert "dgtag/app:2 was already protected in %s (immutable)" % store in kept.stderr
+    assert (marker / "2").read_bytes() == b'{"immutable": true}'
+    upgraded = ok(run_dogestry("protect", store, "dgtag/app:1", "--immutable", env=docker_env))
+    assert "made dgtag/app:1 immutable in %s" % store in upgraded.stderr
+    assert (marker / "1").read_bytes() == b'{"immutable": true}'
+
+
+def test_a_push_over_an_immutable_tag_is_refused_before_any_upload_and_the_same_image_is_fine(images, docker_env,
+                                                                                               tmp_path):
+    store = tmp_path / "store"
+    push(docker_env, store, images["one"], "dgtag/app:prod")
+    ok(run_dogestry("protect", "--immutable", store, "dgtag/app:prod", env=docker_env))
+
+    docker_cli(docker_env["DOCKER_HOST"], "tag", images["two"], "dgtag/app:prod")
+    refused = run_dogestry("push", store, "dgtag/app:prod", env=docker_env)
+
+    one_error_line(refused, "dgtag/app:prod is immutable in %s" % store, "names %s" % images["one"][7:19],
+                   "move it to %s" % images["two"][7:19], "dogestry unprotect %s dgtag/app:prod" % store)
+    assert tag_names(store, "dgtag/app:prod") == images["one"][7:]
+    assert not Path(store, "images", images["two"][7:]).exists()  # refused before anything was stored
+    docker_cli(docker_env["DOCKER_HOST"], "tag", images["one"], "dgtag/app:prod")
+    ok(run_dogestry("push", store, "dgtag/app:prod", env=docker_env))  # the same image again
+    assert tag_names(store, "dgtag/app:prod") == images["one"][7:]
+
+
+def test_import_and_copy_over_an_immutable_tag_are_refused_and_of_the_same_image_allowed(images, docker_env,
+                                                                                          tmp_path):
+    store, other = tmp_path / "store", tmp_path / "other"
+    push(docker_env, store, images["one"], "dgtag/app:prod")
+    push(docker_env, other, images["two"], "dgtag/app:prod")
+    ok(run_dogestry("protect", "--immutable", store, "dgtag/app:prod", env=docker_env))
+    archive = tmp_path / "two.tar"
+    docker_cli(docker_env["DOCKER_HOST"], "save", "-o", str(archive), "dgtag/app:prod")  # names image two
+
+    imported = run_dogestry("import", store, archive, env=docker_env)
+    copied = run_dogestry("copy", other, store, "dgtag/app:prod", env=docker_env)
+
+    for proc in (imported, copied):
+        one_error_line(proc, "dgtag/app:prod is immutable", "dogestry unprotect")
+    assert tag_names(store, "dgtag/app:prod") == images["one"][7:]
+    assert not Path(store, "images", images["two"][7:], "manifest.json").exists()
+    ok(run_dogestry("copy", store, other, "dgtag/app:prod", env=docker_env))  # other's tag is not immutable
+    ok(run_dogestry("copy", other, store, "dgtag/app:prod", env=docker_env))  # now the same image
+    assert tag_names(store, "dgtag/app:prod") == images["one"][7:]
+
+
+def test_an_immutable_tag_is_kept_by_prune_refused_by_rm_and_moves_once_unprotected(images, docker_env, tmp_path):
+    store = tmp_path / "store"
+    push(docker_env, store, images["one"], "dgtag/app:prod", "dgtag/app:old")
+    ok(run_dogestry("protect", "--immutable", store, "dgtag/app:prod", env=docker_env))
+
+    ok(run_dogestry("prune", store, "--keep-last", "0", env=docker_env))
+    assert tags_of(docker_env, store, "dgtag/app") == ["prod"]
+    one_error_line(run_dogestry("rm", store, "dgtag/app:prod", env=docker_env), "dgtag/app:prod is protected",
+                   "--force")
+    assert tags_of(docker_env, store, "dgtag/app") == ["prod"]
+
+    assert "unprotected dgtag/app:prod" in ok(run_dogestry("unprotect", store, "dgtag/app:prod",
+                                                           env=docker_env)).stderr
+    push(docker_env, store, images["two"], "dgtag/app:prod")
+    assert tag_names(store, "dgtag/app:prod") == images["two"][7:] and protected(store) == []
+    ok(run_dogestry("protect", "--immutable", store, "dgtag/app:prod", env=docker_env))
+    ok(run_dogestry("rm", "--force", store, "dgtag/app:prod", env=docker_env))
+    assert tags_of(docker_env, store, "dgtag/app") == [] and protected(store) == []
+
+
+def test_an_immutable_tag_on_s3_refuses_a_push_of_another_image(images, s3_env, bucket):
+    store = "s3://%s/immutable/" % bucket
+    push(s3_env, store, images["one"], "dgtag/app:prod")
+    ok(run_dogestry("protect", "--immutable", store, "dgtag/app:prod", env=s3_env))
+
+    docker_cli(s3_env["DOCKER_HOST"], "tag", images["two"], "dgtag/app:prod")
+    refused = run_dogestry("push", store, "dgtag/app:prod", env=s3_env)
+
+    one_error_line(refused, "dgtag/app:prod is immutable in %s" % store)
+    listing = ok(run_dogestry("list", store, env=s3_env)).stdout.splitlines()[1:]
+    assert [line.split() for line in listing] == [["dgtag/app", "prod", images["one"][7:19]]]
+
+
+def test_migrate_moves_an_immutable_tag_to_the_same_image_in_the_current_layout(docker_host, docker_env, images,
+                                                                                tmp_path):
+    """The tag names the image's original-layout id; migrate stores that image anew and points the
+    tag at it: the same image, so an immutable tag moves."""
+    from test_save_formats import original_layout
+    store = tmp_path / "legacy"
+    top = original_layout(docker_host, "dgtag/one:1", store, "old/1")
+    ok(run_dogestry("protect", "--immutable", store, "old:1", env=docker_env))
+
+    ok(run_dogestry("migrate", store, env=docker_env))
+
+    assert tag_names(store, "old:1") != top
+    assert Path(store, "images", tag_names(store, "old:1"), "manifest.json").exists()
+    assert protected(store) == ["old/1"]
 
 
 # --- prune --keep-last: push order ---------------------------------------------------------------
