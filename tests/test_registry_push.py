@@ -5,6 +5,7 @@ images/<id>/): the manifests are the spec's PUT requests (OCI Distribution Spec 
 manifests", "Listing referrers", "Deleting"), and the real docker CLI pulls what they describe.
 """
 
+import base64
 import hashlib
 import json
 import os
@@ -53,10 +54,19 @@ def store(image, tmp_path):
     return path
 
 
+@pytest.fixture(scope="module")
+def htpasswd(tmp_path_factory):
+    """A -htpasswd file with the user admin (password secret) who may pull, push and delete."""
+    line = ok(run_dogestry("passwd", "admin", "--push", "--delete", input="secret\n")).stdout
+    path = tmp_path_factory.mktemp("users") / "htpasswd"
+    path.write_text(line)
+    return path
+
+
 @pytest.fixture
-def server(servers, base_env, puller, store):  # noqa: F811
-    """A server for the store that lets anyone push (-anonymous-push), next to the puller's dockerd."""
-    return servers(HOSTS[0], server_env(base_env, puller, ""), store=store, args=["-anonymous-push"])
+def server(servers, base_env, puller, store, htpasswd):  # noqa: F811
+    """A server for the store whose user admin may push and delete, next to the puller's dockerd."""
+    return servers(HOSTS[0], server_env(base_env, puller, ""), store=store, args=["-htpasswd", htpasswd])
 
 
 def docker_manifest(image, indent=3):
@@ -84,12 +94,20 @@ def index_of(*manifests):
          "platform": {"os": "linux", "architecture": "amd64"}} for data, media_type in manifests]}).encode()
 
 
+AUTH = {"Authorization": "Basic " + base64.b64encode(b"admin:secret").decode()}
+
+
 def put(reference, data, media_type, name=NAME):
-    return call(HOSTS[0], "PUT", "/v2/%s/manifests/%s" % (name, reference), {"Content-Type": media_type}, data)
+    return call(HOSTS[0], "PUT", "/v2/%s/manifests/%s" % (name, reference), dict(AUTH, **{"Content-Type": media_type}),
+                data)
 
 
 def get(path, accept=None):
-    return call(HOSTS[0], "GET", path, {"Accept": accept or ", ".join(dogestry.MANIFEST_TYPES)})
+    return call(HOSTS[0], "GET", path, dict(AUTH, Accept=accept or ", ".join(dogestry.MANIFEST_TYPES)))
+
+
+def delete(path):
+    return call(HOSTS[0], "DELETE", path, AUTH)
 
 
 def error_code(answer):
@@ -129,7 +147,11 @@ def test_a_pushed_manifest_is_served_as_pushed_and_docker_pulls_it_by_digest(ima
     assert (store / "manifests" / "sha256" / digest[7:]).read_bytes() == data
 
     docker_cli(puller.host, "rmi", "-f", image["id"], check=False)
-    docker_cli(puller.host, "pull", "%s:%d/%s@%s" % (HOSTS[0], PORT, NAME, digest))
+    config = puller.workdir / "docker-config"
+    config.mkdir(exist_ok=True)
+    docker_cli(puller.host, "--config", config, "login", "-u", "admin", "--password-stdin", "%s:%d" % (HOSTS[0], PORT),
+               input="secret\n")
+    docker_cli(puller.host, "--config", config, "pull", "%s:%d/%s@%s" % (HOSTS[0], PORT, NAME, digest))
     assert image_id(puller.host, "%s:%d/%s@%s" % (HOSTS[0], PORT, NAME, digest)) == image["id"]
 
 
@@ -217,6 +239,22 @@ def test_referrers_list_the_artifacts_whose_subject_a_manifest_is(image, store, 
 
 # === deletes and gc =============================================================================
 
+def test_delete_by_tag_and_by_digest_removes_tags_as_rm_does(image, store, server):
+    """DELETE of a tag: 202, the tag is gone (its image recorded as untagged for gc); DELETE by
+    digest removes every tag of the repository naming that manifest; the manifest stays for gc."""
+    manifest = docker_manifest(image)
+    for tag in ("one", "two", "three"):
+        assert put(tag, manifest, dogestry.DOCKER_MANIFEST).status == 201
+    assert delete("/v2/%s/manifests/one" % NAME).status == 202
+    assert get("/v2/%s/manifests/one" % NAME).status == 404
+    assert (store / "gc" / "untagged" / image["id"][7:]).exists()
+    assert delete("/v2/%s/manifests/%s" % (NAME, sha(manifest))).status == 202
+    assert sorted(p.name for p in (store / "repositories" / NAME).iterdir()) == ["1"]  # dogestry push's own tag
+    assert (store / "manifests" / "sha256" / sha(manifest)[7:]).exists()
+    missing = delete("/v2/%s/manifests/%s" % (NAME, sha(manifest)))
+    assert (missing.status, error_code(missing)) == (404, "MANIFEST_UNKNOWN")
+
+
 def test_gc_keeps_pushed_manifests_their_images_keep_and_frees_the_rest(image, store, server):
     """gc keeps a manifest pushed for an image a tag keeps, and the artifact whose subject it is;
     an index whose tag is gone goes once old; once the image's last tag goes too, everything does."""
@@ -252,3 +290,18 @@ def test_copy_carries_the_manifest_a_tag_was_pushed_with(image, store, server, t
     assert (dst / "manifests" / "sha256" / sha(manifest)[7:]).read_bytes() == manifest
     assert (dst / "manifests" / "tags" / NAME / "pushed").read_text() == sha(manifest)
     assert (dst / "repositories" / NAME / "pushed").read_text() == image["id"][7:]
+
+
+def test_a_manifest_push_over_an_immutable_tag_is_denied_and_the_same_image_is_fine(image, store, server):
+    """An immutable tag (protect --immutable): a manifest of another image or an index pushed over it is
+    403 DENIED with nothing written; a manifest of the image it names is fine."""
+    ok(run_dogestry("protect", "--immutable", store, NAME + ":1"))
+    manifest = docker_manifest(image)
+    assert put("1", manifest, dogestry.DOCKER_MANIFEST).status == 201  # the same image, as a client pushed it
+    index = index_of((manifest, dogestry.DOCKER_MANIFEST))
+    answer = put("1", index, dogestry.OCI_INDEX)
+    assert (answer.status, error_code(answer)) == (403, "DENIED") and "immutable" in answer.json()["errors"][0]["message"]
+    assert (store / "repositories" / NAME / "1").read_text() == image["id"][7:]
+    assert not (store / "manifests" / "sha256" / sha(index)[7:]).exists()
+    refused = delete("/v2/%s/manifests/1" % NAME)
+    assert (refused.status, error_code(refused)) == (403, "DENIED")
