@@ -7215,7 +7215,7 @@ class FramingError(DogestryError):
 
 
 class RequestBody:
-    """A request's body as its headers frame it; only read whole, up to a limit."""
+    """A request's body as its headers frame it: read whole up to a limit, or streamed in pieces."""
 
     _CHUNK_LINE = re.compile(rb"^([0-9A-Fa-f]{1,8})[ \t]*(?:;[^\r\n]*)?\r\n$")
 
@@ -7244,19 +7244,29 @@ class RequestBody:
 
     def read(self, limit: int) -> bytes:
         """The whole body (FramingError 413 if longer than limit, 400 if cut short or malformed)."""
+        return b"".join(self.pieces(limit))
+
+    def pieces(self, limit: int) -> Iterator[bytes]:
+        """The body as it arrives, in pieces of at most CHUNK bytes, never held whole (FramingError
+        413 once it is longer than limit, 400 if it is cut short or malformed)."""
         if self.length is None:
-            data = self._read_chunked(limit)
+            yield from self._chunked_pieces(limit)
         else:
             if self.length > limit:
                 raise FramingError(413, "request body too large (at most %s)" % human_size(limit))
-            data = self.rfile.read(self.length)
-            if len(data) != self.length:
-                raise FramingError(400, "request body cut short")
+            yield from self._exactly(self.length, "request body cut short")
         self.done = True
-        return data
 
-    def _read_chunked(self, limit: int) -> bytes:
-        parts, total = [], 0
+    def _exactly(self, count: int, short: str) -> Iterator[bytes]:
+        while count:
+            data = self.rfile.read(min(CHUNK, count))
+            if not data:
+                raise FramingError(400, short)
+            count -= len(data)
+            yield data
+
+    def _chunked_pieces(self, limit: int) -> Iterator[bytes]:
+        total = 0
         while True:
             m = self._CHUNK_LINE.match(self.rfile.readline(1024))
             if not m:
@@ -7267,14 +7277,13 @@ class RequestBody:
             total += size
             if total > limit:
                 raise FramingError(413, "request body too large (at most %s)" % human_size(limit))
-            data = self.rfile.read(size + 2)
-            if len(data) != size + 2 or not data.endswith(b"\r\n"):
+            yield from self._exactly(size, "malformed chunked request body")
+            if self.rfile.read(2) != b"\r\n":
                 raise FramingError(400, "malformed chunked request body")
-            parts.append(data[:-2])
         for _ in range(64):  # trailer fields, up to the empty line
             line = self.rfile.readline(8192)
             if line == b"\r\n":
-                return b"".join(parts)
+                return
             if not line.endswith(b"\r\n"):
                 break
         raise FramingError(400, "malformed chunked request trailer")
@@ -7282,18 +7291,26 @@ class RequestBody:
 
 class DeadlineReader(io.RawIOBase):
     """Reads a socket so that a request must arrive whole before a deadline: one byte every
-    few seconds cannot hold a connection (the socket's own timeout is per read)."""
+    few seconds cannot hold a connection (the socket's own timeout is per read).
+
+    While a body streams (`idle` set: an upload of any size), the deadline moves forward each
+    time the server asks for more of it: a client that sends nothing for `idle` seconds is cut
+    off, and the time the server spends storing what came is not the client's.
+    """
 
     def __init__(self, sock: socket.socket, write_timeout: float):
         super().__init__()
         self.sock, self.write_timeout = sock, write_timeout
         self.deadline = time.monotonic()
+        self.idle = None  # type: Optional[float]
         self.received = 0
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
+        if self.idle is not None:
+            self.deadline = time.monotonic() + self.idle
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise socket.timeout("the request took too long")
@@ -7347,6 +7364,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         """Read one request within the deadline, answer it; close when its body went unread."""
         self.server.set_waiting(self.connection, True)
         self.reader.deadline = time.monotonic() + self.server.limits.read_timeout
+        self.reader.idle = None
         self.body, self.answered = RequestBody(self.rfile, 0), False
         received = self.reader.received
         try:
@@ -7440,6 +7458,12 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             self._refuse(e.status, str(e))
             return None
+
+    def _stream_body(self, limit: int) -> Iterator[bytes]:
+        """The request body as it arrives, at most `limit` bytes (RequestBody.pieces): the client
+        has the read timeout for each piece of it, however long the whole takes."""
+        self.reader.idle = self.server.limits.read_timeout
+        return self.body.pieces(limit)
 
 
 class DockerApiHandler(RequestHandler):
