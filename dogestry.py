@@ -2971,6 +2971,7 @@ _STORE_FORMS = {
 #   gc/protected/<name>/<tag>      a tag prune never removes
 #   images/<v1-id>/migrated        `migrate --keep-legacy`: the image ID (64 hex) of the same image
 #                                  in this layout (the tag keeps the v1 id for the original tool)
+#   uploads/<32 hex>/{state.json,data,tail}  a blob upload session of the registry API (section 17)
 #
 # The original (Go) layout is read too: images/<v1-id>/{json,layer.tar,VERSION},
 # chained by "parent", with repositories/<name>/<tag> naming the top v1 id.
@@ -2987,9 +2988,10 @@ IMAGE_LEAVES = ("config.json", "manifest.json", "migrated", "json", "layer.tar",
 # The keys gc may delete, exactly: anything else under its prefixes is someone else's (a README,
 # a store nested in this one, such as s3://bucket/layers/ inside s3://bucket/) and is left alone.
 _GC_KEY = re.compile(r"^(?:images/[0-9a-f]{64}/(?:%s)|layers/[0-9a-f]{64}\.json|blobs/sha256/[0-9a-f]{64}"
-                     r"|gc/untagged/[0-9a-f]{64})$" % "|".join(re.escape(leaf) for leaf in IMAGE_LEAVES))
+                     r"|gc/untagged/[0-9a-f]{64}|uploads/[0-9a-f]{32}/(?:state\.json|data|tail))$"
+                     % "|".join(re.escape(leaf) for leaf in IMAGE_LEAVES))
 # Where dogestry's killed writes leave temp files (a directory store) and multipart uploads (S3).
-_GC_LEFTOVER = re.compile(r"^(?:blobs/sha256|layers|gc/untagged|images/[0-9a-f]{64})/[^/]+$")
+_GC_LEFTOVER = re.compile(r"^(?:blobs/sha256|layers|gc/untagged|images/[0-9a-f]{64}|uploads/[0-9a-f]{32})/[^/]+$")
 
 
 def gc_owns(key: str) -> bool:
@@ -4828,6 +4830,8 @@ def _pull_legacy(docker: DockerClient, store: Store, image: StoredImage, repo_ta
 # GC_RECHECK_WINDOW of those checks.  A blob is re-checked with every index entry naming it
 # (a push that reuses a layer refreshes its entry) and stays while one is young.  The README's
 # "Garbage collection" section states the guarantees; Freshness (section 9) is the push's side.
+# The registry's upload sessions (section 17) nobody added to for the grace period go too,
+# with their multipart uploads.
 
 GC_THREADS = 16
 GC_BATCH_KEYS = 1000  # DeleteObjects takes at most 1000 keys
@@ -4836,7 +4840,7 @@ GC_BATCH_KEYS = 1000  # DeleteObjects takes at most 1000 keys
 class GcUnit(NamedTuple):
     """Something gc may delete: the keys whose ages decide, the keys to delete, the bytes freed."""
 
-    kind: str  # "image", "layer" or "blob"
+    kind: str  # "image", "layer", "blob" or "upload" (an abandoned upload session)
     name: str
     check: Tuple[str, ...]
     delete: Tuple[str, ...]
@@ -5106,14 +5110,33 @@ def delete_units(store: Store, units: Sequence[GcUnit], grace: float, stop_at: f
     return deleted, spared
 
 
+def abandoned_uploads(store: Store, grace: float) -> Tuple[List[GcUnit], Set[str]]:
+    """The registry's upload sessions (section 17) none of whose keys was written for `grace`, as
+    units gc deletes (each re-checked whole: a request that adds to one keeps it), and the ids of
+    the others, whose multipart uploads are theirs however old."""
+    sessions = collections.defaultdict(list)  # type: Dict[str, List[StoreEntry]]
+    for entry in store.list_entries(UPLOADS_PREFIX):
+        if gc_owns(entry.key):
+            sessions[entry.key.split("/")[1]].append(entry)
+    units, busy = [], set()  # type: List[GcUnit], Set[str]
+    for upload_id, entries in sorted(sessions.items()):
+        if min(e.age for e in entries) < grace:
+            busy.add(upload_id)
+            continue
+        keys = tuple(e.key for e in entries)
+        units.append(GcUnit("upload", upload_id, keys, keys, sum(e.size for e in entries)))
+    return units, busy
+
+
 def collect_garbage(store: Store, grace: float, progress: ProgressSink, dry_run: bool = False,
                     clock: Callable[[], float] = time.monotonic) -> GcReport:
     """Delete (or, dry_run, list) what no tag reaches and is older than grace; see section 14."""
     store.check()
     started = clock()
     plan = plan_gc(store, grace, progress)
+    uploads, busy = abandoned_uploads(store, grace)
     if dry_run:
-        return GcReport(plan.units, 0, 0, len(plan.expired), plan)
+        return GcReport(plan.units + uploads, 0, 0, len(plan.expired), plan)
     stop_at = started + grace / 2
     done, spared = [], 0  # type: List[GcUnit], int
     for kind in ("image", "layer", "blob"):  # images first: nothing then names the layers they free;
@@ -5121,9 +5144,15 @@ def collect_garbage(store: Store, grace: float, progress: ProgressSink, dry_run:
         deleted, young = delete_units(store, [u for u in plan.units if u.kind == kind], grace, stop_at, clock)
         done.extend(deleted)
         spared += young
+    deleted, young = delete_units(store, uploads, grace, stop_at, clock)
+    done.extend(deleted)
+    spared += young
+    busy.update(u.name for u in uploads if u not in deleted)
     if plan.expired:
         store.delete_many(plan.expired)
-    return GcReport(done, spared, store.sweep_leftovers(grace, gc_leftover), len(plan.expired), plan)
+    leftovers = store.sweep_leftovers(grace, lambda key: gc_leftover(key) and not (
+        key.startswith(UPLOADS_PREFIX) and key.split("/")[1] in busy))
+    return GcReport(done, spared, leftovers, len(plan.expired), plan)
 
 
 class StoreStats(NamedTuple):
@@ -9250,9 +9279,11 @@ def cmd_gc(ctx: Context) -> int:
         ctx.stdout.write("%s %s %s (%s)\n" % (verb, kind, printable(name), human_size(size)))
     counts = collections.Counter(kind for kind, _, _ in parts)
     plan = report.plan
-    ctx.stdout.write("gc %s: %s %d images, %d layer records, %d blobs, %s%s%s%s\n" % (
+    ctx.stdout.write("gc %s: %s %d images, %d layer records, %d blobs, %s%s%s%s%s\n" % (
         store.url, verb, counts["image"], counts["layer"], counts["blob"],
         human_size(sum(u.size for u in report.deleted)),
+        "; %d abandoned upload session%s" % (counts["upload"], "s" if counts["upload"] > 1 else "")
+        if counts["upload"] else "",
         "; %d found in use again and kept" % report.spared if report.spared else "",
         "; %d leftovers of killed pushes removed" % report.leftovers if report.leftovers else "",
         "; " + held_back(plan.held_bytes, plan.held_for, grace) if plan.held_bytes else ""))
