@@ -6523,6 +6523,14 @@ class LocalUploads:
             for data in body:
                 data_file.write(data)
             data_file.sync()
+        except BaseException:  # none of this request's bytes stay
+            data_file.close()
+            if state.size:
+                with contextlib.suppress(DogestryError):
+                    UploadFile(path, keep=state.size).close()
+            else:
+                remove_file(path)
+            raise
         finally:
             data_file.close()
         return state._replace(size=state.size + data_file.size)
@@ -8531,6 +8539,8 @@ class RegistryHandler(RequestHandler):
         blob verified as it streams (its last piece held back unless the digest matches)."""
         count = last - first + 1
         if isinstance(store, LocalStore):
+            if not count:  # the empty blob: sendfile takes no count of 0
+                return
             with open(store.path(key), "rb") as f:
                 if self.connection.sendfile(f, first, count) != count:
                     raise IntegrityError("%s changed while it was sent" % key)
