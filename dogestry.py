@@ -2592,11 +2592,12 @@ class S3Client:
                     self._abort_upload(key, upload_id)
 
     def _upload_part(self, key: str, upload_id: str, path: str, part: Tuple[int, int, int], sha256_hex: str,
-                     on_progress: Callable[[int], None]) -> str:
+                     on_progress: Callable[[int], None], piece: Optional[int] = None) -> str:
+        """UploadPart of bytes offset..offset+length of a file (read `piece` bytes at a time, if given); its ETag."""
         number, offset, length = part
         resp, _ = self.call("PUT", key, query=[("partNumber", str(number)), ("uploadId", upload_id)],
                             headers={"Content-Length": str(length)},
-                            body=lambda: FileRange(path, offset, length, on_progress, self.cancelled),
+                            body=lambda: FileRange(path, offset, length, on_progress, self.cancelled, piece),
                             payload_hash=sha256_hex)
         etag = resp.getheader("ETag")
         if not etag:
@@ -2631,10 +2632,11 @@ class FileRange:
     stops the request (Interrupted) once `cancelled` is set."""
 
     def __init__(self, path: str, offset: int, length: int, on_read: Optional[Callable[[int], None]] = None,
-                 cancelled: Optional[threading.Event] = None):
+                 cancelled: Optional[threading.Event] = None, most: Optional[int] = None):
         self.f = open(path, "rb")
         self.f.seek(offset)
         self.remaining, self.on_read, self.cancelled = length, on_read, cancelled
+        self.most = most  # the most one read returns (None: what is asked)
 
     def read(self, n: int = -1) -> bytes:
         if self.cancelled is not None and self.cancelled.is_set():
@@ -2643,7 +2645,8 @@ class FileRange:
         if self.remaining <= 0:
             self.f.close()
             return b""
-        data = self.f.read(self.remaining if n is None or n < 0 else min(n, self.remaining))
+        wanted = self.remaining if n is None or n < 0 else min(n, self.remaining)
+        data = self.f.read(wanted if self.most is None else min(wanted, self.most))
         self.remaining -= len(data)
         if self.on_read and data:
             self.on_read(len(data))
@@ -6109,6 +6112,7 @@ UPLOAD_MAX = S3_MAX_PARTS * UPLOAD_PART  # the largest blob taken: S3's 10,000 p
 S3_SMALLEST_PART = 5 << 20  # S3's minimum for every part but the last
 UPLOAD_PARTS_AHEAD = 2      # parts of one upload on their way to S3 at once (each spooled to a temp file)
 UPLOAD_COPY_WORKERS = 8     # UploadPartCopy requests at once, for a blob above S3_COPY_MAX
+UPLOAD_PIECE = 256 << 10    # the bytes an upload holds in memory at once: read from its client, sent with a part
 _UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
 UPLOAD_STATE_SHAPE = {"name": str, "user": str, "size": SIZE, "multipart": str, "tail": SIZE,
                       "parts": [{"number": SIZE, "etag": str, "size": SIZE}]}
@@ -6331,7 +6335,8 @@ class PartWriter:
                 with self._lock:
                     failed = self._error is not None
                 if not failed:
-                    etag = self.client._upload_part(self.key, upload_id, path, (number, 0, size), sha, lambda n: None)
+                    etag = self.client._upload_part(self.key, upload_id, path, (number, 0, size), sha, lambda n: None,
+                                                    UPLOAD_PIECE)
                     with self._lock:
                         self.parts.append((number, etag, size))
             except BaseException as e:  # raised in the writer's thread
@@ -6429,7 +6434,8 @@ class S3Uploads:
 
     def _put_file(self, key: str, spooled: UploadFile, sha256_hex: Optional[str] = None) -> None:
         """PUT a spooled file as key (its payload hash: the file's, or the one it must have)."""
-        self.client.put(self.store._key(key), lambda: FileRange(spooled.path, 0, spooled.size, None, self.client.cancelled),
+        self.client.put(self.store._key(key), lambda: FileRange(spooled.path, 0, spooled.size, None, self.client.cancelled,
+                                                                UPLOAD_PIECE),
                         spooled.size, sha256_hex or spooled.sha.hexdigest())
 
     def complete(self, upload_id: str, state: UploadState, digest_hex: str, sha_hex: Optional[str]) -> None:
@@ -8005,26 +8011,26 @@ class RequestBody:
         """The whole body (FramingError 413 if longer than limit, 400 if cut short or malformed)."""
         return b"".join(self.pieces(limit))
 
-    def pieces(self, limit: int) -> Iterator[bytes]:
-        """The body as it arrives, in pieces of at most CHUNK bytes, never held whole (FramingError
+    def pieces(self, limit: int, piece: int = CHUNK) -> Iterator[bytes]:
+        """The body as it arrives, in pieces of at most `piece` bytes, never held whole (FramingError
         413 once it is longer than limit, 400 if it is cut short or malformed)."""
         if self.length is None:
-            yield from self._chunked_pieces(limit)
+            yield from self._chunked_pieces(limit, piece)
         else:
             if self.length > limit:
                 raise FramingError(413, "request body too large (at most %s)" % human_size(limit))
-            yield from self._exactly(self.length, "request body cut short")
+            yield from self._exactly(self.length, piece, "request body cut short")
         self.done = True
 
-    def _exactly(self, count: int, short: str) -> Iterator[bytes]:
+    def _exactly(self, count: int, piece: int, short: str) -> Iterator[bytes]:
         while count:
-            data = self.rfile.read(min(CHUNK, count))
+            data = self.rfile.read(min(piece, count))
             if not data:
                 raise FramingError(400, short)
             count -= len(data)
             yield data
 
-    def _chunked_pieces(self, limit: int) -> Iterator[bytes]:
+    def _chunked_pieces(self, limit: int, piece: int) -> Iterator[bytes]:
         total = 0
         while True:
             m = self._CHUNK_LINE.match(self.rfile.readline(1024))
@@ -8036,7 +8042,7 @@ class RequestBody:
             total += size
             if total > limit:
                 raise FramingError(413, "request body too large (at most %s)" % human_size(limit))
-            yield from self._exactly(size, "malformed chunked request body")
+            yield from self._exactly(size, piece, "malformed chunked request body")
             if self.rfile.read(2) != b"\r\n":
                 raise FramingError(400, "malformed chunked request body")
         for _ in range(64):  # trailer fields, up to the empty line
@@ -8219,10 +8225,10 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             return None
 
     def _stream_body(self, limit: int) -> Iterator[bytes]:
-        """The request body as it arrives, at most `limit` bytes (RequestBody.pieces): the client
-        has the read timeout for each piece of it, however long the whole takes."""
+        """The request body as it arrives, at most `limit` bytes, UPLOAD_PIECE at a time
+        (RequestBody.pieces): the client has the read timeout for each piece, however long the whole takes."""
         self.reader.idle = self.server.limits.read_timeout
-        return self.body.pieces(limit)
+        return self.body.pieces(limit, UPLOAD_PIECE)
 
 
 class DockerApiHandler(RequestHandler):
