@@ -424,6 +424,34 @@ def test_a_slow_but_steady_upload_outlives_the_read_timeout(tmp_path, base_env, 
     assert_created(finish(location, digest_of(blob)), digest_of(blob))
 
 
+def test_twelve_uploads_at_once_keep_the_server_small(rgw, base_env, docker_host, servers):
+    """Four docker pushes send about 12 layers at once: with 12 chunked PATCHes of 48 MiB
+    streaming into radosgw together, the server's peak RSS stays under 100 MiB (each upload
+    holds 256 KiB pieces in memory; its parts wait in small temp files)."""
+    target = s3_target(rgw, base_env, docker_host)
+    server = serve(servers, target)
+    base = [random_bytes(MiB, 100 + n) for n in range(4)]
+
+    def push(n):
+        sha, location = hashlib.sha256(), start_upload("team/app%d" % n)
+
+        def body():
+            for k in range(48):
+                piece = bytes([n]) + base[(n + k) % 4][1:]
+                sha.update(piece)
+                yield piece
+
+        assert v2("PATCH", location, body()).status == 202
+        assert_created(finish(location, "sha256:" + sha.hexdigest()), "sha256:" + sha.hexdigest(), "team/app%d" % n)
+
+    with dogestry.thread_pool(12, "test-pushes") as pool:
+        list(pool.map(push, range(12)))
+    with open("/proc/%d/status" % server.proc.pid) as f:
+        peak_kib = int([line for line in f if line.startswith("VmHWM:")][0].split()[1])
+    assert peak_kib < 100 << 10, peak_kib
+    assert len([k for k in target.keys() if k.startswith("blobs/")]) == 12 and target.multipart_uploads() == []
+
+
 def test_sessions_in_progress_are_bounded(tmp_path, base_env, docker_host, servers):
     """A server serves at most 64 sessions at a time (429 TOOMANYREQUESTS beyond); a finished or
     cancelled one makes room."""
