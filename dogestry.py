@@ -6173,12 +6173,13 @@ class UploadState(NamedTuple):
 
 class UploadFile:
     """A file an upload writes (a part spooled, a session's data, a blob on its way into a
-    directory store), hashed (sha256) and counted as it is written; an OSError (a full disk)
-    becomes a StoreError.  keep: the bytes of an existing file it goes on from (the rest of
-    it, written by a request that failed, is cut off)."""
+    directory store), counted (and, if `hashed`, hashed: sha256()) as it is written; an OSError
+    (a full disk) becomes a StoreError.  keep: the bytes of an existing file it goes on from
+    (the rest of it, written by a request that failed, is cut off)."""
 
-    def __init__(self, path: str, keep: Optional[int] = None, write_through: bool = False):
-        self.path, self.sha, self.size = path, hashlib.sha256(), 0
+    def __init__(self, path: str, keep: Optional[int] = None, write_through: bool = False, hashed: bool = False):
+        self.path, self.size = path, 0
+        self.sha = hashlib.sha256() if hashed else None
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | (0 if keep is not None else os.O_TRUNC), 0o644)
             try:
@@ -6203,9 +6204,15 @@ class UploadFile:
             n = self._sink.write(data)
         except OSError as e:
             raise self._error(e)
-        self.sha.update(data)
+        if self.sha is not None:
+            self.sha.update(data)
         self.size += n
         return n
+
+    def sha256(self) -> str:
+        """The hex sha256 of what was written (a hashed file)."""
+        assert self.sha is not None
+        return self.sha.hexdigest()
 
     def sync(self) -> None:
         """Make what was written durable (fsync)."""
@@ -6263,7 +6270,7 @@ class PartWriter:
         count = len(data)
         while data:
             if self.pending is None:
-                self.pending = UploadFile(spool_path(self.spool))
+                self.pending = UploadFile(spool_path(self.spool), hashed=True)
             room = UPLOAD_PART - self.pending.size
             piece, data = (data, b"") if len(data) <= room else (data[:room], data[room:])
             self.pending.write(piece)
@@ -6284,7 +6291,7 @@ class PartWriter:
             upload_id = self.begin()
             if len(self._workers) < UPLOAD_PARTS_AHEAD:
                 self._workers.append(start_thread(self._work, (upload_id,), "dogestry-part"))
-            self._queue.put((self.number, part.path, part.size, part.sha.hexdigest()))
+            self._queue.put((self.number, part.path, part.size, part.sha256()))
         except BaseException:
             remove_file(part.path)
             raise
@@ -6436,7 +6443,7 @@ class S3Uploads:
         """PUT a spooled file as key (its payload hash: the file's, or the one it must have)."""
         self.client.put(self.store._key(key), lambda: FileRange(spooled.path, 0, spooled.size, None, self.client.cancelled,
                                                                 UPLOAD_PIECE),
-                        spooled.size, sha256_hex or spooled.sha.hexdigest())
+                        spooled.size, sha256_hex or spooled.sha256())
 
     def complete(self, upload_id: str, state: UploadState, digest_hex: str, sha_hex: Optional[str]) -> None:
         """Make blob digest_hex of a session's bytes if they are that blob (DIGEST_INVALID if not).
@@ -6796,7 +6803,6 @@ class BlobUploads:
         if length is not None and received != length:
             raise RegistryError(400, "SIZE_INVALID", "the chunk is %d bytes, not the %d its Content-Range says"
                                 % (received, length))
-
 
 
 # === 18. Moving images without an engine: import, export, copy ===
