@@ -404,6 +404,23 @@ def test_a_client_that_stops_mid_chunk_is_cut_off_and_nothing_of_the_chunk_count
     assert_created(finish(location, digest_of(blob)), digest_of(blob))
 
 
+def test_a_chunk_framed_wrongly_is_refused_and_nothing_of_it_counts(tmp_path, base_env, docker_host, servers):
+    """A chunked body that breaks its framing halfway (a chunk without its CRLF): 400, the
+    connection closed (the rest is never read as a request), the session as it was."""
+    target = dir_target(base_env, docker_host, tmp_path)
+    serve(servers, target)
+    location = start_upload()
+    assert patch(location, b"0123456789", first=0).status == 202
+    head = b"PATCH %s HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" % location.encode()
+    with socket.create_connection((HOSTS[0], PORT), timeout=30) as sock:
+        sock.sendall(head + b"5\r\nabcde\r\n5\r\nfghijXX0\r\n\r\nGET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 400 ") and b'"BLOB_UPLOAD_INVALID"' in answer, answer
+    assert answer.count(b"HTTP/1.1 ") == 1, answer
+    assert v2("GET", location).headers.getheader("Range") == "0-9"
+    assert_created(finish(location, digest_of(b"0123456789")), digest_of(b"0123456789"))
+
+
 def test_a_slow_but_steady_upload_outlives_the_read_timeout(tmp_path, base_env, docker_host, servers):
     """While a body streams, each piece gets the read timeout anew: 3 s of trickling through a
     server with -read-timeout 1 is not cut off (a request's head still must arrive within it)."""
