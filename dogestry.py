@@ -8569,7 +8569,6 @@ class RegistryHandler(RequestHandler):
     # -- what a client may ask for --
 
 
-
 class RegistryWriteHandler(RegistryHandler):
     """The registry API's writes: blob uploads, manifests, deletes (section 17 stores them)."""
 
@@ -8701,11 +8700,12 @@ class RegistryWriteHandler(RegistryHandler):
         if header is None:
             return None, length
         m = _CHUNK_RANGE.match(header.strip())
-        first, last = (decimal_number(m.group(1)), decimal_number(m.group(2))) if m else (1, 0)
-        if last < first or (length is not None and length != last - first + 1):
-            raise RegistryError(416, "BLOB_UPLOAD_INVALID", "Content-Range %r is not <first>-<last> of the %s bytes "
-                                "sent" % (header[:60], length if length is not None else "chunked"))
-        return first, last - first + 1
+        if m:
+            first, last = decimal_number(m.group(1)), decimal_number(m.group(2))
+            if first <= last and length in (None, last - first + 1):
+                return first, last - first + 1
+        raise RegistryError(416, "BLOB_UPLOAD_INVALID", "Content-Range %r is not <first>-<last> of the %s bytes sent"
+                            % (header[:60], length if length is not None else "chunked"))
 
     # -- manifests --
 
