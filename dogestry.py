@@ -23,10 +23,11 @@ Standard library only; Python 3.8 or newer.  The module reads top to bottom:
     14. Store lifecycle: gc, prune, stats
     15. Fleets: -pullhosts, the lock file and the config file
     16. The registry API: the OCI Distribution Spec, pull side
-    17. Moving images without an engine: import, export, copy
-    18. The accelerator server (-server)
-    19. Commands
-    20. Command line and main()
+    17. The registry API: the OCI Distribution Spec, push side
+    18. Moving images without an engine: import, export, copy
+    19. The accelerator server (-server)
+    20. Commands
+    21. Command line and main()
 """
 
 import argparse
@@ -2516,9 +2517,10 @@ class S3Client:
         return True
 
     def copy_object(self, source_bucket: str, source_key: str, key: str, size: int,
-                    single_max: int = S3_COPY_MAX, part_size: int = S3_COPY_PART) -> None:
+                    single_max: int = S3_COPY_MAX, part_size: int = S3_COPY_PART, workers: int = 1) -> None:
         """Copy an object from another bucket (or key) on the same endpoint, server-side: no
-        byte passes through us.  CopyObject up to 5 GiB, UploadPartCopy above (S3 API reference)."""
+        byte passes through us.  CopyObject up to single_max (5 GiB at most), above it
+        UploadPartCopy of parts of part_size, `workers` at once (S3 API reference)."""
         source = uri_encode("/%s/%s" % (source_bucket, source_key), safe="/")
         if size <= single_max:
             _, body = self.call("PUT", key, headers={"x-amz-copy-source": source, "Content-Length": "0"})
@@ -2526,20 +2528,27 @@ class S3Client:
             if code is not None:
                 raise S3Error("CopyObject %s: %s" % (self.describe(key), code), code)
             return
+        ranges = [(number, offset, min(offset + part_size, size) - 1)
+                  for number, offset in enumerate(range(0, size, part_size), 1)]
         with self._upload_session(key) as upload_id:
-            parts = []  # type: List[Tuple[int, str]]
-            for number, offset in enumerate(range(0, size, part_size), 1):
-                last = min(offset + part_size, size) - 1
-                _, body = self.call("PUT", key, query=[("partNumber", str(number)), ("uploadId", upload_id)],
-                                    headers={"x-amz-copy-source": source, "Content-Length": "0",
-                                             "x-amz-copy-source-range": "bytes=%d-%d" % (offset, last)})
-                root = _parse_xml(body)
-                etag = _xml_text(root, ".//ETag") if root is not None else None
-                if not etag:
-                    raise S3Error("UploadPartCopy %s part %d: %s" % (self.describe(key), number,
-                                                                     _answer_error(body) or "no ETag in the answer"))
-                parts.append((number, etag))
-            self._complete_upload(key, upload_id, parts)
+            with thread_pool(min(workers, len(ranges)), "dogestry-copy") as pool:
+                etags = list(pool.map(lambda r: self.copy_part(key, upload_id, r[0], source, r[1], r[2]), ranges))
+            self._complete_upload(key, upload_id, [(r[0], etag) for r, etag in zip(ranges, etags)])
+
+    def copy_part(self, key: str, upload_id: str, number: int, source: str,
+                  first: Optional[int] = None, last: Optional[int] = None) -> str:
+        """UploadPartCopy: part `number` of an upload of key is bytes first..last of source (an
+        encoded /bucket/key; all of it without a range); its ETag."""
+        headers = {"x-amz-copy-source": source, "Content-Length": "0"}
+        if first is not None and last is not None:
+            headers["x-amz-copy-source-range"] = "bytes=%d-%d" % (first, last)
+        _, body = self.call("PUT", key, query=[("partNumber", str(number)), ("uploadId", upload_id)], headers=headers)
+        root = _parse_xml(body)
+        etag = _xml_text(root, ".//ETag") if root is not None else None
+        if not etag:
+            raise S3Error("UploadPartCopy %s part %d: %s" % (self.describe(key), number,
+                                                             _answer_error(body) or "no ETag in the answer"))
+        return etag
 
     def head_size(self, key: str) -> Optional[int]:
         """The size of an object, or None if it is absent."""
@@ -2587,11 +2596,12 @@ class S3Client:
                     self._abort_upload(key, upload_id)
 
     def _upload_part(self, key: str, upload_id: str, path: str, part: Tuple[int, int, int], sha256_hex: str,
-                     on_progress: Callable[[int], None]) -> str:
+                     on_progress: Callable[[int], None], piece: Optional[int] = None) -> str:
+        """UploadPart of bytes offset..offset+length of a file (read `piece` bytes at a time, if given); its ETag."""
         number, offset, length = part
         resp, _ = self.call("PUT", key, query=[("partNumber", str(number)), ("uploadId", upload_id)],
                             headers={"Content-Length": str(length)},
-                            body=lambda: FileRange(path, offset, length, on_progress, self.cancelled),
+                            body=lambda: FileRange(path, offset, length, on_progress, self.cancelled, piece),
                             payload_hash=sha256_hex)
         etag = resp.getheader("ETag")
         if not etag:
@@ -2626,10 +2636,11 @@ class FileRange:
     stops the request (Interrupted) once `cancelled` is set."""
 
     def __init__(self, path: str, offset: int, length: int, on_read: Optional[Callable[[int], None]] = None,
-                 cancelled: Optional[threading.Event] = None):
+                 cancelled: Optional[threading.Event] = None, most: Optional[int] = None):
         self.f = open(path, "rb")
         self.f.seek(offset)
         self.remaining, self.on_read, self.cancelled = length, on_read, cancelled
+        self.most = most  # the most one read returns (None: what is asked)
 
     def read(self, n: int = -1) -> bytes:
         if self.cancelled is not None and self.cancelled.is_set():
@@ -2638,7 +2649,8 @@ class FileRange:
         if self.remaining <= 0:
             self.f.close()
             return b""
-        data = self.f.read(self.remaining if n is None or n < 0 else min(n, self.remaining))
+        wanted = self.remaining if n is None or n < 0 else min(n, self.remaining)
+        data = self.f.read(wanted if self.most is None else min(wanted, self.most))
         self.remaining -= len(data)
         if self.on_read and data:
             self.on_read(len(data))
@@ -2967,6 +2979,7 @@ _STORE_FORMS = {
 #                                  tag no push may move to other content (older versions: protected)
 #   images/<v1-id>/migrated        `migrate --keep-legacy`: the image ID (64 hex) of the same image
 #                                  in this layout (the tag keeps the v1 id for the original tool)
+#   uploads/<32 hex>/{state.json,data,tail}  a blob upload session of the registry API (section 17)
 #
 # The original (Go) layout is read too: images/<v1-id>/{json,layer.tar,VERSION},
 # chained by "parent", with repositories/<name>/<tag> naming the top v1 id.
@@ -2983,11 +2996,11 @@ IMAGE_LEAVES = ("config.json", "manifest.json", "migrated", "json", "layer.tar",
 # The keys gc may delete, exactly: anything else under its prefixes is someone else's (a README,
 # a store nested in this one, such as s3://bucket/layers/ inside s3://bucket/) and is left alone.
 _GC_KEY = re.compile(r"^(?:images/[0-9a-f]{64}/(?:%s)|layers/[0-9a-f]{64}\.json|blobs/sha256/[0-9a-f]{64}"
-                     r"|gc/untagged/[0-9a-f]{64}|manifests/sha256/[0-9a-f]{64}"
+                     r"|gc/untagged/[0-9a-f]{64}|uploads/[0-9a-f]{32}/(?:state\.json|data|tail)|manifests/sha256/[0-9a-f]{64}"
                      r"|manifests/referrers/[0-9a-f]{64}/[0-9a-f]{64}|manifests/tags/%s(?:/%s)*/[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})$"
                      % ("|".join(re.escape(leaf) for leaf in IMAGE_LEAVES), _NAME_COMPONENT, _NAME_COMPONENT))
 # Where dogestry's killed writes leave temp files (a directory store) and multipart uploads (S3).
-_GC_LEFTOVER = re.compile(r"^(?:blobs/sha256|layers|gc/untagged|images/[0-9a-f]{64})/[^/]+$")
+_GC_LEFTOVER = re.compile(r"^(?:blobs/sha256|layers|gc/untagged|images/[0-9a-f]{64}|uploads/[0-9a-f]{32})/[^/]+$")
 
 
 def gc_owns(key: str) -> bool:
@@ -4914,6 +4927,8 @@ def _pull_legacy(docker: DockerClient, store: Store, image: StoredImage, repo_ta
 # GC_RECHECK_WINDOW of those checks.  A blob is re-checked with every index entry naming it
 # (a push that reuses a layer refreshes its entry) and stays while one is young.  The README's
 # "Garbage collection" section states the guarantees; Freshness (section 9) is the push's side.
+# The registry's upload sessions (section 17) nobody added to for the grace period go too,
+# with their multipart uploads.
 
 GC_THREADS = 16
 GC_BATCH_KEYS = 1000  # DeleteObjects takes at most 1000 keys
@@ -4922,7 +4937,7 @@ GC_BATCH_KEYS = 1000  # DeleteObjects takes at most 1000 keys
 class GcUnit(NamedTuple):
     """Something gc may delete: the keys whose ages decide, the keys to delete, the bytes freed."""
 
-    kind: str  # "image", "layer" or "blob"
+    kind: str  # "image", "layer", "blob" or "upload" (an abandoned upload session)
     name: str
     check: Tuple[str, ...]
     delete: Tuple[str, ...]
@@ -5346,14 +5361,33 @@ def delete_units(store: Store, units: Sequence[GcUnit], grace: float, stop_at: f
     return deleted, spared
 
 
+def abandoned_uploads(store: Store, grace: float) -> Tuple[List[GcUnit], Set[str]]:
+    """The registry's upload sessions (section 17) none of whose keys was written for `grace`, as
+    units gc deletes (each re-checked whole: a request that adds to one keeps it), and the ids of
+    the others, whose multipart uploads are theirs however old."""
+    sessions = collections.defaultdict(list)  # type: Dict[str, List[StoreEntry]]
+    for entry in store.list_entries(UPLOADS_PREFIX):
+        if gc_owns(entry.key):
+            sessions[entry.key.split("/")[1]].append(entry)
+    units, busy = [], set()  # type: List[GcUnit], Set[str]
+    for upload_id, entries in sorted(sessions.items()):
+        if min(e.age for e in entries) < grace:
+            busy.add(upload_id)
+            continue
+        keys = tuple(e.key for e in entries)
+        units.append(GcUnit("upload", upload_id, keys, keys, sum(e.size for e in entries)))
+    return units, busy
+
+
 def collect_garbage(store: Store, grace: float, progress: ProgressSink, dry_run: bool = False,
                     clock: Callable[[], float] = time.monotonic) -> GcReport:
     """Delete (or, dry_run, list) what no tag reaches and is older than grace; see section 14."""
     store.check()
     started = clock()
     plan = plan_gc(store, grace, progress)
+    uploads, busy = abandoned_uploads(store, grace)
     if dry_run:
-        return GcReport(plan.units, 0, 0, len(plan.expired), plan)
+        return GcReport(plan.units + uploads, 0, 0, len(plan.expired), plan)
     stop_at = started + grace / 2
     done, spared = [], 0  # type: List[GcUnit], int
     for kind in GC_KINDS:  # images and manifests first: nothing then names the layers and blobs
@@ -5361,9 +5395,15 @@ def collect_garbage(store: Store, grace: float, progress: ProgressSink, dry_run:
         deleted, young = delete_units(store, [u for u in plan.units if u.kind == kind], grace, stop_at, clock)
         done.extend(deleted)
         spared += young
+    deleted, young = delete_units(store, uploads, grace, stop_at, clock)
+    done.extend(deleted)
+    spared += young
+    busy.update(u.name for u in uploads if u not in deleted)
     if plan.expired:
         store.delete_many(plan.expired)
-    return GcReport(done, spared, store.sweep_leftovers(grace, gc_leftover), len(plan.expired), plan)
+    leftovers = store.sweep_leftovers(grace, lambda key: gc_leftover(key) and not (
+        key.startswith(UPLOADS_PREFIX) and key.split("/")[1] in busy))
+    return GcReport(done, spared, leftovers, len(plan.expired), plan)
 
 
 class StoreStats(NamedTuple):
@@ -6678,7 +6718,733 @@ def registry_access(right: str, name: str, caller: Caller, htpasswd: Optional[Ht
     raise RegistryError(403, "DENIED", "%s may %s only under %s, not %s" % (who, right, ", ".join(rights.names), name))
 
 
-# === 17. Moving images without an engine: import, export, copy ===
+# === 17. The registry API: the OCI Distribution Spec, push side ===
+#
+# What clients push through `dogestry -server STORE` is stored here; the HTTP side (routes,
+# headers, who may push) is the server's (section 19).  OCI Distribution Spec v1.1: "Push".
+
+# --- blob uploads ---
+#
+# A blob upload session is uploads/<32 hex>/ in the store:
+#   state.json   the repository name and the user it belongs to, the bytes received so far
+#                and (S3) where they are; written again by every request that adds bytes
+#   data         the bytes: a file appended to (a directory store); on S3 the key of one
+#                multipart upload, whose parts (8 MiB) go up while the bytes arrive
+#   tail         S3: the last bytes, fewer than S3's smallest part (5 MiB): the next request
+#                sends them again in front of its own, and the finish adds them as the last
+#                part with UploadPartCopy (server-side)
+# Finishing checks the bytes against the digest, with the sha256 the process that received
+# them kept, or (a session some of whose requests reached another process, or one that
+# outlived a restart) by reading them back; only then is the blob made: a rename (a
+# directory store), or completing the multipart upload into `data` and a server-side copy to
+# blobs/sha256/<hex> (S3), after which the session's keys go.  A blob whose digest is known
+# when its bytes start (a monolithic upload) goes straight to its key: a single PUT, whose
+# payload hash S3 checks, or a multipart upload completed only if the bytes hashed on the
+# way are the blob.  Nothing is a blob before its bytes matched its digest.  gc deletes
+# sessions nobody added to for its grace period, and aborts their multipart uploads.
+
+UPLOADS_PREFIX = "uploads/"
+UPLOAD_SESSIONS = 64        # sessions (and monolithic uploads) in progress at once in one server process
+UPLOAD_IDLE = 120.0         # seconds after which a session with no request stops counting among them
+UPLOAD_PART = S3_MIN_PART   # the parts of an upload on S3
+UPLOAD_MAX = S3_MAX_PARTS * UPLOAD_PART  # the largest blob taken: S3's 10,000 parts
+S3_SMALLEST_PART = 5 << 20  # S3's minimum for every part but the last
+UPLOAD_PARTS_AHEAD = 2      # parts of one upload on their way to S3 at once (each spooled to a temp file)
+UPLOAD_COPY_WORKERS = 8     # UploadPartCopy requests at once, for a blob above S3_COPY_MAX
+UPLOAD_PIECE = 256 << 10    # the bytes an upload holds in memory at once: read from its client, sent with a part
+_UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
+UPLOAD_STATE_SHAPE = {"name": str, "user": str, "size": SIZE, "multipart": str, "tail": SIZE,
+                      "parts": [{"number": SIZE, "etag": str, "size": SIZE}]}
+
+
+def upload_key(upload_id: str, leaf: str) -> str:
+    """A key of upload session upload_id (32 hex, checked)."""
+    if not _UPLOAD_ID.match(upload_id):
+        raise FormatError("not an upload session id: %r" % upload_id[:80])
+    return "%s%s/%s" % (UPLOADS_PREFIX, upload_id, leaf)
+
+
+def upload_range(size: int) -> str:
+    """The Range header of a session holding `size` bytes (0-0 when it holds none, as
+    docker/distribution answers)."""
+    return "0-%d" % max(0, size - 1)
+
+
+def upload_unknown(upload_id: str) -> RegistryError:
+    return RegistryError(404, "BLOB_UPLOAD_UNKNOWN", "blob upload %s is not known here (finished, cancelled, "
+                         "collected by gc, or another repository's or user's): start it again"
+                         % printable(upload_id[:40]))
+
+
+def too_large() -> RegistryError:
+    return RegistryError(413, "SIZE_INVALID", "a blob may be at most %s here (S3's %d parts of %s)"
+                         % (human_size(UPLOAD_MAX), S3_MAX_PARTS, human_size(UPLOAD_PART)))
+
+
+def digest_mismatch(digest_hex: str, actual_hex: str) -> RegistryError:
+    return RegistryError(400, "DIGEST_INVALID", "the bytes uploaded are not blob sha256:%s (their sha256 is %s); "
+                         "nothing was stored" % (digest_hex, actual_hex))
+
+
+class UploadState(NamedTuple):
+    """An upload session as its state.json has it."""
+
+    name: str                # the repository it was started for
+    user: str                # who started it ("" when anonymous)
+    size: int = 0            # bytes received
+    multipart: str = ""      # S3: the multipart upload of `data` ("" before its first part)
+    parts: Tuple[Tuple[int, str, int], ...] = ()  # S3: (number, ETag, size) of its parts, numbered from 1
+    tail: int = 0            # S3: the last bytes, in `tail` (fewer than S3_SMALLEST_PART)
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"name": self.name, "user": self.user, "size": self.size, "multipart": self.multipart,
+                "parts": [{"number": n, "etag": etag, "size": size} for n, etag, size in self.parts],
+                "tail": self.tail}
+
+    @classmethod
+    def from_json(cls, doc: Any, what: str) -> "UploadState":
+        check_shape(doc, UPLOAD_STATE_SHAPE, what)
+        parts = tuple((p["number"], p["etag"], p["size"]) for p in doc["parts"])
+        if (parts or doc["tail"]) and sum(size for _, _, size in parts) + doc["tail"] != doc["size"]:
+            raise FormatError("%s: its parts and tail are not its size" % what)  # (S3; a directory has neither)
+        return cls(doc["name"], doc["user"], doc["size"], doc["multipart"], parts, doc["tail"])
+
+
+class UploadFile:
+    """A file an upload writes (a part spooled, a session's data, a blob on its way into a
+    directory store), counted (and, if `hashed`, hashed: sha256()) as it is written; an OSError
+    (a full disk) becomes a StoreError.  keep: the bytes of an existing file it goes on from
+    (the rest of it, written by a request that failed, is cut off)."""
+
+    def __init__(self, path: str, keep: Optional[int] = None, write_through: bool = False, hashed: bool = False):
+        self.path, self.size = path, 0
+        self.sha = hashlib.sha256() if hashed else None
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | (0 if keep is not None else os.O_TRUNC), 0o644)
+            try:
+                if keep is not None:
+                    if os.fstat(fd).st_size < keep:
+                        raise StoreError("%s is shorter than the %d bytes its upload counts" % (path, keep))
+                    os.ftruncate(fd, keep)
+                    os.lseek(fd, keep, os.SEEK_SET)
+                self.file = os.fdopen(fd, "wb")
+            except BaseException:
+                os.close(fd)
+                raise
+        except OSError as e:
+            raise self._error(e)
+        self._sink = WriteThrough(self.file) if write_through else self.file  # type: ByteSink
+
+    def _error(self, e: OSError) -> StoreError:
+        return StoreError("cannot write %s: %s" % (self.path, _os_reason(e)))
+
+    def write(self, data: bytes) -> int:
+        try:
+            n = self._sink.write(data)
+        except OSError as e:
+            raise self._error(e)
+        if self.sha is not None:
+            self.sha.update(data)
+        self.size += n
+        return n
+
+    def sha256(self) -> str:
+        """The hex sha256 of what was written (a hashed file)."""
+        assert self.sha is not None
+        return self.sha.hexdigest()
+
+    def sync(self) -> None:
+        """Make what was written durable (fsync)."""
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        except OSError as e:
+            raise self._error(e)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.file.close()
+
+
+def spool_path(spool: Optional[str]) -> str:
+    """A new, empty temp file in spool (None: the system's temp dir) for a part on its way to S3."""
+    try:
+        fd, path = tempfile.mkstemp(prefix=".tmp-dogestry-part-", dir=spool)
+    except OSError as e:
+        raise StoreError("cannot create a temp file in %s: %s" % (spool or tempfile.gettempdir(), _os_reason(e)))
+    os.close(fd)
+    return path
+
+
+def remove_file(path: str) -> None:
+    """Remove a temp file (gone already: fine)."""
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+class PartWriter:
+    """Bytes going up to S3 as the parts of one multipart upload while they arrive.
+
+    Each part is spooled to a small temp file (its sha256, the signed payload hash, computed on
+    the way) and uploaded by one of UPLOAD_PARTS_AHEAD threads while the next part fills; when
+    they are all busy the writer waits (and with it the client).  The multipart upload is made
+    (begin()) when the first part goes up.
+    """
+
+    def __init__(self, client: S3Client, key: str, begin: Callable[[], str], first: int, spool: Optional[str]):
+        self.client, self.key, self.begin, self.number, self.spool = client, key, begin, first, spool
+        self.parts = []  # type: List[Tuple[int, str, int]]
+        self.pending = None  # type: Optional[UploadFile]  # the part being spooled
+        self._queue = queue.Queue(maxsize=1)  # type: queue.Queue
+        self._workers = []  # type: List[threading.Thread]
+        self._error = None  # type: Optional[BaseException]
+        self._lock = threading.Lock()
+
+    @property
+    def spooled(self) -> int:
+        """Bytes spooled, not yet sent as a part."""
+        return self.pending.size if self.pending else 0
+
+    def write(self, data: bytes) -> int:
+        count = len(data)
+        while data:
+            if self.pending is None:
+                self.pending = UploadFile(spool_path(self.spool), hashed=True)
+            room = UPLOAD_PART - self.pending.size
+            piece, data = (data, b"") if len(data) <= room else (data[:room], data[room:])
+            self.pending.write(piece)
+            if self.pending.size == UPLOAD_PART:
+                self.send()
+        return count
+
+    def send(self) -> None:
+        """Upload what is spooled as the next part (of any size)."""
+        part, self.pending = self.pending, None
+        if part is None:
+            return
+        part.close()
+        try:
+            self._raise_error()
+            if self.number > S3_MAX_PARTS:
+                raise too_large()
+            upload_id = self.begin()
+            if len(self._workers) < UPLOAD_PARTS_AHEAD:
+                self._workers.append(start_thread(self._work, (upload_id,), "dogestry-part"))
+            self._queue.put((self.number, part.path, part.size, part.sha256()))
+        except BaseException:
+            remove_file(part.path)
+            raise
+        self.number += 1
+
+    def take(self) -> Optional[UploadFile]:
+        """What is spooled, handed over (closed; the caller removes the file), if anything."""
+        part, self.pending = self.pending, None
+        if part is not None:
+            part.close()
+        return part
+
+    def finish(self) -> Tuple[Tuple[int, str, int], ...]:
+        """Wait for every part to be uploaded: (number, ETag, size) of each, in order (or the
+        first error a part met)."""
+        for _ in self._workers:
+            self._queue.put(None)
+        for worker in self._workers:
+            worker.join()
+        self._workers = []
+        self._raise_error()
+        return tuple(sorted(self.parts))
+
+    def close(self) -> None:
+        """Give up (after a failure): parts not yet sent are dropped, what is spooled removed."""
+        with self._lock:
+            self._error = self._error or Interrupted("the upload was given up")
+        for _ in self._workers:
+            self._queue.put(None)
+        self._workers = []
+        part = self.take()
+        if part is not None:
+            remove_file(part.path)
+
+    def _raise_error(self) -> None:
+        with self._lock:
+            error = self._error
+        if error is not None:
+            raise error
+
+    def _work(self, upload_id: str) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            number, path, size, sha = item
+            try:
+                with self._lock:
+                    failed = self._error is not None
+                if not failed:
+                    etag = self.client._upload_part(self.key, upload_id, path, (number, 0, size), sha, lambda n: None,
+                                                    UPLOAD_PIECE)
+                    with self._lock:
+                        self.parts.append((number, etag, size))
+            except BaseException as e:  # raised in the writer's thread
+                with self._lock:
+                    self._error = self._error or e
+            finally:
+                remove_file(path)
+
+
+def stored_sha256(store: Store, key: str, size: int) -> str:
+    """The hex sha256 of a stored object of `size` bytes, read back (StoreError if it is another size)."""
+    sha, count = hashlib.sha256(), 0
+    with contextlib.closing(store.open(key, size)) as f:
+        for data in iter(lambda: f.read(CHUNK), b""):
+            sha.update(data)
+            count += len(data)
+    if count != size:
+        raise StoreError("%s: %s is %d bytes, not the %d its upload counts" % (store.url, key, count, size))
+    return sha.hexdigest()
+
+
+class UploadBackend(Protocol):
+    """What a kind of store does for uploads (S3Uploads, LocalUploads)."""
+
+    def write(self, upload_id: str, state: UploadState, body: Iterable[bytes]) -> UploadState: ...
+
+    def complete(self, upload_id: str, state: UploadState, digest_hex: str, sha_hex: Optional[str]) -> None: ...
+
+    def discard(self, upload_id: str, state: UploadState, completed: bool = False) -> None: ...
+
+    def put_blob(self, digest_hex: str, body: Iterable[bytes], sha: Any) -> int: ...
+
+
+class S3Uploads:
+    """Upload sessions and monolithic uploads in an S3 store (see above)."""
+
+    def __init__(self, store: S3Store, spool: Optional[str] = None):
+        self.store, self.client, self.spool = store, store.client, spool
+
+    def _key(self, upload_id: str, leaf: str) -> str:
+        return self.store._key(upload_key(upload_id, leaf))
+
+    def _source(self, key: str) -> str:
+        """key as the x-amz-copy-source of a copy."""
+        return uri_encode("/%s/%s" % (self.client.bucket, key), safe="/")
+
+    def _create(self, key: str) -> str:
+        """A multipart upload of key; any more of them a retried request made are aborted."""
+        since = self.client.now() - UPLOAD_CLOCK_MARGIN
+        upload_id, retried = self.client._create_upload(key)
+        if retried:
+            self.client.abort_uploads(key, since=since, keep=upload_id)
+        return upload_id
+
+    def write(self, upload_id: str, state: UploadState, body: Iterable[bytes]) -> UploadState:
+        """Add the body's bytes to a session (after its tail): its new state, not yet saved."""
+        pieces = iter(body)
+        first = next(pieces, b"")
+        if not first:
+            return state
+        key = self._key(upload_id, "data")
+        made = []  # type: List[str]
+
+        def begin() -> str:
+            if not state.multipart and not made:
+                made.append(self._create(key))
+            return state.multipart or made[0]
+
+        writer = PartWriter(self.client, key, begin, len(state.parts) + 1, self.spool)
+        tail = None  # type: Optional[UploadFile]
+        try:
+            if state.tail:
+                with contextlib.closing(self.store.open(upload_key(upload_id, "tail"), state.tail)) as f:
+                    if copy_stream(f, writer, state.tail) != state.tail:
+                        raise StoreError("%s: the tail of upload %s came back short" % (self.store.url, upload_id))
+            added = writer.write(first)
+            for data in pieces:
+                added += writer.write(data)
+            if writer.spooled >= S3_SMALLEST_PART:
+                writer.send()
+            tail = writer.take()
+            parts = writer.finish()
+            if tail is not None:
+                self._put_file(upload_key(upload_id, "tail"), tail)
+        except BaseException:
+            writer.close()
+            if made:
+                self.client._abort_upload(key, made[0])
+            raise
+        finally:
+            if tail is not None:
+                remove_file(tail.path)
+        return state._replace(size=state.size + added, multipart=state.multipart or (made[0] if made else ""),
+                              parts=state.parts + parts, tail=tail.size if tail is not None else 0)
+
+    def _put_file(self, key: str, spooled: UploadFile, sha256_hex: Optional[str] = None) -> None:
+        """PUT a spooled file as key (its payload hash: the file's, or the one it must have)."""
+        self.client.put(self.store._key(key), lambda: FileRange(spooled.path, 0, spooled.size, None, self.client.cancelled,
+                                                                UPLOAD_PIECE),
+                        spooled.size, sha256_hex or spooled.sha256())
+
+    def complete(self, upload_id: str, state: UploadState, digest_hex: str, sha_hex: Optional[str]) -> None:
+        """Make blob digest_hex of a session's bytes if they are that blob (DIGEST_INVALID if not).
+        sha_hex: their sha256, if this process kept it (else they are read back)."""
+        if sha_hex is not None and sha_hex != digest_hex:
+            raise digest_mismatch(digest_hex, sha_hex)
+        source = upload_key(upload_id, "tail")  # a session of fewer bytes than one part: all of it
+        if state.multipart:
+            source = upload_key(upload_id, "data")
+            parts = [(number, etag) for number, etag, _ in state.parts]
+            if state.tail:
+                number = len(parts) + 1
+                parts.append((number, self.client.copy_part(self.store._key(source), state.multipart, number,
+                                                            self._source(self._key(upload_id, "tail")))))
+            self.client._complete_upload(self.store._key(source), state.multipart, parts)
+        if sha_hex is None:
+            sha_hex = stored_sha256(self.store, source, state.size)
+            if sha_hex != digest_hex:
+                raise digest_mismatch(digest_hex, sha_hex)
+        self.client.copy_object(self.client.bucket, self.store._key(source), self.store._key(blob_key("sha256:" + digest_hex)),
+                                state.size, workers=UPLOAD_COPY_WORKERS)
+
+    def discard(self, upload_id: str, state: UploadState, completed: bool = False) -> None:
+        """Remove a session's keys, and abort its multipart upload unless it was completed."""
+        if state.multipart and not completed:
+            self.client._abort_upload(self._key(upload_id, "data"), state.multipart)
+        self.store.delete_many([upload_key(upload_id, leaf) for leaf in ("data", "tail", "state.json")])
+
+    def put_blob(self, digest_hex: str, body: Iterable[bytes], sha: Any) -> int:
+        """Store the body as blob digest_hex, straight to its key, if it is that blob (sha: the
+        hash the body's bytes go through on their way here); its size."""
+        key = self.store._key(blob_key("sha256:" + digest_hex))
+        made = []  # type: List[str]
+
+        def begin() -> str:
+            if not made:
+                made.append(self._create(key))
+            return made[0]
+
+        writer = PartWriter(self.client, key, begin, 1, self.spool)
+        whole = None  # type: Optional[UploadFile]
+        try:
+            size = sum(writer.write(data) for data in body)
+            if made:  # more than one part: completed only if the bytes hashed on the way are the blob
+                if writer.spooled:
+                    writer.send()
+                parts = writer.finish()
+                if sha.hexdigest() != digest_hex:
+                    raise digest_mismatch(digest_hex, sha.hexdigest())
+                self.client._complete_upload(key, made[0], [(number, etag) for number, etag, _ in parts])
+                return size
+            whole = writer.take()
+            if sha.hexdigest() != digest_hex:
+                raise digest_mismatch(digest_hex, sha.hexdigest())
+            if whole is None:
+                self.store.put_bytes(blob_key("sha256:" + digest_hex), b"")
+                return 0
+            try:  # one PUT whose payload hash S3 checks against the digest
+                self._put_file(blob_key("sha256:" + digest_hex), whole, digest_hex)
+            except S3Error as e:
+                if e.code == "XAmzContentSHA256Mismatch":
+                    raise digest_mismatch(digest_hex, "another (S3 says)")
+                raise
+            return size
+        except BaseException:
+            writer.close()
+            if made:
+                self.client._abort_upload(key, made[0])
+            raise
+        finally:
+            if whole is not None:
+                remove_file(whole.path)
+
+
+class LocalUploads:
+    """Upload sessions and monolithic uploads in a directory store: files, synced and renamed."""
+
+    def __init__(self, store: LocalStore):
+        self.store = store
+
+    def write(self, upload_id: str, state: UploadState, body: Iterable[bytes]) -> UploadState:
+        """Add the body's bytes to a session's data file: its new state, not yet saved."""
+        path = self.store.path(upload_key(upload_id, "data"))
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        except OSError as e:
+            raise StoreError("%s: cannot write %s: %s" % (self.store.url, path, _os_reason(e)))
+        data_file = UploadFile(path, keep=state.size, write_through=True)
+        try:
+            for data in body:
+                data_file.write(data)
+            data_file.sync()
+        except BaseException:  # none of this request's bytes stay
+            data_file.close()
+            if state.size:
+                with contextlib.suppress(DogestryError):
+                    UploadFile(path, keep=state.size).close()
+            else:
+                remove_file(path)
+            raise
+        finally:
+            data_file.close()
+        return state._replace(size=state.size + data_file.size)
+
+    def complete(self, upload_id: str, state: UploadState, digest_hex: str, sha_hex: Optional[str]) -> None:
+        """Make blob digest_hex of a session's bytes if they are that blob (DIGEST_INVALID if not):
+        the data file, cut to the session's size, synced and renamed."""
+        key = upload_key(upload_id, "data")
+        UploadFile(self.store.path(key), keep=state.size).close()  # what failed requests added goes
+        if sha_hex is None:
+            sha_hex = stored_sha256(self.store, key, state.size)
+        if sha_hex != digest_hex:
+            raise digest_mismatch(digest_hex, sha_hex)
+        if not self.store._move_into_place(blob_key("sha256:" + digest_hex), self.store.path(key)):
+            raise StoreError("%s: cannot rename %s into place" % (self.store.url, key))
+
+    def discard(self, upload_id: str, state: UploadState, completed: bool = False) -> None:
+        """Remove a session's files."""
+        for leaf in ("data", "state.json"):
+            self.store.delete(upload_key(upload_id, leaf))
+
+    def put_blob(self, digest_hex: str, body: Iterable[bytes], sha: Any) -> int:
+        """Store the body as blob digest_hex if it is that blob (sha: the hash the body's bytes go
+        through on their way here): a temp file beside it, synced and renamed; its size."""
+        target = self.store.path(blob_key("sha256:" + digest_hex))
+        try:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            fd, path = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(target))
+            os.close(fd)
+        except OSError as e:
+            raise StoreError("%s: cannot write %s: %s" % (self.store.url, target, _os_reason(e)))
+        blob = UploadFile(path, write_through=True)
+        try:
+            for data in body:
+                blob.write(data)
+            blob.sync()
+            blob.close()
+            if sha.hexdigest() != digest_hex:
+                raise digest_mismatch(digest_hex, sha.hexdigest())
+            try:
+                os.chmod(path, 0o644)
+                os.replace(path, target)
+            except OSError as e:
+                raise StoreError("%s: cannot write %s: %s" % (self.store.url, target, _os_reason(e)))
+        finally:
+            blob.close()
+            remove_file(path)
+        return blob.size
+
+
+class UploadSession:
+    """A session this process serves: its state as last seen, the sha256 of its bytes (None when
+    some of them reached another process, or the one before a restart), one request at a time."""
+
+    def __init__(self, state: Optional[UploadState], sha: Any, now: float):
+        self.state, self.sha, self.used = state, sha, now
+        self.lock = threading.Lock()
+
+
+class BlobUploads:
+    """The blob uploads of one store: sessions (at most `most` in progress in this process at a
+    time, with monolithic uploads) and monolithic uploads.  Errors are the registry API's."""
+
+    def __init__(self, store: Store, refresh: float = GC_MIN_GRACE / 4, spool: Optional[str] = None,
+                 clock: Callable[[], float] = time.monotonic, most: int = UPLOAD_SESSIONS, idle: float = UPLOAD_IDLE):
+        self.store, self.refresh, self.clock, self.most, self.idle = store, refresh, clock, most, idle
+        self.backend = self._backend(store, spool)
+        self._sessions = {}  # type: Dict[str, UploadSession]
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _backend(store: Store, spool: Optional[str]) -> UploadBackend:
+        if isinstance(store, S3Store):
+            return S3Uploads(store, spool)
+        if isinstance(store, LocalStore):
+            return LocalUploads(store)
+        raise StoreError("%s: this kind of store takes no uploads" % store.url)
+
+    def start(self, name: str, user: str) -> str:
+        """A new session for repository `name` and `user`: its id."""
+        upload_id = binascii.hexlify(os.urandom(16)).decode()
+        state = UploadState(name, user)
+        with self._lock:
+            self._admit(upload_id, UploadSession(state, hashlib.sha256(), self.clock()))
+        try:
+            self._save(upload_id, state)
+        except BaseException:
+            with self._lock:
+                self._sessions.pop(upload_id, None)
+            raise
+        return upload_id
+
+    def status(self, upload_id: str, name: str, user: str) -> int:
+        """The bytes a session holds."""
+        return self._read(upload_id, name, user).size
+
+    def append(self, upload_id: str, name: str, user: str, body: Iterable[bytes], first: Optional[int] = None,
+               length: Optional[int] = None) -> int:
+        """Add the body's bytes to a session (first: where the client says they start, length: how
+        many it says they are); the bytes the session holds then."""
+        with self._claim(upload_id, name, user) as session:
+            return self._append(upload_id, session, body, first, length).size
+
+    def finish(self, upload_id: str, name: str, user: str, digest_hex: str, body: Iterable[bytes],
+               first: Optional[int] = None, length: Optional[int] = None) -> int:
+        """Add the body's bytes (if any), then make blob digest_hex of the session's bytes if they
+        are that blob (DIGEST_INVALID if not); the session is gone either way.  The blob's size."""
+        with self._claim(upload_id, name, user) as session:
+            state = session.state
+            assert state is not None
+            self._check_range(state, first, length)  # a 416 leaves the session as it was
+            try:
+                if state.size == 0:  # all of the blob in this request: straight to its key
+                    size = self._put(digest_hex, body, length)
+                else:
+                    state = self._append(upload_id, session, body, first, length)
+                    self.backend.complete(upload_id, state, digest_hex, session.sha.hexdigest() if session.sha else None)
+                    size = state.size
+            except BaseException:
+                self._forget(upload_id, session, session.state or state, False)
+                raise
+            self._forget(upload_id, session, state, True)
+            return size
+
+    def cancel(self, upload_id: str, name: str, user: str) -> None:
+        """Drop a session and its bytes."""
+        with self._claim(upload_id, name, user) as session:
+            assert session.state is not None
+            self._forget(upload_id, session, session.state, False)
+
+    def put(self, digest_hex: str, body: Iterable[bytes], length: Optional[int] = None) -> int:
+        """A monolithic upload: the body stored as blob digest_hex if it is that blob; its size."""
+        token = "monolithic-" + binascii.hexlify(os.urandom(8)).decode()
+        upload = UploadSession(None, None, self.clock())
+        upload.lock.acquire()  # in progress: never idle
+        with self._lock:
+            self._admit(token, upload)
+        try:
+            return self._put(digest_hex, body, length)
+        finally:
+            with self._lock:
+                self._sessions.pop(token, None)
+
+    # -- the sessions this process serves --
+
+    def _admit(self, upload_id: str, session: UploadSession) -> UploadSession:
+        """Count a session in (the caller holds _lock): 429 when `most` are in progress."""
+        now = self.clock()
+        for key, other in list(self._sessions.items()):
+            if now - other.used > self.idle and not other.lock.locked():
+                del self._sessions[key]
+        if len(self._sessions) >= self.most:
+            raise RegistryError(429, "TOOMANYREQUESTS", "this server has %d uploads in progress, as many as it takes "
+                                "at once: try again in a moment" % self.most, {"Retry-After": "10"})
+        self._sessions[upload_id] = session
+        return session
+
+    @contextlib.contextmanager
+    def _claim(self, upload_id: str, name: str, user: str) -> Iterator[UploadSession]:
+        """A session of this name and user (404 BLOB_UPLOAD_UNKNOWN for any other, or for no
+        session id at all), as the store has it now, for one request at a time."""
+        if not _UPLOAD_ID.match(upload_id):
+            raise upload_unknown(upload_id)
+        with self._lock:
+            session = self._sessions.get(upload_id) or self._admit(upload_id, UploadSession(None, None, self.clock()))
+        if not session.lock.acquire(blocking=False):
+            raise RegistryError(416, "BLOB_UPLOAD_INVALID", "another request is adding to this upload now")
+        try:
+            try:
+                state = self._read(upload_id, name, user)
+            except RegistryError:
+                with self._lock:
+                    if self._sessions.get(upload_id) is session:
+                        del self._sessions[upload_id]
+                raise
+            if state != session.state:  # new here, or another process added to it: the hash is not ours
+                session.state, session.sha = state, None
+            yield session
+        finally:
+            session.used = self.clock()
+            session.lock.release()
+
+    def _forget(self, upload_id: str, session: UploadSession, state: UploadState, completed: bool) -> None:
+        """A session is over: its keys go (a failure to delete them is left to gc), and this process forgets it."""
+        with self._lock:
+            if self._sessions.get(upload_id) is session:
+                del self._sessions[upload_id]
+        with contextlib.suppress(DogestryError):
+            self.backend.discard(upload_id, state, completed)
+
+    def _read(self, upload_id: str, name: str, user: str) -> UploadState:
+        """A session's state from the store, if it is this name's and this user's."""
+        if not _UPLOAD_ID.match(upload_id):
+            raise upload_unknown(upload_id)
+        key = upload_key(upload_id, "state.json")
+        try:
+            state = UploadState.from_json(read_json(self.store, key, UPLOAD_STATE_SHAPE), key)
+        except (NotFound, FormatError):
+            raise upload_unknown(upload_id)
+        if state.name != name or state.user != user:
+            raise upload_unknown(upload_id)
+        return state
+
+    def _save(self, upload_id: str, state: UploadState) -> None:
+        write_json(self.store, upload_key(upload_id, "state.json"), state.to_json())
+
+    # -- bytes --
+
+    def _check_range(self, state: UploadState, first: Optional[int], length: Optional[int]) -> None:
+        """416 unless bytes said to start at `first` go on where the session is; 413 if they would
+        make it too large."""
+        if first is not None and first != state.size:
+            raise RegistryError(416, "BLOB_UPLOAD_INVALID", "the chunk starts at byte %d, but the upload holds %d "
+                                "bytes: send the bytes from there" % (first, state.size), {"Range": upload_range(state.size)})
+        if length is not None and state.size + length > UPLOAD_MAX:
+            raise too_large()
+
+    def _append(self, upload_id: str, session: UploadSession, body: Iterable[bytes], first: Optional[int],
+                length: Optional[int]) -> UploadState:
+        """Add bytes to a session (the caller holds it): its new state; a failure leaves it as it was."""
+        state = session.state
+        assert state is not None
+        self._check_range(state, first, length)
+        before = session.sha.copy() if session.sha is not None else None
+        try:
+            new = self.backend.write(upload_id, state, self._counted(body, state.size, length, session.sha, upload_id))
+            if new != state:
+                self._save(upload_id, new)
+        except BaseException:
+            session.sha = before
+            raise
+        session.state = new
+        return new
+
+    def _put(self, digest_hex: str, body: Iterable[bytes], length: Optional[int]) -> int:
+        if length is not None and length > UPLOAD_MAX:
+            raise too_large()
+        sha = hashlib.sha256()
+        return self.backend.put_blob(digest_hex, self._counted(body, 0, length, sha, ""), sha)
+
+    def _counted(self, body: Iterable[bytes], start: int, length: Optional[int], sha: Any,
+                 upload_id: str) -> Iterator[bytes]:
+        """The body's bytes, hashed (sha, if not None) on their way, at most UPLOAD_MAX with the
+        `start` bytes before them, and `length` of them if that was said.  A long body keeps its
+        session's state.json young (every `refresh` seconds), so gc leaves the session be."""
+        received, touched = 0, self.clock()
+        for data in body:
+            received += len(data)
+            if start + received > UPLOAD_MAX:
+                raise too_large()
+            if sha is not None:
+                sha.update(data)
+            if upload_id and self.clock() - touched >= self.refresh:
+                self.store.touch(upload_key(upload_id, "state.json"))
+                touched = self.clock()
+            yield data
+        if length is not None and received != length:
+            raise RegistryError(400, "SIZE_INVALID", "the chunk is %d bytes, not the %d its Content-Range says"
+                                % (received, length))
+
+
+# === 18. Moving images without an engine: import, export, copy ===
 #
 # import reads the archives `docker save` (all three shapes, section 10), `podman save`
 # (docker-archive and oci-archive), skopeo, buildah and `buildx --output type=oci` write,
@@ -7428,7 +8194,7 @@ def copy_image(found: FoundImage, dst: Store, copier: BlobCopier, progress: Prog
     return image.image_id
 
 
-# === 18. The accelerator server (-server) ===
+# === 19. The accelerator server (-server) ===
 #
 # Speaks just enough of the Docker Engine API for `docker pull` and dogestry clients:
 # HEAD/GET /_ping, GET /version, POST /images/create, the original's /status/check, and
@@ -7450,6 +8216,8 @@ _VERSION_PREFIX = re.compile(r"^/v[0-9]+(?:\.[0-9]+)?(/.*)$")
 _TAGS_ROUTE = re.compile(r"^/v2/(.+)/tags/list$")
 _CONTENT_ROUTE = re.compile(r"^/v2/(.+)/(manifests|blobs)/([^/]+)$")
 _REFERRERS_ROUTE = re.compile(r"^/v2/(.+)/referrers/([^/]+)$")
+_UPLOADS_ROUTE = re.compile(r"^/v2/(.+)/blobs/uploads/([^/]*)$")
+_CHUNK_RANGE = re.compile(r"^(?:bytes[ =])?([0-9]{1,30})-([0-9]{1,30})(?:/(?:[0-9]{1,30}|\*))?$")
 _PRESIGN_PARAMS = frozenset(("X-Amz-Algorithm", "X-Amz-Credential", "X-Amz-Date", "X-Amz-Expires",
                              "X-Amz-SignedHeaders", "X-Amz-Signature", "X-Amz-Security-Token", "x-id"))
 _BLOB_KEY = re.compile(r"^blobs/sha256/[0-9a-f]{64}$")
@@ -7658,12 +8426,14 @@ class DogestryServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
                  presigned_store: Callable[[S3Location, Dict[str, str], Dict[str, int]], Store],
                  log: IO[str], errors: IO[str], tls: Optional[ssl.SSLContext] = None,
                  limits: ServerLimits = ServerLimits(), private: str = "", registry: Optional[Registry] = None,
-                 htpasswd: Optional[Htpasswd] = None, redirect: bool = True, anonymous_push: bool = False):
+                 htpasswd: Optional[Htpasswd] = None, redirect: bool = True, anonymous_push: bool = False,
+                 uploads: Optional[BlobUploads] = None):
         super().__init__(address, ServerHandler)
         self.docker, self.policy, self.open_store, self.presigned_store = docker, policy, open_store, presigned_store
         self.log, self.errors, self.tls, self.limits = log, errors, tls, limits
         self.registry, self.htpasswd, self.redirect = registry, htpasswd, redirect
         self.anonymous_push = anonymous_push  # -anonymous-push: anyone who reaches the port may push
+        self.uploads = uploads  # the registry's blob uploads (with a registry)
         self.inflight = {}  # type: Dict[str, "concurrent.futures.Future[str]"]
         self.inflight_lock = threading.Lock()
         self.log_lock = threading.Lock()
@@ -7873,7 +8643,7 @@ class FramingError(DogestryError):
 
 
 class RequestBody:
-    """A request's body as its headers frame it; only read whole, up to a limit."""
+    """A request's body as its headers frame it: read whole up to a limit, or streamed in pieces."""
 
     _CHUNK_LINE = re.compile(rb"^([0-9A-Fa-f]{1,8})[ \t]*(?:;[^\r\n]*)?\r\n$")
 
@@ -7902,33 +8672,39 @@ class RequestBody:
 
     def read(self, limit: int) -> bytes:
         """The whole body (FramingError 413 if longer than limit, 400 if cut short or malformed)."""
+        return b"".join(self.pieces(limit))
+
+    def pieces(self, limit: int, piece: int = CHUNK) -> Iterator[bytes]:
+        """The body as it arrives, in pieces of at most `piece` bytes, never held whole (FramingError
+        413 once it is longer than limit, 400 if it is cut short or malformed)."""
         if self.length is None:
-            data = self._read_chunked(limit)
+            yield from self._chunked_pieces(limit, piece)
         else:
             if self.length > limit:
                 raise FramingError(413, "request body too large (at most %s)" % human_size(limit))
-            data = self.rfile.read(self.length)
-            if len(data) != self.length:
-                raise FramingError(400, "request body cut short")
+            yield from self._exactly(self.length, piece, "request body cut short")
         self.done = True
-        return data
 
     def discard(self, limit: int) -> bool:
         """Read and drop a body of known length up to limit bytes (so its client can read an answer
         refusing it); False, and nothing read, for a longer or chunked one."""
         if self.length is None or self.length > limit:
             return False
-        left = self.length
-        while left:
-            data = self.rfile.read(min(CHUNK, left))
-            if not data:
-                return False
-            left -= len(data)
+        for _ in self._exactly(self.length, CHUNK, "request body cut short"):
+            pass
         self.done = True
         return True
 
-    def _read_chunked(self, limit: int) -> bytes:
-        parts, total = [], 0
+    def _exactly(self, count: int, piece: int, short: str) -> Iterator[bytes]:
+        while count:
+            data = self.rfile.read(min(piece, count))
+            if not data:
+                raise FramingError(400, short)
+            count -= len(data)
+            yield data
+
+    def _chunked_pieces(self, limit: int, piece: int) -> Iterator[bytes]:
+        total = 0
         while True:
             m = self._CHUNK_LINE.match(self.rfile.readline(1024))
             if not m:
@@ -7939,14 +8715,13 @@ class RequestBody:
             total += size
             if total > limit:
                 raise FramingError(413, "request body too large (at most %s)" % human_size(limit))
-            data = self.rfile.read(size + 2)
-            if len(data) != size + 2 or not data.endswith(b"\r\n"):
+            yield from self._exactly(size, piece, "malformed chunked request body")
+            if self.rfile.read(2) != b"\r\n":
                 raise FramingError(400, "malformed chunked request body")
-            parts.append(data[:-2])
         for _ in range(64):  # trailer fields, up to the empty line
             line = self.rfile.readline(8192)
             if line == b"\r\n":
-                return b"".join(parts)
+                return
             if not line.endswith(b"\r\n"):
                 break
         raise FramingError(400, "malformed chunked request trailer")
@@ -7954,18 +8729,26 @@ class RequestBody:
 
 class DeadlineReader(io.RawIOBase):
     """Reads a socket so that a request must arrive whole before a deadline: one byte every
-    few seconds cannot hold a connection (the socket's own timeout is per read)."""
+    few seconds cannot hold a connection (the socket's own timeout is per read).
+
+    While a body streams (`idle` set: an upload of any size), the deadline moves forward each
+    time the server asks for more of it: a client that sends nothing for `idle` seconds is cut
+    off, and the time the server spends storing what came is not the client's.
+    """
 
     def __init__(self, sock: socket.socket, write_timeout: float):
         super().__init__()
         self.sock, self.write_timeout = sock, write_timeout
         self.deadline = time.monotonic()
+        self.idle = None  # type: Optional[float]
         self.received = 0
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
+        if self.idle is not None:
+            self.deadline = time.monotonic() + self.idle
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise socket.timeout("the request took too long")
@@ -8019,6 +8802,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         """Read one request within the deadline, answer it; close when its body went unread."""
         self.server.set_waiting(self.connection, True)
         self.reader.deadline = time.monotonic() + self.server.limits.read_timeout
+        self.reader.idle = None
         self.body, self.answered = RequestBody(self.rfile, 0), False
         received = self.reader.received
         try:
@@ -8112,6 +8896,12 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             self._refuse(e.status, str(e))
             return None
+
+    def _stream_body(self, limit: int) -> Iterator[bytes]:
+        """The request body as it arrives, at most `limit` bytes, UPLOAD_PIECE at a time
+        (RequestBody.pieces): the client has the read timeout for each piece, however long the whole takes."""
+        self.reader.idle = self.server.limits.read_timeout
+        return self.body.pieces(limit, UPLOAD_PIECE)
 
 
 class DockerApiHandler(RequestHandler):
@@ -8324,6 +9114,10 @@ class RegistryHandler(RequestHandler):
             self._registry_send(e.status, registry_error_body(e.code, self.server.public(str(e))), extra=extra)
         except TagImmutable as e:  # the spec has no code of its own for it
             self._registry_send(403, registry_error_body("DENIED", self.server.public(str(e))))
+        except FramingError as e:  # an upload's body, framed wrongly or too large
+            self.close_connection = True
+            self._registry_send(e.status, registry_error_body("SIZE_INVALID" if e.status == 413 else
+                                                              "BLOB_UPLOAD_INVALID", str(e)))
         except NotFound as e:
             self._registry_send(404, registry_error_body("MANIFEST_UNKNOWN", self.server.public(str(e))))
         except DogestryError as e:  # the store failed (S3 down, a broken image): not the client's fault
@@ -8332,6 +9126,15 @@ class RegistryHandler(RequestHandler):
     def _registry_send(self, status: int, body: bytes, content_type: str = "application/json",
                        extra: Optional[Dict[str, str]] = None) -> None:
         self._send(status, body, content_type, dict(REGISTRY_API_HEADERS, **(extra or {})))
+
+    def _registry_empty(self, status: int, headers: Dict[str, str]) -> None:
+        """An answer whose headers say it all (no body; a 204 without Content-Length, RFC 9110 8.6)."""
+        self.send_response(status)
+        if status != 204:
+            self.send_header("Content-Length", "0")
+        for name, value in dict(REGISTRY_API_HEADERS, **headers).items():
+            self.send_header(name, value)
+        self.end_headers()
 
     def _registry_answer(self) -> None:
         """Who may ask, then the read or the write asked for."""
@@ -8347,6 +9150,10 @@ class RegistryHandler(RequestHandler):
     def _registry_write(self, registry: Registry) -> None:
         """A write (POST, PUT, PATCH, DELETE): refused here (RegistryWriteHandler answers them)."""
         raise RegistryError(405, "UNSUPPORTED", "this registry is read-only: push with dogestry push")
+
+    def _upload_status(self, registry: Registry, name: str, upload_id: str) -> None:
+        """GET of an upload session: none here (RegistryWriteHandler answers it)."""
+        raise RegistryError(404, "BLOB_UPLOAD_UNKNOWN", "this registry takes no uploads")
 
     def _require(self, right: str, name: str) -> None:
         """Go on only if the request's user may `right` (pull, push, delete) repository `name`:
@@ -8393,6 +9200,9 @@ class RegistryHandler(RequestHandler):
         m = _REFERRERS_ROUTE.match(route)
         if m:
             return self._referrers(registry, repository_name(m.group(1)), m.group(2), query)
+        m = _UPLOADS_ROUTE.match(route)
+        if m and m.group(2):
+            return self._upload_status(registry, repository_name(m.group(1)), m.group(2))
         m = _CONTENT_ROUTE.match(route)
         if not m:
             raise RegistryError(404, "NAME_UNKNOWN", "%s is not part of the registry API" % route[:100])
@@ -8455,6 +9265,8 @@ class RegistryHandler(RequestHandler):
         blob verified as it streams (its last piece held back unless the digest matches)."""
         count = last - first + 1
         if isinstance(store, LocalStore):
+            if not count:  # the empty blob: sendfile takes no count of 0
+                return
             with open(store.path(key), "rb") as f:
                 if self.connection.sendfile(f, first, count) != count:
                     raise IntegrityError("%s changed while it was sent" % key)
@@ -8469,9 +9281,6 @@ class RegistryHandler(RequestHandler):
                 raise IntegrityError("%s came back short" % key)
 
     # -- what a client may ask for --
-
-
-_UPLOADS_ROUTE = re.compile(r"^/v2/(.+)/blobs/uploads/([^/]*)$")
 
 
 class RegistryWriteHandler(RegistryHandler):
@@ -8502,19 +9311,115 @@ class RegistryWriteHandler(RegistryHandler):
 
     def _upload_start(self, registry: Registry, name: str) -> None:
         """POST /v2/<name>/blobs/uploads/: a session, a monolithic upload (?digest=) or a mount (?mount=)."""
-        raise RegistryError(405, "UNSUPPORTED", "uploads are not served yet")
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+        if query.get("mount") and self._mount(registry, name, query):
+            return
+        if query.get("digest"):
+            digest_hex = self._digest_param(query)
+            self._uploads().put(digest_hex, self._stream_body(UPLOAD_MAX), self.body.length)
+            return self._blob_created(name, digest_hex)
+        upload_id = self._uploads().start(name, self._pusher())
+        self._registry_empty(202, dict(self._upload_headers(name, upload_id), Range=upload_range(0)))
+
+    def _mount(self, registry: Registry, name: str, query: Mapping[str, List[str]]) -> bool:
+        """?mount=<digest>&from=<name>: 201 if the store has the blob (the store is content
+        addressed: any repository's blob, or an image's config, as GET serves them); False, to
+        start a session instead, if it has not or the arguments are not valid (the spec's fallback)."""
+        source = (query.get("from") or [""])[0]
+        try:
+            if source:
+                self._require("pull", repository_name(source))
+            registry.blob(query["mount"][0])
+        except RegistryError as e:
+            if e.status in (401, 403):
+                raise
+            return False
+        self._blob_created(name, digest_hex(query["mount"][0]))
+        return True
 
     def _upload_chunk(self, registry: Registry, name: str, session: str) -> None:
         """PATCH /v2/<name>/blobs/uploads/<id>: more bytes of a session."""
-        raise RegistryError(405, "UNSUPPORTED", "uploads are not served yet")
+        try:
+            first, length = self._chunk_range()
+            size = self._uploads().append(session, name, self._pusher(), self._stream_body(UPLOAD_MAX), first, length)
+        except RegistryError as e:
+            raise self._with_upload_headers(e, name, session)
+        self._registry_empty(202, dict(self._upload_headers(name, session), Range=upload_range(size)))
 
     def _upload_finish(self, registry: Registry, name: str, session: str) -> None:
         """PUT /v2/<name>/blobs/uploads/<id>?digest=: the last bytes, then the blob is checked and stored."""
-        raise RegistryError(405, "UNSUPPORTED", "uploads are not served yet")
+        digest_hex = self._digest_param(urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query))
+        try:
+            first, length = self._chunk_range()
+            self._uploads().finish(session, name, self._pusher(), digest_hex, self._stream_body(UPLOAD_MAX),
+                                   first, length)
+        except RegistryError as e:
+            raise self._with_upload_headers(e, name, session)
+        self._blob_created(name, digest_hex)
 
     def _upload_cancel(self, registry: Registry, name: str, session: str) -> None:
         """DELETE /v2/<name>/blobs/uploads/<id>: the session and its bytes go."""
-        raise RegistryError(405, "UNSUPPORTED", "uploads are not served yet")
+        self._uploads().cancel(session, name, self._pusher())
+        self._registry_empty(204, {})
+
+    def _upload_status(self, registry: Registry, name: str, upload_id: str) -> None:
+        """GET /v2/<name>/blobs/uploads/<id>: how many bytes a session holds (its Range)."""
+        self._require("push", name)
+        size = self._uploads().status(upload_id, name, self._pusher())
+        self._registry_empty(204, dict(self._upload_headers(name, upload_id), Range=upload_range(size)))
+
+    def _uploads(self) -> BlobUploads:
+        uploads = self.server.uploads
+        if uploads is None:
+            raise RegistryError(405, "UNSUPPORTED", "this registry takes no uploads")
+        return uploads
+
+    def _pusher(self) -> str:
+        """Who is pushing, as sessions remember it: the user _require let through ("" when anonymous)."""
+        return self._user()
+
+    def _upload_headers(self, name: str, upload_id: str) -> Dict[str, str]:
+        return {"Location": "/v2/%s/blobs/uploads/%s" % (name, upload_id), "Docker-Upload-UUID": upload_id,
+                "Blob-Upload-Session-ID": upload_id}
+
+    def _with_upload_headers(self, error: RegistryError, name: str, upload_id: str) -> RegistryError:
+        """A 416 says where the session is (Range) and where to go on (Location), as the spec asks."""
+        if error.status == 416:
+            if "Range" not in error.headers:
+                with contextlib.suppress(RegistryError):
+                    error.headers["Range"] = upload_range(self._uploads().status(upload_id, name, self._pusher()))
+            error.headers.update(self._upload_headers(name, upload_id))
+        return error
+
+    def _blob_created(self, name: str, digest_hex: str) -> None:
+        digest = "sha256:" + digest_hex
+        self._registry_empty(201, {"Location": "/v2/%s/blobs/%s" % (name, digest), "Docker-Content-Digest": digest})
+
+    def _digest_param(self, query: Mapping[str, List[str]]) -> str:
+        """The hex of the ?digest= a blob is taken with (every one given: the same sha256 digest)."""
+        digests = query.get("digest") or []
+        if not digests:
+            raise RegistryError(400, "DIGEST_INVALID", "finishing an upload needs ?digest=sha256:<hex>")
+        found = {check_digest(digest) for digest in digests}
+        if len(found) != 1 or None in found:
+            raise RegistryError(400, "DIGEST_INVALID", "blobs are taken with one sha256 digest (got %s)"
+                                % ", ".join(d[:80] for d in digests[:4]))
+        return found.pop() or ""
+
+    def _chunk_range(self) -> Tuple[Optional[int], Optional[int]]:
+        """(first byte, length) of the bytes a request brings, as its Content-Range and framing say
+        (None where they do not): 416 for a Content-Range of another form or length (the spec's answer)."""
+        length = self.body.length
+        header = self.headers.get("Content-Range")
+        if header is None:
+            return None, length
+        m = _CHUNK_RANGE.match(header.strip())
+        if m:
+            first, last = decimal_number(m.group(1)), decimal_number(m.group(2))
+            if first <= last and length in (None, last - first + 1):
+                return first, last - first + 1
+        raise RegistryError(416, "BLOB_UPLOAD_INVALID", "Content-Range %r is not <first>-<last> of the %s bytes sent"
+                            % (header[:60], length if length is not None else "chunked"))
 
     # -- manifests --
 
@@ -8568,7 +9473,7 @@ class ServerHandler(DockerApiHandler, RegistryWriteHandler):
     do_DELETE = do_PATCH = do_PUT
 
 
-# === 19. Commands ===
+# === 20. Commands ===
 
 
 class StaticCredentials:
@@ -8809,12 +9714,20 @@ def cmd_server(ctx: Context) -> int:
         assert choice.location is not None
         return ctx.s3_store(choice.location, creds)
 
+    uploads, spool = None, contextlib.ExitStack()  # type: Optional[BlobUploads], contextlib.ExitStack
+    if registry is not None:  # S3 parts are spooled in a temp dir of the server's own
+        parts = None if isinstance(registry.store, LocalStore) else spool.enter_context(work_directory(options.tempdir))
+        uploads = BlobUploads(registry.store, gc_min_grace(ctx.environ) / 4, parts)
     try:
         server = DogestryServer((options.address, options.port), ctx.docker(), policy, open_for,
                                 ctx.presigned_store, ctx.stdout, ctx.stderr, tls, limits, private, registry,
-                                htpasswd, options.redirect, options.anonymous_push)
+                                htpasswd, options.redirect, options.anonymous_push, uploads)
     except OSError as e:
+        spool.close()
         raise DogestryError("cannot listen on %s:%d: %s" % (options.address, options.port, _os_reason(e)))
+    except BaseException:
+        spool.close()
+        raise
     ctx.stdout.write("dogestry server %s listening on %s:%d%s (Docker at %s; %d connections at most, %s)\n"
                      % (__version__, options.address, server.server_address[1],
                         " with TLS" + (", client certificates required" if options.tlsverify else "") if tls else "",
@@ -8831,6 +9744,7 @@ def cmd_server(ctx: Context) -> int:
         ctx.stdout.write("dogestry server stopped\n")
     finally:
         server.server_close()
+        spool.close()  # the temp dir of uploads' parts
     return 0
 
 
@@ -9137,11 +10051,13 @@ def cmd_gc(ctx: Context) -> int:
         ctx.stdout.write("%s %s %s (%s)\n" % (verb, kind, printable(name), human_size(size)))
     counts = collections.Counter(kind for kind, _, _ in parts)
     plan = report.plan
-    ctx.stdout.write("gc %s: %s %d images, %d layer records, %d blobs, %s%s%s%s%s\n" % (
+    ctx.stdout.write("gc %s: %s %d images, %d layer records, %d blobs, %s%s%s%s%s%s\n" % (
         store.url, verb, counts["image"], counts["layer"], counts["blob"],
         "%d manifests, %d other records, " % (counts["manifest"], counts["record"])
         if counts["manifest"] or counts["record"] else "",
         human_size(sum(u.size for u in report.deleted)),
+        "; %d abandoned upload session%s" % (counts["upload"], "s" if counts["upload"] > 1 else "")
+        if counts["upload"] else "",
         "; %d found in use again and kept" % report.spared if report.spared else "",
         "; %d leftovers of killed pushes removed" % report.leftovers if report.leftovers else "",
         "; " + held_back(plan.held_bytes, plan.held_for, grace) if plan.held_bytes else ""))
@@ -9292,7 +10208,7 @@ def cmd_version(ctx: Context) -> int:
     return 0
 
 
-# === 20. Command line and main() ===
+# === 21. Command line and main() ===
 
 COMMANDS = (
     ("push", cmd_push, "push STORE IMAGE[:TAG]...", "Store images (and their tags) in STORE."),
