@@ -22,8 +22,8 @@ Standard library only; Python 3.8 or newer.  The module reads top to bottom:
     13. Pull
     14. Store lifecycle: gc, prune, stats
     15. Fleets: -pullhosts, the lock file and the config file
-    16. The registry API: the OCI Distribution Spec, pull side
-    17. The registry API: the OCI Distribution Spec, push side
+    16. The registry API: manifests (made from images, or pushed), tags, blobs, referrers
+    17. The registry API: blob uploads
     18. Moving images without an engine: import, export, copy
     19. The accelerator server (-server)
     20. Commands
@@ -5897,13 +5897,14 @@ def delegate_to_servers(endpoints: Sequence[DockerEndpoint], store: "S3Store", i
     run_in_threads(run, servers)
 
 
-# === 16. The registry API: the OCI Distribution Spec, pull side ===
+# === 16. The registry API: manifests (made from images, or pushed), tags, blobs, referrers ===
 #
 # `dogestry -server STORE` also answers /v2/ for every OCI client (docker, containerd,
-# podman, skopeo).  Manifests are made from stored images, a pure function of what is
-# stored (so a digest never changes); blobs are the stored bytes.  OCI Distribution Spec
-# v1.1: "Pull", "Content discovery" and "Error codes"; _catalog from the Docker Registry
-# HTTP API v2.
+# podman, skopeo).  The manifest of an image stored by dogestry is made from it, a pure
+# function of what is stored (so a digest never changes); a manifest a client pushed is kept
+# byte for byte; blobs are the stored bytes.  OCI Distribution Spec v1.1: "Pull", "Push"
+# (manifests), "Content discovery", "Deleting" and "Error codes"; _catalog from the Docker
+# Registry HTTP API v2.  The HTTP side (routes, headers, who may do what) is the server's.
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -6718,10 +6719,11 @@ def registry_access(right: str, name: str, caller: Caller, htpasswd: Optional[Ht
     raise RegistryError(403, "DENIED", "%s may %s only under %s, not %s" % (who, right, ", ".join(rights.names), name))
 
 
-# === 17. The registry API: the OCI Distribution Spec, push side ===
+# === 17. The registry API: blob uploads ===
 #
-# What clients push through `dogestry -server STORE` is stored here; the HTTP side (routes,
-# headers, who may push) is the server's (section 19).  OCI Distribution Spec v1.1: "Push".
+# The blobs clients push through `dogestry -server STORE` are stored here; the HTTP side
+# (routes, headers, who may push) is the server's (section 19).  OCI Distribution Spec v1.1:
+# "Push" (blobs).
 
 # --- blob uploads ---
 #

@@ -77,6 +77,7 @@ import contextlib
 import hashlib
 import http.client
 import importlib.util
+import itertools
 import json
 import os
 import platform
@@ -139,6 +140,9 @@ TARGET_GC_REQUESTS = 3         # requests per deleted object
 REGISTRY_LEVEL = 6            # the gzip level docker push uses: the registry target compares equal blobs
 REGISTRY_PREFIX = "bench-registry/"  # the store pushed at that level, beside the S3 stage's
 TARGET_REDIRECT_SHARE = 0.01  # of the image's bytes, what the dogestry server may send itself
+TARGET_REGISTRY_PUSH_RATIO = 1.1  # docker push into dogestry -server (radosgw) against docker-registry on local disk
+TARGET_SERVER_PUSH_RSS_MIB = 100  # the server's peak RSS while 4 docker pushes run at once
+SERVER_PUSHES = 4
 SERVER_PORT = 22375        # dogestry's server port: -pullhosts would delegate S3 pulls to servers there
 BLOB_DIR = "blobs/sha256"  # where a dogestry store keeps its blobs
 
@@ -389,6 +393,13 @@ def timed_process(cmd, env, sink=False, stdin_path=None, timeout=900, on_first_b
         text = "\n".join(l for _, l in run.lines[-30:])
         raise BenchError("%s exited %d:\n%s" % (" ".join(str(c) for c in cmd), proc.returncode, text))
     return run
+
+
+def process_cpu(pid):
+    """User + system CPU seconds a live process has used so far."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / float(os.sysconf("SC_CLK_TCK"))
 
 
 def vm_hwm_kib(pid):
@@ -876,17 +887,26 @@ def registry_answers(address, port):
         conn.close()
 
 
-def served_layers(address, port, ref):
-    """The layers a registry's manifest of REF names: their sizes and media types, for the report."""
+def manifest_layers(address, port, ref):
+    """The layers a registry's manifest of REF names (their descriptors)."""
     name, _, tag = ref.rpartition(":")
     conn = http.client.HTTPConnection(address, port, timeout=10)
     try:
         conn.request("GET", "/v2/%s/manifests/%s" % (name, tag), headers={"Accept": ", ".join((
             "application/vnd.oci.image.manifest.v1+json", "application/vnd.docker.distribution.manifest.v2+json"))})
-        layers = json.loads(conn.getresponse().read())["layers"]
+        return json.loads(conn.getresponse().read())["layers"]
     finally:
         conn.close()
-    return ", ".join("%.1f MB %s" % (l["size"] / MB, l["mediaType"].rpartition(".")[2]) for l in layers)
+
+
+def manifest_layer_sizes(address, port, ref):
+    return [layer["size"] for layer in manifest_layers(address, port, ref)]
+
+
+def served_layers(address, port, ref):
+    """The layers a registry's manifest of REF names: their sizes and media types, for the report."""
+    return ", ".join("%.1f MB %s" % (l["size"] / MB, l["mediaType"].rpartition(".")[2])
+                     for l in manifest_layers(address, port, ref))
 
 
 def wchar(pid):
@@ -1767,6 +1787,7 @@ def run(args, state):
              "S3 re-push %.2f s < %.1f s" % (s3repush.seconds, TARGET_REPUSH_S)),
         ] + s3_fleet_checks + run_copy(gw, s3_env, url, client, dogestry, putm, size, bucket, s3pull) + (
             run_registry(gw, s3_env, url, client, dogestry) if args.registry else []) + (
+            run_registry_push(gw, s3_env, client, dogestry) if args.registry else []) + (
             run_gc(gw, s3_env, dogestry) if args.gc else [])
 
     def run_copy(gw, s3_env, url, client, dogestry, put_floor, obj_size, bucket, s3pull):
@@ -1911,6 +1932,143 @@ def run(args, state):
             (requests < TARGET_GC_REQUESTS * deleted,
              "gc sent %d requests for %d deleted objects: %.2f < %d a deleted object"
              % (requests, deleted, requests / deleted, TARGET_GC_REQUESTS)),
+        ]
+
+    def run_registry_push(gw, s3_env, client, dogestry):
+        """docker push of the image into `dogestry -server STORE` on radosgw, in turns with docker push
+        into Debian's docker-registry with its filesystem driver on the work disk (the floor: docker's
+        own gzip and upload into a registry that does nothing slow) and with its S3 driver on the
+        same radosgw (the peer); each push into an empty registry.  Then SERVER_PUSHES pushes at once
+        into the server: its peak RSS, and its CPU seconds per GiB pushed."""
+        registry_bin = shutil.which("docker-registry")
+        if registry_bin is None:
+            return []
+        bucket = "dgbenchpush-%d-%s" % (os.getpid(), os.urandom(4).hex())
+        make_bucket(s3_client(dogestry, gw, bucket))
+        fs_addr, s3_addr, dog_addr = loopback_addresses(3, ports=(SERVER_PORT, REGISTRY_PORT))
+        reg_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # AWS_CA_BUNDLE panics it
+        rounds = itertools.count()
+
+        def serve(cmd, run_env, address, port, name):
+            with open(str(workdir / ("%s.log" % name)), "ab") as out:
+                proc = subprocess.Popen(cmd, env=run_env, stdout=out, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + 30
+            while not registry_answers(address, port):
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    proc.kill()
+                    raise BenchError("%s on %s:%d did not start (see %s)" % (name, address, port, workdir))
+                time.sleep(0.05)
+            return proc
+
+        def docker_registry(address, storage):
+            config = workdir / ("push-registry-%s.yml" % address)
+            config.write_text("version: 0.1\nlog:\n  level: error\nstorage:\n%s  cache:\n    blobdescriptor: inmemory\n"
+                              "http:\n  addr: %s:%d\n  secret: bench\n" % (storage, address, REGISTRY_PORT))
+            return serve([registry_bin, "serve", str(config)], reg_env, address, REGISTRY_PORT, "docker-registry-push")
+
+        def push_into(start, address, port, ref_name, stored):
+            """docker push into a registry START() runs (empty), timed; STORED() checks what it holds."""
+            proc = start()
+            ref = "%s:%d/%s" % (address, port, ref_name)
+            try:
+                docker_cli(host, "tag", TAG, ref)
+                e0 = engine.now()
+                run = timed_process([docker, "-H", host, "push", ref], env)
+                result = Result("", run.wall, tar_bytes, engine_cpu=engine.since(e0))
+                result.note = stored(ref)
+                result.server_pid = proc.pid
+                return result
+            finally:
+                docker_cli(host, "rmi", ref)
+                proc.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(10)
+
+        def digest_served(ref):
+            repo = ref.rsplit(":", 1)[0]
+            digests = [d.rsplit("@", 1)[1] for d in json.loads(docker_cli(host, "image", "inspect", "-f",
+                                                                          "{{json .RepoDigests}}", ref).stdout)
+                       if d.startswith(repo + "@")]
+            if not digests:
+                raise BenchError("docker push %s recorded no digest" % ref)
+            return "pushed as %s" % digests[0][:19]
+
+        def floor_round():
+            n = next(rounds)
+            return push_into(lambda: docker_registry(fs_addr, "  filesystem:\n    rootdirectory: %s\n"
+                                                     % (workdir / ("registry-fs-%d" % n))),
+                             fs_addr, REGISTRY_PORT, "bench/image:%d" % n, digest_served)
+
+        def peer_round():
+            n = next(rounds)
+            return push_into(lambda: docker_registry(s3_addr, (
+                "  s3:\n    accesskey: %s\n    secretkey: %s\n    region: us-east-1\n    regionendpoint: %s\n"
+                "    bucket: %s\n    secure: false\n    v4auth: true\n    rootdirectory: /registry-%d\n")
+                % (gw.access_key, gw.secret_key, gw.endpoint, bucket, n)),
+                s3_addr, REGISTRY_PORT, "bench/image:%d" % n, digest_served)
+
+        def dogestry_round():
+            n = next(rounds)
+            store = "s3://%s/push-%d/" % (bucket, n)
+
+            def stored(ref):
+                tag = client.call("GET", "push-%d/repositories/bench/image/%d" % (n, n))[1].decode().strip()
+                if tag != img[7:]:
+                    raise BenchError("docker push into dogestry -server stored image %s, not %s" % (tag, img))
+                return digest_served(ref) + "; the store's tag names the image"
+
+            return push_into(lambda: serve(dogestry_cmd(workdir, "-server", "-anonymous-push", "-address", dog_addr,
+                                                        "-port", str(SERVER_PORT), store),
+                                           s3_env, dog_addr, SERVER_PORT, "dogestry-server-push"),
+                             dog_addr, SERVER_PORT, "bench/image:%d" % n, stored)
+
+        results.append("-- registry API: docker push into dogestry -server (radosgw), docker-registry 2.8 on local"
+                       " disk (the floor) and docker-registry with its S3 driver on the same radosgw (the peer)")
+        floor, peer, dog = best_of_interleaved(args.repeat, floor_round, peer_round, dogestry_round)
+        floor = add(named("floor: docker push into docker-registry (filesystem)", floor))
+        peer = add(named("docker push into docker-registry (S3 driver)", peer))
+        dog = add(named("docker push into dogestry -server (S3)", dog))
+        floors[dog.stage] = ("registry fs", floor.seconds)
+        floors[peer.stage] = ("registry fs", floor.seconds)
+
+        # SERVER_PUSHES pushes at once (to repositories of their own): the server's peak RSS and CPU
+        n = next(rounds)
+        proc = serve(dogestry_cmd(workdir, "-server", "-anonymous-push", "-address", dog_addr, "-port",
+                                  str(SERVER_PORT), "s3://%s/push-%d/" % (bucket, n)),
+                     s3_env, dog_addr, SERVER_PORT, "dogestry-server-push")
+        refs = ["%s:%d/bench%d/image:%d" % (dog_addr, SERVER_PORT, i, n) for i in range(SERVER_PUSHES)]
+        try:
+            for ref in refs:
+                docker_cli(host, "tag", TAG, ref)
+            cpu0 = process_cpu(proc.pid)
+            t = time.perf_counter()
+            pushes = [subprocess.Popen([docker, "-H", host, "push", ref], env=env, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.PIPE) for ref in refs]
+            failed = [p.stderr.read().decode() for p in pushes if p.wait() != 0]
+            wall = time.perf_counter() - t
+            cpu, peak = process_cpu(proc.pid) - cpu0, vm_hwm_kib(proc.pid)
+            if failed:
+                raise BenchError("docker push into dogestry -server failed: %s" % failed[0])
+            pushed_bytes = SERVER_PUSHES * sum(manifest_layer_sizes(dog_addr, SERVER_PORT, refs[0].split("/", 1)[1]))
+        finally:
+            for ref in refs:
+                docker_cli(host, "rmi", ref, check=False)
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+        together = add(Result("%d docker pushes at once into dogestry -server (S3)" % SERVER_PUSHES, wall,
+                              SERVER_PUSHES * tar_bytes, peak, cpu))
+        together.note = "server: peak RSS %.1f MiB, %.2f CPU s for %.1f MB of blobs: %.2f CPU s per GiB" % (
+            peak / 1024.0, cpu, pushed_bytes / MB, cpu / (pushed_bytes / float(1 << 30)))
+        return [
+            (dog.seconds <= TARGET_REGISTRY_PUSH_RATIO * floor.seconds,
+             "docker push into dogestry -server %.2f s <= %.1f x into docker-registry on local disk %.2f s  [%.2fx;"
+             " %.2fx docker-registry's S3 driver %.2f s]"
+             % (dog.seconds, TARGET_REGISTRY_PUSH_RATIO, floor.seconds, dog.seconds / floor.seconds,
+                dog.seconds / peer.seconds, peer.seconds)),
+            (peak / 1024.0 <= TARGET_SERVER_PUSH_RSS_MIB,
+             "dogestry -server peak RSS with %d pushes at once %.1f MiB <= %d MiB"
+             % (SERVER_PUSHES, peak / 1024.0, TARGET_SERVER_PUSH_RSS_MIB)),
         ]
 
     def run_registry(gw, s3_env, url, client, dogestry):

@@ -123,8 +123,39 @@ def test_docker_push_is_pulled_back_by_digest_by_every_client(images, store, ser
     layout = tmp_path / "layout"
     skopeo("copy", "--src-tls-verify=false", "--src-creds", "ci:" + PASSWORD,
            "docker://%s/team/app@%s" % (REGISTRY, digest), "oci:%s:app" % layout)
+    sock = str(puller.exec_root / "containerd" / "containerd.sock")
+    namespace = "dgcli" + uuid.uuid4().hex[:6]
+    ctr = subprocess.run(["ctr", "-a", sock, "-n", namespace, "images", "pull", "--plain-http", "--snapshotter", "native",
+                          "--user", "ci:" + PASSWORD, "%s/team/app@%s" % (REGISTRY, digest)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True, timeout=300)
+    assert ctr.returncode == 0, ctr.stdout
+    listing = subprocess.run(["ctr", "-a", sock, "-n", namespace, "images", "ls"], stdout=subprocess.PIPE,
+                             universal_newlines=True, check=True).stdout
+    assert digest in listing, listing
     assert dogestry_pull_gives(puller, store, "team/app:1", images["app"])
     server.assert_no_traceback()
+
+
+def test_an_image_docker_pushed_is_an_image_of_the_store(images, store, server, docker_host, puller, tmp_path):  # noqa: F811
+    """What docker pushed is handled by every command: inspect shows it (its layers unchecked),
+    export writes what docker load takes back with its ID, stats counts it, -pullhosts pulls it."""
+    docker_cli(docker_host, "tag", "dgcli/app:1", REGISTRY + "/team/cmd:1")
+    docker_as_ci(docker_host, tmp_path / "config", "push", REGISTRY + "/team/cmd:1")
+    url, env = store
+    env = dict(os.environ, DOCKER_HOST=puller.host, AWS_EC2_METADATA_DISABLED="true", **env)
+    inspected = json.loads(ok(run_dogestry("inspect", url, "team/cmd:1", env=env)).stdout)
+    assert inspected["Id"] == images["app"] and all(layer["unchecked"] for layer in inspected["Layers"])
+    archive = tmp_path / "out.tar"
+    ok(run_dogestry("export", url, "team/cmd:1", "-o", archive, env=env))
+    docker_cli(puller.host, "rmi", "-f", images["app"], check=False)
+    docker_cli(puller.host, "load", "-i", archive)
+    assert image_id(puller.host, "team/cmd:1") == images["app"]
+    stats = json.loads(ok(run_dogestry("stats", "--json", url, env=env)).stdout)
+    assert (stats["tags"], stats["images"]) == (1, 1)
+    docker_cli(puller.host, "rmi", "-f", images["app"], check=False)
+    fleet = ok(run_dogestry("-pullhosts", puller.host, url, "team/cmd:1", env=env))
+    assert json.loads(fleet.stdout) == [{"Host": puller.host, "Status": "ok"}]
+    assert image_id(puller.host, "team/cmd:1") == images["app"]
 
 
 def test_a_push_of_an_image_whose_layers_are_stored_sends_no_layer_bytes(images, store, server, docker_host,
