@@ -5925,6 +5925,8 @@ REGISTRY_API_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}  # on
 BLOB_URL_TTL = 900    # seconds a presigned blob URL a client is redirected to stays valid
 REGISTRY_LISTING_TTL = 5.0  # seconds a listing of images/ or repositories/ is reused (what is pushed shows after)
 REGISTRY_INDEX_READERS = 8  # manifest.json files the digest index reads at once
+REGISTRY_MISS_TTL = 2.0     # seconds a digest with no pushed manifest is not looked for again
+REGISTRY_MISSES = 10000     # ... of at most so many digests remembered
 _REPO_NAME = re.compile(r"^%s(?:/%s)*$" % (_NAME_COMPONENT, _NAME_COMPONENT))
 _MANIFEST_DIGEST = re.compile(r"^[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")  # the spec's digest grammar
 
@@ -6244,6 +6246,8 @@ class Registry:
         self._manifests = {}  # type: Dict[Tuple[str, str], Tuple[bytes, str]]  # (image hex, type) -> (bytes, digest)
         self._digests = {}    # type: Dict[str, Tuple[str, str]]               # digest -> (image hex, type)
         self._indexed = {}    # type: Dict[str, Tuple[str, ...]]               # image hex -> its digests
+        self._missing = {}    # type: Dict[str, float]  # digest -> when no pushed manifest of it was found
+        self._clock = clock
         self._index_update = SharedResult(self._update_index, listing_ttl, clock)
         self._catalog = SharedResult(self._list_repositories, listing_ttl, clock)
 
@@ -6267,10 +6271,12 @@ class Registry:
         through the registry as it was pushed, else the one made from the stored image."""
         repository_name(name)
         if ":" in reference:
-            if check_digest(reference) is not None:
-                pushed = read_pushed_manifest(self.store, reference)
-                if pushed is not None:
-                    return pushed.data, pushed.media_type, pushed.digest
+            check_digest(reference)
+            with self._lock:
+                made = reference in self._digests  # made from a stored image (the index in memory)
+            pushed = None if made else self._pushed(reference)
+            if pushed is not None:
+                return pushed.data, pushed.media_type, pushed.digest
             return self._by_digest(name, reference)
         ref = self._tag(name, reference)
         try:
@@ -6291,6 +6297,23 @@ class Registry:
         if not _TAG_RE.match(reference):
             raise RegistryError(400, "TAG_INVALID", "invalid tag %r" % reference[:100])
         return ImageRef(name, reference)
+
+    def _pushed(self, digest: str) -> Optional[PushedManifest]:
+        """The manifest of that digest pushed through the registry (one read; a digest found missing
+        is not looked for again for REGISTRY_MISS_TTL seconds)."""
+        if check_digest(digest) is None:
+            return None
+        with self._lock:
+            since = self._missing.get(digest)
+        if since is not None and self._clock() - since < REGISTRY_MISS_TTL:
+            return None
+        pushed = read_pushed_manifest(self.store, digest)
+        if pushed is None:
+            with self._lock:
+                if len(self._missing) >= REGISTRY_MISSES:
+                    self._missing.clear()
+                self._missing[digest] = self._clock()
+        return pushed
 
     def _pushed_for_tag(self, ref: ImageRef, target: TagTarget) -> Optional[PushedManifest]:
         """The manifest pushed through the registry that a tag names: the one it holds, or for an
@@ -6328,6 +6351,8 @@ class Registry:
             ref = self._tag(name, reference)
         store_pushed_manifest(self.store, manifest, ref, self.has_manifest,
                               Freshness(self.store, self.gc_min_grace, command="registry push"))
+        with self._lock:
+            self._missing.pop(manifest.digest, None)
 
     def delete_manifest(self, name: str, reference: str) -> List[ImageRef]:
         """Remove a tag, or every tag of the repository that names a manifest (by digest), as

@@ -269,7 +269,7 @@ def test_a_bug_is_one_line_exit_70_and_a_traceback_only_when_asked(docker_host, 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("a bug put here by the test")
 
-    monkeypatch.setattr(dogestry, "list_tags", broken)
+    monkeypatch.setattr(dogestry, "list_tag_targets", broken)
     store = tmp_path / "store"
     store.mkdir()
     code, _, err = run(docker_host, "list", store)
