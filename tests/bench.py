@@ -1787,7 +1787,7 @@ def run(args, state):
              "S3 re-push %.2f s < %.1f s" % (s3repush.seconds, TARGET_REPUSH_S)),
         ] + s3_fleet_checks + run_copy(gw, s3_env, url, client, dogestry, putm, size, bucket, s3pull) + (
             run_registry(gw, s3_env, url, client, dogestry) if args.registry else []) + (
-            run_registry_push(gw, s3_env, client, dogestry) if args.registry else []) + (
+            run_registry_push(gw, s3_env, dogestry) if args.registry else []) + (
             run_gc(gw, s3_env, dogestry) if args.gc else [])
 
     def run_copy(gw, s3_env, url, client, dogestry, put_floor, obj_size, bucket, s3pull):
@@ -1934,7 +1934,7 @@ def run(args, state):
              % (requests, deleted, requests / deleted, TARGET_GC_REQUESTS)),
         ]
 
-    def run_registry_push(gw, s3_env, client, dogestry):
+    def run_registry_push(gw, s3_env, dogestry):
         """docker push of the image into `dogestry -server STORE` on radosgw, in turns with docker push
         into Debian's docker-registry with its filesystem driver on the work disk (the floor: docker's
         own gzip and upload into a registry that does nothing slow) and with its S3 driver on the
@@ -1944,7 +1944,8 @@ def run(args, state):
         if registry_bin is None:
             return []
         bucket = "dgbenchpush-%d-%s" % (os.getpid(), os.urandom(4).hex())
-        make_bucket(s3_client(dogestry, gw, bucket))
+        push_client = s3_client(dogestry, gw, bucket)
+        make_bucket(push_client)
         fs_addr, s3_addr, dog_addr = loopback_addresses(3, ports=(SERVER_PORT, REGISTRY_PORT))
         reg_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # AWS_CA_BUNDLE panics it
         rounds = itertools.count()
@@ -2012,7 +2013,7 @@ def run(args, state):
             store = "s3://%s/push-%d/" % (bucket, n)
 
             def stored(ref):
-                tag = client.call("GET", "push-%d/repositories/bench/image/%d" % (n, n))[1].decode().strip()
+                tag = push_client.call("GET", "push-%d/repositories/bench/image/%d" % (n, n))[1].decode().strip()
                 if tag != img[7:]:
                     raise BenchError("docker push into dogestry -server stored image %s, not %s" % (tag, img))
                 return digest_served(ref) + "; the store's tag names the image"
