@@ -1410,10 +1410,13 @@ class OutputFile:
     def __init__(self, path: str, write_through: bool = False):
         self.path = path
         try:
-            self.file = open(path, "wb")
+            self.file = self._open(path)
         except OSError as e:
             raise self._error(e)
         self._sink = WriteThrough(self.file) if write_through else self.file  # type: ByteSink
+
+    def _open(self, path: str) -> IO[bytes]:
+        return open(path, "wb")
 
     def _error(self, e: OSError) -> DogestryError:
         return DogestryError("cannot write %s: %s" % (self.path, _os_reason(e)))
@@ -6837,39 +6840,35 @@ class UploadState(NamedTuple):
         return cls(doc["name"], doc["user"], doc["size"], doc["multipart"], parts, doc["tail"])
 
 
-class UploadFile:
+class UploadFile(OutputFile):
     """A file an upload writes (a part spooled, a session's data, a blob on its way into a
     directory store), counted (and, if `hashed`, hashed: sha256()) as it is written; an OSError
     (a full disk) becomes a StoreError.  keep: the bytes of an existing file it goes on from
     (the rest of it, written by a request that failed, is cut off)."""
 
     def __init__(self, path: str, keep: Optional[int] = None, write_through: bool = False, hashed: bool = False):
-        self.path, self.size = path, 0
+        self.keep, self.size = keep, 0
         self.sha = hashlib.sha256() if hashed else None
+        super().__init__(path, write_through)
+
+    def _open(self, path: str) -> IO[bytes]:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | (0 if self.keep is not None else os.O_TRUNC), 0o644)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | (0 if keep is not None else os.O_TRUNC), 0o644)
-            try:
-                if keep is not None:
-                    if os.fstat(fd).st_size < keep:
-                        raise StoreError("%s is shorter than the %d bytes its upload counts" % (path, keep))
-                    os.ftruncate(fd, keep)
-                    os.lseek(fd, keep, os.SEEK_SET)
-                self.file = os.fdopen(fd, "wb")
-            except BaseException:
-                os.close(fd)
-                raise
-        except OSError as e:
-            raise self._error(e)
-        self._sink = WriteThrough(self.file) if write_through else self.file  # type: ByteSink
+            if self.keep is not None:
+                if os.fstat(fd).st_size < self.keep:
+                    raise StoreError("%s is shorter than the %d bytes its upload counts" % (path, self.keep))
+                os.ftruncate(fd, self.keep)
+                os.lseek(fd, self.keep, os.SEEK_SET)
+            return os.fdopen(fd, "wb")
+        except BaseException:
+            os.close(fd)
+            raise
 
     def _error(self, e: OSError) -> StoreError:
         return StoreError("cannot write %s: %s" % (self.path, _os_reason(e)))
 
     def write(self, data: bytes) -> int:
-        try:
-            n = self._sink.write(data)
-        except OSError as e:
-            raise self._error(e)
+        n = super().write(data)
         if self.sha is not None:
             self.sha.update(data)
         self.size += n

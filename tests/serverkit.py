@@ -63,6 +63,14 @@ def call(address, method, path, headers=None, body=None, timeout=60, port=PORT, 
         conn.close()
 
 
+def registry_error_code(answer):
+    """The code of the one error in a registry API answer (the spec's JSON, with a message)."""
+    assert answer.headers.getheader("Content-Type", "").startswith("application/json"), answer
+    (error,) = answer.json()["errors"]
+    assert error["message"]
+    return error["code"]
+
+
 def pull_request(address, name, auth, tag="latest", timeout=120, port=PORT, source=None):
     """POST /images/create as the docker CLI sends it."""
     query = "fromImage=%s&tag=%s" % (name.replace("/", "%2F"), tag)

@@ -24,7 +24,7 @@ import dogestry
 from conftest import make_bucket, skip_or_fail
 from realdocker import (DockerdError, build_image, docker_cli, image_id, loopback_addresses, random_bytes, remove_tree,
                         run_dogestry, start_dockerd, text_bytes)
-from serverkit import PORT, call, raw_exchange, raw_status, server_env, tls_client_context
+from serverkit import PORT, call, raw_exchange, raw_status, registry_error_code, server_env, tls_client_context
 from testcerts import ca_dir, make_leaf, server_ext
 
 pytestmark = pytest.mark.integration
@@ -250,11 +250,7 @@ def v2(path, headers=None, method="GET"):
     return answer
 
 
-def error_code(answer):
-    assert answer.headers.getheader("Content-Type", "").startswith("application/json"), answer
-    (error,) = answer.json()["errors"]
-    assert error["message"]
-    return error["code"]
+error_code = registry_error_code
 
 
 def test_a_server_without_a_store_says_the_registry_needs_one(servers, base_env, puller):

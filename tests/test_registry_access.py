@@ -13,17 +13,15 @@ docker's own pushes show it end to end.
 import base64
 import http.client
 import os
-import tempfile
 import uuid
 
 import pytest
 
 import dogestry
-from conftest import skip_or_fail
-from realdocker import (DockerdError, build_image, docker_cli, ok, one_error_line, remove_tree, run_dogestry,
-                        start_dockerd, loopback_addresses)
-from serverkit import PORT, Answer, call, server_env, tls_client_context
+from realdocker import build_image, docker_cli, loopback_addresses, ok, one_error_line, run_dogestry
+from serverkit import PORT, Answer, call, registry_error_code, server_env, tls_client_context
 from testcerts import CLIENT_EXT, ca_dir, make_leaf, server_ext
+from test_registry import CountedChecks, puller  # noqa: F401  (puller: a dockerd of this module's own)
 
 HOSTS = loopback_addresses(1)
 FAST = 1000  # PBKDF2 iterations of the tests' own hashes (any count from 1 to 10**7 is accepted)
@@ -42,10 +40,7 @@ def htpasswd_of(tmp_path, users, name="htpasswd"):
     return path
 
 
-def error_code(answer):
-    assert answer.headers.getheader("Content-Type", "").startswith("application/json"), answer
-    (error,) = answer.json()["errors"]
-    return error["code"]
+error_code = registry_error_code
 
 
 def error_message(answer):
@@ -105,17 +100,6 @@ def test_a_bad_htpasswd_line_is_one_clear_error_with_its_number(line, needle, tm
     proc = run_dogestry("-server", "-address", "127.0.0.1", "-port", "0", "-htpasswd", path, tmp_path, timeout=60)
     assert proc.returncode == 2
     one_error_line(proc, "line 2", needle)
-
-
-class CountedChecks:
-    """dogestry.password_matches, recording the iteration count of every hash it checks."""
-
-    def __init__(self):
-        self.iterations = []
-
-    def __call__(self, password, stored):
-        self.iterations.append(dogestry.hash_iterations(stored))
-        return dogestry.password_matches(password, stored)
 
 
 def test_a_certificate_only_user_never_logs_in_with_a_password_and_costs_the_same_check(tmp_path):
@@ -212,20 +196,9 @@ def stored(docker_host, base_env, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def engine():
+def engine(puller):  # noqa: F811
     """A dockerd of the module's own: the docker CLI's engine for login, pull and push."""
-    workdir = tempfile.mkdtemp(prefix="dgac", dir="/tmp")
-    try:
-        try:
-            handle = start_dockerd(workdir)
-        except DockerdError as e:
-            skip_or_fail("cannot start dockerd: %s" % e)
-        try:
-            yield handle
-        finally:
-            handle.stop()
-    finally:
-        remove_tree(workdir)
+    return puller
 
 
 def serve(servers, base_env, engine, store, *args, **kw):

@@ -23,7 +23,7 @@ import pytest
 import dogestry
 from conftest import make_bucket
 from realdocker import loopback_addresses, random_bytes, run_dogestry
-from serverkit import PORT, call, read_until_closed
+from serverkit import PORT, call, read_until_closed, registry_error_code
 
 pytestmark = pytest.mark.integration
 
@@ -95,11 +95,7 @@ def v2(method, path, body=None, headers=None, host=0):
     return answer
 
 
-def error_code(answer):
-    assert answer.headers.getheader("Content-Type", "").startswith("application/json"), answer
-    (error,) = answer.json()["errors"]
-    assert error["message"]
-    return error["code"]
+error_code = registry_error_code
 
 
 def digest_of(data):
