@@ -6913,12 +6913,14 @@ class PartWriter:
 
     Each part is spooled to a small temp file (its sha256, the signed payload hash, computed on
     the way) and uploaded by one of UPLOAD_PARTS_AHEAD threads while the next part fills; when
-    they are all busy the writer waits (and with it the client).  The multipart upload is made
-    (begin()) when the first part goes up.
+    they are all busy the writer waits (and with it the client).  The parts go to the multipart
+    upload upload_id, or (none yet) to one create() makes when the first part goes up.
     """
 
-    def __init__(self, client: S3Client, key: str, begin: Callable[[], str], first: int, spool: Optional[str]):
-        self.client, self.key, self.begin, self.number, self.spool = client, key, begin, first, spool
+    def __init__(self, client: S3Client, key: str, upload_id: str, create: Callable[[], str], first: int,
+                 spool: Optional[str]):
+        self.client, self.key, self.number, self.spool = client, key, first, spool
+        self.upload_id, self.create, self.made = upload_id, create, False
         self.parts = []  # type: List[Tuple[int, str, int]]
         self.pending = None  # type: Optional[UploadFile]  # the part being spooled
         self._queue = queue.Queue(maxsize=1)  # type: queue.Queue
@@ -6953,7 +6955,9 @@ class PartWriter:
             self._raise_error()
             if self.number > S3_MAX_PARTS:
                 raise too_large()
-            upload_id = self.begin()
+            if not self.upload_id:
+                self.upload_id, self.made = self.create(), True
+            upload_id = self.upload_id
             if len(self._workers) < UPLOAD_PARTS_AHEAD:
                 self._workers.append(start_thread(self._work, (upload_id,), "dogestry-part"))
             self._queue.put((self.number, part.path, part.size, part.sha256()))
@@ -6979,6 +6983,12 @@ class PartWriter:
         self._workers = []
         self._raise_error()
         return tuple(sorted(self.parts))
+
+    def give_up(self) -> None:
+        """After a failure: stop (close()), and abort the multipart upload this writer made, if it did."""
+        self.close()
+        if self.made:
+            self.client._abort_upload(self.key, self.upload_id)
 
     def close(self) -> None:
         """Give up (after a failure): parts not yet sent are dropped, what is spooled removed."""
@@ -7070,14 +7080,8 @@ class S3Uploads:
         if not first:
             return state
         key = self._key(upload_id, "data")
-        made = []  # type: List[str]
-
-        def begin() -> str:
-            if not state.multipart and not made:
-                made.append(self._create(key))
-            return state.multipart or made[0]
-
-        writer = PartWriter(self.client, key, begin, len(state.parts) + 1, self.spool)
+        writer = PartWriter(self.client, key, state.multipart, functools.partial(self._create, key),
+                            len(state.parts) + 1, self.spool)
         tail = None  # type: Optional[UploadFile]
         try:
             if state.tail:
@@ -7094,15 +7098,13 @@ class S3Uploads:
             if tail is not None:
                 self._put_file(upload_key(upload_id, "tail"), tail)
         except BaseException:
-            writer.close()
-            if made:
-                self.client._abort_upload(key, made[0])
+            writer.give_up()
             raise
         finally:
             if tail is not None:
                 remove_file(tail.path)
-        return state._replace(size=state.size + added, multipart=state.multipart or (made[0] if made else ""),
-                              parts=state.parts + parts, tail=tail.size if tail is not None else 0)
+        return state._replace(size=state.size + added, multipart=writer.upload_id, parts=state.parts + parts,
+                              tail=tail.size if tail is not None else 0)
 
     def _put_file(self, key: str, spooled: UploadFile, sha256_hex: Optional[str] = None) -> None:
         """PUT a spooled file as key (its payload hash: the file's, or the one it must have)."""
@@ -7141,24 +7143,17 @@ class S3Uploads:
         """Store the body as blob digest_hex, straight to its key, if it is that blob (sha: the
         hash the body's bytes go through on their way here); its size."""
         key = self.store._key(blob_key("sha256:" + digest_hex))
-        made = []  # type: List[str]
-
-        def begin() -> str:
-            if not made:
-                made.append(self._create(key))
-            return made[0]
-
-        writer = PartWriter(self.client, key, begin, 1, self.spool)
+        writer = PartWriter(self.client, key, "", functools.partial(self._create, key), 1, self.spool)
         whole = None  # type: Optional[UploadFile]
         try:
             size = sum(writer.write(data) for data in body)
-            if made:  # more than one part: completed only if the bytes hashed on the way are the blob
+            if writer.made:  # more than one part: completed only if the bytes hashed on the way are the blob
                 if writer.spooled:
                     writer.send()
                 parts = writer.finish()
                 if sha.hexdigest() != digest_hex:
                     raise digest_mismatch(digest_hex, sha.hexdigest())
-                self.client._complete_upload(key, made[0], [(number, etag) for number, etag, _ in parts])
+                self.client._complete_upload(key, writer.upload_id, [(number, etag) for number, etag, _ in parts])
                 return size
             whole = writer.take()
             if sha.hexdigest() != digest_hex:
@@ -7174,9 +7169,7 @@ class S3Uploads:
                 raise
             return size
         except BaseException:
-            writer.close()
-            if made:
-                self.client._abort_upload(key, made[0])
+            writer.give_up()
             raise
         finally:
             if whole is not None:
