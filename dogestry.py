@@ -5461,11 +5461,11 @@ def prune_tags(store: Store, keep_last: Optional[int], older_than: Optional[floa
     entries = {e.key: e for e in store.list_entries("repositories/")}
     protected = {k[len(PROTECTED_PREFIX):] for k in store.list(PROTECTED_PREFIX)}
     by_repo = collections.defaultdict(list)  # type: Dict[str, List[Tuple[ImageRef, str, float]]]
-    for ref, image_hex in list_tags(store):
+    for ref, target in list_tag_targets(store):  # images, and indexes or artifacts (by their manifest's hex)
         entry = entries.get(tag_key(ref))
         if entry is None or (names and ref.name not in names):
             continue
-        by_repo[ref.name].append((ref, image_hex, entry.age))
+        by_repo[ref.name].append((ref, target.image_hex or digest_hex(str(target.manifest)), entry.age))
     doomed, tied = [], []  # type: List[Tuple[ImageRef, str]], List[Tuple[List[ImageRef], ImageRef]]
     for name, tags in sorted(by_repo.items()):
         tags.sort(key=lambda t: (t[2], t[0].tag))  # youngest first

@@ -305,3 +305,18 @@ def test_a_manifest_push_over_an_immutable_tag_is_denied_and_the_same_image_is_f
     assert not (store / "manifests" / "sha256" / sha(index)[7:]).exists()
     refused = delete("/v2/%s/manifests/1" % NAME)
     assert (refused.status, error_code(refused)) == (403, "DENIED")
+
+
+def test_prune_removes_old_tags_of_indexes_as_of_images(image, store, server):
+    """prune --keep-last counts a tag of an index pushed through the registry like any tag of its
+    repository: the older index tag goes (and the image tag pushed with dogestry push stays)."""
+    manifest = docker_manifest(image)
+    assert put(sha(manifest), manifest, dogestry.DOCKER_MANIFEST).status == 201
+    index = index_of((manifest, dogestry.DOCKER_MANIFEST))
+    assert put("multi", index, dogestry.OCI_INDEX).status == 201
+    tag = store / "repositories" / NAME / "multi"
+    os.utime(str(tag), (tag.stat().st_atime - 3600, tag.stat().st_mtime - 3600))  # pushed an hour ago
+    report = ok(run_dogestry("prune", store, "--keep-last", "1", NAME)).stdout
+    assert report.splitlines()[0] == "removed %s:multi (%s)" % (NAME, sha(index)[7:19])
+    assert sorted(p.name for p in (store / "repositories" / NAME).iterdir()) == ["1"]
+    assert (store / "gc" / "untagged" / sha(index)[7:]).exists()
