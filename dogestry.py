@@ -6231,7 +6231,7 @@ class SharedResult:
 
 
 class Registry:
-    """The server's store as an OCI registry: read-only, manifests made from stored images.
+    """The server's store as an OCI registry: manifests made from stored images or kept as pushed.
 
     A manifest digest is looked up in an index of every stored image's manifest digests.  A
     digest the index lacks brings it up to date: one listing of images/, shared by concurrent
@@ -9168,7 +9168,7 @@ class RegistryHandler(RequestHandler):
 
     def _registry_write(self, registry: Registry) -> None:
         """A write (POST, PUT, PATCH, DELETE): refused here (RegistryWriteHandler answers them)."""
-        raise RegistryError(405, "UNSUPPORTED", "this registry is read-only: push with dogestry push")
+        raise RegistryError(405, "UNSUPPORTED", "this registry takes no writes")
 
     def _upload_status(self, registry: Registry, name: str, upload_id: str) -> None:
         """GET of an upload session: none here (RegistryWriteHandler answers it)."""
