@@ -6093,18 +6093,21 @@ class PushedManifest(NamedTuple):
         return doc
 
 
-def parse_pushed_manifest(data: bytes, content_type: str, what: str = "the manifest") -> PushedManifest:
+def parse_pushed_manifest(data: bytes, content_type: str, what: str = "the manifest",
+                          parsed: Any = None) -> PushedManifest:
     """A manifest as stored or as a client pushes it, checked: of a known media type (the
     Content-Type, which its own mediaType must not contradict), at most 4 MiB of JSON of the
-    shape; RegistryError MANIFEST_INVALID (413 SIZE_INVALID when too large) otherwise."""
+    shape (parsed: the data's JSON, if it was parsed already); RegistryError MANIFEST_INVALID
+    (413 SIZE_INVALID when too large) otherwise."""
     if len(data) > DOCUMENT_LIMIT:
         raise RegistryError(413, "SIZE_INVALID", "%s is larger than %s" % (what, human_size(DOCUMENT_LIMIT)))
     media_type = content_type.split(";")[0].strip().lower()
     if media_type not in MANIFEST_TYPES:
         raise RegistryError(400, "MANIFEST_INVALID", "%s's media type %r is none of %s"
                             % (what, media_type[:100], ", ".join(MANIFEST_TYPES)))
+    shape = PUSHED_INDEX_SHAPE if media_type in INDEX_TYPES else PUSHED_MANIFEST_SHAPE
     try:
-        doc = parse_json(data, what, PUSHED_INDEX_SHAPE if media_type in INDEX_TYPES else PUSHED_MANIFEST_SHAPE)
+        doc = parse_json(data, what, shape) if parsed is None else check_shape(parsed, shape, what)
     except FormatError as e:
         raise RegistryError(400, "MANIFEST_INVALID", str(e))
     if doc.get("mediaType", media_type) != media_type:
@@ -6121,14 +6124,12 @@ def read_pushed_manifest(store: Store, digest: str) -> Optional[PushedManifest]:
         return None
     if sha256_digest(data) != digest:
         raise IntegrityError("%s: %s is not manifest %s" % (store.url, manifest_key(digest), digest))
-    try:
-        doc = parse_json(data, "%s: %s" % (store.url, manifest_key(digest)))
-    except FormatError:
-        doc = {}
+    what = "%s: %s" % (store.url, manifest_key(digest))
+    doc = parse_json(data, what)
     media_type = str(doc.get("mediaType")) if isinstance(doc, dict) and isinstance(doc.get("mediaType"), str) else \
         OCI_INDEX if isinstance(doc, dict) and "manifests" in doc else OCI_MANIFEST
     try:
-        return parse_pushed_manifest(data, media_type, "%s: %s" % (store.url, manifest_key(digest)))
+        return parse_pushed_manifest(data, media_type, what, doc)
     except RegistryError as e:
         raise FormatError(str(e))
 
