@@ -6192,6 +6192,19 @@ def store_pushed_manifest(store: Store, manifest: PushedManifest, ref: Optional[
     return image_hex
 
 
+def tag_pushed_manifest(store: Store, ref: ImageRef, image_hex: str) -> Optional[PushedManifest]:
+    """The manifest an image tag was pushed with through the registry (manifests/tags/<name>/<tag>),
+    if it is still a manifest of the tag's image (a later `dogestry push` may have moved the tag)."""
+    try:
+        digest = store.get_bytes(tag_manifest_key(ref), limit=4096).decode("ascii", "replace").strip()
+        pushed = read_pushed_manifest(store, digest)
+    except (NotFound, FormatError):
+        return None
+    if pushed is None or not pushed.blobs or pushed.blobs[0][0] != "sha256:" + image_hex:
+        return None
+    return pushed
+
+
 def _pushed_image_record(store: Store, manifest: PushedManifest, config_key: Optional[str],
                          freshness: Freshness) -> Optional[str]:
     """The image record of an image manifest (written unless the image is stored already); its ID hex."""
@@ -6324,15 +6337,7 @@ class Registry:
         image, the one manifests/tags/ says it was pushed with, if that is still of the tag's image."""
         if target.manifest is not None:
             return read_pushed_manifest(self.store, target.manifest)
-        try:
-            digest = self.store.get_bytes(tag_manifest_key(ref), limit=4096).decode("ascii", "replace").strip()
-            digest_hex(digest)
-        except (NotFound, FormatError):
-            return None
-        pushed = read_pushed_manifest(self.store, digest)
-        if pushed is None or pushed.is_index or pushed.doc["config"]["digest"] != "sha256:%s" % target.image_hex:
-            return None  # a later `dogestry push` moved the tag: its own manifest is served
-        return pushed
+        return tag_pushed_manifest(self.store, ref, str(target.image_hex))  # else the image's own is served
 
     def has_manifest(self, digest: str) -> bool:
         """Is a manifest of that digest stored: pushed through the registry, or made from an image?"""
@@ -8165,13 +8170,8 @@ def copy_tag_manifest(src: Store, dst: Store, ref: ImageRef, image_id: str) -> N
     """The manifest an image tag of src was pushed with through the registry, to dst too (before
     the tag), so dst's registry serves the same digest; where dst lacks a blob it names (the
     image was stored there by `dogestry push`, with blobs of its own), dst serves its own."""
-    try:
-        digest = src.get_bytes(tag_manifest_key(ref), limit=4096).decode("ascii", "replace").strip()
-        manifest = read_pushed_manifest(src, digest)
-    except (NotFound, FormatError):
-        return
-    if manifest is None or not manifest.blobs or manifest.blobs[0][0] != image_id or \
-            any(stored_blob_key(dst, digest, size) is None for digest, size in manifest.blobs):
+    manifest = tag_pushed_manifest(src, ref, digest_hex(image_id))
+    if manifest is None or any(stored_blob_key(dst, digest, size) is None for digest, size in manifest.blobs):
         return
     dst.put_bytes(manifest_key(manifest.digest), manifest.data, if_absent=True)
     dst.put_bytes(tag_manifest_key(ref), manifest.digest.encode())
