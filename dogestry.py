@@ -10003,8 +10003,9 @@ def cmd_pull(ctx: Context) -> int:
 
 def fleet_command(ctx: Context) -> int:
     """pull to every -pullhosts host (of multi-platform tags, each host its engine's platform, or
-    --platform's): through the dogestry servers of hosts that run one, directly to the rest.  The JSON status of every host is printed whatever happens (a host that did not
-    finish is "failed", with the reason), then the error, if there was one."""
+    --platform's): through the dogestry servers of hosts that run one, directly to the rest.  The
+    JSON status of every host is printed whatever happens (a host that did not finish is
+    "failed", with the reason), then the error, if there was one."""
     options = ctx.options
     endpoints = parse_pullhosts(options.pullhosts, ctx.environ, ctx.home)
     statuses = {}  # type: Dict[str, Dict[str, str]]

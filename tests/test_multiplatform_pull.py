@@ -153,12 +153,14 @@ def clean(fleet):
 
 
 def statuses(proc):
+    """The one line of stdout: the JSON status of every host."""
     assert proc.stdout.count("\n") == 1, proc.stdout
     return json.loads(proc.stdout)
 
 
 def blob_gets(proxy, presigned=None):
-    """Counter of blob GETs by store key; presigned: only those made with presigned URLs (True) or signed headers (False)."""
+    """Counter of blob GETs by store key (presigned: only those made with presigned URLs, or only
+    those with signed headers)."""
     return collections.Counter(
         e["key"] for e in proxy.log if e["method"] == "GET" and e["key"].startswith("blobs/")
         and (presigned is None or ("X-Amz-Signature" in dict(e["query"])) == presigned))
