@@ -16,6 +16,7 @@ with the fault_proxy fixture in front of radosgw.
 
 import collections
 import http.client
+import io
 import json
 import re
 import urllib.parse
@@ -101,11 +102,21 @@ def keys_env(base_env, rgw, endpoint=None):
                 AWS_ENDPOINT_URL=endpoint or rgw.endpoint)
 
 
-def s3_get(rgw, bucket, key):
+def s3_store(rgw, bucket):
+    """The bucket as a dogestry S3Store, read with the radosgw keys."""
     env = {"AWS_ACCESS_KEY_ID": rgw.access_key, "AWS_SECRET_ACCESS_KEY": rgw.secret_key}
     config = dogestry.AwsConfig(env, "/nonexistent")
     location = dogestry.S3Location(bucket, "", "us-east-1", rgw.endpoint)
-    return dogestry.S3Client(location, dogestry.CredentialChain(config), config).call("GET", key)[1]
+    return dogestry.S3Store(location, dogestry.S3Client(location, dogestry.CredentialChain(config), config))
+
+
+def s3_get(rgw, bucket, key):
+    return s3_store(rgw, bucket).get_bytes(key)
+
+
+def delegated_post(address, doc):
+    return call(address, "POST", dogestry.DELEGATION_ROUTE, {"Content-Type": "application/json"},
+                json.dumps(doc).encode())
 
 
 @pytest.fixture(scope="module")
@@ -291,6 +302,25 @@ def test_a_server_too_old_for_multi_platform_tags_gets_its_host_a_direct_pull(fl
     assert "too old for multi-platform tags" in proc.stderr
     assert server.delegated_posts() == []
     host_has(fleet[0].host, pushed, real)
+
+
+def test_a_delegated_pull_of_a_multi_platform_tag_may_read_only_manifests_image_records_and_blobs(
+        fleet, pushed, clean, servers, base_env, rgw):
+    """The request names the index, and presigned URLs of the index, each platform's manifest,
+    image record and layers; a URL of anything else (the tag itself), a bad index digest or a
+    malformed platform is refused before the server reads anything."""
+    servers(HOSTS[2], dict(base_env, DOCKER_HOST=fleet[2].host, AWS_ENDPOINT_URL=rgw.endpoint))
+    store = s3_store(rgw, pushed.bucket)
+    plan = json.loads(dogestry.plan_delegation(store, TAG, dogestry.Progress(io.StringIO(), quiet=True)).body)
+    assert plan["index"].startswith("sha256:") and "image" not in plan and "platform" not in plan
+    assert {k.split("/")[0] for k in plan["objects"]} == {"manifests", "images", "blobs"}
+    tag_key = "repositories/plat/app/1"
+    with_tag = dict(plan["objects"], **{tag_key: {"url": store.client.presign(tag_key, 900), "size": 72}})
+
+    assert_json_refusal(delegated_post(HOSTS[2], dict(plan, objects=with_tag)), 403, "may only read", tag_key)
+    assert_json_refusal(delegated_post(HOSTS[2], dict(plan, index="sha256:xyz")), 400, "bad index digest")
+    assert_json_refusal(delegated_post(HOSTS[2], dict(plan, platform="linux//x")), 400, "invalid platform")
+    assert docker_cli(fleet[2].host, "images", "-aq").stdout.split() == []
 
 
 # --- docker pull through `dogestry -server` -----------------------------------------------------
