@@ -4977,6 +4977,36 @@ def pull_image(docker: DockerClient, store: Store, text: str, progress: Progress
     return image_id
 
 
+def index_tag(store: Store, text: str) -> Optional[Tuple[ImageRef, "PushedManifest"]]:
+    """The tag and the image index it names, if NAME[:TAG] is a tag of the store that names one
+    (resolve_image's rule: a tag comes before an image ID prefix)."""
+    ref = None  # type: Optional[ImageRef]
+    with contextlib.suppress(UsageError):
+        ref = parse_image_ref(text)
+    if ref is None or store.stat(tag_key(ref)) is None:
+        return None
+    index = tag_index(store, ref)
+    return None if index is None else (ref, index)
+
+
+def index_image_for(store: Store, ref: ImageRef, index: "PushedManifest", platform: Platform) -> Tuple[str, IndexEntry]:
+    """The image hex and the entry of an index (tag ref's) that runs best on the platform."""
+    entry = choose_platform(index_images(index), platform, "%s in %s" % (ref, store.url))
+    return image_of_manifest(store, entry.digest), entry
+
+
+def tag_image_choice(store: Store, ref: ImageRef, platform: PlatformSource) -> Tuple[str, Optional[IndexEntry]]:
+    """The image hex a tag names and, of a multi-platform tag, the entry chosen for the platform
+    (asked only for such a tag)."""
+    target = read_tag_target(store, ref)
+    if target.image_hex is not None:
+        return target.image_hex, None
+    index = tag_index(store, ref)
+    if index is None:  # the tag was moved to an image meanwhile
+        return read_tag(store, ref), None
+    return index_image_for(store, ref, index, platform())
+
+
 def load_image(docker: DockerClient, store: Store, image: StoredImage, repo_tags: List[str],
                progress: ProgressSink) -> str:
     """Load a stored image into the engine (unless it has it); return its ID there."""
@@ -5834,11 +5864,14 @@ def parse_pullhosts(text: str, environ: Mapping[str, str], home: str) -> List[Do
     return [docker_endpoint(h, environ, home) for h in hosts]
 
 
-def check_hosts(clients: Sequence[DockerClient]) -> None:
-    """GET /version on every host (in parallel, 10 s each); fail up front naming a dead one."""
+def check_hosts(clients: Sequence[DockerClient]) -> Dict[str, Any]:
+    """GET /version on every host (in parallel, 10 s each); fail up front naming a dead one.
+    Return the answers by host URL (they name each engine's platform)."""
+    versions = {}  # type: Dict[str, Any]
+
     def check(client: DockerClient) -> Optional[str]:
         try:
-            client.version()
+            versions[client.endpoint.url] = client.version()
             return None
         except DogestryError as e:
             return str(e) if str(e).startswith(client.endpoint.url) else "%s: %s" % (client.endpoint.url, e)
@@ -5848,16 +5881,79 @@ def check_hosts(clients: Sequence[DockerClient]) -> None:
     problems = [p for p in (found[c.endpoint.url] for c in clients) if p]
     if problems:
         raise DockerError("Docker host check failed (use -disable-checks to skip it): " + "; ".join(problems))
+    return versions
+
+
+class HostPlatforms:
+    """The platform each host of a fleet pulls from multi-platform tags: --platform's, or its
+    engine's, from the GET /version answer of the host check (asked only if the hosts were not checked)."""
+
+    def __init__(self, override: Optional[Platform], versions: Mapping[str, Any]):
+        self.override, self.versions = override, dict(versions)
+        self.known = {}  # type: Dict[str, Platform]  # by host URL, once asked
+
+    def of(self, client: DockerClient) -> Platform:
+        """The host's platform (DockerError if its engine does not say)."""
+        url = client.endpoint.url
+        if url not in self.known:
+            if self.override is not None:
+                self.known[url] = self.override
+            elif url in self.versions:
+                self.known[url] = engine_platform(self.versions[url], lambda: client.json("GET", "/info"))
+            else:
+                self.known[url] = client.platform()
+        return self.known[url]
 
 
 def spool_image(store: Store, text: str, spool: "LocalStore", clients: Sequence[DockerClient],
-                progress: ProgressSink, failed: Dict[str, str]) -> None:
-    """Copy what the hosts lack of one image into the spool store, verifying every blob once.
+                progress: ProgressSink, failed: Dict[str, str], platforms: HostPlatforms) -> Dict[str, Platform]:
+    """Copy what the hosts lack of one image into the spool store, verifying every blob once; of
+    a multi-platform tag, the image of each host's platform (each platform's blobs once).  Return
+    the platform of the image each host gets of a multi-platform tag (nothing for one image).
 
-    A host that cannot say what it has is put in `failed` (its URL -> the error) and skipped.
+    A host that cannot say what it has, or whose platform the tag lacks, is put in `failed` (its
+    URL -> the error) and skipped.
     """
     store.check()
-    store, image_hex, ref, image, named_hex = find_image(store, text, progress)
+    tagged = index_tag(store, text)
+    if tagged is None:
+        _spool_found(find_image(store, text, progress), spool, clients, progress, failed)
+        return {}
+    ref, index = tagged
+    spool.put_bytes(manifest_key(index.digest), index.data)
+    spool.put_bytes(tag_key(ref), (MANIFEST_TAG + digest_hex(index.digest)).encode())
+    chosen = {}  # type: Dict[str, Platform]
+    for entry, members in _platform_groups(store, ref, index, clients, failed, platforms):
+        image_hex = image_of_manifest(store, entry.digest)
+        _copy_keys(store, spool, [manifest_key(entry.digest)], progress)
+        _spool_found(FoundImage(store, image_hex, None, load_stored_image(store, image_hex)), spool, members,
+                     progress, failed)
+        chosen.update((client.endpoint.url, entry.platform) for client in members)
+    return chosen
+
+
+def _platform_groups(store: Store, ref: ImageRef, index: "PushedManifest", clients: Sequence[DockerClient],
+                     failed: Dict[str, str], platforms: HostPlatforms) -> List[Tuple[IndexEntry, List[DockerClient]]]:
+    """The hosts not failed yet, grouped by the image of the index each gets (in index order)."""
+    entries = index_images(index)
+    what = "%s in %s" % (ref, store.url)
+    chosen = {}  # type: Dict[str, IndexEntry]
+
+    def choose(client: DockerClient) -> None:
+        try:
+            chosen[client.endpoint.url] = choose_platform(entries, platforms.of(client), what)
+        except DogestryError as e:
+            failed[client.endpoint.url] = str(e)
+
+    run_in_threads(choose, [c for c in clients if c.endpoint.url not in failed])
+    return [(entry, members) for entry, members in
+            ((e, [c for c in clients if chosen.get(c.endpoint.url) == e]) for e in dict.fromkeys(entries)) if members]
+
+
+def _spool_found(found: FoundImage, spool: "LocalStore", clients: Sequence[DockerClient], progress: ProgressSink,
+                 failed: Dict[str, str]) -> None:
+    """Copy the records of a found image and the blobs the hosts lack of it into the spool (each blob once)."""
+    store, image_hex, ref, image, named_hex = found
     keys = [tag_key(ref)] if ref else []
     if named_hex:  # the tag names the original layout, migrated (--keep-legacy): the spool reads it the same way
         keys += [image_key(named_hex, "json"), image_key(named_hex, "migrated")]
@@ -5885,6 +5981,8 @@ def spool_image(store: Store, text: str, spool: "LocalStore", clients: Sequence[
 
     run_in_threads(ask, [c for c in clients if c.endpoint.url not in failed])
     for record in needed.values():
+        if spool.stat(blob_key(record.digest)) == record.size:  # spooled for another image already
+            continue
         task = progress.task(record.diff_id[7:19], "downloading", record.size)
         path = os.path.join(spool.root, ".tmp-blob-" + digest_hex(record.digest))
         with OutputFile(path) as out:
@@ -5908,26 +6006,32 @@ def _copy_keys(store: Store, spool: "LocalStore", keys: Sequence[str], progress:
 
 
 def fleet_pull(clients: Sequence[DockerClient], store: Store, images: Sequence[str], progress: ProgressSink,
-               tempdir: Optional[str], statuses: Dict[str, Dict[str, str]]) -> None:
-    """Download once, load every host in parallel; each host's status (the original's JSON)
-    goes into statuses, by host URL, the moment that host is done."""
+               tempdir: Optional[str], statuses: Dict[str, Dict[str, str]], platforms: HostPlatforms) -> None:
+    """Download once (each platform's image of a multi-platform tag once), load every host in
+    parallel; each host's status (the original's JSON, with the platform it got of
+    multi-platform tags) goes into statuses, by host URL, the moment that host is done."""
     failed = {}  # type: Dict[str, str]
+    chosen = collections.defaultdict(list)  # type: Dict[str, List[str]]
     with work_directory(tempdir) as work:
         spool = LocalStore(work)
         for text in images:
-            spool_image(store, text, spool, clients, progress, failed)
+            for url, platform in spool_image(store, text, spool, clients, progress, failed, platforms).items():
+                chosen[url].append(str(platform))
 
         def load(client: DockerClient) -> None:
-            status = {"Host": client.endpoint.url, "Status": "ok"}
-            if client.endpoint.url in failed:
-                status.update(Status="failed", Error=failed[client.endpoint.url])
+            url = client.endpoint.url
+            status = {"Host": url, "Status": "ok"}
+            if url in failed:
+                status.update(Status="failed", Error=failed[url])
             else:
                 try:
                     for text in images:
-                        pull_image(client, spool, text, HostProgress(progress, client.endpoint.url))
+                        pull_image(client, spool, text, HostProgress(progress, url), platform=platforms.known.get(url))
                 except DogestryError as e:
                     status.update(Status="failed", Error=str(e).replace(spool.url, store.url))
-            statuses[client.endpoint.url] = status
+            if status["Status"] == "ok" and chosen.get(url):
+                status["Platform"] = ", ".join(dict.fromkeys(chosen[url]))
+            statuses[url] = status
 
         run_in_threads(load, clients)
 
@@ -5953,10 +6057,19 @@ class HostProgress:
 # server as it talks to the host's engine (TLS, verified, when DOCKER_TLS_VERIFY is set),
 # and afterwards asks the engine whether the image really is there; a host whose server
 # fails or lies gets a regular pull.
+#
+# Of a multi-platform tag the server picks the image (its own engine's platform, or the one
+# --platform asks, which the request names): the request names the index and carries URLs of
+# the index, of every platform's manifest and image (only the asked one's with --platform), and
+# the server answers which image it pulled (Docker's "aux" progress line: ID and Platform).
+# Servers that take such requests say so in a header of GET /status/check (older ones do not:
+# their hosts get a regular pull).
 
 DELEGATION_ROUTE = "/dogestry/v1/pull"
 DELEGATION_HEADER = "Dogestry-Delegation"
 DELEGATION_PROTOCOL = "presigned-v1"
+DELEGATION_INDEX_HEADER = "Dogestry-Delegation-Index"
+DELEGATION_INDEX_PROTOCOL = "presigned-index-v1"
 DELEGATION_URL_TTL = 900
 DELEGATION_READ_TIMEOUT = 600.0
 SERVER_LINE_LIMIT = 64 << 10  # the longest progress line read from a server
@@ -5970,9 +6083,9 @@ def server_url(endpoint: DockerEndpoint, port: int) -> Optional[str]:
     return "%s://%s:%d" % ("https" if endpoint.tls else "http", host, port)
 
 
-def server_status(url: str, tls: Optional[ssl.SSLContext] = None, timeout: float = 3.0) -> Optional[str]:
-    """The delegation protocol of the dogestry server answering GET /status/check at url
-    ('' for servers too old to have one), or None if no dogestry server answers."""
+def server_status(url: str, tls: Optional[ssl.SSLContext] = None, timeout: float = 3.0) -> Optional[FrozenSet[str]]:
+    """The delegation protocols of the dogestry server answering GET /status/check at url
+    (none for servers too old to have one), or None if no dogestry server answers."""
     conn = http_connection(url, tls, timeout)
     try:
         conn.request("GET", "/status/check")
@@ -5984,23 +6097,57 @@ def server_status(url: str, tls: Optional[ssl.SSLContext] = None, timeout: float
         conn.close()
     if resp.status != 200 or body.strip() != b"OK":
         return None
-    return resp.getheader(DELEGATION_HEADER) or ""
+    return frozenset(p for p in (resp.getheader(DELEGATION_HEADER), resp.getheader(DELEGATION_INDEX_HEADER)) if p)
 
 
 class Delegation(NamedTuple):
-    """One image as a server is asked to pull it: the request body, and what to check after."""
+    """One image as a server is asked to pull it: the request body, and what to check after.
+    Of a multi-platform tag, the images the server may pick (ID -> platform); image_id is the
+    one it must pick when --platform chose it ('' when the server's engine chooses)."""
 
     image_id: str
     tag: Optional[ImageRef]
     body: bytes
+    platforms: Mapping[str, str] = {}
 
 
-def plan_delegation(store: "S3Store", text: str, progress: ProgressSink) -> Optional[Delegation]:
-    """Resolve an image and presign the objects a server needs to pull it (None: legacy layout)."""
+def plan_delegation(store: "S3Store", text: str, progress: ProgressSink,
+                    platform: Optional[Platform] = None) -> Optional[Delegation]:
+    """Resolve an image and presign the objects a server needs to pull it (None: legacy layout);
+    of a multi-platform tag, those of every platform's image (only the platform's, if given)."""
     store.check()
+    tagged = index_tag(store, text)
+    if tagged is not None:
+        return _plan_index_delegation(store, tagged[0], tagged[1], platform)
     _, image_hex, ref, image, _ = find_image(store, text, progress)
     if image.legacy:
         return None
+    sizes = _image_object_sizes(store, image_hex, image)
+    doc = {"store": store.url, "image": image.image_id, "tag": str(ref) if ref else None,
+           "objects": _presigned_objects(store, sizes)}
+    return Delegation(image.image_id, ref, json.dumps(doc).encode())
+
+
+def _plan_index_delegation(store: "S3Store", ref: ImageRef, index: "PushedManifest",
+                           platform: Optional[Platform]) -> Delegation:
+    entries = index_images(index)
+    if platform is not None:
+        entries = [choose_platform(entries, platform, "%s in %s" % (ref, store.url))]
+    sizes = {manifest_key(index.digest): len(index.data)}
+    platforms = {}  # type: Dict[str, str]
+    for entry in entries:
+        image_hex = image_of_manifest(store, entry.digest)
+        sizes[manifest_key(entry.digest)] = entry.size
+        sizes.update(_image_object_sizes(store, image_hex, load_stored_image(store, image_hex)))
+        platforms["sha256:" + image_hex] = str(entry.platform)
+    doc = {"store": store.url, "index": index.digest, "tag": str(ref), "objects": _presigned_objects(store, sizes)}
+    if platform is not None:
+        doc["platform"] = str(platform)
+    return Delegation(next(iter(platforms)) if platform is not None else "", ref, json.dumps(doc).encode(), platforms)
+
+
+def _image_object_sizes(store: Store, image_hex: str, image: StoredImage) -> Dict[str, int]:
+    """The keys and sizes of an image's manifest, config and layer blobs."""
     sizes = {}  # type: Dict[str, int]
     for key in (image_key(image_hex, "manifest.json"), image_key(image_hex, "config.json")):
         size = store.stat(key)
@@ -6009,10 +6156,12 @@ def plan_delegation(store: "S3Store", text: str, progress: ProgressSink) -> Opti
         sizes[key] = size
     for record in image.layers:
         sizes[blob_key(record.digest)] = record.size
-    objects = {key: {"url": store.client.presign(store.location.prefix + key, DELEGATION_URL_TTL), "size": size}
-               for key, size in sizes.items()}
-    doc = {"store": store.url, "image": image.image_id, "tag": str(ref) if ref else None, "objects": objects}
-    return Delegation(image.image_id, ref, json.dumps(doc).encode())
+    return sizes
+
+
+def _presigned_objects(store: "S3Store", sizes: Mapping[str, int]) -> Dict[str, Dict[str, Any]]:
+    return {key: {"url": store.client.presign(store.location.prefix + key, DELEGATION_URL_TTL), "size": size}
+            for key, size in sizes.items()}
 
 
 def _json_line(line: bytes) -> Optional[Dict[str, Any]]:
@@ -6024,76 +6173,105 @@ def _json_line(line: bytes) -> Optional[Dict[str, Any]]:
     return doc if isinstance(doc, dict) else None
 
 
+class ServerAnswer(NamedTuple):
+    """How a delegated pull ended: the server's error, if any, and the image ID it says it pulled."""
+
+    error: Optional[str]
+    image_id: str = ""
+
+
 def delegate_pull(url: str, tls: Optional[ssl.SSLContext], plan: Delegation, progress: ProgressSink,
-                  timeout: Optional[float] = None) -> Optional[str]:
-    """Ask a dogestry server to pull one image into its host, relaying its progress; its error, if any.
+                  timeout: Optional[float] = None) -> ServerAnswer:
+    """Ask a dogestry server to pull one image into its host, relaying its progress.
 
     timeout: the longest the server may stay silent (default DELEGATION_READ_TIMEOUT)."""
     conn = http_connection(url, tls, timeout or DELEGATION_READ_TIMEOUT)
+    pulled = ""
     try:
         conn.request("POST", DELEGATION_ROUTE, body=plan.body, headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
         if resp.status != 200:
-            return printable("HTTP %d: %s" % (resp.status, _docker_message(resp.read(SERVER_LINE_LIMIT))))
+            return ServerAnswer(printable("HTTP %d: %s" % (resp.status, _docker_message(resp.read(SERVER_LINE_LIMIT)))))
         for line in iter(lambda: resp.readline(SERVER_LINE_LIMIT), b""):
             doc = _json_line(line)
             if doc is None:
                 continue
             if doc.get("errorDetail") or doc.get("error"):
-                return printable(str((doc.get("errorDetail") or {}).get("message") or doc.get("error")))
+                return ServerAnswer(printable(str((doc.get("errorDetail") or {}).get("message") or doc.get("error"))))
+            aux = doc.get("aux")
+            if isinstance(aux, dict) and isinstance(aux.get("ID"), str):
+                pulled = aux["ID"][:80]
             if doc.get("status") and not doc.get("progressDetail"):
                 progress.note("%s: %s%s" % (url, "%s: " % doc["id"] if doc.get("id") else "", doc["status"]))
-        return None
+        return ServerAnswer(None, pulled)
     except (OSError, http.client.HTTPException, AttributeError) as e:
-        return _os_reason(e) if isinstance(e, OSError) else "bad answer: %s" % e
+        return ServerAnswer(_os_reason(e) if isinstance(e, OSError) else "bad answer: %s" % e)
     finally:
         conn.close()
 
 
-def image_missing(client: DockerClient, plan: Delegation) -> Optional[str]:
-    """None if the host's engine has the image under the pulled tag, else what is wrong."""
+def image_missing(client: DockerClient, plan: Delegation, pulled: str = "") -> Optional[str]:
+    """None if the host's engine has the image under the pulled tag, else what is wrong (pulled:
+    the image the server says it picked of a multi-platform tag)."""
     ref = str(plan.tag) if plan.tag else plan.image_id
+    image_id = plan.image_id or pulled
+    if plan.platforms and image_id not in plan.platforms:
+        return "the server names %s as the image it pulled, which is none of %s" % (printable(pulled) or "nothing", ref)
     try:
         info = client.inspect_image(ref)
     except DogestryError as e:
         return "cannot check the host: %s" % e
-    if info is None or info.get("Id") != plan.image_id:
-        return "the server reported success, but the host has no %s = %s" % (ref, plan.image_id[7:19])
+    if info is None or info.get("Id") != image_id:
+        return "the server reported success, but the host has no %s = %s" % (ref, image_id[7:19])
     return None
 
 
 def delegate_to_servers(endpoints: Sequence[DockerEndpoint], store: "S3Store", images: Sequence[str],
                         port: int, progress: ProgressSink, statuses: Dict[str, Dict[str, str]],
-                        host_timeout: Optional[float] = None) -> None:
-    """Pull through the dogestry servers of the hosts that run one; each host's status goes
-    into statuses (by host URL) the moment it is done."""
+                        host_timeout: Optional[float] = None, platform: Optional[Platform] = None) -> None:
+    """Pull through the dogestry servers of the hosts that run one (each picks its engine's
+    platform of multi-platform tags, or the one given); each host's status goes into statuses
+    (by host URL) the moment it is done."""
     urls = {e.url: server_url(e, port) for e in endpoints}
-    servers = []  # type: List[Tuple[DockerEndpoint, str]]
+    servers = []  # type: List[Tuple[DockerEndpoint, str, FrozenSet[str]]]
 
     def probe(endpoint: DockerEndpoint) -> None:
         url = urls[endpoint.url]
-        if url and server_status(url, endpoint.tls) == DELEGATION_PROTOCOL:
-            servers.append((endpoint, url))
+        protocols = server_status(url, endpoint.tls) if url else None
+        if url and protocols and DELEGATION_PROTOCOL in protocols:
+            servers.append((endpoint, url, protocols))
 
     run_in_threads(probe, endpoints)
     if not servers:
         return
-    plans = [plan_delegation(store, text, progress) for text in images]
+    plans = [plan_delegation(store, text, progress, platform) for text in images]
     if any(plan is None for plan in plans):
         progress.note("images in the original dogestry layout are pulled directly, not through servers")
         return
+    if any(plan is not None and plan.platforms for plan in plans):
+        for endpoint, url, protocols in servers:
+            if DELEGATION_INDEX_PROTOCOL not in protocols:
+                progress.note("%s: the dogestry server at %s is too old for multi-platform tags: pulling directly"
+                              % (endpoint.url, url))
+        servers = [server for server in servers if DELEGATION_INDEX_PROTOCOL in server[2]]
 
-    def run(server: Tuple[DockerEndpoint, str]) -> None:
-        endpoint, url = server
+    def run(server: Tuple[DockerEndpoint, str, FrozenSet[str]]) -> None:
+        endpoint, url, _ = server
         client = DockerClient(endpoint, timeout=host_timeout or 60.0)
+        chosen = []  # type: List[str]
         for plan in plans:
             assert plan is not None
-            error = delegate_pull(url, endpoint.tls, plan, progress, host_timeout) or image_missing(client, plan)
+            answer = delegate_pull(url, endpoint.tls, plan, progress, host_timeout)
+            error = answer.error or image_missing(client, plan, answer.image_id)
             if error:
                 statuses[endpoint.url] = {"Host": endpoint.url, "Status": "failed",
                                           "ServerError": "%s: %s" % (url, error)}
                 return
+            if plan.platforms:
+                chosen.append(plan.platforms[plan.image_id or answer.image_id])
         statuses[endpoint.url] = {"Host": endpoint.url, "Status": "ok", "Server": url}
+        if chosen:
+            statuses[endpoint.url]["Platform"] = ", ".join(dict.fromkeys(chosen))
 
     run_in_threads(run, servers)
 
@@ -8440,6 +8618,7 @@ _CHUNK_RANGE = re.compile(r"^(?:bytes[ =])?([0-9]{1,30})-([0-9]{1,30})(?:/(?:[0-
 _PRESIGN_PARAMS = frozenset(("X-Amz-Algorithm", "X-Amz-Credential", "X-Amz-Date", "X-Amz-Expires",
                              "X-Amz-SignedHeaders", "X-Amz-Signature", "X-Amz-Security-Token", "x-id"))
 _BLOB_KEY = re.compile(r"^blobs/sha256/[0-9a-f]{64}$")
+_INDEX_PULL_KEY = re.compile(r"^(?:manifests/sha256/[0-9a-f]{64}|images/[0-9a-f]{64}/(?:manifest|config)\.json)$")
 
 
 def _is_registry_path(target: str) -> bool:
@@ -8612,12 +8791,13 @@ class JsonTask:
 
 class Located(NamedTuple):
     """A stored image found for a pull, what it is called there, and the key under which
-    identical pulls share one download."""
+    identical pulls share one download (and its platform, if chosen from a multi-platform tag)."""
 
     store: Store
     image: StoredImage
     label: str
     share_key: str
+    platform: Optional[Platform] = None
 
 
 class PullRequest(NamedTuple):
@@ -9133,7 +9313,8 @@ class DockerApiHandler(RequestHandler):
             self._send(200, b"OK", "text/plain; charset=utf-8",
                        {"Docker-Experimental": "false", "OSType": "linux", "Cache-Control": "no-cache"})
         elif route == "/status/check":
-            self._send(200, b"OK", "text/plain; charset=utf-8", {DELEGATION_HEADER: DELEGATION_PROTOCOL})
+            self._send(200, b"OK", "text/plain; charset=utf-8", {DELEGATION_HEADER: DELEGATION_PROTOCOL,
+                                                                 DELEGATION_INDEX_HEADER: DELEGATION_INDEX_PROTOCOL})
         elif route == "/version":
             self._send(200, json.dumps({
                 "Version": __version__, "ApiVersion": self.server.api_version(), "MinAPIVersion": "1.24",
@@ -9190,6 +9371,8 @@ class DockerApiHandler(RequestHandler):
             progress.note("Pulling %s from %s" % (found.label, found.store.url))
             image_id, newer = self.server.pull(found, request.tag_as, request.client, progress)
             progress.note("Digest: %s" % image_id)
+            if found.platform is not None:  # which image of a multi-platform tag (the docker CLI shows no aux)
+                emit({"aux": {"ID": image_id, "Platform": str(found.platform)}})
             if request.tag_as:
                 progress.note("Status: %s for %s" % ("Downloaded newer image" if newer else "Image is up to date",
                                                      request.tag_as))
@@ -9212,6 +9395,8 @@ class DockerApiHandler(RequestHandler):
             raise UsageError("importing images is not served")
         name = (query.get("fromImage") or [""])[0]
         tag = (query.get("tag") or [""])[0]
+        asked = (query.get("platform") or [""])[0]  # docker pull --platform os/arch[/variant]
+        platform = parse_platform(asked) if asked else None
         if "@" in name or "@" in tag:
             raise UsageError("pulls by digest are not served; use a tag")
         if ":" in name.rsplit("/", 1)[-1] and not tag:
@@ -9239,31 +9424,48 @@ class DockerApiHandler(RequestHandler):
         who = hashlib.sha256(("%s\0%s" % (creds.access_key, creds.secret_key)).encode()).hexdigest() if creds else ""
 
         def locate() -> Located:
-            """The first candidate whose tag exists (tags only: never image IDs)."""
+            """The first candidate whose tag exists (tags only: never image IDs); of a
+            multi-platform tag, the image of the platform asked, else of the server's engine."""
             first = None  # type: Optional[NotFound]
             for choice, ref in candidates:
                 store = self.server.open_store(choice, None if choice.own else creds)
                 try:
-                    image_hex = read_tag(store, ref)
+                    image_hex, entry = tag_image_choice(store, ref, lambda: platform or self.server.docker.platform())
+                except NoMatchingPlatform:
+                    raise
                 except NotFound as e:
                     first = first or e
                     continue
-                return Located(store, load_stored_image(store, image_hex), str(ref),
-                               "%s#%s#%s" % (choice.url, "" if choice.own else who, image_hex))
+                return self._located(store, image_hex, ref, entry,
+                                     "%s#%s#%s" % (choice.url, "" if choice.own else who, image_hex))
             assert first is not None
             raise first
 
         return PullRequest(locate, wanted, self.client_address[0])
 
+    def _located(self, store: Store, image_hex: str, ref: ImageRef, entry: Optional[IndexEntry],
+                 share_key: str) -> Located:
+        """What a pull of tag ref found: its image (of a multi-platform tag, the entry's)."""
+        label = str(ref) + (" for " + str(entry.platform) if entry else "")
+        return Located(store, load_stored_image(store, image_hex), label, share_key,
+                       entry.platform if entry else None)
+
     def _delegated_pull(self, body: bytes) -> PullRequest:
-        """POST /dogestry/v1/pull from `dogestry -pullhosts`: presigned URLs of one image's objects."""
+        """POST /dogestry/v1/pull from `dogestry -pullhosts`: presigned URLs of one image's objects,
+        or of a multi-platform tag's index and images (the server picks its engine's platform, or
+        the one the request names)."""
         doc = parse_json(body, "the pull request")
         if not isinstance(doc, dict) or not isinstance(doc.get("objects"), dict) or \
-                not isinstance(doc.get("store"), str) or not isinstance(doc.get("image"), str) or \
-                not isinstance(doc.get("tag"), (str, type(None))):
-            raise UsageError("a delegated pull needs store, image, tag and objects")
+                not isinstance(doc.get("store"), str) or not isinstance(doc.get("tag"), (str, type(None))) or \
+                not (isinstance(doc.get("image"), str) or isinstance(doc.get("index"), str) and doc["tag"]) or \
+                not isinstance(doc.get("platform"), (str, type(None))):
+            raise UsageError("a delegated pull needs store, image (or index), tag and objects")
         policy = self.server.policy
-        image_hex = digest_hex(doc["image"])
+        index = doc.get("index")  # type: Optional[str]
+        if index is not None and not (index.startswith("sha256:") and _HEX64.match(index[7:])):
+            raise UsageError("a delegated pull names a bad index digest")
+        image_hex = digest_hex(doc["image"]) if index is None else ""
+        platform = parse_platform(doc["platform"]) if doc.get("platform") else None
         tag_as = parse_image_ref(doc["tag"]) if doc["tag"] else None
         if tag_as is not None:
             policy.image_path(tag_as.name)
@@ -9272,11 +9474,11 @@ class DockerApiHandler(RequestHandler):
         choice = policy.choose(doc["store"], "", True)
         location = choice.location
         assert location is not None
-        wanted = {image_key(image_hex, "manifest.json"), image_key(image_hex, "config.json")}
+        wanted = {image_key(image_hex, "manifest.json"), image_key(image_hex, "config.json")} if image_hex else set()
         urls, sizes, regions = {}, {}, set()  # type: Dict[str, str], Dict[str, int], Set[str]
         for key, entry in doc["objects"].items():
-            if key not in wanted and not _BLOB_KEY.match(key):
-                raise Refused("a delegated pull may only read the image's manifest, config and blobs (not %r)"
+            if not (key in wanted or _BLOB_KEY.match(key) or index is not None and _INDEX_PULL_KEY.match(key)):
+                raise Refused("a delegated pull may only read the image's manifests, config and blobs (not %r)"
                               % key[:100])
             if not isinstance(entry, dict) or not isinstance(entry.get("url"), str) or \
                     not isinstance(entry.get("size"), int) or entry["size"] < 0:
@@ -9289,8 +9491,15 @@ class DockerApiHandler(RequestHandler):
 
         def locate() -> Located:
             store = self.server.presigned_store(located, urls, sizes)
-            return Located(store, load_stored_image(store, image_hex), str(tag_as) if tag_as else image_hex[:12],
-                           "%s#presigned#%s" % (choice.url, image_hex))
+            if index is None:
+                return Located(store, load_stored_image(store, image_hex), str(tag_as) if tag_as else image_hex[:12],
+                               "%s#presigned#%s" % (choice.url, image_hex))
+            assert tag_as is not None
+            pushed = read_pushed_manifest(store, index)
+            if pushed is None or not pushed.is_index:
+                raise NotAnImage("%s: %s names no image index" % (store.url, manifest_key(index)))
+            chosen_hex, entry = index_image_for(store, tag_as, pushed, platform or self.server.docker.platform())
+            return self._located(store, chosen_hex, tag_as, entry, "%s#presigned#%s" % (choice.url, chosen_hex))
 
         return PullRequest(locate, tag_as, self.client_address[0])
 
@@ -9793,9 +10002,10 @@ def cmd_pull(ctx: Context) -> int:
 
 
 def fleet_command(ctx: Context) -> int:
-    """pull to every -pullhosts host: through the dogestry servers of hosts that run one, directly
-    to the rest.  The JSON status of every host is printed whatever happens (a host that did not
-    finish is "failed", with the reason), then the error, if there was one."""
+    """pull to every -pullhosts host (of multi-platform tags, each host its engine's platform, or
+    --platform's): through the dogestry servers of hosts that run one, directly to the rest.  The
+    JSON status of every host is printed whatever happens (a host that did not finish is
+    "failed", with the reason), then the error, if there was one."""
     options = ctx.options
     endpoints = parse_pullhosts(options.pullhosts, ctx.environ, ctx.home)
     statuses = {}  # type: Dict[str, Dict[str, str]]
@@ -9816,12 +10026,15 @@ def fleet_command(ctx: Context) -> int:
 def _fleet_pull_all(ctx: Context, endpoints: Sequence[DockerEndpoint], statuses: Dict[str, Dict[str, str]]) -> None:
     options = ctx.options
     batch = load_batch_setting(ctx.environ)
+    versions = {}  # type: Dict[str, Any]
     if not options.disable_checks:
-        check_hosts([DockerClient(e, timeout=min(HOST_CHECK_TIMEOUT, options.host_timeout)) for e in endpoints])
+        versions = check_hosts([DockerClient(e, timeout=min(HOST_CHECK_TIMEOUT, options.host_timeout))
+                                for e in endpoints])
+    platform = getattr(options, "platform", None)
     store = ctx.store()
     if isinstance(store, S3Store) and not options.force_local:
         delegate_to_servers(endpoints, store, options.images, options.port, ctx.progress, statuses,
-                            options.host_timeout)
+                            options.host_timeout, platform)
     # hosts without a server, and those whose server failed or lied, get a regular pull
     direct = [e for e in endpoints if statuses.get(e.url, {}).get("Status") != "ok"]
     if not direct:
@@ -9832,7 +10045,8 @@ def _fleet_pull_all(ctx: Context, endpoints: Sequence[DockerEndpoint], statuses:
     clients = [DockerClient(e, timeout=options.host_timeout, stream_timeout=options.host_timeout, load_batch=batch)
                for e in direct]
     try:
-        fleet_pull(clients, store, options.images, ctx.progress, options.tempdir, statuses)
+        fleet_pull(clients, store, options.images, ctx.progress, options.tempdir, statuses,
+                   HostPlatforms(platform, versions))
     finally:
         for url, error in server_errors.items():
             if url in statuses:
