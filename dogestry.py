@@ -4968,6 +4968,8 @@ def pull_image(docker: DockerClient, store: Store, text: str, progress: Progress
         return chosen[-1]
 
     store, _, ref, image, _ = find_image(store, text, progress, wanted)
+    if platform is not None and not chosen and not image.legacy:
+        check_image_platform(store, image, platform, str(ref or text))
     tags = ([ref] if ref else []) if tag_as is None else tag_as
     image_id = load_image(docker, store, image, [str(t) for t in tags], progress)
     for tag in tags:
@@ -4975,6 +4977,15 @@ def pull_image(docker: DockerClient, store: Store, text: str, progress: Progress
     progress.note("pulled %s%s (%s)" % (str(ref or text), " for " + str(chosen[0]) if chosen else "",
                                         digest_hex(image_id)[:12]))
     return image_id
+
+
+def check_image_platform(store: Store, image: StoredImage, platform: Platform, what: str) -> None:
+    """NoMatchingPlatform if a single image asked for with --platform is of a platform that
+    cannot run there (as docker pull --platform refuses it); an image whose config names no
+    platform passes."""
+    offered = config_platform(parse_json(verified_config(store, image), "the image config"))
+    if offered.architecture and platform_fits(platform, offered) is None:
+        raise NoMatchingPlatform("%s in %s is an image for %s only, not %s" % (what, store.url, offered, platform))
 
 
 def index_tag(store: Store, text: str) -> Optional[Tuple[ImageRef, "PushedManifest"]]:
