@@ -8855,6 +8855,7 @@ class DogestryServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.stopping = False  # set by server_close()
         self._spare_fd = os.open(os.devnull, os.O_RDONLY)  # given up to shed a connection at EMFILE
         self._api_version = None  # type: Optional[str]
+        self._engine_platform = None  # type: Optional[Platform]
         self._private = private  # a directory store's path: never shown to clients
 
     # -- connections --
@@ -8972,6 +8973,16 @@ class DogestryServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
             except DogestryError:
                 return "1.41"
         return self._api_version
+
+    def engine_platform(self) -> Platform:
+        """The local engine's platform (what a pull takes of a multi-platform tag), asked once;
+        linux/amd64 while the engine cannot say (it is asked again next time)."""
+        if self._engine_platform is None:
+            try:
+                self._engine_platform = self.docker.platform()
+            except DogestryError:
+                return Platform("linux", "amd64")
+        return self._engine_platform
 
     # -- pulls --
 
@@ -9327,9 +9338,11 @@ class DockerApiHandler(RequestHandler):
             self._send(200, b"OK", "text/plain; charset=utf-8", {DELEGATION_HEADER: DELEGATION_PROTOCOL,
                                                                  DELEGATION_INDEX_HEADER: DELEGATION_INDEX_PROTOCOL})
         elif route == "/version":
+            platform = self.server.engine_platform()  # a -pullhosts client reads the host's platform here
             self._send(200, json.dumps({
                 "Version": __version__, "ApiVersion": self.server.api_version(), "MinAPIVersion": "1.24",
-                "Os": "linux", "Arch": "amd64", "Components": [{"Name": "dogestry", "Version": __version__}],
+                "Os": platform.os, "Arch": platform.architecture,
+                "Components": [{"Name": "dogestry", "Version": __version__}],
             }).encode())
         elif route == "/":
             self._refuse(404, "dogestry API, nothing to see here")
@@ -9441,7 +9454,7 @@ class DockerApiHandler(RequestHandler):
             for choice, ref in candidates:
                 store = self.server.open_store(choice, None if choice.own else creds)
                 try:
-                    image_hex, entry = tag_image_choice(store, ref, lambda: platform or self.server.docker.platform())
+                    image_hex, entry = tag_image_choice(store, ref, lambda: platform or self.server.engine_platform())
                 except NoMatchingPlatform:
                     raise
                 except NotFound as e:
@@ -9509,7 +9522,7 @@ class DockerApiHandler(RequestHandler):
             pushed = read_pushed_manifest(store, index)
             if pushed is None or not pushed.is_index:
                 raise NotAnImage("%s: %s names no image index" % (store.url, manifest_key(index)))
-            chosen_hex, entry = index_image_for(store, tag_as, pushed, platform or self.server.docker.platform())
+            chosen_hex, entry = index_image_for(store, tag_as, pushed, platform or self.server.engine_platform())
             return self._located(store, chosen_hex, tag_as, entry, "%s#presigned#%s" % (choice.url, chosen_hex))
 
         return PullRequest(locate, tag_as, self.client_address[0])
