@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import types
+import urllib.parse
 import uuid
 from pathlib import Path
 
@@ -282,6 +283,17 @@ def test_an_index_without_linux_amd64_is_unknown_to_a_client_that_accepts_no_ind
     assert served(NAME, "arm", dogestry.OCI_INDEX, "GET").body == data
 
 
+def test_an_image_tag_pushed_in_a_type_the_client_does_not_accept_is_served_as_made(source, registry):
+    """mp/single:1 was pushed by buildah as an OCI manifest: a client that accepts only Docker
+    schema 2 gets the Docker manifest made of the same image, not a type it cannot read."""
+    pushed = served("mp/single", "1", IMAGE_TYPES, "GET")
+    assert (sha(pushed.body), pushed.headers.getheader("Content-Type")) == (source.single, dogestry.OCI_MANIFEST)
+    docker = served("mp/single", "1", dogestry.DOCKER_MANIFEST, "GET")
+    assert docker.headers.getheader("Content-Type") == dogestry.DOCKER_MANIFEST, docker
+    assert json.loads(docker.body)["config"]["digest"] == json.loads(pushed.body)["config"]["digest"]
+    assert docker.headers.getheader("Docker-Content-Digest") == sha(docker.body) != source.single
+
+
 # === copy ========================================================================================
 
 def test_copy_to_a_bucket_and_back_keeps_every_digest_and_referrer(source, servers, base_env, rgw, tmp_path):
@@ -364,6 +376,20 @@ def test_real_clients_get_each_platform_from_a_copy(target, source, servers, bas
     listing = subprocess.run(["ctr", "-a", sock, "-n", namespace, "images", "ls"], stdout=subprocess.PIPE,
                              universal_newlines=True, check=True).stdout
     assert source.index in listing, listing
+
+
+def test_bucket_to_bucket_copies_an_index_server_side(source, base_env, rgw, fault_proxy):
+    """Between two buckets of one endpoint every blob of the multi-platform tag and its referrers
+    (layers, configs, attestation and artifact blobs) is copied by S3 itself: none is read
+    through the machine."""
+    first, _ = s3_target(rgw, "a")
+    ok(run_dogestry("copy", source.store, first, "%s:1" % NAME, env=s3_env(base_env, rgw)))
+    proxy = fault_proxy()
+    src, dst = ("%s?endpoint=%s" % (url, urllib.parse.quote(proxy.url, safe="")) for url in (first, s3_target(rgw)[0]))
+    ok(run_dogestry("copy", src, dst, "%s:1" % NAME, env=s3_env(base_env, rgw)))
+    blob_puts = [e for e in proxy.log if e["method"] == "PUT" and "/blobs/sha256/" in e["path"]]
+    assert blob_puts and all(e["headers"].get("x-amz-copy-source") for e in blob_puts)
+    assert not [e for e in proxy.log if e["method"] == "GET" and "/blobs/sha256/" in e["path"]]
 
 
 def puts(proxy, prefix):
