@@ -16,7 +16,6 @@ registry API itself) and ctr then get each platform from the copy's registry.
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import types
@@ -99,6 +98,11 @@ def push_attestation(name, attested):
                              "vnd.docker.reference.digest": attested})
 
 
+def stored_descriptor(store, digest):
+    """The descriptor of an OCI manifest stored in a directory store."""
+    return descriptor((store / "manifests" / "sha256" / digest[7:]).read_bytes(), dogestry.OCI_MANIFEST)
+
+
 def served(name, reference, accept=ALL_TYPES, method="HEAD"):
     return call(HOSTS[0], method, "/v2/%s/manifests/%s" % (name, reference), {"Accept": accept} if accept else {})
 
@@ -148,26 +152,22 @@ def source(base_env, tmp_path_factory):
         ok(run_dogestry("import", store, work / "made.tar", env=base_env))
         made_digest = served_digest("mp/made", "1")  # the manifest the registry makes of it (OCI)
 
-        index_ref = descriptor(index_data, dogestry.OCI_INDEX)
-        arm64 = children["linux/arm64"]
-        referrers = {"index-signature": push_referrer(NAME, index_ref, "application/vnd.example.signature", b"sig1")}
-        referrers["sbom"] = push_referrer(NAME, {"mediaType": dogestry.OCI_MANIFEST, "digest": arm64.digest, "size": len(
-            (store / "manifests" / "sha256" / arm64.digest[7:]).read_bytes())}, "application/spdx+json", b'{"spdx": 1}')
-        sbom_data = (store / "manifests" / "sha256" / referrers["sbom"][7:]).read_bytes()
-        referrers["sbom-signature"] = push_referrer(NAME, descriptor(sbom_data, dogestry.OCI_MANIFEST),
-                                                    "application/vnd.example.signature", b"sig2")
-        single_data = (store / "manifests" / "sha256" / single_digest[7:]).read_bytes()
-        referrers["single-signature"] = push_referrer("mp/single", descriptor(single_data, dogestry.OCI_MANIFEST),
-                                                      "application/vnd.example.signature", b"sig3")
+        signature = "application/vnd.example.signature"
+        referrers = {"index-signature": push_referrer(NAME, descriptor(index_data, dogestry.OCI_INDEX), signature, b"s1")}
+        referrers["sbom"] = push_referrer(NAME, stored_descriptor(store, children["linux/arm64"].digest),
+                                          "application/spdx+json", b'{"spdx": 1}')
+        referrers["sbom-signature"] = push_referrer(NAME, stored_descriptor(store, referrers["sbom"]), signature, b"s2")
+        referrers["single-signature"] = push_referrer("mp/single", stored_descriptor(store, single_digest), signature,
+                                                      b"s3")
         made_data = served("mp/made", "1", dogestry.OCI_MANIFEST, "GET").body
-        referrers["made-signature"] = push_referrer("mp/made", descriptor(made_data, dogestry.OCI_MANIFEST),
-                                                    "application/vnd.example.signature", b"sig4")
+        referrers["made-signature"] = push_referrer("mp/made", descriptor(made_data, dogestry.OCI_MANIFEST), signature,
+                                                    b"s4")
     finally:
         server.stop()
     server.assert_no_traceback()
     return types.SimpleNamespace(store=store, index=sha(index_data), built=built, children=children,
                                  attestation=attestation["digest"], single=single_digest, made=made_digest,
-                                 referrers=referrers, buildah=buildah, work=work)
+                                 referrers=referrers)
 
 
 def writable(source, tmp_path):
