@@ -6311,6 +6311,7 @@ LAYER_MEDIA_TYPES = {
                       "none": "application/vnd.docker.image.rootfs.diff.tar"},
 }
 REGISTRY_PAGE = 1000  # the most tags or repositories one page lists
+REGISTRY_DEFAULT_PLATFORM = Platform("linux", "amd64")  # a client that accepts no index gets it (as distribution)
 REGISTRY_API_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}  # on every /v2/ answer
 BLOB_URL_TTL = 900    # seconds a presigned blob URL a client is redirected to stays valid
 REGISTRY_LISTING_TTL = 5.0  # seconds a listing of images/ or repositories/ is reused (what is pushed shows after)
@@ -6345,15 +6346,29 @@ def registry_manifest(image: StoredImage, media_type: str) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
+def accepted_types(accept: str) -> Optional[FrozenSet[str]]:
+    """The media types an Accept header lists (parameters such as q= ignored, as distribution
+    does); None for any type: no Accept header at all (RFC 9110 12.5.1), or a wildcard."""
+    accepted = frozenset(part.split(";")[0].strip().lower() for part in accept.split(",") if part.strip())
+    if not accepted or "*/*" in accepted or "application/*" in accepted:
+        return None
+    return accepted
+
+
 def manifest_type_for(accept: str) -> str:
     """Which manifest to answer an Accept header with: OCI, unless only Docker's schema 2 is accepted."""
-    accepted = {part.split(";")[0].strip().lower() for part in accept.split(",") if part.strip()}
-    if not accepted or OCI_MANIFEST in accepted or "*/*" in accepted or "application/*" in accepted:
+    accepted = accepted_types(accept)
+    if accepted is None or OCI_MANIFEST in accepted:
         return OCI_MANIFEST
     if DOCKER_MANIFEST in accepted:
         return DOCKER_MANIFEST
     raise RegistryError(404, "MANIFEST_UNKNOWN", "only OCI image manifests and Docker schema 2 manifests are served "
                                                  "(Accept: %s)" % accept[:200])
+
+
+def type_accepted(media_type: str, accepted: Optional[FrozenSet[str]]) -> bool:
+    """Does a client that accepts `accepted` (None: any type) take a manifest of media_type?"""
+    return accepted is None or media_type in accepted
 
 
 def repository_name(name: str) -> str:
@@ -6671,9 +6686,12 @@ class Registry:
     def _list_repositories(self) -> List[str]:
         return sorted({key[len("repositories/"):].rpartition("/")[0] for key in self.store.list("repositories/")} - {""})
 
-    def manifest(self, name: str, reference: str, media_type: str) -> Tuple[bytes, str, str]:
-        """(bytes, media type, digest) of a repository's manifest, by tag or by digest: one pushed
-        through the registry as it was pushed, else the one made from the stored image."""
+    def manifest(self, name: str, reference: str, accept: str = "") -> Tuple[bytes, str, str]:
+        """(bytes, media type, digest) of a repository's manifest for a client whose Accept header
+        is `accept`.  By digest: the manifest of that digest, whatever the Accept header (no other
+        bytes have that digest).  By tag: the manifest pushed through the registry, as pushed, if
+        the client accepts its type; else the one made from the stored image, of a type it accepts;
+        for an index the client does not accept, the manifest of its image for linux/amd64."""
         repository_name(name)
         if ":" in reference:
             check_digest(reference)
@@ -6689,12 +6707,41 @@ class Registry:
         except NotFound:
             self.tags(name)  # NAME_UNKNOWN when the repository has no tag at all
             raise RegistryError(404, "MANIFEST_UNKNOWN", "%s:%s is not known" % (name, reference))
+        accepted = accepted_types(accept)
         pushed = self._pushed_for_tag(ref, target)
-        if pushed is not None:
+        if pushed is not None and pushed.is_index and not type_accepted(pushed.media_type, accepted):
+            return self._platform_manifest(ref, pushed, accept)
+        if pushed is not None and (target.image_hex is None or type_accepted(pushed.media_type, accepted)):
             return pushed.data, pushed.media_type, pushed.digest
         if target.image_hex is None:
             raise RegistryError(404, "MANIFEST_UNKNOWN", "%s names %s, which is not stored" % (ref, target.manifest))
+        media_type = manifest_type_for(accept)
         data, digest = self._manifest_of(target.image_hex, media_type)
+        return data, media_type, digest
+
+    def _platform_manifest(self, ref: ImageRef, index: PushedManifest, accept: str) -> Tuple[bytes, str, str]:
+        """For a client that accepts no image index (as distribution answers one): the manifest of
+        the index's linux/amd64 image, as pushed if the client accepts its type, else the one made
+        from its image; MANIFEST_UNKNOWN naming the index's platforms if it has no such image."""
+        entries = index_images(index)
+        try:
+            entry = choose_platform(entries, REGISTRY_DEFAULT_PLATFORM, str(ref))
+        except NoMatchingPlatform:
+            raise RegistryError(404, "MANIFEST_UNKNOWN", "%s is a multi-platform image with no %s image, which is what "
+                                "a client that accepts no image index (Accept: %s) is given; it has %s"
+                                % (ref, REGISTRY_DEFAULT_PLATFORM, accept[:200], platform_list(entries)))
+        child = read_pushed_manifest(self.store, entry.digest)
+        if child is None:
+            raise RegistryError(404, "MANIFEST_UNKNOWN", "%s names %s, which is not stored" % (ref, entry.digest))
+        if type_accepted(child.media_type, accepted_types(accept)):
+            return child.data, child.media_type, child.digest
+        media_type = manifest_type_for(accept)
+        image_hex = digest_hex(child.blobs[0][0]) if child.blobs else ""
+        if not image_hex or self.store.stat(image_key(image_hex, "manifest.json")) is None:
+            raise RegistryError(404, "MANIFEST_UNKNOWN", "the %s manifest of %s is of type %s, which this client does "
+                                "not accept (Accept: %s)" % (REGISTRY_DEFAULT_PLATFORM, ref, child.media_type,
+                                                             accept[:200]))
+        data, digest = self._manifest_of(image_hex, media_type)
         return data, media_type, digest
 
     @staticmethod
@@ -8554,27 +8601,28 @@ class BlobCopier:
             raise StoreError("%s: cannot read %s: %s" % (self.src.url, key, _os_reason(e)))
 
 
-def copy_tag_manifest(src: Store, dst: Store, ref: ImageRef, image_id: str) -> None:
-    """The manifest an image tag of src was pushed with through the registry, to dst too (before
-    the tag), so dst's registry serves the same digest; where dst lacks a blob it names (the
-    image was stored there by `dogestry push`, with blobs of its own), dst serves its own."""
-    manifest = tag_pushed_manifest(src, ref, digest_hex(image_id))
+def copy_tag_manifest(dst: Store, ref: ImageRef, manifest: Optional[PushedManifest]) -> None:
+    """The manifest an image tag of src was pushed with through the registry (tag_pushed_manifest),
+    to dst too (before the tag), so dst's registry serves the same digest; where dst lacks a blob it
+    names (the image was stored there by `dogestry push`, with blobs of its own), dst serves its own."""
     if manifest is None or any(stored_blob_key(dst, digest, size) is None for digest, size in manifest.blobs):
         return
-    dst.put_bytes(manifest_key(manifest.digest), manifest.data, if_absent=True)
+    if dst.stat(manifest_key(manifest.digest)) != len(manifest.data):
+        dst.put_bytes(manifest_key(manifest.digest), manifest.data)
     dst.put_bytes(tag_manifest_key(ref), manifest.digest.encode())
 
 
 def copy_image(found: FoundImage, dst: Store, copier: BlobCopier, progress: ProgressSink,
-               options: PushOptions) -> str:
+               options: PushOptions, freshness: Optional[Freshness] = None) -> str:
     """Store an image of one store in another (the original layout becomes the current one):
-    only the layers dst lacks, image last; return its image ID."""
+    only the layers dst lacks, image last; return its image ID.  freshness: the one of a tag
+    this image is part of (an index's), else the image's own."""
     src, image = found.store, found.image
     if image.legacy:
         progress.note("%s is in the original dogestry layout: storing it in the current one" % found.image_hex[:12])
         return migrate_image(src, found.image_hex, progress, options, target=dst)
     image_hex = digest_hex(image.image_id)
-    freshness = options.freshness(dst)
+    freshness = freshness or options.freshness(dst)
     if _keep_stored_image(dst, image_hex, freshness):
         progress.note("%s: image %s is already stored" % (dst.url, image_hex[:12]))
         return image.image_id
@@ -8600,6 +8648,227 @@ def copy_image(found: FoundImage, dst: Store, copier: BlobCopier, progress: Prog
         pool.shutdown(wait=True)
     _secure_and_write_image(dst, freshness, image.image_id, config, [copied[r.diff_id] for r in image.layers])
     return image.image_id
+
+# --- copy: manifests pushed through the registry (indexes, their images, referrers) ---
+#
+# A tag of an index (or an artifact) is copied with every manifest it reaches, byte for byte
+# (digests unchanged): the manifests the index names, recursively (each platform's image, the
+# attestations), and the manifests whose subject is one of them (signatures, SBOMs), recursively.
+# A tag of an image takes along the referrers of the manifests the registry serves for it.  All
+# of it is read from SRC before anything is written; in DST each image is stored as copy_image
+# stores it, every other blob a manifest names under its digest, an index after the manifests it
+# names, the tag last, once everything it reaches is stored and checked (Freshness.secure).
+
+REFERRER_LISTING_TAGS = 5  # a copy of more tags than this (or --all) lists manifests/referrers/ once, whole
+
+
+class ReferrerLister:
+    """The referrers SRC lists for a subject (manifests/referrers/<subject hex>/): one listing per
+    subject, or (whole=True, for copies of many tags) one listing of every subject's at the first ask."""
+
+    def __init__(self, store: Store, whole: bool = False):
+        self.store, self.whole = store, whole
+        self._all = None  # type: Optional[Dict[str, List[str]]]
+
+    def referrers(self, subject: str) -> List[str]:
+        """The digests of the manifests whose subject is `subject`."""
+        if not self.whole:
+            return self._digests(self.store.list("manifests/referrers/%s/" % digest_hex(subject)))
+        if self._all is None:
+            grouped = collections.defaultdict(list)  # type: Dict[str, List[str]]
+            for key in self.store.list("manifests/referrers/"):
+                grouped[key.split("/")[2]].append(key)
+            self._all = {subject_hex: self._digests(keys) for subject_hex, keys in grouped.items()}
+        return self._all.get(digest_hex(subject), [])
+
+    @staticmethod
+    def _digests(keys: Iterable[str]) -> List[str]:
+        parts = (key.split("/") for key in keys)
+        return ["sha256:" + p[3] for p in parts if len(p) == 4 and _HEX64.match(p[2]) and _HEX64.match(p[3])]
+
+
+def manifests_reached(store: Store, roots: Sequence[str], subjects: Sequence[str],
+                      lister: ReferrerLister) -> List[PushedManifest]:
+    """Every manifest of store the roots reach (the manifests an index names, recursively) and
+    the referrers of those and of `subjects` (recursively), each once, the manifests an index
+    names before it; NotFound if one is not stored."""
+    found = collections.OrderedDict()  # type: collections.OrderedDict[str, PushedManifest]
+    todo = collections.deque((digest, "the tag") for digest in roots)
+    todo.extend((digest, "the referrers of %s" % subject) for subject in subjects for digest in lister.referrers(subject))
+    while todo:
+        digest, named_by = todo.popleft()
+        if digest in found:
+            continue
+        manifest = read_pushed_manifest(store, digest)
+        if manifest is None:
+            raise NotFound("%s: manifest %s, which %s names, is not stored; nothing was copied"
+                           % (store.url, digest, named_by))
+        found[digest] = manifest
+        todo.extend((child, digest) for child in manifest.children)
+        todo.extend((referrer, "the referrers of %s" % digest) for referrer in lister.referrers(digest))
+    ordered, placed = [], set()  # type: List[PushedManifest], Set[str]
+
+    def place(manifest: PushedManifest) -> None:
+        if manifest.digest not in placed:
+            placed.add(manifest.digest)
+            for child in manifest.children:
+                place(found[child])
+            ordered.append(manifest)
+
+    for manifest in found.values():
+        place(manifest)
+    return ordered
+
+
+def served_digests(store: Store, found: FoundImage, pushed: Optional[PushedManifest]) -> List[str]:
+    """The manifest digests the registry serves for an image (its referrers' subjects): the manifest
+    its tag was pushed with, and the ones made from it (none for the original layout)."""
+    if found.image.legacy:
+        return []
+    made = [sha256_digest(registry_manifest(found.image, kind)) for kind in (OCI_MANIFEST, DOCKER_MANIFEST)]
+    return ([pushed.digest] if pushed is not None else []) + made
+
+
+def _manifest_image(store: Store, manifest: PushedManifest) -> Optional[str]:
+    """The image hex of an image manifest whose image record the store holds (None: none)."""
+    if manifest.is_index or manifest.doc["config"]["mediaType"] not in IMAGE_CONFIG_TYPES:
+        return None
+    image_hex = digest_hex(manifest.doc["config"]["digest"])
+    return image_hex if store.stat(image_key(image_hex, "manifest.json")) is not None else None
+
+
+def copy_blob(src: Store, dst: Store, digest: str, size: int, copier: BlobCopier, freshness: Freshness) -> str:
+    """Store a blob a manifest names in dst under blobs/ (checked against its digest); its key."""
+    source = stored_blob_key(src, digest, size)
+    if source is None:
+        raise NotFound("%s: blob %s (%d bytes) is not stored; nothing was tagged" % (src.url, digest, size))
+    key = blob_key(digest)
+    if source == key:
+        copier.copy(LayerRecord(digest, digest, size, "none"), freshness)
+    else:  # an image config, kept only in its image record
+        data = src.get_bytes(source, limit=DOCUMENT_LIMIT)
+        if sha256_digest(data) != digest:
+            raise IntegrityError("%s: %s is not blob %s" % (src.url, source, digest))
+        dst.put_bytes(key, data)
+    freshness.written(key)
+    return key
+
+
+def copy_manifests(src: Store, dst: Store, manifests: Sequence[PushedManifest], copier: BlobCopier,
+                   progress: ProgressSink, options: PushOptions, freshness: Freshness,
+                   copied: Dict[Tuple[str, str], str]) -> Tuple[Dict[str, Optional[int]], Dict[str, Callable[[], None]]]:
+    """Store manifests of src in dst, byte for byte, with what they name (the images as copy_image
+    stores them, only what dst lacks; every other blob) and their referrer listings, the manifests
+    an index names before it.  Return what a tag of them relies on: key -> size, and how to write
+    again the keys written here (for Freshness.secure)."""
+    for manifest in manifests:
+        image_hex = _manifest_image(src, manifest)
+        if image_hex is not None and (src.url, image_hex) not in copied:
+            found = FoundImage(src, image_hex, None, load_stored_image(src, image_hex))
+            copied[(src.url, image_hex)] = copy_image(found, dst, copier, progress, options, freshness)
+    must_exist, rewrite = {}, {}  # type: Dict[str, Optional[int]], Dict[str, Callable[[], None]]
+    for digest, size in sorted({blob for manifest in manifests for blob in manifest.blobs}):
+        key = stored_blob_key(dst, digest, size)
+        if key is None:
+            key = copy_blob(src, dst, digest, size, copier, freshness)
+        else:
+            freshness.seen(key, dst.age(key))
+        must_exist[key] = size
+    for manifest in manifests:
+        key = manifest_key(manifest.digest)
+        rewrite[key] = functools.partial(dst.put_bytes, key, manifest.data)
+        _keep_or_write(dst, key, len(manifest.data), rewrite[key], freshness)
+        must_exist[key] = len(manifest.data)
+        if manifest.subject:
+            listing = referrer_key(manifest.subject, manifest.digest)
+            rewrite[listing] = functools.partial(write_json, dst, listing, manifest.descriptor())
+            _keep_or_write(dst, listing, None, rewrite[listing], freshness)
+            must_exist[listing] = None
+    return must_exist, rewrite
+
+
+def _keep_or_write(store: Store, key: str, size: Optional[int], write: Callable[[], None], freshness: Freshness) -> None:
+    """Keep a small key store holds already (of that size, if given), else write it."""
+    age = store.age(key)
+    if age is not None and (size is None or store.stat(key) == size):
+        freshness.seen(key, age)
+        return
+    write()
+    freshness.written(key)
+
+
+class CopyItem(NamedTuple):
+    """What one argument of copy names in SRC: an image, or a tag naming a manifest pushed through
+    the registry (an index, an artifact); and the manifests that go with it (all that the tag's
+    manifest reaches; for an image, its referrers)."""
+
+    text: str
+    ref: Optional[ImageRef]
+    image: Optional[FoundImage]
+    pushed: Optional[PushedManifest]  # an image tag's: the manifest it was pushed with; else the tag's manifest
+    manifests: List[PushedManifest]
+
+    @property
+    def tag_content(self) -> str:
+        """What the tag holds in SRC (what check_tag_may_move compares)."""
+        if self.image is not None:
+            return self.image.image_hex
+        assert self.pushed is not None
+        return "@" + self.pushed.digest
+
+
+def copy_item(src: Store, text: str, progress: ProgressSink, lister: ReferrerLister) -> CopyItem:
+    """Resolve one argument of copy, reading from SRC every manifest that goes with it."""
+    ref = None  # type: Optional[ImageRef]
+    with contextlib.suppress(UsageError):
+        ref = parse_image_ref(text)
+    target = None  # type: Optional[TagTarget]
+    if ref is not None:
+        with contextlib.suppress(NotFound):
+            target = read_tag_target(src, ref)
+    if ref is not None and target is not None and target.manifest is not None:
+        manifests = manifests_reached(src, [target.manifest], [], lister)
+        root = next(m for m in manifests if m.digest == target.manifest)
+        return CopyItem(text, ref, None, root, manifests)
+    found = find_image(src, text, progress)
+    pushed = tag_pushed_manifest(found.store, found.ref, found.image_hex) \
+        if found.ref is not None and not found.image.legacy else None
+    subjects = served_digests(found.store, found, pushed)
+    return CopyItem(text, found.ref, found, pushed, manifests_reached(found.store, [], subjects, lister))
+
+
+def copy_manifest_tag(item: CopyItem, src: Store, dst: Store, copier: BlobCopier, progress: ProgressSink,
+                      options: PushOptions, copied: Dict[Tuple[str, str], str]) -> str:
+    """Copy a tag naming an index or an artifact with everything it reaches; the tag last.  Its digest."""
+    assert item.ref is not None and item.pushed is not None
+    freshness = options.freshness(dst)
+    must_exist, rewrite = copy_manifests(src, dst, item.manifests, copier, progress, options, freshness, copied)
+    freshness.secure(rewrite, must_exist)
+    point_tag(dst, item.ref, TagTarget(None, item.pushed.digest))
+    if item.pushed.is_index:
+        progress.note("%s: the index of %s, with %d more manifests" % (
+            item.ref, platform_list(index_images(item.pushed)), len(item.manifests) - 1))
+    return item.pushed.digest
+
+
+def copy_image_tag(item: CopyItem, dst: Store, copier: BlobCopier, progress: ProgressSink, options: PushOptions,
+                   copied: Dict[Tuple[str, str], str]) -> str:
+    """Copy an image (and the manifest its tag was pushed with, and its referrers); its tag last.  Its ID."""
+    image = item.image
+    assert image is not None
+    freshness = options.freshness(dst)
+    key = (image.store.url, image.image_hex)
+    if key not in copied:
+        copied[key] = copy_image(image, dst, copier, progress, options, freshness)
+    image_id = copied[key]
+    if item.manifests:
+        must_exist, rewrite = copy_manifests(image.store, dst, item.manifests, copier, progress, options, freshness,
+                                             copied)
+        freshness.secure(rewrite, must_exist)
+    if item.ref is not None:
+        copy_tag_manifest(dst, item.ref, item.pushed)
+        write_tag(dst, item.ref, digest_hex(image_id))
+    return image_id
 
 
 # === 19. The accelerator server (-server) ===
@@ -9662,8 +9931,7 @@ class RegistryHandler(RequestHandler):
         repository_name(name)
         if kind == "blobs":
             return self._send_blob(registry, reference)
-        data, media_type, digest = registry.manifest(name, reference,
-                                                     manifest_type_for(", ".join(self.headers.get_all("Accept") or [])))
+        data, media_type, digest = registry.manifest(name, reference, ", ".join(self.headers.get_all("Accept") or []))
         self._registry_send(200, data, media_type, {"Docker-Content-Digest": digest})
 
     def _referrers(self, registry: Registry, name: str, digest: str, query: Mapping[str, List[str]]) -> None:
@@ -10385,7 +10653,8 @@ def cmd_export(ctx: Context) -> int:
 
 
 def cmd_copy(ctx: Context) -> int:
-    """copy SRC DST IMAGE...|--all: copy images between stores, only what DST lacks, tags last."""
+    """copy SRC DST IMAGE...|--all: copy images (and multi-platform tags, with their referrers)
+    between stores, only what DST lacks, tags last."""
     options = ctx.options
     if bool(options.images) == bool(options.all):
         raise UsageError("name the images to copy, or --all (not both)")
@@ -10394,29 +10663,27 @@ def cmd_copy(ctx: Context) -> int:
         raise UsageError("%s is both the source and the destination" % src.url)
     src.check()
     if options.all:
-        texts = [str(ref) for ref, _ in list_tags(src) + original_images_at_root(src)]
+        texts = [str(ref) for ref, _ in list_tag_targets(src)] + [str(ref) for ref, _ in original_images_at_root(src)]
         if not texts:
             ctx.progress.note("nothing to copy: %s has no tags" % src.url)
     else:
         texts = options.images
-    found = [find_image(src, text, ctx.progress) for text in texts]  # all resolved before anything is copied
+    lister = ReferrerLister(src, whole=bool(options.all) or len(texts) > REFERRER_LISTING_TAGS)
+    items = [copy_item(src, text, ctx.progress, lister) for text in texts]  # all read before anything is copied
     dst.ensure()
-    for image in found:
-        if image.ref is not None and not image.image.legacy:  # (an original-layout image gets its ID when copied)
-            check_tag_may_move(dst, image.ref, image.image_hex)
+    for item in items:
+        if item.ref is not None and not (item.image is not None and item.image.image.legacy):
+            check_tag_may_move(dst, item.ref, item.tag_content)  # (an original-layout image gets its ID when copied)
     push_options = ctx.push_options()
     copied = {}  # type: Dict[Tuple[str, str], str]  # (store, image) -> image ID in dst
     with work_directory(push_options.tempdir or dst.spool_dir()) as work:
         copier = BlobCopier(src, dst, work, ctx.progress)
-        for text, image in zip(texts, found):
-            key = (image.store.url, image.image_hex)
-            if key not in copied:
-                copied[key] = copy_image(image, dst, copier, ctx.progress, push_options)
-            image_id = copied[key]
-            if image.ref is not None:
-                copy_tag_manifest(image.store, dst, image.ref, image_id)
-                write_tag(dst, image.ref, digest_hex(image_id))
-            ctx.stdout.write("Copied %s (%s)\n" % (printable(str(image.ref or text)), image_id))
+        for item in items:
+            if item.image is None:
+                what = copy_manifest_tag(item, src, dst, copier, ctx.progress, push_options, copied)
+            else:
+                what = copy_image_tag(item, dst, copier, ctx.progress, push_options, copied)
+            ctx.stdout.write("Copied %s (%s)\n" % (printable(str(item.ref or item.text)), what))
     return 0
 
 
