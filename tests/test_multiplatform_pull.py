@@ -351,11 +351,14 @@ def test_docker_pull_through_the_server_gets_the_engines_platform_or_the_one_ask
 
 def test_docker_pull_through_a_server_takes_its_engines_platform(fleet, arches, pushed, clean, engine_relay, servers,
                                                                 base_env, rgw, tmp_path):
-    """The server's engine reports the other architecture: a docker pull without --platform gets that image."""
+    """The server's engine reports the other architecture: a docker pull without --platform gets that
+    image, and the server's own GET /version names that platform (what a -pullhosts client reads)."""
     relay = engine_relay(fleet[1], arches[1])
     servers(address_of(relay), dict(keys_env(base_env, rgw), DOCKER_HOST=relay), store=pushed.store)
     config = tmp_path / "docker-config"
     config.mkdir()
+    version = json.loads(call(address_of(relay), "GET", "/version").body)
+    assert (version["Os"], version["Arch"]) == ("linux", arches[1])
 
     pulled = docker_user(address_of(relay), "pull", NAME, config_dir=config)
 
