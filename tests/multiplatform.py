@@ -2,12 +2,16 @@
 images for any --arch (nothing runs), pushes them as manifest lists into registries and OCI
 archives, and as docker-archives that dockerd loads (dockerd keeps a foreign image as it is)."""
 
+import http.client
 import json
+import re
 import shutil
 import subprocess
+import urllib.parse
 from pathlib import Path
 
 from conftest import skip_or_fail
+from faultproxy import Reply
 from realdocker import docker_cli, write_context
 
 
@@ -75,3 +79,32 @@ def image_platform(docker_host, tag):
     """os/architecture[/variant] of an image in dockerd, from its config."""
     doc = json.loads(docker_cli(docker_host, "image", "inspect", tag).stdout)[0]
     return "/".join(p for p in (doc.get("Os"), doc.get("Architecture"), doc.get("Variant")) if p)
+
+
+class ReportedArch:
+    """A FaultProxy rule: GET /version and GET /info get the upstream dockerd's own answers with
+    Arch (GET /info: Architecture, uname's name) changed; everything else passes unchanged."""
+
+    UNAME = {"amd64": "x86_64", "arm64": "aarch64"}
+    ROUTE = re.compile(r"^(?:/v[0-9.]+)?/(version|info)$")
+
+    def __init__(self, upstream, arch):
+        self.upstream, self.arch = urllib.parse.urlsplit(upstream), arch
+
+    def __call__(self, req):
+        route = self.ROUTE.match(req.path)
+        if req.method != "GET" or not route:
+            return None
+        conn = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=30)
+        try:
+            conn.request("GET", req.target)
+            resp = conn.getresponse()
+            doc, api = json.loads(resp.read()), resp.getheader("Api-Version")
+        finally:
+            conn.close()
+        if route.group(1) == "version":
+            doc["Arch"] = self.arch
+        else:
+            doc["Architecture"] = self.UNAME.get(self.arch, self.arch)
+        return Reply(resp.status, json.dumps(doc).encode(), dict({"Content-Type": "application/json"},
+                                                                 **({"Api-Version": api} if api else {})))

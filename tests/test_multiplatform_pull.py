@@ -15,10 +15,8 @@ with the fault_proxy fixture in front of radosgw.
 """
 
 import collections
-import http.client
 import io
 import json
-import re
 import urllib.parse
 import uuid
 
@@ -27,7 +25,7 @@ import pytest
 import dogestry
 from conftest import make_bucket, skip_or_fail
 from faultproxy import FaultProxy, Reply, started_servers
-from multiplatform import Buildah, image_platform, platform_context
+from multiplatform import Buildah, ReportedArch, image_platform, platform_context
 from realdocker import docker_cli, image_id, loopback_addresses, ok, run_dogestry
 from serverkit import PORT, Server, assert_json_refusal, call, docker_user, wipe
 
@@ -39,35 +37,6 @@ OTHER_ARCH = {"amd64": "arm64", "arm64": "amd64"}
 
 
 # --- the engine relay --------------------------------------------------------------------------
-
-class ReportedArch:
-    """A FaultProxy rule: GET /version and GET /info get the upstream dockerd's own answers with
-    Arch (GET /info: Architecture, uname's name) changed; everything else passes unchanged."""
-
-    UNAME = {"amd64": "x86_64", "arm64": "aarch64"}
-    ROUTE = re.compile(r"^(?:/v[0-9.]+)?/(version|info)$")
-
-    def __init__(self, upstream, arch):
-        self.upstream, self.arch = urllib.parse.urlsplit(upstream), arch
-
-    def __call__(self, req):
-        route = self.ROUTE.match(req.path)
-        if req.method != "GET" or not route:
-            return None
-        conn = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=30)
-        try:
-            conn.request("GET", req.target)
-            resp = conn.getresponse()
-            doc, api = json.loads(resp.read()), resp.getheader("Api-Version")
-        finally:
-            conn.close()
-        if route.group(1) == "version":
-            doc["Arch"] = self.arch
-        else:
-            doc["Architecture"] = self.UNAME.get(self.arch, self.arch)
-        return Reply(resp.status, json.dumps(doc).encode(), dict({"Content-Type": "application/json"},
-                                                                 **({"Api-Version": api} if api else {})))
-
 
 @pytest.fixture
 def engine_relay():
