@@ -41,6 +41,14 @@ from a build context written in 4 MiB pieces, and measures:
             (its get_b and put_b counters printed beside) -- < 1% of the image.  Each copy is
             checked (its "Copied NAME:TAG (ID)" line, the tag, the config's digest, the
             manifest's layers, each blob's size) and pulled once after docker rmi
+  multi-platform  (with the fleet; --no-multiplatform skips it) buildah builds a two-platform
+            image (this machine's architecture and the other of amd64/arm64: a shared layer and one
+            of each platform's own, each a quarter of --size-mib); import of its two-platform OCI
+            archive into an empty store against importing each platform's own archive into one
+            store, one after the other; -pullhosts of the tag to two fleet hosts, one of them behind
+            a relay whose GET /version reports the other architecture, against pulling each host its
+            platform alone.  Targets: no slower than the single-platform work, every blob stored
+            once and read from the store exactly once (inotify)
   fleet     (--fleet, the default; --no-fleet skips it) three more dockerds, each with its
             own dirs and a plain TCP listener on HOST:2375 (random loopback addresses), started for
             these stages; floor: docker load of the saved tar into one of them over TCP;
@@ -1635,6 +1643,173 @@ def run(args, state):
             opens.close()
         floors[one.stage] = floors[three.stage] = ("TCP load", tcp_load.seconds)
         fleet_checks += check_fleet("fleet, dir store", one, three, gz_layers)
+        if args.multiplatform:
+            fleet_checks += run_multiplatform()
+
+    def run_multiplatform():
+        """A two-platform image (this machine's architecture and the other of amd64/arm64): one
+        layer both share, one of each platform's own, built by buildah.  Import of its two-platform
+        OCI archive against importing each platform's own archive, one after the other, into one
+        store (the single-platform work it contains); -pullhosts of its tag to two hosts, one real and
+        one behind a relay whose GET /version says the other architecture (tests/multiplatform.py's
+        ReportedArch), against pulling each host its platform alone.  Targets: no slower, and every
+        blob of the two images stored, and read from the store, exactly once."""
+        from faultproxy import FaultProxy, started_servers
+        from multiplatform import ReportedArch
+        real = docker_cli(fleet[1].tcp, "version", "-f", "{{.Server.Arch}}").stdout.strip()
+        other = "arm64" if real != "arm64" else "amd64"
+        arches = (real, other)
+        work = workdir / "multi"
+        ctx = work / "ctx"
+        part = size_bytes // 4
+        log("multi-platform: writing a context of a shared layer and one per platform (%d MiB each)" % (part // MiB))
+        write_layer_files(ctx / "shared", "random", LAYER_KINDS[0][1], part)
+        for n, arch in enumerate(arches):
+            write_layer_files(ctx / ("plat-" + arch), "mixed", lambda size, seed, n=n: mixed_bytes(size, seed + n + 1),
+                              part)
+        (ctx / "Dockerfile").write_text("FROM scratch\nARG TARGETARCH\nCOPY shared/ /\nCOPY plat-${TARGETARCH}/ /\n")
+        buildah = ["buildah", "--storage-driver", "vfs", "--root", str(work / "b-root"), "--runroot", str(work / "b-run")]
+
+        def bud(*cmd):
+            proc = subprocess.run(buildah + [str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  universal_newlines=True, timeout=1800)
+            if proc.returncode != 0:
+                raise BenchError("buildah %s: %s" % (" ".join(map(str, cmd[:2])), proc.stderr.strip()[-500:]))
+            return proc.stdout
+
+        ref = "dogestry-bench/multi:%d" % os.getpid()
+        t = time.perf_counter()
+        bud("manifest", "create", "mp")
+        archives = {}
+        for arch in arches:
+            bud("build", "-q", "--layers", "--build-arg", "TARGETARCH=" + arch, "--arch", arch, "--manifest", "mp",
+                "-t", "mp-" + arch, "-f", ctx / "Dockerfile", ctx)
+            archives[arch] = work / ("%s.tar" % arch)
+            bud("push", "-q", "mp-" + arch, "oci-archive:%s:%s" % (archives[arch], ref))
+        both = work / "both.tar"
+        bud("manifest", "push", "-q", "--all", "mp", "oci-archive:%s:%s" % (both, ref))
+        shutil.rmtree(str(ctx))
+        log("multi-platform: built and archived in %.1f s (%s, %.1f MiB)" % (time.perf_counter() - t, both.name,
+                                                                             both.stat().st_size / MiB))
+        results.append("-- multi-platform: a %s + %s image (a shared layer, one of each's own); import of its"
+                       " OCI archive, -pullhosts to a mixed fleet" % arches)
+        singles_store, both_store = work / "store-singles", work / "store-both"
+
+        def blobs_of(store):
+            return {p.name: p.stat().st_size for p in (store / BLOB_DIR).iterdir() if not p.name.startswith(".")}
+
+        def import_singles():
+            remove_tree(singles_store)
+            runs = [measure_dogestry("import", singles_store, archives[arch], store=singles_store, fresh=False,
+                                     moves_image=False) for arch in arches]
+            return Result("", sum(r.seconds for r in runs), both.stat().st_size, max(r.rss_kib for r in runs),
+                          sum(r.cpu for r in runs), lines=runs[0].lines + runs[1].lines,
+                          note="%s then %s, into one store: %d blobs, %.1f MiB"
+                          % (archives[real].name, archives[other].name, len(blobs_of(singles_store)),
+                             sum(blobs_of(singles_store).values()) / MiB))
+
+        def import_both():
+            result = measure_dogestry("import", both_store, both, store=both_store, moves_image=False)
+            result.nbytes = both.stat().st_size
+            result.note = "%d blobs, %.1f MiB; the tag holds the archive's index" % (
+                len(blobs_of(both_store)), sum(blobs_of(both_store).values()) / MiB)
+            return result
+
+        singles, together = best_of_interleaved(args.repeat, import_singles, import_both)
+        singles = add(named("floor: import each platform's archive", singles))
+        together = add(named("dogestry import, two-platform archive", together))
+        floors[together.stage] = ("each platform", singles.seconds)
+        index_hex = (both_store / "repositories" / ref.replace(":", "/")).read_text().strip()[len("@sha256:"):]
+        index = json.loads((both_store / "manifests" / "sha256" / index_hex).read_bytes())
+        archived_index = json.loads(subprocess.run(["tar", "-xOf", str(both), "index.json"], stdout=subprocess.PIPE,
+                                                   check=True).stdout)["manifests"][0]["digest"]
+        images = {}  # arch -> (image ID, {blob hex: size})
+        for entry in index["manifests"]:
+            child = json.loads((both_store / "manifests" / "sha256" / entry["digest"][7:]).read_bytes())
+            images[entry["platform"]["architecture"]] = (
+                child["config"]["digest"], {d["digest"][7:]: d["size"] for d in child["layers"]})
+        union = {h: n for _, blobs in images.values() for h, n in blobs.items()}
+        checks = [
+            ("sha256:" + index_hex == archived_index and blobs_of(both_store) == union == blobs_of(singles_store),
+             "multi-platform import: the tag holds the archive's index %s; the store holds each of the two images'"
+             " %d blobs (%.1f MiB) once, as importing each platform alone does" % (index_hex[:12], len(union),
+                                                                                 sum(union.values()) / MiB)),
+            (together.seconds <= singles.seconds,
+             "multi-platform import %.2f s <= importing each platform's archive %.2f s  [%.2fx]"
+             % (together.seconds, singles.seconds, together.seconds / singles.seconds)),
+        ]
+
+        with started_servers(lambda: FaultProxy(fleet[2].tcp.replace("tcp://", "http://"), ReportedArch(
+                fleet[2].tcp.replace("tcp://", "http://"), other), name="engine-relay",
+                address=loopback_addresses(1)[0])) as start:
+            relay = start().url.replace("http://", "tcp://")
+            hosts = {real: fleet[1].tcp, other: relay}
+            engines = {real: fleet[1], other: fleet[2]}
+            opens = FileOpens(both_store, [BLOB_DIR])
+
+            def clear():
+                clear_fleet()  # the fleet stage's image too: the hosts must hold no layer at all
+                for arch, handle in engines.items():
+                    docker_cli(handle.tcp, "rmi", "-f", ref, check=False)
+                    for image_hex, _ in images.values():
+                        docker_cli(handle.tcp, "rmi", "-f", image_hex, check=False)
+                    if engine_chains(handle.tcp):
+                        raise BenchError("%s still holds layers after rmi" % handle.tcp)
+
+            def pull(arches_, platform=None):
+                extra = ["--platform", "linux/" + arches_[0]] if platform else []
+                run_ = timed_process(dogestry_cmd(workdir, "-pullhosts", ",".join(hosts[a] for a in arches_), "pull",
+                                                  *extra, both_store, ref), env)
+                statuses = [json.loads(line) for _, line in run_.lines if line.startswith("[{")]
+                if not statuses or any(st.get("Status") != "ok" for st in statuses[-1]):
+                    raise BenchError("dogestry -pullhosts (multi-platform): %s" % (statuses or run_.lines[-5:]))
+                for arch in arches_:
+                    if image_id(engines[arch].tcp, ref) != images[arch][0]:
+                        raise BenchError("%s got %s, not the %s image" % (hosts[arch], image_id(engines[arch].tcp, ref),
+                                                                          arch))
+                return run_
+
+            def pull_singles():
+                clear()
+                opens.take()
+                runs = [pull([arch], platform=True) for arch in arches]
+                read = opens.take()
+                return Result("", sum(r.wall for r in runs), 2 * both.stat().st_size, max(r.rss_kib for r in runs),
+                              sum(r.cpu for r in runs), lines=runs[0].lines + runs[1].lines,
+                              note="blob opens: %d" % sum(read.values()), fetched=sum(
+                                  union[n.split("/")[-1]] * c for n, c in read.items()))
+
+            def pull_fleet():
+                clear()
+                opens.take()
+                run_ = pull(list(arches))
+                read = opens.take()
+                result = Result("", run_.wall, 2 * both.stat().st_size, run_.rss_kib, run_.cpu, lines=run_.lines,
+                                fetched=sum(union[n.split("/")[-1]] * c for n, c in read.items()))
+                result.opens = read
+                result.note = "%s -> %s image, %s (relay: GET /version says %s) -> %s image; blob opens: %d of %d" \
+                    " blobs, each %s" % (hosts[real], real, relay, other, other, sum(read.values()), len(union),
+                                         "once" if sorted(read.values()) == [1] * len(union) else "NOT once")
+                return result
+
+            try:
+                alone, mixed = best_of_interleaved(args.repeat, pull_singles, pull_fleet)
+            finally:
+                opens.close()
+            alone = add(named("floor: -pullhosts of each platform alone", alone))
+            mixed = add(named("dogestry -pullhosts, mixed fleet of 2", mixed))
+            floors[mixed.stage] = ("each alone", alone.seconds)
+        checks += [
+            ({n.split("/")[-1]: c for n, c in mixed.opens.items()} == {h: 1 for h in union},
+             "multi-platform -pullhosts: each of the two images' %d blobs (%.1f MiB) read from the store exactly once"
+             " (%.1f MiB read; each platform pulled alone: %.1f MiB)"
+             % (len(union), sum(union.values()) / MiB, mixed.fetched / MiB, alone.fetched / MiB)),
+            (mixed.seconds <= alone.seconds,
+             "multi-platform -pullhosts to 2 hosts %.2f s <= pulling each host its platform alone %.2f s  [%.2fx]"
+             % (mixed.seconds, alone.seconds, mixed.seconds / alone.seconds)),
+        ]
+        remove_tree(singles_store)
+        return checks
 
     # the S3 store: floors of the bytes dogestry stores, then dogestry push / re-push / pull
     def run_s3():
@@ -2262,6 +2437,8 @@ def main(argv=None):
     fleet.add_argument("--no-fleet", dest="fleet", action="store_false", help="skip the fleet")
     parser.add_argument("--no-registry", dest="registry", action="store_false", default=True,
                         help="with S3: skip docker pull through dogestry -server and docker-registry")
+    parser.add_argument("--no-multiplatform", dest="multiplatform", action="store_false", default=True,
+                        help="with the fleet: skip the two-platform import and -pullhosts (needs buildah)")
     parser.add_argument("--no-gc", dest="gc", action="store_false", default=True,
                         help="with S3: skip gc of a store of 2,000 tags and 20,000 small blobs")
     args = parser.parse_args(argv)
