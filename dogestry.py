@@ -1118,6 +1118,27 @@ class Store:
     def check(self) -> None:
         """Raise NotFound unless the store exists."""
 
+    # Compare-and-swap: writes that depend on what a key held (a tag that hosts add platforms to).
+
+    def read_versioned(self, key: str) -> Tuple[bytes, str]:
+        """A small object's content and its version, which changes whenever the content does
+        (NotFound if absent)."""
+        raise self.cannot_swap()
+
+    def put_if_version(self, key: str, data: bytes, version: Optional[str]) -> bool:
+        """Store a small object, atomically, only if key still holds that version (None: only if
+        it is absent); False if not (read it again and retry)."""
+        raise self.cannot_swap()
+
+    def delete_if_version(self, key: str, version: str) -> bool:
+        """Remove key only if it still holds that version; False if not."""
+        raise self.cannot_swap()
+
+    def cannot_swap(self) -> StoreError:
+        """The error of a store that cannot write a key only if it is unchanged."""
+        return StoreError("%s cannot write a key only if it is unchanged (compare-and-swap), so updates of a "
+                          "tag by several hosts at once could be lost; nothing was written" % self.url)
+
     # Conveniences built on the five verbs.
 
     def get_bytes(self, key: str, limit: int = 64 << 20) -> bytes:
@@ -1127,6 +1148,42 @@ class Store:
         if len(data) > limit:
             raise StoreError("%s: %s is larger than %s" % (self.url, key, human_size(limit)))
         return data
+
+
+SWAP_ATTEMPTS = 12      # reads and conditional writes a compare-and-swap tries before it gives up
+SWAP_BACKOFF = 0.05     # seconds: the first backoff between them (doubling, jittered, at most SWAP_BACKOFF_MAX)
+SWAP_BACKOFF_MAX = 2.0
+
+
+class SwapConflict(StoreError):
+    """A key kept changing while a compare-and-swap tried to update it."""
+
+
+def swap_versioned(store: Store, key: str, change: Callable[[Optional[bytes]], Optional[bytes]], what: str,
+                   sleep: Callable[[float], None] = time.sleep, rand: Callable[[], float] = random.random,
+                   attempts: int = SWAP_ATTEMPTS) -> Optional[bytes]:
+    """Replace what key holds (None: absent) with change(it) (None: remove the key), unless another
+    writer changes it in between: then read it afresh and apply change again, after a jittered
+    backoff, up to `attempts` times (SwapConflict after).  change runs once per attempt: it may
+    store what its result names (idempotent writes); a result equal to what is there is not
+    written.  Return what key holds afterwards."""
+    for attempt in range(attempts):
+        if attempt:
+            sleep(rand() * min(SWAP_BACKOFF_MAX, SWAP_BACKOFF * 2 ** (attempt - 1)))
+        try:
+            current, version = store.read_versioned(key)  # type: Tuple[Optional[bytes], Optional[str]]
+        except NotFound:
+            current, version = None, None
+        new = change(current)
+        if new == current:
+            return current
+        if new is None:
+            if store.delete_if_version(key, str(version)):
+                return None
+        elif store.put_if_version(key, new, version):
+            return new
+    raise SwapConflict("%s: %s changed under every one of %d attempts to update it (other hosts writing it at the "
+                       "same time); nothing was changed: run the command again" % (store.url, what, attempts))
 
 
 # Work dirs: where push and fleet pulls spool layers (a directory store's own root, or $TMPDIR).
@@ -1358,6 +1415,83 @@ class LocalStore(Store):
             except OSError:
                 return
             path = os.path.dirname(path)
+
+    # Compare-and-swap: the key's directory is flock'ed (no lock file appears among the keys)
+    # while its file is compared and replaced; its version is the sha256 of its bytes.
+
+    def read_versioned(self, key: str) -> Tuple[bytes, str]:
+        data = self.get_bytes(key, limit=DOCUMENT_LIMIT)
+        return data, hashlib.sha256(data).hexdigest()
+
+    def put_if_version(self, key: str, data: bytes, version: Optional[str]) -> bool:
+        return self._swap(key, version, data)
+
+    def delete_if_version(self, key: str, version: str) -> bool:
+        if not self._swap(key, version, None):
+            return False
+        self._prune_dirs(os.path.dirname(self._path(key)))
+        return True
+
+    def _swap(self, key: str, version: Optional[str], data: Optional[bytes]) -> bool:
+        """Write data to key (None: remove it) if it holds that version, under the directory's lock."""
+        directory, name = os.path.split(self._path(key))
+        for _ in range(100):
+            try:
+                with self._locked_directory(directory) as dir_fd:
+                    if self._version_at(dir_fd, name) != version:
+                        return False
+                    if data is None:
+                        os.unlink(name, dir_fd=dir_fd)
+                    else:
+                        self._replace_at(dir_fd, name, data)
+                    return True
+            except FileNotFoundError:
+                continue  # the directory was removed (rm of its last key) or the key was: look again
+            except OSError as e:
+                raise StoreError("%s: cannot write %s: %s" % (self.url, key, _os_reason(e)))
+        raise StoreError("%s: cannot write %s: its directory keeps disappearing" % (self.url, key))
+
+    @contextlib.contextmanager
+    def _locked_directory(self, directory: str) -> Iterator[int]:
+        """The directory (made if need be), open and flock'ed; FileNotFoundError if it was removed
+        meanwhile (a file made in a removed directory would be lost)."""
+        os.makedirs(directory, exist_ok=True)
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if not os.path.samestat(os.fstat(fd), os.stat(directory)):
+                raise FileNotFoundError(errno.ENOENT, "replaced while it was locked", directory)
+            yield fd
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _version_at(dir_fd: int, name: str) -> Optional[str]:
+        """The version of a file in an open directory (None if absent)."""
+        try:
+            fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return None
+        with os.fdopen(fd, "rb") as f:
+            return hashlib.sha256(f.read(DOCUMENT_LIMIT + 1)).hexdigest()
+
+    @staticmethod
+    def _replace_at(dir_fd: int, name: str, data: bytes) -> None:
+        """Write a file in an open directory via a temp file and a rename (FileNotFoundError if
+        the directory was removed)."""
+        tmp = ".tmp-%s-%s" % (name[:100], binascii.hexlify(os.urandom(8)).decode())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dir_fd)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                os.fchmod(out.fileno(), 0o644)
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
 
 
 def copy_stream(src: ByteSource, dst: ByteSink, limit: Optional[int] = None,
@@ -2063,6 +2197,7 @@ class S3Client:
         self._config = config
         self._local = threading.local()
         self._skew = 0.0
+        self._bare_etags = False  # If-Match takes ETags without their quotes here (radosgw, below)
         # every live thread's, for cancel(): weak, so a thread's connections close when it ends
         self._conns = weakref.WeakSet()  # type: weakref.WeakSet[http.client.HTTPConnection]
         self._conns_lock = threading.Lock()
@@ -2336,6 +2471,80 @@ class S3Client:
                 return False
             if if_absent and e.status == 501:  # a store without conditional writes
                 return self.put(key, body, size, sha256_hex, False, extra)
+            raise
+        return True
+
+    # Conditional writes (S3 User Guide, "conditional writes" and "conditional deletes"): a
+    # version is the ETag as S3 sends it.  radosgw (Ceph 16) compares If-Match with its ETag
+    # without the quotes, and refuses the quoted form that RFC 7232 and AWS use: when a quoted
+    # If-Match fails though HEAD shows that very ETag, this client sends ETags bare from then on.
+
+    def get_versioned(self, key: str) -> Tuple[bytes, str]:
+        """A small object's bytes and ETag (NotFound if absent)."""
+        try:
+            resp, data = self.call("GET", key)
+        except S3Error as e:
+            if e.status == 404 or e.code == "NoSuchKey":
+                raise NotFound("%s: no such key" % self.describe(key))
+            raise
+        etag = resp.getheader("ETag")
+        if not etag:
+            raise S3Error("GET %s: no ETag in the answer, so it cannot be updated only if unchanged"
+                          % self.describe(key))
+        return data, etag
+
+    def put_if_match(self, key: str, data: bytes, etag: Optional[str]) -> bool:
+        """PUT small bytes only if the object still has that ETag (None: only if it is absent);
+        False if the condition failed."""
+        if etag is None:
+            return self._conditional("PUT", key, {"If-None-Match": "*"}, data)
+        if self._conditional("PUT", key, {"If-Match": self._if_match(etag)}, data):
+            return True
+        if not self._etag_form_refused(key, etag):
+            return False
+        return self._conditional("PUT", key, {"If-Match": self._if_match(etag)}, data)
+
+    def delete_if_match(self, key: str, etag: str) -> bool:
+        """DELETE an object only if it still has that ETag; False if it has another (or is gone).
+        radosgw (Ceph 16) ignores If-Match on DELETE: the HEAD before it is all the check there."""
+        head = self.head(key)
+        if head is None or head.getheader("ETag") != etag:
+            return False
+        return self._conditional("DELETE", key, {"If-Match": self._if_match(etag)}, None)
+
+    def _if_match(self, etag: str) -> str:
+        return etag.strip('"') if self._bare_etags else etag
+
+    def _etag_form_refused(self, key: str, etag: str) -> bool:
+        """After a quoted If-Match failed: does the object have that ETag all the same (so the store
+        wants it bare, and gets it so from now on)?"""
+        if self._bare_etags or etag == etag.strip('"'):
+            return False
+        head = self.head(key)
+        if head is None or head.getheader("ETag") != etag:
+            return False
+        self._bare_etags = True
+        return True
+
+    def _conditional(self, method: str, key: str, condition: Dict[str, str], data: Optional[bytes]) -> bool:
+        """A PUT (of data) or DELETE with a condition; False if it failed: 412, 409
+        ConditionalRequestConflict (a concurrent conditional write), 404 (a concurrent delete)."""
+        body = data if data is not None else b""
+        headers = {"Content-Length": str(len(body))}
+        if data is not None:
+            headers["Content-Type"] = "application/octet-stream"
+        headers.update(condition)
+        try:
+            self.call(method, key, headers=headers, body=lambda: body, payload_hash=hashlib.sha256(body).hexdigest(),
+                      ok=(200, 204))
+        except S3Error as e:
+            if e.status in (409, 412) or (e.status == 404 and e.code != "NoSuchBucket"):
+                return False
+            if e.status == 501 or e.code == "NotImplemented":
+                raise S3Error("%s %s: this S3 store cannot write an object only if it is unchanged (it answers %s "
+                              "to %s), so updates of a tag by several hosts at once could be lost; nothing was "
+                              "written" % (method, self.describe(key), e.code or "HTTP 501", ", ".join(condition)),
+                              e.code, e.status)
             raise
         return True
 
@@ -2872,6 +3081,15 @@ class S3Store(Store):
     def delete(self, key: str) -> None:
         self.client.call("DELETE", self._key(key), ok=(204, 200))
 
+    def read_versioned(self, key: str) -> Tuple[bytes, str]:
+        return self.client.get_versioned(self._key(key))
+
+    def put_if_version(self, key: str, data: bytes, version: Optional[str]) -> bool:
+        return self.client.put_if_match(self._key(key), data, version)
+
+    def delete_if_version(self, key: str, version: str) -> bool:
+        return self.client.delete_if_match(self._key(key), version)
+
     def delete_many(self, keys: Sequence[str]) -> None:
         self.client.delete_many([self._key(k) for k in keys])
 
@@ -2913,7 +3131,7 @@ class PresignedS3Store(S3Store):
     def _refuse(self, *args: Any, **kw: Any) -> None:
         raise StoreError("%s: presigned objects are read-only" % self.url)
 
-    put_bytes = put_file = delete = delete_many = touch = _refuse  # type: ignore
+    put_bytes = put_file = delete = delete_many = touch = put_if_version = delete_if_version = _refuse  # type: ignore
 
 
 def file_sha256(path: str) -> str:
