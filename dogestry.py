@@ -885,6 +885,11 @@ class DockerClient:
         """GET /version."""
         return self.json("GET", "/version")
 
+    def platform(self) -> "Platform":
+        """The engine's platform: GET /version's Os and Arch (Go's names); for 32-bit arm, the
+        variant from GET /info's Architecture (uname's armv7l)."""
+        return engine_platform(self.version(), lambda: self.json("GET", "/info"))
+
     def takes_partial_loads(self) -> bool:
         """Whether a load may leave out layers the engine has (and so come in batches): Docker's
         own layer store takes them by chain ID; podman (its Docker API calls itself "Podman
@@ -976,6 +981,21 @@ class DockerClient:
         """POST /images/{id}/tag."""
         query = urllib.parse.urlencode({"repo": ref.name, "tag": ref.tag})
         self.request("POST", "/images/%s/tag?%s" % (image_id, query)).read()
+
+
+def engine_platform(version: Any, info: Callable[[], Any]) -> "Platform":
+    """The platform of an engine from its GET /version answer (and GET /info's, asked only for arm)."""
+    fields = version if isinstance(version, dict) else {}
+    os_name, arch = fields.get("Os"), fields.get("Arch")
+    if not isinstance(os_name, str) or not isinstance(arch, str) or not os_name or not arch:
+        raise DockerError("the engine's GET /version names no Os and Arch: its platform is unknown (use --platform)")
+    platform = make_platform(os_name, arch)
+    if platform.architecture == "arm" and not platform.variant:
+        answer = info()
+        machine = answer.get("Architecture") if isinstance(answer, dict) else None
+        if isinstance(machine, str):
+            platform = platform._replace(variant=make_platform(os_name, machine).variant)
+    return platform
 
 
 def uses_containerd_store(info: Any) -> bool:
@@ -3568,6 +3588,172 @@ def list_tags(store: Store) -> List[Tuple[ImageRef, str]]:
     return [(ref, target.image_hex) for ref, target in list_tag_targets(store) if target.image_hex is not None]
 
 
+# Platforms and image indexes.  A tag that holds @sha256:<hex> of an image index (OCI image
+# index, Docker manifest list) names one image per platform: each a manifest kept byte for byte
+# under manifests/sha256/ (section 16) whose config has its image record as any image has.  A
+# command that needs one image of such a tag picks the one for a platform: the engine's (GET
+# /version), or --platform os/arch[/variant].  Matching follows the OCI image index spec's
+# platform fields, with containerd's defaults for variants (arm64 is v8, arm v7, amd64 v1) and
+# the variants a CPU runs besides its own (arm v7 runs v6 and v5; amd64 v3 runs v2 and v1).
+
+ARCH_ALIASES = {"x86_64": ("amd64", ""), "x86-64": ("amd64", ""), "aarch64": ("arm64", ""),
+                "armhf": ("arm", "v7"), "armel": ("arm", "v6"), "armv7l": ("arm", "v7"), "armv6l": ("arm", "v6"),
+                "i386": ("386", ""), "i686": ("386", "")}
+DEFAULT_VARIANTS = {"arm64": "v8", "arm": "v7", "amd64": "v1"}
+_RUNS_VARIANTS = {"arm": ("v8", "v7", "v6", "v5"), "amd64": ("v4", "v3", "v2", "v1")}  # newest first
+_PLATFORM_PART = re.compile(r"^[a-z0-9][a-z0-9._-]{0,31}$")
+
+
+class Platform(NamedTuple):
+    """An image's platform as an OCI image index names it: os/architecture[/variant]."""
+
+    os: str
+    architecture: str
+    variant: str = ""
+
+    def __str__(self) -> str:
+        return "/".join(p for p in self if p)
+
+    def normalized(self) -> "Platform":
+        """The same platform with the architecture's default variant spelled out (arm64 is arm64/v8)."""
+        return self._replace(variant=self.variant or DEFAULT_VARIANTS.get(self.architecture, ""))
+
+
+def make_platform(os_name: str, architecture: str, variant: str = "") -> Platform:
+    """A platform with the architecture's other spellings (x86_64, aarch64, armhf) made OCI's."""
+    architecture, implied = ARCH_ALIASES.get(architecture.lower(), (architecture.lower(), ""))
+    return Platform(os_name.lower(), architecture, (variant or implied).lower())
+
+
+def parse_platform(text: str) -> Platform:
+    """--platform os/arch[/variant] (an architecture alone means linux/ARCH)."""
+    parts = text.strip().lower().split("/")
+    if len(parts) == 1 and parts[0]:
+        parts = ["linux"] + parts
+    if not 2 <= len(parts) <= 3 or not all(_PLATFORM_PART.match(p) for p in parts):
+        raise UsageError("invalid platform %r: expected os/arch[/variant], such as linux/amd64 or linux/arm64"
+                         % printable(text[:100]))
+    return make_platform(*parts)
+
+
+def config_platform(config: Mapping[str, Any]) -> Platform:
+    """The platform an image config names (os, architecture, variant); unknown parts are empty."""
+    def field(name: str) -> str:
+        value = config.get(name)
+        return value if isinstance(value, str) and _PLATFORM_PART.match(value.lower()) else ""
+    return make_platform(field("os"), field("architecture"), field("variant"))
+
+
+def descriptor_platform(descriptor: Mapping[str, Any]) -> Optional[Platform]:
+    """The platform an index's descriptor names, if it names one."""
+    platform = descriptor.get("platform")
+    if not isinstance(platform, dict):
+        return None
+    return config_platform(platform)
+
+
+def platform_fits(wanted: Platform, offered: Platform) -> Optional[int]:
+    """How well an image of `offered` runs where `wanted` is asked: 0 exactly, more for older
+    variants of the architecture, None if it cannot."""
+    want, have = wanted.normalized(), offered.normalized()
+    if (want.os, want.architecture) != (have.os, have.architecture):
+        return None
+    if want.variant == have.variant:
+        return 0
+    order = _RUNS_VARIANTS.get(want.architecture, ())
+    if want.variant in order and have.variant in order and order.index(have.variant) > order.index(want.variant):
+        return order.index(have.variant) - order.index(want.variant)
+    return None
+
+
+class IndexEntry(NamedTuple):
+    """One image of an image index: its manifest's digest, media type and size, and its platform."""
+
+    digest: str
+    media_type: str
+    size: int
+    platform: Platform
+
+
+ATTESTATION_ANNOTATION = "vnd.docker.reference.type"  # buildx's attestation manifests in an index
+ATTESTED_ANNOTATION = "vnd.docker.reference.digest"   # ... and the manifest each is about
+
+
+def index_images(index: "PushedManifest") -> List[IndexEntry]:
+    """The images an index names, in its order: entries with a platform, no attestations, no nested indexes."""
+    entries = []
+    for descriptor in index.doc["manifests"]:
+        platform = descriptor_platform(descriptor)
+        annotations = descriptor.get("annotations") or {}
+        if platform is None or platform.os in ("", "unknown") or ATTESTATION_ANNOTATION in annotations or \
+                descriptor["mediaType"] in INDEX_TYPES:
+            continue
+        entries.append(IndexEntry(descriptor["digest"], descriptor["mediaType"], descriptor["size"], platform))
+    return entries
+
+
+class NoMatchingPlatform(NotFound):
+    """An index has no image for the platform asked for."""
+
+
+def platform_list(entries: Sequence[IndexEntry]) -> str:
+    """The platforms of an index's images, as messages list them."""
+    return ", ".join(sorted({str(e.platform) for e in entries})) or "no image"
+
+
+def choose_platform(entries: Sequence[IndexEntry], wanted: Platform, what: str) -> IndexEntry:
+    """The image of an index (`what` names it in the error) that runs best on `wanted`."""
+    ranked = sorted((rank, i) for i, rank in enumerate(platform_fits(wanted, e.platform) for e in entries)
+                    if rank is not None)
+    if not ranked:
+        raise NoMatchingPlatform("%s has no image for %s; it has %s (choose one with --platform)"
+                                 % (what, wanted, platform_list(entries)))
+    return entries[ranked[0][1]]
+
+
+def tag_index(store: Store, ref: ImageRef) -> Optional["PushedManifest"]:
+    """The image index a tag names, or None if it names an image (NotFound if the tag is absent;
+    FormatError if it names a manifest that is neither, or one that is not stored)."""
+    target = read_tag_target(store, ref)
+    if target.manifest is None:
+        return None
+    index = read_pushed_manifest(store, target.manifest)
+    if index is None:
+        raise NotFound("%s: %s names %s, which is not stored" % (store.url, ref, target.manifest))
+    if not index.is_index:
+        raise NotAnImage("%s: %s names %s, an artifact, not an image" % (store.url, ref, target.manifest))
+    return index
+
+
+def image_of_manifest(store: Store, digest: str) -> str:
+    """The image ID hex of an image manifest stored under manifests/ (NotFound if it or its image is gone)."""
+    manifest = read_pushed_manifest(store, digest)
+    if manifest is None:
+        raise NotFound("%s: manifest %s is not stored" % (store.url, digest))
+    if manifest.is_index or not manifest.blobs:
+        raise NotAnImage("%s: manifest %s is no image" % (store.url, digest))
+    image_hex = digest_hex(manifest.blobs[0][0])
+    if store.stat(image_key(image_hex, "manifest.json")) is None:
+        raise NotFound("%s: the image of manifest %s is not stored" % (store.url, digest))
+    return image_hex
+
+
+PlatformSource = Callable[[], Platform]  # asked only when a tag names an index (a pull asks its engine)
+
+
+def tag_image_for(store: Store, ref: ImageRef, platform: Optional[PlatformSource]) -> str:
+    """The image hex a tag names: its image, or for an index, the image for the platform
+    (NotAnImage listing the platforms if none is given)."""
+    index = tag_index(store, ref)
+    if index is None:
+        return read_tag(store, ref)
+    entries = index_images(index)
+    what = "%s in %s" % (ref, store.url)
+    if platform is None:
+        raise NotAnImage("%s is a multi-platform image (%s): choose one with --platform" % (what, platform_list(entries)))
+    return image_of_manifest(store, choose_platform(entries, platform(), what).digest)
+
+
 def list_image_ids(store: Store) -> List[str]:
     """Every image id (hex) with a directory under images/."""
     ids = set()
@@ -3578,13 +3764,14 @@ def list_image_ids(store: Store) -> List[str]:
     return sorted(ids)
 
 
-def resolve_image(store: Store, text: str) -> Tuple[str, Optional[ImageRef]]:
-    """Find an image by NAME[:TAG] or by (a prefix of) its ID; return (hex, ref or None)."""
+def resolve_image(store: Store, text: str, platform: Optional[PlatformSource] = None) -> Tuple[str, Optional[ImageRef]]:
+    """Find an image by NAME[:TAG] (of a multi-platform tag: the platform's) or by (a prefix of)
+    its ID; return (hex, ref or None)."""
     ref = None  # type: Optional[ImageRef]
     with contextlib.suppress(UsageError):
         ref = parse_image_ref(text)
     if ref is not None and store.stat(tag_key(ref)) is not None:
-        return read_tag(store, ref), ref
+        return tag_image_for(store, ref, platform), ref
     prefix = image_id_prefix(text)
     if prefix is not None:
         matches = [i for i in list_image_ids(store) if i.startswith(prefix)]
@@ -3607,15 +3794,18 @@ class FoundImage(NamedTuple):
     named_hex: str = ""       # what the tag holds, if it differs (a v1 id `migrate --keep-legacy` kept)
 
 
-def find_image(store: Store, text: str, progress: ProgressSink) -> FoundImage:
-    """Resolve NAME[:TAG] or an ID prefix and read what the store holds for it.
+def find_image(store: Store, text: str, progress: ProgressSink, platform: Optional[PlatformSource] = None) -> FoundImage:
+    """Resolve NAME[:TAG] (of a multi-platform tag: the platform's image) or an ID prefix and
+    read what the store holds for it.
 
     The original dogestry ignored the path of s3://bucket/path/ URLs and wrote at the bucket's
     root; when the prefix lacks the image and the root holds it in the original's layout, it
     is read from there (and progress says so).
     """
     try:
-        image_hex, ref = resolve_image(store, text)
+        image_hex, ref = resolve_image(store, text, platform)
+    except NoMatchingPlatform:
+        raise
     except NotFound as missing:
         root = store.bucket_root()
         if root is None:
@@ -4982,18 +5172,26 @@ def remove_leftover_partials(docker: DockerClient, image_id: str, progress: Prog
 
 
 def pull_image(docker: DockerClient, store: Store, text: str, progress: ProgressSink,
-               tag_as: Optional[List[ImageRef]] = None) -> str:
+               tag_as: Optional[List[ImageRef]] = None, platform: Optional[Platform] = None) -> str:
     """Pull one image (NAME[:TAG] or ID prefix) into the engine and tag it; return its ID there.
 
-    tag_as: the tags to give it on the host (default: the tag pulled).
+    tag_as: the tags to give it on the host (default: the tag pulled).  platform: the image to
+    take from a multi-platform tag (default: the engine's platform, asked only for such a tag).
     """
     store.check()
-    store, _, ref, image, _ = find_image(store, text, progress)
+    chosen = []  # type: List[Platform]
+
+    def wanted() -> Platform:
+        chosen.append(platform or docker.platform())
+        return chosen[-1]
+
+    store, _, ref, image, _ = find_image(store, text, progress, wanted)
     tags = ([ref] if ref else []) if tag_as is None else tag_as
     image_id = load_image(docker, store, image, [str(t) for t in tags], progress)
     for tag in tags:
         docker.tag(image_id, tag)
-    progress.note("pulled %s (%s)" % (str(ref or text), digest_hex(image_id)[:12]))
+    progress.note("pulled %s%s (%s)" % (str(ref or text), " for " + str(chosen[0]) if chosen else "",
+                                        digest_hex(image_id)[:12]))
     return image_id
 
 
@@ -6252,7 +6450,8 @@ PUSHED_MANIFEST_SHAPE = {"schemaVersion": SCHEMA_VERSION_2, "mediaType?": str, "
                          "config": _PUSHED_DESCRIPTOR, "layers": [_PUSHED_DESCRIPTOR], "subject?": _PUSHED_DESCRIPTOR,
                          "annotations?": OrNull({"*": str})}
 PUSHED_INDEX_SHAPE = {"schemaVersion": SCHEMA_VERSION_2, "mediaType?": str, "artifactType?": str,
-                      "manifests": [dict(_PUSHED_DESCRIPTOR, **{"platform?": OrNull({"os": str, "architecture": str})})],
+                      "manifests": [dict(_PUSHED_DESCRIPTOR, **{"platform?": OrNull({"os": str, "architecture": str,
+                                                                                       "variant?": str})})],
                       "subject?": _PUSHED_DESCRIPTOR, "annotations?": OrNull({"*": str})}
 REFERRER_SHAPE = {"mediaType": str, "digest": DIGEST, "size": SIZE, "artifactType?": str,
                   "annotations?": OrNull({"*": str})}
@@ -9807,7 +10006,7 @@ def cmd_pull(ctx: Context) -> int:
         return fleet_command(ctx)
     docker, store = ctx.docker(), ctx.store()
     for image in ctx.options.images:
-        pull_image(docker, store, image, ctx.progress)
+        pull_image(docker, store, image, ctx.progress, platform=ctx.options.platform)
     return 0
 
 
@@ -10516,6 +10715,14 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError("expected true or false, not %r" % text)
 
 
+def _platform_arg(text: str) -> Platform:
+    """argparse's type for --platform."""
+    try:
+        return parse_platform(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
 def _add_global_options(parser: argparse.ArgumentParser) -> None:
     """The original's single-dash options, also accepted as --long."""
     def flag(name: str, **kw: Any) -> None:
@@ -10604,6 +10811,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("-all", "--all", action="store_true", help="copy every tag of SRC")
         if name in ("push", "pull", "rm", "protect", "unprotect"):
             p.add_argument("images", metavar="IMAGE", nargs="+", help="NAME[:TAG] (or an image ID)")
+        if name in ("pull", "rm", "inspect", "import", "export"):
+            p.add_argument("-platform", "--platform", metavar="OS/ARCH[/VARIANT]", type=_platform_arg, help={
+                "pull": "the platform to pull from multi-platform tags (default: the engine's)",
+                "rm": "remove only this platform from multi-platform tags",
+                "inspect": "the image of this platform, of a multi-platform tag",
+                "import": "import only this platform of multi-platform images (default: every platform)",
+                "export": "the platform to export from multi-platform tags (default for --format docker: the"
+                          " engine's; --format oci writes every platform)"}[name])
         if name == "rm":
             p.add_argument("-force", "--force", action="store_true",
                            help="delete protected tags too (and their protection)")
