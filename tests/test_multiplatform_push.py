@@ -22,6 +22,7 @@ import dogestry
 from multiplatform import Buildah, image_platform, load_platform_image, platform_context
 from realdocker import (DOGESTRY, docker_cli, loopback_addresses, ok, one_error_line, run_dogestry, start_dockerd,
                         stop_all)
+from faultproxy import s3_error
 from serverkit import PORT
 
 pytestmark = pytest.mark.integration
@@ -331,6 +332,28 @@ def test_two_hosts_pushing_their_platforms_of_a_tag_at_once_both_end_up_in_it(ki
                                                                  ("linux/arm64", arm_host.image)]
     if rendezvous is not None:
         assert rendezvous.met == 2 * RACE_TAGS  # every tag's two pushes read it at the same time
+
+
+def test_a_store_without_conditional_writes_takes_plain_pushes_but_refuses_multi_platform_ones(
+        images, s3_env, rgw, bucket, fault_proxy):
+    """An S3 store that answers 501 NotImplemented to If-Match / If-None-Match: a push of one image
+    works as before; --multi-platform fails with one line saying why, and the tag is untouched."""
+    def no_conditions(req):
+        if req.method == "PUT" and ("if-match" in req.headers or "if-none-match" in req.headers):
+            return s3_error(501, "NotImplemented", "A header you provided implies functionality that is not "
+                            "implemented", req.path)
+        return None
+
+    env = dict(s3_env, AWS_ENDPOINT_URL=fault_proxy(no_conditions).url)
+    url = "s3://%s/" % bucket
+    push(env, url, images.ids["amd64"], "dgmp/app:1")
+
+    docker_cli(env["DOCKER_HOST"], "tag", images.ids["arm64"], "dgmp/app:1")
+    proc = run_dogestry("push", "--multi-platform", url, "dgmp/app:1", env=env)
+
+    one_error_line(proc, "cannot write an object only if it is unchanged", "NotImplemented")
+    listing = ok(run_dogestry("list", url, env=s3_env)).stdout
+    assert images.ids["amd64"][7:19] in listing and images.ids["arm64"][7:19] not in listing
 
 
 # --- rm --platform ---------------------------------------------------------------------------------

@@ -230,3 +230,28 @@ def test_an_s3_store_without_conditional_writes_is_refused_not_overwritten(rgw, 
         dogestry.swap_versioned(store, KEY, lambda current: b"new", "tag dgcas/app:1")
 
     assert store.stat(KEY) is None
+
+
+def test_a_concurrent_conditional_write_conflict_is_retried_from_a_fresh_read(rgw, bucket, fault_proxy):
+    """S3's 409 ConditionalRequestConflict (another conditional write of the key in flight) counts as
+    a lost race: swap_versioned reads the key again and its next write goes through."""
+    conflicts = []
+
+    def first_put_conflicts(req):
+        if req.method == "PUT" and req.key == KEY and not conflicts:
+            conflicts.append(req.n)
+            return s3_error(409, "ConditionalRequestConflict", "A conflicting operation occurred", req.path)
+        return None
+
+    proxy = fault_proxy(first_put_conflicts)
+    store = s3_store(proxy.url, rgw.access_key, rgw.secret_key, bucket)
+    reads = []
+
+    def change(current):
+        reads.append(current)
+        return b"written"
+
+    assert dogestry.swap_versioned(store, KEY, change, "tag dgcas/app:1", sleep=lambda s: None) == b"written"
+
+    assert len(conflicts) == 1 and reads == [None, None]
+    assert store.read_versioned(KEY)[0] == b"written"
