@@ -5202,6 +5202,8 @@ def pull_image(docker: DockerClient, store: Store, text: str, progress: Progress
         return chosen[-1]
 
     store, _, ref, image, _ = find_image(store, text, progress, wanted)
+    if platform is not None and not chosen and not image.legacy:
+        check_image_platform(store, image, platform, str(ref or text))
     tags = ([ref] if ref else []) if tag_as is None else tag_as
     image_id = load_image(docker, store, image, [str(t) for t in tags], progress)
     for tag in tags:
@@ -5209,6 +5211,45 @@ def pull_image(docker: DockerClient, store: Store, text: str, progress: Progress
     progress.note("pulled %s%s (%s)" % (str(ref or text), " for " + str(chosen[0]) if chosen else "",
                                         digest_hex(image_id)[:12]))
     return image_id
+
+
+def check_image_platform(store: Store, image: StoredImage, platform: Platform, what: str) -> None:
+    """NoMatchingPlatform if a single image asked for with --platform is of a platform that
+    cannot run there (as docker pull --platform refuses it); an image whose config names no
+    platform passes."""
+    offered = config_platform(parse_json(verified_config(store, image), "the image config"))
+    if offered.architecture and platform_fits(platform, offered) is None:
+        raise NoMatchingPlatform("%s in %s is an image for %s only, not %s" % (what, store.url, offered, platform))
+
+
+def index_tag(store: Store, text: str) -> Optional[Tuple[ImageRef, "PushedManifest"]]:
+    """The tag and the image index it names, if NAME[:TAG] is a tag of the store that names one
+    (resolve_image's rule: a tag comes before an image ID prefix)."""
+    ref = None  # type: Optional[ImageRef]
+    with contextlib.suppress(UsageError):
+        ref = parse_image_ref(text)
+    if ref is None or store.stat(tag_key(ref)) is None:
+        return None
+    index = tag_index(store, ref)
+    return None if index is None else (ref, index)
+
+
+def index_image_for(store: Store, ref: ImageRef, index: "PushedManifest", platform: Platform) -> Tuple[str, IndexEntry]:
+    """The image hex and the entry of an index (tag ref's) that runs best on the platform."""
+    entry = choose_platform(index_images(index), platform, "%s in %s" % (ref, store.url))
+    return image_of_manifest(store, entry.digest), entry
+
+
+def tag_image_choice(store: Store, ref: ImageRef, platform: PlatformSource) -> Tuple[str, Optional[IndexEntry]]:
+    """The image hex a tag names and, of a multi-platform tag, the entry chosen for the platform
+    (asked only for such a tag)."""
+    target = read_tag_target(store, ref)
+    if target.image_hex is not None:
+        return target.image_hex, None
+    index = tag_index(store, ref)
+    if index is None:  # the tag was moved to an image meanwhile
+        return read_tag(store, ref), None
+    return index_image_for(store, ref, index, platform())
 
 
 def load_image(docker: DockerClient, store: Store, image: StoredImage, repo_tags: List[str],
@@ -6068,11 +6109,14 @@ def parse_pullhosts(text: str, environ: Mapping[str, str], home: str) -> List[Do
     return [docker_endpoint(h, environ, home) for h in hosts]
 
 
-def check_hosts(clients: Sequence[DockerClient]) -> None:
-    """GET /version on every host (in parallel, 10 s each); fail up front naming a dead one."""
+def check_hosts(clients: Sequence[DockerClient]) -> Dict[str, Any]:
+    """GET /version on every host (in parallel, 10 s each); fail up front naming a dead one.
+    Return the answers by host URL (they name each engine's platform)."""
+    versions = {}  # type: Dict[str, Any]
+
     def check(client: DockerClient) -> Optional[str]:
         try:
-            client.version()
+            versions[client.endpoint.url] = client.version()
             return None
         except DogestryError as e:
             return str(e) if str(e).startswith(client.endpoint.url) else "%s: %s" % (client.endpoint.url, e)
@@ -6082,16 +6126,79 @@ def check_hosts(clients: Sequence[DockerClient]) -> None:
     problems = [p for p in (found[c.endpoint.url] for c in clients) if p]
     if problems:
         raise DockerError("Docker host check failed (use -disable-checks to skip it): " + "; ".join(problems))
+    return versions
+
+
+class HostPlatforms:
+    """The platform each host of a fleet pulls from multi-platform tags: --platform's, or its
+    engine's, from the GET /version answer of the host check (asked only if the hosts were not checked)."""
+
+    def __init__(self, override: Optional[Platform], versions: Mapping[str, Any]):
+        self.override, self.versions = override, dict(versions)
+        self.known = {}  # type: Dict[str, Platform]  # by host URL, once asked
+
+    def of(self, client: DockerClient) -> Platform:
+        """The host's platform (DockerError if its engine does not say)."""
+        url = client.endpoint.url
+        if url not in self.known:
+            if self.override is not None:
+                self.known[url] = self.override
+            elif url in self.versions:
+                self.known[url] = engine_platform(self.versions[url], lambda: client.json("GET", "/info"))
+            else:
+                self.known[url] = client.platform()
+        return self.known[url]
 
 
 def spool_image(store: Store, text: str, spool: "LocalStore", clients: Sequence[DockerClient],
-                progress: ProgressSink, failed: Dict[str, str]) -> None:
-    """Copy what the hosts lack of one image into the spool store, verifying every blob once.
+                progress: ProgressSink, failed: Dict[str, str], platforms: HostPlatforms) -> Dict[str, Platform]:
+    """Copy what the hosts lack of one image into the spool store, verifying every blob once; of
+    a multi-platform tag, the image of each host's platform (each platform's blobs once).  Return
+    the platform of the image each host gets of a multi-platform tag (nothing for one image).
 
-    A host that cannot say what it has is put in `failed` (its URL -> the error) and skipped.
+    A host that cannot say what it has, or whose platform the tag lacks, is put in `failed` (its
+    URL -> the error) and skipped.
     """
     store.check()
-    store, image_hex, ref, image, named_hex = find_image(store, text, progress)
+    tagged = index_tag(store, text)
+    if tagged is None:
+        _spool_found(find_image(store, text, progress), spool, clients, progress, failed)
+        return {}
+    ref, index = tagged
+    spool.put_bytes(manifest_key(index.digest), index.data)
+    spool.put_bytes(tag_key(ref), (MANIFEST_TAG + digest_hex(index.digest)).encode())
+    chosen = {}  # type: Dict[str, Platform]
+    for entry, members in _platform_groups(store, ref, index, clients, failed, platforms):
+        image_hex = image_of_manifest(store, entry.digest)
+        _copy_keys(store, spool, [manifest_key(entry.digest)], progress)
+        _spool_found(FoundImage(store, image_hex, None, load_stored_image(store, image_hex)), spool, members,
+                     progress, failed)
+        chosen.update((client.endpoint.url, entry.platform) for client in members)
+    return chosen
+
+
+def _platform_groups(store: Store, ref: ImageRef, index: "PushedManifest", clients: Sequence[DockerClient],
+                     failed: Dict[str, str], platforms: HostPlatforms) -> List[Tuple[IndexEntry, List[DockerClient]]]:
+    """The hosts not failed yet, grouped by the image of the index each gets (in index order)."""
+    entries = index_images(index)
+    what = "%s in %s" % (ref, store.url)
+    chosen = {}  # type: Dict[str, IndexEntry]
+
+    def choose(client: DockerClient) -> None:
+        try:
+            chosen[client.endpoint.url] = choose_platform(entries, platforms.of(client), what)
+        except DogestryError as e:
+            failed[client.endpoint.url] = str(e)
+
+    run_in_threads(choose, [c for c in clients if c.endpoint.url not in failed])
+    return [(entry, members) for entry, members in
+            ((e, [c for c in clients if chosen.get(c.endpoint.url) == e]) for e in dict.fromkeys(entries)) if members]
+
+
+def _spool_found(found: FoundImage, spool: "LocalStore", clients: Sequence[DockerClient], progress: ProgressSink,
+                 failed: Dict[str, str]) -> None:
+    """Copy the records of a found image and the blobs the hosts lack of it into the spool (each blob once)."""
+    store, image_hex, ref, image, named_hex = found
     keys = [tag_key(ref)] if ref else []
     if named_hex:  # the tag names the original layout, migrated (--keep-legacy): the spool reads it the same way
         keys += [image_key(named_hex, "json"), image_key(named_hex, "migrated")]
@@ -6119,6 +6226,8 @@ def spool_image(store: Store, text: str, spool: "LocalStore", clients: Sequence[
 
     run_in_threads(ask, [c for c in clients if c.endpoint.url not in failed])
     for record in needed.values():
+        if spool.stat(blob_key(record.digest)) == record.size:  # spooled for another image already
+            continue
         task = progress.task(record.diff_id[7:19], "downloading", record.size)
         path = os.path.join(spool.root, ".tmp-blob-" + digest_hex(record.digest))
         with OutputFile(path) as out:
@@ -6142,26 +6251,32 @@ def _copy_keys(store: Store, spool: "LocalStore", keys: Sequence[str], progress:
 
 
 def fleet_pull(clients: Sequence[DockerClient], store: Store, images: Sequence[str], progress: ProgressSink,
-               tempdir: Optional[str], statuses: Dict[str, Dict[str, str]]) -> None:
-    """Download once, load every host in parallel; each host's status (the original's JSON)
-    goes into statuses, by host URL, the moment that host is done."""
+               tempdir: Optional[str], statuses: Dict[str, Dict[str, str]], platforms: HostPlatforms) -> None:
+    """Download once (each platform's image of a multi-platform tag once), load every host in
+    parallel; each host's status (the original's JSON, with the platform it got of
+    multi-platform tags) goes into statuses, by host URL, the moment that host is done."""
     failed = {}  # type: Dict[str, str]
+    chosen = collections.defaultdict(list)  # type: Dict[str, List[str]]
     with work_directory(tempdir) as work:
         spool = LocalStore(work)
         for text in images:
-            spool_image(store, text, spool, clients, progress, failed)
+            for url, platform in spool_image(store, text, spool, clients, progress, failed, platforms).items():
+                chosen[url].append(str(platform))
 
         def load(client: DockerClient) -> None:
-            status = {"Host": client.endpoint.url, "Status": "ok"}
-            if client.endpoint.url in failed:
-                status.update(Status="failed", Error=failed[client.endpoint.url])
+            url = client.endpoint.url
+            status = {"Host": url, "Status": "ok"}
+            if url in failed:
+                status.update(Status="failed", Error=failed[url])
             else:
                 try:
                     for text in images:
-                        pull_image(client, spool, text, HostProgress(progress, client.endpoint.url))
+                        pull_image(client, spool, text, HostProgress(progress, url), platform=platforms.known.get(url))
                 except DogestryError as e:
                     status.update(Status="failed", Error=str(e).replace(spool.url, store.url))
-            statuses[client.endpoint.url] = status
+            if status["Status"] == "ok" and chosen.get(url):
+                status["Platform"] = ", ".join(dict.fromkeys(chosen[url]))
+            statuses[url] = status
 
         run_in_threads(load, clients)
 
@@ -6187,10 +6302,19 @@ class HostProgress:
 # server as it talks to the host's engine (TLS, verified, when DOCKER_TLS_VERIFY is set),
 # and afterwards asks the engine whether the image really is there; a host whose server
 # fails or lies gets a regular pull.
+#
+# Of a multi-platform tag the server picks the image (its own engine's platform, or the one
+# --platform asks, which the request names): the request names the index and carries URLs of
+# the index, of every platform's manifest and image (only the asked one's with --platform), and
+# the server answers which image it pulled (Docker's "aux" progress line: ID and Platform).
+# Servers that take such requests say so in a header of GET /status/check (older ones do not:
+# their hosts get a regular pull).
 
 DELEGATION_ROUTE = "/dogestry/v1/pull"
 DELEGATION_HEADER = "Dogestry-Delegation"
 DELEGATION_PROTOCOL = "presigned-v1"
+DELEGATION_INDEX_HEADER = "Dogestry-Delegation-Index"
+DELEGATION_INDEX_PROTOCOL = "presigned-index-v1"
 DELEGATION_URL_TTL = 900
 DELEGATION_READ_TIMEOUT = 600.0
 SERVER_LINE_LIMIT = 64 << 10  # the longest progress line read from a server
@@ -6204,9 +6328,9 @@ def server_url(endpoint: DockerEndpoint, port: int) -> Optional[str]:
     return "%s://%s:%d" % ("https" if endpoint.tls else "http", host, port)
 
 
-def server_status(url: str, tls: Optional[ssl.SSLContext] = None, timeout: float = 3.0) -> Optional[str]:
-    """The delegation protocol of the dogestry server answering GET /status/check at url
-    ('' for servers too old to have one), or None if no dogestry server answers."""
+def server_status(url: str, tls: Optional[ssl.SSLContext] = None, timeout: float = 3.0) -> Optional[FrozenSet[str]]:
+    """The delegation protocols of the dogestry server answering GET /status/check at url
+    (none for servers too old to have one), or None if no dogestry server answers."""
     conn = http_connection(url, tls, timeout)
     try:
         conn.request("GET", "/status/check")
@@ -6218,23 +6342,57 @@ def server_status(url: str, tls: Optional[ssl.SSLContext] = None, timeout: float
         conn.close()
     if resp.status != 200 or body.strip() != b"OK":
         return None
-    return resp.getheader(DELEGATION_HEADER) or ""
+    return frozenset(p for p in (resp.getheader(DELEGATION_HEADER), resp.getheader(DELEGATION_INDEX_HEADER)) if p)
 
 
 class Delegation(NamedTuple):
-    """One image as a server is asked to pull it: the request body, and what to check after."""
+    """One image as a server is asked to pull it: the request body, and what to check after.
+    Of a multi-platform tag, the images the server may pick (ID -> platform); image_id is the
+    one it must pick when --platform chose it ('' when the server's engine chooses)."""
 
     image_id: str
     tag: Optional[ImageRef]
     body: bytes
+    platforms: Mapping[str, str] = {}
 
 
-def plan_delegation(store: "S3Store", text: str, progress: ProgressSink) -> Optional[Delegation]:
-    """Resolve an image and presign the objects a server needs to pull it (None: legacy layout)."""
+def plan_delegation(store: "S3Store", text: str, progress: ProgressSink,
+                    platform: Optional[Platform] = None) -> Optional[Delegation]:
+    """Resolve an image and presign the objects a server needs to pull it (None: legacy layout);
+    of a multi-platform tag, those of every platform's image (only the platform's, if given)."""
     store.check()
+    tagged = index_tag(store, text)
+    if tagged is not None:
+        return _plan_index_delegation(store, tagged[0], tagged[1], platform)
     _, image_hex, ref, image, _ = find_image(store, text, progress)
     if image.legacy:
         return None
+    sizes = _image_object_sizes(store, image_hex, image)
+    doc = {"store": store.url, "image": image.image_id, "tag": str(ref) if ref else None,
+           "objects": _presigned_objects(store, sizes)}
+    return Delegation(image.image_id, ref, json.dumps(doc).encode())
+
+
+def _plan_index_delegation(store: "S3Store", ref: ImageRef, index: "PushedManifest",
+                           platform: Optional[Platform]) -> Delegation:
+    entries = index_images(index)
+    if platform is not None:
+        entries = [choose_platform(entries, platform, "%s in %s" % (ref, store.url))]
+    sizes = {manifest_key(index.digest): len(index.data)}
+    platforms = {}  # type: Dict[str, str]
+    for entry in entries:
+        image_hex = image_of_manifest(store, entry.digest)
+        sizes[manifest_key(entry.digest)] = entry.size
+        sizes.update(_image_object_sizes(store, image_hex, load_stored_image(store, image_hex)))
+        platforms["sha256:" + image_hex] = str(entry.platform)
+    doc = {"store": store.url, "index": index.digest, "tag": str(ref), "objects": _presigned_objects(store, sizes)}
+    if platform is not None:
+        doc["platform"] = str(platform)
+    return Delegation(next(iter(platforms)) if platform is not None else "", ref, json.dumps(doc).encode(), platforms)
+
+
+def _image_object_sizes(store: Store, image_hex: str, image: StoredImage) -> Dict[str, int]:
+    """The keys and sizes of an image's manifest, config and layer blobs."""
     sizes = {}  # type: Dict[str, int]
     for key in (image_key(image_hex, "manifest.json"), image_key(image_hex, "config.json")):
         size = store.stat(key)
@@ -6243,10 +6401,12 @@ def plan_delegation(store: "S3Store", text: str, progress: ProgressSink) -> Opti
         sizes[key] = size
     for record in image.layers:
         sizes[blob_key(record.digest)] = record.size
-    objects = {key: {"url": store.client.presign(store.location.prefix + key, DELEGATION_URL_TTL), "size": size}
-               for key, size in sizes.items()}
-    doc = {"store": store.url, "image": image.image_id, "tag": str(ref) if ref else None, "objects": objects}
-    return Delegation(image.image_id, ref, json.dumps(doc).encode())
+    return sizes
+
+
+def _presigned_objects(store: "S3Store", sizes: Mapping[str, int]) -> Dict[str, Dict[str, Any]]:
+    return {key: {"url": store.client.presign(store.location.prefix + key, DELEGATION_URL_TTL), "size": size}
+            for key, size in sizes.items()}
 
 
 def _json_line(line: bytes) -> Optional[Dict[str, Any]]:
@@ -6258,76 +6418,105 @@ def _json_line(line: bytes) -> Optional[Dict[str, Any]]:
     return doc if isinstance(doc, dict) else None
 
 
+class ServerAnswer(NamedTuple):
+    """How a delegated pull ended: the server's error, if any, and the image ID it says it pulled."""
+
+    error: Optional[str]
+    image_id: str = ""
+
+
 def delegate_pull(url: str, tls: Optional[ssl.SSLContext], plan: Delegation, progress: ProgressSink,
-                  timeout: Optional[float] = None) -> Optional[str]:
-    """Ask a dogestry server to pull one image into its host, relaying its progress; its error, if any.
+                  timeout: Optional[float] = None) -> ServerAnswer:
+    """Ask a dogestry server to pull one image into its host, relaying its progress.
 
     timeout: the longest the server may stay silent (default DELEGATION_READ_TIMEOUT)."""
     conn = http_connection(url, tls, timeout or DELEGATION_READ_TIMEOUT)
+    pulled = ""
     try:
         conn.request("POST", DELEGATION_ROUTE, body=plan.body, headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
         if resp.status != 200:
-            return printable("HTTP %d: %s" % (resp.status, _docker_message(resp.read(SERVER_LINE_LIMIT))))
+            return ServerAnswer(printable("HTTP %d: %s" % (resp.status, _docker_message(resp.read(SERVER_LINE_LIMIT)))))
         for line in iter(lambda: resp.readline(SERVER_LINE_LIMIT), b""):
             doc = _json_line(line)
             if doc is None:
                 continue
             if doc.get("errorDetail") or doc.get("error"):
-                return printable(str((doc.get("errorDetail") or {}).get("message") or doc.get("error")))
+                return ServerAnswer(printable(str((doc.get("errorDetail") or {}).get("message") or doc.get("error"))))
+            aux = doc.get("aux")
+            if isinstance(aux, dict) and isinstance(aux.get("ID"), str):
+                pulled = aux["ID"][:80]
             if doc.get("status") and not doc.get("progressDetail"):
                 progress.note("%s: %s%s" % (url, "%s: " % doc["id"] if doc.get("id") else "", doc["status"]))
-        return None
+        return ServerAnswer(None, pulled)
     except (OSError, http.client.HTTPException, AttributeError) as e:
-        return _os_reason(e) if isinstance(e, OSError) else "bad answer: %s" % e
+        return ServerAnswer(_os_reason(e) if isinstance(e, OSError) else "bad answer: %s" % e)
     finally:
         conn.close()
 
 
-def image_missing(client: DockerClient, plan: Delegation) -> Optional[str]:
-    """None if the host's engine has the image under the pulled tag, else what is wrong."""
+def image_missing(client: DockerClient, plan: Delegation, pulled: str = "") -> Optional[str]:
+    """None if the host's engine has the image under the pulled tag, else what is wrong (pulled:
+    the image the server says it picked of a multi-platform tag)."""
     ref = str(plan.tag) if plan.tag else plan.image_id
+    image_id = plan.image_id or pulled
+    if plan.platforms and image_id not in plan.platforms:
+        return "the server names %s as the image it pulled, which is none of %s" % (printable(pulled) or "nothing", ref)
     try:
         info = client.inspect_image(ref)
     except DogestryError as e:
         return "cannot check the host: %s" % e
-    if info is None or info.get("Id") != plan.image_id:
-        return "the server reported success, but the host has no %s = %s" % (ref, plan.image_id[7:19])
+    if info is None or info.get("Id") != image_id:
+        return "the server reported success, but the host has no %s = %s" % (ref, image_id[7:19])
     return None
 
 
 def delegate_to_servers(endpoints: Sequence[DockerEndpoint], store: "S3Store", images: Sequence[str],
                         port: int, progress: ProgressSink, statuses: Dict[str, Dict[str, str]],
-                        host_timeout: Optional[float] = None) -> None:
-    """Pull through the dogestry servers of the hosts that run one; each host's status goes
-    into statuses (by host URL) the moment it is done."""
+                        host_timeout: Optional[float] = None, platform: Optional[Platform] = None) -> None:
+    """Pull through the dogestry servers of the hosts that run one (each picks its engine's
+    platform of multi-platform tags, or the one given); each host's status goes into statuses
+    (by host URL) the moment it is done."""
     urls = {e.url: server_url(e, port) for e in endpoints}
-    servers = []  # type: List[Tuple[DockerEndpoint, str]]
+    servers = []  # type: List[Tuple[DockerEndpoint, str, FrozenSet[str]]]
 
     def probe(endpoint: DockerEndpoint) -> None:
         url = urls[endpoint.url]
-        if url and server_status(url, endpoint.tls) == DELEGATION_PROTOCOL:
-            servers.append((endpoint, url))
+        protocols = server_status(url, endpoint.tls) if url else None
+        if url and protocols and DELEGATION_PROTOCOL in protocols:
+            servers.append((endpoint, url, protocols))
 
     run_in_threads(probe, endpoints)
     if not servers:
         return
-    plans = [plan_delegation(store, text, progress) for text in images]
+    plans = [plan_delegation(store, text, progress, platform) for text in images]
     if any(plan is None for plan in plans):
         progress.note("images in the original dogestry layout are pulled directly, not through servers")
         return
+    if any(plan is not None and plan.platforms for plan in plans):
+        for endpoint, url, protocols in servers:
+            if DELEGATION_INDEX_PROTOCOL not in protocols:
+                progress.note("%s: the dogestry server at %s is too old for multi-platform tags: pulling directly"
+                              % (endpoint.url, url))
+        servers = [server for server in servers if DELEGATION_INDEX_PROTOCOL in server[2]]
 
-    def run(server: Tuple[DockerEndpoint, str]) -> None:
-        endpoint, url = server
+    def run(server: Tuple[DockerEndpoint, str, FrozenSet[str]]) -> None:
+        endpoint, url, _ = server
         client = DockerClient(endpoint, timeout=host_timeout or 60.0)
+        chosen = []  # type: List[str]
         for plan in plans:
             assert plan is not None
-            error = delegate_pull(url, endpoint.tls, plan, progress, host_timeout) or image_missing(client, plan)
+            answer = delegate_pull(url, endpoint.tls, plan, progress, host_timeout)
+            error = answer.error or image_missing(client, plan, answer.image_id)
             if error:
                 statuses[endpoint.url] = {"Host": endpoint.url, "Status": "failed",
                                           "ServerError": "%s: %s" % (url, error)}
                 return
+            if plan.platforms:
+                chosen.append(plan.platforms[plan.image_id or answer.image_id])
         statuses[endpoint.url] = {"Host": endpoint.url, "Status": "ok", "Server": url}
+        if chosen:
+            statuses[endpoint.url]["Platform"] = ", ".join(dict.fromkeys(chosen))
 
     run_in_threads(run, servers)
 
@@ -6356,6 +6545,7 @@ LAYER_MEDIA_TYPES = {
                       "none": "application/vnd.docker.image.rootfs.diff.tar"},
 }
 REGISTRY_PAGE = 1000  # the most tags or repositories one page lists
+REGISTRY_DEFAULT_PLATFORM = Platform("linux", "amd64")  # a client that accepts no index gets it (as distribution)
 REGISTRY_API_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}  # on every /v2/ answer
 BLOB_URL_TTL = 900    # seconds a presigned blob URL a client is redirected to stays valid
 REGISTRY_LISTING_TTL = 5.0  # seconds a listing of images/ or repositories/ is reused (what is pushed shows after)
@@ -6390,15 +6580,29 @@ def registry_manifest(image: StoredImage, media_type: str) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
+def accepted_types(accept: str) -> Optional[FrozenSet[str]]:
+    """The media types an Accept header lists (parameters such as q= ignored, as distribution
+    does); None for any type: no Accept header at all (RFC 9110 12.5.1), or a wildcard."""
+    accepted = frozenset(part.split(";")[0].strip().lower() for part in accept.split(",") if part.strip())
+    if not accepted or "*/*" in accepted or "application/*" in accepted:
+        return None
+    return accepted
+
+
 def manifest_type_for(accept: str) -> str:
     """Which manifest to answer an Accept header with: OCI, unless only Docker's schema 2 is accepted."""
-    accepted = {part.split(";")[0].strip().lower() for part in accept.split(",") if part.strip()}
-    if not accepted or OCI_MANIFEST in accepted or "*/*" in accepted or "application/*" in accepted:
+    accepted = accepted_types(accept)
+    if accepted is None or OCI_MANIFEST in accepted:
         return OCI_MANIFEST
     if DOCKER_MANIFEST in accepted:
         return DOCKER_MANIFEST
     raise RegistryError(404, "MANIFEST_UNKNOWN", "only OCI image manifests and Docker schema 2 manifests are served "
                                                  "(Accept: %s)" % accept[:200])
+
+
+def type_accepted(media_type: str, accepted: Optional[FrozenSet[str]]) -> bool:
+    """Does a client that accepts `accepted` (None: any type) take a manifest of media_type?"""
+    return accepted is None or media_type in accepted
 
 
 def repository_name(name: str) -> str:
@@ -6928,9 +7132,12 @@ class Registry:
     def _list_repositories(self) -> List[str]:
         return sorted({key[len("repositories/"):].rpartition("/")[0] for key in self.store.list("repositories/")} - {""})
 
-    def manifest(self, name: str, reference: str, media_type: str) -> Tuple[bytes, str, str]:
-        """(bytes, media type, digest) of a repository's manifest, by tag or by digest: one pushed
-        through the registry as it was pushed, else the one made from the stored image."""
+    def manifest(self, name: str, reference: str, accept: str = "") -> Tuple[bytes, str, str]:
+        """(bytes, media type, digest) of a repository's manifest for a client whose Accept header
+        is `accept`.  By digest: the manifest of that digest, whatever the Accept header (no other
+        bytes have that digest).  By tag: the manifest pushed through the registry, as pushed, if
+        the client accepts its type; else the one made from the stored image, of a type it accepts;
+        for an index the client does not accept, the manifest of its image for linux/amd64."""
         repository_name(name)
         if ":" in reference:
             check_digest(reference)
@@ -6946,12 +7153,41 @@ class Registry:
         except NotFound:
             self.tags(name)  # NAME_UNKNOWN when the repository has no tag at all
             raise RegistryError(404, "MANIFEST_UNKNOWN", "%s:%s is not known" % (name, reference))
+        accepted = accepted_types(accept)
         pushed = self._pushed_for_tag(ref, target)
-        if pushed is not None:
+        if pushed is not None and pushed.is_index and not type_accepted(pushed.media_type, accepted):
+            return self._platform_manifest(ref, pushed, accept)
+        if pushed is not None and (target.image_hex is None or type_accepted(pushed.media_type, accepted)):
             return pushed.data, pushed.media_type, pushed.digest
         if target.image_hex is None:
             raise RegistryError(404, "MANIFEST_UNKNOWN", "%s names %s, which is not stored" % (ref, target.manifest))
+        media_type = manifest_type_for(accept)
         data, digest = self._manifest_of(target.image_hex, media_type)
+        return data, media_type, digest
+
+    def _platform_manifest(self, ref: ImageRef, index: PushedManifest, accept: str) -> Tuple[bytes, str, str]:
+        """For a client that accepts no image index (as distribution answers one): the manifest of
+        the index's linux/amd64 image, as pushed if the client accepts its type, else the one made
+        from its image; MANIFEST_UNKNOWN naming the index's platforms if it has no such image."""
+        entries = index_images(index)
+        try:
+            entry = choose_platform(entries, REGISTRY_DEFAULT_PLATFORM, str(ref))
+        except NoMatchingPlatform:
+            raise RegistryError(404, "MANIFEST_UNKNOWN", "%s is a multi-platform image with no %s image, which is what "
+                                "a client that accepts no image index (Accept: %s) is given; it has %s"
+                                % (ref, REGISTRY_DEFAULT_PLATFORM, accept[:200], platform_list(entries)))
+        child = read_pushed_manifest(self.store, entry.digest)
+        if child is None:
+            raise RegistryError(404, "MANIFEST_UNKNOWN", "%s names %s, which is not stored" % (ref, entry.digest))
+        if type_accepted(child.media_type, accepted_types(accept)):
+            return child.data, child.media_type, child.digest
+        media_type = manifest_type_for(accept)
+        image_hex = digest_hex(child.blobs[0][0]) if child.blobs else ""
+        if not image_hex or self.store.stat(image_key(image_hex, "manifest.json")) is None:
+            raise RegistryError(404, "MANIFEST_UNKNOWN", "the %s manifest of %s is of type %s, which this client does "
+                                "not accept (Accept: %s)" % (REGISTRY_DEFAULT_PLATFORM, ref, child.media_type,
+                                                             accept[:200]))
+        data, digest = self._manifest_of(image_hex, media_type)
         return data, media_type, digest
 
     @staticmethod
@@ -8811,27 +9047,28 @@ class BlobCopier:
             raise StoreError("%s: cannot read %s: %s" % (self.src.url, key, _os_reason(e)))
 
 
-def copy_tag_manifest(src: Store, dst: Store, ref: ImageRef, image_id: str) -> None:
-    """The manifest an image tag of src was pushed with through the registry, to dst too (before
-    the tag), so dst's registry serves the same digest; where dst lacks a blob it names (the
-    image was stored there by `dogestry push`, with blobs of its own), dst serves its own."""
-    manifest = tag_pushed_manifest(src, ref, digest_hex(image_id))
+def copy_tag_manifest(dst: Store, ref: ImageRef, manifest: Optional[PushedManifest]) -> None:
+    """The manifest an image tag of src was pushed with through the registry (tag_pushed_manifest),
+    to dst too (before the tag), so dst's registry serves the same digest; where dst lacks a blob it
+    names (the image was stored there by `dogestry push`, with blobs of its own), dst serves its own."""
     if manifest is None or any(stored_blob_key(dst, digest, size) is None for digest, size in manifest.blobs):
         return
-    dst.put_bytes(manifest_key(manifest.digest), manifest.data, if_absent=True)
+    if dst.stat(manifest_key(manifest.digest)) != len(manifest.data):
+        dst.put_bytes(manifest_key(manifest.digest), manifest.data)
     dst.put_bytes(tag_manifest_key(ref), manifest.digest.encode())
 
 
 def copy_image(found: FoundImage, dst: Store, copier: BlobCopier, progress: ProgressSink,
-               options: PushOptions) -> str:
+               options: PushOptions, freshness: Optional[Freshness] = None) -> str:
     """Store an image of one store in another (the original layout becomes the current one):
-    only the layers dst lacks, image last; return its image ID."""
+    only the layers dst lacks, image last; return its image ID.  freshness: the one of a tag
+    this image is part of (an index's), else the image's own."""
     src, image = found.store, found.image
     if image.legacy:
         progress.note("%s is in the original dogestry layout: storing it in the current one" % found.image_hex[:12])
         return migrate_image(src, found.image_hex, progress, options, target=dst)
     image_hex = digest_hex(image.image_id)
-    freshness = options.freshness(dst)
+    freshness = freshness or options.freshness(dst)
     if _keep_stored_image(dst, image_hex, freshness):
         progress.note("%s: image %s is already stored" % (dst.url, image_hex[:12]))
         return image.image_id
@@ -8857,6 +9094,227 @@ def copy_image(found: FoundImage, dst: Store, copier: BlobCopier, progress: Prog
         pool.shutdown(wait=True)
     _secure_and_write_image(dst, freshness, image.image_id, config, [copied[r.diff_id] for r in image.layers])
     return image.image_id
+
+# --- copy: manifests pushed through the registry (indexes, their images, referrers) ---
+#
+# A tag of an index (or an artifact) is copied with every manifest it reaches, byte for byte
+# (digests unchanged): the manifests the index names, recursively (each platform's image, the
+# attestations), and the manifests whose subject is one of them (signatures, SBOMs), recursively.
+# A tag of an image takes along the referrers of the manifests the registry serves for it.  All
+# of it is read from SRC before anything is written; in DST each image is stored as copy_image
+# stores it, every other blob a manifest names under its digest, an index after the manifests it
+# names, the tag last, once everything it reaches is stored and checked (Freshness.secure).
+
+REFERRER_LISTING_TAGS = 5  # a copy of more tags than this (or --all) lists manifests/referrers/ once, whole
+
+
+class ReferrerLister:
+    """The referrers SRC lists for a subject (manifests/referrers/<subject hex>/): one listing per
+    subject, or (whole=True, for copies of many tags) one listing of every subject's at the first ask."""
+
+    def __init__(self, store: Store, whole: bool = False):
+        self.store, self.whole = store, whole
+        self._all = None  # type: Optional[Dict[str, List[str]]]
+
+    def referrers(self, subject: str) -> List[str]:
+        """The digests of the manifests whose subject is `subject`."""
+        if not self.whole:
+            return self._digests(self.store.list("manifests/referrers/%s/" % digest_hex(subject)))
+        if self._all is None:
+            grouped = collections.defaultdict(list)  # type: Dict[str, List[str]]
+            for key in self.store.list("manifests/referrers/"):
+                grouped[key.split("/")[2]].append(key)
+            self._all = {subject_hex: self._digests(keys) for subject_hex, keys in grouped.items()}
+        return self._all.get(digest_hex(subject), [])
+
+    @staticmethod
+    def _digests(keys: Iterable[str]) -> List[str]:
+        parts = (key.split("/") for key in keys)
+        return ["sha256:" + p[3] for p in parts if len(p) == 4 and _HEX64.match(p[2]) and _HEX64.match(p[3])]
+
+
+def manifests_reached(store: Store, roots: Sequence[str], subjects: Sequence[str],
+                      lister: ReferrerLister) -> List[PushedManifest]:
+    """Every manifest of store the roots reach (the manifests an index names, recursively) and
+    the referrers of those and of `subjects` (recursively), each once, the manifests an index
+    names before it; NotFound if one is not stored."""
+    found = collections.OrderedDict()  # type: collections.OrderedDict[str, PushedManifest]
+    todo = collections.deque((digest, "the tag") for digest in roots)
+    todo.extend((digest, "the referrers of %s" % subject) for subject in subjects for digest in lister.referrers(subject))
+    while todo:
+        digest, named_by = todo.popleft()
+        if digest in found:
+            continue
+        manifest = read_pushed_manifest(store, digest)
+        if manifest is None:
+            raise NotFound("%s: manifest %s, which %s names, is not stored; nothing was copied"
+                           % (store.url, digest, named_by))
+        found[digest] = manifest
+        todo.extend((child, digest) for child in manifest.children)
+        todo.extend((referrer, "the referrers of %s" % digest) for referrer in lister.referrers(digest))
+    ordered, placed = [], set()  # type: List[PushedManifest], Set[str]
+
+    def place(manifest: PushedManifest) -> None:
+        if manifest.digest not in placed:
+            placed.add(manifest.digest)
+            for child in manifest.children:
+                place(found[child])
+            ordered.append(manifest)
+
+    for manifest in found.values():
+        place(manifest)
+    return ordered
+
+
+def served_digests(store: Store, found: FoundImage, pushed: Optional[PushedManifest]) -> List[str]:
+    """The manifest digests the registry serves for an image (its referrers' subjects): the manifest
+    its tag was pushed with, and the ones made from it (none for the original layout)."""
+    if found.image.legacy:
+        return []
+    made = [sha256_digest(registry_manifest(found.image, kind)) for kind in (OCI_MANIFEST, DOCKER_MANIFEST)]
+    return ([pushed.digest] if pushed is not None else []) + made
+
+
+def _manifest_image(store: Store, manifest: PushedManifest) -> Optional[str]:
+    """The image hex of an image manifest whose image record the store holds (None: none)."""
+    if manifest.is_index or manifest.doc["config"]["mediaType"] not in IMAGE_CONFIG_TYPES:
+        return None
+    image_hex = digest_hex(manifest.doc["config"]["digest"])
+    return image_hex if store.stat(image_key(image_hex, "manifest.json")) is not None else None
+
+
+def copy_blob(src: Store, dst: Store, digest: str, size: int, copier: BlobCopier, freshness: Freshness) -> str:
+    """Store a blob a manifest names in dst under blobs/ (checked against its digest); its key."""
+    source = stored_blob_key(src, digest, size)
+    if source is None:
+        raise NotFound("%s: blob %s (%d bytes) is not stored; nothing was tagged" % (src.url, digest, size))
+    key = blob_key(digest)
+    if source == key:
+        copier.copy(LayerRecord(digest, digest, size, "none"), freshness)
+    else:  # an image config, kept only in its image record
+        data = src.get_bytes(source, limit=DOCUMENT_LIMIT)
+        if sha256_digest(data) != digest:
+            raise IntegrityError("%s: %s is not blob %s" % (src.url, source, digest))
+        dst.put_bytes(key, data)
+    freshness.written(key)
+    return key
+
+
+def copy_manifests(src: Store, dst: Store, manifests: Sequence[PushedManifest], copier: BlobCopier,
+                   progress: ProgressSink, options: PushOptions, freshness: Freshness,
+                   copied: Dict[Tuple[str, str], str]) -> Tuple[Dict[str, Optional[int]], Dict[str, Callable[[], None]]]:
+    """Store manifests of src in dst, byte for byte, with what they name (the images as copy_image
+    stores them, only what dst lacks; every other blob) and their referrer listings, the manifests
+    an index names before it.  Return what a tag of them relies on: key -> size, and how to write
+    again the keys written here (for Freshness.secure)."""
+    for manifest in manifests:
+        image_hex = _manifest_image(src, manifest)
+        if image_hex is not None and (src.url, image_hex) not in copied:
+            found = FoundImage(src, image_hex, None, load_stored_image(src, image_hex))
+            copied[(src.url, image_hex)] = copy_image(found, dst, copier, progress, options, freshness)
+    must_exist, rewrite = {}, {}  # type: Dict[str, Optional[int]], Dict[str, Callable[[], None]]
+    for digest, size in sorted({blob for manifest in manifests for blob in manifest.blobs}):
+        key = stored_blob_key(dst, digest, size)
+        if key is None:
+            key = copy_blob(src, dst, digest, size, copier, freshness)
+        else:
+            freshness.seen(key, dst.age(key))
+        must_exist[key] = size
+    for manifest in manifests:
+        key = manifest_key(manifest.digest)
+        rewrite[key] = functools.partial(dst.put_bytes, key, manifest.data)
+        _keep_or_write(dst, key, len(manifest.data), rewrite[key], freshness)
+        must_exist[key] = len(manifest.data)
+        if manifest.subject:
+            listing = referrer_key(manifest.subject, manifest.digest)
+            rewrite[listing] = functools.partial(write_json, dst, listing, manifest.descriptor())
+            _keep_or_write(dst, listing, None, rewrite[listing], freshness)
+            must_exist[listing] = None
+    return must_exist, rewrite
+
+
+def _keep_or_write(store: Store, key: str, size: Optional[int], write: Callable[[], None], freshness: Freshness) -> None:
+    """Keep a small key store holds already (of that size, if given), else write it."""
+    age = store.age(key)
+    if age is not None and (size is None or store.stat(key) == size):
+        freshness.seen(key, age)
+        return
+    write()
+    freshness.written(key)
+
+
+class CopyItem(NamedTuple):
+    """What one argument of copy names in SRC: an image, or a tag naming a manifest pushed through
+    the registry (an index, an artifact); and the manifests that go with it (all that the tag's
+    manifest reaches; for an image, its referrers)."""
+
+    text: str
+    ref: Optional[ImageRef]
+    image: Optional[FoundImage]
+    pushed: Optional[PushedManifest]  # an image tag's: the manifest it was pushed with; else the tag's manifest
+    manifests: List[PushedManifest]
+
+    @property
+    def tag_content(self) -> str:
+        """What the tag holds in SRC (what check_tag_may_move compares)."""
+        if self.image is not None:
+            return self.image.image_hex
+        assert self.pushed is not None
+        return "@" + self.pushed.digest
+
+
+def copy_item(src: Store, text: str, progress: ProgressSink, lister: ReferrerLister) -> CopyItem:
+    """Resolve one argument of copy, reading from SRC every manifest that goes with it."""
+    ref = None  # type: Optional[ImageRef]
+    with contextlib.suppress(UsageError):
+        ref = parse_image_ref(text)
+    target = None  # type: Optional[TagTarget]
+    if ref is not None:
+        with contextlib.suppress(NotFound):
+            target = read_tag_target(src, ref)
+    if ref is not None and target is not None and target.manifest is not None:
+        manifests = manifests_reached(src, [target.manifest], [], lister)
+        root = next(m for m in manifests if m.digest == target.manifest)
+        return CopyItem(text, ref, None, root, manifests)
+    found = find_image(src, text, progress)
+    pushed = tag_pushed_manifest(found.store, found.ref, found.image_hex) \
+        if found.ref is not None and not found.image.legacy else None
+    subjects = served_digests(found.store, found, pushed)
+    return CopyItem(text, found.ref, found, pushed, manifests_reached(found.store, [], subjects, lister))
+
+
+def copy_manifest_tag(item: CopyItem, src: Store, dst: Store, copier: BlobCopier, progress: ProgressSink,
+                      options: PushOptions, copied: Dict[Tuple[str, str], str]) -> str:
+    """Copy a tag naming an index or an artifact with everything it reaches; the tag last.  Its digest."""
+    assert item.ref is not None and item.pushed is not None
+    freshness = options.freshness(dst)
+    must_exist, rewrite = copy_manifests(src, dst, item.manifests, copier, progress, options, freshness, copied)
+    freshness.secure(rewrite, must_exist)
+    point_tag(dst, item.ref, TagTarget(None, item.pushed.digest))
+    if item.pushed.is_index:
+        progress.note("%s: the index of %s, with %d more manifests" % (
+            item.ref, platform_list(index_images(item.pushed)), len(item.manifests) - 1))
+    return item.pushed.digest
+
+
+def copy_image_tag(item: CopyItem, dst: Store, copier: BlobCopier, progress: ProgressSink, options: PushOptions,
+                   copied: Dict[Tuple[str, str], str]) -> str:
+    """Copy an image (and the manifest its tag was pushed with, and its referrers); its tag last.  Its ID."""
+    image = item.image
+    assert image is not None
+    freshness = options.freshness(dst)
+    key = (image.store.url, image.image_hex)
+    if key not in copied:
+        copied[key] = copy_image(image, dst, copier, progress, options, freshness)
+    image_id = copied[key]
+    if item.manifests:
+        must_exist, rewrite = copy_manifests(image.store, dst, item.manifests, copier, progress, options, freshness,
+                                             copied)
+        freshness.secure(rewrite, must_exist)
+    if item.ref is not None:
+        copy_tag_manifest(dst, item.ref, item.pushed)
+        write_tag(dst, item.ref, digest_hex(image_id))
+    return image_id
 
 
 # === 19. The accelerator server (-server) ===
@@ -8886,6 +9344,7 @@ _CHUNK_RANGE = re.compile(r"^(?:bytes[ =])?([0-9]{1,30})-([0-9]{1,30})(?:/(?:[0-
 _PRESIGN_PARAMS = frozenset(("X-Amz-Algorithm", "X-Amz-Credential", "X-Amz-Date", "X-Amz-Expires",
                              "X-Amz-SignedHeaders", "X-Amz-Signature", "X-Amz-Security-Token", "x-id"))
 _BLOB_KEY = re.compile(r"^blobs/sha256/[0-9a-f]{64}$")
+_INDEX_PULL_KEY = re.compile(r"^(?:manifests/sha256/[0-9a-f]{64}|images/[0-9a-f]{64}/(?:manifest|config)\.json)$")
 
 
 def _is_registry_path(target: str) -> bool:
@@ -9058,12 +9517,13 @@ class JsonTask:
 
 class Located(NamedTuple):
     """A stored image found for a pull, what it is called there, and the key under which
-    identical pulls share one download."""
+    identical pulls share one download (and its platform, if chosen from a multi-platform tag)."""
 
     store: Store
     image: StoredImage
     label: str
     share_key: str
+    platform: Optional[Platform] = None
 
 
 class PullRequest(NamedTuple):
@@ -9110,6 +9570,7 @@ class DogestryServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.stopping = False  # set by server_close()
         self._spare_fd = os.open(os.devnull, os.O_RDONLY)  # given up to shed a connection at EMFILE
         self._api_version = None  # type: Optional[str]
+        self._engine_platform = None  # type: Optional[Platform]
         self._private = private  # a directory store's path: never shown to clients
 
     # -- connections --
@@ -9227,6 +9688,16 @@ class DogestryServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
             except DogestryError:
                 return "1.41"
         return self._api_version
+
+    def engine_platform(self) -> Platform:
+        """The local engine's platform (what a pull takes of a multi-platform tag), asked once;
+        linux/amd64 while the engine cannot say (it is asked again next time)."""
+        if self._engine_platform is None:
+            try:
+                self._engine_platform = self.docker.platform()
+            except DogestryError:
+                return Platform("linux", "amd64")
+        return self._engine_platform
 
     # -- pulls --
 
@@ -9579,11 +10050,14 @@ class DockerApiHandler(RequestHandler):
             self._send(200, b"OK", "text/plain; charset=utf-8",
                        {"Docker-Experimental": "false", "OSType": "linux", "Cache-Control": "no-cache"})
         elif route == "/status/check":
-            self._send(200, b"OK", "text/plain; charset=utf-8", {DELEGATION_HEADER: DELEGATION_PROTOCOL})
+            self._send(200, b"OK", "text/plain; charset=utf-8", {DELEGATION_HEADER: DELEGATION_PROTOCOL,
+                                                                 DELEGATION_INDEX_HEADER: DELEGATION_INDEX_PROTOCOL})
         elif route == "/version":
+            platform = self.server.engine_platform()  # a -pullhosts client reads the host's platform here
             self._send(200, json.dumps({
                 "Version": __version__, "ApiVersion": self.server.api_version(), "MinAPIVersion": "1.24",
-                "Os": "linux", "Arch": "amd64", "Components": [{"Name": "dogestry", "Version": __version__}],
+                "Os": platform.os, "Arch": platform.architecture,
+                "Components": [{"Name": "dogestry", "Version": __version__}],
             }).encode())
         elif route == "/":
             self._refuse(404, "dogestry API, nothing to see here")
@@ -9636,6 +10110,8 @@ class DockerApiHandler(RequestHandler):
             progress.note("Pulling %s from %s" % (found.label, found.store.url))
             image_id, newer = self.server.pull(found, request.tag_as, request.client, progress)
             progress.note("Digest: %s" % image_id)
+            if found.platform is not None:  # which image of a multi-platform tag (the docker CLI shows no aux)
+                emit({"aux": {"ID": image_id, "Platform": str(found.platform)}})
             if request.tag_as:
                 progress.note("Status: %s for %s" % ("Downloaded newer image" if newer else "Image is up to date",
                                                      request.tag_as))
@@ -9658,6 +10134,8 @@ class DockerApiHandler(RequestHandler):
             raise UsageError("importing images is not served")
         name = (query.get("fromImage") or [""])[0]
         tag = (query.get("tag") or [""])[0]
+        asked = (query.get("platform") or [""])[0]  # docker pull --platform os/arch[/variant]
+        platform = parse_platform(asked) if asked else None
         if "@" in name or "@" in tag:
             raise UsageError("pulls by digest are not served; use a tag")
         if ":" in name.rsplit("/", 1)[-1] and not tag:
@@ -9685,31 +10163,48 @@ class DockerApiHandler(RequestHandler):
         who = hashlib.sha256(("%s\0%s" % (creds.access_key, creds.secret_key)).encode()).hexdigest() if creds else ""
 
         def locate() -> Located:
-            """The first candidate whose tag exists (tags only: never image IDs)."""
+            """The first candidate whose tag exists (tags only: never image IDs); of a
+            multi-platform tag, the image of the platform asked, else of the server's engine."""
             first = None  # type: Optional[NotFound]
             for choice, ref in candidates:
                 store = self.server.open_store(choice, None if choice.own else creds)
                 try:
-                    image_hex = read_tag(store, ref)
+                    image_hex, entry = tag_image_choice(store, ref, lambda: platform or self.server.engine_platform())
+                except NoMatchingPlatform:
+                    raise
                 except NotFound as e:
                     first = first or e
                     continue
-                return Located(store, load_stored_image(store, image_hex), str(ref),
-                               "%s#%s#%s" % (choice.url, "" if choice.own else who, image_hex))
+                return self._located(store, image_hex, ref, entry,
+                                     "%s#%s#%s" % (choice.url, "" if choice.own else who, image_hex))
             assert first is not None
             raise first
 
         return PullRequest(locate, wanted, self.client_address[0])
 
+    def _located(self, store: Store, image_hex: str, ref: ImageRef, entry: Optional[IndexEntry],
+                 share_key: str) -> Located:
+        """What a pull of tag ref found: its image (of a multi-platform tag, the entry's)."""
+        label = str(ref) + (" for " + str(entry.platform) if entry else "")
+        return Located(store, load_stored_image(store, image_hex), label, share_key,
+                       entry.platform if entry else None)
+
     def _delegated_pull(self, body: bytes) -> PullRequest:
-        """POST /dogestry/v1/pull from `dogestry -pullhosts`: presigned URLs of one image's objects."""
+        """POST /dogestry/v1/pull from `dogestry -pullhosts`: presigned URLs of one image's objects,
+        or of a multi-platform tag's index and images (the server picks its engine's platform, or
+        the one the request names)."""
         doc = parse_json(body, "the pull request")
         if not isinstance(doc, dict) or not isinstance(doc.get("objects"), dict) or \
-                not isinstance(doc.get("store"), str) or not isinstance(doc.get("image"), str) or \
-                not isinstance(doc.get("tag"), (str, type(None))):
-            raise UsageError("a delegated pull needs store, image, tag and objects")
+                not isinstance(doc.get("store"), str) or not isinstance(doc.get("tag"), (str, type(None))) or \
+                not (isinstance(doc.get("image"), str) or isinstance(doc.get("index"), str) and doc["tag"]) or \
+                not isinstance(doc.get("platform"), (str, type(None))):
+            raise UsageError("a delegated pull needs store, image (or index), tag and objects")
         policy = self.server.policy
-        image_hex = digest_hex(doc["image"])
+        index = doc.get("index")  # type: Optional[str]
+        if index is not None and not (index.startswith("sha256:") and _HEX64.match(index[7:])):
+            raise UsageError("a delegated pull names a bad index digest")
+        image_hex = digest_hex(doc["image"]) if index is None else ""
+        platform = parse_platform(doc["platform"]) if doc.get("platform") else None
         tag_as = parse_image_ref(doc["tag"]) if doc["tag"] else None
         if tag_as is not None:
             policy.image_path(tag_as.name)
@@ -9718,11 +10213,11 @@ class DockerApiHandler(RequestHandler):
         choice = policy.choose(doc["store"], "", True)
         location = choice.location
         assert location is not None
-        wanted = {image_key(image_hex, "manifest.json"), image_key(image_hex, "config.json")}
+        wanted = {image_key(image_hex, "manifest.json"), image_key(image_hex, "config.json")} if image_hex else set()
         urls, sizes, regions = {}, {}, set()  # type: Dict[str, str], Dict[str, int], Set[str]
         for key, entry in doc["objects"].items():
-            if key not in wanted and not _BLOB_KEY.match(key):
-                raise Refused("a delegated pull may only read the image's manifest, config and blobs (not %r)"
+            if not (key in wanted or _BLOB_KEY.match(key) or index is not None and _INDEX_PULL_KEY.match(key)):
+                raise Refused("a delegated pull may only read the image's manifests, config and blobs (not %r)"
                               % key[:100])
             if not isinstance(entry, dict) or not isinstance(entry.get("url"), str) or \
                     not isinstance(entry.get("size"), int) or entry["size"] < 0:
@@ -9735,8 +10230,15 @@ class DockerApiHandler(RequestHandler):
 
         def locate() -> Located:
             store = self.server.presigned_store(located, urls, sizes)
-            return Located(store, load_stored_image(store, image_hex), str(tag_as) if tag_as else image_hex[:12],
-                           "%s#presigned#%s" % (choice.url, image_hex))
+            if index is None:
+                return Located(store, load_stored_image(store, image_hex), str(tag_as) if tag_as else image_hex[:12],
+                               "%s#presigned#%s" % (choice.url, image_hex))
+            assert tag_as is not None
+            pushed = read_pushed_manifest(store, index)
+            if pushed is None or not pushed.is_index:
+                raise NotAnImage("%s: %s names no image index" % (store.url, manifest_key(index)))
+            chosen_hex, entry = index_image_for(store, tag_as, pushed, platform or self.server.engine_platform())
+            return self._located(store, chosen_hex, tag_as, entry, "%s#presigned#%s" % (choice.url, chosen_hex))
 
         return PullRequest(locate, tag_as, self.client_address[0])
 
@@ -9875,8 +10377,7 @@ class RegistryHandler(RequestHandler):
         repository_name(name)
         if kind == "blobs":
             return self._send_blob(registry, reference)
-        data, media_type, digest = registry.manifest(name, reference,
-                                                     manifest_type_for(", ".join(self.headers.get_all("Accept") or [])))
+        data, media_type, digest = registry.manifest(name, reference, ", ".join(self.headers.get_all("Accept") or []))
         self._registry_send(200, data, media_type, {"Docker-Content-Digest": digest})
 
     def _referrers(self, registry: Registry, name: str, digest: str, query: Mapping[str, List[str]]) -> None:
@@ -10240,9 +10741,10 @@ def cmd_pull(ctx: Context) -> int:
 
 
 def fleet_command(ctx: Context) -> int:
-    """pull to every -pullhosts host: through the dogestry servers of hosts that run one, directly
-    to the rest.  The JSON status of every host is printed whatever happens (a host that did not
-    finish is "failed", with the reason), then the error, if there was one."""
+    """pull to every -pullhosts host (of multi-platform tags, each host its engine's platform, or
+    --platform's): through the dogestry servers of hosts that run one, directly to the rest.  The
+    JSON status of every host is printed whatever happens (a host that did not finish is
+    "failed", with the reason), then the error, if there was one."""
     options = ctx.options
     endpoints = parse_pullhosts(options.pullhosts, ctx.environ, ctx.home)
     statuses = {}  # type: Dict[str, Dict[str, str]]
@@ -10263,12 +10765,15 @@ def fleet_command(ctx: Context) -> int:
 def _fleet_pull_all(ctx: Context, endpoints: Sequence[DockerEndpoint], statuses: Dict[str, Dict[str, str]]) -> None:
     options = ctx.options
     batch = load_batch_setting(ctx.environ)
+    versions = {}  # type: Dict[str, Any]
     if not options.disable_checks:
-        check_hosts([DockerClient(e, timeout=min(HOST_CHECK_TIMEOUT, options.host_timeout)) for e in endpoints])
+        versions = check_hosts([DockerClient(e, timeout=min(HOST_CHECK_TIMEOUT, options.host_timeout))
+                                for e in endpoints])
+    platform = getattr(options, "platform", None)
     store = ctx.store()
     if isinstance(store, S3Store) and not options.force_local:
         delegate_to_servers(endpoints, store, options.images, options.port, ctx.progress, statuses,
-                            options.host_timeout)
+                            options.host_timeout, platform)
     # hosts without a server, and those whose server failed or lied, get a regular pull
     direct = [e for e in endpoints if statuses.get(e.url, {}).get("Status") != "ok"]
     if not direct:
@@ -10279,7 +10784,8 @@ def _fleet_pull_all(ctx: Context, endpoints: Sequence[DockerEndpoint], statuses:
     clients = [DockerClient(e, timeout=options.host_timeout, stream_timeout=options.host_timeout, load_batch=batch)
                for e in direct]
     try:
-        fleet_pull(clients, store, options.images, ctx.progress, options.tempdir, statuses)
+        fleet_pull(clients, store, options.images, ctx.progress, options.tempdir, statuses,
+                   HostPlatforms(platform, versions))
     finally:
         for url, error in server_errors.items():
             if url in statuses:
@@ -10594,7 +11100,8 @@ def cmd_export(ctx: Context) -> int:
 
 
 def cmd_copy(ctx: Context) -> int:
-    """copy SRC DST IMAGE...|--all: copy images between stores, only what DST lacks, tags last."""
+    """copy SRC DST IMAGE...|--all: copy images (and multi-platform tags, with their referrers)
+    between stores, only what DST lacks, tags last."""
     options = ctx.options
     if bool(options.images) == bool(options.all):
         raise UsageError("name the images to copy, or --all (not both)")
@@ -10603,29 +11110,27 @@ def cmd_copy(ctx: Context) -> int:
         raise UsageError("%s is both the source and the destination" % src.url)
     src.check()
     if options.all:
-        texts = [str(ref) for ref, _ in list_tags(src) + original_images_at_root(src)]
+        texts = [str(ref) for ref, _ in list_tag_targets(src)] + [str(ref) for ref, _ in original_images_at_root(src)]
         if not texts:
             ctx.progress.note("nothing to copy: %s has no tags" % src.url)
     else:
         texts = options.images
-    found = [find_image(src, text, ctx.progress) for text in texts]  # all resolved before anything is copied
+    lister = ReferrerLister(src, whole=bool(options.all) or len(texts) > REFERRER_LISTING_TAGS)
+    items = [copy_item(src, text, ctx.progress, lister) for text in texts]  # all read before anything is copied
     dst.ensure()
-    for image in found:
-        if image.ref is not None and not image.image.legacy:  # (an original-layout image gets its ID when copied)
-            check_tag_may_move(dst, image.ref, image.image_hex)
+    for item in items:
+        if item.ref is not None and not (item.image is not None and item.image.image.legacy):
+            check_tag_may_move(dst, item.ref, item.tag_content)  # (an original-layout image gets its ID when copied)
     push_options = ctx.push_options()
     copied = {}  # type: Dict[Tuple[str, str], str]  # (store, image) -> image ID in dst
     with work_directory(push_options.tempdir or dst.spool_dir()) as work:
         copier = BlobCopier(src, dst, work, ctx.progress)
-        for text, image in zip(texts, found):
-            key = (image.store.url, image.image_hex)
-            if key not in copied:
-                copied[key] = copy_image(image, dst, copier, ctx.progress, push_options)
-            image_id = copied[key]
-            if image.ref is not None:
-                copy_tag_manifest(image.store, dst, image.ref, image_id)
-                write_tag(dst, image.ref, digest_hex(image_id))
-            ctx.stdout.write("Copied %s (%s)\n" % (printable(str(image.ref or text)), image_id))
+        for item in items:
+            if item.image is None:
+                what = copy_manifest_tag(item, src, dst, copier, ctx.progress, push_options, copied)
+            else:
+                what = copy_image_tag(item, dst, copier, ctx.progress, push_options, copied)
+            ctx.stdout.write("Copied %s (%s)\n" % (printable(str(item.ref or item.text)), what))
     return 0
 
 

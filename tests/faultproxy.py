@@ -1,6 +1,7 @@
 """A fault-injecting HTTP/1.1 proxy for S3 tests: byte-exact forwarding plus scripted faults.
 
     proxy = FaultProxy("http://127.0.0.1:7480", rule).start()   # listens on 127.0.0.1:<free port>
+    FaultProxy(upstream, rule, address="127.4.5.6")               # ... or on another loopback address
     env["AWS_ENDPOINT_URL"] = proxy.url
     ...
     proxy.stop()                                                 # or: with FaultProxy(...) as proxy:
@@ -24,9 +25,9 @@ without the bucket).  RULE returns None (forward unchanged) or one of:
 KEEP is a byte count or a fraction (0.5) of the body; it is always kept below the body size.
 A chunked body is cut in its raw (framed) bytes, so the client sees a broken chunked stream.
 
-Safety: listens on 127.0.0.1 only, forwards only to a loopback upstream, every socket has a
-timeout, every loop is bounded, and the proxy shuts itself down after `lifetime` seconds even
-if stop() is never called.  Standard library only.
+Safety: listens on a loopback address only (127.0.0.1 unless told), forwards only to a loopback
+upstream, every socket has a timeout, every loop is bounded, and the proxy shuts itself down
+after `lifetime` seconds even if stop() is never called.  Standard library only.
 """
 
 import contextlib
@@ -271,13 +272,16 @@ class LoopbackServer:
 
     URL_SCHEME = "http"
 
-    def __init__(self, upstream, lifetime, name):
+    def __init__(self, upstream, lifetime, name, address="127.0.0.1"):
         parts = urllib.parse.urlsplit(upstream)
         if parts.scheme != "http" or not parts.hostname or not _is_loopback(parts.hostname):
             raise ValueError("%s only forwards to a plain-HTTP loopback upstream, not %r"
                              % (type(self).__name__, upstream))
         self.upstream = (parts.hostname, parts.port or 80)
         self.lifetime, self.name = lifetime, name
+        if not address.startswith("127."):
+            raise ValueError("%s listens on loopback addresses only, not %r" % (type(self).__name__, address))
+        self.address = address
         self.errors = []  # exceptions raised inside the server (other than peers going away)
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -292,11 +296,11 @@ class LoopbackServer:
     def start(self):
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", 0))
+        self._listener.bind((self.address, 0))
         self._listener.listen(64)
         self._listener.settimeout(0.2)
         self.port = self._listener.getsockname()[1]
-        self.url = "%s://127.0.0.1:%d" % (self.URL_SCHEME, self.port)
+        self.url = "%s://%s:%d" % (self.URL_SCHEME, self.address, self.port)
         self._deadline = time.monotonic() + self.lifetime
         self._thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
         self._thread.start()
@@ -417,8 +421,8 @@ class Overlap:
 class FaultProxy(LoopbackServer):
     """See the module docstring.  .url, .log (one dict per request), .start(), .stop()."""
 
-    def __init__(self, upstream, rule=None, lifetime=DEFAULT_LIFETIME, name="faultproxy"):
-        super().__init__(upstream, lifetime, name)
+    def __init__(self, upstream, rule=None, lifetime=DEFAULT_LIFETIME, name="faultproxy", address="127.0.0.1"):
+        super().__init__(upstream, lifetime, name, address)
         self.rule = rule or (lambda req: None)
         self.log = []
         self._counts = {}

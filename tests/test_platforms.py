@@ -169,3 +169,25 @@ def test_pull_of_a_platform_the_tag_lacks_fails_naming_the_platforms_it_has(stor
         "dogestry: error: plat/app:1 in %s has no image for linux/s390x; it has linux/amd64, linux/arm/v7,"
         " linux/arm64 (choose one with --platform)" % store]
     assert sorted(docker_cli(docker_host, "images", "-a", "-q", "--no-trunc").stdout.split()) == before
+
+
+def test_pull_platform_of_a_single_image_of_another_platform_is_refused_as_docker_does(docker_host, base_env,
+                                                                                       tmp_path):
+    """A tag that holds one image: --platform naming its platform pulls it, another is refused
+    (docker pull --platform refuses an image of another platform too) and nothing is loaded."""
+    from realdocker import build_image
+    env = dict(base_env, DOCKER_HOST=docker_host)
+    store = tmp_path / "store"
+    store.mkdir()
+    image = build_image(docker_host, "plat/single:1", [{"single.txt": b"one platform\n"}], workdir=tmp_path)
+    arch = docker_cli(docker_host, "version", "-f", "{{.Server.Arch}}").stdout.strip()
+    ok(run_dogestry("push", str(store), "plat/single:1", env=env))
+    docker_cli(docker_host, "rmi", "-f", image)
+    other = "linux/s390x" if arch != "s390x" else "linux/amd64"
+    proc = run_dogestry("pull", "--platform", other, str(store), "plat/single:1", env=env)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "dogestry: error: plat/single:1 in %s is an image for linux/%s only, not %s" % (store, arch, other))
+    assert docker_cli(docker_host, "inspect", image, check=False).returncode != 0
+    ok(run_dogestry("pull", "--platform", "linux/" + arch, str(store), "plat/single:1", env=env))
+    assert image_id(docker_host, "plat/single:1") == image

@@ -204,7 +204,8 @@ def test_a_manifest_that_cannot_be_stored_is_refused_and_nothing_is_written(case
 def test_an_index_tag_names_the_index_and_older_readers_fail_clearly(image, store, server, docker_host):
     """An OCI index pushed by tag (its manifest pushed by digest first): the tag serves the index,
     its file holds @sha256:<index> (a version that knows only image IDs says it is not one), list
-    shows it, and pull says it is no single image."""
+    shows it, and pull takes the index's image for the engine's platform (linux/amd64 here), or
+    names the platforms the index has when --platform asks for another."""
     manifest = docker_manifest(image)
     assert put(sha(manifest), manifest, dogestry.DOCKER_MANIFEST).status == 201
     index = index_of((manifest, dogestry.DOCKER_MANIFEST))
@@ -214,8 +215,12 @@ def test_an_index_tag_names_the_index_and_older_readers_fail_clearly(image, stor
     assert (store / "repositories" / NAME / "multi").read_text() == "@" + sha(index)
     listing = ok(run_dogestry("list", store)).stdout
     assert "multi" in listing and sha(index)[:19] in listing
-    proc = run_dogestry("pull", store, NAME + ":multi", env=dict(os.environ, DOCKER_HOST=docker_host))
-    assert proc.returncode == 1 and "no single image" in proc.stderr and "Traceback" not in proc.stderr
+    env = dict(os.environ, DOCKER_HOST=docker_host)
+    proc = run_dogestry("pull", store, NAME + ":multi", "--platform", "linux/arm64", env=env)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].endswith(
+        "has no image for linux/arm64; it has linux/amd64 (choose one with --platform)")
+    ok(run_dogestry("pull", "--platform", "linux/amd64", store, NAME + ":multi", env=env))
+    assert image_id(docker_host, NAME + ":multi") == image["id"]
 
 
 def test_referrers_list_the_artifacts_whose_subject_a_manifest_is(image, store, server):
