@@ -1138,6 +1138,27 @@ class Store:
     def check(self) -> None:
         """Raise NotFound unless the store exists."""
 
+    # Compare-and-swap: writes that depend on what a key held (a tag that hosts add platforms to).
+
+    def read_versioned(self, key: str) -> Tuple[bytes, str]:
+        """A small object's content and its version, which changes whenever the content does
+        (NotFound if absent)."""
+        raise self.cannot_swap()
+
+    def put_if_version(self, key: str, data: bytes, version: Optional[str]) -> bool:
+        """Store a small object, atomically, only if key still holds that version (None: only if
+        it is absent); False if not (read it again and retry)."""
+        raise self.cannot_swap()
+
+    def delete_if_version(self, key: str, version: str) -> bool:
+        """Remove key only if it still holds that version; False if not."""
+        raise self.cannot_swap()
+
+    def cannot_swap(self) -> "CannotSwap":
+        """The error of a store that cannot write a key only if it is unchanged."""
+        return CannotSwap("%s cannot write a key only if it is unchanged (compare-and-swap), so updates of a "
+                          "tag by several hosts at once could be lost; nothing was written" % self.url)
+
     # Conveniences built on the five verbs.
 
     def get_bytes(self, key: str, limit: int = 64 << 20) -> bytes:
@@ -1147,6 +1168,46 @@ class Store:
         if len(data) > limit:
             raise StoreError("%s: %s is larger than %s" % (self.url, key, human_size(limit)))
         return data
+
+
+SWAP_ATTEMPTS = 12      # reads and conditional writes a compare-and-swap tries before it gives up
+SWAP_BACKOFF = 0.05     # seconds: the first backoff between them (doubling, jittered, at most SWAP_BACKOFF_MAX)
+SWAP_BACKOFF_MAX = 2.0
+
+
+class SwapConflict(StoreError):
+    """A key kept changing while a compare-and-swap tried to update it."""
+
+
+class CannotSwap(StoreError):
+    """The store cannot write a key only if it is unchanged (an S3 store without conditional writes)."""
+
+
+def swap_versioned(store: Store, key: str, change: Callable[[Optional[bytes]], Optional[bytes]], what: str,
+                   sleep: Callable[[float], None] = time.sleep, rand: Callable[[], float] = random.random,
+                   attempts: int = SWAP_ATTEMPTS, write_same: bool = False) -> Optional[bytes]:
+    """Replace what key holds (None: absent) with change(it) (None: remove the key), unless another
+    writer changes it in between: then read it afresh and apply change again, after a jittered
+    backoff, up to `attempts` times (SwapConflict after).  change runs once per attempt: it may
+    store what its result names (idempotent writes); a result equal to what is there is written
+    only if write_same (a tag's age is its push time).  Return what key holds afterwards."""
+    for attempt in range(attempts):
+        if attempt:
+            sleep(rand() * min(SWAP_BACKOFF_MAX, SWAP_BACKOFF * 2 ** (attempt - 1)))
+        try:
+            current, version = store.read_versioned(key)  # type: Tuple[Optional[bytes], Optional[str]]
+        except NotFound:
+            current, version = None, None
+        new = change(current)
+        if new == current and not (write_same and new is not None):
+            return current
+        if new is None:
+            if store.delete_if_version(key, str(version)):
+                return None
+        elif store.put_if_version(key, new, version):
+            return new
+    raise SwapConflict("%s: %s changed under every one of %d attempts to update it (other hosts writing it at the "
+                       "same time); nothing was changed: run the command again" % (store.url, what, attempts))
 
 
 # Work dirs: where push and fleet pulls spool layers (a directory store's own root, or $TMPDIR).
@@ -1378,6 +1439,83 @@ class LocalStore(Store):
             except OSError:
                 return
             path = os.path.dirname(path)
+
+    # Compare-and-swap: the key's directory is flock'ed (no lock file appears among the keys)
+    # while its file is compared and replaced; its version is the sha256 of its bytes.
+
+    def read_versioned(self, key: str) -> Tuple[bytes, str]:
+        data = self.get_bytes(key, limit=DOCUMENT_LIMIT)
+        return data, hashlib.sha256(data).hexdigest()
+
+    def put_if_version(self, key: str, data: bytes, version: Optional[str]) -> bool:
+        return self._swap(key, version, data)
+
+    def delete_if_version(self, key: str, version: str) -> bool:
+        if not self._swap(key, version, None):
+            return False
+        self._prune_dirs(os.path.dirname(self._path(key)))
+        return True
+
+    def _swap(self, key: str, version: Optional[str], data: Optional[bytes]) -> bool:
+        """Write data to key (None: remove it) if it holds that version, under the directory's lock."""
+        directory, name = os.path.split(self._path(key))
+        for _ in range(100):
+            try:
+                with self._locked_directory(directory) as dir_fd:
+                    if self._version_at(dir_fd, name) != version:
+                        return False
+                    if data is None:
+                        os.unlink(name, dir_fd=dir_fd)
+                    else:
+                        self._replace_at(dir_fd, name, data)
+                    return True
+            except FileNotFoundError:
+                continue  # the directory was removed (rm of its last key) or the key was: look again
+            except OSError as e:
+                raise StoreError("%s: cannot write %s: %s" % (self.url, key, _os_reason(e)))
+        raise StoreError("%s: cannot write %s: its directory keeps disappearing" % (self.url, key))
+
+    @contextlib.contextmanager
+    def _locked_directory(self, directory: str) -> Iterator[int]:
+        """The directory (made if need be), open and flock'ed; FileNotFoundError if it was removed
+        meanwhile (a file made in a removed directory would be lost)."""
+        os.makedirs(directory, exist_ok=True)
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if not os.path.samestat(os.fstat(fd), os.stat(directory)):
+                raise FileNotFoundError(errno.ENOENT, "replaced while it was locked", directory)
+            yield fd
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _version_at(dir_fd: int, name: str) -> Optional[str]:
+        """The version of a file in an open directory (None if absent)."""
+        try:
+            fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return None
+        with os.fdopen(fd, "rb") as f:
+            return hashlib.sha256(f.read(DOCUMENT_LIMIT + 1)).hexdigest()
+
+    @staticmethod
+    def _replace_at(dir_fd: int, name: str, data: bytes) -> None:
+        """Write a file in an open directory via a temp file and a rename (FileNotFoundError if
+        the directory was removed)."""
+        tmp = ".tmp-%s-%s" % (name[:100], binascii.hexlify(os.urandom(8)).decode())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dir_fd)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                os.fchmod(out.fileno(), 0o644)
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
 
 
 def copy_stream(src: ByteSource, dst: ByteSink, limit: Optional[int] = None,
@@ -2083,6 +2221,7 @@ class S3Client:
         self._config = config
         self._local = threading.local()
         self._skew = 0.0
+        self._bare_etags = False  # If-Match takes ETags without their quotes here (radosgw, below)
         # every live thread's, for cancel(): weak, so a thread's connections close when it ends
         self._conns = weakref.WeakSet()  # type: weakref.WeakSet[http.client.HTTPConnection]
         self._conns_lock = threading.Lock()
@@ -2356,6 +2495,79 @@ class S3Client:
                 return False
             if if_absent and e.status == 501:  # a store without conditional writes
                 return self.put(key, body, size, sha256_hex, False, extra)
+            raise
+        return True
+
+    # Conditional writes (S3 User Guide, "conditional writes" and "conditional deletes"): a
+    # version is the ETag as S3 sends it.  radosgw (Ceph 16) compares If-Match with its ETag
+    # without the quotes, and refuses the quoted form that RFC 7232 and AWS use: when a quoted
+    # If-Match fails though HEAD shows that very ETag, this client sends ETags bare from then on.
+
+    def get_versioned(self, key: str) -> Tuple[bytes, str]:
+        """A small object's bytes and ETag (NotFound if absent)."""
+        try:
+            resp, data = self.call("GET", key)
+        except S3Error as e:
+            if e.status == 404 or e.code == "NoSuchKey":
+                raise NotFound("%s: no such key" % self.describe(key))
+            raise
+        etag = resp.getheader("ETag")
+        if not etag:
+            raise S3Error("GET %s: no ETag in the answer, so it cannot be updated only if unchanged"
+                          % self.describe(key))
+        return data, etag
+
+    def put_if_match(self, key: str, data: bytes, etag: Optional[str]) -> bool:
+        """PUT small bytes only if the object still has that ETag (None: only if it is absent);
+        False if the condition failed."""
+        if etag is None:
+            return self._conditional("PUT", key, {"If-None-Match": "*"}, data)
+        if self._conditional("PUT", key, {"If-Match": self._if_match(etag)}, data):
+            return True
+        if not self._etag_form_refused(key, etag):
+            return False
+        return self._conditional("PUT", key, {"If-Match": self._if_match(etag)}, data)
+
+    def delete_if_match(self, key: str, etag: str) -> bool:
+        """DELETE an object only if it still has that ETag; False if it has another (or is gone).
+        radosgw (Ceph 16) ignores If-Match on DELETE: the HEAD before it is all the check there."""
+        head = self.head(key)
+        if head is None or head.getheader("ETag") != etag:
+            return False
+        return self._conditional("DELETE", key, {"If-Match": self._if_match(etag)}, None)
+
+    def _if_match(self, etag: str) -> str:
+        return etag.strip('"') if self._bare_etags else etag
+
+    def _etag_form_refused(self, key: str, etag: str) -> bool:
+        """After a quoted If-Match failed: does the object have that ETag all the same (so the store
+        wants it bare, and gets it so from now on)?"""
+        if self._bare_etags or etag == etag.strip('"'):
+            return False
+        head = self.head(key)
+        if head is None or head.getheader("ETag") != etag:
+            return False
+        self._bare_etags = True
+        return True
+
+    def _conditional(self, method: str, key: str, condition: Dict[str, str], data: Optional[bytes]) -> bool:
+        """A PUT (of data) or DELETE with a condition; False if it failed: 412, 409
+        ConditionalRequestConflict (a concurrent conditional write), 404 (a concurrent delete)."""
+        body = data if data is not None else b""
+        headers = {"Content-Length": str(len(body))}
+        if data is not None:
+            headers["Content-Type"] = "application/octet-stream"
+        headers.update(condition)
+        try:
+            self.call(method, key, headers=headers, body=lambda: body, payload_hash=hashlib.sha256(body).hexdigest(),
+                      ok=(200, 204))
+        except S3Error as e:
+            if e.status in (409, 412) or (e.status == 404 and e.code != "NoSuchBucket"):
+                return False
+            if e.status == 501 or e.code == "NotImplemented":
+                raise CannotSwap("%s %s: this S3 store cannot write an object only if it is unchanged (it answers "
+                                 "%s to %s), so updates of a tag by several hosts at once could be lost; nothing "
+                                 "was written" % (method, self.describe(key), e.code or "HTTP 501", ", ".join(condition)))
             raise
         return True
 
@@ -2892,6 +3104,15 @@ class S3Store(Store):
     def delete(self, key: str) -> None:
         self.client.call("DELETE", self._key(key), ok=(204, 200))
 
+    def read_versioned(self, key: str) -> Tuple[bytes, str]:
+        return self.client.get_versioned(self._key(key))
+
+    def put_if_version(self, key: str, data: bytes, version: Optional[str]) -> bool:
+        return self.client.put_if_match(self._key(key), data, version)
+
+    def delete_if_version(self, key: str, version: str) -> bool:
+        return self.client.delete_if_match(self._key(key), version)
+
     def delete_many(self, keys: Sequence[str]) -> None:
         self.client.delete_many([self._key(k) for k in keys])
 
@@ -2933,7 +3154,7 @@ class PresignedS3Store(S3Store):
     def _refuse(self, *args: Any, **kw: Any) -> None:
         raise StoreError("%s: presigned objects are read-only" % self.url)
 
-    put_bytes = put_file = delete = delete_many = touch = _refuse  # type: ignore
+    put_bytes = put_file = delete = delete_many = touch = put_if_version = delete_if_version = _refuse  # type: ignore
 
 
 def file_sha256(path: str) -> str:
@@ -3322,9 +3543,15 @@ class TagTarget(NamedTuple):
 def read_tag_target(store: Store, ref: ImageRef) -> TagTarget:
     """What a tag names (NotFound if the tag is absent)."""
     try:
-        text = store.get_bytes(tag_key(ref), limit=4096).decode("ascii", "replace").strip()
+        data = store.get_bytes(tag_key(ref), limit=4096)
     except NotFound:
         raise NotFound("%s not found in %s" % (ref, store.url))
+    return tag_target_of(store, ref, data)
+
+
+def tag_target_of(store: Store, ref: ImageRef, data: bytes) -> TagTarget:
+    """What a tag's content names (FormatError if it names nothing)."""
+    text = data.decode("ascii", "replace").strip()
     if text.startswith(MANIFEST_TAG) and _HEX64.match(text[len(MANIFEST_TAG):]):
         return TagTarget(None, text[1:])
     hexpart = text[7:] if text.startswith("sha256:") else text
@@ -4175,6 +4402,7 @@ class PushOptions(NamedTuple):
     workers: int = max(os.cpu_count() or 1, 1)
     uploads: int = 2
     command: str = "push"  # what the user ran, for messages: push, import, copy, migrate
+    platforms: str = "auto"  # what push makes of a tag (PLATFORM_MODES): "auto", "multi" or "single"
 
     def freshness(self, store: Store) -> Freshness:
         """A Freshness for one image this command stores in store."""
@@ -4406,16 +4634,22 @@ def push_image(docker: DockerClient, store: Store, text: str, progress: Progress
     image_id = info["Id"]
     image_hex = digest_hex(image_id)
     diff_ids = image_diff_ids(info)
+    platform = config_platform({"os": info.get("Os"), "architecture": info.get("Architecture"),
+                                "variant": info.get("Variant")})
     store.ensure()
-    if ref is not None:
-        check_tag_may_move(store, ref, image_hex)  # before any layer goes up
-    if _keep_stored_image(store, image_hex, options.freshness(store)):
+    if ref is not None and tag_is_immutable(store, ref):  # before any layer goes up
+        check_tag_may_move(store, ref, image_hex, index_keeping(store, ref, image_hex, platform, options.platforms))
+    freshness = options.freshness(store)
+    if _keep_stored_image(store, image_hex, freshness):
         progress.note("%s: image %s is already stored" % (str(ref or text), image_hex[:12]))
     else:
-        _push_new_image(docker, store, image_id, diff_ids, progress, options, options.freshness(store))
+        freshness = options.freshness(store)
+        _push_new_image(docker, store, image_id, diff_ids, progress, options, freshness)
     if ref is not None:
-        write_tag(store, ref, image_hex)
-        progress.note("pushed %s (%s) to %s" % (ref, image_hex[:12], store.url))
+        index = tag_platform_image(store, ref, load_stored_image(store, image_hex), platform, options.platforms,
+                                   freshness)
+        shown = "" if index is None else " as its %s image (it holds %s)" % (platform, platform_list(index_images(index)))
+        progress.note("pushed %s (%s) to %s%s" % (ref, image_hex[:12], store.url, shown))
     return image_id
 
 
@@ -6621,6 +6855,218 @@ def _pushed_image_record(store: Store, manifest: PushedManifest, config_key: Opt
     if not _keep_stored_image(store, digest_hex(image_id), freshness):
         _secure_and_write_image(store, freshness, image_id, config, layers)
     return digest_hex(image_id)
+
+
+# --- multi-platform tags that pushes from engines build ---
+#
+# A push puts its image under the tag as PLATFORM_MODES say.  Into an index it goes as its
+# platform's image: its manifest (registry_manifest: OCI, or Docker's schema 2 in a Docker manifest
+# list) is stored under manifests/sha256/, then a new index: the tag's entries in their order
+# without those of that platform (and the attestations about them), this image's last.  The tag
+# moves by compare-and-swap (swap_versioned): hosts pushing other platforms of it at the same time
+# each redo their change over the other's index, so none is lost.  An index is rewritten only when
+# a push changes it (its platform's image is another one).
+
+PLATFORM_MODES = {
+    "auto": "this image replaces the tag, unless the tag holds a multi-platform index: then it replaces its "
+            "platform's image in the index and the other platforms stay",
+    "multi": "the tag becomes (or stays) an index holding this image as its platform's, and the tag's other "
+             "platforms (a single image of another platform becomes the index's other entry)",
+    "single": "this image replaces the whole tag",
+}
+
+
+def image_descriptor(manifest: bytes, media_type: str, platform: Platform) -> Dict[str, Any]:
+    """An index's entry for an image manifest of that platform."""
+    fields = {"os": platform.os, "architecture": platform.architecture}
+    if platform.variant:
+        fields["variant"] = platform.variant
+    return {"mediaType": media_type, "digest": sha256_digest(manifest), "size": len(manifest), "platform": fields}
+
+
+def without_platform(descriptors: Sequence[Dict[str, Any]], platform: Platform) -> List[Dict[str, Any]]:
+    """An index's entries without the images of exactly that platform and the attestations about them."""
+    def exact(descriptor: Dict[str, Any]) -> bool:
+        offered = descriptor_platform(descriptor)
+        return offered is not None and platform_fits(platform, offered) == 0
+    dropped = {d["digest"] for d in descriptors if exact(d)}
+    return [d for d in descriptors if d["digest"] not in dropped and
+            (d.get("annotations") or {}).get(ATTESTED_ANNOTATION) not in dropped]
+
+
+def index_entry_image(store: Store, index: PushedManifest, platform: Platform) -> Optional[str]:
+    """The image hex of the index's entry of exactly that platform (None: it has none, or not one
+    whose image is stored)."""
+    for entry in index_images(index):
+        if platform_fits(platform, entry.platform) == 0:
+            with contextlib.suppress(NotFound, FormatError, IntegrityError):
+                return image_of_manifest(store, entry.digest)
+    return None
+
+
+def index_keeping(store: Store, ref: ImageRef, image_hex: str, platform: Platform, mode: str) -> List[str]:
+    """The tag's content, if a push of this image in this mode leaves it as it is (an index whose
+    entry of the platform is the image already): for check_tag_may_move."""
+    if mode == "single":
+        return []
+    with contextlib.suppress(NotFound, FormatError):
+        index = tag_index(store, ref)
+        if index is not None and index_entry_image(store, index, platform) == image_hex:
+            return ["@" + index.digest]
+    return []
+
+
+def tag_platform_image(store: Store, ref: ImageRef, image: StoredImage, platform: Platform, mode: str,
+                       freshness: Freshness, sleep: Callable[[float], None] = time.sleep) -> Optional[PushedManifest]:
+    """Point a tag at a pushed image as `mode` (PLATFORM_MODES) says, by compare-and-swap; return
+    the index the tag holds now (None: it names the image alone).  What the new content names is
+    secured (Freshness) before the tag; what the tag named before is recorded for gc."""
+    image_hex = digest_hex(image.image_id)
+    stored = {}  # type: Dict[str, bytes]  # manifest key -> the bytes this push stored there
+
+    def store_manifest(data: bytes) -> None:
+        key = manifest_key(sha256_digest(data))
+        if key not in stored:
+            store.put_bytes(key, data, if_absent=True)  # byte for byte, as it may be there already
+            freshness.seen(key, store.age(key))
+            stored[key] = data
+
+    def change(current: Optional[bytes]) -> Optional[bytes]:
+        old = None if current is None else tag_target_of(store, ref, current)
+        content = _platform_tag_content(store, ref, old, image, platform, mode, store_manifest)
+        old_content = None if old is None else old.image_hex or "@" + str(old.manifest)
+        if content == old_content:
+            return current
+        check_tag_may_move(store, ref, content)
+        rewrite = _index_rewriters(store, image.layers)
+        rewrite.update({key: functools.partial(store.put_bytes, key, data) for key, data in stored.items()})
+        must_exist = {key: len(data) for key, data in stored.items()}  # type: Dict[str, Optional[int]]
+        must_exist.update({image_key(image_hex, "manifest.json"): None,
+                           image_key(image_hex, "config.json"): image.config_size})
+        freshness.secure(rewrite, must_exist)
+        if old is not None:
+            record_untagged(store, old.image_hex or digest_hex(str(old.manifest)), [ref])
+        return content.encode()
+
+    if mode == "single":
+        point_tag(store, ref, TagTarget(image_hex))
+        return None
+    try:
+        swap_versioned(store, tag_key(ref), change, "tag %s" % (ref,), sleep=sleep, write_same=True)
+    except CannotSwap:  # a store without conditional writes still takes pushes of single images
+        if mode == "multi" or _current_index(store, ref) is not None:
+            raise
+        point_tag(store, ref, TagTarget(image_hex))
+    return _current_index(store, ref)
+
+
+def remove_platform(store: Store, ref: ImageRef, platform: Platform, freshness: Freshness,
+                    sleep: Callable[[float], None] = time.sleep) -> Optional[PushedManifest]:
+    """Take one platform's image (exactly that platform, and the attestations about it) from a
+    tag, by compare-and-swap; the tag goes when it was its last image.  Return the index the tag
+    holds now (None: the tag is gone).  What the tag named before is recorded for gc."""
+    made = {}  # type: Dict[str, bytes]
+
+    def change(current: Optional[bytes]) -> Optional[bytes]:
+        if current is None:
+            raise NotFound("%s not found in %s" % (ref, store.url))
+        old = tag_target_of(store, ref, current)
+        content = _content_without(store, ref, old, platform, made, freshness)
+        if content is not None:
+            freshness.secure({key: functools.partial(store.put_bytes, key, data) for key, data in made.items()},
+                             {manifest_key(content[1:]): None})
+        record_untagged(store, old.image_hex or digest_hex(str(old.manifest)), [ref])
+        return None if content is None else content.encode()
+
+    if swap_versioned(store, tag_key(ref), change, "tag %s" % (ref,), sleep=sleep) is None:
+        store.delete(tag_manifest_key(ref))
+        return None
+    return _current_index(store, ref)
+
+
+def _content_without(store: Store, ref: ImageRef, old: TagTarget, platform: Platform, made: Dict[str, bytes],
+                     freshness: Freshness) -> Optional[str]:
+    """What a tag holds without the platform's image (None: nothing, the tag goes); NoMatchingPlatform
+    if it has no image of exactly that platform.  A new index is stored (and noted in `made`)."""
+    what = "%s in %s" % (ref, store.url)
+    if old.image_hex is not None:
+        config = read_json(store, image_key(old.image_hex, "config.json"))
+        if platform_fits(platform, config_platform(config)) != 0:
+            raise NoMatchingPlatform("%s has no image for %s to remove; it is one image, for %s"
+                                     % (what, platform, config_platform(config)))
+        return None
+    index = read_pushed_manifest(store, str(old.manifest))
+    if index is None or not index.is_index:
+        raise NotAnImage("%s names %s, which is no multi-platform image" % (what, old.manifest))
+    entries = without_platform(index.doc["manifests"], platform)
+    if len(entries) == len(index.doc["manifests"]):
+        raise NoMatchingPlatform("%s has no image for %s to remove; it has %s"
+                                 % (what, platform, platform_list(index_images(index))))
+    kept = {d["digest"] for d in entries}
+    if not any(entry.digest in kept for entry in index_images(index)):
+        return None  # only attestations, or nothing, would be left
+    data = json_document(dict(index.doc, manifests=entries))
+    key = manifest_key(sha256_digest(data))
+    store.put_bytes(key, data, if_absent=True)
+    freshness.seen(key, store.age(key))
+    made[key] = data
+    return MANIFEST_TAG + digest_hex(sha256_digest(data))
+
+
+def _current_index(store: Store, ref: ImageRef) -> Optional[PushedManifest]:
+    """The image index the tag names now, if it names one."""
+    with contextlib.suppress(NotFound, FormatError):
+        return tag_index(store, ref)
+    return None
+
+
+def _platform_tag_content(store: Store, ref: ImageRef, old: Optional[TagTarget], image: StoredImage,
+                          platform: Platform, mode: str, store_manifest: Callable[[bytes], None]) -> str:
+    """What a tag holds after a push of the image (PLATFORM_MODES) over what it held (old); the
+    manifests that names are stored with store_manifest."""
+    image_hex = digest_hex(image.image_id)
+    index = None  # type: Optional[PushedManifest]
+    if old is not None and old.manifest is not None:
+        index = read_pushed_manifest(store, old.manifest)
+        if index is not None and not index.is_index:
+            index = None  # an artifact: an image push replaces it
+    if mode == "single" or (mode == "auto" and index is None):
+        return image_hex
+    if not platform.os or not platform.architecture:
+        raise FormatError("image %s names no os and architecture in its config: it cannot be one platform of "
+                          "%s (push it with --single-platform)" % (image_hex[:12], ref))
+    if index is not None and index_entry_image(store, index, platform) == image_hex:
+        return "@" + index.digest  # its platform's image already: the index stays as it is
+    child_type = DOCKER_MANIFEST if index is not None and index.media_type == DOCKER_MANIFEST_LIST else OCI_MANIFEST
+    if index is not None:
+        doc = dict(index.doc)
+        entries = without_platform(index.doc["manifests"], platform)
+    else:
+        doc = {"schemaVersion": 2, "mediaType": OCI_INDEX}
+        entries = _other_platform_of(store, old, image_hex, platform, store_manifest)
+    manifest = registry_manifest(image, child_type)
+    store_manifest(manifest)
+    doc["manifests"] = entries + [image_descriptor(manifest, child_type, platform)]
+    data = json_document(doc)
+    store_manifest(data)
+    return MANIFEST_TAG + sha256_digest(data)[7:]
+
+
+def _other_platform_of(store: Store, old: Optional[TagTarget], image_hex: str, platform: Platform,
+                       store_manifest: Callable[[bytes], None]) -> List[Dict[str, Any]]:
+    """For a tag that names one image (old) and becomes an index: that image's entry, if it is of
+    another platform than the pushed one (and in dogestry's layout: the original's have no manifest)."""
+    if old is None or old.image_hex is None or old.image_hex == image_hex:
+        return []
+    with contextlib.suppress(NotFound, FormatError):
+        other = load_stored_image(store, old.image_hex)
+        other_platform = config_platform(read_json(store, image_key(old.image_hex, "config.json")))
+        if other.legacy or not other_platform.architecture or platform_fits(platform, other_platform) == 0:
+            return []
+        manifest = registry_manifest(other, OCI_MANIFEST)
+        store_manifest(manifest)
+        return [image_descriptor(manifest, OCI_MANIFEST, other_platform)]
+    return []
 
 
 class SharedResult:
@@ -10272,7 +10718,8 @@ class Context:
         return PushOptions(compression=getattr(self.options, "compress", "gzip") or "gzip",
                            tempdir=self.options.tempdir,
                            level=getattr(self.options, "compress_level", GZIP_LEVEL) or GZIP_LEVEL,
-                           gc_min_grace=gc_min_grace(self.environ), command=self.options.command)
+                           gc_min_grace=gc_min_grace(self.environ), command=self.options.command,
+                           platforms=getattr(self.options, "platforms", "auto"))
 
 
 def cmd_push(ctx: Context) -> int:
@@ -10727,6 +11174,8 @@ def cmd_rm(ctx: Context) -> int:
     """rm STORE IMAGE:TAG|IMAGE_ID...: delete tags, or every tag of an image (gc then frees it)."""
     store = ctx.store()
     store.check()
+    if ctx.options.platform is not None:
+        return rm_platform(ctx, store, ctx.options.platform)
     doomed = []  # type: List[Tuple[ImageRef, str]]
     all_tags = None  # type: Optional[List[Tuple[ImageRef, str]]]
     for text in ctx.options.images:  # all or nothing: resolve every argument before deleting any tag
@@ -10758,6 +11207,30 @@ def cmd_rm(ctx: Context) -> int:
     for ref, image_hex in doomed:
         ctx.progress.note("deleted %s (%s)%s from %s" % (ref, image_hex[:12],
                                                          " and its protection" if ref in protected else "", store.url))
+    return 0
+
+
+def rm_platform(ctx: Context, store: Store, platform: Platform) -> int:
+    """rm --platform: take that platform's image from each tag (a tag whose last image it was goes)."""
+    refs = [parse_image_ref(text) for text in ctx.options.images]
+    for ref in refs:  # all or nothing: every tag must be there and may change before any does
+        if store.stat(tag_key(ref)) is None:
+            raise NotFound("%s not found in %s" % (ref, store.url))
+    markers = set(store.list(PROTECTED_PREFIX))
+    protected = [ref for ref in refs if protection_key(ref) in markers]
+    if protected and not ctx.options.force:
+        raise DogestryError("%s %s protected in %s: 'dogestry unprotect' first, or rm --force; nothing was changed"
+                            % (", ".join(printable(str(r)) for r in protected), "is" if len(protected) == 1 else "are",
+                               store.url))
+    for ref in refs:
+        index = remove_platform(store, ref, platform, Freshness(store, gc_min_grace(ctx.environ), command="rm"))
+        if index is None:
+            if ref in protected:
+                store.delete(protection_key(ref))
+            ctx.progress.note("deleted %s from %s: %s was its last image" % (ref, store.url, platform))
+        else:
+            ctx.progress.note("removed %s from %s in %s (it holds %s)" % (platform, ref, store.url,
+                                                                          platform_list(index_images(index))))
     return 0
 
 
@@ -10935,11 +11408,12 @@ def cmd_version(ctx: Context) -> int:
 # === 21. Command line and main() ===
 
 COMMANDS = (
-    ("push", cmd_push, "push STORE IMAGE[:TAG]...", "Store images (and their tags) in STORE."),
+    ("push", cmd_push, "push STORE IMAGE[:TAG]... [--multi-platform | --single-platform]",
+     "Store images (and their tags) in STORE."),
     ("pull", cmd_pull, "pull STORE IMAGE[:TAG]...", "Load images from STORE into the Docker host."),
     ("list", cmd_list, "list STORE", "List the repositories and tags in STORE."),
     ("inspect", cmd_inspect, "inspect STORE IMAGE", "Show what STORE holds for IMAGE, as JSON."),
-    ("rm", cmd_rm, "rm STORE IMAGE:TAG|IMAGE_ID... [--force]",
+    ("rm", cmd_rm, "rm STORE IMAGE:TAG|IMAGE_ID... [--platform OS/ARCH[/VARIANT]] [--force]",
      "Delete tags from STORE (an image ID: all its tags); protected ones only with --force."),
     ("gc", cmd_gc, "gc STORE [--grace DURATION] [--dry-run]",
      "Delete images, layers and blobs no tag reaches, once older than the grace period."),
@@ -11106,6 +11580,12 @@ def build_parser() -> argparse.ArgumentParser:
                 "import": "import only this platform of multi-platform images (default: every platform)",
                 "export": "the platform to export from multi-platform tags (default for --format docker: the"
                           " engine's; --format oci writes every platform)"}[name])
+        if name == "push":
+            modes = p.add_mutually_exclusive_group()
+            modes.add_argument("-multi-platform", "--multi-platform", dest="platforms", action="store_const",
+                               const="multi", default="auto", help=PLATFORM_MODES["multi"])
+            modes.add_argument("-single-platform", "--single-platform", dest="platforms", action="store_const",
+                               const="single", help=PLATFORM_MODES["single"] + " (default: %s)" % PLATFORM_MODES["auto"])
         if name == "rm":
             p.add_argument("-force", "--force", action="store_true",
                            help="delete protected tags too (and their protection)")
