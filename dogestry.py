@@ -8232,7 +8232,8 @@ class ArchiveReader:
             raise IntegrityError("archive member %s does not unpack to layer %s, which the image's config names"
                                  % (member, diff_id))
         else:
-            record = LayerRecord(diff_id, digest, blob.size, blob.compression, blob.tar_size if blob.tar_digest else None)
+            raw_size = blob.tar_size if blob.tar_digest else None
+            record = LayerRecord(diff_id, digest, blob.size, blob.compression, raw_size)
             if record.checked:
                 self.unnamed.add(diff_id)
         if named is not None:
@@ -8464,7 +8465,8 @@ def stored_manifest_tree(store: Store, manifest: PushedManifest,
         for digest, size in manifest.blobs:
             key = stored_blob_key(store, digest, size) if digest not in blobs else blobs[digest][2]
             if key is None:
-                raise NotFound("%s: blob %s is not stored (manifest %s names it)" % (store.url, digest, manifest.digest))
+                raise NotFound("%s: blob %s is not stored (manifest %s names it)"
+                               % (store.url, digest, manifest.digest))
             blobs[digest] = (digest, size, key)
         manifests[manifest.digest] = manifest
 
