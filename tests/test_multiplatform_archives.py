@@ -37,9 +37,9 @@ def sha(data):
 
 
 def members(path):
-    """{name: bytes} of a tar's regular files, and their names in order."""
+    """{name: bytes} of a tar's regular files, in order ('./' left off)."""
     with tarfile.open(str(path)) as tar:
-        return {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+        return {m.name[2:] if m.name.startswith("./") else m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
 
 
 def write_tar(path, files):
@@ -163,6 +163,28 @@ def test_import_platform_the_archive_lacks_is_one_error_listing_its_platforms(th
     assert one_error_line(proc) == ("dogestry: error: %s in the archive has no image for linux/s390x; it has "
                                     "linux/amd64, linux/arm/v7, linux/arm64 (choose one with --platform)" % TAG)
     assert tag_content(tmp_path / "store") is None and stored_images(tmp_path / "store") == []
+
+
+def test_a_skopeo_copy_all_into_an_oci_dir_of_a_docker_manifest_list_keeps_every_platform(three, base_env, tmp_path):
+    """`skopeo copy --all --format v2s2` into an `oci:` directory (tarred as `tar -C DIR -c .` does): a
+    Docker manifest list and Docker manifests, kept byte for byte, each platform's image with its record."""
+    layout = tmp_path / "layout"
+    subprocess.run(["skopeo", "copy", "-q", "--all", "--format", "v2s2", "oci-archive:%s" % three.path,
+                    "oci:%s:%s" % (layout, TAG)], check=True)
+    tarred = tmp_path / "layout.tar"
+    with tarfile.open(str(tarred), "w") as tar:
+        tar.add(str(layout), arcname=".")
+    copied = Archive(tarred)
+    store = tmp_path / "store"
+
+    proc = import_ok(base_env, store, tarred)
+
+    assert proc.stdout.splitlines() == ["Imported image: " + TAG]
+    assert tag_content(store) == "@" + copied.index_digest
+    index = (store / "manifests" / "sha256" / copied.index_digest[7:]).read_bytes()
+    assert index == copied.index and b"application/vnd.docker.distribution.manifest.list.v2+json" in index
+    assert stored_images(store) == sorted(copied.configs.values())
+    assert set(copied.configs) == set(PLATFORMS)
 
 
 class Layout:
