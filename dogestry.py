@@ -7929,13 +7929,14 @@ def _oci_item(contents: SaveContents, descriptor: Dict[str, Any], found: Dict[st
     if not manifest.is_index:
         return _oci_image(contents, descriptor, found)
     entries = index_images(manifest)
-    nested = [d for d in manifest.doc["manifests"] if d["mediaType"] in INDEX_TYPES]
     if platform is not None:
         what = "%s in the archive" % (tag,) if tag else "the archive's image %s" % manifest.digest
         entry = choose_platform(entries, platform, what)
         return _oci_image(contents, {"digest": entry.digest, "size": entry.size}, found)
-    if len(entries) == 1 and not nested:
-        return _oci_image(contents, {"digest": entries[0].digest, "size": entries[0].size}, found)
+    others = [d for d in manifest.doc["manifests"] if ATTESTATION_ANNOTATION not in (d.get("annotations") or {})
+              and (descriptor_platform(d) or Platform("", "")).os != "unknown"]
+    if len(others) == 1 and others[0]["mediaType"] not in INDEX_TYPES:  # one image (and its attestations)
+        return _oci_image(contents, others[0], found)
     manifests = collections.OrderedDict()  # type: collections.OrderedDict  # digest -> PushedManifest
     images = collections.OrderedDict()  # type: collections.OrderedDict  # digest -> ArchivedImage
     _keep_index(contents, manifest, manifests, images, found, ARCHIVE_INDEX_DEPTH)
