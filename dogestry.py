@@ -72,7 +72,7 @@ import zlib
 from xml.etree import ElementTree
 from xml.sax.saxutils import escape as xml_escape
 from typing import (IO, Any, BinaryIO, Callable, Dict, FrozenSet, Iterable, Iterator, List,
-                    Mapping, NamedTuple, Optional, Protocol, Sequence, Set, Tuple)
+                    Mapping, NamedTuple, Optional, Protocol, Sequence, Set, Tuple, Union)
 
 __version__ = "0.1.0"
 
@@ -4537,14 +4537,20 @@ class LayerPipeline:
         record = LayerRecord(diff_id, spool.digest, spool.size, spool.compression, raw_size, spool.members)
         self._futures.append(self._upload_pool.submit(self._upload, record, spool.path))
 
-    def _upload(self, record: LayerRecord, path: str) -> None:
+    def upload_blob(self, spool: Spool) -> None:
+        """Store a spooled blob as it is, without an index entry, in the background (finish()
+        lists it under its digest)."""
+        record = LayerRecord(spool.digest, spool.digest, spool.size, spool.compression)
+        self._futures.append(self._upload_pool.submit(self._upload, record, spool.path, False))
+
+    def _upload(self, record: LayerRecord, path: str, layer: bool = True) -> None:
         task = self.progress.task(record.diff_id[7:19], "uploading", record.size)
         try:
             key = blob_key(record.digest)
             if not self.store.put_file(key, path, record.size, record.digest, task.advance, if_absent=True,
                                        consume=True):
                 self._keep_stored_blob(key, path, record, task)
-            if self.write_index:
+            if self.write_index and layer:
                 name_layer(self.store, record, self.freshness)
             else:  # unnamed until the caller names it: kept young (or found gone) like an index entry
                 self.freshness.written(key)
@@ -8363,7 +8369,6 @@ class BlobUploads:
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
 IMAGE_NAME_ANNOTATION = "io.containerd.image.name"
 OCI_LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
-MACHINE_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le", "s390x": "s390x"}
 
 
 class Unpacking:
@@ -8505,6 +8510,8 @@ def archive_blob(contents: SaveContents, descriptor: Dict[str, Any], what: str) 
     the descriptor's digest and size."""
     digest = descriptor["digest"]
     name = contents.resolve("blobs/sha256/" + digest_hex(digest))
+    if name not in contents.small and name not in contents.spooled:
+        raise FormatError("the archive lacks %s %s" % (what, digest))
     size = len(contents.read_small(name))
     if contents.digests.get(name) != digest or descriptor.get("size", size) != size:
         raise IntegrityError("the archive's %s %s does not match its digest" % (what, digest))
@@ -8536,64 +8543,163 @@ def docker_archive_images(contents: SaveContents) -> List[ArchivedImage]:
     return images
 
 
-def _platform_manifest(index: Dict[str, Any]) -> Dict[str, Any]:
-    """The descriptor of a nested index (OCI_INDEX_SHAPE) that fits this machine (or its only image)."""
-    platforms = [(d, d.get("platform") or {}) for d in index["manifests"]]
-    images = [(d, p) for d, p in platforms if p.get("os") != "unknown"]  # buildx's attestations
-    if len(images) == 1:
-        return images[0][0]
-    arch = MACHINE_ARCH.get(os.uname().machine, os.uname().machine)
-    fits = [d for d, p in images if p.get("os") == "linux" and p.get("architecture") == arch]
-    if not fits:
-        raise FormatError("the archive holds a multi-platform image without a linux/%s one" % arch)
-    return fits[0]
+class ArchivedIndex(NamedTuple):
+    """A multi-platform image an archive holds: its index and every manifest the index reaches,
+    each to be kept byte for byte, the images among them, and its tags."""
+
+    root: PushedManifest              # the index
+    manifests: List[PushedManifest]   # every manifest the index reaches, each once, children before their index
+    images: Dict[str, ArchivedImage]  # manifest digest -> its image (those with a platform: no attestations)
+    tags: List[ImageRef]
+
+    @property
+    def image_id(self) -> str:
+        """What names it among an archive's images: its index's digest."""
+        return self.root.digest
+
+    def blobs(self) -> List[Tuple[str, int, Optional[str]]]:
+        """(digest, size, its diffID if it is a layer of an image) of every blob its manifests
+        name, but their images' configs (image records keep those)."""
+        blobs = []  # type: List[Tuple[str, int, Optional[str]]]
+        for manifest in self.manifests:
+            image = self.images.get(manifest.digest)
+            named = manifest.blobs[1:] if image is not None else manifest.blobs
+            diff_ids = image.diff_ids if image is not None else [None] * len(named)  # type: Sequence[Optional[str]]
+            blobs.extend((digest, size, diff_id) for (digest, size), diff_id in zip(named, diff_ids))
+        return blobs
 
 
-def oci_archive_images(contents: SaveContents) -> List[ArchivedImage]:
-    """The images of an OCI image layout archive, from its index.json."""
+Archived = Union[ArchivedImage, ArchivedIndex]
+
+
+def archived_manifest(contents: SaveContents, descriptor: Dict[str, Any]) -> PushedManifest:
+    """A manifest or index an archive holds, as a descriptor names it (digest and size checked),
+    read as the store reads the manifests it keeps (section 16)."""
+    name, what = archive_blob(contents, descriptor, "manifest"), "a manifest in the archive"
+    doc = contents.document(name, {}, what)
+    media_type = doc["mediaType"] if isinstance(doc.get("mediaType"), str) else \
+        OCI_INDEX if "manifests" in doc else OCI_MANIFEST
+    try:
+        return parse_pushed_manifest(contents.read_small(name), media_type, what, doc)
+    except RegistryError as e:
+        raise FormatError(str(e))
+
+
+def oci_archive_images(contents: SaveContents, platform: Optional[Platform] = None) -> List[Archived]:
+    """The images of an OCI image layout archive, from its index.json (of a multi-platform image:
+    all of it, or with platform, its image for that platform)."""
     index = contents.document("index.json", OCI_INDEX_SHAPE, "the archive's index.json")
     found = {}  # type: Dict[str, ArchivedImage]
-    images = []
+    items = {}  # type: Dict[str, Archived]
+    images = []  # type: List[Archived]
     for descriptor in index["manifests"]:
         annotations = descriptor.get("annotations") or {}
         tag = archive_tag(annotations.get(IMAGE_NAME_ANNOTATION)) or archive_tag(annotations.get(REF_NAME_ANNOTATION))
-        images.append(_oci_image(contents, descriptor, found)._replace(tags=[tag] if tag else []))
+        archive_blob(contents, descriptor, "manifest")
+        if descriptor["digest"] not in items:
+            items[descriptor["digest"]] = _oci_item(contents, descriptor, found, platform, tag)
+        images.append(items[descriptor["digest"]]._replace(tags=[tag] if tag else []))
     return images
 
 
-def _oci_image(contents: SaveContents, descriptor: Dict[str, Any], found: Dict[str, ArchivedImage],
-               depth: int = 4) -> ArchivedImage:
-    """The image a descriptor names: a manifest's, or that of the manifest for this machine an
-    index names (a multi-platform image), at most `depth` documents down.  found: digest -> its
-    image, so a document many descriptors name is read once."""
+def _oci_item(contents: SaveContents, descriptor: Dict[str, Any], found: Dict[str, ArchivedImage],
+              platform: Optional[Platform], tag: Optional[ImageRef]) -> Archived:
+    """What a descriptor of index.json names: an image, or a multi-platform image (an index
+    with more than one image) whole, or its image for the platform asked for.  An index with
+    one image (buildx's output for one platform, with its attestations) is that image."""
+    manifest = archived_manifest(contents, descriptor)
+    if not manifest.is_index:
+        return _oci_image(contents, descriptor, found)
+    entries = index_images(manifest)
+    if platform is not None:
+        what = "%s in the archive" % (tag,) if tag else "the archive's image %s" % manifest.digest
+        entry = choose_platform(entries, platform, what)
+        return _oci_image(contents, {"digest": entry.digest, "size": entry.size}, found)
+    others = [d for d in manifest.doc["manifests"] if ATTESTATION_ANNOTATION not in (d.get("annotations") or {})
+              and (descriptor_platform(d) or Platform("", "")).os != "unknown"]
+    if len(others) == 1 and others[0]["mediaType"] not in INDEX_TYPES:  # one image (and its attestations)
+        return _oci_image(contents, others[0], found)
+    manifests = collections.OrderedDict()  # type: collections.OrderedDict  # digest -> PushedManifest
+    images = collections.OrderedDict()  # type: collections.OrderedDict  # digest -> ArchivedImage
+    _keep_index(contents, manifest, manifests, images, found, ARCHIVE_INDEX_DEPTH)
+    return ArchivedIndex(manifest, list(manifests.values()), images, [])
+
+
+ARCHIVE_INDEX_DEPTH = 3  # an index and at most two indexes nested in it (four documents down with a manifest)
+
+
+def _keep_index(contents: SaveContents, index: PushedManifest, manifests: Dict[str, PushedManifest],
+                images: Dict[str, ArchivedImage], found: Dict[str, ArchivedImage], depth: int) -> None:
+    """Every manifest an index reaches (at most `depth` indexes deep) into manifests, children
+    before the index naming them; the image of each of its images into images."""
+    wanted = {e.digest for e in index_images(index)}
+    for descriptor in index.doc["manifests"]:
+        if descriptor["digest"] in manifests:
+            continue
+        child = archived_manifest(contents, descriptor)
+        if child.is_index:
+            if depth <= 1:
+                raise FormatError("the archive's index.json nests indexes too deep")
+            _keep_index(contents, child, manifests, images, found, depth - 1)
+        elif child.digest in wanted:
+            images[child.digest] = _oci_image(contents, descriptor, found)
+        manifests[child.digest] = child
+    manifests[index.digest] = index
+
+
+def _oci_image(contents: SaveContents, descriptor: Dict[str, Any], found: Dict[str, ArchivedImage]) -> ArchivedImage:
+    """The image an image manifest's descriptor names.  found: digest -> its image, so a
+    manifest many descriptors name is read once."""
     name = archive_blob(contents, descriptor, "manifest")
     if descriptor["digest"] in found:
         return found[descriptor["digest"]]
-    doc = contents.document(name, {}, "a manifest in the archive")
-    if doc.get("mediaType") in (OCI_INDEX, DOCKER_MANIFEST_LIST) or "manifests" in doc:
-        if depth <= 1:
-            raise FormatError("the archive's index.json nests indexes too deep")
-        nested = contents.document(name, OCI_INDEX_SHAPE, "an index in the archive")
-        image = _oci_image(contents, _platform_manifest(nested), found, depth - 1)
-    else:
-        manifest = contents.document(name, OCI_MANIFEST_SHAPE, "a manifest in the archive")
-        config, diff_ids, image_id = archived_config(contents, archive_blob(contents, manifest["config"], "config"))
-        layers = manifest.get("layers") or []
-        if len(layers) != len(diff_ids):
-            raise FormatError("a manifest in the archive lists %d layers but its config %d"
-                              % (len(layers), len(diff_ids)))
-        members = ["blobs/sha256/" + digest_hex(d["digest"]) for d in layers]
-        image = ArchivedImage(config, members, diff_ids, [], image_id)
+    manifest = contents.document(name, OCI_MANIFEST_SHAPE, "a manifest in the archive")
+    config, diff_ids, image_id = archived_config(contents, archive_blob(contents, manifest["config"], "config"))
+    layers = manifest.get("layers") or []
+    if len(layers) != len(diff_ids):
+        raise FormatError("a manifest in the archive lists %d layers but its config %d"
+                          % (len(layers), len(diff_ids)))
+    members = ["blobs/sha256/" + digest_hex(d["digest"]) for d in layers]
+    image = ArchivedImage(config, members, diff_ids, [], image_id)
     found[descriptor["digest"]] = image
     return image
 
 
-def archive_images(contents: SaveContents) -> List[ArchivedImage]:
-    """Every image an archive holds (one entry per image ID, with all its tags)."""
-    if contents.resolve("manifest.json") in contents.small:
-        images = docker_archive_images(contents)
+def _whole_indexes(contents: SaveContents, platform: Optional[Platform]) -> bool:
+    """Is a `docker save` archive read by its index.json: does that name a multi-platform image
+    (an index) that the archive holds whole (or one for --platform)?  docker 25+ with the
+    containerd image store saves an image's index, and only the platforms it has pulled: such
+    an archive is read by its manifest.json, as before."""
+    try:
+        index = contents.document("index.json", OCI_INDEX_SHAPE, "the archive's index.json")
+    except FormatError:
+        return False
+    indexes = [d for d in index["manifests"] if d.get("mediaType") in INDEX_TYPES]
+    return bool(indexes) and (platform is not None or
+                              all(_held_whole(contents, d["digest"], ARCHIVE_INDEX_DEPTH) for d in indexes))
+
+
+def _held_whole(contents: SaveContents, digest: str, depth: int) -> bool:
+    """Does the archive hold a manifest, and every manifest it reaches?"""
+    name = "blobs/sha256/" + digest_hex(digest)
+    if name not in contents.small:
+        return False
+    what = "a manifest in the archive"
+    try:
+        doc = contents.document(name, {}, what)
+        children = contents.document(name, OCI_INDEX_SHAPE, what)["manifests"] if "manifests" in doc else []
+    except FormatError:
+        return True  # held: what is wrong with it is said when it is read
+    return depth <= 1 or all(_held_whole(contents, d["digest"], depth - 1) for d in children)
+
+
+def archive_images(contents: SaveContents, platform: Optional[Platform] = None) -> List[Archived]:
+    """Every image an archive holds (one entry per image ID, with all its tags); a multi-platform
+    image whole, or with platform, its image for that platform."""
+    if contents.resolve("manifest.json") in contents.small and not _whole_indexes(contents, platform):
+        images = docker_archive_images(contents)  # type: Sequence[Archived]
     elif "index.json" in contents.small:
-        images = oci_archive_images(contents)
+        images = oci_archive_images(contents, platform)
     else:
         raise FormatError("not an image archive: it has no manifest.json (docker save, podman save) "
                           "and no index.json (an OCI image layout)")
@@ -8604,7 +8710,7 @@ def archive_images(contents: SaveContents) -> List[ArchivedImage]:
     return [image._replace(tags=list(tags)) for image, tags in merged.values()]
 
 
-def choose_archived(images: List[ArchivedImage], names: Sequence[str]) -> List[ArchivedImage]:
+def choose_archived(images: List[Archived], names: Sequence[str]) -> List[Archived]:
     """The images to import, with the tags to give them: NAME:TAG arguments tag a one-image
     archive, or pick images of a larger one by their tags."""
     refs = [parse_image_ref(n) for n in names]
@@ -8627,9 +8733,10 @@ class ArchiveReader:
     """Streams an archive's members into a LayerPipeline.  A member named by a digest (OCI
     blobs, podman's <diffID>.tar) may be anything (another platform's layer, an attestation):
     unless the store has it (then it is skipped unread), it is spooled and held back until the
-    archive's manifests say it is a layer of an image being imported (layer()).  A v1 save's
-    <id>/layer.tar is a layer by its name, and goes up at once.  Nothing names a blob until
-    the whole archive has been read and checked."""
+    archive's manifests say it is a layer of an image being imported (layer()), or a blob a
+    manifest kept byte for byte names (exact_blob()).  A v1 save's <id>/layer.tar is a layer
+    by its name, and goes up at once.  Nothing names a blob until the whole archive has been
+    read and checked."""
 
     def __init__(self, store: Store, pipeline: LayerPipeline, freshness: Freshness):
         self.store, self.pipeline, self.freshness = store, pipeline, freshness
@@ -8638,6 +8745,7 @@ class ArchiveReader:
         self.held = {}        # type: Dict[str, Spool]        # member -> its spool, until it is known to be a layer
         self.uploaded = {}    # type: Dict[str, str]          # member -> key of its upload in the pipeline
         self.unnamed = set()  # type: Set[str]                # diffIDs whose index entry is still to write
+        self.exact = {}       # type: Dict[str, Optional[ExactBlob]]  # member -> a blob stored as it is (None: it was)
 
     def spool(self, entry: TarEntry, reader: MemberReader) -> Optional[Spool]:
         """read_save_stream's spool(): what to do with a large member (or a .tar one)."""
@@ -8668,7 +8776,7 @@ class ArchiveReader:
     def layer(self, member: str, small: Optional[bytes], diff_id: str) -> None:
         """A member the archive's manifests name as a layer of an image being imported (its
         bytes, if it was small enough to be kept in memory): stored unless it is already."""
-        if member in self.known or member in self.stored or member in self.uploaded:
+        if member in self.known or member in self.stored or member in self.uploaded or member in self.exact:
             return  # a layer of two images, or one the store has
         if member in self.held:
             self.take(member, self.held.pop(member), diff_id)
@@ -8718,7 +8826,9 @@ class ArchiveReader:
     def layer_record(self, contents: SaveContents, member: str, diff_id: str,
                      uploads: Mapping[str, LayerRecord]) -> LayerRecord:
         """The record of an image's layer once every upload finished, checked against its diffID."""
-        if member in self.known:
+        if member in self.exact:
+            record = self.exact_layer(member, diff_id)
+        elif member in self.known:
             record = self.known[member]
         elif member in self.uploaded:
             record = uploads[self.uploaded[member]]
@@ -8733,6 +8843,84 @@ class ArchiveReader:
         if record.diff_id != diff_id:
             raise IntegrityError("archive member %s does not unpack to layer %s, which the image's config names"
                                  % (member, diff_id))
+        return record
+
+    def exact_blob(self, contents: SaveContents, digest: str, size: int) -> None:
+        """A blob a manifest kept byte for byte names: the store is to hold it as the archive
+        has it, under its own digest.  Left as it is if the store has it; else uploaded (a raw
+        one compressed here as it was read, or one the store holds only compressed as a layer
+        of that diffID, is unpacked again to the archive's bytes)."""
+        member = "blobs/sha256/" + digest_hex(digest)
+        name = contents.resolve(member)
+        spooled = contents.spooled.get(name)
+        held = len(contents.small[name]) if name in contents.small else spooled.raw_size if spooled else None
+        if held is None:
+            raise FormatError("the archive lacks blob %s, which a manifest in it names" % digest)
+        if contents.digests[name] != digest or held != size:
+            raise IntegrityError("the archive's blob %s does not match its digest and size" % digest)
+        if member in self.exact:
+            return
+        key = blob_key(digest)
+        if member in self.held:
+            spool = self.held.pop(member)
+            if spool.digest != digest:
+                with open(spool.path, "rb") as packed:
+                    raw = self._unpacked(packed, digest, size)
+                os.unlink(spool.path)
+                spool = raw
+            self.pipeline.upload_blob(spool)
+            self.exact[member] = ExactBlob(size, spool.compression, spool.tar_digest, spool.tar_size)
+        elif self.store.stat(key) == size:
+            self.freshness.seen(key, self.store.age(key))
+            self.exact[member] = None
+        elif name in contents.small:
+            data = contents.small[name]
+            self.exact[member] = exact_small_blob(data)
+            self.store.put_bytes(key, data)
+            self.freshness.written(key)
+        elif member in self.known:  # a raw layer the store holds compressed (as a push stores it)
+            with contextlib.closing(self.store.open(blob_key(self.known[member].digest))) as packed:
+                spool = self._unpacked(packed, digest, size)
+            self.pipeline.upload_blob(spool)
+            self.exact[member] = ExactBlob(size, "none", digest, size)
+        else:  # the store had it when the archive was read
+            raise self.freshness.deleted(key)
+
+    def _unpacked(self, packed: IO[bytes], digest: str, size: int) -> Spool:
+        """A raw blob of the archive made again from a gzip copy of it, checked against its digest."""
+        path = os.path.join(self.pipeline.work_dir, "raw-" + digest_hex(digest))
+        sha, written, unpacking = hashlib.sha256(), 0, Unpacking(packed, "gzip")
+        with OutputFile(path, self.store.keeps_files) as out:
+            for data in iter(lambda: unpacking.read(CHUNK), b""):
+                sha.update(data)
+                written += len(data)
+                if written > size:
+                    break
+                out.write(data)
+        if written != size or "sha256:" + sha.hexdigest() != digest:
+            os.unlink(path)
+            raise IntegrityError("the compressed copy of blob %s does not unpack to it" % digest)
+        return Spool(path, digest, size, digest, size, "none")
+
+    def exact_layer(self, member: str, diff_id: str) -> LayerRecord:
+        """The record of a layer stored as the archive has it (exact_blob), checked against its diffID."""
+        digest = "sha256:" + member[-64:]
+        named = reused_layer(self.store, diff_id, self.freshness)
+        if named is not None and named.digest == digest:
+            return named
+        blob = self.exact[member]
+        if blob is None:
+            record = self._stored_blob(digest, diff_id)
+        elif blob.tar_digest not in (None, diff_id):
+            raise IntegrityError("archive member %s does not unpack to layer %s, which the image's config names"
+                                 % (member, diff_id))
+        else:
+            raw_size = blob.tar_size if blob.tar_digest else None
+            record = LayerRecord(diff_id, digest, blob.size, blob.compression, raw_size)
+            if record.checked:
+                self.unnamed.add(diff_id)
+        if named is not None:
+            self.unnamed.discard(diff_id)  # the layer index names another blob of it: left as it is
         return record
 
     def _stored_blob(self, digest: str, diff_id: str) -> LayerRecord:
@@ -8763,6 +8951,29 @@ class ArchiveReader:
         return record
 
 
+class ExactBlob(NamedTuple):
+    """A blob an import stored as the archive has it: its size, compression, and the digest and
+    size of the tar it unpacks to (None: not known, zstd)."""
+
+    size: int
+    compression: str
+    tar_digest: Optional[str]
+    tar_size: Optional[int]
+
+
+def exact_small_blob(data: bytes) -> ExactBlob:
+    """What exact_blob() learns of a blob small enough to have been kept in memory."""
+    compression = detect_compression(data[:4])
+    if compression == "zstd":
+        return ExactBlob(len(data), compression, None, None)
+    hasher = DiffIdHasher()
+    try:
+        hasher.update(data)
+        return ExactBlob(len(data), compression, hasher.digest(), hasher.size)
+    except zlib.error:  # not a layer (or a broken one: its image's check says so)
+        return ExactBlob(len(data), compression, "", None)
+
+
 def small_layer_checks_out(data: bytes, diff_id: str) -> bool:
     """Does a layer held in memory unpack to diff_id, or is it one that cannot be checked (zstd)?"""
     if detect_compression(data[:4]) == "zstd":
@@ -8776,9 +8987,10 @@ def small_layer_checks_out(data: bytes, diff_id: str) -> bool:
 
 
 def import_archive(store: Store, stream: IO[bytes], names: Sequence[str], progress: ProgressSink,
-                   options: PushOptions) -> List[ArchivedImage]:
-    """Store the images of an archive (all, or those NAME:TAG arguments pick) as push would;
-    return them, with the tags written."""
+                   options: PushOptions, platform: Optional[Platform] = None) -> List[Archived]:
+    """Store the images of an archive (all, or those NAME:TAG arguments pick) as push would, a
+    multi-platform image whole (or with platform, its image for that platform); return them,
+    with the tags written."""
     store.ensure()
     freshness = options.freshness(store)
     with work_directory(options.tempdir or store.spool_dir()) as work:
@@ -8786,10 +8998,16 @@ def import_archive(store: Store, stream: IO[bytes], names: Sequence[str], progre
         reader = ArchiveReader(store, pipeline, freshness)
         try:
             contents = read_save_stream(archive_tar(stream), reader.spool, pipeline.abort, what="archive")
-            images = choose_archived(archive_images(contents), names)
-            for image in images:  # every tag checked before any image record or tag is written
-                for ref in image.tags:
-                    check_tag_may_move(store, ref, digest_hex(image.image_id))
+            chosen = choose_archived(archive_images(contents, platform), names)
+            for item in chosen:  # every tag checked before any blob, image record or tag is written
+                target = digest_hex(item.image_id) if isinstance(item, ArchivedImage) else "@" + item.image_id
+                for ref in item.tags:
+                    check_tag_may_move(store, ref, target)
+            indexes = [i for i in chosen if isinstance(i, ArchivedIndex)]
+            for index in indexes:  # first: their manifests name their blobs as the archive has them
+                for digest, size, _ in index.blobs():
+                    reader.exact_blob(contents, digest, size)
+            images = [i for i in chosen if isinstance(i, ArchivedImage)]
             for image in images:
                 for member, diff_id in zip(image.members, image.diff_ids):
                     reader.layer(member, contents.small.get(member), diff_id)
@@ -8802,18 +9020,44 @@ def import_archive(store: Store, stream: IO[bytes], names: Sequence[str], progre
             raise
         finally:
             pipeline.close()
-    layers = [[reader.layer_record(contents, m, d, uploads) for m, d in zip(i.members, i.diff_ids)] for i in images]
+    every = list(collections.OrderedDict((i.image_id, i) for i in images + [
+        image for index in indexes for image in index.images.values()]).values())
+    layers = [[reader.layer_record(contents, m, d, uploads) for m, d in zip(i.members, i.diff_ids)] for i in every]
     for record in {r.diff_id: r for rs in layers for r in rs if r.checked and r.diff_id in reader.unnamed}.values():
         name_layer(store, record, freshness)  # every check passed: name it
-    for image, records in zip(images, layers):
+    for image, records in zip(every, layers):
         image_hex = digest_hex(image.image_id)
         if _keep_stored_image(store, image_hex, options.freshness(store)):
             progress.note("image %s is already stored" % image_hex[:12])
         else:
             _secure_and_write_image(store, freshness, image.image_id, image.config, records)
+    for image in images:
         for ref in image.tags:
-            write_tag(store, ref, image_hex)
-    return images
+            write_tag(store, ref, digest_hex(image.image_id))
+    for index in indexes:
+        _keep_archived_index(store, freshness, index)
+        progress.note("multi-platform image %s: %s" % (index.image_id[7:19], platform_list(index_images(index.root))))
+    return chosen
+
+
+def _keep_archived_index(store: Store, freshness: Freshness, index: ArchivedIndex) -> None:
+    """Store every manifest of a multi-platform image byte for byte (its images' records are
+    written), its index last; its tags once every manifest and every blob they name is there
+    and stays so (Freshness.secure)."""
+    must_exist = {}  # type: Dict[str, Optional[int]]
+    for manifest in index.manifests:
+        image = index.images.get(manifest.digest)
+        blobs = manifest.blobs
+        if image is not None:
+            must_exist[image_key(digest_hex(image.image_id), "config.json")] = len(image.config)
+            blobs = blobs[1:]
+        must_exist.update((blob_key(digest), size) for digest, size in blobs)
+        store.put_bytes(manifest_key(manifest.digest), manifest.data)  # again if there: a young copy
+        freshness.written(manifest_key(manifest.digest))
+        must_exist[manifest_key(manifest.digest)] = len(manifest.data)
+    freshness.secure({}, must_exist)
+    for ref in index.tags:
+        point_tag(store, ref, TagTarget(None, index.image_id))
 
 
 class ExportItem(NamedTuple):
@@ -8823,16 +9067,94 @@ class ExportItem(NamedTuple):
     tags: List[ImageRef]
 
 
-def export_items(store: Store, texts: Sequence[str], progress: ProgressSink) -> List[ExportItem]:
-    """Resolve every IMAGE argument (all before any byte is written); one item per image."""
+class ExportedManifest(NamedTuple):
+    """A manifest kept byte for byte, exported as it is (--format oci): a multi-platform image's
+    index (or with --platform, the manifest of its image for that platform), every manifest it
+    reaches and every blob they name, and the tags to give it in the archive."""
+
+    store: Store
+    manifest: PushedManifest
+    manifests: List[PushedManifest]    # every manifest it reaches, each once, children first, it last
+    blobs: List[Tuple[str, int, str]]  # (digest, size, where the store holds it) of every blob they name, each once
+    tags: List[ImageRef]
+
+
+OciExport = Union[ExportItem, ExportedManifest]
+
+
+def export_items(store: Store, texts: Sequence[str], progress: ProgressSink,
+                 platform: Optional[PlatformSource] = None) -> List[ExportItem]:
+    """Resolve every IMAGE argument (all before any byte is written); one item per image (of a
+    multi-platform tag: the image for the platform)."""
     items = collections.OrderedDict()  # type: collections.OrderedDict
     for text in texts:
-        found = find_image(store, text, progress)
+        found = find_image(store, text, progress, platform)
         key = (found.store.url, found.image_hex)
         item = items.setdefault(key, ExportItem(found, []))
         if found.ref is not None and found.ref not in item.tags:
             item.tags.append(found.ref)
     return list(items.values())
+
+
+def oci_export_items(store: Store, texts: Sequence[str], progress: ProgressSink,
+                     platform: Optional[Platform]) -> List[OciExport]:
+    """export_items() for --format oci: a multi-platform tag is exported as stored, its index
+    whole (with platform: the manifest of its image for that platform)."""
+    items = collections.OrderedDict()  # type: collections.OrderedDict  # image hex or manifest digest -> item
+    for text in texts:
+        ref = None  # type: Optional[ImageRef]
+        with contextlib.suppress(UsageError):
+            ref = parse_image_ref(text)
+        index = tag_index(store, ref) if ref is not None and store.stat(tag_key(ref)) is not None else None
+        if ref is None or index is None:
+            found = find_image(store, text, progress)
+            item = items.setdefault((found.store.url, found.image_hex), ExportItem(found, []))
+            ref = found.ref
+        else:
+            manifest = index
+            if platform is not None:
+                entry = choose_platform(index_images(index), platform, "%s in %s" % (ref, store.url))
+                manifest = stored_manifest(store, entry.digest, "%s names it" % (ref,))
+            if manifest.digest not in items:
+                manifests, blobs = stored_manifest_tree(store, manifest)
+                items[manifest.digest] = ExportedManifest(store, manifest, manifests, blobs, [])
+            item = items[manifest.digest]
+        if ref is not None and ref not in item.tags:
+            item.tags.append(ref)
+    return list(items.values())
+
+
+def stored_manifest(store: Store, digest: str, why: str) -> PushedManifest:
+    """A manifest the store keeps (NotFound naming why it is wanted, if it is gone)."""
+    manifest = read_pushed_manifest(store, digest)
+    if manifest is None:
+        raise NotFound("%s: manifest %s is not stored (%s)" % (store.url, digest, why))
+    return manifest
+
+
+def stored_manifest_tree(store: Store, manifest: PushedManifest,
+                         depth: int = ARCHIVE_INDEX_DEPTH) -> Tuple[List[PushedManifest], List[Tuple[str, int, str]]]:
+    """Every manifest a stored manifest reaches (at most `depth` indexes deep; children first,
+    it last) and (digest, size, key) of every blob they name, where the store holds it."""
+    manifests = collections.OrderedDict()  # type: collections.OrderedDict  # digest -> PushedManifest
+    blobs = collections.OrderedDict()  # type: collections.OrderedDict  # digest -> (digest, size, key)
+
+    def walk(manifest: PushedManifest, depth: int) -> None:
+        if depth < 1:
+            raise FormatError("%s: index %s nests indexes too deep" % (store.url, manifest.digest))
+        for digest in manifest.children:
+            if digest not in manifests:
+                walk(stored_manifest(store, digest, "index %s names it" % manifest.digest), depth - 1)
+        for digest, size in manifest.blobs:
+            key = stored_blob_key(store, digest, size) if digest not in blobs else blobs[digest][2]
+            if key is None:
+                raise NotFound("%s: blob %s is not stored (manifest %s names it)"
+                               % (store.url, digest, manifest.digest))
+            blobs[digest] = (digest, size, key)
+        manifests[manifest.digest] = manifest
+
+    walk(manifest, depth)
+    return list(manifests.values()), list(blobs.values())
 
 
 def docker_archive_stream(items: Sequence[ExportItem], progress: ProgressSink) -> Iterator[bytes]:
@@ -8859,9 +9181,10 @@ def docker_archive_stream(items: Sequence[ExportItem], progress: ProgressSink) -
     yield TAR_END
 
 
-def oci_archive_stream(items: Sequence[ExportItem], progress: ProgressSink) -> Iterator[bytes]:
+def oci_archive_stream(items: Sequence[OciExport], progress: ProgressSink) -> Iterator[bytes]:
     """An OCI image layout archive of the items (what skopeo, podman and ctr import read): the
-    blobs as stored, each once, the manifests the registry API serves, index.json last."""
+    blobs as stored, each once; an image's manifest as the registry API serves it, a manifest
+    kept byte for byte (a multi-platform image's index and all it reaches) as it is; index.json last."""
     yield tar_bytes_member("oci-layout", OCI_LAYOUT)
     descriptors, sent = [], set()  # type: List[Dict[str, Any]], Set[str]
 
@@ -8873,13 +9196,18 @@ def oci_archive_stream(items: Sequence[ExportItem], progress: ProgressSink) -> I
         return tar_bytes_member(name, data)
 
     for item in items:
-        store, image = item.found.store, item.found.image
-        yield blob(image.image_id, verified_config(store, image))
-        yield from stored_layer_members(store, image, lambda index: True, sent, progress, False, [],
-                                        ("exporting", "exported"), lambda r: "blobs/sha256/" + digest_hex(r.digest))
-        manifest = registry_manifest(image, OCI_MANIFEST)
-        yield blob(sha256_digest(manifest), manifest)
-        descriptor = {"mediaType": OCI_MANIFEST, "digest": sha256_digest(manifest), "size": len(manifest)}
+        if isinstance(item, ExportedManifest):
+            yield from exported_manifest_members(item, sent, progress)
+            descriptor = {"mediaType": item.manifest.media_type, "digest": item.manifest.digest,
+                          "size": len(item.manifest.data)}  # type: Dict[str, Any]
+        else:
+            store, image = item.found.store, item.found.image
+            yield blob(image.image_id, verified_config(store, image))
+            yield from stored_layer_members(store, image, lambda index: True, sent, progress, False, [],
+                                            ("exporting", "exported"), lambda r: "blobs/sha256/" + digest_hex(r.digest))
+            manifest = registry_manifest(image, OCI_MANIFEST)
+            yield blob(sha256_digest(manifest), manifest)
+            descriptor = {"mediaType": OCI_MANIFEST, "digest": sha256_digest(manifest), "size": len(manifest)}
         for ref in item.tags:
             descriptors.append(dict(descriptor, annotations={IMAGE_NAME_ANNOTATION: full_image_name(ref),
                                                              REF_NAME_ANNOTATION: str(ref)}))
@@ -8888,6 +9216,28 @@ def oci_archive_stream(items: Sequence[ExportItem], progress: ProgressSink) -> I
     index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}
     yield tar_bytes_member("index.json", json.dumps(index, sort_keys=True).encode())
     yield TAR_END
+
+
+def exported_manifest_members(item: ExportedManifest, sent: Set[str], progress: ProgressSink) -> Iterator[bytes]:
+    """Tar members of a manifest kept byte for byte: every blob its manifests name as stored,
+    verified as they go, then the manifests as they are (each member once: `sent`)."""
+    for digest, size, key in item.blobs:
+        name = "blobs/sha256/" + digest_hex(digest)
+        if name in sent:
+            continue
+        sent.add(name)
+        task = progress.task(digest[7:19], "exporting", size) if key.startswith("blobs/") else None  # not configs
+        yield tar_header(name, size)
+        yield from verified_blob_chunks(item.store, LayerRecord(digest, digest, size, "none"),
+                                        task.advance if task else lambda n: None, key=key)
+        yield tar_padding(size)
+        if task:
+            task.finish("exported")
+    for manifest in item.manifests:
+        name = "blobs/sha256/" + digest_hex(manifest.digest)
+        if name not in sent:
+            sent.add(name)
+            yield tar_bytes_member(name, manifest.data)
 
 
 def write_archive(chunks: Iterable[bytes], path: str) -> None:
@@ -11052,22 +11402,23 @@ def binary_stream(stream: Any) -> IO[bytes]:
 
 def cmd_import(ctx: Context) -> int:
     """import STORE FILE|- [NAME:TAG...]: store the images of a docker save, podman save or OCI archive."""
-    store, path = ctx.store(), ctx.options.file
+    store, path, platform = ctx.store(), ctx.options.file, ctx.options.platform
     if path == "-":
         images = import_archive(store, binary_stream(ctx.stdin or sys.stdin), ctx.options.names, ctx.progress,
-                                ctx.push_options())
+                                ctx.push_options(), platform)
     else:
         try:
             archive = open(path, "rb")
         except OSError as e:
             raise DogestryError("cannot read %s: %s" % (path, _os_reason(e)))
         with archive:
-            images = import_archive(store, archive, ctx.options.names, ctx.progress, ctx.push_options())
+            images = import_archive(store, archive, ctx.options.names, ctx.progress, ctx.push_options(), platform)
     for image in images:
         for ref in image.tags:
             ctx.stdout.write("Imported image: %s\n" % printable(str(ref)))
         if not image.tags:
-            ctx.stdout.write("Imported image ID: %s\n" % image.image_id)
+            what = "image ID" if isinstance(image, ArchivedImage) else "multi-platform image"
+            ctx.stdout.write("Imported %s: %s\n" % (what, image.image_id))
     return 0
 
 
@@ -11076,16 +11427,17 @@ def cmd_export(ctx: Context) -> int:
     skopeo and ctr import) read."""
     store = ctx.store()
     store.check()
-    items = export_items(store, ctx.options.images, ctx.progress)
     if ctx.options.format == "oci":
-        legacy = [i.found.image_hex[:12] for i in items if i.found.image.legacy]
+        items = oci_export_items(store, ctx.options.images, ctx.progress, ctx.options.platform)
+        legacy = [i.found.image_hex[:12] for i in items if isinstance(i, ExportItem) and i.found.image.legacy]
         if legacy:
             raise UsageError("%s: %s in the original dogestry layout, which an OCI archive cannot hold unread: "
                              "run 'dogestry migrate STORE' first (or export --format docker)"
                              % (store.url, ", ".join(legacy)))
-        chunks = oci_archive_stream(items, ctx.progress)
+        chunks = oci_archive_stream(items, ctx.progress)  # type: Iterable[bytes]
     else:
-        chunks = docker_archive_stream(items, ctx.progress)
+        chunks = docker_archive_stream(export_items(store, ctx.options.images, ctx.progress, export_platform(ctx)),
+                                       ctx.progress)
     if ctx.options.output != "-":
         write_archive(chunks, ctx.options.output)
         return 0
@@ -11097,6 +11449,28 @@ def cmd_export(ctx: Context) -> int:
         out.write(data)
     out.flush()
     return 0
+
+
+def export_platform(ctx: Context) -> PlatformSource:
+    """The platform export --format docker takes of multi-platform tags (docker load takes one
+    image, not an index): --platform, else that of the engine at DOCKER_HOST if one answers,
+    else this machine's.  Asked once, and only for such a tag."""
+    chosen = []  # type: List[Platform]
+
+    def platform() -> Platform:
+        if not chosen:
+            chosen.append(ctx.options.platform or _engine_or_machine_platform(ctx))
+            ctx.progress.note("exporting the %s image of multi-platform tags" % (chosen[0],))
+        return chosen[0]
+    return platform
+
+
+def _engine_or_machine_platform(ctx: Context) -> Platform:
+    try:
+        return ctx.docker().platform()
+    except DockerError as e:
+        ctx.progress.note("no Docker engine answered (%s): taking this machine's platform" % e)
+        return make_platform("linux", os.uname().machine)
 
 
 def cmd_copy(ctx: Context) -> int:

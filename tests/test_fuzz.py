@@ -315,7 +315,7 @@ def tar_of(files):
 
 
 LAYER = tar_of([("hello.txt", b"hello\n")])
-ARCH = dogestry.MACHINE_ARCH.get(os.uname().machine, os.uname().machine)
+ARCH = dogestry.make_platform("linux", os.uname().machine).architecture
 CONFIG = {"architecture": ARCH, "os": "linux", "config": {"Labels": {"a": "b"}, "Cmd": ["sh"]},
           "rootfs": {"type": "layers", "diff_ids": [sha(LAYER)]}}
 
@@ -326,9 +326,10 @@ def _same(doc):
 
 def oci_archive(kind="", change=_same, copies=1):
     """An OCI image layout, [(member, bytes)]: index.json names (COPIES times, each with a tag of
-    its own) a multi-platform index naming this machine's manifest, an attestation and another
-    platform's.  CHANGE rewrites the document of KIND ('index.json', 'nested index', 'manifest',
-    'config') first; the digests naming it follow it."""
+    its own) a multi-platform index naming another platform's manifest, this machine's and an
+    attestation (as buildx writes them).  CHANGE rewrites the document of KIND ('index.json',
+    'nested index', 'manifest': this machine's, 'config': its config) first; the digests naming
+    it follow it."""
     files = []
 
     def blob(data, media_type):
@@ -342,12 +343,21 @@ def oci_archive(kind="", change=_same, copies=1):
     config = blob(document("config", CONFIG), "application/vnd.oci.image.config.v1+json")
     manifest = blob(document("manifest", {"schemaVersion": 2, "mediaType": dogestry.OCI_MANIFEST,
                                           "config": config, "layers": [layer]}), dogestry.OCI_MANIFEST)
-    other = dict(manifest, digest="sha256:" + "0" * 64)  # never read: not this machine's
+    other_config = blob(json.dumps(dict(CONFIG, architecture="not-" + ARCH)).encode(),
+                        "application/vnd.oci.image.config.v1+json")
+    other = blob(json.dumps({"schemaVersion": 2, "mediaType": dogestry.OCI_MANIFEST, "config": other_config,
+                             "layers": [layer]}).encode(), dogestry.OCI_MANIFEST)
+    statement = blob(b'{"_type": "https://in-toto.io/Statement/v0.1"}', "application/vnd.in-toto+json")
+    unknown = blob(json.dumps({"architecture": "unknown", "os": "unknown", "rootfs": {
+        "type": "layers", "diff_ids": [statement["digest"]]}}).encode(), "application/vnd.oci.image.config.v1+json")
+    attestation = blob(json.dumps({"schemaVersion": 2, "mediaType": dogestry.OCI_MANIFEST, "config": unknown,
+                                   "layers": [statement]}).encode(), dogestry.OCI_MANIFEST)
     nested = blob(document("nested index", {"schemaVersion": 2, "mediaType": dogestry.OCI_INDEX, "manifests": [
         dict(other, platform={"os": "linux", "architecture": "not-" + ARCH}),
         dict(manifest, platform={"os": "linux", "architecture": ARCH}),
-        dict(other, platform={"os": "unknown", "architecture": "unknown"},
-             annotations={"vnd.docker.reference.type": "attestation-manifest"})]}), dogestry.OCI_INDEX)
+        dict(attestation, platform={"os": "unknown", "architecture": "unknown"},
+             annotations={"vnd.docker.reference.type": "attestation-manifest",
+                          "vnd.docker.reference.digest": manifest["digest"]})]}), dogestry.OCI_INDEX)
     index = {"schemaVersion": 2, "manifests": [
         dict(nested, annotations={dogestry.IMAGE_NAME_ANNOTATION: "docker.io/fz/oci:%d" % i,
                                   dogestry.REF_NAME_ANNOTATION: "%d" % i}) for i in range(copies)]}
@@ -435,7 +445,8 @@ def read_archive(files):
     if "manifest.json" in contents.small:
         dogestry.parse_saved_image(contents, images[0].image_id)
     for image in images:
-        dogestry.partial_config(image.config, len(image.diff_ids), "n")
+        for one in image.images.values() if isinstance(image, dogestry.ArchivedIndex) else [image]:
+            dogestry.partial_config(one.config, len(one.diff_ids), "n")
 
 
 @pytest.mark.parametrize("build,kind", [(oci_archive, "index.json"), (oci_archive, "nested index"),

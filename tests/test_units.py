@@ -389,10 +389,10 @@ def _oci_image(files, arch, payload):
         "sha256:" + hashlib.sha256(config).hexdigest()
 
 
-def test_a_multi_platform_oci_archive_imports_this_machines_image(tmp_path):
+def test_import_platform_takes_one_image_of_a_multi_platform_oci_archive(tmp_path):
     """An OCI layout whose index names a multi-platform index (as `buildx --output type=oci` writes,
-    attestation manifests included): the image for this machine's platform is imported, named by
-    io.containerd.image.name."""
+    attestation manifests included): import --platform stores the image for that platform alone,
+    its tag (named by io.containerd.image.name) naming that image."""
     import json
     files = []
     arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
@@ -418,8 +418,8 @@ def test_a_multi_platform_oci_archive_imports_this_machines_image(tmp_path):
             tar.addfile(info, io.BytesIO(data))
     out = io.StringIO()
 
-    code = dogestry.main(["-q", "import", str(tmp_path / "store"), str(archive)], environ={}, stdout=out,
-                         stderr=io.StringIO())
+    code = dogestry.main(["-q", "import", "--platform", "linux/" + arch, str(tmp_path / "store"), str(archive)],
+                         environ={}, stdout=out, stderr=io.StringIO())
 
     assert code == 0 and out.getvalue() == "Imported image: multi:1\n"
     assert (tmp_path / "store" / "repositories" / "multi" / "1").read_text() == mine_id[7:]
