@@ -5269,11 +5269,12 @@ class ManifestGraph(NamedTuple):
     by_image: Dict[str, Set[str]]    # image hex -> the manifests whose config it is
     referrers: Dict[str, Set[str]]   # subject hex -> the manifests naming it as their subject
 
-    def closure(self, images: Set[str], manifests: Set[str], marks: StoreMarks,
-                has_record: Callable[[str], bool]) -> Tuple[Set[str], Set[str]]:
+    def closure(self, images: Set[str], manifests: Set[str], marks: StoreMarks, has_record: Callable[[str], bool],
+                made: Mapping[str, str]) -> Tuple[Set[str], Set[str]]:
         """(images, manifests) these images and manifests keep: an image keeps the manifests of it
         (pushed, or made from it) and their referrers; a manifest keeps the manifests an index
-        names, its referrers, and the image its config is (where an image record was written)."""
+        names, its referrers, and the image its config is (where an image record was written);
+        an index naming a manifest made from an image (`made`: its hex -> the image) keeps that image."""
         images = set(images)
         kept, todo = set(), set(manifests)  # type: Set[str], Set[str]
         while True:
@@ -5290,6 +5291,8 @@ class ManifestGraph(NamedTuple):
                 todo |= self.referrers.get(digest, set()) - kept
                 manifest = self.manifests.get(digest)
                 if manifest is None:
+                    if digest in made and has_record(made[digest]):
+                        images.add(made[digest])
                     continue
                 todo |= {digest_hex(d) for d in manifest.children} - kept
                 config = manifest.blobs[0][0] if manifest.blobs else None
@@ -5371,13 +5374,26 @@ def plan_gc(store: Store, grace: float, progress: ProgressSink) -> GcPlan:
     manifest_roots = tag_manifests | {h for h in young_untagged if h in pushed} | \
         {h for h, e in pushed.items() if e.age < grace}
     marks, marked = mark_reachable(store, image_roots, progress), set(image_roots)
+    made = made_by_images(marks)
+    searched = False
     while True:
-        images, kept = graph.closure(image_roots, manifest_roots, marks, has_record)
+        images, kept = graph.closure(image_roots, manifest_roots, marks, has_record, made)
         new = images - marked
+        unknown = sorted(kept - set(pushed) - set(made))
+        if not new and unknown and not searched:
+            # An index names a manifest that is neither stored nor made from an image marked so
+            # far: one made from an image nothing else reaches (older versions stored an index
+            # naming such a manifest without storing it).  Each other image's manifests are made.
+            searched = True
+            made.update(made_manifests(store, sorted(h for h in dirs if h not in marked and has_record(h))))
+            continue
         if not new:
             break
         marked |= new
         marks = marks.merged(mark_reachable(store, new, progress))
+        made.update(made_by_images(marks))
+    for digest in sorted(kept - set(pushed) - set(made)):
+        progress.note("an index names manifest sha256:%s, which is not stored" % digest)
     unreadable = sorted(h for h in kept if h in pushed and graph.manifests.get(h) is None)
     if unreadable:
         raise GcError("cannot read manifest sha256:%s, which is kept; nothing was deleted" % unreadable[0])
@@ -5443,7 +5459,7 @@ def plan_gc(store: Store, grace: float, progress: ProgressSink) -> GcPlan:
     # What no tag reaches but gc may not delete yet: young blobs, blobs young index entries or
     # manifests name, images untagged less than `grace` ago; each may go once the last of those
     # is old enough.
-    tag_images, tag_kept = graph.closure(tagged, tag_manifests, marks, has_record)
+    tag_images, tag_kept = graph.closure(tagged, tag_manifests, marks, has_record, made)
     tag_blobs = marks.blobs_of(tag_images).union(*(manifest_blobs.get(h, set()) for h in tag_kept))
     young_manifests = {h: pushed[h].age for h in kept - tag_kept if h in pushed}
     freed = {name[len("sha256:"):] for unit in units for kind, name, _ in unit.parts() if kind == "blob"}
@@ -5463,6 +5479,27 @@ def plan_gc(store: Store, grace: float, progress: ProgressSink) -> GcPlan:
         held_for = max([held_for] + waits)
     return GcPlan(units, expired, foreign, marks, tags, set(dirs), blob_keys, len(index_keys), unreferenced,
                   held, held_for)
+
+
+def made_by_images(marks: StoreMarks) -> Dict[str, str]:
+    """The manifests (hex) the registry makes from the marked images: manifest -> image."""
+    return {digest: image_hex for image_hex, digests in marks.root_manifests.items() for digest in digests}
+
+
+def made_manifests(store: Store, hexes: Sequence[str]) -> Dict[str, str]:
+    """The manifests (hex) the registry makes from these images (one GET each): manifest -> image."""
+    def read(image_hex: str) -> Optional[StoredImage]:
+        with contextlib.suppress(DogestryError):
+            return load_stored_image(store, image_hex)
+        return None
+
+    made = {}  # type: Dict[str, str]
+    with thread_pool(min(GC_THREADS, max(1, len(hexes))), "dogestry-made") as pool:
+        for image_hex, image in zip(hexes, pool.map(read, hexes)):
+            if image is not None and not image.legacy:
+                made.update({hashlib.sha256(registry_manifest(image, kind)).hexdigest(): image_hex
+                             for kind in (OCI_MANIFEST, DOCKER_MANIFEST)})
+    return made
 
 
 def _tag_pointers(store: Store, tags: Sequence[Tuple[ImageRef, str]], manifest_keys: Mapping[str, StoreEntry],
@@ -6359,36 +6396,81 @@ def stored_blob_key(store: Store, digest: str, size: int) -> Optional[str]:
 
 
 def store_pushed_manifest(store: Store, manifest: PushedManifest, ref: Optional[ImageRef],
-                          known_manifest: Callable[[str], bool], freshness: Freshness) -> Optional[str]:
+                          known_manifest: Callable[[str], Optional[PushedManifest]],
+                          freshness: Freshness) -> Optional[str]:
     """Store a pushed manifest (and its tag, if ref): the blobs it names must be stored
-    (MANIFEST_BLOB_UNKNOWN) and the manifests an index names (MANIFEST_UNKNOWN); the image
-    record is written for an image manifest; the tag last.  Return the image ID hex, if it is one."""
+    (MANIFEST_BLOB_UNKNOWN) and the manifests an index names (MANIFEST_UNKNOWN: known_manifest
+    gives them), which are kept with it (_keep_index_children); the image record is written for
+    an image manifest; the tag last.  Return the image ID hex, if it is one."""
     if ref is not None and tag_is_immutable(store, ref):  # refused before anything is written
         config = manifest.blobs[0][0] if manifest.blobs else ""
         check_tag_may_move(store, ref, "@" + manifest.digest, [digest_hex(config)] if config else [])
-    blobs = manifest.blobs
-    with thread_pool(min(8, max(1, len(blobs))), "dogestry-check") as pool:
-        keys = list(pool.map(lambda blob: stored_blob_key(store, *blob), blobs))
-    missing = [digest for (digest, _), key in zip(blobs, keys) if key is None]
-    if missing:
-        raise RegistryError(400, "MANIFEST_BLOB_UNKNOWN", "blob %s is not stored (push it first)" % missing[0])
-    unknown = [digest for digest in manifest.children if not known_manifest(digest)]
+    keys = _stored_blob_keys(store, manifest, "blob %s is not stored (push it first)")
+    children = [known_manifest(digest) for digest in manifest.children]
+    unknown = [digest for digest, child in zip(manifest.children, children) if child is None]
     if unknown:
         raise RegistryError(400, "MANIFEST_UNKNOWN", "manifest %s, which the index names, is not stored" % unknown[0])
-    with thread_pool(min(8, max(1, len(blobs))), "dogestry-ages") as pool:
-        for key, age in zip(keys, pool.map(store.age, keys)):
-            freshness.seen(str(key), age)
+    _seen_ages(store, keys, freshness)
+    must_exist = {key: size for key, (_, size) in zip(keys, manifest.blobs)}  # type: Dict[str, Optional[int]]
+    must_exist.update(_keep_index_children(store, [c for c in children if c is not None], freshness))
     store.put_bytes(manifest_key(manifest.digest), manifest.data, if_absent=True)
     freshness.written(manifest_key(manifest.digest))
     image_hex = _pushed_image_record(store, manifest, keys[0] if keys else None, freshness)
     if manifest.subject:
         write_json(store, referrer_key(manifest.subject, manifest.digest), manifest.descriptor())
-    freshness.secure({}, {str(key): size for key, (_, size) in zip(keys, blobs)})
+    freshness.secure({}, must_exist)
     if ref is not None:
         if image_hex is not None:
             store.put_bytes(tag_manifest_key(ref), manifest.digest.encode())  # before the tag it goes with
         point_tag(store, ref, TagTarget(image_hex, None if image_hex else manifest.digest))
     return image_hex
+
+
+def _stored_blob_keys(store: Store, manifest: PushedManifest, missing: str) -> List[str]:
+    """Where the blobs a manifest names are stored (RegistryError MANIFEST_BLOB_UNKNOWN, the
+    `missing` message with the digest, if one is not)."""
+    blobs = manifest.blobs
+    with thread_pool(min(8, max(1, len(blobs))), "dogestry-check") as pool:
+        keys = list(pool.map(lambda blob: stored_blob_key(store, *blob), blobs))
+    gone = [digest for (digest, _), key in zip(blobs, keys) if key is None]
+    if gone:
+        raise RegistryError(400, "MANIFEST_BLOB_UNKNOWN", missing % gone[0])
+    return [str(key) for key in keys]
+
+
+def _seen_ages(store: Store, keys: Sequence[str], freshness: Freshness) -> None:
+    """Tell freshness how old the keys a push relies on are (one HEAD each)."""
+    with thread_pool(min(8, max(1, len(keys))), "dogestry-ages") as pool:
+        for key, age in zip(keys, pool.map(store.age, keys)):
+            freshness.seen(key, age)
+
+
+def _keep_index_children(store: Store, children: Sequence[PushedManifest],
+                         freshness: Freshness) -> Dict[str, Optional[int]]:
+    """Keep what an index names until it is tagged, as a push keeps what it reuses: each manifest
+    stored byte for byte under manifests/ (one the registry made from a stored image is written
+    there now), it and its blobs refreshed if a gc may reach them (nothing named them: a gc may
+    be deleting them), its image record kept or written again.  The keys that must be there
+    before the tag, with their sizes."""
+    must_exist, records = {}, []  # type: Dict[str, Optional[int]], List[Tuple[PushedManifest, Optional[str]]]
+    for child in children:
+        key = manifest_key(child.digest)
+        age = store.age(key)
+        if age is None:
+            store.put_bytes(key, child.data, if_absent=True)
+            freshness.written(key)
+        else:
+            freshness.seen(key, age)
+        keys = _stored_blob_keys(store, child, "blob %%s of manifest %s, which the index names, is not stored"
+                                 % child.digest)
+        _seen_ages(store, keys, freshness)
+        must_exist[key] = len(child.data)
+        must_exist.update({k: size for k, (_, size) in zip(keys, child.blobs)})
+        records.append((child, keys[0] if keys else None))
+    freshness.refresh(freshness.min_grace / 2, {})  # every child at once, before a gc re-checks more of them
+    for child, config_key in records:
+        _pushed_image_record(store, child, config_key, freshness)
+    return must_exist
 
 
 def tag_pushed_manifest(store: Store, ref: ImageRef, image_hex: str) -> Optional[PushedManifest]:
@@ -6538,15 +6620,18 @@ class Registry:
             return read_pushed_manifest(self.store, target.manifest)
         return tag_pushed_manifest(self.store, ref, str(target.image_hex))  # else the image's own is served
 
-    def has_manifest(self, digest: str) -> bool:
-        """Is a manifest of that digest stored: pushed through the registry, or made from an image?"""
-        if self.store.stat(manifest_key(digest)) is not None:
-            return True
+    def known_manifest(self, digest: str) -> Optional[PushedManifest]:
+        """The manifest of that digest: pushed through the registry, or made from a stored image
+        (None if neither)."""
+        with contextlib.suppress(NotFound, FormatError, IntegrityError):
+            pushed = read_pushed_manifest(self.store, digest)
+            if pushed is not None:
+                return pushed
         try:
-            self._by_digest("", digest)
+            data, media_type, _ = self._by_digest("", digest)
         except RegistryError:
-            return False
-        return True
+            return None
+        return parse_pushed_manifest(data, media_type)
 
     def put_manifest(self, name: str, reference: str, manifest: PushedManifest) -> None:
         """Store a manifest pushed under a tag or its digest (RegistryError if it cannot be)."""
@@ -6557,7 +6642,7 @@ class Registry:
                                     % (manifest.digest, reference[:100]))
         else:
             ref = self._tag(name, reference)
-        store_pushed_manifest(self.store, manifest, ref, self.has_manifest,
+        store_pushed_manifest(self.store, manifest, ref, self.known_manifest,
                               Freshness(self.store, self.gc_min_grace, command="registry push"))
         with self._lock:
             self._missing.pop(manifest.digest, None)
