@@ -5337,6 +5337,9 @@ class GcPlan(NamedTuple):
     unreferenced_bytes: int  # blobs no tag reaches
     held_bytes: int          # ... of which gc may not delete yet
     held_for: float          # seconds until the last of those may go (0: none held)
+    targets: List[Tuple[ImageRef, TagTarget]]  # every tag and what it names
+    tag_images: Set[str]     # the images the tags reach (an index tag: its platforms' images)
+    manifests: Dict[str, Optional["PushedManifest"]]  # the manifests under manifests/sha256/, by hex
 
 
 GC_PREFIXES = ("images/", "layers/", "blobs/sha256/", UNTAGGED_PREFIX, "manifests/")
@@ -5478,7 +5481,7 @@ def plan_gc(store: Store, grace: float, progress: ProgressSink) -> GcPlan:
         waits += [grace - age for h, age in young_manifests.items() if blob in manifest_blobs.get(h, ())]
         held_for = max([held_for] + waits)
     return GcPlan(units, expired, foreign, marks, tags, set(dirs), blob_keys, len(index_keys), unreferenced,
-                  held, held_for)
+                  held, held_for, targets, tag_images, graph.manifests)
 
 
 def made_by_images(marks: StoreMarks) -> Dict[str, str]:
@@ -5659,6 +5662,10 @@ class StoreStats(NamedTuple):
     held_bytes: int       # ... and which it holds back (young, or untagged less than the grace ago)
     held_for: float       # seconds until the last of those may go
     grace: float
+    index_tags: int       # tags naming an image index (a multi-platform image)
+    indexes: int          # the image indexes they name
+    platform_images: int  # the images those indexes name (attestations not counted)
+    platforms: Dict[str, int]  # how many of those images are of each platform
 
     @property
     def dedup_ratio(self) -> Optional[float]:
@@ -5668,15 +5675,25 @@ class StoreStats(NamedTuple):
 
 
 def store_stats(store: Store, progress: ProgressSink, grace: float = 3600.0) -> StoreStats:
-    """Count what a store holds (the tags' images read once each; blobs from one listing), and
-    what a gc with that grace period would free now and later."""
+    """Count what a store holds (the tags' images read once each, every manifest pushed through
+    the registry once; blobs from one listing), and what a gc with that grace period would free
+    now and later."""
     store.check()
     plan = plan_gc(store, grace, progress)
-    tags = plan.tags
-    return StoreStats(len({r.name for r, _ in tags}), len(tags), len(plan.image_ids), plan.index_entries,
-                      len(plan.blobs), sum(e.size for e in plan.blobs.values()),
-                      plan.marks.image_bytes(digest for _, digest in tags), plan.unreferenced_bytes,
-                      plan.unreferenced_bytes - plan.held_bytes, plan.held_bytes, plan.held_for, grace)
+    indexes = {}  # type: Dict[str, PushedManifest]
+    index_tags = 0
+    for _, target in plan.targets:
+        index = plan.manifests.get(digest_hex(str(target.manifest))) if target.manifest else None
+        if index is not None and index.is_index:
+            indexes[index.digest] = index
+            index_tags += 1
+    images = {e.digest: e.platform for index in indexes.values() for e in index_images(index)}
+    platforms = collections.Counter(str(p) for p in images.values())
+    return StoreStats(len({r.name for r, _ in plan.targets}), len(plan.targets), len(plan.image_ids),
+                      plan.index_entries, len(plan.blobs), sum(e.size for e in plan.blobs.values()),
+                      plan.marks.image_bytes(plan.tag_images), plan.unreferenced_bytes,
+                      plan.unreferenced_bytes - plan.held_bytes, plan.held_bytes, plan.held_for, grace,
+                      index_tags, len(indexes), len(images), dict(sorted(platforms.items())))
 
 
 class PrunePlan(NamedTuple):
@@ -10268,26 +10285,58 @@ def cmd_copy(ctx: Context) -> int:
 
 
 def cmd_list(ctx: Context) -> int:
-    """list STORE: the REPOSITORY TAG table of a store."""
+    """list STORE: the REPOSITORY TAG IMAGE-ID table of a store (and PLATFORMS, if a tag has several)."""
     store = ctx.store()
     store.check()
-    rows = [("REPOSITORY", "TAG", "IMAGE ID", "")]
-    rows += [(printable(ref.name), printable(ref.tag), target.image_hex[:12] if target.image_hex else "-",
-              "" if target.image_hex else "   (manifest %s, pushed through the registry: an index or an artifact)"
-              % str(target.manifest)[:19]) for ref, target in list_tag_targets(store)]
-    rows += [(printable(ref.name), printable(ref.tag), image_hex[:12], "   (original layout, at the bucket root)")
+    targets = list_tag_targets(store)
+    with thread_pool(min(TAG_READERS, max(1, len(targets))), "dogestry-indexes") as pool:
+        described = list(pool.map(lambda item: describe_target(store, item[1]), targets))
+    rows = [("REPOSITORY", "TAG", "IMAGE ID", "PLATFORMS", "")]  # type: List[Tuple[str, ...]]
+    rows += [(printable(ref.name), printable(ref.tag), target.image_hex[:12] if target.image_hex else "-", platforms,
+              note) for (ref, target), (platforms, note) in zip(targets, described)]
+    rows += [(printable(ref.name), printable(ref.tag), image_hex[:12], "", "(original layout, at the bucket root)")
              for ref, image_hex in original_images_at_root(store)]
-    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    if not any(row[3] for row in rows[1:]):  # no multi-platform tag: the table older versions print
+        rows = [row[:3] + row[4:] for row in rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
-        ctx.stdout.write("%-*s   %-*s   %s%s\n" % (widths[0], row[0], widths[1], row[1], row[2], row[3]))
+        ctx.stdout.write(("   ".join("%-*s" % (w, cell) for w, cell in zip(widths, row)) + "   " + row[-1]).rstrip()
+                         + "\n")
     return 0
 
 
+def describe_target(store: Store, target: TagTarget) -> Tuple[str, str]:
+    """What list shows of a tag besides its image ID: the platforms of an index (read from it: one
+    GET; nothing for one image, whose platform only its config says) and a note."""
+    if target.manifest is None:
+        return "", ""
+    short = target.manifest[:19]
+    try:
+        index = read_pushed_manifest(store, target.manifest)
+    except DogestryError:
+        index = None
+    if index is None:
+        return "?", "(manifest %s, which cannot be read)" % short
+    if not index.is_index:
+        return "", "(manifest %s, pushed through the registry: an artifact)" % short
+    return ",".join(sorted({str(e.platform) for e in index_images(index)})) or "-", "(index %s)" % short
+
+
 def cmd_inspect(ctx: Context) -> int:
-    """inspect STORE IMAGE: what the store holds for an image, as JSON."""
+    """inspect STORE IMAGE: what the store holds for an image (or a multi-platform tag's index), as JSON."""
     store = ctx.store()
     store.check()
-    store, image_hex, ref, image, named_hex = find_image(store, ctx.options.image, ctx.progress)
+    platform = ctx.options.platform  # type: Optional[Platform]
+    ref = None  # type: Optional[ImageRef]
+    with contextlib.suppress(UsageError):
+        ref = parse_image_ref(ctx.options.image)
+    if platform is None and ref is not None and store.stat(tag_key(ref)) is not None:
+        index = tag_index(store, ref)
+        if index is not None:
+            ctx.stdout.write(json.dumps(inspect_index(store, index), indent=2) + "\n")
+            return 0
+    store, image_hex, ref, image, named_hex = find_image(store, ctx.options.image, ctx.progress,
+                                                         None if platform is None else lambda: platform)
     tags = [str(r) for r, h in list_tags(store) if h in (image_hex, named_hex)]
     doc = {"Id": image.image_id if not image.legacy else image_hex, "RepoTags": tags}  # type: Dict[str, Any]
     if image.legacy:
@@ -10301,6 +10350,27 @@ def cmd_inspect(ctx: Context) -> int:
         doc["Config"] = read_json(store, image_key(image_hex, "config.json"))
     ctx.stdout.write(json.dumps(doc, indent=2) + "\n")
     return 0
+
+
+def inspect_index(store: Store, index: "PushedManifest") -> Dict[str, Any]:
+    """inspect's JSON of an image index: its digest, media type, tags, each platform's manifest and
+    image ID (null where its image is not stored), buildx's attestations, and the index itself."""
+    def image_id(digest: str) -> Optional[str]:
+        with contextlib.suppress(NotFound, FormatError):
+            return "sha256:" + image_of_manifest(store, digest)
+        return None
+
+    entries = index_images(index)
+    with thread_pool(min(TAG_READERS, max(1, len(entries))), "dogestry-inspect") as pool:
+        ids = list(pool.map(image_id, [e.digest for e in entries]))
+    attestations = [d for d in index.doc["manifests"] if ATTESTATION_ANNOTATION in (d.get("annotations") or {})]
+    return {"Id": index.digest, "RepoTags": [str(r) for r, t in list_tag_targets(store) if t.manifest == index.digest],
+            "Format": index.media_type, "Size": len(index.data),
+            "Platforms": [{"Platform": str(e.platform), "Id": image, "Digest": e.digest, "MediaType": e.media_type,
+                           "Size": e.size} for e, image in zip(entries, ids)],
+            "Attestations": [{"Digest": d["digest"], "For": (d.get("annotations") or {}).get(ATTESTED_ANNOTATION)}
+                             for d in attestations],
+            "Index": index.doc}
 
 
 def cmd_rm(ctx: Context) -> int:
@@ -10484,7 +10554,9 @@ def cmd_stats(ctx: Context) -> int:
             ("Layer records", str(stats.layers)), ("Blobs", str(stats.blobs)),
             ("Stored", human_size(stats.stored_bytes)),
             ("Without sharing", "%s (dedup %s)" % (human_size(stats.unshared_bytes), ratio)),
-            ("Unreferenced", unreferenced)]
+            ("Unreferenced", unreferenced),
+            ("Indexes", "%d (named by %d tags), of %d images" % (stats.indexes, stats.index_tags, stats.platform_images)),
+            ("Platforms", ", ".join("%s %d" % item for item in stats.platforms.items()) or "-")]
     for label, value in rows:
         ctx.stdout.write("%-16s %s\n" % (label + ":", value))
     return 0

@@ -19,10 +19,10 @@ import types
 import pytest
 
 import dogestry
-from indexkit import EMPTY, Pusher, age_store, artifact_keys, files, image_keys, layer, manifest_keys, sha
+from indexkit import Pusher, age_store, artifact_keys, files, image_keys, layer, manifest_keys, sha
 from realdocker import docker_cli, image_id, loopback_addresses, one_error_line, run_dogestry
 from serverkit import Server
-from test_gc import PausingStore
+from test_gc import PausingStore, s3_client, wait_until_older_than
 
 pytestmark = pytest.mark.integration
 
@@ -281,3 +281,163 @@ def test_an_index_pushed_while_gc_deletes_its_old_platform_images_never_names_a_
     assert pulls_platform(env, path, "mp/race:1", "linux/amd64", images[0])
     assert pulls_platform(env, path, "mp/race:1", "linux/arm64", images[1])
     assert paused.touched.is_set()  # the push did refresh what it found old
+
+
+def test_gc_on_radosgw_frees_an_untagged_index_whole_and_keeps_what_another_index_names(env, rgw, bucket, tmp_path):
+    """The same on radosgw, with S3's own clock: once index X's tag is gone for longer than the grace,
+    gc deletes X, arm, the attestations and the referrers; amd (in index Y) and the base layer stay."""
+    s3 = dict(env, AWS_ACCESS_KEY_ID=rgw.access_key, AWS_SECRET_ACCESS_KEY=rgw.secret_key,
+              AWS_ENDPOINT_URL=rgw.endpoint)
+    url = "s3://%s/mp/" % bucket
+    with running_server(s3, url, tmp_path):
+        kit = fill(Pusher(HOSTS[0]))
+    client = s3_client(rgw, bucket)
+
+    def keys():
+        return {key[len("mp/"):] for key, _ in client.list("mp/")}
+
+    ok(s3, "rm", url, "mp/app:x")
+    wait_until_older_than(client, "mp/gc/untagged/" + kit.x.hex, 11)
+    before = keys()
+
+    ok(s3, "gc", url, "--grace", "10s")
+
+    kept = image_keys(kit.amd) | artifact_keys(kit.sig_amd) | index_parts(kit, kit.y) | {kit.base_blob}
+    assert before - keys() == (index_parts(kit, kit.x) - kept) | {"gc/untagged/" + kit.x.hex}
+    assert pulls_platform(s3, url, "mp/app:y", "linux/amd64", kit.amd)
+
+
+# === prune, rm, protect ===========================================================================
+
+def set_push_time(path, tag, seconds_ago):
+    tag_file = path / "repositories" / "mp" / "app" / tag
+    os.utime(str(tag_file), (tag_file.stat().st_atime, tag_file.stat().st_mtime - seconds_ago))
+
+
+def test_prune_counts_an_index_tag_as_one_tag_and_records_it_for_gc_as_rm_does(env, store):
+    """Repository mp/app holds two tags, each an index of two platforms whose images have no tags of
+    their own: --keep-last 1 removes the older index tag (one tag, not its platforms), which gc keeps
+    whole for the grace period and then frees as after rm; --older-than counts the newer one once."""
+    path, kit = store
+    age_store(path)
+    set_push_time(path, "x", 60)  # x was pushed before y
+
+    dry = ok(env, "prune", path, "--keep-last", "1", "mp/app", "--dry-run").stdout
+    assert dry.splitlines() == ["would remove mp/app:x (%s)" % kit.x.hex[:12], "prune %s: would remove 1 tags" % path]
+    ok(env, "prune", path, "--keep-last", "1", "mp/app")
+    assert json.loads((path / "gc" / "untagged" / kit.x.hex).read_text())["tags"] == ["mp/app:x"]
+    before = files(path)
+    ok(env, "gc", path)
+    assert files(path) == before  # untagged less than the grace ago: all of X stays
+    age_store(path, prefix="gc")
+    ok(env, "gc", path)
+    kept = image_keys(kit.amd) | artifact_keys(kit.sig_amd) | index_parts(kit, kit.y) | {kit.base_blob}
+    assert set(before) - set(files(path)) == (index_parts(kit, kit.x) - kept) | {"gc/untagged/" + kit.x.hex}
+
+    older = ok(env, "prune", path, "--older-than", "1h", "mp/app").stdout
+    assert older.splitlines() == ["removed mp/app:y (%s)" % kit.y.hex[:12], "prune %s: removed 1 tags" % path]
+
+
+def test_protect_and_unprotect_an_index_tag_as_any_tag(env, store):
+    """A protected index tag: rm refuses it and prune keeps it; unprotect lets prune remove it."""
+    path, kit = store
+    age_store(path)
+    ok(env, "protect", path, "mp/app:x")
+    one_error_line(run_dogestry("rm", path, "mp/app:x", env=env), "mp/app:x is protected")
+    assert ok(env, "prune", path, "--older-than", "1h", "mp/app").stdout.splitlines() == [
+        "removed mp/app:y (%s)" % kit.y.hex[:12], "prune %s: removed 1 tags" % path]
+    ok(env, "unprotect", path, "mp/app:x")
+    assert ok(env, "prune", path, "--older-than", "1h", "mp/app").stdout.splitlines()[0] == \
+        "removed mp/app:x (%s)" % kit.x.hex[:12]
+
+
+def test_an_immutable_index_tag_refuses_a_registry_push_of_another_index_and_takes_the_same_again(env, store, tmp_path):
+    """protect --immutable of an index tag: the registry refuses another index pushed to it (403
+    DENIED, nothing moved), takes the same index again, and rm needs --force."""
+    path, kit = store
+    ok(env, "protect", "--immutable", path, "mp/app:x")
+    with running_server(env, path, tmp_path):
+        pusher = Pusher(HOSTS[0])
+        refused = pusher.put(kit.y.data, kit.y.media_type, "x")
+        assert refused.status == 403 and refused.json()["errors"][0]["code"] == "DENIED"
+        assert "immutable" in refused.json()["errors"][0]["message"]
+        assert pusher.put(kit.x.data, kit.x.media_type, "x").status == 201
+    assert (path / "repositories" / "mp" / "app" / "x").read_text() == "@" + kit.x.digest
+    one_error_line(run_dogestry("rm", path, "mp/app:x", env=env), "protected")
+    ok(env, "rm", "--force", path, "mp/app:x")
+    assert not (path / "repositories" / "mp" / "app" / "x").exists()
+
+
+# === list, inspect, stats =========================================================================
+
+def test_list_shows_the_platforms_of_each_multi_platform_tag(env, store):
+    """A PLATFORMS column (read from each index: one GET per index tag) when some tag has several;
+    a single image's row is as before (its platform is in its config, which list does not read)."""
+    path, kit = store
+    lines = ok(env, "list", path).stdout.splitlines()
+    assert lines[0].split() == ["REPOSITORY", "TAG", "IMAGE", "ID", "PLATFORMS"]
+    rows = {tuple(line.split()[:2]): line.split()[2:] for line in lines[1:]}
+    assert rows == {("mp/app", "x"): ["-", "linux/amd64,linux/arm64", "(index", "%s)" % kit.x.digest[:19]],
+                    ("mp/app", "y"): ["-", "linux/amd64,linux/arm/v7", "(index", "%s)" % kit.y.digest[:19]],
+                    ("mp/solo", "1"): [kit.solo.config[7:19]]}
+    ok(env, "rm", path, "mp/app:x", "mp/app:y")
+    assert ok(env, "list", path).stdout.splitlines()[0].split() == ["REPOSITORY", "TAG", "IMAGE", "ID"]
+
+
+def test_inspect_of_an_index_tag_shows_the_index_and_each_platforms_image(env, store):
+    """inspect of a multi-platform tag: the index's digest, media type and tags, each platform with
+    its manifest and image ID, buildx's attestations, and the index itself."""
+    path, kit = store
+    doc = json.loads(ok(env, "inspect", path, "mp/app:x").stdout)
+    assert doc["Id"] == kit.x.digest and doc["RepoTags"] == ["mp/app:x"]
+    assert doc["Format"] == dogestry.OCI_INDEX and doc["Size"] == len(kit.x.data)
+    assert doc["Platforms"] == [
+        {"Platform": image.platform, "Id": image.config, "Digest": image.digest, "MediaType": dogestry.OCI_MANIFEST,
+         "Size": len(image.data)} for image in (kit.amd, kit.arm)]
+    assert doc["Attestations"] == [{"Digest": kit.att_amd.digest, "For": kit.amd.digest},
+                                   {"Digest": kit.att_arm.digest, "For": kit.arm.digest}]
+    assert doc["Index"] == json.loads(kit.x.data)
+
+
+def test_inspect_platform_shows_that_platforms_image_as_inspect_shows_any_image(env, store):
+    path, kit = store
+    doc = json.loads(ok(env, "inspect", "--platform", "linux/arm/v7", path, "mp/app:y").stdout)
+    assert doc["Id"] == kit.v7.config
+    assert (doc["Config"]["architecture"], doc["Config"]["variant"]) == ("arm", "v7")
+    assert [layer["digest"] for layer in doc["Layers"]] == kit.v7.layers
+    one_error_line(run_dogestry("inspect", "--platform", "linux/s390x", path, "mp/app:y", env=env),
+                   "has no image for linux/s390x; it has linux/amd64, linux/arm/v7")
+
+
+def test_stats_counts_index_tags_indexes_and_their_platforms(env, store):
+    """stats counts every tag (index tags too), the indexes and the images of each platform they
+    name, and the platform images' layers in the bytes without sharing."""
+    path, kit = store
+    stats = json.loads(ok(env, "stats", "--json", path).stdout)
+    assert (stats["tags"], stats["repositories"]) == (3, 2)
+    assert (stats["index_tags"], stats["indexes"], stats["platform_images"]) == (2, 2, 3)
+    assert stats["platforms"] == {"linux/amd64": 1, "linux/arm/v7": 1, "linux/arm64": 1}
+    sizes = {layer["digest"]: layer["size"] for image in (kit.amd, kit.arm, kit.v7, kit.solo)
+             for layer in json.loads(image.data)["layers"]}
+    assert stats["unshared_bytes"] == sum(sizes[d] for image in (kit.amd, kit.arm, kit.v7, kit.solo)
+                                          for d in image.layers)
+    table = ok(env, "stats", path).stdout
+    assert "Indexes:         2 (named by 2 tags), of 3 images" in table
+    assert "Platforms:       linux/amd64 1, linux/arm/v7 1, linux/arm64 1" in table
+
+
+def test_list_on_s3_reads_each_index_once_and_no_image_config(env, rgw, bucket, tmp_path, fault_proxy):
+    """What list costs on S3: one LIST of the tags, one GET per tag, one more GET per index tag."""
+    s3 = dict(env, AWS_ACCESS_KEY_ID=rgw.access_key, AWS_SECRET_ACCESS_KEY=rgw.secret_key,
+              AWS_ENDPOINT_URL=rgw.endpoint)
+    url = "s3://%s/mp/" % bucket
+    with running_server(s3, url, tmp_path):
+        kit = fill(Pusher(HOSTS[0]))
+    proxy = fault_proxy()
+
+    listing = ok(dict(s3, AWS_ENDPOINT_URL=proxy.url), "list", url).stdout
+
+    assert "linux/amd64,linux/arm64" in listing
+    gets = sorted(e["path"].split("/mp/", 1)[1] for e in proxy.log if e["method"] == "GET" and "/mp/" in e["path"])
+    assert gets == sorted(["manifests/sha256/" + kit.x.hex, "manifests/sha256/" + kit.y.hex, "repositories/mp/app/x",
+                           "repositories/mp/app/y", "repositories/mp/solo/1"])
