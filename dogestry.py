@@ -6484,7 +6484,8 @@ def _keep_index_children(store: Store, children: Sequence[PushedManifest],
         must_exist[key] = len(child.data)
         must_exist.update({k: size for k, (_, size) in zip(keys, child.blobs)})
         records.append((child, keys[0] if keys else None))
-    freshness.refresh(freshness.min_grace / 2, {})  # every child at once, before a gc re-checks more of them
+    if records:
+        freshness.refresh(freshness.min_grace / 2, {})  # every child at once, before a gc re-checks more of them
     for child, config_key in records:
         _pushed_image_record(store, child, config_key, freshness)
     return must_exist
