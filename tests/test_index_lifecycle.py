@@ -400,6 +400,8 @@ def test_inspect_of_an_index_tag_shows_the_index_and_each_platforms_image(env, s
 
 
 def test_inspect_platform_shows_that_platforms_image_as_inspect_shows_any_image(env, store):
+    """inspect --platform of a multi-platform tag: the image of that platform (its ID, config,
+    layers); a platform the tag lacks is one line naming those it has."""
     path, kit = store
     doc = json.loads(ok(env, "inspect", "--platform", "linux/arm/v7", path, "mp/app:y").stdout)
     assert doc["Id"] == kit.v7.config
