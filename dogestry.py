@@ -5550,11 +5550,12 @@ class ManifestGraph(NamedTuple):
     by_image: Dict[str, Set[str]]    # image hex -> the manifests whose config it is
     referrers: Dict[str, Set[str]]   # subject hex -> the manifests naming it as their subject
 
-    def closure(self, images: Set[str], manifests: Set[str], marks: StoreMarks,
-                has_record: Callable[[str], bool]) -> Tuple[Set[str], Set[str]]:
+    def closure(self, images: Set[str], manifests: Set[str], marks: StoreMarks, has_record: Callable[[str], bool],
+                made: Mapping[str, str]) -> Tuple[Set[str], Set[str]]:
         """(images, manifests) these images and manifests keep: an image keeps the manifests of it
         (pushed, or made from it) and their referrers; a manifest keeps the manifests an index
-        names, its referrers, and the image its config is (where an image record was written)."""
+        names, its referrers, and the image its config is (where an image record was written);
+        an index naming a manifest made from an image (`made`: its hex -> the image) keeps that image."""
         images = set(images)
         kept, todo = set(), set(manifests)  # type: Set[str], Set[str]
         while True:
@@ -5571,6 +5572,8 @@ class ManifestGraph(NamedTuple):
                 todo |= self.referrers.get(digest, set()) - kept
                 manifest = self.manifests.get(digest)
                 if manifest is None:
+                    if digest in made and has_record(made[digest]):
+                        images.add(made[digest])
                     continue
                 todo |= {digest_hex(d) for d in manifest.children} - kept
                 config = manifest.blobs[0][0] if manifest.blobs else None
@@ -5615,6 +5618,9 @@ class GcPlan(NamedTuple):
     unreferenced_bytes: int  # blobs no tag reaches
     held_bytes: int          # ... of which gc may not delete yet
     held_for: float          # seconds until the last of those may go (0: none held)
+    targets: List[Tuple[ImageRef, TagTarget]]  # every tag and what it names
+    tag_images: Set[str]     # the images the tags reach (an index tag: its platforms' images)
+    manifests: Dict[str, Optional["PushedManifest"]]  # the manifests under manifests/sha256/, by hex
 
 
 GC_PREFIXES = ("images/", "layers/", "blobs/sha256/", UNTAGGED_PREFIX, "manifests/")
@@ -5652,13 +5658,26 @@ def plan_gc(store: Store, grace: float, progress: ProgressSink) -> GcPlan:
     manifest_roots = tag_manifests | {h for h in young_untagged if h in pushed} | \
         {h for h, e in pushed.items() if e.age < grace}
     marks, marked = mark_reachable(store, image_roots, progress), set(image_roots)
+    made = made_by_images(marks)
+    searched = False
     while True:
-        images, kept = graph.closure(image_roots, manifest_roots, marks, has_record)
+        images, kept = graph.closure(image_roots, manifest_roots, marks, has_record, made)
         new = images - marked
+        unknown = sorted(kept - set(pushed) - set(made))
+        if not new and unknown and not searched:
+            # An index names a manifest that is neither stored nor made from an image marked so
+            # far: one made from an image nothing else reaches (older versions stored an index
+            # naming such a manifest without storing it).  Each other image's manifests are made.
+            searched = True
+            made.update(made_manifests(store, sorted(h for h in dirs if h not in marked and has_record(h))))
+            continue
         if not new:
             break
         marked |= new
         marks = marks.merged(mark_reachable(store, new, progress))
+        made.update(made_by_images(marks))
+    for digest in sorted(kept - set(pushed) - set(made)):
+        progress.note("an index names manifest sha256:%s, which is not stored" % digest)
     unreadable = sorted(h for h in kept if h in pushed and graph.manifests.get(h) is None)
     if unreadable:
         raise GcError("cannot read manifest sha256:%s, which is kept; nothing was deleted" % unreadable[0])
@@ -5724,7 +5743,7 @@ def plan_gc(store: Store, grace: float, progress: ProgressSink) -> GcPlan:
     # What no tag reaches but gc may not delete yet: young blobs, blobs young index entries or
     # manifests name, images untagged less than `grace` ago; each may go once the last of those
     # is old enough.
-    tag_images, tag_kept = graph.closure(tagged, tag_manifests, marks, has_record)
+    tag_images, tag_kept = graph.closure(tagged, tag_manifests, marks, has_record, made)
     tag_blobs = marks.blobs_of(tag_images).union(*(manifest_blobs.get(h, set()) for h in tag_kept))
     young_manifests = {h: pushed[h].age for h in kept - tag_kept if h in pushed}
     freed = {name[len("sha256:"):] for unit in units for kind, name, _ in unit.parts() if kind == "blob"}
@@ -5743,7 +5762,28 @@ def plan_gc(store: Store, grace: float, progress: ProgressSink) -> GcPlan:
         waits += [grace - age for h, age in young_manifests.items() if blob in manifest_blobs.get(h, ())]
         held_for = max([held_for] + waits)
     return GcPlan(units, expired, foreign, marks, tags, set(dirs), blob_keys, len(index_keys), unreferenced,
-                  held, held_for)
+                  held, held_for, targets, tag_images, graph.manifests)
+
+
+def made_by_images(marks: StoreMarks) -> Dict[str, str]:
+    """The manifests (hex) the registry makes from the marked images: manifest -> image."""
+    return {digest: image_hex for image_hex, digests in marks.root_manifests.items() for digest in digests}
+
+
+def made_manifests(store: Store, hexes: Sequence[str]) -> Dict[str, str]:
+    """The manifests (hex) the registry makes from these images (one GET each): manifest -> image."""
+    def read(image_hex: str) -> Optional[StoredImage]:
+        with contextlib.suppress(DogestryError):
+            return load_stored_image(store, image_hex)
+        return None
+
+    made = {}  # type: Dict[str, str]
+    with thread_pool(min(GC_THREADS, max(1, len(hexes))), "dogestry-made") as pool:
+        for image_hex, image in zip(hexes, pool.map(read, hexes)):
+            if image is not None and not image.legacy:
+                made.update({hashlib.sha256(registry_manifest(image, kind)).hexdigest(): image_hex
+                             for kind in (OCI_MANIFEST, DOCKER_MANIFEST)})
+    return made
 
 
 def _tag_pointers(store: Store, tags: Sequence[Tuple[ImageRef, str]], manifest_keys: Mapping[str, StoreEntry],
@@ -5903,6 +5943,10 @@ class StoreStats(NamedTuple):
     held_bytes: int       # ... and which it holds back (young, or untagged less than the grace ago)
     held_for: float       # seconds until the last of those may go
     grace: float
+    index_tags: int       # tags naming an image index (a multi-platform image)
+    indexes: int          # the image indexes they name
+    platform_images: int  # the images those indexes name (attestations not counted)
+    platforms: Dict[str, int]  # how many of those images are of each platform
 
     @property
     def dedup_ratio(self) -> Optional[float]:
@@ -5912,15 +5956,25 @@ class StoreStats(NamedTuple):
 
 
 def store_stats(store: Store, progress: ProgressSink, grace: float = 3600.0) -> StoreStats:
-    """Count what a store holds (the tags' images read once each; blobs from one listing), and
-    what a gc with that grace period would free now and later."""
+    """Count what a store holds (the tags' images read once each, every manifest pushed through
+    the registry once; blobs from one listing), and what a gc with that grace period would free
+    now and later."""
     store.check()
     plan = plan_gc(store, grace, progress)
-    tags = plan.tags
-    return StoreStats(len({r.name for r, _ in tags}), len(tags), len(plan.image_ids), plan.index_entries,
-                      len(plan.blobs), sum(e.size for e in plan.blobs.values()),
-                      plan.marks.image_bytes(digest for _, digest in tags), plan.unreferenced_bytes,
-                      plan.unreferenced_bytes - plan.held_bytes, plan.held_bytes, plan.held_for, grace)
+    indexes = {}  # type: Dict[str, PushedManifest]
+    index_tags = 0
+    for _, target in plan.targets:
+        index = plan.manifests.get(digest_hex(str(target.manifest))) if target.manifest else None
+        if index is not None and index.is_index:
+            indexes[index.digest] = index
+            index_tags += 1
+    images = {e.digest: e.platform for index in indexes.values() for e in index_images(index)}
+    platforms = collections.Counter(str(p) for p in images.values())
+    return StoreStats(len({r.name for r, _ in plan.targets}), len(plan.targets), len(plan.image_ids),
+                      plan.index_entries, len(plan.blobs), sum(e.size for e in plan.blobs.values()),
+                      plan.marks.image_bytes(plan.tag_images), plan.unreferenced_bytes,
+                      plan.unreferenced_bytes - plan.held_bytes, plan.held_bytes, plan.held_for, grace,
+                      index_tags, len(indexes), len(images), dict(sorted(platforms.items())))
 
 
 class PrunePlan(NamedTuple):
@@ -6803,36 +6857,82 @@ def stored_blob_key(store: Store, digest: str, size: int) -> Optional[str]:
 
 
 def store_pushed_manifest(store: Store, manifest: PushedManifest, ref: Optional[ImageRef],
-                          known_manifest: Callable[[str], bool], freshness: Freshness) -> Optional[str]:
+                          known_manifest: Callable[[str], Optional[PushedManifest]],
+                          freshness: Freshness) -> Optional[str]:
     """Store a pushed manifest (and its tag, if ref): the blobs it names must be stored
-    (MANIFEST_BLOB_UNKNOWN) and the manifests an index names (MANIFEST_UNKNOWN); the image
-    record is written for an image manifest; the tag last.  Return the image ID hex, if it is one."""
+    (MANIFEST_BLOB_UNKNOWN) and the manifests an index names (MANIFEST_UNKNOWN: known_manifest
+    gives them), which are kept with it (_keep_index_children); the image record is written for
+    an image manifest; the tag last.  Return the image ID hex, if it is one."""
     if ref is not None and tag_is_immutable(store, ref):  # refused before anything is written
         config = manifest.blobs[0][0] if manifest.blobs else ""
         check_tag_may_move(store, ref, "@" + manifest.digest, [digest_hex(config)] if config else [])
-    blobs = manifest.blobs
-    with thread_pool(min(8, max(1, len(blobs))), "dogestry-check") as pool:
-        keys = list(pool.map(lambda blob: stored_blob_key(store, *blob), blobs))
-    missing = [digest for (digest, _), key in zip(blobs, keys) if key is None]
-    if missing:
-        raise RegistryError(400, "MANIFEST_BLOB_UNKNOWN", "blob %s is not stored (push it first)" % missing[0])
-    unknown = [digest for digest in manifest.children if not known_manifest(digest)]
+    keys = _stored_blob_keys(store, manifest, "blob %s is not stored (push it first)")
+    children = [known_manifest(digest) for digest in manifest.children]
+    unknown = [digest for digest, child in zip(manifest.children, children) if child is None]
     if unknown:
         raise RegistryError(400, "MANIFEST_UNKNOWN", "manifest %s, which the index names, is not stored" % unknown[0])
-    with thread_pool(min(8, max(1, len(blobs))), "dogestry-ages") as pool:
-        for key, age in zip(keys, pool.map(store.age, keys)):
-            freshness.seen(str(key), age)
+    _seen_ages(store, keys, freshness)
+    must_exist = {key: size for key, (_, size) in zip(keys, manifest.blobs)}  # type: Dict[str, Optional[int]]
+    must_exist.update(_keep_index_children(store, [c for c in children if c is not None], freshness))
     store.put_bytes(manifest_key(manifest.digest), manifest.data, if_absent=True)
     freshness.written(manifest_key(manifest.digest))
     image_hex = _pushed_image_record(store, manifest, keys[0] if keys else None, freshness)
     if manifest.subject:
         write_json(store, referrer_key(manifest.subject, manifest.digest), manifest.descriptor())
-    freshness.secure({}, {str(key): size for key, (_, size) in zip(keys, blobs)})
+    freshness.secure({}, must_exist)
     if ref is not None:
         if image_hex is not None:
             store.put_bytes(tag_manifest_key(ref), manifest.digest.encode())  # before the tag it goes with
         point_tag(store, ref, TagTarget(image_hex, None if image_hex else manifest.digest))
     return image_hex
+
+
+def _stored_blob_keys(store: Store, manifest: PushedManifest, missing: str) -> List[str]:
+    """Where the blobs a manifest names are stored (RegistryError MANIFEST_BLOB_UNKNOWN, the
+    `missing` message with the digest, if one is not)."""
+    blobs = manifest.blobs
+    with thread_pool(min(8, max(1, len(blobs))), "dogestry-check") as pool:
+        keys = list(pool.map(lambda blob: stored_blob_key(store, *blob), blobs))
+    gone = [digest for (digest, _), key in zip(blobs, keys) if key is None]
+    if gone:
+        raise RegistryError(400, "MANIFEST_BLOB_UNKNOWN", missing % gone[0])
+    return [str(key) for key in keys]
+
+
+def _seen_ages(store: Store, keys: Sequence[str], freshness: Freshness) -> None:
+    """Tell freshness how old the keys a push relies on are (one HEAD each)."""
+    with thread_pool(min(8, max(1, len(keys))), "dogestry-ages") as pool:
+        for key, age in zip(keys, pool.map(store.age, keys)):
+            freshness.seen(key, age)
+
+
+def _keep_index_children(store: Store, children: Sequence[PushedManifest],
+                         freshness: Freshness) -> Dict[str, Optional[int]]:
+    """Keep what an index names until it is tagged, as a push keeps what it reuses: each manifest
+    stored byte for byte under manifests/ (one the registry made from a stored image is written
+    there now), it and its blobs refreshed if a gc may reach them (nothing named them: a gc may
+    be deleting them), its image record kept or written again.  The keys that must be there
+    before the tag, with their sizes."""
+    must_exist, records = {}, []  # type: Dict[str, Optional[int]], List[Tuple[PushedManifest, Optional[str]]]
+    for child in children:
+        key = manifest_key(child.digest)
+        age = store.age(key)
+        if age is None:
+            store.put_bytes(key, child.data, if_absent=True)
+            freshness.written(key)
+        else:
+            freshness.seen(key, age)
+        keys = _stored_blob_keys(store, child, "blob %%s of manifest %s, which the index names, is not stored"
+                                 % child.digest)
+        _seen_ages(store, keys, freshness)
+        must_exist[key] = len(child.data)
+        must_exist.update({k: size for k, (_, size) in zip(keys, child.blobs)})
+        records.append((child, keys[0] if keys else None))
+    if records:
+        freshness.refresh(freshness.min_grace / 2, {})  # every child at once, before a gc re-checks more of them
+    for child, config_key in records:
+        _pushed_image_record(store, child, config_key, freshness)
+    return must_exist
 
 
 def tag_pushed_manifest(store: Store, ref: ImageRef, image_hex: str) -> Optional[PushedManifest]:
@@ -7226,15 +7326,18 @@ class Registry:
             return read_pushed_manifest(self.store, target.manifest)
         return tag_pushed_manifest(self.store, ref, str(target.image_hex))  # else the image's own is served
 
-    def has_manifest(self, digest: str) -> bool:
-        """Is a manifest of that digest stored: pushed through the registry, or made from an image?"""
-        if self.store.stat(manifest_key(digest)) is not None:
-            return True
+    def known_manifest(self, digest: str) -> Optional[PushedManifest]:
+        """The manifest of that digest: pushed through the registry, or made from a stored image
+        (None if neither)."""
+        with contextlib.suppress(NotFound, FormatError, IntegrityError):
+            pushed = read_pushed_manifest(self.store, digest)
+            if pushed is not None:
+                return pushed
         try:
-            self._by_digest("", digest)
+            data, media_type, _ = self._by_digest("", digest)
         except RegistryError:
-            return False
-        return True
+            return None
+        return parse_pushed_manifest(data, media_type)
 
     def put_manifest(self, name: str, reference: str, manifest: PushedManifest) -> None:
         """Store a manifest pushed under a tag or its digest (RegistryError if it cannot be)."""
@@ -7245,7 +7348,7 @@ class Registry:
                                     % (manifest.digest, reference[:100]))
         else:
             ref = self._tag(name, reference)
-        store_pushed_manifest(self.store, manifest, ref, self.has_manifest,
+        store_pushed_manifest(self.store, manifest, ref, self.known_manifest,
                               Freshness(self.store, self.gc_min_grace, command="registry push"))
         with self._lock:
             self._missing.pop(manifest.digest, None)
@@ -11509,26 +11612,58 @@ def cmd_copy(ctx: Context) -> int:
 
 
 def cmd_list(ctx: Context) -> int:
-    """list STORE: the REPOSITORY TAG table of a store."""
+    """list STORE: the REPOSITORY TAG IMAGE-ID table of a store (and PLATFORMS, if a tag has several)."""
     store = ctx.store()
     store.check()
-    rows = [("REPOSITORY", "TAG", "IMAGE ID", "")]
-    rows += [(printable(ref.name), printable(ref.tag), target.image_hex[:12] if target.image_hex else "-",
-              "" if target.image_hex else "   (manifest %s, pushed through the registry: an index or an artifact)"
-              % str(target.manifest)[:19]) for ref, target in list_tag_targets(store)]
-    rows += [(printable(ref.name), printable(ref.tag), image_hex[:12], "   (original layout, at the bucket root)")
+    targets = list_tag_targets(store)
+    with thread_pool(min(TAG_READERS, max(1, len(targets))), "dogestry-indexes") as pool:
+        described = list(pool.map(lambda item: describe_target(store, item[1]), targets))
+    rows = [("REPOSITORY", "TAG", "IMAGE ID", "PLATFORMS", "")]  # type: List[Tuple[str, ...]]
+    rows += [(printable(ref.name), printable(ref.tag), target.image_hex[:12] if target.image_hex else "-", platforms,
+              note) for (ref, target), (platforms, note) in zip(targets, described)]
+    rows += [(printable(ref.name), printable(ref.tag), image_hex[:12], "", "(original layout, at the bucket root)")
              for ref, image_hex in original_images_at_root(store)]
-    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    if not any(row[3] for row in rows[1:]):  # no multi-platform tag: the table older versions print
+        rows = [row[:3] + row[4:] for row in rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
-        ctx.stdout.write("%-*s   %-*s   %s%s\n" % (widths[0], row[0], widths[1], row[1], row[2], row[3]))
+        ctx.stdout.write(("   ".join("%-*s" % (w, cell) for w, cell in zip(widths, row)) + "   " + row[-1]).rstrip()
+                         + "\n")
     return 0
 
 
+def describe_target(store: Store, target: TagTarget) -> Tuple[str, str]:
+    """What list shows of a tag besides its image ID: the platforms of an index (read from it: one
+    GET; nothing for one image, whose platform only its config says) and a note."""
+    if target.manifest is None:
+        return "", ""
+    short = target.manifest[:19]
+    try:
+        index = read_pushed_manifest(store, target.manifest)
+    except DogestryError:
+        index = None
+    if index is None:
+        return "?", "(manifest %s, which cannot be read)" % short
+    if not index.is_index:
+        return "", "(manifest %s, pushed through the registry: an artifact)" % short
+    return ",".join(sorted({str(e.platform) for e in index_images(index)})) or "-", "(index %s)" % short
+
+
 def cmd_inspect(ctx: Context) -> int:
-    """inspect STORE IMAGE: what the store holds for an image, as JSON."""
+    """inspect STORE IMAGE: what the store holds for an image (or a multi-platform tag's index), as JSON."""
     store = ctx.store()
     store.check()
-    store, image_hex, ref, image, named_hex = find_image(store, ctx.options.image, ctx.progress)
+    platform = ctx.options.platform  # type: Optional[Platform]
+    ref = None  # type: Optional[ImageRef]
+    with contextlib.suppress(UsageError):
+        ref = parse_image_ref(ctx.options.image)
+    if platform is None and ref is not None and store.stat(tag_key(ref)) is not None:
+        index = tag_index(store, ref)
+        if index is not None:
+            ctx.stdout.write(json.dumps(inspect_index(store, index), indent=2) + "\n")
+            return 0
+    store, image_hex, ref, image, named_hex = find_image(store, ctx.options.image, ctx.progress,
+                                                         None if platform is None else lambda: platform)
     tags = [str(r) for r, h in list_tags(store) if h in (image_hex, named_hex)]
     doc = {"Id": image.image_id if not image.legacy else image_hex, "RepoTags": tags}  # type: Dict[str, Any]
     if image.legacy:
@@ -11542,6 +11677,27 @@ def cmd_inspect(ctx: Context) -> int:
         doc["Config"] = read_json(store, image_key(image_hex, "config.json"))
     ctx.stdout.write(json.dumps(doc, indent=2) + "\n")
     return 0
+
+
+def inspect_index(store: Store, index: "PushedManifest") -> Dict[str, Any]:
+    """inspect's JSON of an image index: its digest, media type, tags, each platform's manifest and
+    image ID (null where its image is not stored), buildx's attestations, and the index itself."""
+    def image_id(digest: str) -> Optional[str]:
+        with contextlib.suppress(NotFound, FormatError):
+            return "sha256:" + image_of_manifest(store, digest)
+        return None
+
+    entries = index_images(index)
+    with thread_pool(min(TAG_READERS, max(1, len(entries))), "dogestry-inspect") as pool:
+        ids = list(pool.map(image_id, [e.digest for e in entries]))
+    attestations = [d for d in index.doc["manifests"] if ATTESTATION_ANNOTATION in (d.get("annotations") or {})]
+    return {"Id": index.digest, "RepoTags": [str(r) for r, t in list_tag_targets(store) if t.manifest == index.digest],
+            "Format": index.media_type, "Size": len(index.data),
+            "Platforms": [{"Platform": str(e.platform), "Id": image, "Digest": e.digest, "MediaType": e.media_type,
+                           "Size": e.size} for e, image in zip(entries, ids)],
+            "Attestations": [{"Digest": d["digest"], "For": (d.get("annotations") or {}).get(ATTESTED_ANNOTATION)}
+                             for d in attestations],
+            "Index": index.doc}
 
 
 def cmd_rm(ctx: Context) -> int:
@@ -11751,7 +11907,9 @@ def cmd_stats(ctx: Context) -> int:
             ("Layer records", str(stats.layers)), ("Blobs", str(stats.blobs)),
             ("Stored", human_size(stats.stored_bytes)),
             ("Without sharing", "%s (dedup %s)" % (human_size(stats.unshared_bytes), ratio)),
-            ("Unreferenced", unreferenced)]
+            ("Unreferenced", unreferenced),
+            ("Indexes", "%d (named by %d tags), of %d images" % (stats.indexes, stats.index_tags, stats.platform_images)),
+            ("Platforms", ", ".join("%s %d" % item for item in stats.platforms.items()) or "-")]
     for label, value in rows:
         ctx.stdout.write("%-16s %s\n" % (label + ":", value))
     return 0
