@@ -1123,8 +1123,9 @@ class Store:
         clean; return how many."""
         return 0
 
-    def delete_many(self, keys: Sequence[str]) -> None:
-        """Remove several keys."""
+    def delete_many(self, keys: Sequence[str], racing_writes_win: bool = False) -> None:
+        """Remove several keys (racing_writes_win: a key whose delete fails because a write of it
+        raced the delete is left as that write made it, instead of deleted again)."""
         for key in keys:
             self.delete(key)
 
@@ -2089,6 +2090,7 @@ S3_ERROR_LIMIT = 64 << 10   # the most of an error answer we read
 S3_RETRY_STATUSES = (500, 502, 503, 504)
 S3_RETRY_CODES = ("SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable",
                   "RequestTimeTooSkewed", "ExpiredToken", "TokenRefreshRequired")
+S3_DELETE_RETRY_CODES = S3_RETRY_CODES + ("UnknownError",)  # a key's own result in DeleteObjects worth retrying
 S3_REGION_CODES = ("PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException")
 
 
@@ -2619,27 +2621,42 @@ class S3Client:
             if not token:
                 return
 
-    def delete_many(self, keys: Sequence[str]) -> None:
-        """DeleteObjects, 1000 keys a request; raise on the first key S3 could not delete."""
+    def delete_many(self, keys: Sequence[str], racing_writes_win: bool = False) -> None:
+        """DeleteObjects, 1000 keys a request; raise on the first key S3 could not delete.  Keys
+        whose own result is a passing failure (InternalError; radosgw's UnknownError when a write of
+        the key races the delete) are sent again in a request of their own, with backoff -- or, with
+        racing_writes_win (gc: the write is someone relying on the key), left as they are."""
         for start in range(0, len(keys), 1000):
-            batch = keys[start:start + 1000]
-            body = ("<Delete><Quiet>true</Quiet>%s</Delete>" % "".join(
-                "<Object><Key>%s</Key></Object>" % xml_escape(k) for k in batch)).encode()
-            headers = {"Content-Type": "application/xml", "Content-Length": str(len(body)),
-                       "Content-MD5": base64.b64encode(hashlib.md5(body).digest()).decode()}
-            try:
-                root = _parse_xml(self.call("POST", query=[("delete", "")], headers=headers,
-                                            body=lambda: body, payload_hash=hashlib.sha256(body).hexdigest())[1])
-            except S3Error as e:
-                if e.status != 403:
-                    raise
-                raise S3Error("DeleteObjects %s: %s (these credentials may not delete: s3:DeleteObject)"
-                              % (self.describe(batch[0]), str(e).split(": ", 1)[-1]), e.code, e.status)
-            if root is not None:
-                error = root.find("Error")
-                if error is not None:
-                    raise S3Error("DeleteObjects %s: %s" % (self.describe(error.findtext("Key") or ""),
-                                                            error.findtext("Code")), error.findtext("Code") or "")
+            batch, attempt, started = keys[start:start + 1000], 0, self.clock()
+            while batch:
+                failed = self._delete_batch(batch)
+                batch = [key for key, code in failed if code in S3_DELETE_RETRY_CODES and not racing_writes_win]
+                if racing_writes_win:
+                    failed = [(key, code) for key, code in failed if code not in S3_DELETE_RETRY_CODES]
+                attempt += 1
+                lasting = [(key, code) for key, code in failed if code not in S3_DELETE_RETRY_CODES]
+                reason = "DeleteObjects: %s" % (failed[0][1] if failed else "")
+                if lasting or (batch and not self._wait_to_retry(attempt, started, reason, self.netloc())):
+                    key, code = (lasting or failed)[0]
+                    raise S3Error("DeleteObjects %s: %s" % (self.describe(key), code), code)
+
+    def _delete_batch(self, batch: Sequence[str]) -> List[Tuple[str, str]]:
+        """One DeleteObjects (quiet); the (key, error code) of each key S3 could not delete."""
+        body = ("<Delete><Quiet>true</Quiet>%s</Delete>" % "".join(
+            "<Object><Key>%s</Key></Object>" % xml_escape(k) for k in batch)).encode()
+        headers = {"Content-Type": "application/xml", "Content-Length": str(len(body)),
+                   "Content-MD5": base64.b64encode(hashlib.md5(body).digest()).decode()}
+        try:
+            root = _parse_xml(self.call("POST", query=[("delete", "")], headers=headers,
+                                        body=lambda: body, payload_hash=hashlib.sha256(body).hexdigest())[1])
+        except S3Error as e:
+            if e.status != 403:
+                raise
+            raise S3Error("DeleteObjects %s: %s (these credentials may not delete: s3:DeleteObject)"
+                          % (self.describe(batch[0]), str(e).split(": ", 1)[-1]), e.code, e.status)
+        if root is None:
+            return []
+        return [(error.findtext("Key") or "", error.findtext("Code") or "") for error in root.findall("Error")]
 
     def multipart_upload(self, key: str, path: str, size: int, workers: int,
                          on_progress: Callable[[int], None], check_digest: Optional[str] = None) -> None:
@@ -3113,8 +3130,8 @@ class S3Store(Store):
     def delete_if_version(self, key: str, version: str) -> bool:
         return self.client.delete_if_match(self._key(key), version)
 
-    def delete_many(self, keys: Sequence[str]) -> None:
-        self.client.delete_many([self._key(k) for k in keys])
+    def delete_many(self, keys: Sequence[str], racing_writes_win: bool = False) -> None:
+        self.client.delete_many([self._key(k) for k in keys], racing_writes_win)
 
     def list_entries(self, prefix: str) -> Iterator[StoreEntry]:
         start = len(self.location.prefix)
@@ -5874,7 +5891,7 @@ def delete_units(store: Store, units: Sequence[GcUnit], grace: float, stop_at: f
                 old = [u for u, ok in zip(batch, verdicts) if ok]
                 spared += len(batch) - len(old)
                 if old:
-                    pending = deleter.submit(store.delete_many, [key for unit in old for key in unit.delete])
+                    pending = deleter.submit(store.delete_many, [key for unit in old for key in unit.delete], True)
                 deleted.extend(old)
                 start += len(batch)
         finally:
