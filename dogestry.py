@@ -12128,7 +12128,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "inspect": "the image of this platform, of a multi-platform tag",
                 "import": "import only this platform of multi-platform images (default: every platform)",
                 "export": "the platform to export from multi-platform tags (default for --format docker: the"
-                          " engine's; --format oci writes every platform)"}[name])
+                          " engine's, else this machine's; --format oci writes every platform)"}[name])
         if name == "push":
             modes = p.add_mutually_exclusive_group()
             modes.add_argument("-multi-platform", "--multi-platform", dest="platforms", action="store_const",
