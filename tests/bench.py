@@ -1643,8 +1643,6 @@ def run(args, state):
             opens.close()
         floors[one.stage] = floors[three.stage] = ("TCP load", tcp_load.seconds)
         fleet_checks += check_fleet("fleet, dir store", one, three, gz_layers)
-        if args.multiplatform:
-            fleet_checks += run_multiplatform()
 
     def run_multiplatform():
         """A two-platform image (this machine's architecture and the other of amd64/arm64): one
@@ -1810,6 +1808,9 @@ def run(args, state):
         ]
         remove_tree(singles_store)
         return checks
+
+    if fleet and args.multiplatform:
+        fleet_checks += run_multiplatform()
 
     # the S3 store: floors of the bytes dogestry stores, then dogestry push / re-push / pull
     def run_s3():
