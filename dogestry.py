@@ -11740,7 +11740,8 @@ def cmd_rm(ctx: Context) -> int:
         all_tags = list_tags(store) if all_tags is None else all_tags
         tags = [(r, h) for r, h in all_tags if h == image_hex]
         if not tags:
-            ctx.progress.note("image %s has no tags in %s (gc frees it)" % (image_hex[:12], store.url))
+            ctx.progress.note("image %s has no tags of its own in %s (gc frees it, unless a multi-platform tag"
+                              " names it)" % (image_hex[:12], store.url))
         doomed.extend(tags)
     doomed = sorted(set(doomed))
     markers = set(store.list(PROTECTED_PREFIX))
