@@ -30,49 +30,55 @@ Standard library only; Python 3.8 or newer.  The module reads top to bottom:
     21. Command line and main()
 """
 
+from __future__ import annotations  # annotations stay unevaluated: they may name lazily imported modules' types
+
 import argparse
 import base64
 import binascii
 import collections
-import concurrent.futures
-import configparser
 import contextlib
-import datetime
-import email.utils
 import errno
 import fcntl
 import functools
-import getpass
 import hashlib
-import hmac
-import http.client
-import http.server
 import io
 import itertools
 import json
 import os
 import posixpath
-import queue
 import random
 import re
 import shutil
 import signal
-import socket
-import socketserver
 import stat
-import ssl
 import sys
-import tarfile
 import tempfile
 import threading
 import time
 import urllib.parse
 import weakref
 import zlib
-from xml.etree import ElementTree
-from xml.sax.saxutils import escape as xml_escape
-from typing import (IO, Any, BinaryIO, Callable, Dict, FrozenSet, Iterable, Iterator, List,
-                    Mapping, NamedTuple, Optional, Protocol, Sequence, Set, Tuple, Union)
+from typing import (IO, TYPE_CHECKING, Any, BinaryIO, Callable, Dict, FrozenSet, Iterable, Iterator, List,
+                    Mapping, NamedTuple, Optional, Protocol, Sequence, Set, Tuple, Type, Union, cast)
+
+# Start-up time: the modules below load only where a command needs them (a function imports
+# what it uses), so version, help, a usage error and list answer fast.  The type checker
+# reads them here; tests/test_static.py checks that every other use imports them itself.
+if TYPE_CHECKING:
+    import concurrent.futures
+    import datetime
+    import http.client
+    import http.server
+    import socket
+    import socketserver
+    import ssl
+
+    class _ThreadingHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+        """The bases of DogestryServer."""
+
+    _HTTPRequestHandler = http.server.BaseHTTPRequestHandler
+else:  # http.server loads only for -server: http_server_class() puts the server classes on these bases
+    _ThreadingHTTPServer = _HTTPRequestHandler = object
 
 __version__ = "0.1.0"
 
@@ -245,6 +251,7 @@ def quiet_worker() -> None:
 
 def thread_pool(workers: int, name: str) -> concurrent.futures.ThreadPoolExecutor:
     """A pool of `workers` quiet worker threads."""
+    import concurrent.futures  # lazy (start-up time): only parallel work needs it
     return concurrent.futures.ThreadPoolExecutor(max(1, workers), name, initializer=quiet_worker)
 
 
@@ -444,6 +451,7 @@ class ReadAhead:
     """
 
     def __init__(self, source: Any, depth: int = READ_AHEAD_PIECES):
+        import queue  # lazy (start-up time): only work in threads needs it
         self._queue = queue.Queue(depth)  # type: queue.Queue
         self._stop = threading.Event()
         self._piece, self._pos = b"", 0
@@ -494,6 +502,7 @@ class ReadAhead:
 
     def close(self) -> None:
         """Stop reading ahead; the thread closes the stream once its current read returns."""
+        import queue  # lazy (start-up time): only work in threads needs it
         self._stop.set()
         with contextlib.suppress(queue.Empty):
             while True:  # room for the piece the thread may be putting, so it sees the stop
@@ -665,27 +674,34 @@ def quick_ack(sock: Optional[socket.socket]) -> None:
     """Acknowledge the answer's first segment at once (Linux TCP_QUICKACK, which the kernel
     resets, hence before every answer): a server that leaves Nagle's algorithm on (radosgw)
     otherwise holds its body back for our delayed ACK, 40 ms on every small GET."""
+    import socket  # lazy (start-up time): only commands that talk to a network need it
     if sock is not None and hasattr(socket, "TCP_QUICKACK") and sock.family in (socket.AF_INET, socket.AF_INET6):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """HTTP over an AF_UNIX socket (the Docker daemon's default endpoint)."""
+@functools.lru_cache(maxsize=None)
+def unix_http_connection() -> Type[http.client.HTTPConnection]:
+    """The class of HTTP connections over an AF_UNIX socket (the Docker daemon's default endpoint)."""
+    import http.client  # lazy (start-up time): only commands that talk HTTP need it
+    import socket  # lazy (start-up time): only commands that talk to a network need it
 
-    def __init__(self, path: str, timeout: Optional[float] = None):
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
+    class UnixHTTPConnection(http.client.HTTPConnection):
+        def __init__(self, path: str, timeout: Optional[float] = None):
+            super().__init__("localhost", timeout=timeout)
+            self.unix_path = path
 
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.unix_path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
+        def connect(self) -> None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(self.unix_path)
+            except OSError:
+                sock.close()
+                raise
+            self.sock = sock
+
+    return UnixHTTPConnection
 
 
 class DockerEndpoint(NamedTuple):
@@ -699,8 +715,9 @@ class DockerEndpoint(NamedTuple):
 
     def connect(self, timeout: Optional[float]) -> http.client.HTTPConnection:
         """A fresh, unconnected HTTP connection to this endpoint."""
+        import http.client  # lazy (start-up time): only commands that talk HTTP need it
         if self.unix_path:
-            return UnixHTTPConnection(self.unix_path, timeout=timeout)
+            return unix_http_connection()(self.unix_path, timeout=timeout)
         assert self.host is not None
         if self.tls:
             return http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self.tls)
@@ -709,6 +726,7 @@ class DockerEndpoint(NamedTuple):
 
 def docker_tls_context(environ: Mapping[str, str], home: str) -> Optional[ssl.SSLContext]:
     """TLS settings the docker CLI way: DOCKER_TLS_VERIFY / DOCKER_TLS and DOCKER_CERT_PATH."""
+    import ssl  # lazy (start-up time): only TLS needs it
     verify = bool(environ.get("DOCKER_TLS_VERIFY"))
     if not verify and not environ.get("DOCKER_TLS"):
         return None
@@ -735,6 +753,7 @@ def docker_tls_context(environ: Mapping[str, str], home: str) -> Optional[ssl.SS
 
 def docker_endpoint(url: Optional[str], environ: Mapping[str, str], home: str) -> DockerEndpoint:
     """Parse a Docker host URL (unix://PATH, tcp://HOST[:PORT]); default DOCKER_HOST or the socket."""
+    import ssl  # lazy (start-up time): only TLS needs it
     url = url or environ.get("DOCKER_HOST") or "unix://" + DOCKER_DEFAULT_SOCKET
     scheme, sep, rest = url.partition("://")
     if not sep:
@@ -809,6 +828,7 @@ class DockerClient:
                 http10: bool = False) -> http.client.HTTPResponse:
         """Send a request; return the response (status checked, body unread).  http10: for a
         long answer without a body sent, over a connection of its own (_http10_connection)."""
+        import http.client  # lazy (start-up time): only commands that talk HTTP need it
         if versioned:
             path = "/v%s%s" % (self.api_version(), path)
         timeout = self.timeout if timeout == -1.0 else timeout
@@ -840,6 +860,7 @@ class DockerClient:
 
     def json(self, method: str, path: str, timeout: Optional[float] = -1.0) -> Any:
         """A request whose answer is one JSON document (at most DOCKER_ANSWER_LIMIT bytes)."""
+        import http.client  # lazy (start-up time): only commands that talk HTTP need it
         resp = self.request(method, path, timeout=timeout)
         try:
             data = resp.read(DOCKER_ANSWER_LIMIT + 1)
@@ -857,6 +878,7 @@ class DockerClient:
         """The API version to speak, negotiated once from GET /_ping; DockerError if what
         answers is not a Docker engine (a Docker engine, podman's service and a dogestry
         server answer "OK", Docker since 1.13 and podman with an Api-Version header too)."""
+        import http.client  # lazy (start-up time): only commands that talk HTTP need it
         if self._api_version is None:
             try:
                 resp = self.request("GET", "/_ping", timeout=min(self.timeout, 10.0), versioned=False)
@@ -904,6 +926,7 @@ class DockerClient:
 
     def remove_image(self, image_id: str, timeout: Optional[float] = -1.0) -> bool:
         """DELETE /images/{id} of an untagged image; False if the engine has no such image."""
+        import http.client  # lazy (start-up time): only commands that talk HTTP need it
         try:
             self.request("DELETE", "/images/%s" % urllib.parse.quote(image_id, safe=":"), timeout=timeout).read()
         except DockerError as e:
@@ -953,6 +976,7 @@ class DockerClient:
 
     def load(self, body: Iterable[bytes]) -> str:
         """POST /images/load with a streamed tar; return what the engine said it loaded."""
+        import http.client  # lazy (start-up time): only commands that talk HTTP need it
         resp = self.request("POST", "/images/load?quiet=1", body=body, timeout=self.stream_timeout,
                             headers={"Content-Type": "application/x-tar"})
         messages = []
@@ -1634,6 +1658,7 @@ def uri_encode(text: str, safe: str = "") -> str:
 
 def amz_date(now: datetime.datetime) -> str:
     """The X-Amz-Date form of a time (naive times are taken as UTC)."""
+    import datetime  # lazy (start-up time): only dated documents and signatures need it
     if now.tzinfo is not None:
         now = now.astimezone(datetime.timezone.utc)
     return now.strftime("%Y%m%dT%H%M%SZ")
@@ -1703,6 +1728,7 @@ def string_to_sign(timestamp: str, scope: str, canonical: str) -> str:
 
 def signing_key(secret: str, timestamp: str, region: str, service: str) -> bytes:
     """HMAC chain: date, region, service, 'aws4_request'."""
+    import hmac  # lazy (start-up time): only signatures and password checks need it
     key = ("AWS4" + secret).encode("utf-8")
     for part in (timestamp[:8], region, service, "aws4_request"):
         key = hmac.new(key, part.encode("utf-8"), hashlib.sha256).digest()
@@ -1710,6 +1736,7 @@ def signing_key(secret: str, timestamp: str, region: str, service: str) -> bytes
 
 
 def _signature(creds: Credentials, timestamp: str, region: str, service: str, canonical: str) -> str:
+    import hmac  # lazy (start-up time): only signatures and password checks need it
     key = signing_key(creds.secret_key, timestamp, region, service)
     to_sign = string_to_sign(timestamp, credential_scope(timestamp, region, service), canonical)
     return hmac.new(key, to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
@@ -1789,6 +1816,7 @@ METADATA_TIMEOUT = 2.0
 
 def _parse_xml(body: bytes) -> Any:
     """An XML document with namespaces stripped from tags, or None if it does not parse."""
+    from xml.etree import ElementTree  # lazy (start-up time): only S3 answers need it
     try:
         root = ElementTree.fromstring(body)
     except ElementTree.ParseError:
@@ -1806,6 +1834,7 @@ def _xml_text(root: Any, path: str) -> Optional[str]:
 
 def _http_time(text: Optional[str]) -> Optional[float]:
     """Unix time of an HTTP date (RFC 9110 section 5.6.7: Date, Last-Modified), or None."""
+    import email.utils  # lazy (start-up time): only S3 answers need it
     with contextlib.suppress(TypeError, ValueError, IndexError):
         return email.utils.parsedate_to_datetime(text or "").timestamp()
     return None
@@ -1821,6 +1850,7 @@ def _answer_error(body: bytes) -> Optional[str]:
 def _iso_time(text: Optional[str]) -> Optional[float]:
     """Unix time of an ISO 8601 timestamp like 2026-11-27T21:00:00Z or 2026-11-27T21:00:00.123Z
     (fractions of a second kept: radosgw's listings have milliseconds, AWS's whole seconds), or None."""
+    import datetime  # lazy (start-up time): only dated documents and signatures need it
     if not text:
         return None
     text = text.strip().replace("Z", "+00:00")
@@ -1836,6 +1866,7 @@ def _iso_time(text: Optional[str]) -> Optional[float]:
 
 def http_connection(url: str, context: Optional[ssl.SSLContext], timeout: float) -> http.client.HTTPConnection:
     """An unconnected HTTP or HTTPS connection to the host and port of url."""
+    import http.client  # lazy (start-up time): only commands that talk HTTP need it
     parts = urllib.parse.urlsplit(url)
     if parts.scheme == "https":
         return http.client.HTTPSConnection(parts.hostname or "", parts.port, timeout=timeout, context=context)
@@ -1869,6 +1900,7 @@ class AwsConfig:
 
     def _read(self, path: str, section: str) -> Optional[Dict[str, str]]:
         """A section's keys, or None when the file has no such section."""
+        import configparser  # lazy (start-up time): only AWS and fleet config files need it
         parser = configparser.RawConfigParser()
         try:
             parser.read(path, encoding="utf-8")
@@ -1896,6 +1928,7 @@ class AwsConfig:
 
     def ca_context(self) -> ssl.SSLContext:
         """TLS verification with the system CAs, or AWS_CA_BUNDLE."""
+        import ssl  # lazy (start-up time): only TLS needs it
         bundle = self.environ.get("AWS_CA_BUNDLE") or self.settings().get("ca_bundle")
         try:
             return ssl.create_default_context(cafile=bundle or None)
@@ -1965,6 +1998,7 @@ class CredentialChain:
         return None
 
     def _from_web_identity(self) -> Optional[Credentials]:
+        import http.client  # lazy (start-up time): only commands that talk HTTP need it
         env, s = self.config.environ, self.config.settings()
         token_file = env.get("AWS_WEB_IDENTITY_TOKEN_FILE") or s.get("web_identity_token_file")
         role = env.get("AWS_ROLE_ARN") or s.get("role_arn")
@@ -2026,6 +2060,7 @@ class CredentialChain:
                                doc.get("Expiration"), "container credentials")
 
     def _metadata_json(self, url: str, headers: Dict[str, str], what: str) -> Dict[str, Any]:
+        import http.client  # lazy (start-up time): only commands that talk HTTP need it
         try:
             status, body = self.http(url, "GET", headers, None, METADATA_TIMEOUT)
             doc = json.loads(body.decode("utf-8")) if status == 200 else None
@@ -2037,6 +2072,8 @@ class CredentialChain:
         return doc
 
     def _from_instance_metadata(self, required: bool = False) -> Optional[Credentials]:
+        import http.client  # lazy (start-up time): only commands that talk HTTP need it
+        import socket  # lazy (start-up time): only commands that talk to a network need it
         env = self.config.environ
         if env.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true" and not required:
             return None
@@ -2108,6 +2145,7 @@ UNKNOWN_HOST = "UnknownHost"  # the code of an S3Error for a host name that does
 def unknown_host(e: BaseException) -> bool:
     """Is this the resolver saying the host name does not exist (EAI_NONAME, EAI_NODATA: no retry
     will change that), rather than that it could not find out now (EAI_AGAIN)?"""
+    import socket  # lazy (start-up time): only commands that talk to a network need it
     permanent = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
     return isinstance(e, socket.gaierror) and e.errno in permanent
 
@@ -2235,6 +2273,7 @@ class S3Client:
         return s3_target(self.bucket, self.region, self.endpoint)
 
     def _connection(self, scheme: str, host: str, port: int) -> http.client.HTTPConnection:
+        import http.client  # lazy (start-up time): only commands that talk HTTP need it
         conns = getattr(self._local, "conns", None)
         if conns is None:
             conns = self._local.conns = {}
@@ -2276,6 +2315,10 @@ class S3Client:
 
         body is a factory returning bytes or a fresh file object, so a retry can resend it.
         """
+        import datetime  # lazy (start-up time): only dated documents and signatures need it
+        import http.client  # lazy (start-up time): only commands that talk HTTP need it
+        import socket  # lazy (start-up time): only commands that talk to a network need it
+        import ssl  # lazy (start-up time): only TLS needs it
         attempt, redirected, started = 0, False, self.clock()
         while True:
             attempt += 1
@@ -2358,6 +2401,7 @@ class S3Client:
 
     def call(self, method: str, key: str = "", **kw: Any) -> Tuple[http.client.HTTPResponse, bytes]:
         """A request whose whole (small) answer is read; a break while reading is retried too."""
+        import http.client  # lazy (start-up time): only commands that talk HTTP need it
         attempt, started = 0, self.clock()
         while True:
             attempt += 1
@@ -2391,6 +2435,7 @@ class S3Client:
 
     def presign(self, key: str, expires: int) -> str:
         """A presigned GET URL for key, valid for `expires` seconds."""
+        import datetime  # lazy (start-up time): only dated documents and signatures need it
         scheme, host, port, base = self._target()
         netloc = host if port in (80, 443) else "%s:%d" % (host, port)
         now = datetime.datetime.fromtimestamp(self.now(), datetime.timezone.utc)
@@ -2428,6 +2473,7 @@ class S3Client:
 
     def _failure(self, e: BaseException, host: str) -> str:
         """What went wrong with a request that got no answer (a host name that did not resolve is named)."""
+        import socket  # lazy (start-up time): only commands that talk to a network need it
         if isinstance(e, socket.gaierror):
             return "cannot resolve the host name %s: %s" % (host, _os_reason(e))
         return _os_reason(e)
@@ -2450,6 +2496,7 @@ class S3Client:
     def cancel(self, interrupted: bool = False) -> None:
         """Stop: requests not yet sent fail with Interrupted, retries and the waits before them end;
         clean-up requests (aborting multipart uploads) still get their retries, unless interrupted."""
+        import socket  # lazy (start-up time): only commands that talk to a network need it
         if interrupted:
             self.interrupted.set()
         self.cancelled.set()
@@ -2642,6 +2689,7 @@ class S3Client:
 
     def _delete_batch(self, batch: Sequence[str]) -> List[Tuple[str, str]]:
         """One DeleteObjects (quiet); the (key, error code) of each key S3 could not delete."""
+        from xml.sax.saxutils import escape as xml_escape  # lazy (start-up time): it loads urllib.request and http.client
         body = ("<Delete><Quiet>true</Quiet>%s</Delete>" % "".join(
             "<Object><Key>%s</Key></Object>" % xml_escape(k) for k in batch)).encode()
         headers = {"Content-Type": "application/xml", "Content-Length": str(len(body)),
@@ -2727,6 +2775,7 @@ class S3Client:
             return upload_id, attempt > 1
 
     def _complete_upload(self, key: str, upload_id: str, parts: Sequence[Tuple[int, str]]) -> None:
+        from xml.sax.saxutils import escape as xml_escape  # lazy (start-up time): it loads urllib.request and http.client
         body = ("<CompleteMultipartUpload>%s</CompleteMultipartUpload>" % "".join(
             "<Part><PartNumber>%d</PartNumber><ETag>%s</ETag></Part>" % (n, xml_escape(etag))
             for n, etag in parts)).encode()
@@ -2946,6 +2995,7 @@ class S3Reader(io.RawIOBase):
         return resp
 
     def readinto(self, buffer: Any) -> int:
+        import http.client  # lazy (start-up time): only commands that talk HTTP need it
         while True:
             if self.expected is not None and self.pos >= self.expected:
                 return 0
@@ -4072,6 +4122,7 @@ def _pax_fields(data: bytes) -> Dict[str, str]:
 def iter_tar(stream: ByteSource) -> Iterator[Tuple[TarEntry, MemberReader]]:
     """Stream a tar's members (ustar, GNU long names, PAX headers); each reader must be read or skipped.
     At most TAR_MEMBER_LIMIT headers, names of at most NAME_LIMIT bytes."""
+    import tarfile  # lazy (start-up time): only archives need it
     pax = {}  # type: Dict[str, str]
     long_name = long_link = None  # type: Optional[str]
     for count in itertools.count(1):
@@ -4144,6 +4195,7 @@ def read_save_stream(stream: ByteSource, spool: Callable[[TarEntry, MemberReader
     or None to have the member kept in memory like a small one.  what: the stream's name in
     errors, if it is not docker's (an archive file being imported).
     """
+    import http.client  # lazy (start-up time): only commands that talk HTTP need it
     contents = SaveContents()
     held = 0  # bytes held in memory: small members, and a header's worth for every member kept
     try:
@@ -4334,6 +4386,7 @@ class InOrderWorker:
     are drained unread, so put() never blocks on a dead worker."""
 
     def __init__(self, depth: int, name: str):
+        import queue  # lazy (start-up time): only work in threads needs it
         self.error = None  # type: Optional[BaseException]
         self._queue = queue.Queue(depth)  # type: queue.Queue
         self._thread = start_thread(self._run, (), name)
@@ -4449,6 +4502,7 @@ class SpoolWriter(InOrderWorker):
         super().put(piece)
 
     def consume(self, piece: Any) -> None:
+        import concurrent.futures  # lazy (start-up time): only parallel work needs it
         data = piece.result() if isinstance(piece, concurrent.futures.Future) else piece
         if self.hashed:
             self._sha.update(data)
@@ -4703,6 +4757,7 @@ def point_tag(store: Store, ref: ImageRef, target: TagTarget, same: Sequence[str
 def record_untagged(store: Store, image_hex: str, refs: Sequence[ImageRef]) -> None:
     """Note that tags were taken from an image (or a manifest pushed through the registry that is
     no image: its hex): gc spares it for its grace period from now."""
+    import datetime  # lazy (start-up time): only dated documents and signatures need it
     write_json(store, UNTAGGED_PREFIX + image_hex, {
         "tags": [str(r) for r in refs],
         "untagged": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})
@@ -4841,6 +4896,7 @@ def _write_image(store: Store, image_id: str, config: bytes, layers: List[LayerR
     """Write config and manifest (the manifest last), once every layer blob is known to be stored.
 
     Both are written even if there (a gc may be about to take an old copy: a new one is young)."""
+    import datetime  # lazy (start-up time): only dated documents and signatures need it
     if len(config) > DOCUMENT_LIMIT:  # pulls would refuse it: bigger documents are an attack
         raise FormatError("the image config is larger than %s" % human_size(DOCUMENT_LIMIT))
     image_hex = digest_hex(image_id)
@@ -4860,6 +4916,7 @@ def _write_image(store: Store, image_id: str, config: bytes, layers: List[LayerR
 
 def tar_header(name: str, size: int) -> bytes:
     """A tar header block for a regular file (mode 0644, mtime 0)."""
+    import tarfile  # lazy (start-up time): only archives need it
     info = tarfile.TarInfo(name)
     info.size, info.mode, info.mtime = size, 0o644, 0
     return info.tobuf(format=tarfile.PAX_FORMAT)
@@ -4883,6 +4940,7 @@ class BlobFeeder:
     thread, so store reads and decompression overlap with docker reading the tar."""
 
     def __init__(self, store: Store, record: LayerRecord, inflate: bool, key: Optional[str] = None):
+        import queue  # lazy (start-up time): only work in threads needs it
         self.store, self.record, self.inflate = store, record, inflate
         self.key = key or blob_key(record.digest)
         self.queue = queue.Queue(maxsize=2)  # type: queue.Queue
@@ -4893,6 +4951,7 @@ class BlobFeeder:
         self.thread = start_thread(self._run, (), "dogestry-blob")
 
     def _put(self, item: Tuple[str, Any]) -> None:
+        import queue  # lazy (start-up time): only work in threads needs it
         while not self.stop.is_set():
             try:
                 self.queue.put(item, timeout=0.2)
@@ -6137,6 +6196,7 @@ class FileConfig(NamedTuple):
 
 def read_config_file(path: str) -> FileConfig:
     """Parse [remote "NAME"] url=..., [s3] access-key-id/secret-key, [docker] connection."""
+    import configparser  # lazy (start-up time): only AWS and fleet config files need it
     parser = configparser.RawConfigParser()
     try:
         with open(path, encoding="utf-8") as f:
@@ -6408,6 +6468,7 @@ def server_url(endpoint: DockerEndpoint, port: int) -> Optional[str]:
 def server_status(url: str, tls: Optional[ssl.SSLContext] = None, timeout: float = 3.0) -> Optional[FrozenSet[str]]:
     """The delegation protocols of the dogestry server answering GET /status/check at url
     (none for servers too old to have one), or None if no dogestry server answers."""
+    import http.client  # lazy (start-up time): only commands that talk HTTP need it
     conn = http_connection(url, tls, timeout)
     try:
         conn.request("GET", "/status/check")
@@ -6507,6 +6568,7 @@ def delegate_pull(url: str, tls: Optional[ssl.SSLContext], plan: Delegation, pro
     """Ask a dogestry server to pull one image into its host, relaying its progress.
 
     timeout: the longest the server may stay silent (default DELEGATION_READ_TIMEOUT)."""
+    import http.client  # lazy (start-up time): only commands that talk HTTP need it
     conn = http_connection(url, tls, timeout or DELEGATION_READ_TIMEOUT)
     pulled = ""
     try:
@@ -7554,6 +7616,7 @@ def password_hash(password: str, salt: Optional[str] = None, iterations: int = P
 
 def password_matches(password: str, stored: str) -> bool:
     """Does a password match a pbkdf2_sha256 hash (in constant time)?"""
+    import hmac  # lazy (start-up time): only signatures and password checks need it
     iterations = hash_iterations(stored)
     if iterations is None:
         return False
@@ -7932,6 +7995,7 @@ class PartWriter:
 
     def __init__(self, client: S3Client, key: str, upload_id: str, create: Callable[[], str], first: int,
                  spool: Optional[str]):
+        import queue  # lazy (start-up time): only work in threads needs it
         self.client, self.key, self.number, self.spool = client, key, first, spool
         self.upload_id, self.create, self.made = upload_id, create, False
         self.parts = []  # type: List[Tuple[int, str, int]]
@@ -10004,7 +10068,7 @@ class PullRequest(NamedTuple):
     client: str
 
 
-class DogestryServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+class DogestryServer(_ThreadingHTTPServer):
     """The accelerator: pulls from a store into the local dockerd, for docker and dogestry clients.
 
     Connections are bounded (when all are taken, the one that has waited longest for its
@@ -10015,6 +10079,7 @@ class DogestryServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = SERVER_BACKLOG
+    handler_class: Type[ServerHandler]  # set by http_server_class()
 
     def __init__(self, address: Tuple[str, int], docker: DockerClient, policy: ServerPolicy,
                  open_store: Callable[[StoreChoice, Optional[Credentials]], Store],
@@ -10023,7 +10088,7 @@ class DogestryServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
                  limits: ServerLimits = ServerLimits(), private: str = "", registry: Optional[Registry] = None,
                  htpasswd: Optional[Htpasswd] = None, redirect: bool = True, anonymous_push: bool = False,
                  uploads: Optional[BlobUploads] = None):
-        super().__init__(address, ServerHandler)
+        super().__init__(address, self.handler_class)
         self.docker, self.policy, self.open_store, self.presigned_store = docker, policy, open_store, presigned_store
         self.log, self.errors, self.tls, self.limits = log, errors, tls, limits
         self.registry, self.htpasswd, self.redirect = registry, htpasswd, redirect
@@ -10080,6 +10145,7 @@ class DogestryServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """Admit a connection within the bound, closing the longest-waiting idle one if need be."""
+        import socket  # lazy (start-up time): only commands that talk to a network need it
         with self.connections_lock:
             if len(self.connections) >= self.limits.max_connections:
                 idle = [(since, id(s), s) for s, since in self.connections.items() if since is not None]
@@ -10190,6 +10256,7 @@ class DogestryServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
     def _shared_pull(self, found: Located, client: str, progress: ProgressSink) -> str:
         """Pull once per image and store identity at a time: later identical requests share the result."""
+        import concurrent.futures  # lazy (start-up time): only parallel work needs it
         with self.inflight_lock:
             future = self.inflight.get(found.share_key)
             leader = future is None
@@ -10353,6 +10420,7 @@ class DeadlineReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
+        import socket  # lazy (start-up time): only commands that talk to a network need it
         if self.idle is not None:
             self.deadline = time.monotonic() + self.idle
         left = self.deadline - time.monotonic()
@@ -10367,7 +10435,7 @@ class DeadlineReader(io.RawIOBase):
         return n
 
 
-class RequestHandler(http.server.BaseHTTPRequestHandler):
+class RequestHandler(_HTTPRequestHandler):
     """One client connection: strict HTTP/1.0 and 1.1 within the server's limits, JSON answers,
     access log lines on stdout.  The protocols (below) answer what it routes to them."""
 
@@ -10392,6 +10460,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
     def handle(self) -> None:
         """Shake hands (TLS) within the read timeout, then serve requests until the client is done."""
+        import ssl  # lazy (start-up time): only TLS needs it
         self.close_connection = True
         if isinstance(self.connection, ssl.SSLSocket):
             try:
@@ -10406,6 +10475,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         """Read one request within the deadline, answer it; close when its body went unread."""
+        import socket  # lazy (start-up time): only commands that talk to a network need it
         self.server.set_waiting(self.connection, True)
         self.reader.deadline = time.monotonic() + self.server.limits.read_timeout
         self.reader.idle = None
@@ -10729,6 +10799,7 @@ class DockerApiHandler(RequestHandler):
 def certificate_user(connection: Any) -> Optional[str]:
     """The subject CN of the client certificate a TLS connection verified (-tlsverify): "" if it has
     not exactly one CN, None without a verified certificate."""
+    import ssl  # lazy (start-up time): only TLS needs it
     if not isinstance(connection, ssl.SSLSocket):
         return None
     certificate = connection.getpeercert()  # type: Any  # {"subject": ((("commonName", "alice"),), ...), ...}
@@ -11109,6 +11180,16 @@ class ServerHandler(DockerApiHandler, RegistryWriteHandler):
     do_DELETE = do_PATCH = do_PUT
 
 
+@functools.lru_cache(maxsize=None)
+def http_server_class() -> Type[DogestryServer]:
+    """DogestryServer, serving with ServerHandler, on the standard library's classes they build on."""
+    import http.server  # lazy (start-up time): only -server needs it
+    import socketserver  # lazy (start-up time): only -server needs it
+    handler = type("ServerHandler", (ServerHandler, http.server.BaseHTTPRequestHandler), {})
+    return cast(Type[DogestryServer], type("DogestryServer", (DogestryServer, socketserver.ThreadingMixIn,
+                                                              http.server.HTTPServer), {"handler_class": handler}))
+
+
 # === 20. Commands ===
 
 
@@ -11266,6 +11347,7 @@ def server_tls_context(options: argparse.Namespace, environ: Mapping[str, str], 
     """TLS for -server the dockerd way: -tls or -tlsverify, with -tlscert/-tlskey (default
     $DOCKER_CERT_PATH or ~/.docker/{cert,key}.pem); -tlsverify requires client certificates
     signed by -tlscacert (default ca.pem there)."""
+    import ssl  # lazy (start-up time): only TLS needs it
     if not (options.tls or options.tlsverify or options.tlscert or options.tlskey or options.tlscacert):
         return None
     if options.tlscacert and not options.tlsverify:
@@ -11361,9 +11443,9 @@ def cmd_server(ctx: Context) -> int:
         parts = None if isinstance(registry.store, LocalStore) else spool.enter_context(work_directory(options.tempdir))
         uploads = BlobUploads(registry.store, gc_min_grace(ctx.environ) / 4, parts)
     try:
-        server = DogestryServer((options.address, options.port), ctx.docker(), policy, open_for,
-                                ctx.presigned_store, ctx.stdout, ctx.stderr, tls, limits, private, registry,
-                                htpasswd, options.redirect, options.anonymous_push, uploads)
+        server = http_server_class()((options.address, options.port), ctx.docker(), policy, open_for,
+                                     ctx.presigned_store, ctx.stdout, ctx.stderr, tls, limits, private, registry,
+                                     htpasswd, options.redirect, options.anonymous_push, uploads)
     except OSError as e:
         spool.close()
         raise DogestryError("cannot listen on %s:%d: %s" % (options.address, options.port, _os_reason(e)))
@@ -11401,6 +11483,7 @@ def cmd_login(ctx: Context) -> int:
     tty = hasattr(stdin, "isatty") and stdin.isatty()
 
     def ask(prompt: str, secret: bool) -> str:
+        import getpass  # lazy (start-up time): only password prompts need it
         if tty and secret:
             answer = getpass.getpass(prompt, stream=ctx.stderr)  # type: ignore[arg-type]
         else:
@@ -11449,6 +11532,7 @@ def cmd_passwd(ctx: Context) -> int:
 
 def _new_password(ctx: Context) -> str:
     """A password asked twice on a terminal, else read from stdin (one line)."""
+    import getpass  # lazy (start-up time): only password prompts need it
     stdin = ctx.stdin or sys.stdin
     if hasattr(stdin, "isatty") and stdin.isatty():
         password = getpass.getpass("Password: ", stream=ctx.stderr)  # type: ignore[arg-type]
