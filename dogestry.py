@@ -48,11 +48,9 @@ import os
 import posixpath
 import random
 import re
-import shutil
 import signal
 import stat
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -1244,6 +1242,8 @@ ABANDONED_UNLOCKED_AGE = 24 * 3600
 @contextlib.contextmanager
 def work_directory(tempdir: Optional[str]) -> Iterator[str]:
     """A private temp dir under -tempdir, always removed afterwards (by the next run if we are killed)."""
+    import shutil  # lazy (start-up time): only work directories need it
+    import tempfile  # lazy (start-up time): only writes and work directories need it
     base = tempdir or tempfile.gettempdir()
     try:
         path = tempfile.mkdtemp(prefix=WORK_PREFIX, dir=base)
@@ -1265,6 +1265,7 @@ def work_directory(tempdir: Optional[str]) -> Iterator[str]:
 def remove_abandoned_work_dirs(base: str) -> None:
     """Remove the temp dirs that killed runs left in BASE: their lock is free (or, from older
     versions, missing for a day)."""
+    import shutil  # lazy (start-up time): only work directories need it
     try:
         names = [n for n in os.listdir(base) if n.startswith(WORK_PREFIX)]
     except OSError:
@@ -1375,6 +1376,7 @@ class LocalStore(Store):
         return True
 
     def _put(self, key: str, src: BinaryIO, size: int) -> None:
+        import tempfile  # lazy (start-up time): only writes and work directories need it
         path = self._path(key)
         tmp = None
         try:
@@ -7970,6 +7972,7 @@ class UploadFile(OutputFile):
 
 def spool_path(spool: Optional[str]) -> str:
     """A new, empty temp file in spool (None: the system's temp dir) for a part on its way to S3."""
+    import tempfile  # lazy (start-up time): only writes and work directories need it
     try:
         fd, path = tempfile.mkstemp(prefix=".tmp-dogestry-part-", dir=spool)
     except OSError as e:
@@ -8303,6 +8306,7 @@ class LocalUploads:
     def put_blob(self, digest_hex: str, body: Iterable[bytes], sha: Any) -> int:
         """Store the body as blob digest_hex if it is that blob (sha: the hash the body's bytes go
         through on their way here): a temp file beside it, synced and renamed; its size."""
+        import tempfile  # lazy (start-up time): only writes and work directories need it
         target = self.store.path(blob_key("sha256:" + digest_hex))
         try:
             os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -9428,6 +9432,7 @@ def write_archive(chunks: Iterable[bytes], path: str) -> None:
     """Write an archive to path: into a FIFO or a character device as it is (/dev/stdout, a pipe);
     else to a temp file beside the file, renamed onto it at the end, so a failure leaves no file.
     A symlink is written through, never replaced: its target gets the archive."""
+    import tempfile  # lazy (start-up time): only writes and work directories need it
     target, direct = archive_target(path)
     if direct:
         with OutputFile(target) as out:
@@ -11566,6 +11571,7 @@ def update_docker_config(path: str, registry: str, entry: Dict[str, str]) -> Non
 
 
 def _update_docker_config(path: str, directory: str, registry: str, entry: Dict[str, str]) -> None:
+    import tempfile  # lazy (start-up time): only writes and work directories need it
     doc = {}  # type: Dict[str, Any]
     try:
         with open(path, encoding="utf-8") as f:
@@ -12343,7 +12349,6 @@ def main(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, st
     """Run dogestry; the one place where errors become a message and an exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     environ = os.environ if environ is None else environ
-    limit_malloc_arenas()
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     parser = build_parser()
@@ -12364,6 +12369,7 @@ def main(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, st
         if options.command == "help":
             stdout.write(_help_text(parser, options.topic))
             return 0
+        limit_malloc_arenas()  # before any thread starts; not for version, help or usage errors (start-up time)
         ctx = Context(environ, stdout, stderr, options, stdin)
         if options.lockfile:
             with file_lock(options.lockfile, ctx.progress):
