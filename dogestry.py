@@ -12349,6 +12349,7 @@ def main(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, st
     """Run dogestry; the one place where errors become a message and an exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     environ = os.environ if environ is None else environ
+    limit_malloc_arenas()
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     parser = build_parser()
@@ -12369,7 +12370,6 @@ def main(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, st
         if options.command == "help":
             stdout.write(_help_text(parser, options.topic))
             return 0
-        limit_malloc_arenas()  # before any thread starts; not for version, help or usage errors (start-up time)
         ctx = Context(environ, stdout, stderr, options, stdin)
         if options.lockfile:
             with file_lock(options.lockfile, ctx.progress):
