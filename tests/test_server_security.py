@@ -774,7 +774,7 @@ def test_a_handler_bug_is_a_500_and_a_traceback_on_the_servers_stderr(docker_hos
     store = tmp_path / "store"
     store.mkdir()
     policy = dogestry.ServerPolicy(str(store), [], [], None)
-    server = dogestry.DogestryServer(
+    server = dogestry.http_server_class()(
         ("127.0.0.1", 0), dogestry.DockerClient(dogestry.docker_endpoint(docker_host, {}, "/x")), policy,
         lambda choice, creds: dogestry.LocalStore(choice.url), None, log, errors)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
