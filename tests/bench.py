@@ -2,12 +2,16 @@
 """Benchmark dogestry push/pull, import/export, copy against floors measured in the same run (a script).
 
     python3 tests/bench.py [--size-mib 512] [--keep] [--repeat N] [--workdir DIR] [--s3 | --no-s3]
-                           [--fleet | --no-fleet]
+                           [--fleet | --no-fleet] [--startup-runs N] [--startup-only]
 
 Starts its own dockerd (unless DOCKER_HOST is set) in a temp dir on the same disk as the
 stores, builds a FROM-scratch image of three roughly equal layers (random, text, mixed)
 from a build context written in 4 MiB pieces, and measures:
 
+  start-up  first, before any engine starts: python3 -c pass and dogestry.pyz version, help, a
+            usage error (push without arguments) and list of a small directory store (one tiny
+            image, imported), each --startup-runs times (21) in turns; targets on the medians'
+            differences to python3 -c pass: <= +40 ms, list <= +80 ms (--startup-only: only this)
   floors    docker save > /dev/null; docker load of the saved tar after docker rmi (the
             layers are checked to be gone from the engine); gzip -1 of the saved tar on
             one thread and, the floor, in 2 MiB members on os.cpu_count() threads
@@ -85,6 +89,7 @@ import contextlib
 import hashlib
 import http.client
 import importlib.util
+import io
 import itertools
 import json
 import os
@@ -94,6 +99,7 @@ import resource
 import shutil
 import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -153,6 +159,9 @@ TARGET_SERVER_PUSH_RSS_MIB = 100  # the server's peak RSS while 4 docker pushes 
 SERVER_PUSHES = 4
 SERVER_PORT = 22375        # dogestry's server port: -pullhosts would delegate S3 pulls to servers there
 BLOB_DIR = "blobs/sha256"  # where a dogestry store keeps its blobs
+STARTUP_RUNS = 21          # the start-up stage: runs of each command, in turns
+TARGET_STARTUP_MS = 40     # version, help, a usage error: median over python3 -c pass's
+TARGET_STARTUP_LIST_MS = 80  # list of a small directory store: the same
 
 
 class BenchError(RuntimeError):
@@ -1221,6 +1230,67 @@ def machine_facts(host, workdir):
     return facts
 
 
+# --- start-up -----------------------------------------------------------------------------
+
+def tar_bytes_of(files):
+    """An uncompressed tar of FILES ({name: bytes})."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return raw.getvalue()
+
+
+def small_store(workdir):
+    """A directory store holding one tiny image, small/app:1, made by dogestry import (no engine)."""
+    layer = tar_bytes_of({"hello": b"hello\n"})
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {}, "rootfs": {
+        "type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(layer).hexdigest()]}}).encode()
+    config_name = hashlib.sha256(config).hexdigest() + ".json"
+    manifest = [{"Config": config_name, "RepoTags": ["small/app:1"], "Layers": ["layer.tar"]}]
+    archive, store = workdir / "small.tar", workdir / "store-small"
+    archive.write_bytes(tar_bytes_of({"layer.tar": layer, config_name: config,
+                                      "manifest.json": json.dumps(manifest).encode()}))
+    subprocess.run(dogestry_cmd(workdir, "import", "-q", store, archive), check=True, stdout=subprocess.DEVNULL)
+    return store
+
+
+def measure_startup(workdir, runs):
+    """python3 -c pass, and dogestry.pyz (as users run it) version, help, a usage error, list of a
+    small directory store: RUNS runs of each in turns (the order reversed every other round), so
+    the machine's load weighs on all alike.  Rows (a heading and Results: medians) and targets
+    (each command's median over python3 -c pass's)."""
+    pyz = [sys.executable, str(workdir / "dogestry.pyz")]
+    commands = [("python3 -c pass", [sys.executable, "-c", "pass"], 0, None),
+                ("dogestry.pyz version", pyz + ["version"], 0, TARGET_STARTUP_MS),
+                ("dogestry.pyz help", pyz + ["help"], 0, TARGET_STARTUP_MS),
+                ("dogestry.pyz push (a usage error)", pyz + ["push"], 2, TARGET_STARTUP_MS),
+                ("dogestry.pyz list (a small directory store)", pyz + ["list", str(small_store(workdir))], 0,
+                 TARGET_STARTUP_LIST_MS)]
+    times = [[] for _ in commands]
+    for number in range(runs):
+        order = list(range(len(commands)))
+        for index in order[::-1] if number % 2 else order:
+            _, cmd, status, _ = commands[index]
+            start = time.perf_counter()
+            proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            times[index].append(time.perf_counter() - start)
+            if proc.returncode != status:
+                raise BenchError("%s exited with %d, not %d" % (" ".join(cmd), proc.returncode, status))
+    medians = [statistics.median(t) for t in times]
+    rows, checks = ["start-up (medians of %d runs in turns; vs python3 -c pass)" % runs], []
+    for (stage, _, _, target), median, spread in zip(commands, medians, times):
+        over = (median - medians[0]) * 1000
+        rows.append(Result("  " + stage, median, note="" if target is None else "+%.1f ms over python3 -c pass"
+                           " (fastest run %.3f s)" % (over, min(spread))))
+        if target is not None:
+            checks.append((over <= target, "%s +%.1f ms over python3 -c pass (%.1f ms) <= +%d ms"
+                           % (stage, over, medians[0] * 1000, target)))
+    return rows, checks
+
+
 # --- report -----------------------------------------------------------------------------
 
 def fmt(value, spec, missing="-"):
@@ -1289,6 +1359,17 @@ def print_report(facts, image, results, floors, checks):
     sys.stdout.flush()
 
 
+def print_startup(rows, checks):
+    """The start-up stage alone (--startup-only)."""
+    print()
+    print("python: %s (%s); load average: %s" % (platform.python_version(), sys.executable, loadavg()))
+    for r in rows:
+        print(r if isinstance(r, str) else "%-46s %8.3f s  %s" % (r.stage, r.seconds, r.note))
+    for ok, text in checks:
+        print("  %s  %s" % ("PASS" if ok else "FAIL", text))
+    sys.stdout.flush()
+
+
 # --- main -------------------------------------------------------------------------------
 
 def run(args, state):
@@ -1298,6 +1379,12 @@ def run(args, state):
     state["workdir"] = workdir
     (workdir / "tmp").mkdir()
     build_zipapp(workdir)
+    log("start-up: python3 -c pass against dogestry.pyz version, help, a usage error, list (%d runs each)"
+        % args.startup_runs)
+    startup, startup_checks = measure_startup(workdir, args.startup_runs)
+    if args.startup_only:
+        print_startup(startup, startup_checks)
+        return
     size_bytes = args.size_mib * MiB
     if not find_docker():
         raise BenchError("docker CLI not found on PATH (install docker.io)")
@@ -1325,7 +1412,7 @@ def run(args, state):
     diff_ids = json.loads(docker_cli(host, "image", "inspect", "-f", "{{json .RootFS.Layers}}", TAG).stdout)
     log("built %s in %.1f s" % (img[7:19], time.perf_counter() - t))
 
-    results, floors = [], {}
+    results, floors = list(startup), {}
     save_path = workdir / "image.tar"
     s3cpu = None  # CPU of the S3 daemons, once they run
     tar_bytes = None
@@ -2396,7 +2483,7 @@ def run(args, state):
          "export -o FILE %.2f s <= %.1f x docker save > file %.2f s = %.2f s  [%.2fx; --format oci %.2f s, %.2fx]"
          % (exported.seconds, TARGET_EXPORT_RATIO, save_file.seconds, TARGET_EXPORT_RATIO * save_file.seconds,
             exported.seconds / save_file.seconds, exported_oci.seconds, exported_oci.seconds / save_file.seconds)),
-    ] + fleet_checks + s3_checks
+    ] + fleet_checks + s3_checks + startup_checks
     print_report(facts, image, results, floors, checks)
 
 
@@ -2442,6 +2529,10 @@ def main(argv=None):
                         help="with the fleet: skip the two-platform import and -pullhosts (needs buildah)")
     parser.add_argument("--no-gc", dest="gc", action="store_false", default=True,
                         help="with S3: skip gc of a store of 2,000 tags and 20,000 small blobs")
+    parser.add_argument("--startup-runs", type=int, default=STARTUP_RUNS,
+                        help="runs of each command in the start-up stage (default %d)" % STARTUP_RUNS)
+    parser.add_argument("--startup-only", action="store_true",
+                        help="only the start-up stage (needs no Docker engine)")
     args = parser.parse_args(argv)
     args.s3_auto = args.s3 is None
     if args.s3 is None:
@@ -2452,6 +2543,8 @@ def main(argv=None):
         parser.error("--size-mib must be at least 3")
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    if args.startup_runs < 1:
+        parser.error("--startup-runs must be at least 1")
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
