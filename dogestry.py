@@ -10078,7 +10078,8 @@ class DogestryServer(_ThreadingHTTPServer):
 
     Connections are bounded (when all are taken, the one that has waited longest for its
     request is closed to make room), each request must arrive within the read timeout, and
-    running out of file descriptors sheds new connections instead of spinning.
+    running out of file descriptors sheds new connections instead of spinning.  Made by
+    http_server_class(), which puts it on the standard library's threading HTTP server.
     """
 
     daemon_threads = True

@@ -1,4 +1,5 @@
-"""Static checks of dogestry.py: the type checker finds nothing, and only the standard library is imported."""
+"""Static checks of dogestry.py: the type checker finds nothing, only the standard library is imported,
+and the modules imported lazily (for start-up time) are imported wherever code uses them."""
 
 import ast
 import importlib.util
@@ -83,6 +84,7 @@ def test_modules_imported_for_the_type_checker_only_are_imported_where_code_runs
     `if TYPE_CHECKING:`, where mypy takes it as imported everywhere; every use outside an
     annotation must sit in a function that imports it, or mypy would pass a NameError."""
     tree = ast.parse(DOGESTRY.read_text())
+    # annotations are left unevaluated only with this, so they may name those modules' types
     assert any(isinstance(node, ast.ImportFrom) and node.module == "__future__"
                and [a.name for a in node.names] == ["annotations"] for node in tree.body)
     lazy = _type_checking_imports(tree)
