@@ -110,6 +110,7 @@ import time
 import urllib.parse
 import zlib
 from pathlib import Path
+from xml.sax.saxutils import escape as xml_escape
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -821,7 +822,7 @@ def s3_put_multipart(dogestry, client, key, path, size, parts, hashes, streams):
         with concurrent.futures.ThreadPoolExecutor(streams) as pool:
             etags = list(pool.map(put_part, zip(parts, hashes)))
         body = ("<CompleteMultipartUpload>%s</CompleteMultipartUpload>" % "".join(
-            "<Part><PartNumber>%d</PartNumber><ETag>%s</ETag></Part>" % (n, dogestry.xml_escape(etag))
+            "<Part><PartNumber>%d</PartNumber><ETag>%s</ETag></Part>" % (n, xml_escape(etag))
             for (n, _, _), etag in zip(parts, etags))).encode()
         _, answer = client.call("POST", key, query=[("uploadId", upload_id)], body=lambda: body,
                                 headers={"Content-Length": str(len(body)), "Content-Type": "application/xml"},
