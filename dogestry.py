@@ -89,6 +89,7 @@ class UsageError(DogestryError):
     """The command line itself is wrong (exit status 2)."""
 
     exit_code = 2
+    usage = ""  # the usage line of the command (or of dogestry) that was misused, printed after the error
 
 
 class DockerError(DogestryError):
@@ -11998,7 +11999,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that raises UsageError instead of exiting, so main() owns the exit."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(message)
+        raise usage_error(message, self)
 
     def exit(self, status: int = 0, message: Optional[str] = None) -> None:  # type: ignore[override]
         if message:
@@ -12008,6 +12009,13 @@ class _Parser(argparse.ArgumentParser):
     def print_help(self, file: Any = None) -> None:
         """-h: hand the text to main(), which writes it to its own stdout, once."""
         raise _HelpShown(0, self.format_help())
+
+
+def usage_error(message: str, parser: argparse.ArgumentParser) -> UsageError:
+    """A UsageError that main() follows with PARSER's usage line."""
+    error = UsageError(message)
+    error.usage = parser.format_usage()
+    return error
 
 
 class _HelpShown(Exception):
@@ -12034,10 +12042,22 @@ def _platform_arg(text: str) -> Platform:
         raise argparse.ArgumentTypeError(str(e))
 
 
-def _add_global_options(parser: argparse.ArgumentParser) -> None:
-    """The original's single-dash options, also accepted as --long."""
+EVERY_COMMAND_OPTIONS = frozenset({"config", "lockfile", "use-metaservice", "tempdir"})  # and -q
+PULL_OPTIONS = EVERY_COMMAND_OPTIONS | {"pullhosts", "force-local", "disable-checks", "host-timeout", "port"}
+
+
+def _add_global_options(parser: argparse.ArgumentParser, command: Optional[str] = None) -> None:
+    """The original's single-dash options, also accepted as --long; with a command, those of them
+    that may also follow it (every command's, and pull's fleet options), left unset unless given."""
+    after = PULL_OPTIONS if command == "pull" else EVERY_COMMAND_OPTIONS
+    group = parser if command is None else parser.add_argument_group(
+        "global options (before or after the command)")  # type: Any
+
     def flag(name: str, **kw: Any) -> None:
-        parser.add_argument("-" + name, "--" + name, **kw)
+        if command is None:
+            group.add_argument("-" + name, "--" + name, **kw)
+        elif name in after:
+            group.add_argument("-" + name, "--" + name, **dict(kw, default=argparse.SUPPRESS))
 
     server_defaults = ServerLimits()
 
@@ -12074,8 +12094,10 @@ def _add_global_options(parser: argparse.ArgumentParser) -> None:
     flag("max-connections", metavar="N", type=int,
          help="with -server: connections served at once (default: what the open-files limit leaves room for, "
               "at most %d)" % SERVER_MAX_CONNECTIONS)
-    parser.add_argument("-version", "--version", "-v", action="store_true", help="print the version and exit")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    if command is None:
+        parser.add_argument("-version", "--version", "-v", action="store_true", help="print the version and exit")
+    group.add_argument("-q", "--quiet", action="store_true", help="no progress output",
+                       **({} if command is None else {"default": argparse.SUPPRESS}))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -12090,7 +12112,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=summary, description=summary, usage="dogestry " + usage,
                            allow_abbrev=False)
         p.set_defaults(func=func)
-        p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
+        _add_global_options(p, name)
         if name == "login":
             p.add_argument("registry", metavar="REGISTRY", help="the registry name docker users pull from")
         if name == "passwd":
@@ -12183,10 +12205,17 @@ def build_parser() -> argparse.ArgumentParser:
 def _help_text(parser: argparse.ArgumentParser, topic: Optional[str]) -> str:
     if not topic:
         return parser.format_help()
+    command = _command_parser(parser, topic)
+    if command is None:
+        raise UsageError("unknown command %r (try 'dogestry help')" % topic)
+    return command.format_help()
+
+
+def _command_parser(parser: argparse.ArgumentParser, name: str) -> Optional[argparse.ArgumentParser]:
     for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction) and topic in action.choices:
-            return action.choices[topic].format_help()
-    raise UsageError("unknown command %r (try 'dogestry help')" % topic)
+        if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+            return action.choices[name]
+    return None
 
 
 def parse_command_line(parser: argparse.ArgumentParser, argv: List[str]) -> argparse.Namespace:
@@ -12221,7 +12250,8 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: List[str]) -> argp
         setattr(options, trailing, getattr(options, trailing) + extra)  # names after options, as above
         extra = []
     if extra:
-        raise UsageError("unrecognized arguments: %s" % " ".join(extra))
+        raise usage_error("unrecognized arguments: %s" % " ".join(extra),
+                          _command_parser(parser, options.command or "") or parser)
     if options.pullhosts and options.command not in (None, "pull", "help"):
         raise UsageError("-pullhosts goes with pull, not %s" % options.command)
     return options
@@ -12275,8 +12305,7 @@ def main(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, st
         if options.version:
             return cmd_version(Context(environ, stdout, stderr, options))
         if not options.command:
-            stderr.write(parser.format_usage())
-            raise UsageError("no command given (try 'dogestry help')")
+            raise usage_error("no command given (try 'dogestry help')", parser)
         if options.command == "help":
             stdout.write(_help_text(parser, options.topic))
             return 0
@@ -12292,6 +12321,8 @@ def main(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, st
         return Interrupted.exit_code
     except DogestryError as e:
         stderr.write("dogestry: error: %s\n" % printable(str(e).replace("\n", " ")))
+        if isinstance(e, UsageError):
+            stderr.write(e.usage)
         return e.exit_code
     except BrokenPipeError:
         return 1
