@@ -1134,6 +1134,11 @@ class Store:
         """What sort of store this is, for people."""
         return type(self).__name__
 
+    def stores_below(self, looks: int) -> Tuple[List[str], int]:
+        """The names (`team/`) of stores right below this one, among the first `looks` directories
+        or prefixes here, and how many there are in all (bounded work: for hints only)."""
+        return [], 0
+
     def ensure(self) -> None:
         """Create the store if it can be (a missing directory), before writing."""
 
@@ -1423,6 +1428,15 @@ class LocalStore(Store):
                         os.unlink(path)
                         removed += 1
         return removed
+
+    def stores_below(self, looks: int) -> Tuple[List[str], int]:
+        try:
+            names = sorted(n for n in os.listdir(self.root) if not n.startswith(".tmp-")
+                           and os.path.isdir(os.path.join(self.root, n)))
+        except OSError:
+            return [], 0
+        found = [n + "/" for n in names[:looks] if os.path.isdir(os.path.join(self.root, n, "repositories"))]
+        return found, len(names)
 
     def delete(self, key: str) -> None:
         path = self._path(key)
@@ -2622,6 +2636,15 @@ class S3Client:
             if not token:
                 return
 
+    def child_prefixes(self, prefix: str) -> List[str]:
+        """The prefixes right below `prefix` (`prefix` + `team/`): one ListObjectsV2 with delimiter /,
+        its first page only."""
+        query = [("list-type", "2"), ("prefix", prefix), ("delimiter", "/"), ("encoding-type", "url")]
+        root = _parse_xml(self.call("GET", query=query)[1])
+        if root is None:
+            raise S3Error("ListObjectsV2 on %s: unreadable answer" % self.describe(prefix))
+        return [urllib.parse.unquote_plus(p.findtext("Prefix") or "") for p in root.findall("CommonPrefixes")]
+
     def delete_many(self, keys: Sequence[str], racing_writes_win: bool = False) -> None:
         """DeleteObjects, 1000 keys a request; raise on the first key S3 could not delete.  Keys
         whose own result is a passing failure (InternalError; radosgw's UnknownError when a write of
@@ -3114,6 +3137,17 @@ class S3Store(Store):
 
     def list(self, prefix: str) -> Iterator[str]:
         return (key for key, _ in self.list_sizes(prefix))
+
+    def stores_below(self, looks: int) -> Tuple[List[str], int]:
+        prefixes = self.client.child_prefixes(self.location.prefix)
+
+        def holds_store(prefix: str) -> bool:  # one listing of at most one key
+            return next(self.client.list_ages(prefix + "repositories/", page_size=1), None) is not None
+
+        with thread_pool(min(looks, max(1, len(prefixes))), "dogestry-hint") as pool:
+            held = list(pool.map(holds_store, prefixes[:looks]))
+        start = len(self.location.prefix)
+        return [p[start:] for p, yes in zip(prefixes, held) if yes], len(prefixes)
 
     def list_sizes(self, prefix: str) -> Iterator[Tuple[str, int]]:
         start = len(self.location.prefix)
@@ -11333,6 +11367,34 @@ OPEN_SERVER_WARNING = (
     "STORE, -allow s3://bucket/prefix/, -registry NAME and -tlsverify")
 
 
+def server_serves(options: argparse.Namespace, own: Optional[str], policy: ServerPolicy,
+                  htpasswd: Optional[Htpasswd], engine: str) -> List[str]:
+    """The lines after the server's first: what its Docker API and its registry API serve, to whom."""
+    sources = ([printable(own) + " (and prefixes under it)"] if own else []) + \
+        ["s3://%s/%s" % (a.bucket, a.prefix) for a in policy.allowed]
+    docker = "Docker API: docker pull into %s, from %s" % (
+        engine, "any S3 bucket a client has keys for" if policy.is_open else ", ".join(sources))
+    if not own:
+        return [docker, "registry API: off (no STORE given; 'dogestry -server STORE' serves it at /v2/)"]
+    return [docker, "registry API: /v2/ for %s; %s" % (printable(own), registry_users(options, htpasswd))]
+
+
+def registry_users(options: argparse.Namespace, htpasswd: Optional[Htpasswd]) -> str:
+    """Who may pull and push through the registry API, in a few words."""
+    if htpasswd is not None:
+        rights = list(htpasswd.rights.values())
+        certificates = sum(1 for stored in htpasswd.users.values() if stored == CERTIFICATE_ONLY)
+        return "%d users of -htpasswd %s (%d may push, %d may delete%s)%s%s" % (
+            len(rights), printable(htpasswd.path), sum("push" in r.rights for r in rights),
+            sum("delete" in r.rights for r in rights),
+            ", %d by client certificate only" % certificates if certificates else "",
+            "; client certificates log in as their CN" if options.tlsverify else "",
+            "; -anonymous-push: every user may push" if options.anonymous_push else "")
+    pullers = "client certificate holders" if options.tlsverify else "anyone who reaches the port"
+    return "%s may pull, %s" % (pullers, "and push (-anonymous-push)" if options.anonymous_push
+                                 else "nobody may push (no -htpasswd users, no -anonymous-push)")
+
+
 def cmd_server(ctx: Context) -> int:
     """-server [STORE]: serve image pulls to docker clients and dogestry -pullhosts."""
     options = ctx.options
@@ -11373,10 +11435,12 @@ def cmd_server(ctx: Context) -> int:
         raise
     ctx.stdout.write("dogestry server %s listening on %s:%d%s (Docker at %s; %d connections at most, %s)\n"
                      % (__version__, options.address, server.server_address[1],
-                        " with TLS" + (", client certificates required" if options.tlsverify else "") if tls else "",
+                        " with TLS" + (", client certificates required" if options.tlsverify else "") if tls else " over plain HTTP",
                         server.docker.endpoint.url, limits.max_connections,
                         "-max-connections" if options.max_connections is not None else
                         "for an open-files limit of %d" % open_files if open_files is not None else "the default"))
+    for line in server_serves(options, own, policy, htpasswd, server.docker.endpoint.url):
+        ctx.stdout.write("  " + line + "\n")
     ctx.stdout.flush()
     if policy.is_open:
         ctx.stderr.write(OPEN_SERVER_WARNING + "\n")
@@ -11647,7 +11711,32 @@ def cmd_list(ctx: Context) -> int:
     for row in rows:
         ctx.stdout.write(("   ".join("%-*s" % (w, cell) for w, cell in zip(widths, row)) + "   " + row[-1]).rstrip()
                          + "\n")
+    if len(rows) == 1:
+        hint_stores_below(ctx, store)
     return 0
+
+
+LIST_HINT_LOOKS = 8  # prefixes an empty list looks into for stores (a listing of one key each, at once)
+
+
+def hint_stores_below(ctx: Context, store: Store) -> None:
+    """For a list that found no tags: one line on stderr naming the stores right below STORE."""
+    found, there = store.stores_below(LIST_HINT_LOOKS)
+    if not found:
+        return
+    url = ctx.remotes.get(ctx.options.store, ctx.options.store)
+    more = " (looked into %d of its %d prefixes)" % (LIST_HINT_LOOKS, there) if there > LIST_HINT_LOOKS else ""
+    ctx.stderr.write("dogestry: no tags at the top of %s, but stores below it%s: %s; list one with "
+                     "'dogestry list %s'\n" % (printable(url), more, ", ".join(printable(f) for f in found),
+                                                printable(store_url_below(url, found[0]))))
+
+
+def store_url_below(url: str, name: str) -> str:
+    """The STORE argument of the store `name` (`team/`) right below the store `url` names."""
+    if not re.match(r"(?i)(s3|file)://", url):
+        return os.path.join(url, name)
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/" + name))
 
 
 def describe_target(store: Store, target: TagTarget) -> Tuple[str, str]:
