@@ -11435,7 +11435,8 @@ def cmd_server(ctx: Context) -> int:
         raise
     ctx.stdout.write("dogestry server %s listening on %s:%d%s (Docker at %s; %d connections at most, %s)\n"
                      % (__version__, options.address, server.server_address[1],
-                        " with TLS" + (", client certificates required" if options.tlsverify else "") if tls else " over plain HTTP",
+                        " with TLS" + (", client certificates required" if options.tlsverify else "") if tls
+                        else " over plain HTTP",
                         server.docker.endpoint.url, limits.max_connections,
                         "-max-connections" if options.max_connections is not None else
                         "for an open-files limit of %d" % open_files if open_files is not None else "the default"))
@@ -11721,11 +11722,14 @@ LIST_HINT_LOOKS = 8  # prefixes an empty list looks into for stores (a listing o
 
 def hint_stores_below(ctx: Context, store: Store) -> None:
     """For a list that found no tags: one line on stderr naming the stores right below STORE."""
-    found, there = store.stores_below(LIST_HINT_LOOKS)
+    try:
+        found, there = store.stores_below(LIST_HINT_LOOKS)
+    except DogestryError:  # a hint only: the listing it needs may be denied where the table was not
+        return
     if not found:
         return
     url = ctx.remotes.get(ctx.options.store, ctx.options.store)
-    more = " (looked into %d of its %d prefixes)" % (LIST_HINT_LOOKS, there) if there > LIST_HINT_LOOKS else ""
+    more = " (looked into %d of the %d there)" % (LIST_HINT_LOOKS, there) if there > LIST_HINT_LOOKS else ""
     ctx.stderr.write("dogestry: no tags at the top of %s, but stores below it%s: %s; list one with "
                      "'dogestry list %s'\n" % (printable(url), more, ", ".join(printable(f) for f in found),
                                                 printable(store_url_below(url, found[0]))))

@@ -125,8 +125,8 @@ def test_list_of_a_bucket_whose_images_sit_under_a_prefix_names_the_prefix(small
     proc = ok(run_dogestry("list", url, env=s3_env))
 
     assert proc.stdout == "REPOSITORY   TAG   IMAGE ID\n"
-    assert proc.stderr == ("dogestry: no tags at the top of %s, but stores below it (looked into 8 of its 12 "
-                           "prefixes): team/; list one with 'dogestry list s3://%s/team/?endpoint=%s'\n"
+    assert proc.stderr == ("dogestry: no tags at the top of %s, but stores below it (looked into 8 of the 12 "
+                           "there): team/; list one with 'dogestry list s3://%s/team/?endpoint=%s'\n"
                            % (url, bucket, urllib.parse.quote(proxy.url, safe="")))
     queries = [dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(e["target"]).query)) for e in proxy.log]
     assert [q.get("delimiter") for q in queries if "delimiter" in q] == ["/"], queries
