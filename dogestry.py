@@ -9048,6 +9048,7 @@ class ArchiveReader:
             self.exact[member] = exact_small_blob(data)
             self.store.put_bytes(key, data)
             self.freshness.written(key)
+            self.pipeline.report.add(digest, size)
         elif member in self.known:  # a raw layer the store holds compressed (as a push stores it)
             with contextlib.closing(self.store.open(blob_key(self.known[member].digest))) as packed:
                 spool = self._unpacked(packed, digest, size)
