@@ -501,6 +501,38 @@ class ReadAhead:
                 self._queue.get_nowait()
 
 
+class TransferReport:
+    """What a push, pull, import or copy sent, for --json: each blob it wrote to the store (or a
+    pull loaded into the engine) with its bytes, and the tag and multi-platform index it wrote."""
+
+    def __init__(self) -> None:
+        self.sent = {}  # type: Dict[str, int]  # blob digest -> bytes
+        self.tag = None  # type: Optional[str]
+        self.index = None  # type: Optional[str]  # the digest of the index the tag names, if it names one
+        self.platform = None  # type: Optional[str]
+        self.image_id = ""
+        self.layers = []  # type: List[LayerRecord]
+        self._lock = threading.Lock()
+
+    def add(self, digest: str, size: int) -> None:
+        """Note a blob sent (threads may call this)."""
+        with self._lock:
+            self.sent[digest] = size
+
+    def to_json(self) -> Dict[str, Any]:
+        """The image's part of a --json document (README: JSON output)."""
+        return {"image_id": self.image_id, "tag": self.tag, "index": self.index, "platform": self.platform,
+                **layers_json(self.layers, self.sent)}
+
+
+def layers_json(layers: Sequence["LayerRecord"], sent: Mapping[str, int]) -> Dict[str, Any]:
+    """An image's layers for --json: digests, stored size, whether this command sent each, and the bytes."""
+    return {"layers": [{"diff_id": r.diff_id, "digest": r.digest, "size": r.size, "sent": r.digest in sent}
+                       for r in layers],
+            "bytes_sent": sum(r.size for r in {r.digest: r for r in layers}.values() if r.digest in sent),
+            "bytes_skipped": sum(r.size for r in {r.digest: r for r in layers}.values() if r.digest not in sent)}
+
+
 # === 3. Progress reporting ===
 
 
@@ -4510,8 +4542,10 @@ class LayerPipeline:
     layers in the background while the stream is still being read."""
 
     def __init__(self, store: Store, work_dir: str, progress: ProgressSink, options: PushOptions,
-                 freshness: Optional[Freshness] = None, write_index: bool = True):
+                 freshness: Optional[Freshness] = None, write_index: bool = True,
+                 report: Optional[TransferReport] = None):
         self.store, self.work_dir, self.progress, self.options = store, work_dir, progress, options
+        self.report = report or TransferReport()
         self.write_index = write_index  # False: blobs only, the caller writes index entries once it may
         self.freshness = freshness or options.freshness(store)
         self.abort = threading.Event()
@@ -4599,8 +4633,10 @@ class LayerPipeline:
         task = self.progress.task(record.diff_id[7:19], "uploading", record.size)
         try:
             key = blob_key(record.digest)
-            if not self.store.put_file(key, path, record.size, record.digest, task.advance, if_absent=True,
-                                       consume=True):
+            if self.store.put_file(key, path, record.size, record.digest, task.advance, if_absent=True,
+                                   consume=True):
+                self.report.add(record.digest, record.size)
+            else:
                 self._keep_stored_blob(key, path, record, task)
             if self.write_index and layer:
                 name_layer(self.store, record, self.freshness)
@@ -4631,6 +4667,7 @@ class LayerPipeline:
             self.freshness.refreshed()
         else:
             self.store.put_file(key, path, record.size, record.digest, task.advance, consume=True)
+            self.report.add(record.digest, record.size)
 
     def finish(self) -> Dict[str, LayerRecord]:
         """Wait for every upload; raise the first failure."""
@@ -4679,8 +4716,9 @@ def reused_layer(store: Store, diff_id: str, freshness: Freshness) -> Optional[L
 
 
 def push_image(docker: DockerClient, store: Store, text: str, progress: ProgressSink,
-               options: PushOptions) -> str:
-    """Push one local image (NAME[:TAG] or ID) and its tag; return the image ID."""
+               options: PushOptions, report: Optional[TransferReport] = None) -> str:
+    """Push one local image (NAME[:TAG] or ID) and its tag; return the image ID (report: what was sent)."""
+    report = report or TransferReport()
     ref, info = None, None  # type: Optional[ImageRef], Optional[Dict[str, Any]]
     if not text.startswith("sha256:") and not _HEX64.match(text):
         ref = parse_image_ref(text)  # a name first, as docker resolves it...
@@ -4702,12 +4740,15 @@ def push_image(docker: DockerClient, store: Store, text: str, progress: Progress
         progress.note("%s: image %s is already stored" % (str(ref or text), image_hex[:12]))
     else:
         freshness = options.freshness(store)
-        _push_new_image(docker, store, image_id, diff_ids, progress, options, freshness)
+        _push_new_image(docker, store, image_id, diff_ids, progress, options, freshness, report)
+    stored = load_stored_image(store, image_hex)
+    report.image_id, report.layers = image_id, stored.layers
+    report.platform = str(platform) if platform.architecture else None
     if ref is not None:
-        index = tag_platform_image(store, ref, load_stored_image(store, image_hex), platform, options.platforms,
-                                   freshness)
+        index = tag_platform_image(store, ref, stored, platform, options.platforms, freshness)
         shown = "" if index is None else " as its %s image (it holds %s)" % (platform, platform_list(index_images(index)))
         progress.note("pushed %s (%s) to %s%s" % (ref, image_hex[:12], store.url, shown))
+        report.tag, report.index = str(ref), None if index is None else index.digest
     return image_id
 
 
@@ -4777,7 +4818,8 @@ def _index_rewriters(store: Store, records: Sequence[LayerRecord]) -> Dict[str, 
 
 
 def _push_new_image(docker: DockerClient, store: Store, image_id: str, diff_ids: List[str],
-                    progress: ProgressSink, options: PushOptions, freshness: Freshness) -> None:
+                    progress: ProgressSink, options: PushOptions, freshness: Freshness,
+                    report: Optional[TransferReport] = None) -> None:
     known = {}  # type: Dict[str, LayerRecord]
     for diff_id in set(diff_ids):
         record = reused_layer(store, diff_id, freshness)
@@ -4788,7 +4830,7 @@ def _push_new_image(docker: DockerClient, store: Store, image_id: str, diff_ids:
         progress.note("%d of %d layers already stored" % (len(set(known)), len(set(diff_ids))))
     wanted = set(diff_ids) - set(known)
     with work_directory(options.tempdir or store.spool_dir()) as work:
-        pipeline = LayerPipeline(store, work, progress, options, freshness)
+        pipeline = LayerPipeline(store, work, progress, options, freshness, report=report)
         try:
             def spool(entry: TarEntry, reader: MemberReader) -> Optional[Spool]:
                 return _spool_member(entry, reader, image_id, wanted, known, pipeline)
@@ -5246,11 +5288,13 @@ def remove_leftover_partials(docker: DockerClient, image_id: str, progress: Prog
 
 
 def pull_image(docker: DockerClient, store: Store, text: str, progress: ProgressSink,
-               tag_as: Optional[List[ImageRef]] = None, platform: Optional[Platform] = None) -> str:
+               tag_as: Optional[List[ImageRef]] = None, platform: Optional[Platform] = None,
+               report: Optional[TransferReport] = None) -> str:
     """Pull one image (NAME[:TAG] or ID prefix) into the engine and tag it; return its ID there.
 
     tag_as: the tags to give it on the host (default: the tag pulled).  platform: the image to
     take from a multi-platform tag (default: the engine's platform, asked only for such a tag).
+    report: the layers loaded into the engine.
     """
     store.check()
     chosen = []  # type: List[Platform]
@@ -5263,9 +5307,12 @@ def pull_image(docker: DockerClient, store: Store, text: str, progress: Progress
     if platform is not None and not chosen and not image.legacy:
         check_image_platform(store, image, platform, str(ref or text))
     tags = ([ref] if ref else []) if tag_as is None else tag_as
-    image_id = load_image(docker, store, image, [str(t) for t in tags], progress)
+    image_id = load_image(docker, store, image, [str(t) for t in tags], progress, report)
     for tag in tags:
         docker.tag(image_id, tag)
+    if report is not None:
+        report.tag, report.platform = (str(ref) if ref else None), (str(chosen[0]) if chosen else None)
+        report.image_id, report.layers = image_id, list(image.layers)
     progress.note("pulled %s%s (%s)" % (str(ref or text), " for " + str(chosen[0]) if chosen else "",
                                         digest_hex(image_id)[:12]))
     return image_id
@@ -5311,11 +5358,11 @@ def tag_image_choice(store: Store, ref: ImageRef, platform: PlatformSource) -> T
 
 
 def load_image(docker: DockerClient, store: Store, image: StoredImage, repo_tags: List[str],
-               progress: ProgressSink) -> str:
-    """Load a stored image into the engine (unless it has it); return its ID there."""
+               progress: ProgressSink, report: Optional[TransferReport] = None) -> str:
+    """Load a stored image into the engine (unless it has it); return its ID there (report: the layers loaded)."""
     if image.legacy:
         return _pull_legacy(docker, store, image, repo_tags, progress)
-    return _pull_image(docker, store, image, repo_tags, progress)
+    return _pull_image(docker, store, image, repo_tags, progress, report)
 
 
 def verified_config(store: Store, image: StoredImage) -> bytes:
@@ -5327,7 +5374,7 @@ def verified_config(store: Store, image: StoredImage) -> bytes:
 
 
 def _pull_image(docker: DockerClient, store: Store, image: StoredImage, repo_tags: List[str],
-                progress: ProgressSink) -> str:
+                progress: ProgressSink, report: Optional[TransferReport] = None) -> str:
     if docker.inspect_image(image.image_id) is not None:
         progress.note("%s: already on the Docker host" % image.image_id[7:19])
         remove_leftover_partials(docker, image.image_id, progress)
@@ -5347,6 +5394,9 @@ def _pull_image(docker: DockerClient, store: Store, image: StoredImage, repo_tag
     load_layers(docker, store, image, config, repo_tags, missing, progress, inflate)
     if docker.inspect_image(image.image_id) is None:
         raise DockerError("docker load finished but the engine has no image %s" % image.image_id)
+    if report is not None:
+        for i in missing:
+            report.add(image.layers[i].digest, image.layers[i].size)
     remove_leftover_partials(docker, image.image_id, progress)
     return image.image_id
 
@@ -9033,6 +9083,7 @@ class ArchiveReader:
             self.exact[member] = exact_small_blob(data)
             self.store.put_bytes(key, data)
             self.freshness.written(key)
+            self.pipeline.report.add(digest, size)
         elif member in self.known:  # a raw layer the store holds compressed (as a push stores it)
             with contextlib.closing(self.store.open(blob_key(self.known[member].digest))) as packed:
                 spool = self._unpacked(packed, digest, size)
@@ -9142,14 +9193,15 @@ def small_layer_checks_out(data: bytes, diff_id: str) -> bool:
 
 
 def import_archive(store: Store, stream: IO[bytes], names: Sequence[str], progress: ProgressSink,
-                   options: PushOptions, platform: Optional[Platform] = None) -> List[Archived]:
+                   options: PushOptions, platform: Optional[Platform] = None,
+                   report: Optional[TransferReport] = None) -> List[Archived]:
     """Store the images of an archive (all, or those NAME:TAG arguments pick) as push would, a
     multi-platform image whole (or with platform, its image for that platform); return them,
-    with the tags written."""
+    with the tags written (report: the blobs sent)."""
     store.ensure()
     freshness = options.freshness(store)
     with work_directory(options.tempdir or store.spool_dir()) as work:
-        pipeline = LayerPipeline(store, work, progress, options, freshness, write_index=False)
+        pipeline = LayerPipeline(store, work, progress, options, freshness, write_index=False, report=report)
         reader = ArchiveReader(store, pipeline, freshness)
         try:
             contents = read_save_stream(archive_tar(stream), reader.spool, pipeline.abort, what="archive")
@@ -9495,9 +9547,11 @@ class BlobCopier:
     """Copies blobs from one store to another: server-side between S3 buckets on one endpoint
     (falling back to streaming if dst's keys may not read src), else streamed and verified."""
 
-    def __init__(self, src: Store, dst: Store, work_dir: str, progress: ProgressSink):
+    def __init__(self, src: Store, dst: Store, work_dir: str, progress: ProgressSink,
+                 report: Optional[TransferReport] = None):
         self.src, self.dst, self.work_dir, self.progress = src, dst, work_dir, progress
         self.server_side = same_s3_endpoint(src, dst)
+        self.report = report or TransferReport()  # the blobs copied
 
     def copy(self, record: LayerRecord, freshness: Freshness) -> None:
         """Make dst hold record's blob: kept (and refreshed) if there, else copied and checked."""
@@ -9511,9 +9565,10 @@ class BlobCopier:
         if self.server_side and self._server_side(key, record):
             task.advance(record.size)
             task.finish("copied (server-side)")
-            return
-        self._stream(key, record, task)
-        task.finish("copied")
+        else:
+            self._stream(key, record, task)
+            task.finish("copied")
+        self.report.add(record.digest, record.size)
 
     def _server_side(self, key: str, record: LayerRecord) -> bool:
         src, dst = self.src, self.dst
@@ -11227,21 +11282,42 @@ class Context:
                            platforms=getattr(self.options, "platforms", "auto"))
 
 
+def wants_json(ctx: Context) -> bool:
+    """Did the command line ask for --json (one JSON document on stdout instead of text)?"""
+    return bool(getattr(ctx.options, "json", False))
+
+
+def emit_json(ctx: Context, doc: Any) -> None:
+    """Write a command's --json document (README: JSON output): one JSON value on stdout, keys sorted."""
+    ctx.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    ctx.stdout.flush()
+
+
 def cmd_push(ctx: Context) -> int:
     """push STORE IMAGE[:TAG]...: store images and their tags."""
     docker, store = ctx.docker(), ctx.store()
+    pushed = []  # type: List[Dict[str, Any]]
     for image in ctx.options.images:
-        push_image(docker, store, image, ctx.progress, ctx.push_options())
+        report = TransferReport()
+        push_image(docker, store, image, ctx.progress, ctx.push_options(), report)
+        pushed.append(dict(report.to_json(), image=image))
+    if wants_json(ctx):
+        emit_json(ctx, {"store": store.url, "images": pushed, "bytes_sent": sum(p["bytes_sent"] for p in pushed)})
     return 0
 
 
 def cmd_pull(ctx: Context) -> int:
     """pull STORE IMAGE[:TAG]...: load images into the Docker host (or -pullhosts) and tag them."""
     if ctx.options.pullhosts:
-        return fleet_command(ctx)
+        return fleet_command(ctx)  # prints the JSON statuses of the hosts, --json or not
     docker, store = ctx.docker(), ctx.store()
+    pulled = []  # type: List[Dict[str, Any]]
     for image in ctx.options.images:
-        pull_image(docker, store, image, ctx.progress, platform=ctx.options.platform)
+        report = TransferReport()
+        pull_image(docker, store, image, ctx.progress, platform=ctx.options.platform, report=report)
+        pulled.append(dict(report.to_json(), image=image))
+    if wants_json(ctx):
+        emit_json(ctx, {"store": store.url, "images": pulled, "bytes_sent": sum(p["bytes_sent"] for p in pulled)})
     return 0
 
 
@@ -11589,16 +11665,21 @@ def binary_stream(stream: Any) -> IO[bytes]:
 def cmd_import(ctx: Context) -> int:
     """import STORE FILE|- [NAME:TAG...]: store the images of a docker save, podman save or OCI archive."""
     store, path, platform = ctx.store(), ctx.options.file, ctx.options.platform
+    report = TransferReport()
     if path == "-":
         images = import_archive(store, binary_stream(ctx.stdin or sys.stdin), ctx.options.names, ctx.progress,
-                                ctx.push_options(), platform)
+                                ctx.push_options(), platform, report)
     else:
         try:
             archive = open(path, "rb")
         except OSError as e:
             raise DogestryError("cannot read %s: %s" % (path, _os_reason(e)))
         with archive:
-            images = import_archive(store, archive, ctx.options.names, ctx.progress, ctx.push_options(), platform)
+            images = import_archive(store, archive, ctx.options.names, ctx.progress, ctx.push_options(), platform,
+                                    report)
+    if wants_json(ctx):
+        emit_json(ctx, imported_json(store, images, report))
+        return 0
     for image in images:
         for ref in image.tags:
             ctx.stdout.write("Imported image: %s\n" % printable(str(ref)))
@@ -11608,9 +11689,34 @@ def cmd_import(ctx: Context) -> int:
     return 0
 
 
+def imported_json(store: Store, chosen: Sequence[Archived], report: TransferReport) -> Dict[str, Any]:
+    """import --json: every image stored (those of multi-platform images too) with its layers, and the indexes."""
+    images, indexes = [], []  # type: List[Dict[str, Any]], List[Dict[str, Any]]
+    for item in chosen:
+        if isinstance(item, ArchivedImage):
+            images.append(_stored_image_json(store, item.image_id, [str(r) for r in item.tags], None, report))
+            continue
+        entries = index_images(item.root)
+        indexes.append({"digest": item.root.digest, "tags": [str(r) for r in item.tags],
+                        "platforms": [{"platform": str(e.platform), "digest": e.digest,
+                                       "image_id": item.images[e.digest].image_id if e.digest in item.images else None}
+                                      for e in entries]})
+        images.extend(_stored_image_json(store, item.images[e.digest].image_id, [], str(e.platform), report)
+                      for e in entries if e.digest in item.images)
+    return {"store": store.url, "images": images, "indexes": indexes, "bytes_sent": sum(report.sent.values())}
+
+
+def _stored_image_json(store: Store, image_id: str, tags: List[str], platform: Optional[str],
+                       report: TransferReport) -> Dict[str, Any]:
+    layers = load_stored_image(store, digest_hex(image_id)).layers
+    return dict(layers_json(layers, report.sent), image_id=image_id, tags=tags, platform=platform)
+
+
 def cmd_export(ctx: Context) -> int:
     """export STORE IMAGE... -o FILE|-: write an archive docker load, podman load (or, --format oci,
     skopeo and ctr import) read."""
+    if wants_json(ctx) and ctx.options.output == "-":
+        raise UsageError("--json prints its document on stdout: write the archive with -o FILE")
     store = ctx.store()
     store.check()
     if ctx.options.format == "oci":
@@ -11622,10 +11728,13 @@ def cmd_export(ctx: Context) -> int:
                              % (store.url, ", ".join(legacy)))
         chunks = oci_archive_stream(items, ctx.progress)  # type: Iterable[bytes]
     else:
-        chunks = docker_archive_stream(export_items(store, ctx.options.images, ctx.progress, export_platform(ctx)),
-                                       ctx.progress)
+        found = export_items(store, ctx.options.images, ctx.progress, export_platform(ctx))
+        chunks, items = docker_archive_stream(found, ctx.progress), list(found)
     if ctx.options.output != "-":
-        write_archive(chunks, ctx.options.output)
+        written = [0]
+        write_archive(_counted(chunks, written), ctx.options.output)
+        if wants_json(ctx):
+            emit_json(ctx, exported_json(store, ctx.options, items, written[0]))
         return 0
     out = binary_stream(ctx.stdout)
     if hasattr(out, "isatty") and out.isatty():
@@ -11635,6 +11744,27 @@ def cmd_export(ctx: Context) -> int:
         out.write(data)
     out.flush()
     return 0
+
+
+def _counted(chunks: Iterable[bytes], total: List[int]) -> Iterator[bytes]:
+    for data in chunks:
+        total[0] += len(data)
+        yield data
+
+
+def exported_json(store: Store, options: argparse.Namespace, items: Sequence[OciExport], size: int) -> Dict[str, Any]:
+    """export --json: the archive written, its format and bytes, and what it holds."""
+    images = []  # type: List[Dict[str, Any]]
+    for item in items:
+        if isinstance(item, ExportItem):
+            image = item.found.image
+            images.append({"image_id": image.image_id if not image.legacy else "sha256:" + item.found.image_hex,
+                           "tags": [str(r) for r in item.tags], "manifest": None,
+                           "layers": [{"diff_id": r.diff_id, "digest": r.digest, "size": r.size} for r in image.layers]})
+        else:
+            images.append({"image_id": None, "tags": [str(r) for r in item.tags], "manifest": item.manifest.digest,
+                           "layers": []})
+    return {"store": store.url, "output": options.output, "format": options.format, "bytes": size, "images": images}
 
 
 def export_platform(ctx: Context) -> PlatformSource:
@@ -11683,15 +11813,31 @@ def cmd_copy(ctx: Context) -> int:
             check_tag_may_move(dst, item.ref, item.tag_content)  # (an original-layout image gets its ID when copied)
     push_options = ctx.push_options()
     copied = {}  # type: Dict[Tuple[str, str], str]  # (store, image) -> image ID in dst
+    report, done = TransferReport(), []  # type: TransferReport, List[Dict[str, Any]]
     with work_directory(push_options.tempdir or dst.spool_dir()) as work:
-        copier = BlobCopier(src, dst, work, ctx.progress)
+        copier = BlobCopier(src, dst, work, ctx.progress, report)
         for item in items:
             if item.image is None:
                 what = copy_manifest_tag(item, src, dst, copier, ctx.progress, push_options, copied)
             else:
                 what = copy_image_tag(item, dst, copier, ctx.progress, push_options, copied)
-            ctx.stdout.write("Copied %s (%s)\n" % (printable(str(item.ref or item.text)), what))
+            if wants_json(ctx):
+                done.append(copied_json(dst, item, what, report))
+            else:
+                ctx.stdout.write("Copied %s (%s)\n" % (printable(str(item.ref or item.text)), what))
+    if wants_json(ctx):
+        emit_json(ctx, {"source": src.url, "destination": dst.url, "images": done,
+                        "bytes_sent": sum(report.sent.values())})
     return 0
+
+
+def copied_json(dst: Store, item: CopyItem, what: str, report: TransferReport) -> Dict[str, Any]:
+    """copy --json of one argument: the image (its layers, which this copy sent) or the manifest its tag names."""
+    doc = {"image": item.text, "tag": str(item.ref) if item.ref else None}  # type: Dict[str, Any]
+    if item.image is None:
+        return dict(doc, image_id=None, manifest=what, **layers_json([], report.sent))
+    layers = load_stored_image(dst, digest_hex(what)).layers
+    return dict(doc, image_id=what, manifest=None, **layers_json(layers, report.sent))
 
 
 def cmd_list(ctx: Context) -> int:
@@ -11699,6 +11845,9 @@ def cmd_list(ctx: Context) -> int:
     store = ctx.store()
     store.check()
     targets = list_tag_targets(store)
+    if wants_json(ctx):
+        emit_json(ctx, listed_json(store, targets))
+        return 0
     with thread_pool(min(TAG_READERS, max(1, len(targets))), "dogestry-indexes") as pool:
         described = list(pool.map(lambda item: describe_target(store, item[1]), targets))
     rows = [("REPOSITORY", "TAG", "IMAGE ID", "PLATFORMS", "")]  # type: List[Tuple[str, ...]]
@@ -11741,6 +11890,56 @@ def store_url_below(url: str, name: str) -> str:
         return os.path.join(url, name)
     parts = urllib.parse.urlsplit(url)
     return urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/" + name))
+
+
+def listed_json(store: Store, targets: List[Tuple[ImageRef, TagTarget]]) -> Dict[str, Any]:
+    """list --json: every tag with what it names, when it was pushed, its size and platforms (each tag's
+    records read on TAG_READERS threads)."""
+    ages = {e.key: e.age for e in store.list_entries("repositories/")}
+    now = time.time()
+
+    def pushed(ref: ImageRef) -> Optional[str]:
+        age = ages.get(tag_key(ref))
+        return None if age is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - age))
+
+    with thread_pool(min(TAG_READERS, max(1, len(targets))), "dogestry-indexes") as pool:
+        tags = list(pool.map(lambda item: dict(_target_json(store, item[1]), name=item[0].name, tag=item[0].tag,
+                                               pushed=pushed(item[0])), targets))
+    tags += [{"name": ref.name, "tag": ref.tag, "kind": "original", "image_id": image_hex, "manifest": None,
+              "pushed": None, "size": None, "platforms": []} for ref, image_hex in original_images_at_root(store)]
+    return {"store": store.url, "tags": tags}
+
+
+def _image_size(store: Store, image_hex: str) -> Optional[int]:
+    with contextlib.suppress(NotFound, FormatError):
+        return sum(r.size for r in load_stored_image(store, image_hex).layers)
+    return None
+
+
+def _target_json(store: Store, target: TagTarget) -> Dict[str, Any]:
+    """What list --json says of one tag's target: kind, image ID or manifest digest, size, platforms."""
+    if target.image_hex is not None:
+        return {"kind": "image", "image_id": "sha256:" + target.image_hex, "manifest": None,
+                "size": _image_size(store, target.image_hex), "platforms": []}
+    doc = {"kind": "unreadable", "image_id": None, "manifest": target.manifest, "size": None,
+           "platforms": []}  # type: Dict[str, Any]
+    try:
+        index = read_pushed_manifest(store, str(target.manifest))
+    except DogestryError:
+        index = None
+    if index is None:
+        return doc
+    if not index.is_index:
+        return dict(doc, kind="artifact", size=sum(size for _, size in index.blobs))
+    platforms = []  # type: List[Dict[str, Any]]
+    for entry in index_images(index):
+        image_hex = None  # type: Optional[str]
+        with contextlib.suppress(NotFound, FormatError):
+            image_hex = image_of_manifest(store, entry.digest)
+        platforms.append({"platform": str(entry.platform), "digest": entry.digest,
+                          "image_id": None if image_hex is None else "sha256:" + image_hex,
+                          "size": None if image_hex is None else _image_size(store, image_hex)})
+    return dict(doc, kind="index", platforms=platforms, size=sum(p["size"] or 0 for p in platforms))
 
 
 def describe_target(store: Store, target: TagTarget) -> Tuple[str, str]:
@@ -11849,6 +12048,10 @@ def cmd_rm(ctx: Context) -> int:
     for ref, image_hex in doomed:
         ctx.progress.note("deleted %s (%s)%s from %s" % (ref, image_hex[:12],
                                                          " and its protection" if ref in protected else "", store.url))
+    if wants_json(ctx):
+        emit_json(ctx, {"store": store.url, "platform": None, "changed": [],
+                        "deleted": [{"tag": str(ref), "target": "sha256:" + image_hex, "unprotected": ref in protected}
+                                    for ref, image_hex in doomed]})
     return 0
 
 
@@ -11864,15 +12067,21 @@ def rm_platform(ctx: Context, store: Store, platform: Platform) -> int:
         raise DogestryError("%s %s protected in %s: 'dogestry unprotect' first, or rm --force; nothing was changed"
                             % (", ".join(printable(str(r)) for r in protected), "is" if len(protected) == 1 else "are",
                                store.url))
+    deleted, changed = [], []  # type: List[Dict[str, Any]], List[Dict[str, Any]]
     for ref in refs:
         index = remove_platform(store, ref, platform, Freshness(store, gc_min_grace(ctx.environ), command="rm"))
         if index is None:
             if ref in protected:
                 store.delete(protection_key(ref))
             ctx.progress.note("deleted %s from %s: %s was its last image" % (ref, store.url, platform))
+            deleted.append({"tag": str(ref), "target": None, "unprotected": ref in protected})
         else:
             ctx.progress.note("removed %s from %s in %s (it holds %s)" % (platform, ref, store.url,
                                                                           platform_list(index_images(index))))
+            changed.append({"tag": str(ref), "index": index.digest,
+                            "platforms": [str(e.platform) for e in index_images(index)]})
+    if wants_json(ctx):
+        emit_json(ctx, {"store": store.url, "platform": str(platform), "deleted": deleted, "changed": changed})
     return 0
 
 
@@ -11886,6 +12095,9 @@ def cmd_gc(ctx: Context) -> int:
     report = collect_garbage(store, grace, ctx.progress, dry_run=ctx.options.dry_run)
     verb = "would delete" if ctx.options.dry_run else "deleted"
     parts = [part for unit in report.deleted for part in unit.parts()]
+    if wants_json(ctx):
+        emit_json(ctx, gc_json(store, report, parts, ctx.options.dry_run))
+        return 0
     for kind, name, size in parts:
         ctx.stdout.write("%s %s %s (%s)\n" % (verb, kind, printable(name), human_size(size)))
     counts = collections.Counter(kind for kind, _, _ in parts)
@@ -11906,6 +12118,19 @@ def cmd_gc(ctx: Context) -> int:
                              store.url, len(plan.foreign), "s" if len(plan.foreign) > 1 else "",
                              ", ".join(printable(k) for k in plan.foreign[:3]), ", ..." if len(plan.foreign) > 3 else ""))
     return 0
+
+
+def gc_json(store: Store, report: GcReport, parts: List[Tuple[str, str, int]], dry_run: bool) -> Dict[str, Any]:
+    """gc --json: what was (--dry-run: would be) deleted, what was spared or held back, what was left alone."""
+    plan = report.plan
+    return {"store": store.url, "dry_run": dry_run,
+            "deleted": [{"kind": kind, "name": name, "size": size} for kind, name, size in parts],
+            "counts": dict(collections.Counter(kind for kind, _, _ in parts)),
+            "bytes": sum(u.size for u in report.deleted), "spared": report.spared, "leftovers": report.leftovers,
+            "held_bytes": plan.held_bytes,
+            "held_until": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + max(0.0, plan.held_for)))
+            if plan.held_bytes else None,
+            "foreign": list(plan.foreign)}
 
 
 def held_back(held_bytes: int, held_for: float, grace: float, now: Optional[float] = None) -> str:
@@ -11930,6 +12155,11 @@ def cmd_prune(ctx: Context) -> int:
     if doomed and not ctx.options.dry_run:
         remove_tags(store, doomed)
     verb = "would remove" if ctx.options.dry_run else "removed"
+    if wants_json(ctx):
+        emit_json(ctx, {"store": store.url, "dry_run": ctx.options.dry_run,
+                        "removed": [{"tag": str(ref), "target": "sha256:" + image_hex} for ref, image_hex in doomed],
+                        "kept_tied": [{"tags": [str(r) for r in refs], "with": str(boundary)} for refs, boundary in tied]})
+        return 0
     for refs, boundary in tied:
         ctx.stdout.write("%s %s too: pushed at the same time as %s, the oldest of the %d kept, as far as the store's "
                          "times tell (prune never removes a tag that may be newer than one it keeps)\n"
@@ -12035,6 +12265,10 @@ def cmd_remote(ctx: Context) -> int:
     images = list_image_ids(store)
     blobs = list(store.list_sizes("blobs/"))  # one listing, not a HEAD per blob
     size = sum(blob_size for _, blob_size in blobs)
+    if wants_json(ctx):
+        emit_json(ctx, {"store": store.url, "kind": store.kind(), "repositories": len({r.name for r, _ in tags}),
+                        "tags": len(tags), "images": len(images), "blobs": len(blobs), "blob_bytes": size})
+        return 0
     ctx.stdout.write("Store:        %s (%s)\n" % (store.url, store.kind()))
     ctx.stdout.write("Repositories: %d\n" % len({r.name for r, _ in tags}))
     ctx.stdout.write("Tags:         %d\n" % len(tags))
@@ -12045,6 +12279,9 @@ def cmd_remote(ctx: Context) -> int:
 
 def cmd_version(ctx: Context) -> int:
     """version: print dogestry's version."""
+    if wants_json(ctx):
+        emit_json(ctx, {"version": __version__, "python": sys.version.split()[0]})
+        return 0
     ctx.stdout.write("dogestry version %s (Python %s)\n" % (__version__, sys.version.split()[0]))
     return 0
 
@@ -12084,6 +12321,9 @@ COMMANDS = (
     ("version", cmd_version, "version", "Print the version."),
     ("help", None, "help [COMMAND]", "Show help for dogestry or a command."),
 )
+
+# The commands whose --json prints one document on stdout (stats has its own; inspect always prints JSON).
+JSON_COMMANDS = ("push", "pull", "list", "rm", "gc", "prune", "import", "export", "copy", "remote", "version")
 
 STORE_HELP = "a directory, file:///path or s3://bucket/prefix/?region=REGION"
 
@@ -12276,6 +12516,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("-keep-legacy", "--keep-legacy", action="store_true",
                            help="tags keep naming the original layout (for the original tool); this"
                            " version reads the migrated image")
+        if name in JSON_COMMANDS:
+            p.add_argument("-json", "--json", action="store_true",
+                           help="print one JSON document on stdout (README: JSON output); progress stays on stderr")
         if name == "stats":
             p.add_argument("-json", "--json", action="store_true", help="print JSON")
             p.add_argument("-grace", "--grace", metavar="DURATION", default="1h",
