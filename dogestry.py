@@ -535,11 +535,19 @@ def layers_json(layers: Sequence["LayerRecord"], sent: Mapping[str, int]) -> Dic
 
 # === 3. Progress reporting ===
 
+ROW_LABEL = 12         # labels are padded to a short ID's 12 hex digits, so that rows line up
+REDRAW_INTERVAL = 0.1  # the least time between redraws of a TTY's rows as bytes move
+BAR_WIDTH = 30         # the widest bar: narrower when the terminal leaves less room
+
 
 class TaskSink(Protocol):
-    """One transfer being reported: bytes as they move, then a short status word."""
+    """One row of work being reported (one layer): bytes as they move, its steps, then a short status."""
 
     def advance(self, n: int) -> None: ...
+
+    def rename(self, label: str) -> None: ...
+
+    def phase(self, action: str, total: Optional[int], summary: Optional[str] = None) -> None: ...
 
     def finish(self, status: str = "done") -> None: ...
 
@@ -553,15 +561,27 @@ class ProgressSink(Protocol):
     def task(self, label: str, action: str, total: Optional[int]) -> TaskSink: ...
 
 
+def terminal_size(stream: Any) -> Tuple[int, int]:
+    """(columns, lines) of the terminal stream writes to; (80, 24) if it has none."""
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return 80, 24
+    return size.columns or 80, size.lines or 24
+
+
 class Progress:
-    """Per-task progress on stderr: redrawn bars on a TTY, plain lines otherwise, nothing with -q."""
+    """Per-task progress on stderr: redrawn rows on a TTY (fitted to its width, which is read
+    at every redraw so that rows follow a resize), plain lines otherwise, nothing with -q."""
 
     def __init__(self, stream: IO[str], quiet: bool = False, tty: Optional[bool] = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 size: Optional[Callable[[], Tuple[int, int]]] = None):
         self.stream, self.quiet, self.clock = stream, quiet, clock
         self.tty = (stream.isatty() if hasattr(stream, "isatty") else False) if tty is None else tty
+        self.size = size or functools.partial(terminal_size, stream)
         self._lock = threading.Lock()
-        self._tasks = []  # type: List[ProgressTask]
+        self._tasks = []  # type: List[ProgressTask]  # the rows being redrawn, top to bottom
         self._drawn = 0
         self._last_draw = 0.0
 
@@ -579,7 +599,7 @@ class Progress:
             self._write_above("dogestry: warning: " + printable(message))
 
     def task(self, label: str, action: str, total: Optional[int]) -> "ProgressTask":
-        """Start tracking a transfer of `total` bytes."""
+        """Start tracking a transfer of `total` bytes: one row."""
         task = ProgressTask(self, printable(label), action, total)
         with self._lock:
             self._tasks.append(task)
@@ -596,71 +616,109 @@ class Progress:
         self.stream.flush()
 
     def _redraw(self, force: bool = False) -> None:
+        """Draw the rows again in place (the caller holds the lock).  Every row is cut to the
+        terminal's width, so that each takes one line and moving up len(rows) lines finds the
+        first; finished rows above every unfinished one are left where they are, never drawn again."""
         if self.quiet or not self.tty:
             return
         now = self.clock()
-        if not force and now - self._last_draw < 0.1:
+        if not force and now - self._last_draw < REDRAW_INTERVAL:
             return
         self._last_draw = now
-        out = []
-        if self._drawn:
-            out.append("\x1b[%dA" % self._drawn)
-        for task in self._tasks:
-            out.append("\x1b[2K" + task.render(now) + "\n")
-        self._drawn = len(self._tasks)
+        columns, lines = self.size()
+        width = max(columns - 1, 1)  # the last column left empty: some terminals wrap on it
+        shown = self._tasks[-max(lines - 1, 1):]  # moving up more lines than the screen has fails
+        out = ["\x1b[%dA" % self._drawn] if self._drawn else []
+        out.extend("\x1b[2K" + task.render(now, width)[:width] + "\n" for task in shown)
+        out.append("\x1b[J")  # lines a taller drawing left below
+        hidden = len(self._tasks) - len(shown)
+        settled = next((i for i, t in enumerate(self._tasks) if not t.done), len(self._tasks))
+        self._tasks = self._tasks[settled:]
+        self._drawn = len(shown) - max(settled - hidden, 0)
         self.stream.write("".join(out))
         self.stream.flush()
 
     def _finished(self, task: "ProgressTask", message: str) -> None:
         with self._lock:
-            if self.tty and not self.quiet:
+            if self.quiet:
+                return
+            if self.tty:
                 self._redraw(force=True)
-                if all(t.done for t in self._tasks):
-                    self._tasks, self._drawn = [], 0
-            elif not self.quiet:
+            else:
                 self.stream.write(message + "\n")
                 self.stream.flush()
 
 
 class ProgressTask:
-    """One tracked transfer: advance(n) as bytes move, finish() at the end."""
+    """One row: advance(n) as bytes move, phase() for its next step (the upload after the
+    compression), rename() once its ID is known, finish() at the end, which freezes it."""
 
     def __init__(self, owner: Progress, label: str, action: str, total: Optional[int]):
-        self.owner, self.label, self.action, self.total = owner, label, action, total
-        self.done_bytes, self.done, self.status = 0, False, action
-        self.started = owner.clock()
+        self.owner, self.label, self.summary = owner, label, ""
+        self.done, self.ended = False, 0.0
+        self._begin(action, total)
+
+    def _begin(self, action: str, total: Optional[int]) -> None:
+        self.action, self.status, self.total = action, action, total
+        self.done_bytes, self.started = 0, self.owner.clock()
 
     def advance(self, n: int) -> None:
-        """Count n more bytes."""
+        """Count n more bytes (none once finished)."""
         with self.owner._lock:
+            if self.done:
+                return
             self.done_bytes += n
             self.owner._redraw()
 
+    def rename(self, label: str) -> None:
+        """Show the row under another label from now on (its layer's ID, once known)."""
+        with self.owner._lock:
+            self.label = printable(label)
+            self.owner._redraw(force=True)
+
+    def phase(self, action: str, total: Optional[int], summary: Optional[str] = None) -> None:
+        """Start the row's next step: bytes and time count from zero again; summary (if given):
+        what the earlier steps did, shown while the step has no bar and once finished."""
+        with self.owner._lock:
+            if self.done:
+                return
+            self._begin(printable(action), total)
+            if summary is not None:
+                self.summary = printable(summary)
+            self.owner._redraw(force=True)
+
     def finish(self, status: str = "done") -> None:
-        """Mark the task finished with a short status word."""
-        if self.done:
-            return
-        self.done, self.status = True, printable(status)
-        elapsed = max(self.owner.clock() - self.started, 1e-6)
-        message = "%s: %s" % (self.label, self.status)
-        if self.done_bytes:
-            message += " %s in %.1fs (%s/s)" % (human_size(self.done_bytes), elapsed,
-                                                 human_size(self.done_bytes / elapsed))
+        """Mark the task finished with a short status word; its row no longer changes."""
+        with self.owner._lock:
+            if self.done:
+                return
+            self.done, self.status, self.ended = True, printable(status), self.owner.clock()
+            message = self.render(self.ended)
         self.owner._finished(self, message)
 
-    def render(self, now: float) -> str:
-        """One line: label, bar, bytes, rate, ETA."""
-        elapsed = max(now - self.started, 1e-6)
+    def render(self, now: float, width: int = 80) -> str:
+        """One row: label, status, then (bar,) bytes, rate and ETA while running, or what was
+        done, how long the last step took and its rate, frozen, once finished."""
+        elapsed = max((self.ended if self.done else now) - self.started, 1e-6)
         rate = self.done_bytes / elapsed
-        if self.done or not self.total:
-            bar, eta = "", ""
-        else:
-            frac = min(self.done_bytes / self.total, 1.0)
-            fill = int(frac * 30)
-            bar = "[" + "=" * fill + (">" if fill < 30 else "") + " " * (29 - fill) + "] "
-            eta = " ETA %ds" % ((self.total - self.done_bytes) / rate) if rate > 0 else ""
-        size = human_size(self.done_bytes) + ("/" + human_size(self.total) if self.total else "")
-        return "%s: %-11s %s%s %s/s%s" % (self.label, self.status, bar, size, human_size(rate), eta)
+        head = (self.label + ":").ljust(ROW_LABEL + 1) + " "
+        if self.done:
+            done = " " + self.summary if self.summary else ""
+            if self.done_bytes:
+                done += "%s in %.1fs (%s/s)" % ("" if self.summary else " " + human_size(self.done_bytes),
+                                                elapsed, human_size(rate))
+            return head + self.status + done
+        head += "%-11s " % self.status
+        if not self.total:
+            return head + (self.summary if self.summary and not self.done_bytes else
+                           "%s %s/s" % (human_size(self.done_bytes), human_size(rate)))
+        eta = " ETA %ds" % ((self.total - self.done_bytes) / rate) if rate > 0 else ""
+        tail = "%s/%s %s/s%s" % (human_size(self.done_bytes), human_size(self.total), human_size(rate), eta)
+        room = min(width - len(head) - len(tail) - 3, BAR_WIDTH)  # 3: the brackets and a space
+        if room < 10:
+            return head + tail
+        fill = int(min(self.done_bytes / self.total, 1.0) * room)
+        return head + "[" + "=" * fill + (">" if fill < room else "") + " " * (room - 1 - fill) + "] " + tail
 
 
 # === 4. Docker Engine API client ===
@@ -4555,11 +4613,19 @@ class LayerPipeline:
         self._upload_pool = thread_pool(options.uploads, "dogestry-upload")
         self._futures = []  # type: List[concurrent.futures.Future]
         self._count = 0
+        self._rows = {}  # type: Dict[str, TaskSink]  # a spooled member's progress row, by its file
+        self._unnamed = 0
         self.failure = None  # type: Optional[BaseException]  # the first upload that failed
+
+    def unnamed_label(self) -> str:
+        """The label of a member's row while its layer's ID is unknown (renamed once it is)."""
+        self._unnamed += 1
+        return "layer %d" % self._unnamed
 
     def spool(self, reader: MemberReader, size: int, label: str, may_compress: bool, unpack: bool = False) -> Spool:
         """Write a member to a temp file, hashing it, gzip-compressed in parallel when that pays
         (unpack: a gzip member is also unpacked and hashed, in a thread, to learn its diffID).
+        Its progress row stays open until upload() or drop() takes the spool.
 
         This thread reads and hashes; gzip runs on the pool; a SpoolWriter thread hashes and
         writes the output in order, so slow page-cache writes overlap with reading.
@@ -4600,10 +4666,12 @@ class LayerPipeline:
             unpacked_digest, unpacked_size = unpacked.result() if unpacked is not None else (None, 0)
             if unpacked is not None and unpacked_digest is None:
                 raise IntegrityError("%s is not valid gzip (%s)" % (label, unpacked.error))
-            task.finish("read")
+            task.phase("read", None, human_size(raw_size) + ("" if compression == "none" else " " + compression))
+            self._rows[path] = task
             return Spool(path, raw_digest, raw_size, raw_digest, raw_size, compression, None,
                          unpacked_digest, unpacked_size if unpacked_digest else None)
-        task.finish("compressed to %s from" % human_size(writer.size))
+        task.phase("read", None, "%s -> %s gzip" % (human_size(raw_size), human_size(writer.size)))
+        self._rows[path] = task
         return Spool(path, writer.digest, writer.size, raw_digest, raw_size, "gzip", tuple(writer.pieces))
 
     def spool_bytes(self, data: bytes, label: str) -> Spool:
@@ -4621,16 +4689,40 @@ class LayerPipeline:
         """Store a spooled layer's blob and its index entry, in the background."""
         raw_size = spool.tar_size if spool.tar_digest == diff_id else None
         record = LayerRecord(diff_id, spool.digest, spool.size, spool.compression, raw_size, spool.members)
-        self._futures.append(self._upload_pool.submit(self._upload, record, spool.path))
+        task = self._row(spool, diff_id)
+        self._futures.append(self._upload_pool.submit(self._upload, record, spool.path, task))
 
     def upload_blob(self, spool: Spool) -> None:
         """Store a spooled blob as it is, without an index entry, in the background (finish()
         lists it under its digest)."""
         record = LayerRecord(spool.digest, spool.digest, spool.size, spool.compression)
-        self._futures.append(self._upload_pool.submit(self._upload, record, spool.path, False))
+        task = self._row(spool, spool.digest)
+        self._futures.append(self._upload_pool.submit(self._upload, record, spool.path, task, False))
 
-    def _upload(self, record: LayerRecord, path: str, layer: bool = True) -> None:
-        task = self.progress.task(record.diff_id[7:19], "uploading", record.size)
+    def _row(self, spool: Spool, digest: str) -> TaskSink:
+        """The spool's row (a new one if it has none), renamed to digest's short ID, waiting for an upload thread."""
+        task = self._rows.pop(spool.path, None) or self.progress.task(digest[7:19], "waiting", None)
+        task.rename(digest[7:19])
+        task.phase("waiting", None)
+        return task
+
+    def drop(self, spool: Spool, diff_id: str, status: str = "already stored", remove: bool = True) -> None:
+        """Remove a spooled member the store needs not (it has the layer; remove=False: leave
+        the file); its row, if still open, says why under the layer's ID."""
+        if remove:
+            os.unlink(spool.path)
+        task = self._rows.pop(spool.path, None)
+        if task is not None:
+            task.rename(diff_id[7:19])
+            task.phase(status, None, "")
+            task.finish(status)
+
+    def already_stored(self, diff_id: str) -> None:
+        """A row for a layer skipped unread: the store has it."""
+        self.progress.task(diff_id[7:19], "already stored", None).finish("already stored")
+
+    def _upload(self, record: LayerRecord, path: str, task: TaskSink, layer: bool = True) -> None:
+        task.phase("uploading", record.size)
         try:
             key = blob_key(record.digest)
             if self.store.put_file(key, path, record.size, record.digest, task.advance, if_absent=True,
@@ -4686,10 +4778,13 @@ class LayerPipeline:
         self.store.cancel(interrupted)
 
     def close(self) -> None:
-        """Stop all work and wait for the threads."""
+        """Stop all work and wait for the threads; rows of spools neither uploaded nor dropped end as "read"."""
         self.abort.set()
         for pool in (self._upload_pool, self._gzip_pool):
             pool.shutdown(wait=True)
+        for task in self._rows.values():
+            task.finish("read")
+        self._rows.clear()
 
 
 def stored_layer(store: Store, diff_id: str) -> Optional[LayerRecord]:
@@ -4835,6 +4930,7 @@ def _push_new_image(docker: DockerClient, store: Store, image_id: str, diff_ids:
             def spool(entry: TarEntry, reader: MemberReader) -> Optional[Spool]:
                 return _spool_member(entry, reader, image_id, wanted, known, pipeline)
 
+            progress.note("waiting for the Docker engine to export image %s (docker save)..." % image_id[7:19])
             with contextlib.closing(docker.save(image_id)) as stream:
                 contents = read_save_stream(stream, spool, pipeline.abort)
             saved = parse_saved_image(contents, image_id)
@@ -4873,18 +4969,19 @@ def _spool_member(entry: TarEntry, reader: MemberReader, image_id: str, wanted: 
         return None  # the config, or metadata: keep it in memory
     if named in known:
         reader.skip()
+        pipeline.already_stored(named)
         return Spool("", named, entry.size, named, entry.size, "none")
-    if named is not None and named not in wanted:  # e.g. docker 29's compressed layer blobs
-        return pipeline.spool(reader, entry.size, named[7:19], may_compress=False, unpack=True)
-    label = named[7:19] if named else entry.name.split("/")[0][:12]
+    if named is not None and named not in wanted:  # e.g. docker 29's compressed layer blobs: renamed once unpacked
+        return pipeline.spool(reader, entry.size, pipeline.unnamed_label(), may_compress=False, unpack=True)
+    label = named[7:19] if named else pipeline.unnamed_label()  # v1 saves: the diffID is known once read
     spooled = pipeline.spool(reader, entry.size, label, may_compress=True)
     if named is not None and spooled.raw_digest != named:
         raise IntegrityError("save stream blob %s does not match its digest" % entry.name)
     if spooled.raw_digest in wanted:
         wanted.discard(spooled.raw_digest)
         pipeline.upload(spooled.raw_digest, spooled)
-    else:
-        os.unlink(spooled.path)  # a layer the store already has (or none of this image's)
+    else:  # a layer the store already has (or one this image holds twice)
+        pipeline.drop(spooled, spooled.raw_digest, "already stored" if spooled.raw_digest in known else "repeated")
     return spooled._replace(path="")
 
 
@@ -4892,9 +4989,11 @@ def _upload_precompressed(contents: SaveContents, saved: SavedImage, wanted: Set
                           pipeline: LayerPipeline) -> None:
     """Layers whose hash is not their diffID: docker 29 exports stored (compressed) blobs; keep them as they are."""
     for member, diff_id in zip(saved.layer_members, saved.diff_ids):
-        if diff_id not in wanted:
-            continue
         spool = contents.spooled.get(member)
+        if diff_id not in wanted:
+            if spool is not None and spool.path:  # read to learn its diffID: the store has it
+                pipeline.drop(spool, diff_id, remove=False)
+            continue
         if spool is None and member in contents.small:  # a small layer (docker 25+ saves), kept in memory
             spool = pipeline.spool_bytes(contents.small[member], diff_id[7:19])
         if spool is None or not spool.path:
@@ -6177,13 +6276,13 @@ def migrate_image(store: Store, top_hex: str, progress: ProgressSink, options: P
                 top, key, size = legacy_layer(store, v1_id)
                 with contextlib.closing(store.open(key, size)) as f:
                     reader = DiffIdReader(f)
-                    spool = pipeline.spool(reader, size, v1_id[:12], may_compress=True)  # type: ignore
+                    spool = pipeline.spool(reader, size, pipeline.unnamed_label(), may_compress=True)  # type: ignore
                 diff_id = reader.hasher.digest()
                 record = reused_layer(target, diff_id, freshness)
                 if record is None and diff_id not in diff_ids:
                     pipeline.upload(diff_id, spool)
                 else:
-                    os.unlink(spool.path)
+                    pipeline.drop(spool, diff_id, "already stored" if record is not None else "repeated")
                 if record is not None:
                     known[diff_id] = record
                 diff_ids.append(diff_id)
@@ -8967,7 +9066,7 @@ class ArchiveReader:
                 else:
                     self.stored[entry.name] = named
                 return Spool("", named, entry.size, named, entry.size, "none")
-        label = named[7:19] if named else entry.name.split("/")[0][:12]
+        label = named[7:19] if named else self.pipeline.unnamed_label()  # renamed once its diffID is known
         spooled = self.pipeline.spool(reader, entry.size, label, may_compress=True, unpack=True)
         if named is not None and spooled.raw_digest != named:
             os.unlink(spooled.path)
@@ -9007,7 +9106,7 @@ class ArchiveReader:
         record = reused_layer(self.store, known, self.freshness) if known else None
         candidate = spooled.tar_digest or spooled.raw_digest
         if record is not None or candidate in self.uploaded.values():
-            os.unlink(spooled.path)
+            self.pipeline.drop(spooled, candidate, "already stored" if record is not None else "repeated")
             if record is not None:
                 self.known[member] = record
             else:
@@ -10070,6 +10169,13 @@ class JsonTask:
                 detail["total"] = self.total
             self.owner.emit({"status": self.action, "id": self.label, "progressDetail": detail,
                              "progress": human_size(self.current) + ("/" + human_size(self.total) if self.total else "")})
+
+    def rename(self, label: str) -> None:
+        self.label = label
+
+    def phase(self, action: str, total: Optional[int], summary: Optional[str] = None) -> None:
+        self.action, self.total, self.current, self.last = action.capitalize(), total, 0, 0.0
+        self.owner.emit({"status": self.action, "id": self.label})
 
     def finish(self, status: str = "done") -> None:
         self.owner.emit({"status": status.capitalize(), "id": self.label})
