@@ -93,6 +93,7 @@ class UsageError(DogestryError):
     """The command line itself is wrong (exit status 2)."""
 
     exit_code = 2
+    usage = ""  # the usage line of the command (or of dogestry) that was misused, printed after the error
 
 
 class DockerError(DogestryError):
@@ -507,13 +508,53 @@ class ReadAhead:
                 self._queue.get_nowait()
 
 
+class TransferReport:
+    """What a push, pull, import or copy sent, for --json: each blob it wrote to the store (or a
+    pull loaded into the engine) with its bytes, and the tag and multi-platform index it wrote."""
+
+    def __init__(self) -> None:
+        self.sent = {}  # type: Dict[str, int]  # blob digest -> bytes
+        self.tag = None  # type: Optional[str]
+        self.index = None  # type: Optional[str]  # the digest of the index the tag names, if it names one
+        self.platform = None  # type: Optional[str]
+        self.image_id = ""
+        self.layers = []  # type: List[LayerRecord]
+        self._lock = threading.Lock()
+
+    def add(self, digest: str, size: int) -> None:
+        """Note a blob sent (threads may call this)."""
+        with self._lock:
+            self.sent[digest] = size
+
+    def to_json(self) -> Dict[str, Any]:
+        """The image's part of a --json document (README: JSON output)."""
+        return {"image_id": self.image_id, "tag": self.tag, "index": self.index, "platform": self.platform,
+                **layers_json(self.layers, self.sent)}
+
+
+def layers_json(layers: Sequence["LayerRecord"], sent: Mapping[str, int]) -> Dict[str, Any]:
+    """An image's layers for --json: digests, stored size, whether this command sent each, and the bytes."""
+    return {"layers": [{"diff_id": r.diff_id, "digest": r.digest, "size": r.size, "sent": r.digest in sent}
+                       for r in layers],
+            "bytes_sent": sum(r.size for r in {r.digest: r for r in layers}.values() if r.digest in sent),
+            "bytes_skipped": sum(r.size for r in {r.digest: r for r in layers}.values() if r.digest not in sent)}
+
+
 # === 3. Progress reporting ===
+
+ROW_LABEL = 12         # labels are padded to a short ID's 12 hex digits, so that rows line up
+REDRAW_INTERVAL = 0.1  # the least time between redraws of a TTY's rows as bytes move
+BAR_WIDTH = 30         # the widest bar: narrower when the terminal leaves less room
 
 
 class TaskSink(Protocol):
-    """One transfer being reported: bytes as they move, then a short status word."""
+    """One row of work being reported (one layer): bytes as they move, its steps, then a short status."""
 
     def advance(self, n: int) -> None: ...
+
+    def rename(self, label: str) -> None: ...
+
+    def phase(self, action: str, total: Optional[int], summary: Optional[str] = None) -> None: ...
 
     def finish(self, status: str = "done") -> None: ...
 
@@ -527,15 +568,27 @@ class ProgressSink(Protocol):
     def task(self, label: str, action: str, total: Optional[int]) -> TaskSink: ...
 
 
+def terminal_size(stream: Any) -> Tuple[int, int]:
+    """(columns, lines) of the terminal stream writes to; (80, 24) if it has none."""
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return 80, 24
+    return size.columns or 80, size.lines or 24
+
+
 class Progress:
-    """Per-task progress on stderr: redrawn bars on a TTY, plain lines otherwise, nothing with -q."""
+    """Per-task progress on stderr: redrawn rows on a TTY (fitted to its width, which is read
+    at every redraw so that rows follow a resize), plain lines otherwise, nothing with -q."""
 
     def __init__(self, stream: IO[str], quiet: bool = False, tty: Optional[bool] = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 size: Optional[Callable[[], Tuple[int, int]]] = None):
         self.stream, self.quiet, self.clock = stream, quiet, clock
         self.tty = (stream.isatty() if hasattr(stream, "isatty") else False) if tty is None else tty
+        self.size = size or functools.partial(terminal_size, stream)
         self._lock = threading.Lock()
-        self._tasks = []  # type: List[ProgressTask]
+        self._tasks = []  # type: List[ProgressTask]  # the rows being redrawn, top to bottom
         self._drawn = 0
         self._last_draw = 0.0
 
@@ -553,7 +606,7 @@ class Progress:
             self._write_above("dogestry: warning: " + printable(message))
 
     def task(self, label: str, action: str, total: Optional[int]) -> "ProgressTask":
-        """Start tracking a transfer of `total` bytes."""
+        """Start tracking a transfer of `total` bytes: one row."""
         task = ProgressTask(self, printable(label), action, total)
         with self._lock:
             self._tasks.append(task)
@@ -570,71 +623,109 @@ class Progress:
         self.stream.flush()
 
     def _redraw(self, force: bool = False) -> None:
+        """Draw the rows again in place (the caller holds the lock).  Every row is cut to the
+        terminal's width, so that each takes one line and moving up len(rows) lines finds the
+        first; finished rows above every unfinished one are left where they are, never drawn again."""
         if self.quiet or not self.tty:
             return
         now = self.clock()
-        if not force and now - self._last_draw < 0.1:
+        if not force and now - self._last_draw < REDRAW_INTERVAL:
             return
         self._last_draw = now
-        out = []
-        if self._drawn:
-            out.append("\x1b[%dA" % self._drawn)
-        for task in self._tasks:
-            out.append("\x1b[2K" + task.render(now) + "\n")
-        self._drawn = len(self._tasks)
+        columns, lines = self.size()
+        width = max(columns - 1, 1)  # the last column left empty: some terminals wrap on it
+        shown = self._tasks[-max(lines - 1, 1):]  # moving up more lines than the screen has fails
+        out = ["\x1b[%dA" % self._drawn] if self._drawn else []
+        out.extend("\x1b[2K" + task.render(now, width)[:width] + "\n" for task in shown)
+        out.append("\x1b[J")  # lines a taller drawing left below
+        hidden = len(self._tasks) - len(shown)
+        settled = next((i for i, t in enumerate(self._tasks) if not t.done), len(self._tasks))
+        self._tasks = self._tasks[settled:]
+        self._drawn = len(shown) - max(settled - hidden, 0)
         self.stream.write("".join(out))
         self.stream.flush()
 
     def _finished(self, task: "ProgressTask", message: str) -> None:
         with self._lock:
-            if self.tty and not self.quiet:
+            if self.quiet:
+                return
+            if self.tty:
                 self._redraw(force=True)
-                if all(t.done for t in self._tasks):
-                    self._tasks, self._drawn = [], 0
-            elif not self.quiet:
+            else:
                 self.stream.write(message + "\n")
                 self.stream.flush()
 
 
 class ProgressTask:
-    """One tracked transfer: advance(n) as bytes move, finish() at the end."""
+    """One row: advance(n) as bytes move, phase() for its next step (the upload after the
+    compression), rename() once its ID is known, finish() at the end, which freezes it."""
 
     def __init__(self, owner: Progress, label: str, action: str, total: Optional[int]):
-        self.owner, self.label, self.action, self.total = owner, label, action, total
-        self.done_bytes, self.done, self.status = 0, False, action
-        self.started = owner.clock()
+        self.owner, self.label, self.summary = owner, label, ""
+        self.done, self.ended = False, 0.0
+        self._begin(action, total)
+
+    def _begin(self, action: str, total: Optional[int]) -> None:
+        self.action, self.status, self.total = action, action, total
+        self.done_bytes, self.started = 0, self.owner.clock()
 
     def advance(self, n: int) -> None:
-        """Count n more bytes."""
+        """Count n more bytes (none once finished)."""
         with self.owner._lock:
+            if self.done:
+                return
             self.done_bytes += n
             self.owner._redraw()
 
+    def rename(self, label: str) -> None:
+        """Show the row under another label from now on (its layer's ID, once known)."""
+        with self.owner._lock:
+            self.label = printable(label)
+            self.owner._redraw(force=True)
+
+    def phase(self, action: str, total: Optional[int], summary: Optional[str] = None) -> None:
+        """Start the row's next step: bytes and time count from zero again; summary (if given):
+        what the earlier steps did, shown while the step has no bar and once finished."""
+        with self.owner._lock:
+            if self.done:
+                return
+            self._begin(printable(action), total)
+            if summary is not None:
+                self.summary = printable(summary)
+            self.owner._redraw(force=True)
+
     def finish(self, status: str = "done") -> None:
-        """Mark the task finished with a short status word."""
-        if self.done:
-            return
-        self.done, self.status = True, printable(status)
-        elapsed = max(self.owner.clock() - self.started, 1e-6)
-        message = "%s: %s" % (self.label, self.status)
-        if self.done_bytes:
-            message += " %s in %.1fs (%s/s)" % (human_size(self.done_bytes), elapsed,
-                                                 human_size(self.done_bytes / elapsed))
+        """Mark the task finished with a short status word; its row no longer changes."""
+        with self.owner._lock:
+            if self.done:
+                return
+            self.done, self.status, self.ended = True, printable(status), self.owner.clock()
+            message = self.render(self.ended)
         self.owner._finished(self, message)
 
-    def render(self, now: float) -> str:
-        """One line: label, bar, bytes, rate, ETA."""
-        elapsed = max(now - self.started, 1e-6)
+    def render(self, now: float, width: int = 80) -> str:
+        """One row: label, status, then (bar,) bytes, rate and ETA while running, or what was
+        done, how long the last step took and its rate, frozen, once finished."""
+        elapsed = max((self.ended if self.done else now) - self.started, 1e-6)
         rate = self.done_bytes / elapsed
-        if self.done or not self.total:
-            bar, eta = "", ""
-        else:
-            frac = min(self.done_bytes / self.total, 1.0)
-            fill = int(frac * 30)
-            bar = "[" + "=" * fill + (">" if fill < 30 else "") + " " * (29 - fill) + "] "
-            eta = " ETA %ds" % ((self.total - self.done_bytes) / rate) if rate > 0 else ""
-        size = human_size(self.done_bytes) + ("/" + human_size(self.total) if self.total else "")
-        return "%s: %-11s %s%s %s/s%s" % (self.label, self.status, bar, size, human_size(rate), eta)
+        head = (self.label + ":").ljust(ROW_LABEL + 1) + " "
+        if self.done:
+            done = " " + self.summary if self.summary else ""
+            if self.done_bytes:
+                done += "%s in %.1fs (%s/s)" % ("" if self.summary else " " + human_size(self.done_bytes),
+                                                elapsed, human_size(rate))
+            return head + self.status + done
+        head += "%-11s " % self.status
+        if not self.total:
+            return head + (self.summary if self.summary and not self.done_bytes else
+                           "%s %s/s" % (human_size(self.done_bytes), human_size(rate)))
+        eta = " ETA %ds" % ((self.total - self.done_bytes) / rate) if rate > 0 else ""
+        tail = "%s/%s %s/s%s" % (human_size(self.done_bytes), human_size(self.total), human_size(rate), eta)
+        room = min(width - len(head) - len(tail) - 3, BAR_WIDTH)  # 3: the brackets and a space
+        if room < 10:
+            return head + tail
+        fill = int(min(self.done_bytes / self.total, 1.0) * room)
+        return head + "[" + "=" * fill + (">" if fill < room else "") + " " * (room - 1 - fill) + "] " + tail
 
 
 # === 4. Docker Engine API client ===
@@ -1155,6 +1246,11 @@ class Store:
         """What sort of store this is, for people."""
         return type(self).__name__
 
+    def stores_below(self, looks: int) -> Tuple[List[str], int]:
+        """The names (`team/`) of stores right below this one, among the first `looks` directories
+        or prefixes here, and how many there are in all (bounded work: for hints only)."""
+        return [], 0
+
     def ensure(self) -> None:
         """Create the store if it can be (a missing directory), before writing."""
 
@@ -1448,6 +1544,15 @@ class LocalStore(Store):
                         os.unlink(path)
                         removed += 1
         return removed
+
+    def stores_below(self, looks: int) -> Tuple[List[str], int]:
+        try:
+            names = sorted(n for n in os.listdir(self.root) if not n.startswith(".tmp-")
+                           and os.path.isdir(os.path.join(self.root, n)))
+        except OSError:
+            return [], 0
+        found = [n + "/" for n in names[:looks] if os.path.isdir(os.path.join(self.root, n, "repositories"))]
+        return found, len(names)
 
     def delete(self, key: str) -> None:
         path = self._path(key)
@@ -2670,6 +2775,15 @@ class S3Client:
             if not token:
                 return
 
+    def child_prefixes(self, prefix: str) -> List[str]:
+        """The prefixes right below `prefix` (`prefix` + `team/`): one ListObjectsV2 with delimiter /,
+        its first page only."""
+        query = [("list-type", "2"), ("prefix", prefix), ("delimiter", "/"), ("encoding-type", "url")]
+        root = _parse_xml(self.call("GET", query=query)[1])
+        if root is None:
+            raise S3Error("ListObjectsV2 on %s: unreadable answer" % self.describe(prefix))
+        return [urllib.parse.unquote_plus(p.findtext("Prefix") or "") for p in root.findall("CommonPrefixes")]
+
     def delete_many(self, keys: Sequence[str], racing_writes_win: bool = False) -> None:
         """DeleteObjects, 1000 keys a request; raise on the first key S3 could not delete.  Keys
         whose own result is a passing failure (InternalError; radosgw's UnknownError when a write of
@@ -3165,6 +3279,17 @@ class S3Store(Store):
 
     def list(self, prefix: str) -> Iterator[str]:
         return (key for key, _ in self.list_sizes(prefix))
+
+    def stores_below(self, looks: int) -> Tuple[List[str], int]:
+        prefixes = self.client.child_prefixes(self.location.prefix)
+
+        def holds_store(prefix: str) -> bool:  # one listing of at most one key
+            return next(self.client.list_ages(prefix + "repositories/", page_size=1), None) is not None
+
+        with thread_pool(min(looks, max(1, len(prefixes))), "dogestry-hint") as pool:
+            held = list(pool.map(holds_store, prefixes[:looks]))
+        start = len(self.location.prefix)
+        return [p[start:] for p, yes in zip(prefixes, held) if yes], len(prefixes)
 
     def list_sizes(self, prefix: str) -> Iterator[Tuple[str, int]]:
         start = len(self.location.prefix)
@@ -4531,8 +4656,10 @@ class LayerPipeline:
     layers in the background while the stream is still being read."""
 
     def __init__(self, store: Store, work_dir: str, progress: ProgressSink, options: PushOptions,
-                 freshness: Optional[Freshness] = None, write_index: bool = True):
+                 freshness: Optional[Freshness] = None, write_index: bool = True,
+                 report: Optional[TransferReport] = None):
         self.store, self.work_dir, self.progress, self.options = store, work_dir, progress, options
+        self.report = report or TransferReport()
         self.write_index = write_index  # False: blobs only, the caller writes index entries once it may
         self.freshness = freshness or options.freshness(store)
         self.abort = threading.Event()
@@ -4542,11 +4669,19 @@ class LayerPipeline:
         self._upload_pool = thread_pool(options.uploads, "dogestry-upload")
         self._futures = []  # type: List[concurrent.futures.Future]
         self._count = 0
+        self._rows = {}  # type: Dict[str, TaskSink]  # a spooled member's progress row, by its file
+        self._unnamed = 0
         self.failure = None  # type: Optional[BaseException]  # the first upload that failed
+
+    def unnamed_label(self) -> str:
+        """The label of a member's row while its layer's ID is unknown (renamed once it is)."""
+        self._unnamed += 1
+        return "layer %d" % self._unnamed
 
     def spool(self, reader: MemberReader, size: int, label: str, may_compress: bool, unpack: bool = False) -> Spool:
         """Write a member to a temp file, hashing it, gzip-compressed in parallel when that pays
         (unpack: a gzip member is also unpacked and hashed, in a thread, to learn its diffID).
+        Its progress row stays open until upload() or drop() takes the spool.
 
         This thread reads and hashes; gzip runs on the pool; a SpoolWriter thread hashes and
         writes the output in order, so slow page-cache writes overlap with reading.
@@ -4587,10 +4722,12 @@ class LayerPipeline:
             unpacked_digest, unpacked_size = unpacked.result() if unpacked is not None else (None, 0)
             if unpacked is not None and unpacked_digest is None:
                 raise IntegrityError("%s is not valid gzip (%s)" % (label, unpacked.error))
-            task.finish("read")
+            task.phase("read", None, human_size(raw_size) + ("" if compression == "none" else " " + compression))
+            self._rows[path] = task
             return Spool(path, raw_digest, raw_size, raw_digest, raw_size, compression, None,
                          unpacked_digest, unpacked_size if unpacked_digest else None)
-        task.finish("compressed to %s from" % human_size(writer.size))
+        task.phase("read", None, "%s -> %s gzip" % (human_size(raw_size), human_size(writer.size)))
+        self._rows[path] = task
         return Spool(path, writer.digest, writer.size, raw_digest, raw_size, "gzip", tuple(writer.pieces))
 
     def spool_bytes(self, data: bytes, label: str) -> Spool:
@@ -4608,20 +4745,46 @@ class LayerPipeline:
         """Store a spooled layer's blob and its index entry, in the background."""
         raw_size = spool.tar_size if spool.tar_digest == diff_id else None
         record = LayerRecord(diff_id, spool.digest, spool.size, spool.compression, raw_size, spool.members)
-        self._futures.append(self._upload_pool.submit(self._upload, record, spool.path))
+        task = self._row(spool, diff_id)
+        self._futures.append(self._upload_pool.submit(self._upload, record, spool.path, task))
 
     def upload_blob(self, spool: Spool) -> None:
         """Store a spooled blob as it is, without an index entry, in the background (finish()
         lists it under its digest)."""
         record = LayerRecord(spool.digest, spool.digest, spool.size, spool.compression)
-        self._futures.append(self._upload_pool.submit(self._upload, record, spool.path, False))
+        task = self._row(spool, spool.digest)
+        self._futures.append(self._upload_pool.submit(self._upload, record, spool.path, task, False))
 
-    def _upload(self, record: LayerRecord, path: str, layer: bool = True) -> None:
-        task = self.progress.task(record.diff_id[7:19], "uploading", record.size)
+    def _row(self, spool: Spool, digest: str) -> TaskSink:
+        """The spool's row (a new one if it has none), renamed to digest's short ID, waiting for an upload thread."""
+        task = self._rows.pop(spool.path, None) or self.progress.task(digest[7:19], "waiting", None)
+        task.rename(digest[7:19])
+        task.phase("waiting", None)
+        return task
+
+    def drop(self, spool: Spool, diff_id: str, status: str = "already stored", remove: bool = True) -> None:
+        """Remove a spooled member the store needs not (it has the layer; remove=False: leave
+        the file); its row, if still open, says why under the layer's ID."""
+        if remove:
+            os.unlink(spool.path)
+        task = self._rows.pop(spool.path, None)
+        if task is not None:
+            task.rename(diff_id[7:19])
+            task.phase(status, None, "")
+            task.finish(status)
+
+    def already_stored(self, diff_id: str) -> None:
+        """A row for a layer skipped unread: the store has it."""
+        self.progress.task(diff_id[7:19], "already stored", None).finish("already stored")
+
+    def _upload(self, record: LayerRecord, path: str, task: TaskSink, layer: bool = True) -> None:
+        task.phase("uploading", record.size)
         try:
             key = blob_key(record.digest)
-            if not self.store.put_file(key, path, record.size, record.digest, task.advance, if_absent=True,
-                                       consume=True):
+            if self.store.put_file(key, path, record.size, record.digest, task.advance, if_absent=True,
+                                   consume=True):
+                self.report.add(record.digest, record.size)
+            else:
                 self._keep_stored_blob(key, path, record, task)
             if self.write_index and layer:
                 name_layer(self.store, record, self.freshness)
@@ -4652,6 +4815,7 @@ class LayerPipeline:
             self.freshness.refreshed()
         else:
             self.store.put_file(key, path, record.size, record.digest, task.advance, consume=True)
+            self.report.add(record.digest, record.size)
 
     def finish(self) -> Dict[str, LayerRecord]:
         """Wait for every upload; raise the first failure."""
@@ -4670,10 +4834,13 @@ class LayerPipeline:
         self.store.cancel(interrupted)
 
     def close(self) -> None:
-        """Stop all work and wait for the threads."""
+        """Stop all work and wait for the threads; rows of spools neither uploaded nor dropped end as "read"."""
         self.abort.set()
         for pool in (self._upload_pool, self._gzip_pool):
             pool.shutdown(wait=True)
+        for task in self._rows.values():
+            task.finish("read")
+        self._rows.clear()
 
 
 def stored_layer(store: Store, diff_id: str) -> Optional[LayerRecord]:
@@ -4700,8 +4867,9 @@ def reused_layer(store: Store, diff_id: str, freshness: Freshness) -> Optional[L
 
 
 def push_image(docker: DockerClient, store: Store, text: str, progress: ProgressSink,
-               options: PushOptions) -> str:
-    """Push one local image (NAME[:TAG] or ID) and its tag; return the image ID."""
+               options: PushOptions, report: Optional[TransferReport] = None) -> str:
+    """Push one local image (NAME[:TAG] or ID) and its tag; return the image ID (report: what was sent)."""
+    report = report or TransferReport()
     ref, info = None, None  # type: Optional[ImageRef], Optional[Dict[str, Any]]
     if not text.startswith("sha256:") and not _HEX64.match(text):
         ref = parse_image_ref(text)  # a name first, as docker resolves it...
@@ -4723,12 +4891,15 @@ def push_image(docker: DockerClient, store: Store, text: str, progress: Progress
         progress.note("%s: image %s is already stored" % (str(ref or text), image_hex[:12]))
     else:
         freshness = options.freshness(store)
-        _push_new_image(docker, store, image_id, diff_ids, progress, options, freshness)
+        _push_new_image(docker, store, image_id, diff_ids, progress, options, freshness, report)
+    stored = load_stored_image(store, image_hex)
+    report.image_id, report.layers = image_id, stored.layers
+    report.platform = str(platform) if platform.architecture else None
     if ref is not None:
-        index = tag_platform_image(store, ref, load_stored_image(store, image_hex), platform, options.platforms,
-                                   freshness)
+        index = tag_platform_image(store, ref, stored, platform, options.platforms, freshness)
         shown = "" if index is None else " as its %s image (it holds %s)" % (platform, platform_list(index_images(index)))
         progress.note("pushed %s (%s) to %s%s" % (ref, image_hex[:12], store.url, shown))
+        report.tag, report.index = str(ref), None if index is None else index.digest
     return image_id
 
 
@@ -4799,7 +4970,8 @@ def _index_rewriters(store: Store, records: Sequence[LayerRecord]) -> Dict[str, 
 
 
 def _push_new_image(docker: DockerClient, store: Store, image_id: str, diff_ids: List[str],
-                    progress: ProgressSink, options: PushOptions, freshness: Freshness) -> None:
+                    progress: ProgressSink, options: PushOptions, freshness: Freshness,
+                    report: Optional[TransferReport] = None) -> None:
     known = {}  # type: Dict[str, LayerRecord]
     for diff_id in set(diff_ids):
         record = reused_layer(store, diff_id, freshness)
@@ -4810,11 +4982,12 @@ def _push_new_image(docker: DockerClient, store: Store, image_id: str, diff_ids:
         progress.note("%d of %d layers already stored" % (len(set(known)), len(set(diff_ids))))
     wanted = set(diff_ids) - set(known)
     with work_directory(options.tempdir or store.spool_dir()) as work:
-        pipeline = LayerPipeline(store, work, progress, options, freshness)
+        pipeline = LayerPipeline(store, work, progress, options, freshness, report=report)
         try:
             def spool(entry: TarEntry, reader: MemberReader) -> Optional[Spool]:
                 return _spool_member(entry, reader, image_id, wanted, known, pipeline)
 
+            progress.note("waiting for the Docker engine to export image %s (docker save)..." % image_id[7:19])
             with contextlib.closing(docker.save(image_id)) as stream:
                 contents = read_save_stream(stream, spool, pipeline.abort)
             saved = parse_saved_image(contents, image_id)
@@ -4853,18 +5026,19 @@ def _spool_member(entry: TarEntry, reader: MemberReader, image_id: str, wanted: 
         return None  # the config, or metadata: keep it in memory
     if named in known:
         reader.skip()
+        pipeline.already_stored(named)
         return Spool("", named, entry.size, named, entry.size, "none")
-    if named is not None and named not in wanted:  # e.g. docker 29's compressed layer blobs
-        return pipeline.spool(reader, entry.size, named[7:19], may_compress=False, unpack=True)
-    label = named[7:19] if named else entry.name.split("/")[0][:12]
+    if named is not None and named not in wanted:  # e.g. docker 29's compressed layer blobs: renamed once unpacked
+        return pipeline.spool(reader, entry.size, pipeline.unnamed_label(), may_compress=False, unpack=True)
+    label = named[7:19] if named else pipeline.unnamed_label()  # v1 saves: the diffID is known once read
     spooled = pipeline.spool(reader, entry.size, label, may_compress=True)
     if named is not None and spooled.raw_digest != named:
         raise IntegrityError("save stream blob %s does not match its digest" % entry.name)
     if spooled.raw_digest in wanted:
         wanted.discard(spooled.raw_digest)
         pipeline.upload(spooled.raw_digest, spooled)
-    else:
-        os.unlink(spooled.path)  # a layer the store already has (or none of this image's)
+    else:  # a layer the store already has (or one this image holds twice)
+        pipeline.drop(spooled, spooled.raw_digest, "already stored" if spooled.raw_digest in known else "repeated")
     return spooled._replace(path="")
 
 
@@ -4872,9 +5046,11 @@ def _upload_precompressed(contents: SaveContents, saved: SavedImage, wanted: Set
                           pipeline: LayerPipeline) -> None:
     """Layers whose hash is not their diffID: docker 29 exports stored (compressed) blobs; keep them as they are."""
     for member, diff_id in zip(saved.layer_members, saved.diff_ids):
-        if diff_id not in wanted:
-            continue
         spool = contents.spooled.get(member)
+        if diff_id not in wanted:
+            if spool is not None and spool.path:  # read to learn its diffID: the store has it
+                pipeline.drop(spool, diff_id, remove=False)
+            continue
         if spool is None and member in contents.small:  # a small layer (docker 25+ saves), kept in memory
             spool = pipeline.spool_bytes(contents.small[member], diff_id[7:19])
         if spool is None or not spool.path:
@@ -5272,11 +5448,13 @@ def remove_leftover_partials(docker: DockerClient, image_id: str, progress: Prog
 
 
 def pull_image(docker: DockerClient, store: Store, text: str, progress: ProgressSink,
-               tag_as: Optional[List[ImageRef]] = None, platform: Optional[Platform] = None) -> str:
+               tag_as: Optional[List[ImageRef]] = None, platform: Optional[Platform] = None,
+               report: Optional[TransferReport] = None) -> str:
     """Pull one image (NAME[:TAG] or ID prefix) into the engine and tag it; return its ID there.
 
     tag_as: the tags to give it on the host (default: the tag pulled).  platform: the image to
     take from a multi-platform tag (default: the engine's platform, asked only for such a tag).
+    report: the layers loaded into the engine.
     """
     store.check()
     chosen = []  # type: List[Platform]
@@ -5289,9 +5467,12 @@ def pull_image(docker: DockerClient, store: Store, text: str, progress: Progress
     if platform is not None and not chosen and not image.legacy:
         check_image_platform(store, image, platform, str(ref or text))
     tags = ([ref] if ref else []) if tag_as is None else tag_as
-    image_id = load_image(docker, store, image, [str(t) for t in tags], progress)
+    image_id = load_image(docker, store, image, [str(t) for t in tags], progress, report)
     for tag in tags:
         docker.tag(image_id, tag)
+    if report is not None:
+        report.tag, report.platform = (str(ref) if ref else None), (str(chosen[0]) if chosen else None)
+        report.image_id, report.layers = image_id, list(image.layers)
     progress.note("pulled %s%s (%s)" % (str(ref or text), " for " + str(chosen[0]) if chosen else "",
                                         digest_hex(image_id)[:12]))
     return image_id
@@ -5337,11 +5518,11 @@ def tag_image_choice(store: Store, ref: ImageRef, platform: PlatformSource) -> T
 
 
 def load_image(docker: DockerClient, store: Store, image: StoredImage, repo_tags: List[str],
-               progress: ProgressSink) -> str:
-    """Load a stored image into the engine (unless it has it); return its ID there."""
+               progress: ProgressSink, report: Optional[TransferReport] = None) -> str:
+    """Load a stored image into the engine (unless it has it); return its ID there (report: the layers loaded)."""
     if image.legacy:
         return _pull_legacy(docker, store, image, repo_tags, progress)
-    return _pull_image(docker, store, image, repo_tags, progress)
+    return _pull_image(docker, store, image, repo_tags, progress, report)
 
 
 def verified_config(store: Store, image: StoredImage) -> bytes:
@@ -5353,7 +5534,7 @@ def verified_config(store: Store, image: StoredImage) -> bytes:
 
 
 def _pull_image(docker: DockerClient, store: Store, image: StoredImage, repo_tags: List[str],
-                progress: ProgressSink) -> str:
+                progress: ProgressSink, report: Optional[TransferReport] = None) -> str:
     if docker.inspect_image(image.image_id) is not None:
         progress.note("%s: already on the Docker host" % image.image_id[7:19])
         remove_leftover_partials(docker, image.image_id, progress)
@@ -5373,6 +5554,9 @@ def _pull_image(docker: DockerClient, store: Store, image: StoredImage, repo_tag
     load_layers(docker, store, image, config, repo_tags, missing, progress, inflate)
     if docker.inspect_image(image.image_id) is None:
         raise DockerError("docker load finished but the engine has no image %s" % image.image_id)
+    if report is not None:
+        for i in missing:
+            report.add(image.layers[i].digest, image.layers[i].size)
     remove_leftover_partials(docker, image.image_id, progress)
     return image.image_id
 
@@ -6153,13 +6337,13 @@ def migrate_image(store: Store, top_hex: str, progress: ProgressSink, options: P
                 top, key, size = legacy_layer(store, v1_id)
                 with contextlib.closing(store.open(key, size)) as f:
                     reader = DiffIdReader(f)
-                    spool = pipeline.spool(reader, size, v1_id[:12], may_compress=True)  # type: ignore
+                    spool = pipeline.spool(reader, size, pipeline.unnamed_label(), may_compress=True)  # type: ignore
                 diff_id = reader.hasher.digest()
                 record = reused_layer(target, diff_id, freshness)
                 if record is None and diff_id not in diff_ids:
                     pipeline.upload(diff_id, spool)
                 else:
-                    os.unlink(spool.path)
+                    pipeline.drop(spool, diff_id, "already stored" if record is not None else "repeated")
                 if record is not None:
                     known[diff_id] = record
                 diff_ids.append(diff_id)
@@ -8950,7 +9134,7 @@ class ArchiveReader:
                 else:
                     self.stored[entry.name] = named
                 return Spool("", named, entry.size, named, entry.size, "none")
-        label = named[7:19] if named else entry.name.split("/")[0][:12]
+        label = named[7:19] if named else self.pipeline.unnamed_label()  # renamed once its diffID is known
         spooled = self.pipeline.spool(reader, entry.size, label, may_compress=True, unpack=True)
         if named is not None and spooled.raw_digest != named:
             os.unlink(spooled.path)
@@ -8990,7 +9174,7 @@ class ArchiveReader:
         record = reused_layer(self.store, known, self.freshness) if known else None
         candidate = spooled.tar_digest or spooled.raw_digest
         if record is not None or candidate in self.uploaded.values():
-            os.unlink(spooled.path)
+            self.pipeline.drop(spooled, candidate, "already stored" if record is not None else "repeated")
             if record is not None:
                 self.known[member] = record
             else:
@@ -9066,6 +9250,7 @@ class ArchiveReader:
             self.exact[member] = exact_small_blob(data)
             self.store.put_bytes(key, data)
             self.freshness.written(key)
+            self.pipeline.report.add(digest, size)
         elif member in self.known:  # a raw layer the store holds compressed (as a push stores it)
             with contextlib.closing(self.store.open(blob_key(self.known[member].digest))) as packed:
                 spool = self._unpacked(packed, digest, size)
@@ -9175,14 +9360,15 @@ def small_layer_checks_out(data: bytes, diff_id: str) -> bool:
 
 
 def import_archive(store: Store, stream: IO[bytes], names: Sequence[str], progress: ProgressSink,
-                   options: PushOptions, platform: Optional[Platform] = None) -> List[Archived]:
+                   options: PushOptions, platform: Optional[Platform] = None,
+                   report: Optional[TransferReport] = None) -> List[Archived]:
     """Store the images of an archive (all, or those NAME:TAG arguments pick) as push would, a
     multi-platform image whole (or with platform, its image for that platform); return them,
-    with the tags written."""
+    with the tags written (report: the blobs sent)."""
     store.ensure()
     freshness = options.freshness(store)
     with work_directory(options.tempdir or store.spool_dir()) as work:
-        pipeline = LayerPipeline(store, work, progress, options, freshness, write_index=False)
+        pipeline = LayerPipeline(store, work, progress, options, freshness, write_index=False, report=report)
         reader = ArchiveReader(store, pipeline, freshness)
         try:
             contents = read_save_stream(archive_tar(stream), reader.spool, pipeline.abort, what="archive")
@@ -9529,9 +9715,11 @@ class BlobCopier:
     """Copies blobs from one store to another: server-side between S3 buckets on one endpoint
     (falling back to streaming if dst's keys may not read src), else streamed and verified."""
 
-    def __init__(self, src: Store, dst: Store, work_dir: str, progress: ProgressSink):
+    def __init__(self, src: Store, dst: Store, work_dir: str, progress: ProgressSink,
+                 report: Optional[TransferReport] = None):
         self.src, self.dst, self.work_dir, self.progress = src, dst, work_dir, progress
         self.server_side = same_s3_endpoint(src, dst)
+        self.report = report or TransferReport()  # the blobs copied
 
     def copy(self, record: LayerRecord, freshness: Freshness) -> None:
         """Make dst hold record's blob: kept (and refreshed) if there, else copied and checked."""
@@ -9545,9 +9733,10 @@ class BlobCopier:
         if self.server_side and self._server_side(key, record):
             task.advance(record.size)
             task.finish("copied (server-side)")
-            return
-        self._stream(key, record, task)
-        task.finish("copied")
+        else:
+            self._stream(key, record, task)
+            task.finish("copied")
+        self.report.add(record.digest, record.size)
 
     def _server_side(self, key: str, record: LayerRecord) -> bool:
         src, dst = self.src, self.dst
@@ -10049,6 +10238,13 @@ class JsonTask:
                 detail["total"] = self.total
             self.owner.emit({"status": self.action, "id": self.label, "progressDetail": detail,
                              "progress": human_size(self.current) + ("/" + human_size(self.total) if self.total else "")})
+
+    def rename(self, label: str) -> None:
+        self.label = label
+
+    def phase(self, action: str, total: Optional[int], summary: Optional[str] = None) -> None:
+        self.action, self.total, self.current, self.last = action.capitalize(), total, 0, 0.0
+        self.owner.emit({"status": self.action, "id": self.label})
 
     def finish(self, status: str = "done") -> None:
         self.owner.emit({"status": status.capitalize(), "id": self.label})
@@ -11279,21 +11475,42 @@ class Context:
                            platforms=getattr(self.options, "platforms", "auto"))
 
 
+def wants_json(ctx: Context) -> bool:
+    """Did the command line ask for --json (one JSON document on stdout instead of text)?"""
+    return bool(getattr(ctx.options, "json", False))
+
+
+def emit_json(ctx: Context, doc: Any) -> None:
+    """Write a command's --json document (README: JSON output): one JSON value on stdout, keys sorted."""
+    ctx.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    ctx.stdout.flush()
+
+
 def cmd_push(ctx: Context) -> int:
     """push STORE IMAGE[:TAG]...: store images and their tags."""
     docker, store = ctx.docker(), ctx.store()
+    pushed = []  # type: List[Dict[str, Any]]
     for image in ctx.options.images:
-        push_image(docker, store, image, ctx.progress, ctx.push_options())
+        report = TransferReport()
+        push_image(docker, store, image, ctx.progress, ctx.push_options(), report)
+        pushed.append(dict(report.to_json(), image=image))
+    if wants_json(ctx):
+        emit_json(ctx, {"store": store.url, "images": pushed, "bytes_sent": sum(p["bytes_sent"] for p in pushed)})
     return 0
 
 
 def cmd_pull(ctx: Context) -> int:
     """pull STORE IMAGE[:TAG]...: load images into the Docker host (or -pullhosts) and tag them."""
     if ctx.options.pullhosts:
-        return fleet_command(ctx)
+        return fleet_command(ctx)  # prints the JSON statuses of the hosts, --json or not
     docker, store = ctx.docker(), ctx.store()
+    pulled = []  # type: List[Dict[str, Any]]
     for image in ctx.options.images:
-        pull_image(docker, store, image, ctx.progress, platform=ctx.options.platform)
+        report = TransferReport()
+        pull_image(docker, store, image, ctx.progress, platform=ctx.options.platform, report=report)
+        pulled.append(dict(report.to_json(), image=image))
+    if wants_json(ctx):
+        emit_json(ctx, {"store": store.url, "images": pulled, "bytes_sent": sum(p["bytes_sent"] for p in pulled)})
     return 0
 
 
@@ -11420,6 +11637,34 @@ OPEN_SERVER_WARNING = (
     "STORE, -allow s3://bucket/prefix/, -registry NAME and -tlsverify")
 
 
+def server_serves(options: argparse.Namespace, own: Optional[str], policy: ServerPolicy,
+                  htpasswd: Optional[Htpasswd], engine: str) -> List[str]:
+    """The lines after the server's first: what its Docker API and its registry API serve, to whom."""
+    sources = ([printable(own) + " (and prefixes under it)"] if own else []) + \
+        ["s3://%s/%s" % (a.bucket, a.prefix) for a in policy.allowed]
+    docker = "Docker API: docker pull into %s, from %s" % (
+        engine, "any S3 bucket a client has keys for" if policy.is_open else ", ".join(sources))
+    if not own:
+        return [docker, "registry API: off (no STORE given; 'dogestry -server STORE' serves it at /v2/)"]
+    return [docker, "registry API: /v2/ for %s; %s" % (printable(own), registry_users(options, htpasswd))]
+
+
+def registry_users(options: argparse.Namespace, htpasswd: Optional[Htpasswd]) -> str:
+    """Who may pull and push through the registry API, in a few words."""
+    if htpasswd is not None:
+        rights = list(htpasswd.rights.values())
+        certificates = sum(1 for stored in htpasswd.users.values() if stored == CERTIFICATE_ONLY)
+        return "%d users of -htpasswd %s (%d may push, %d may delete%s)%s%s" % (
+            len(rights), printable(htpasswd.path), sum("push" in r.rights for r in rights),
+            sum("delete" in r.rights for r in rights),
+            ", %d by client certificate only" % certificates if certificates else "",
+            "; client certificates log in as their CN" if options.tlsverify else "",
+            "; -anonymous-push: every user may push" if options.anonymous_push else "")
+    pullers = "client certificate holders" if options.tlsverify else "anyone who reaches the port"
+    return "%s may pull, %s" % (pullers, "and push (-anonymous-push)" if options.anonymous_push
+                                 else "nobody may push (no -htpasswd users, no -anonymous-push)")
+
+
 def cmd_server(ctx: Context) -> int:
     """-server [STORE]: serve image pulls to docker clients and dogestry -pullhosts."""
     options = ctx.options
@@ -11460,10 +11705,13 @@ def cmd_server(ctx: Context) -> int:
         raise
     ctx.stdout.write("dogestry server %s listening on %s:%d%s (Docker at %s; %d connections at most, %s)\n"
                      % (__version__, options.address, server.server_address[1],
-                        " with TLS" + (", client certificates required" if options.tlsverify else "") if tls else "",
+                        " with TLS" + (", client certificates required" if options.tlsverify else "") if tls
+                        else " over plain HTTP",
                         server.docker.endpoint.url, limits.max_connections,
                         "-max-connections" if options.max_connections is not None else
                         "for an open-files limit of %d" % open_files if open_files is not None else "the default"))
+    for line in server_serves(options, own, policy, htpasswd, server.docker.endpoint.url):
+        ctx.stdout.write("  " + line + "\n")
     ctx.stdout.flush()
     if policy.is_open:
         ctx.stderr.write(OPEN_SERVER_WARNING + "\n")
@@ -11614,16 +11862,21 @@ def binary_stream(stream: Any) -> IO[bytes]:
 def cmd_import(ctx: Context) -> int:
     """import STORE FILE|- [NAME:TAG...]: store the images of a docker save, podman save or OCI archive."""
     store, path, platform = ctx.store(), ctx.options.file, ctx.options.platform
+    report = TransferReport()
     if path == "-":
         images = import_archive(store, binary_stream(ctx.stdin or sys.stdin), ctx.options.names, ctx.progress,
-                                ctx.push_options(), platform)
+                                ctx.push_options(), platform, report)
     else:
         try:
             archive = open(path, "rb")
         except OSError as e:
             raise DogestryError("cannot read %s: %s" % (path, _os_reason(e)))
         with archive:
-            images = import_archive(store, archive, ctx.options.names, ctx.progress, ctx.push_options(), platform)
+            images = import_archive(store, archive, ctx.options.names, ctx.progress, ctx.push_options(), platform,
+                                    report)
+    if wants_json(ctx):
+        emit_json(ctx, imported_json(store, images, report))
+        return 0
     for image in images:
         for ref in image.tags:
             ctx.stdout.write("Imported image: %s\n" % printable(str(ref)))
@@ -11633,9 +11886,34 @@ def cmd_import(ctx: Context) -> int:
     return 0
 
 
+def imported_json(store: Store, chosen: Sequence[Archived], report: TransferReport) -> Dict[str, Any]:
+    """import --json: every image stored (those of multi-platform images too) with its layers, and the indexes."""
+    images, indexes = [], []  # type: List[Dict[str, Any]], List[Dict[str, Any]]
+    for item in chosen:
+        if isinstance(item, ArchivedImage):
+            images.append(_stored_image_json(store, item.image_id, [str(r) for r in item.tags], None, report))
+            continue
+        entries = index_images(item.root)
+        indexes.append({"digest": item.root.digest, "tags": [str(r) for r in item.tags],
+                        "platforms": [{"platform": str(e.platform), "digest": e.digest,
+                                       "image_id": item.images[e.digest].image_id if e.digest in item.images else None}
+                                      for e in entries]})
+        images.extend(_stored_image_json(store, item.images[e.digest].image_id, [], str(e.platform), report)
+                      for e in entries if e.digest in item.images)
+    return {"store": store.url, "images": images, "indexes": indexes, "bytes_sent": sum(report.sent.values())}
+
+
+def _stored_image_json(store: Store, image_id: str, tags: List[str], platform: Optional[str],
+                       report: TransferReport) -> Dict[str, Any]:
+    layers = load_stored_image(store, digest_hex(image_id)).layers
+    return dict(layers_json(layers, report.sent), image_id=image_id, tags=tags, platform=platform)
+
+
 def cmd_export(ctx: Context) -> int:
     """export STORE IMAGE... -o FILE|-: write an archive docker load, podman load (or, --format oci,
     skopeo and ctr import) read."""
+    if wants_json(ctx) and ctx.options.output == "-":
+        raise UsageError("--json prints its document on stdout: write the archive with -o FILE")
     store = ctx.store()
     store.check()
     if ctx.options.format == "oci":
@@ -11647,10 +11925,13 @@ def cmd_export(ctx: Context) -> int:
                              % (store.url, ", ".join(legacy)))
         chunks = oci_archive_stream(items, ctx.progress)  # type: Iterable[bytes]
     else:
-        chunks = docker_archive_stream(export_items(store, ctx.options.images, ctx.progress, export_platform(ctx)),
-                                       ctx.progress)
+        found = export_items(store, ctx.options.images, ctx.progress, export_platform(ctx))
+        chunks, items = docker_archive_stream(found, ctx.progress), list(found)
     if ctx.options.output != "-":
-        write_archive(chunks, ctx.options.output)
+        written = [0]
+        write_archive(_counted(chunks, written), ctx.options.output)
+        if wants_json(ctx):
+            emit_json(ctx, exported_json(store, ctx.options, items, written[0]))
         return 0
     out = binary_stream(ctx.stdout)
     if hasattr(out, "isatty") and out.isatty():
@@ -11660,6 +11941,27 @@ def cmd_export(ctx: Context) -> int:
         out.write(data)
     out.flush()
     return 0
+
+
+def _counted(chunks: Iterable[bytes], total: List[int]) -> Iterator[bytes]:
+    for data in chunks:
+        total[0] += len(data)
+        yield data
+
+
+def exported_json(store: Store, options: argparse.Namespace, items: Sequence[OciExport], size: int) -> Dict[str, Any]:
+    """export --json: the archive written, its format and bytes, and what it holds."""
+    images = []  # type: List[Dict[str, Any]]
+    for item in items:
+        if isinstance(item, ExportItem):
+            image = item.found.image
+            images.append({"image_id": image.image_id if not image.legacy else "sha256:" + item.found.image_hex,
+                           "tags": [str(r) for r in item.tags], "manifest": None,
+                           "layers": [{"diff_id": r.diff_id, "digest": r.digest, "size": r.size} for r in image.layers]})
+        else:
+            images.append({"image_id": None, "tags": [str(r) for r in item.tags], "manifest": item.manifest.digest,
+                           "layers": []})
+    return {"store": store.url, "output": options.output, "format": options.format, "bytes": size, "images": images}
 
 
 def export_platform(ctx: Context) -> PlatformSource:
@@ -11708,15 +12010,31 @@ def cmd_copy(ctx: Context) -> int:
             check_tag_may_move(dst, item.ref, item.tag_content)  # (an original-layout image gets its ID when copied)
     push_options = ctx.push_options()
     copied = {}  # type: Dict[Tuple[str, str], str]  # (store, image) -> image ID in dst
+    report, done = TransferReport(), []  # type: TransferReport, List[Dict[str, Any]]
     with work_directory(push_options.tempdir or dst.spool_dir()) as work:
-        copier = BlobCopier(src, dst, work, ctx.progress)
+        copier = BlobCopier(src, dst, work, ctx.progress, report)
         for item in items:
             if item.image is None:
                 what = copy_manifest_tag(item, src, dst, copier, ctx.progress, push_options, copied)
             else:
                 what = copy_image_tag(item, dst, copier, ctx.progress, push_options, copied)
-            ctx.stdout.write("Copied %s (%s)\n" % (printable(str(item.ref or item.text)), what))
+            if wants_json(ctx):
+                done.append(copied_json(dst, item, what, report))
+            else:
+                ctx.stdout.write("Copied %s (%s)\n" % (printable(str(item.ref or item.text)), what))
+    if wants_json(ctx):
+        emit_json(ctx, {"source": src.url, "destination": dst.url, "images": done,
+                        "bytes_sent": sum(report.sent.values())})
     return 0
+
+
+def copied_json(dst: Store, item: CopyItem, what: str, report: TransferReport) -> Dict[str, Any]:
+    """copy --json of one argument: the image (its layers, which this copy sent) or the manifest its tag names."""
+    doc = {"image": item.text, "tag": str(item.ref) if item.ref else None}  # type: Dict[str, Any]
+    if item.image is None:
+        return dict(doc, image_id=None, manifest=what, **layers_json([], report.sent))
+    layers = load_stored_image(dst, digest_hex(what)).layers
+    return dict(doc, image_id=what, manifest=None, **layers_json(layers, report.sent))
 
 
 def cmd_list(ctx: Context) -> int:
@@ -11724,6 +12042,9 @@ def cmd_list(ctx: Context) -> int:
     store = ctx.store()
     store.check()
     targets = list_tag_targets(store)
+    if wants_json(ctx):
+        emit_json(ctx, listed_json(store, targets))
+        return 0
     with thread_pool(min(TAG_READERS, max(1, len(targets))), "dogestry-indexes") as pool:
         described = list(pool.map(lambda item: describe_target(store, item[1]), targets))
     rows = [("REPOSITORY", "TAG", "IMAGE ID", "PLATFORMS", "")]  # type: List[Tuple[str, ...]]
@@ -11737,7 +12058,85 @@ def cmd_list(ctx: Context) -> int:
     for row in rows:
         ctx.stdout.write(("   ".join("%-*s" % (w, cell) for w, cell in zip(widths, row)) + "   " + row[-1]).rstrip()
                          + "\n")
+    if len(rows) == 1:
+        hint_stores_below(ctx, store)
     return 0
+
+
+LIST_HINT_LOOKS = 8  # prefixes an empty list looks into for stores (a listing of one key each, at once)
+
+
+def hint_stores_below(ctx: Context, store: Store) -> None:
+    """For a list that found no tags: one line on stderr naming the stores right below STORE."""
+    try:
+        found, there = store.stores_below(LIST_HINT_LOOKS)
+    except DogestryError:  # a hint only: the listing it needs may be denied where the table was not
+        return
+    if not found:
+        return
+    url = ctx.remotes.get(ctx.options.store, ctx.options.store)
+    more = " (looked into %d of the %d there)" % (LIST_HINT_LOOKS, there) if there > LIST_HINT_LOOKS else ""
+    ctx.stderr.write("dogestry: no tags at the top of %s, but stores below it%s: %s; list one with "
+                     "'dogestry list %s'\n" % (printable(url), more, ", ".join(printable(f) for f in found),
+                                                printable(store_url_below(url, found[0]))))
+
+
+def store_url_below(url: str, name: str) -> str:
+    """The STORE argument of the store `name` (`team/`) right below the store `url` names."""
+    if not re.match(r"(?i)(s3|file)://", url):
+        return os.path.join(url, name)
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/" + name))
+
+
+def listed_json(store: Store, targets: List[Tuple[ImageRef, TagTarget]]) -> Dict[str, Any]:
+    """list --json: every tag with what it names, when it was pushed, its size and platforms (each tag's
+    records read on TAG_READERS threads)."""
+    ages = {e.key: e.age for e in store.list_entries("repositories/")}
+    now = time.time()
+
+    def pushed(ref: ImageRef) -> Optional[str]:
+        age = ages.get(tag_key(ref))
+        return None if age is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - age))
+
+    with thread_pool(min(TAG_READERS, max(1, len(targets))), "dogestry-indexes") as pool:
+        tags = list(pool.map(lambda item: dict(_target_json(store, item[1]), name=item[0].name, tag=item[0].tag,
+                                               pushed=pushed(item[0])), targets))
+    tags += [{"name": ref.name, "tag": ref.tag, "kind": "original", "image_id": image_hex, "manifest": None,
+              "pushed": None, "size": None, "platforms": []} for ref, image_hex in original_images_at_root(store)]
+    return {"store": store.url, "tags": tags}
+
+
+def _image_size(store: Store, image_hex: str) -> Optional[int]:
+    with contextlib.suppress(NotFound, FormatError):
+        return sum(r.size for r in load_stored_image(store, image_hex).layers)
+    return None
+
+
+def _target_json(store: Store, target: TagTarget) -> Dict[str, Any]:
+    """What list --json says of one tag's target: kind, image ID or manifest digest, size, platforms."""
+    if target.image_hex is not None:
+        return {"kind": "image", "image_id": "sha256:" + target.image_hex, "manifest": None,
+                "size": _image_size(store, target.image_hex), "platforms": []}
+    doc = {"kind": "unreadable", "image_id": None, "manifest": target.manifest, "size": None,
+           "platforms": []}  # type: Dict[str, Any]
+    try:
+        index = read_pushed_manifest(store, str(target.manifest))
+    except DogestryError:
+        index = None
+    if index is None:
+        return doc
+    if not index.is_index:
+        return dict(doc, kind="artifact", size=sum(size for _, size in index.blobs))
+    platforms = []  # type: List[Dict[str, Any]]
+    for entry in index_images(index):
+        image_hex = None  # type: Optional[str]
+        with contextlib.suppress(NotFound, FormatError):
+            image_hex = image_of_manifest(store, entry.digest)
+        platforms.append({"platform": str(entry.platform), "digest": entry.digest,
+                          "image_id": None if image_hex is None else "sha256:" + image_hex,
+                          "size": None if image_hex is None else _image_size(store, image_hex)})
+    return dict(doc, kind="index", platforms=platforms, size=sum(p["size"] or 0 for p in platforms))
 
 
 def describe_target(store: Store, target: TagTarget) -> Tuple[str, str]:
@@ -11846,6 +12245,10 @@ def cmd_rm(ctx: Context) -> int:
     for ref, image_hex in doomed:
         ctx.progress.note("deleted %s (%s)%s from %s" % (ref, image_hex[:12],
                                                          " and its protection" if ref in protected else "", store.url))
+    if wants_json(ctx):
+        emit_json(ctx, {"store": store.url, "platform": None, "changed": [],
+                        "deleted": [{"tag": str(ref), "target": "sha256:" + image_hex, "unprotected": ref in protected}
+                                    for ref, image_hex in doomed]})
     return 0
 
 
@@ -11861,15 +12264,21 @@ def rm_platform(ctx: Context, store: Store, platform: Platform) -> int:
         raise DogestryError("%s %s protected in %s: 'dogestry unprotect' first, or rm --force; nothing was changed"
                             % (", ".join(printable(str(r)) for r in protected), "is" if len(protected) == 1 else "are",
                                store.url))
+    deleted, changed = [], []  # type: List[Dict[str, Any]], List[Dict[str, Any]]
     for ref in refs:
         index = remove_platform(store, ref, platform, Freshness(store, gc_min_grace(ctx.environ), command="rm"))
         if index is None:
             if ref in protected:
                 store.delete(protection_key(ref))
             ctx.progress.note("deleted %s from %s: %s was its last image" % (ref, store.url, platform))
+            deleted.append({"tag": str(ref), "target": None, "unprotected": ref in protected})
         else:
             ctx.progress.note("removed %s from %s in %s (it holds %s)" % (platform, ref, store.url,
                                                                           platform_list(index_images(index))))
+            changed.append({"tag": str(ref), "index": index.digest,
+                            "platforms": [str(e.platform) for e in index_images(index)]})
+    if wants_json(ctx):
+        emit_json(ctx, {"store": store.url, "platform": str(platform), "deleted": deleted, "changed": changed})
     return 0
 
 
@@ -11883,6 +12292,9 @@ def cmd_gc(ctx: Context) -> int:
     report = collect_garbage(store, grace, ctx.progress, dry_run=ctx.options.dry_run)
     verb = "would delete" if ctx.options.dry_run else "deleted"
     parts = [part for unit in report.deleted for part in unit.parts()]
+    if wants_json(ctx):
+        emit_json(ctx, gc_json(store, report, parts, ctx.options.dry_run))
+        return 0
     for kind, name, size in parts:
         ctx.stdout.write("%s %s %s (%s)\n" % (verb, kind, printable(name), human_size(size)))
     counts = collections.Counter(kind for kind, _, _ in parts)
@@ -11903,6 +12315,19 @@ def cmd_gc(ctx: Context) -> int:
                              store.url, len(plan.foreign), "s" if len(plan.foreign) > 1 else "",
                              ", ".join(printable(k) for k in plan.foreign[:3]), ", ..." if len(plan.foreign) > 3 else ""))
     return 0
+
+
+def gc_json(store: Store, report: GcReport, parts: List[Tuple[str, str, int]], dry_run: bool) -> Dict[str, Any]:
+    """gc --json: what was (--dry-run: would be) deleted, what was spared or held back, what was left alone."""
+    plan = report.plan
+    return {"store": store.url, "dry_run": dry_run,
+            "deleted": [{"kind": kind, "name": name, "size": size} for kind, name, size in parts],
+            "counts": dict(collections.Counter(kind for kind, _, _ in parts)),
+            "bytes": sum(u.size for u in report.deleted), "spared": report.spared, "leftovers": report.leftovers,
+            "held_bytes": plan.held_bytes,
+            "held_until": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + max(0.0, plan.held_for)))
+            if plan.held_bytes else None,
+            "foreign": list(plan.foreign)}
 
 
 def held_back(held_bytes: int, held_for: float, grace: float, now: Optional[float] = None) -> str:
@@ -11927,6 +12352,11 @@ def cmd_prune(ctx: Context) -> int:
     if doomed and not ctx.options.dry_run:
         remove_tags(store, doomed)
     verb = "would remove" if ctx.options.dry_run else "removed"
+    if wants_json(ctx):
+        emit_json(ctx, {"store": store.url, "dry_run": ctx.options.dry_run,
+                        "removed": [{"tag": str(ref), "target": "sha256:" + image_hex} for ref, image_hex in doomed],
+                        "kept_tied": [{"tags": [str(r) for r in refs], "with": str(boundary)} for refs, boundary in tied]})
+        return 0
     for refs, boundary in tied:
         ctx.stdout.write("%s %s too: pushed at the same time as %s, the oldest of the %d kept, as far as the store's "
                          "times tell (prune never removes a tag that may be newer than one it keeps)\n"
@@ -12032,6 +12462,10 @@ def cmd_remote(ctx: Context) -> int:
     images = list_image_ids(store)
     blobs = list(store.list_sizes("blobs/"))  # one listing, not a HEAD per blob
     size = sum(blob_size for _, blob_size in blobs)
+    if wants_json(ctx):
+        emit_json(ctx, {"store": store.url, "kind": store.kind(), "repositories": len({r.name for r, _ in tags}),
+                        "tags": len(tags), "images": len(images), "blobs": len(blobs), "blob_bytes": size})
+        return 0
     ctx.stdout.write("Store:        %s (%s)\n" % (store.url, store.kind()))
     ctx.stdout.write("Repositories: %d\n" % len({r.name for r, _ in tags}))
     ctx.stdout.write("Tags:         %d\n" % len(tags))
@@ -12042,6 +12476,9 @@ def cmd_remote(ctx: Context) -> int:
 
 def cmd_version(ctx: Context) -> int:
     """version: print dogestry's version."""
+    if wants_json(ctx):
+        emit_json(ctx, {"version": __version__, "python": sys.version.split()[0]})
+        return 0
     ctx.stdout.write("dogestry version %s (Python %s)\n" % (__version__, sys.version.split()[0]))
     return 0
 
@@ -12082,6 +12519,9 @@ COMMANDS = (
     ("help", None, "help [COMMAND]", "Show help for dogestry or a command."),
 )
 
+# The commands whose --json prints one document on stdout (stats has its own; inspect always prints JSON).
+JSON_COMMANDS = ("push", "pull", "list", "rm", "gc", "prune", "import", "export", "copy", "remote", "version")
+
 STORE_HELP = "a directory, file:///path or s3://bucket/prefix/?region=REGION"
 
 
@@ -12089,7 +12529,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that raises UsageError instead of exiting, so main() owns the exit."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(message)
+        raise usage_error(message, self)
 
     def exit(self, status: int = 0, message: Optional[str] = None) -> None:  # type: ignore[override]
         if message:
@@ -12099,6 +12539,13 @@ class _Parser(argparse.ArgumentParser):
     def print_help(self, file: Any = None) -> None:
         """-h: hand the text to main(), which writes it to its own stdout, once."""
         raise _HelpShown(0, self.format_help())
+
+
+def usage_error(message: str, parser: argparse.ArgumentParser) -> UsageError:
+    """A UsageError that main() follows with PARSER's usage line."""
+    error = UsageError(message)
+    error.usage = parser.format_usage()
+    return error
 
 
 class _HelpShown(Exception):
@@ -12125,10 +12572,22 @@ def _platform_arg(text: str) -> Platform:
         raise argparse.ArgumentTypeError(str(e))
 
 
-def _add_global_options(parser: argparse.ArgumentParser) -> None:
-    """The original's single-dash options, also accepted as --long."""
+EVERY_COMMAND_OPTIONS = frozenset({"config", "lockfile", "use-metaservice", "tempdir"})  # and -q
+PULL_OPTIONS = EVERY_COMMAND_OPTIONS | {"pullhosts", "force-local", "disable-checks", "host-timeout", "port"}
+
+
+def _add_global_options(parser: argparse.ArgumentParser, command: Optional[str] = None) -> None:
+    """The original's single-dash options, also accepted as --long; with a command, those of them
+    that may also follow it (every command's, and pull's fleet options), left unset unless given."""
+    after = PULL_OPTIONS if command == "pull" else EVERY_COMMAND_OPTIONS
+    group = parser if command is None else parser.add_argument_group(
+        "global options (before or after the command)")  # type: Any
+
     def flag(name: str, **kw: Any) -> None:
-        parser.add_argument("-" + name, "--" + name, **kw)
+        if command is None:
+            group.add_argument("-" + name, "--" + name, **kw)
+        elif name in after:
+            group.add_argument("-" + name, "--" + name, **dict(kw, default=argparse.SUPPRESS))
 
     server_defaults = ServerLimits()
 
@@ -12165,8 +12624,10 @@ def _add_global_options(parser: argparse.ArgumentParser) -> None:
     flag("max-connections", metavar="N", type=int,
          help="with -server: connections served at once (default: what the open-files limit leaves room for, "
               "at most %d)" % SERVER_MAX_CONNECTIONS)
-    parser.add_argument("-version", "--version", "-v", action="store_true", help="print the version and exit")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    if command is None:
+        parser.add_argument("-version", "--version", "-v", action="store_true", help="print the version and exit")
+    group.add_argument("-q", "--quiet", action="store_true", help="no progress output",
+                       **({} if command is None else {"default": argparse.SUPPRESS}))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -12181,7 +12642,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=summary, description=summary, usage="dogestry " + usage,
                            allow_abbrev=False)
         p.set_defaults(func=func)
-        p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
+        _add_global_options(p, name)
         if name == "login":
             p.add_argument("registry", metavar="REGISTRY", help="the registry name docker users pull from")
         if name == "passwd":
@@ -12252,6 +12713,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("-keep-legacy", "--keep-legacy", action="store_true",
                            help="tags keep naming the original layout (for the original tool); this"
                            " version reads the migrated image")
+        if name in JSON_COMMANDS:
+            p.add_argument("-json", "--json", action="store_true",
+                           help="print one JSON document on stdout (README: JSON output); progress stays on stderr")
         if name == "stats":
             p.add_argument("-json", "--json", action="store_true", help="print JSON")
             p.add_argument("-grace", "--grace", metavar="DURATION", default="1h",
@@ -12274,10 +12738,17 @@ def build_parser() -> argparse.ArgumentParser:
 def _help_text(parser: argparse.ArgumentParser, topic: Optional[str]) -> str:
     if not topic:
         return parser.format_help()
+    command = _command_parser(parser, topic)
+    if command is None:
+        raise UsageError("unknown command %r (try 'dogestry help')" % topic)
+    return command.format_help()
+
+
+def _command_parser(parser: argparse.ArgumentParser, name: str) -> Optional[argparse.ArgumentParser]:
     for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction) and topic in action.choices:
-            return action.choices[topic].format_help()
-    raise UsageError("unknown command %r (try 'dogestry help')" % topic)
+        if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+            return action.choices[name]
+    return None
 
 
 def parse_command_line(parser: argparse.ArgumentParser, argv: List[str]) -> argparse.Namespace:
@@ -12312,7 +12783,8 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: List[str]) -> argp
         setattr(options, trailing, getattr(options, trailing) + extra)  # names after options, as above
         extra = []
     if extra:
-        raise UsageError("unrecognized arguments: %s" % " ".join(extra))
+        raise usage_error("unrecognized arguments: %s" % " ".join(extra),
+                          _command_parser(parser, options.command or "") or parser)
     if options.pullhosts and options.command not in (None, "pull", "help"):
         raise UsageError("-pullhosts goes with pull, not %s" % options.command)
     return options
@@ -12366,8 +12838,7 @@ def main(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, st
         if options.version:
             return cmd_version(Context(environ, stdout, stderr, options))
         if not options.command:
-            stderr.write(parser.format_usage())
-            raise UsageError("no command given (try 'dogestry help')")
+            raise usage_error("no command given (try 'dogestry help')", parser)
         if options.command == "help":
             stdout.write(_help_text(parser, options.topic))
             return 0
@@ -12383,6 +12854,8 @@ def main(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, st
         return Interrupted.exit_code
     except DogestryError as e:
         stderr.write("dogestry: error: %s\n" % printable(str(e).replace("\n", " ")))
+        if isinstance(e, UsageError):
+            stderr.write(e.usage)
         return e.exit_code
     except BrokenPipeError:
         return 1

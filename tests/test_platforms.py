@@ -39,12 +39,12 @@ def test_a_bad_platform_is_a_usage_error(text):
         P(text)
 
 
-def test_a_bad_platform_on_the_command_line_is_one_line_and_exit_2(tmp_path):
+def test_a_bad_platform_on_the_command_line_is_one_error_line_the_usage_and_exit_2(tmp_path):
     proc = run_dogestry("pull", str(tmp_path), "app:1", "--platform", "linux//x")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "dogestry: error: argument -platform/--platform: invalid platform 'linux//x': expected os/arch[/variant],"
-        " such as linux/amd64 or linux/arm64"]
+        " such as linux/amd64 or linux/arm64", "usage: dogestry pull STORE IMAGE[:TAG]..."]
 
 
 def entries(*platforms):
