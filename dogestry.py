@@ -11654,8 +11654,8 @@ def registry_users(options: argparse.Namespace, htpasswd: Optional[Htpasswd]) ->
     if htpasswd is not None:
         rights = list(htpasswd.rights.values())
         certificates = sum(1 for stored in htpasswd.users.values() if stored == CERTIFICATE_ONLY)
-        return "%d users of -htpasswd %s (%d may push, %d may delete%s)%s%s" % (
-            len(rights), printable(htpasswd.path), sum("push" in r.rights for r in rights),
+        return "%d user%s of -htpasswd %s (%d may push, %d may delete%s)%s%s" % (
+            len(rights), "" if len(rights) == 1 else "s", printable(htpasswd.path), sum("push" in r.rights for r in rights),
             sum("delete" in r.rights for r in rights),
             ", %d by client certificate only" % certificates if certificates else "",
             "; client certificates log in as their CN" if options.tlsverify else "",

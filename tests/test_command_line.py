@@ -177,3 +177,15 @@ def test_a_registry_without_users_says_who_may_pull_and_push(servers, docker_env
     assert server.stdout.splitlines()[2] == (
         "  registry API: /v2/ for %s; anyone who reaches the port may pull, nobody may push (no -htpasswd "
         "users, no -anonymous-push)" % store)
+
+
+def test_a_registry_with_one_user_says_user_not_users(servers, docker_env, tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text("ci:%s:pull,push\n" % dogestry.password_hash("secret", iterations=1000))
+    (address,) = loopback_addresses(1)
+    server = servers(address, docker_env, store=store, args=["-htpasswd", htpasswd])
+
+    assert server.stdout.splitlines()[2] == (
+        "  registry API: /v2/ for %s; 1 user of -htpasswd %s (1 may push, 0 may delete)" % (store, htpasswd))
