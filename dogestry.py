@@ -3917,7 +3917,11 @@ def choose_platform(entries: Sequence[IndexEntry], wanted: Platform, what: str) 
 def tag_index(store: Store, ref: ImageRef) -> Optional["PushedManifest"]:
     """The image index a tag names, or None if it names an image (NotFound if the tag is absent;
     FormatError if it names a manifest that is neither, or one that is not stored)."""
-    target = read_tag_target(store, ref)
+    return target_index(store, ref, read_tag_target(store, ref))
+
+
+def target_index(store: Store, ref: ImageRef, target: TagTarget) -> Optional["PushedManifest"]:
+    """The image index a tag's target (read already) is, or None if it is an image."""
     if target.manifest is None:
         return None
     index = read_pushed_manifest(store, target.manifest)
@@ -3926,6 +3930,18 @@ def tag_index(store: Store, ref: ImageRef) -> Optional["PushedManifest"]:
     if not index.is_index:
         raise NotAnImage("%s: %s names %s, an artifact, not an image" % (store.url, ref, target.manifest))
     return index
+
+
+def index_tag(store: Store, text: str) -> Optional[Tuple[ImageRef, "PushedManifest"]]:
+    """The tag and the image index it names, if NAME[:TAG] is a tag of the store that names one
+    (resolve_image's rule: a tag comes before an image ID prefix)."""
+    ref = None  # type: Optional[ImageRef]
+    with contextlib.suppress(UsageError):
+        ref = parse_image_ref(text)
+    if ref is None or store.stat(tag_key(ref)) is None:
+        return None
+    index = tag_index(store, ref)
+    return None if index is None else (ref, index)
 
 
 def image_of_manifest(store: Store, digest: str) -> str:
@@ -3944,17 +3960,25 @@ def image_of_manifest(store: Store, digest: str) -> str:
 PlatformSource = Callable[[], Platform]  # asked only when a tag names an index (a pull asks its engine)
 
 
-def tag_image_for(store: Store, ref: ImageRef, platform: Optional[PlatformSource]) -> str:
-    """The image hex a tag names: its image, or for an index, the image for the platform
-    (NotAnImage listing the platforms if none is given)."""
-    index = tag_index(store, ref)
+def index_image_for(store: Store, ref: ImageRef, index: "PushedManifest", platform: Platform) -> Tuple[str, IndexEntry]:
+    """The image hex and the entry of an index (tag ref's) that runs best on the platform."""
+    entry = choose_platform(index_images(index), platform, "%s in %s" % (ref, store.url))
+    return image_of_manifest(store, entry.digest), entry
+
+
+def tag_image_choice(store: Store, ref: ImageRef,
+                     platform: Optional[PlatformSource]) -> Tuple[str, Optional[IndexEntry]]:
+    """The image hex a tag names (one read of the tag) and, of a multi-platform tag, the entry
+    chosen for the platform (asked only for such a tag; NotAnImage listing the platforms if
+    none is given)."""
+    target = read_tag_target(store, ref)
+    index = target_index(store, ref, target)
     if index is None:
-        return read_tag(store, ref)
-    entries = index_images(index)
-    what = "%s in %s" % (ref, store.url)
+        return str(target.image_hex), None
     if platform is None:
-        raise NotAnImage("%s is a multi-platform image (%s): choose one with --platform" % (what, platform_list(entries)))
-    return image_of_manifest(store, choose_platform(entries, platform(), what).digest)
+        raise NotAnImage("%s in %s is a multi-platform image (%s): choose one with --platform"
+                         % (ref, store.url, platform_list(index_images(index))))
+    return index_image_for(store, ref, index, platform())
 
 
 def list_image_ids(store: Store) -> List[str]:
@@ -3974,7 +3998,7 @@ def resolve_image(store: Store, text: str, platform: Optional[PlatformSource] = 
     with contextlib.suppress(UsageError):
         ref = parse_image_ref(text)
     if ref is not None and store.stat(tag_key(ref)) is not None:
-        return tag_image_for(store, ref, platform), ref
+        return tag_image_choice(store, ref, platform)[0], ref
     prefix = image_id_prefix(text)
     if prefix is not None:
         matches = [i for i in list_image_ids(store) if i.startswith(prefix)]
@@ -5485,36 +5509,6 @@ def check_image_platform(store: Store, image: StoredImage, platform: Platform, w
     offered = config_platform(parse_json(verified_config(store, image), "the image config"))
     if offered.architecture and platform_fits(platform, offered) is None:
         raise NoMatchingPlatform("%s in %s is an image for %s only, not %s" % (what, store.url, offered, platform))
-
-
-def index_tag(store: Store, text: str) -> Optional[Tuple[ImageRef, "PushedManifest"]]:
-    """The tag and the image index it names, if NAME[:TAG] is a tag of the store that names one
-    (resolve_image's rule: a tag comes before an image ID prefix)."""
-    ref = None  # type: Optional[ImageRef]
-    with contextlib.suppress(UsageError):
-        ref = parse_image_ref(text)
-    if ref is None or store.stat(tag_key(ref)) is None:
-        return None
-    index = tag_index(store, ref)
-    return None if index is None else (ref, index)
-
-
-def index_image_for(store: Store, ref: ImageRef, index: "PushedManifest", platform: Platform) -> Tuple[str, IndexEntry]:
-    """The image hex and the entry of an index (tag ref's) that runs best on the platform."""
-    entry = choose_platform(index_images(index), platform, "%s in %s" % (ref, store.url))
-    return image_of_manifest(store, entry.digest), entry
-
-
-def tag_image_choice(store: Store, ref: ImageRef, platform: PlatformSource) -> Tuple[str, Optional[IndexEntry]]:
-    """The image hex a tag names and, of a multi-platform tag, the entry chosen for the platform
-    (asked only for such a tag)."""
-    target = read_tag_target(store, ref)
-    if target.image_hex is not None:
-        return target.image_hex, None
-    index = tag_index(store, ref)
-    if index is None:  # the tag was moved to an image meanwhile
-        return read_tag(store, ref), None
-    return index_image_for(store, ref, index, platform())
 
 
 def load_image(docker: DockerClient, store: Store, image: StoredImage, repo_tags: List[str],
@@ -9476,15 +9470,13 @@ def oci_export_items(store: Store, texts: Sequence[str], progress: ProgressSink,
     whole (with platform: the manifest of its image for that platform)."""
     items = collections.OrderedDict()  # type: collections.OrderedDict  # image hex or manifest digest -> item
     for text in texts:
-        ref = None  # type: Optional[ImageRef]
-        with contextlib.suppress(UsageError):
-            ref = parse_image_ref(text)
-        index = tag_index(store, ref) if ref is not None and store.stat(tag_key(ref)) is not None else None
-        if ref is None or index is None:
+        tagged = index_tag(store, text)
+        if tagged is None:
             found = find_image(store, text, progress)
             item = items.setdefault((found.store.url, found.image_hex), ExportItem(found, []))
             ref = found.ref
         else:
+            ref, index = tagged
             manifest = index
             if platform is not None:
                 entry = choose_platform(index_images(index), platform, "%s in %s" % (ref, store.url))
@@ -12161,14 +12153,10 @@ def cmd_inspect(ctx: Context) -> int:
     store = ctx.store()
     store.check()
     platform = ctx.options.platform  # type: Optional[Platform]
-    ref = None  # type: Optional[ImageRef]
-    with contextlib.suppress(UsageError):
-        ref = parse_image_ref(ctx.options.image)
-    if platform is None and ref is not None and store.stat(tag_key(ref)) is not None:
-        index = tag_index(store, ref)
-        if index is not None:
-            ctx.stdout.write(json.dumps(inspect_index(store, index), indent=2) + "\n")
-            return 0
+    tagged = index_tag(store, ctx.options.image) if platform is None else None
+    if tagged is not None:
+        ctx.stdout.write(json.dumps(inspect_index(store, tagged[1]), indent=2) + "\n")
+        return 0
     store, image_hex, ref, image, named_hex = find_image(store, ctx.options.image, ctx.progress,
                                                          None if platform is None else lambda: platform)
     tags = [str(r) for r, h in list_tags(store) if h in (image_hex, named_hex)]
