@@ -89,7 +89,6 @@ import contextlib
 import hashlib
 import http.client
 import importlib.util
-import io
 import itertools
 import json
 import os
@@ -116,7 +115,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from realdocker import (  # noqa: E402
     DOGESTRY, FIXED_MTIME, client_env, docker_cli, find_docker, image_id, loopback_addresses, random_bytes,
-    remove_tree, start_dockerd, text_bytes,
+    remove_tree, small_save_archive, start_dockerd, text_bytes,
 )
 from radosgw import RadosGWError, start_radosgw  # noqa: E402
 
@@ -1233,27 +1232,9 @@ def machine_facts(host, workdir):
 
 # --- start-up -----------------------------------------------------------------------------
 
-def tar_bytes_of(files):
-    """An uncompressed tar of FILES ({name: bytes})."""
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return raw.getvalue()
-
-
 def small_store(workdir):
     """A directory store holding one tiny image, small/app:1, made by dogestry import (no engine)."""
-    layer = tar_bytes_of({"hello": b"hello\n"})
-    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {}, "rootfs": {
-        "type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(layer).hexdigest()]}}).encode()
-    config_name = hashlib.sha256(config).hexdigest() + ".json"
-    manifest = [{"Config": config_name, "RepoTags": ["small/app:1"], "Layers": ["layer.tar"]}]
-    archive, store = workdir / "small.tar", workdir / "store-small"
-    archive.write_bytes(tar_bytes_of({"layer.tar": layer, config_name: config,
-                                      "manifest.json": json.dumps(manifest).encode()}))
+    archive, store = small_save_archive(workdir / "small.tar"), workdir / "store-small"
     subprocess.run(dogestry_cmd(workdir, "import", "-q", store, archive), check=True, stdout=subprocess.DEVNULL)
     return store
 

@@ -1,5 +1,7 @@
 """Helpers for tests that drive a real dockerd: start/stop daemons, build images, make data."""
 
+import hashlib
+import io
 import json
 import os
 import random
@@ -8,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -381,6 +384,30 @@ def _write_layer(layer_dir, files):
         os.chmod(str(path), 0o644)
     for path in sorted(layer_dir.rglob("*"), reverse=True) + [layer_dir]:
         os.utime(str(path), (FIXED_MTIME, FIXED_MTIME))
+
+
+def tar_bytes(files):
+    """An uncompressed tar (bytes) of FILES ({name: bytes}, in that order)."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return raw.getvalue()
+
+
+def small_save_archive(path):
+    """Write at PATH a docker save archive of one tiny image, small/app:1 (one layer holding hello),
+    made without an engine; return PATH."""
+    layer = tar_bytes({"hello": b"hello\n"})
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {}, "rootfs": {
+        "type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(layer).hexdigest()]}}).encode()
+    config_name = hashlib.sha256(config).hexdigest() + ".json"
+    manifest = [{"Config": config_name, "RepoTags": ["small/app:1"], "Layers": ["layer.tar"]}]
+    Path(path).write_bytes(tar_bytes({"layer.tar": layer, config_name: config,
+                                      "manifest.json": json.dumps(manifest).encode()}))
+    return Path(path)
 
 
 def write_context(ctxdir, layers, extra_lines=()):

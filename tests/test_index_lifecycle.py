@@ -22,7 +22,7 @@ import dogestry
 from indexkit import Pusher, age_store, artifact_keys, files, image_keys, layer, manifest_keys, sha
 from realdocker import docker_cli, image_id, loopback_addresses, one_error_line, run_dogestry
 from serverkit import Server
-from test_gc import PausingStore, s3_client, wait_until_older_than
+from test_gc import PausingStore, ok, s3_client, wait_until_older_than
 
 pytestmark = pytest.mark.integration
 
@@ -35,13 +35,6 @@ HOUR = 3600
 def env(base_env):
     """What dogestry runs with here: the test's dockerd, gc's shortest grace 10 s."""
     return dict(base_env, DOGESTRY_GC_MIN_GRACE=MIN_GRACE)
-
-
-def ok(env, *args):
-    proc = run_dogestry(*args, env=env)
-    assert proc.returncode == 0, proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return proc
 
 
 class running_server:

@@ -9,7 +9,6 @@ its image ID.  The buildx-style layouts (attestation manifests, raw layers, junk
 
 import gzip
 import hashlib
-import io
 import json
 import subprocess
 import tarfile
@@ -19,7 +18,7 @@ import pytest
 
 import dogestry
 from multiplatform import Buildah, image_platform, platform_context
-from realdocker import docker_cli, image_id, ok, one_error_line, random_bytes, run_dogestry, text_bytes
+from realdocker import docker_cli, image_id, ok, one_error_line, random_bytes, run_dogestry, tar_bytes, text_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -44,11 +43,7 @@ def members(path):
 
 def write_tar(path, files):
     """Write {name: bytes} (in that order) as a tar at path."""
-    with tarfile.open(str(path), "w") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size, info.mode = len(data), 0o644
-            tar.addfile(info, io.BytesIO(data))
+    Path(path).write_bytes(tar_bytes(files))
     return path
 
 
@@ -200,17 +195,12 @@ class Layout:
 
     def image(self, platform, payload, raw=False):
         """An image of one layer holding payload (an uncompressed tar if raw, else gzip); its descriptor."""
-        layer = io.BytesIO()
-        with tarfile.open(fileobj=layer, mode="w") as tar:
-            info = tarfile.TarInfo("payload.bin")
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-        tar_bytes = layer.getvalue()
+        layer = tar_bytes({"payload.bin": payload})
         os_name, arch, *variant = platform.split("/")
-        config = dict({"architecture": arch, "os": os_name, "rootfs": {"type": "layers", "diff_ids": [sha(tar_bytes)]}},
+        config = dict({"architecture": arch, "os": os_name, "rootfs": {"type": "layers", "diff_ids": [sha(layer)]}},
                       **({"variant": variant[0]} if variant else {}))
-        layer_blob = self.blob(tar_bytes, "application/vnd.oci.image.layer.v1.tar") if raw else \
-            self.blob(gzip.compress(tar_bytes, mtime=0), "application/vnd.oci.image.layer.v1.tar+gzip")
+        layer_blob = self.blob(layer, "application/vnd.oci.image.layer.v1.tar") if raw else \
+            self.blob(gzip.compress(layer, mtime=0), "application/vnd.oci.image.layer.v1.tar+gzip")
         manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": self.blob(json.dumps(config).encode(),
                                                                                         OCI_CONFIG),
                     "layers": [layer_blob]}

@@ -2,16 +2,12 @@
 library modules they use, so they answer fast (tests/bench.py times them; this guards without timing)."""
 
 import ast
-import hashlib
-import io
-import json
 import subprocess
 import sys
-import tarfile
 
 import pytest
 
-from realdocker import DOGESTRY
+from realdocker import DOGESTRY, small_save_archive
 
 # What only the network, the server, archives, S3's XML or config files need (http.client alone
 # brings email and ssl along): none of it loads before a command that needs it runs.
@@ -38,26 +34,9 @@ def among(modules, families):
     return sorted(m for m in modules if any(m == f or m.startswith(f + ".") for f in families))
 
 
-def tar_of(files):
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return raw.getvalue()
-
-
 def small_store(tmp_path):
     """A directory store holding one small image, small/app:1, imported from a docker save archive."""
-    layer = tar_of({"hello": b"hello\n"})
-    diff_id = "sha256:" + hashlib.sha256(layer).hexdigest()
-    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
-                         "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()
-    config_name = hashlib.sha256(config).hexdigest() + ".json"
-    manifest = json.dumps([{"Config": config_name, "RepoTags": ["small/app:1"], "Layers": ["layer.tar"]}])
-    archive, store = tmp_path / "small.tar", tmp_path / "store"
-    archive.write_bytes(tar_of({"layer.tar": layer, config_name: config, "manifest.json": manifest.encode()}))
+    archive, store = small_save_archive(tmp_path / "small.tar"), tmp_path / "store"
     proc = subprocess.run([sys.executable, str(DOGESTRY), "import", "-q", str(store), str(archive)],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
     assert proc.returncode == 0, proc.stdout

@@ -19,6 +19,7 @@ import pytest
 
 import dogestry
 from conftest import skip_or_fail
+from realdocker import tar_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -373,12 +374,7 @@ def _blob(files, data):
 def _oci_image(files, arch, payload):
     """One image of a (buildx-like) OCI layout: a gzip layer, its config, its manifest; the manifest's descriptor."""
     import json
-    layer = io.BytesIO()
-    with tarfile.open(fileobj=layer, mode="w") as tar:
-        info = tarfile.TarInfo("arch.txt")
-        info.size = len(payload)
-        tar.addfile(info, io.BytesIO(payload))
-    raw = layer.getvalue()
+    raw = tar_bytes({"arch.txt": payload})
     config = json.dumps({"architecture": arch, "os": "linux", "rootfs": {
         "type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(raw).hexdigest()]}}).encode()
     manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
