@@ -4911,12 +4911,12 @@ def push_image(docker: DockerClient, store: Store, text: str, progress: Progress
     if ref is not None and tag_is_immutable(store, ref):  # before any layer goes up
         check_tag_may_move(store, ref, image_hex, index_keeping(store, ref, image_hex, platform, options.platforms))
     freshness = options.freshness(store)
-    if _keep_stored_image(store, image_hex, freshness):
+    stored = _keep_stored_image(store, image_hex, freshness)
+    if stored is not None:
         progress.note("%s: image %s is already stored" % (str(ref or text), image_hex[:12]))
     else:
         freshness = options.freshness(store)
-        _push_new_image(docker, store, image_id, diff_ids, progress, options, freshness, report)
-    stored = load_stored_image(store, image_hex)
+        stored = _push_new_image(docker, store, image_id, diff_ids, progress, options, freshness, report)
     report.image_id, report.layers = image_id, stored.layers
     report.platform = str(platform) if platform.architecture else None
     if ref is not None:
@@ -4960,17 +4960,17 @@ def record_untagged(store: Store, image_hex: str, refs: Sequence[ImageRef]) -> N
         "untagged": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})
 
 
-def _keep_stored_image(store: Store, image_hex: str, freshness: Freshness) -> bool:
-    """If the image is stored, keep it whole until its tag is written (True); False if it is not
-    (or a gc took part of it meanwhile: then it is pushed again)."""
+def _keep_stored_image(store: Store, image_hex: str, freshness: Freshness) -> Optional[StoredImage]:
+    """If the image is stored, keep it whole until its tag is written (return it, as stored); None
+    if it is not (or a gc took part of it meanwhile: then it is pushed again)."""
     manifest_key, config_key = image_key(image_hex, "manifest.json"), image_key(image_hex, "config.json")
     manifest_age = store.age(manifest_key)
     if manifest_age is None:
-        return False
+        return None
     try:
         image = load_stored_image(store, image_hex)
     except NotFound:
-        return False
+        return None
     freshness.seen(manifest_key, manifest_age)
     freshness.seen(config_key, store.age(config_key))
     relied = sorted({relied_key(r) for r in image.layers})
@@ -4982,8 +4982,8 @@ def _keep_stored_image(store: Store, image_hex: str, freshness: Freshness) -> bo
     try:
         freshness.secure(_index_rewriters(store, image.layers), must_exist)
     except IntegrityError:
-        return False
-    return True
+        return None
+    return image
 
 
 def _index_rewriters(store: Store, records: Sequence[LayerRecord]) -> Dict[str, Callable[[], None]]:
@@ -4995,7 +4995,8 @@ def _index_rewriters(store: Store, records: Sequence[LayerRecord]) -> Dict[str, 
 
 def _push_new_image(docker: DockerClient, store: Store, image_id: str, diff_ids: List[str],
                     progress: ProgressSink, options: PushOptions, freshness: Freshness,
-                    report: Optional[TransferReport] = None) -> None:
+                    report: Optional[TransferReport] = None) -> StoredImage:
+    """Store an image the store lacks from the engine's docker save; return it as stored."""
     known = {}  # type: Dict[str, LayerRecord]
     for diff_id in set(diff_ids):
         record = reused_layer(store, diff_id, freshness)
@@ -5029,7 +5030,9 @@ def _push_new_image(docker: DockerClient, store: Store, image_id: str, diff_ids:
     config_digest = sha256_digest(saved.config)
     if config_digest != image_id:
         raise IntegrityError("the saved config hashes to %s, not to the image ID %s" % (config_digest, image_id))
-    _secure_and_write_image(store, freshness, image_id, saved.config, [known[d] for d in diff_ids])
+    layers = [known[d] for d in diff_ids]
+    _secure_and_write_image(store, freshness, image_id, saved.config, layers)
+    return StoredImage(image_id, layers, [], len(saved.config))
 
 
 _OCI_BLOB = re.compile(r"^blobs/sha256/([0-9a-f]{64})$")
