@@ -78,7 +78,8 @@ def test_spooling_compresses_in_parallel_members_that_form_one_stream(tmp_path):
     data = b"text " * 4000000 + os.urandom(1 << 20)
     store = dogestry.LocalStore(str(tmp_path / "store"))
     quiet = dogestry.Progress(io.StringIO(), quiet=True)
-    pipeline = dogestry.LayerPipeline(store, str(tmp_path), quiet, dogestry.PushOptions(workers=2))
+    options = dogestry.PushOptions(workers=2, chunked=False)  # a layer stored whole (not as chunks)
+    pipeline = dogestry.LayerPipeline(store, str(tmp_path), quiet, options)
     try:
         spool = pipeline.spool(dogestry.MemberReader(io.BytesIO(data), len(data)), len(data), "x", True)
     finally:
