@@ -5200,13 +5200,14 @@ class LayerPipeline:
             tar_hash.join()
             with contextlib.suppress(OSError):
                 os.unlink(path + ".meta")
-        new = sum(1 for _, _, written in stored_chunks if written)
-        task.phase("read", None, "%s in %d chunks, %d new" % (human_size(size), len(chunks), new))
+        written = [n for _, _, n in stored_chunks if n is not None]
+        task.phase("read", None, "%s as %d chunks, %d new (%s%s)" % (
+            human_size(size), len(chunks), len(written), human_size(sum(written)), " gzip" if level else ""))
         self._rows[path] = task
         return Spool(path, digest, stored, diff_id, size, "chunked")
 
-    def _store_chunk(self, chunk: bytes, level: int) -> Tuple[str, int, bool]:
-        """Store a chunk unless the store has it: (its hex, its size, whether it was written)."""
+    def _store_chunk(self, chunk: bytes, level: int) -> Tuple[str, int, Optional[int]]:
+        """Store a chunk unless the store has it: (its hex, its size, the bytes written or None)."""
         try:
             if self.abort.is_set():
                 raise Interrupted("stopped")
@@ -5216,14 +5217,14 @@ class LayerPipeline:
             if age is not None:
                 self.freshness.relied_on(key, age)
                 self.report.add_chunk(key, None)
-                return chunk_hex, len(chunk), False
+                return chunk_hex, len(chunk), None
             packed = gzip_member(chunk, level) if level else chunk
             if len(packed) >= len(chunk):  # a chunk object as big as its chunk is the bytes themselves
                 packed = chunk
             self.store.put_bytes(key, packed, if_absent=True)
             self.freshness.written(key)
             self.report.add_chunk(key, len(packed))
-            return chunk_hex, len(chunk), True
+            return chunk_hex, len(chunk), len(packed)
         finally:
             self._chunk_slots.release()
 
