@@ -4626,19 +4626,20 @@ CHUNK_MIN = 512 << 10      # no cut closer than this to the chunk's start (bound
 CHUNK_SPACING = 512 << 10  # the mean distance between cut candidates (a chunk averages about MIN + SPACING)
 CUT_WINDOW = 48            # the bytes before a candidate that decide whether it is a cut
 # Markers whose occurrences are cut candidates inside a file, most preferred first; each file
-# takes the first whose rate in its first MARKER_SAMPLE bytes puts 4..512 occurrences in CHUNK_SPACING bytes,
+# takes the first whose rate in its first MARKER_SAMPLE bytes puts 4..MARKER_RATE_MAX occurrences in CHUNK_SPACING bytes,
 # so candidates stay rare enough for Python to test each and common enough to cut.
 CUT_MARKERS = (b"\x9e\x37", b"\n\n", b"}\n", b";\n", b".\n", b"\n#", b"\n\t", b"\n ", b"=\"", b"e ", b"\n",
                b"\x00\x00\x00\x00\x00\x00\x00\x01", b"\x00\x01", b"\x01\x00")
 MARKER_SAMPLE = 256 << 10  # the first bytes of a file its marker is chosen by
-MARKER_FILE_MIN = 64 << 10  # smaller files cut only where they end
+MARKER_RATE_MAX = 128  # each occurrence costs a Python-level test: at most this many per CHUNK_SPACING
+MARKER_FILE_MIN = 1 << 20  # smaller files cut only where they end (a file of CHUNK_SPACING or more always may)
 
 
 def cut_marker(sample: bytes) -> Tuple[bytes, int]:
     """The marker and candidate mask a file's content cuts with, chosen by a sample of it (b'': none)."""
     for marker in itertools.chain(CUT_MARKERS, _sampled_markers(sample)):
         per_spacing = sample.count(marker) * CHUNK_SPACING / max(len(sample), 1)
-        if 4 <= per_spacing <= 512:
+        if 4 <= per_spacing <= MARKER_RATE_MAX:
             return marker, (1 << (int(per_spacing * 1.4142135).bit_length() - 1)) - 1  # ~ 2 ** round(log2)
     return b"", 0
 
