@@ -5001,6 +5001,14 @@ class PieceHasher(InOrderWorker):
 # === 12. Push ===
 
 
+def chunks_setting(environ: Mapping[str, str]) -> bool:
+    """Whether pushes store big layers as chunks: yes, unless DOGESTRY_CHUNKS=0 (whole layers, as before)."""
+    text = environ.get("DOGESTRY_CHUNKS", "")
+    if text not in ("", "0", "1"):
+        raise UsageError("DOGESTRY_CHUNKS=%s is not 0 (whole layers) or 1 (chunked layers, the default)" % text)
+    return text != "0"
+
+
 class PushOptions(NamedTuple):
     """How to push: compression choice, temp dir, worker counts."""
 
@@ -12036,7 +12044,7 @@ class Context:
                            tempdir=self.options.tempdir,
                            level=getattr(self.options, "compress_level", GZIP_LEVEL) or GZIP_LEVEL,
                            gc_min_grace=gc_min_grace(self.environ), command=self.options.command,
-                           platforms=getattr(self.options, "platforms", "auto"))
+                           platforms=getattr(self.options, "platforms", "auto"), chunked=chunks_setting(self.environ))
 
 
 def wants_json(ctx: Context) -> bool:

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from realdocker import build_image, docker_cli, image_id, random_bytes, run_dogestry, text_bytes, write_context
+from realdocker import (
+    build_image, docker_cli, image_id, one_error_line, random_bytes, run_dogestry, text_bytes, write_context,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -100,3 +102,21 @@ def test_a_rebuild_that_changes_only_metadata_uploads_no_chunk(docker_env, chunk
     again = pushed(docker_env, store, "dgchunk/app:3")
     assert again["chunks_sent"] == 0 and again["chunks_skipped"] >= 12
     assert again["bytes_sent"] < 256 << 10
+
+
+def test_with_DOGESTRY_CHUNKS_0_a_big_layer_is_stored_whole_as_before(docker_env, chunk_images, tmp_path):
+    """The bench's layer-level reference: one blob per layer (gzip, or raw if it does not shrink)."""
+    store = tmp_path / "store"
+    doc = pushed(dict(docker_env, DOGESTRY_CHUNKS="0"), store, "dgchunk/app:1")
+    [record] = layer_records(store, chunk_images[0])
+    assert record["compression"] in ("gzip", "none")
+    assert (store / "blobs" / "sha256" / record["digest"][7:]).stat().st_size == record["size"]
+    assert not (store / "chunks").exists()
+    assert doc["chunks_sent"] == 0 and doc["bytes_sent"] == record["size"]
+
+
+def test_a_DOGESTRY_CHUNKS_other_than_0_or_1_is_one_clear_error(docker_env, chunk_images, tmp_path):
+    store = tmp_path / "store"
+    proc = run_dogestry("push", str(store), "dgchunk/app:1", env=dict(docker_env, DOGESTRY_CHUNKS="off"))
+    one_error_line(proc, "DOGESTRY_CHUNKS=off")
+    assert not (store / "images").exists()
