@@ -4855,7 +4855,11 @@ class InflatingReader:
 def open_recipe(store: Store, record: LayerRecord) -> Tuple[LayerRecipe, InflatingReader]:
     """A chunked layer's recipe, and a reader of its metadata bytes (close its stream when done)."""
     what = "%s: %s (the recipe of layer %s)" % (store.url, blob_key(record.digest), record.diff_id)
-    stream = store.open(blob_key(record.digest), record.size)
+    return recipe_of_stream(store.open(blob_key(record.digest), record.size), record, what)
+
+
+def recipe_of_stream(stream: IO[bytes], record: LayerRecord, what: str) -> Tuple[LayerRecipe, InflatingReader]:
+    """open_recipe() of a stream of the recipe's bytes (closed on errors)."""
     try:
         reader = InflatingReader(stream, what)
         recipe = LayerRecipe.from_header(reader.read_line(RECIPE_HEADER_LIMIT), what)
@@ -7130,8 +7134,24 @@ def _spool_found(found: FoundImage, spool: "LocalStore", clients: Sequence[Docke
         with OutputFile(path) as out:
             for data in verified_blob_chunks(store, record, task.advance):
                 out.write(data)
+        if record.chunked:  # the chunks first, so they are there before the recipe names them in the spool
+            recipe, metadata = recipe_of_stream(open(path, "rb"), record, path)
+            metadata.stream.close()
+            _spool_chunks(store, spool, recipe)
         spool.put_file(blob_key(record.digest), path, record.size, consume=True)
         task.finish("downloaded")
+
+
+def _spool_chunks(store: Store, spool: "LocalStore", recipe: LayerRecipe) -> None:
+    """Copy the chunks of a recipe the spool lacks into it, CHUNK_FETCHES at a time (pulls from the
+    spool check them against the layer's diffID)."""
+    def copy(chunk_hex: str) -> None:
+        key = chunk_key(chunk_hex)
+        if spool.stat(key) is None:
+            spool.put_bytes(key, store.get_bytes(key, limit=CHUNK_MAX + (CHUNK_MAX >> 6) + 4096))
+
+    with thread_pool(CHUNK_FETCHES, "dogestry-chunk") as pool:
+        list(pool.map(copy, dict.fromkeys(h for h, _ in recipe.chunks)))
 
 
 def _copy_keys(store: Store, spool: "LocalStore", keys: Sequence[str], progress: ProgressSink) -> None:
