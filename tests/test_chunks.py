@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 
 from realdocker import (
-    build_image, docker_cli, image_id, one_error_line, random_bytes, run_dogestry, text_bytes, write_context,
+    build_image, docker_cli, image_id, loopback_addresses, one_error_line, random_bytes, run_dogestry, text_bytes,
+    write_context,
 )
 
 pytestmark = pytest.mark.integration
 
 MIB = 1 << 20
+HOSTS = loopback_addresses(1)  # the module's fleet (conftest `fleet`): a dockerd on HOST:2375
 
 
 def tree(edit=None):
@@ -120,3 +122,12 @@ def test_a_DOGESTRY_CHUNKS_other_than_0_or_1_is_one_clear_error(docker_env, chun
     proc = run_dogestry("push", str(store), "dgchunk/app:1", env=dict(docker_env, DOGESTRY_CHUNKS="off"))
     one_error_line(proc, "DOGESTRY_CHUNKS=off")
     assert not (store / "images").exists()
+
+
+def test_a_fleet_pull_of_a_chunked_layer_loads_the_same_image(docker_env, chunk_images, fleet, tmp_path):
+    """-pullhosts reads each chunk from the store once into its spool, and every host gets the layer whole."""
+    store = tmp_path / "store"
+    pushed(docker_env, store, "dgchunk/app:1")
+    [host] = fleet
+    ok(docker_env, "-pullhosts", "tcp://%s" % HOSTS[0], "pull", str(store), "dgchunk/app:1")
+    assert image_id(host.host, "dgchunk/app:1") == chunk_images[0]
