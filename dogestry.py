@@ -12701,7 +12701,7 @@ def listed_json(store: Store, targets: List[Tuple[ImageRef, TagTarget]]) -> Dict
 
 def _image_size(store: Store, image_hex: str) -> Optional[int]:
     with contextlib.suppress(NotFound, FormatError):
-        return sum(r.size for r in load_stored_image(store, image_hex).layers)
+        return sum(r.tar_size if r.chunked else r.size for r in load_stored_image(store, image_hex).layers)
     return None
 
 
@@ -12768,7 +12768,7 @@ def cmd_inspect(ctx: Context) -> int:
     else:
         doc["Format"] = MANIFEST_MEDIA_TYPE
         doc["Layers"] = [r.to_json() for r in image.layers]
-        doc["Size"] = sum(r.size for r in image.layers)
+        doc["Size"] = sum(r.tar_size if r.chunked else r.size for r in image.layers)
         doc["Config"] = read_json(store, image_key(image_hex, "config.json"))
     ctx.stdout.write(json.dumps(doc, indent=2) + "\n")
     return 0
