@@ -4852,14 +4852,12 @@ class InflatingReader:
         return not self._more()
 
 
-def open_recipe(store: Store, record: LayerRecord) -> Tuple[LayerRecipe, InflatingReader]:
-    """A chunked layer's recipe, and a reader of its metadata bytes (close its stream when done)."""
+def open_recipe(store: Store, record: LayerRecord,
+                stream: Optional[IO[bytes]] = None) -> Tuple[LayerRecipe, InflatingReader]:
+    """A chunked layer's recipe (stream: its bytes, if not the stored blob), and a reader of its
+    metadata bytes (close its stream when done)."""
     what = "%s: %s (the recipe of layer %s)" % (store.url, blob_key(record.digest), record.diff_id)
-    return recipe_of_stream(store.open(blob_key(record.digest), record.size), record, what)
-
-
-def recipe_of_stream(stream: IO[bytes], record: LayerRecord, what: str) -> Tuple[LayerRecipe, InflatingReader]:
-    """open_recipe() of a stream of the recipe's bytes (closed on errors)."""
+    stream = store.open(blob_key(record.digest), record.size) if stream is None else stream
     try:
         reader = InflatingReader(stream, what)
         recipe = LayerRecipe.from_header(reader.read_line(RECIPE_HEADER_LIMIT), what)
@@ -5756,16 +5754,24 @@ CHUNK_FETCHES = 8  # chunks of a layer read from the store at once (each at most
 class ChunkedFeeder(BlobFeeder):
     """BlobFeeder for a chunked layer: reads its recipe, fetches its chunks CHUNK_FETCHES at a
     time in a pool (each gunzipped there), and gives out the tar the runs make, checked against
-    the diffID and size before its last piece."""
+    the diffID and size before its last piece.  window (first, last): only those bytes of the
+    tar, each chunk they take bytes from checked against its sha256 instead.  recipe_path: the
+    recipe in a local file, if it is not stored yet."""
 
-    def __init__(self, store: Store, record: LayerRecord):
-        super().__init__(store, record, True)
+    def __init__(self, store: Store, record: LayerRecord, window: Optional[Tuple[int, int]] = None,
+                 recipe_path: Optional[str] = None):
+        self.window, self.recipe_path = window, recipe_path
+        super().__init__(store, record, window is None)
 
     def _run(self) -> None:
         try:
-            recipe, metadata = open_recipe(self.store, self.record)
+            local = open(self.recipe_path, "rb") if self.recipe_path else None
+            recipe, metadata = open_recipe(self.store, self.record, local)
             with contextlib.closing(metadata.stream):
-                self._assemble(recipe, metadata)
+                if self.window is None:
+                    self._assemble(recipe, metadata)
+                else:
+                    self._assemble_window(recipe, metadata, *self.window)
             self._put(("end", self._verify()))
         except zlib.error as e:
             self._put(("error", IntegrityError("%s: a chunk of layer %s is corrupt (%s); nothing was loaded"
@@ -5792,6 +5798,9 @@ class ChunkedFeeder(BlobFeeder):
         if len(data) != size:
             raise IntegrityError("%s: chunk %s of layer %s is %d bytes, not %d; nothing was loaded"
                                  % (self.store.url, chunk_hex[:12], self.record.diff_id, len(data), size))
+        if self.window is not None and hashlib.sha256(data).hexdigest() != chunk_hex:
+            raise IntegrityError("%s: chunk %s of layer %s is corrupt (changed by hand?)"
+                                 % (self.store.url, chunk_hex[:12], self.record.diff_id))
         return data
 
     def _assemble(self, recipe: LayerRecipe, metadata: InflatingReader) -> None:
@@ -5827,6 +5836,35 @@ class ChunkedFeeder(BlobFeeder):
             raise IntegrityError("%s: the recipe of layer %s holds more metadata than its runs use"
                                  % (self.store.url, self.record.diff_id))
 
+    def _assemble_window(self, recipe: LayerRecipe, metadata: InflatingReader, first: int, last: int) -> None:
+        """Give out bytes first..last of the tar: the metadata read up to there (it is small), and
+        of the chunks only those holding content in the window."""
+        tar_pos = content_pos = 0
+        with thread_pool(CHUNK_FETCHES, "dogestry-chunk") as pool:
+            content = ChunkWindow(recipe.chunks, content_window(recipe.runs, first, last), self._fetch, pool)
+            try:
+                for index, run in enumerate(recipe.runs):
+                    if tar_pos > last or self.stop.is_set():
+                        break
+                    if index % 2 == 0:
+                        left = run
+                        while left and tar_pos <= last and not self.stop.is_set():
+                            piece = metadata.read(min(left, CHUNK))
+                            if tar_pos + len(piece) > first:
+                                self._give(piece[max(first - tar_pos, 0):last + 1 - tar_pos])
+                            tar_pos += len(piece)
+                            left -= len(piece)
+                        continue
+                    start, end = max(tar_pos, first), min(tar_pos + run, last + 1)
+                    for piece in content.read(content_pos + start - tar_pos, end - start):
+                        if self.stop.is_set():
+                            break
+                        self._give(piece)
+                    tar_pos += run
+                    content_pos += run
+            finally:
+                content.cancel()
+
     def _verify(self) -> Optional[Exception]:
         if self.unpacked is not None and self.unpacked.result() != (self.record.diff_id, self.record.raw_size):
             return IntegrityError("%s: the chunks of layer %s do not make it (corrupt, or changed by hand); "
@@ -5834,11 +5872,90 @@ class ChunkedFeeder(BlobFeeder):
         return None
 
 
+def content_window(runs: Sequence[int], first: int, last: int) -> Tuple[int, int]:
+    """Which bytes of a chunked layer's content (its chunks joined in order) bytes first..last
+    of its tar hold: [start, end) (empty if the window holds metadata only)."""
+    tar_pos = content_pos = 0
+    start = end = None  # type: Optional[int]
+    for index, run in enumerate(runs):
+        if index % 2:
+            lo, hi = max(tar_pos, first), min(tar_pos + run, last + 1)
+            if lo < hi:
+                start = content_pos + lo - tar_pos if start is None else start
+                end = content_pos + hi - tar_pos
+            content_pos += run
+        tar_pos += run
+    return (start, end) if start is not None and end is not None else (0, 0)
+
+
+class ChunkWindow:
+    """The content bytes [start, end) of a chunked layer, from the chunks holding them only,
+    fetched CHUNK_FETCHES ahead in a pool; read with increasing offsets."""
+
+    def __init__(self, chunks: Sequence[Tuple[str, int]], window: Tuple[int, int],
+                 fetch: Callable[[str, int], bytes], pool: "concurrent.futures.ThreadPoolExecutor"):
+        start, end = window
+        offsets = itertools.accumulate([0] + [size for _, size in chunks])
+        self.todo = iter([(offset, chunk) for offset, chunk in zip(offsets, chunks)
+                          if offset < end and offset + chunk[1] > start])
+        self.fetch, self.pool = fetch, pool
+        self.pending = collections.deque()  # type: collections.deque  # (offset, future of the chunk's bytes)
+        self.data, self.data_start = b"", 0
+
+    def read(self, offset: int, n: int) -> Iterator[bytes]:
+        """n bytes from offset, in pieces of at most CHUNK."""
+        while n > 0:
+            while offset >= self.data_start + len(self.data):
+                self._fill()
+                if not self.pending:
+                    raise FormatError("a chunked layer's recipe names less content than its runs")
+                self.data_start, future = self.pending.popleft()
+                self.data = future.result()
+            at = offset - self.data_start
+            piece = self.data[at:at + min(n, CHUNK)]
+            yield piece
+            offset += len(piece)
+            n -= len(piece)
+
+    def _fill(self) -> None:
+        while len(self.pending) < CHUNK_FETCHES:
+            nxt = next(self.todo, None)
+            if nxt is None:
+                return
+            offset, (chunk_hex, size) = nxt
+            self.pending.append((offset, self.pool.submit(self.fetch, chunk_hex, size)))
+
+    def cancel(self) -> None:
+        """Fetch nothing more."""
+        for _, future in self.pending:
+            future.cancel()
+
+
 def layer_tar_chunks(store: Store, record: LayerRecord, on_read: Callable[[int], None]) -> Iterator[bytes]:
     """A stored layer's uncompressed tar (what its diffID names), checked before its last piece is given out."""
     if record.chunked:
         return ChunkedFeeder(store, record).chunks(on_read)
     return verified_blob_chunks(store, record, on_read, record.compression == "gzip")
+
+
+def chunked_tar_range(store: Store, record: LayerRecord, first: int, last: int) -> Iterator[bytes]:
+    """Bytes first..last of a chunked layer's uncompressed tar: the whole tar checked against its
+    diffID, a part of it chunk by chunk (against their sha256), before its last piece is given out."""
+    if first == 0 and last == record.tar_size - 1:
+        return layer_tar_chunks(store, record, lambda n: None)
+    return ChunkedFeeder(store, record, (first, last)).chunks(lambda n: None)
+
+
+def chunked_layer(store: Store, digest: str) -> Optional[LayerRecord]:
+    """The chunked layer whose uncompressed tar has that sha256 digest (its diffID), as its index
+    entry names it, with its recipe stored; None if the store has none (one GET, one HEAD)."""
+    try:
+        record = LayerRecord.from_json(read_json(store, layer_index_key(digest)))
+    except (NotFound, FormatError):
+        return None
+    if not record.chunked or record.diff_id != digest:
+        return None
+    return record if store.stat(blob_key(record.digest)) == record.size else None
 
 
 def inflate_member(data: bytes) -> bytes:
@@ -7135,7 +7252,7 @@ def _spool_found(found: FoundImage, spool: "LocalStore", clients: Sequence[Docke
             for data in verified_blob_chunks(store, record, task.advance):
                 out.write(data)
         if record.chunked:  # the chunks first, so they are there before the recipe names them in the spool
-            recipe, metadata = recipe_of_stream(open(path, "rb"), record, path)
+            recipe, metadata = open_recipe(spool, record, open(path, "rb"))
             metadata.stream.close()
             _spool_chunks(store, spool, recipe)
         spool.put_file(blob_key(record.digest), path, record.size, consume=True)
@@ -7486,7 +7603,9 @@ class RegistryError(DogestryError):
 def registry_manifest(image: StoredImage, media_type: str) -> bytes:
     """The manifest served for a stored image: canonical JSON (keys sorted, no whitespace) of
     schemaVersion 2, the media type, the config (config.json's digest and size) and, in order,
-    every layer as stored (its digest, size, and the media type of its compression).
+    every layer as stored (its digest, size, and the media type of its compression); a chunked
+    layer as its uncompressed tar (its diffID and raw size: a recipe is no layer a client reads),
+    which the registry assembles from its chunks when a client asks for that blob.
 
     A pure function of the stored image, so its digest is the same from every version of
     dogestry, and pulls by digest keep working.
@@ -7494,9 +7613,16 @@ def registry_manifest(image: StoredImage, media_type: str) -> bytes:
     config_type = OCI_CONFIG if media_type == OCI_MANIFEST else DOCKER_CONFIG
     doc = {"schemaVersion": 2, "mediaType": media_type,
            "config": {"mediaType": config_type, "digest": image.image_id, "size": image.config_size},
-           "layers": [{"mediaType": LAYER_MEDIA_TYPES[media_type][r.compression], "digest": r.digest, "size": r.size}
-                      for r in image.layers]}
+           "layers": [layer_descriptor(r, media_type) for r in image.layers]}
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def layer_descriptor(record: LayerRecord, media_type: str) -> Dict[str, Any]:
+    """A stored layer's descriptor in a manifest of media_type: the blob as stored, or a chunked
+    layer's uncompressed tar (tar_digest, tar_size)."""
+    compression = "none" if record.chunked else record.compression
+    return {"mediaType": LAYER_MEDIA_TYPES[media_type][compression], "digest": record.tar_digest,
+            "size": record.tar_size}
 
 
 def accepted_types(accept: str) -> Optional[FrozenSet[str]]:
@@ -8349,6 +8475,18 @@ class Registry:
             if size is not None:
                 return key, size
         raise RegistryError(404, "BLOB_UNKNOWN", "blob %s is not known" % digest)
+
+    def served_blob(self, digest: str) -> Tuple[str, int, Optional[LayerRecord]]:
+        """What GET and HEAD serve for a blob digest: (key, size, None) of a stored blob (blob()),
+        else (its recipe's key, tar size, record) of a chunked layer whose uncompressed tar that
+        digest names (its diffID, as manifests made from images name it): assembled from its chunks."""
+        try:
+            return self.blob(digest) + (None,)
+        except RegistryError as e:
+            record = chunked_layer(self.store, digest) if e.status == 404 and check_digest(digest) else None
+            if record is None:
+                raise
+            return blob_key(record.digest), record.tar_size, record
 
 
 def registry_error_body(code: str, message: str) -> bytes:
@@ -9829,7 +9967,9 @@ class ArchiveReader:
         key = blob_key(digest)
         if member in self.held:
             spool = self.held.pop(member)
-            if spool.digest != digest:
+            if spool.compression == "chunked":
+                spool = self._unchunked(spool, digest, size)
+            elif spool.digest != digest:
                 with open(spool.path, "rb") as packed:
                     raw = self._unpacked(packed, digest, size)
                 os.unlink(spool.path)
@@ -9867,6 +10007,17 @@ class ArchiveReader:
         if written != size or "sha256:" + sha.hexdigest() != digest:
             os.unlink(path)
             raise IntegrityError("the compressed copy of blob %s does not unpack to it" % digest)
+        return Spool(path, digest, size, digest, size, "none")
+
+    def _unchunked(self, spool: Spool, digest: str, size: int) -> Spool:
+        """A raw blob of the archive made again from its spooled recipe and the chunks it stored
+        (checked against its digest: a layer's diffID)."""
+        path = os.path.join(self.pipeline.work_dir, "raw-" + digest_hex(digest))
+        record = LayerRecord(digest, spool.digest, spool.size, "chunked", size)
+        with OutputFile(path, self.store.keeps_files) as out:
+            for data in ChunkedFeeder(self.store, record, recipe_path=spool.path).chunks(lambda n: None):
+                out.write(data)
+        os.unlink(spool.path)
         return Spool(path, digest, size, digest, size, "none")
 
     def exact_layer(self, member: str, diff_id: str) -> LayerRecord:
@@ -10101,7 +10252,8 @@ def stored_manifest(store: Store, digest: str, why: str) -> PushedManifest:
 def stored_manifest_tree(store: Store, manifest: PushedManifest,
                          depth: int = ARCHIVE_INDEX_DEPTH) -> Tuple[List[PushedManifest], List[Tuple[str, int, str]]]:
     """Every manifest a stored manifest reaches (at most `depth` indexes deep; children first,
-    it last) and (digest, size, key) of every blob they name, where the store holds it."""
+    it last) and (digest, size, key) of every blob they name, where the store holds it (for a
+    chunked layer's uncompressed tar, which a push's manifests name: its index entry's key)."""
     manifests = collections.OrderedDict()  # type: collections.OrderedDict  # digest -> PushedManifest
     blobs = collections.OrderedDict()  # type: collections.OrderedDict  # digest -> (digest, size, key)
 
@@ -10113,6 +10265,9 @@ def stored_manifest_tree(store: Store, manifest: PushedManifest,
                 walk(stored_manifest(store, digest, "index %s names it" % manifest.digest), depth - 1)
         for digest, size in manifest.blobs:
             key = stored_blob_key(store, digest, size) if digest not in blobs else blobs[digest][2]
+            if key is None:
+                layer = chunked_layer(store, digest)
+                key = layer_index_key(digest) if layer is not None and layer.tar_size == size else None
             if key is None:
                 raise NotFound("%s: blob %s is not stored (manifest %s names it)"
                                % (store.url, digest, manifest.digest))
@@ -10149,8 +10304,9 @@ def docker_archive_stream(items: Sequence[ExportItem], progress: ProgressSink) -
 
 def oci_archive_stream(items: Sequence[OciExport], progress: ProgressSink) -> Iterator[bytes]:
     """An OCI image layout archive of the items (what skopeo, podman and ctr import read): the
-    blobs as stored, each once; an image's manifest as the registry API serves it, a manifest
-    kept byte for byte (a multi-platform image's index and all it reaches) as it is; index.json last."""
+    blobs as stored (a chunked layer: its uncompressed tar), each once; an image's manifest as
+    the registry API serves it, a manifest kept byte for byte (a multi-platform image's index and
+    all it reaches) as it is; index.json last."""
     yield tar_bytes_member("oci-layout", OCI_LAYOUT)
     descriptors, sent = [], set()  # type: List[Dict[str, Any]], Set[str]
 
@@ -10170,7 +10326,8 @@ def oci_archive_stream(items: Sequence[OciExport], progress: ProgressSink) -> It
             store, image = item.found.store, item.found.image
             yield blob(image.image_id, verified_config(store, image))
             yield from stored_layer_members(store, image, lambda index: True, sent, progress, False, [],
-                                            ("exporting", "exported"), lambda r: "blobs/sha256/" + digest_hex(r.digest))
+                                            ("exporting", "exported"),
+                                            lambda r: "blobs/sha256/" + digest_hex(r.tar_digest))
             manifest = registry_manifest(image, OCI_MANIFEST)
             yield blob(sha256_digest(manifest), manifest)
             descriptor = {"mediaType": OCI_MANIFEST, "digest": sha256_digest(manifest), "size": len(manifest)}
@@ -10192,10 +10349,16 @@ def exported_manifest_members(item: ExportedManifest, sent: Set[str], progress: 
         if name in sent:
             continue
         sent.add(name)
-        task = progress.task(digest[7:19], "exporting", size) if key.startswith("blobs/") else None  # not configs
+        task = progress.task(digest[7:19], "exporting", size) if not key.startswith("images/") else None  # not configs
+        advance = task.advance if task else lambda n: None
         yield tar_header(name, size)
-        yield from verified_blob_chunks(item.store, LayerRecord(digest, digest, size, "none"),
-                                        task.advance if task else lambda n: None, key=key)
+        if key == layer_index_key(digest):  # a chunked layer's tar (stored_manifest_tree)
+            record = chunked_layer(item.store, digest)
+            if record is None:
+                raise NotFound("%s: layer %s is not stored any more" % (item.store.url, digest))
+            yield from layer_tar_chunks(item.store, record, advance)
+        else:
+            yield from verified_blob_chunks(item.store, LayerRecord(digest, digest, size, "none"), advance, key=key)
         yield tar_padding(size)
         if task:
             task.finish("exported")
@@ -11734,12 +11897,13 @@ class RegistryHandler(RequestHandler):
         self._registry_send(200, json.dumps(doc).encode() + b"\n", extra=extra)
 
     def _send_blob(self, registry: Registry, digest: str) -> None:
-        """A blob: its headers (HEAD), a redirect to a presigned URL (S3), or its bytes (Range: 206)."""
-        key, size = registry.blob(digest)
+        """A blob: its headers (HEAD), a redirect to a presigned URL (S3), or its bytes (Range: 206).
+        A chunked layer's tar is no stored object to redirect to: it is assembled here."""
+        key, size, layer = registry.served_blob(digest)
         headers = dict(REGISTRY_API_HEADERS, **{"Docker-Content-Digest": digest, "Accept-Ranges": "bytes"})
         if self.command == "HEAD":
             return self._blob_head(200, size, headers)
-        if registry.presign is not None and self.server.redirect:
+        if layer is None and registry.presign is not None and self.server.redirect:
             headers["Location"] = registry.presign(key)
             return self._blob_head(307, 0, headers)
         wanted = parse_range(self.headers["Range"], size) if self.headers.get("Range") else None
@@ -11748,7 +11912,11 @@ class RegistryHandler(RequestHandler):
             headers["Content-Range"] = "bytes %d-%d/%d" % (first, last, size)
         self._blob_head(206 if wanted else 200, last - first + 1, headers)
         try:
-            self._blob_body(registry.store, key, digest, size, first, last)
+            if layer is not None:
+                for data in chunked_tar_range(registry.store, layer, first, last):
+                    self.wfile.write(data)
+            else:
+                self._blob_body(registry.store, key, digest, size, first, last)
         except DogestryError as e:  # the answer is cut short: the client sees a truncated body
             self.server.log_line(self.client_address[0], "blob %s: %s" % (digest, e))
             self.close_connection = True
@@ -11824,8 +11992,9 @@ class RegistryWriteHandler(RegistryHandler):
 
     def _mount(self, registry: Registry, name: str, query: Mapping[str, List[str]]) -> bool:
         """?mount=<digest>&from=<name>: 201 if the store has the blob (the store is content
-        addressed: any repository's blob, or an image's config, as GET serves them); False, to
-        start a session instead, if it has not or the arguments are not valid (the spec's fallback)."""
+        addressed: any repository's blob, or an image's config, as GET serves them; not a chunked
+        layer's tar, which GET assembles: no manifest could name it); False, to start a session
+        instead, if it has not or the arguments are not valid (the spec's fallback)."""
         source = (query.get("from") or [""])[0]
         try:
             if source:
@@ -12492,7 +12661,9 @@ def imported_json(store: Store, chosen: Sequence[Archived], report: TransferRepo
                                       for e in entries]})
         images.extend(_stored_image_json(store, item.images[e.digest].image_id, [], str(e.platform), report)
                       for e in entries if e.digest in item.images)
-    return {"store": store.url, "images": images, "indexes": indexes, "bytes_sent": sum(report.sent.values())}
+    return {"store": store.url, "images": images, "indexes": indexes,
+            "bytes_sent": sum(report.sent.values()) + sum(report.chunks_sent.values()),
+            "chunks_sent": len(report.chunks_sent), "chunks_skipped": report.chunks_kept}
 
 
 def _stored_image_json(store: Store, image_id: str, tags: List[str], platform: Optional[str],
