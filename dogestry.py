@@ -4566,6 +4566,15 @@ def compressed_sample(sample: bytes, level: int = GZIP_LEVEL) -> Optional[bytes]
     return packed if len(sample) < 4096 or len(packed) < INCOMPRESSIBLE_RATIO * len(sample) else None
 
 
+CHUNK_SAMPLE = 32 << 10  # the bytes of a chunk whose gzip decides whether the chunk is gzipped
+
+
+def chunk_compresses(chunk: bytes, level: int = GZIP_LEVEL) -> bool:
+    """Does gzip pay for this chunk, judged by a sample from its middle (its start is often a header)?"""
+    start = max(0, len(chunk) // 2 - CHUNK_SAMPLE // 2)
+    return compressed_sample(chunk[start:start + CHUNK_SAMPLE], level) is not None
+
+
 def detect_compression(head: bytes) -> str:
     """The compression a blob already has, from its magic number."""
     if head[:2] == b"\x1f\x8b":
@@ -5117,9 +5126,9 @@ class LayerPipeline:
         compression = detect_compression(first)
         packed = None  # type: Optional[bytes]
         if compression == "none" and may_compress and self.options.compression == "gzip":
-            packed = compressed_sample(first, self.options.level)
             if self.options.chunked and size >= CHUNKED_LAYER_MIN:
-                return self._spool_chunked(first, reader, size, label, packed is not None)
+                return self._spool_chunked(first, reader, size, label)
+            packed = compressed_sample(first, self.options.level)
         task = self.progress.task(label, "compressing" if packed is not None else "reading", size)
         raw_sha = hashlib.sha256()
         raw_size = 0
@@ -5157,14 +5166,14 @@ class LayerPipeline:
         self._rows[path] = task
         return Spool(path, writer.digest, writer.size, raw_digest, raw_size, "gzip", tuple(writer.pieces))
 
-    def _spool_chunked(self, first: bytes, reader: MemberReader, size: int, label: str, compress: bool) -> Spool:
+    def _spool_chunked(self, first: bytes, reader: MemberReader, size: int, label: str) -> Spool:
         """Store a layer's chunks the store lacks, on all cores, and spool its recipe (section 11):
-        a Spool of the recipe, compression "chunked", whose raw digest is the layer's.  compress:
-        gzip its chunks (else they are stored as they are)."""
+        a Spool of the recipe, compression "chunked", whose raw digest is the layer's.  Each chunk
+        is gzipped if a sample of it compresses (chunk_compresses), else stored as it is."""
         path = os.path.join(self.work_dir, "recipe-%d" % self._count)
         self._count += 1
         task = self.progress.task(label, "chunking", size)
-        level = self.options.level if compress else 0
+        level = self.options.level
         futures = []  # type: List[concurrent.futures.Future]
         tar_hash = PieceHasher("dogestry-diffid")
         pending = [first]
@@ -5229,7 +5238,7 @@ class LayerPipeline:
                 self.freshness.relied_on(key, age)
                 self.report.add_chunk(key, None)
                 return chunk_hex, len(chunk), None
-            packed = gzip_member(chunk, level) if level else chunk
+            packed = gzip_member(chunk, level) if chunk_compresses(chunk, level) else chunk
             if len(packed) >= len(chunk):  # a chunk object as big as its chunk is the bytes themselves
                 packed = chunk
             self.store.put_bytes(key, packed, if_absent=True)

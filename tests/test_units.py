@@ -8,6 +8,7 @@ import io
 import json
 import mmap
 import os
+import random
 import shutil
 import subprocess
 import tarfile
@@ -565,3 +566,24 @@ def test_the_containerd_image_store_is_told_from_dockers_own_by_its_driver_type(
     assert not dogestry.uses_containerd_store({"Driver": "vfs", "DriverStatus": []})
     assert not dogestry.uses_containerd_store({"Driver": "overlay2", "DriverStatus": [["Backing Filesystem", "extfs"]]})
     assert not dogestry.uses_containerd_store({"DriverStatus": None})
+
+
+def test_each_chunk_is_gzipped_only_if_a_sample_of_it_compresses(tmp_path):
+    """A chunked layer whose first file is random data still gzips its text files' chunks (the
+    decision is each chunk's, not the layer's first bytes'), and stores random chunks as they are."""
+    noise = random.Random(5).getrandbits(8 * (8 << 20)).to_bytes(8 << 20, "little")
+    text = b"".join(b"line %d of a log that compresses well\n" % i for i in range(400000))[:12 << 20]
+    layer = tar_bytes({"a/noise.bin": noise, "b/log.txt": text})
+    store = dogestry.LocalStore(str(tmp_path / "store"))
+    quiet = dogestry.Progress(io.StringIO(), quiet=True)
+    pipeline = dogestry.LayerPipeline(store, str(tmp_path), quiet, dogestry.PushOptions(workers=2))
+    try:
+        spool = pipeline.spool(dogestry.MemberReader(io.BytesIO(layer), len(layer)), len(layer), "x", True)
+    finally:
+        pipeline.close()
+    assert spool.compression == "chunked"
+    objects = [p.read_bytes() for p in (tmp_path / "store" / "chunks" / "sha256").iterdir()]
+    packed = [o for o in objects if o[:2] == b"\x1f\x8b"]
+    assert packed and len(packed) < len(objects)
+    assert sum(len(o) for o in packed) < len(text) // 4  # the text went gzipped
+    assert sum(len(o) for o in objects if o[:2] != b"\x1f\x8b") >= len(noise)  # the noise as it is
