@@ -6376,7 +6376,11 @@ def _pull_legacy(docker: DockerClient, store: Store, image: StoredImage, repo_ta
 # (a push that reuses a layer refreshes its entry) and stays while one is young.  The README's
 # "Garbage collection" section states the guarantees; Freshness (section 9) is the push's side.
 # The registry's upload sessions (section 17) nobody added to for the grace period go too,
-# with their multipart uploads.
+# with their multipart uploads.  Chunks (chunks/sha256/, section 11) go last, once the blobs
+# are deleted for good: every recipe still stored that a layer record names (and every young
+# blob no record names, which may be a recipe whose push has yet to name it) is read, its JSON
+# line only, and a chunk none of them names, older than the grace, is re-checked and deleted.
+# A recipe that cannot be read keeps every chunk.
 
 GC_THREADS = 16
 GC_BATCH_KEYS = 1000  # DeleteObjects takes at most 1000 keys
@@ -6385,7 +6389,7 @@ GC_BATCH_KEYS = 1000  # DeleteObjects takes at most 1000 keys
 class GcUnit(NamedTuple):
     """Something gc may delete: the keys whose ages decide, the keys to delete, the bytes freed."""
 
-    kind: str  # "image", "layer", "blob" or "upload" (an abandoned upload session)
+    kind: str  # "image", "manifest", "record", "layer", "blob", "chunk" or "upload" (an abandoned upload session)
     name: str
     check: Tuple[str, ...]
     delete: Tuple[str, ...]
@@ -6441,6 +6445,7 @@ class StoreMarks(NamedTuple):
     root_blobs: Dict[str, Set[str]]  # root image -> the blobs of its layers
     root_bytes: Dict[str, int]       # root image -> the bytes of its layers
     root_manifests: Dict[str, Set[str]]  # root image -> the digests (hex) of the manifests made from it
+    recipes: Dict[str, LayerRecord]  # blob hex -> a chunked layer's record naming it (the blob is its recipe)
 
     def merged(self, other: "StoreMarks") -> "StoreMarks":
         """What both reach."""
@@ -6449,7 +6454,7 @@ class StoreMarks(NamedTuple):
             md5s[key].update(values)
         return StoreMarks(self.images | other.images, self.diff_ids | other.diff_ids, self.blobs | other.blobs, md5s,
                           dict(self.root_blobs, **other.root_blobs), dict(self.root_bytes, **other.root_bytes),
-                          dict(self.root_manifests, **other.root_manifests))
+                          dict(self.root_manifests, **other.root_manifests), dict(self.recipes, **other.recipes))
 
     def image_bytes(self, roots: Iterable[str]) -> int:
         """The layers of these root images, counted once per image that uses them."""
@@ -6466,6 +6471,7 @@ def mark_reachable(store: Store, roots: Iterable[str], progress: ProgressSink) -
     images, diff_ids, blobs = set(), set(), set()  # type: Set[str], Set[str], Set[str]
     index_md5s = collections.defaultdict(set)  # type: Dict[str, Set[str]]
     root_blobs, root_bytes, root_manifests = {}, {}, {}  # type: Dict[str, Set[str]], Dict[str, int], Dict[str, Set[str]]
+    recipes = {}  # type: Dict[str, LayerRecord]
 
     def read(image_hex: str) -> Optional[StoredImage]:
         try:
@@ -6496,7 +6502,9 @@ def mark_reachable(store: Store, roots: Iterable[str], progress: ProgressSink) -
                 diff_ids.add(digest_hex(record.diff_id))
                 blobs.add(digest_hex(record.digest))
                 index_md5s[layer_index_key(record.diff_id)].add(hashlib.md5(json_document(record.to_json())).hexdigest())
-    return StoreMarks(images, diff_ids, blobs, index_md5s, root_blobs, root_bytes, root_manifests)
+                if record.chunked:
+                    recipes[digest_hex(record.digest)] = record
+    return StoreMarks(images, diff_ids, blobs, index_md5s, root_blobs, root_bytes, root_manifests, recipes)
 
 
 def _image_key_order(key: str) -> Tuple[int, str]:
@@ -6587,9 +6595,12 @@ class GcPlan(NamedTuple):
     targets: List[Tuple[ImageRef, TagTarget]]  # every tag and what it names
     tag_images: Set[str]     # the images the tags reach (an index tag: its platforms' images)
     manifests: Dict[str, Optional["PushedManifest"]]  # the manifests under manifests/sha256/, by hex
+    chunks: Dict[str, StoreEntry]  # chunks/sha256/<hex> keys
+    recipes: Dict[str, LayerRecord]  # stored blobs (hex) a chunked layer's record names: recipes
+    unnamed: Set[str]  # stored blobs (hex) no layer record and no manifest names
 
 
-GC_PREFIXES = ("images/", "layers/", "blobs/sha256/", UNTAGGED_PREFIX, "manifests/")
+GC_PREFIXES = ("images/", "layers/", "blobs/sha256/", UNTAGGED_PREFIX, "manifests/", CHUNK_PREFIX)
 GC_KINDS = ("image", "manifest", "record", "layer", "blob")  # the order units are deleted in
 
 
@@ -6598,7 +6609,7 @@ def plan_gc(store: Store, grace: float, progress: ProgressSink) -> GcPlan:
     with thread_pool(len(GC_PREFIXES), "dogestry-list") as pool:
         listings = list(pool.map(functools.partial(_listing, store), GC_PREFIXES))
     foreign = sorted(key for listing in listings for key in listing if not gc_owns(key))
-    image_keys, index_keys, blob_keys, untagged_keys, manifest_keys = (
+    image_keys, index_keys, blob_keys, untagged_keys, manifest_keys, chunk_keys = (
         {k: e for k, e in listing.items() if gc_owns(k)} for listing in listings)
     targets = list_tag_targets(store)
     tags = [(ref, t.image_hex) for ref, t in targets if t.image_hex is not None]
@@ -6666,14 +6677,15 @@ def plan_gc(store: Store, grace: float, progress: ProgressSink) -> GcPlan:
     pointing = collections.defaultdict(list)  # type: Dict[str, List[str]]
     young_blobs = set()  # type: Set[str]
 
-    def blob_of(key: str) -> Optional[str]:
+    def record_of(key: str) -> Optional[LayerRecord]:
         with contextlib.suppress(DogestryError):
-            return digest_hex(LayerRecord.from_json(read_json(store, key)).digest)
+            return LayerRecord.from_json(read_json(store, key))
         return None
 
     index_names = sorted(readable)
     with thread_pool(min(GC_THREADS, max(1, len(index_names))), "dogestry-index") as pool:
-        blobs_of = dict(zip(index_names, pool.map(blob_of, index_names)))
+        records = dict(zip(index_names, pool.map(record_of, index_names)))
+    blobs_of = {key: None if r is None else digest_hex(r.digest) for key, r in records.items()}
     for key, blob in blobs_of.items():
         if blob is not None:
             pointing[blob].append(key)
@@ -6727,8 +6739,12 @@ def plan_gc(store: Store, grace: float, progress: ProgressSink) -> GcPlan:
         waits += [grace - age for root, age in young_untagged.items() if blob in marks.root_blobs.get(root, ())]
         waits += [grace - age for h, age in young_manifests.items() if blob in manifest_blobs.get(h, ())]
         held_for = max([held_for] + waits)
+    recipes = dict(marks.recipes, **{digest_hex(r.digest): r for r in records.values() if r is not None and r.chunked})
+    named = marks.blobs.union(pointing, *({digest_hex(d) for d, _ in m.blobs} for m in graph.manifests.values() if m))
+    stored_recipes = {h: r for h, r in recipes.items() if blob_key("sha256:" + h) in blob_keys}
+    unnamed = {k[len("blobs/sha256/"):] for k in blob_keys} - named - set(recipes)
     return GcPlan(units, expired, foreign, marks, tags, set(dirs), blob_keys, len(index_keys), unreferenced,
-                  held, held_for, targets, tag_images, graph.manifests)
+                  held, held_for, targets, tag_images, graph.manifests, chunk_keys, stored_recipes, unnamed)
 
 
 def made_by_images(marks: StoreMarks) -> Dict[str, str]:
@@ -6798,6 +6814,75 @@ def _manifest_units(pushed: Mapping[str, StoreEntry], manifest_keys: Mapping[str
         if gone:
             units.append(GcUnit("record", key, (key,), (key,), entry.size))
     return units
+
+
+GC_RECIPE_READERS = 8  # recipes read at once (each holds one JSON line: some 100 KiB for a GiB of layer)
+RECIPE_START = b'{"mediaType":"' + RECIPE_MEDIA_TYPE.encode() + b'"'  # how a recipe's JSON line starts
+
+
+def sniff_recipe(store: Store, blob: str, size: Optional[int]) -> Optional[LayerRecipe]:
+    """A blob's recipe if the blob is one (its first gzip member starts as a recipe's JSON line),
+    else None; FormatError or IntegrityError for a recipe that cannot be read."""
+    what = "%s: %s" % (store.url, "blobs/sha256/" + blob)
+    with contextlib.closing(store.open("blobs/sha256/" + blob, size)) as stream:
+        reader = InflatingReader(stream, what)
+        try:
+            start = reader.read(len(RECIPE_START))
+        except (zlib.error, FormatError):  # not gzip, or too short: no recipe
+            return None
+        if start != RECIPE_START:
+            return None
+        try:
+            return LayerRecipe.from_header(start + reader.read_line(RECIPE_HEADER_LIMIT), what)
+        except zlib.error as e:
+            raise IntegrityError("%s is corrupt (%s)" % (what, e))
+
+
+def recipe_chunks(store: Store, recipes: Mapping[str, LayerRecord], maybe: Iterable[str],
+                  listing: Mapping[str, StoreEntry]) -> Tuple[Dict[str, List[Tuple[str, int]]], Optional[str]]:
+    """The chunks each recipe names (blob hex -> [(chunk hex, size)]): those of `recipes` (by the
+    records naming them) and of the blobs in `maybe` that are recipes (listing: the blobs' entries);
+    read GC_RECIPE_READERS at a time, each its JSON line only.  Also why one of them could not be
+    read (None: all could)."""
+    def read(blob: str) -> Tuple[List[Tuple[str, int]], Optional[str]]:
+        try:
+            if blob in recipes:
+                return read_recipe(store, recipes[blob]).chunks, None
+            entry = listing.get("blobs/sha256/" + blob)
+            recipe = sniff_recipe(store, blob, entry.size if entry else None)
+            return (recipe.chunks if recipe else []), None
+        except NotFound:  # deleted meanwhile: it names nothing any more
+            return [], None
+        except DogestryError as e:
+            return [], str(e)
+
+    blobs = sorted(set(recipes) | set(maybe))
+    with thread_pool(min(GC_RECIPE_READERS, max(1, len(blobs))), "dogestry-recipes") as pool:
+        results = dict(zip(blobs, pool.map(read, blobs)))
+    why = next((error for _, error in results.values() if error is not None), None)
+    return {blob: chunks for blob, (chunks, _) in results.items() if chunks}, why
+
+
+def chunk_units(store: Store, plan: GcPlan, gone: Set[str], grace: float, progress: ProgressSink) -> List[GcUnit]:
+    """The chunks older than grace that no recipe still stored names (gone: the blobs deleted for
+    good), as units; none, and one line saying why, if a recipe that may name them cannot be read."""
+    old = {k: e for k, e in plan.chunks.items() if e.age >= grace}
+    if not old:
+        return []
+    kept = {blob: record for blob, record in plan.recipes.items() if blob not in gone}
+    # Blobs no record names that stay (young ones): each may be the recipe of a push yet to name it.
+    named, unreadable = recipe_chunks(store, kept, plan.unnamed - gone, plan.blobs)
+    if unreadable is not None:
+        progress.note("gc kept every chunk: %s (it may name any of them)" % unreadable)
+        return []
+    names = {chunk for chunks in named.values() for chunk, _ in chunks}
+    return [GcUnit("chunk", "sha256:" + key[len(CHUNK_PREFIX):], (key,), (key,), entry.size)
+            for key, entry in sorted(old.items()) if key[len(CHUNK_PREFIX):] not in names]
+
+
+def deleted_blobs(units: Iterable[GcUnit]) -> Set[str]:
+    """The blobs (hex) these units delete."""
+    return {name[len("sha256:"):] for unit in units for kind, name, _ in unit.parts() if kind == "blob"}
 
 
 def delete_units(store: Store, units: Sequence[GcUnit], grace: float, stop_at: float,
@@ -6875,7 +6960,8 @@ def collect_garbage(store: Store, grace: float, progress: ProgressSink, dry_run:
     plan = plan_gc(store, grace, progress)
     uploads, busy = abandoned_uploads(store, grace)
     if dry_run:
-        return GcReport(plan.units + uploads, 0, 0, len(plan.expired), plan)
+        chunks = chunk_units(store, plan, deleted_blobs(plan.units), grace, progress)
+        return GcReport(plan.units + chunks + uploads, 0, 0, len(plan.expired), plan)
     stop_at = started + grace / 2
     done, spared = [], 0  # type: List[GcUnit], int
     for kind in GC_KINDS:  # images and manifests first: nothing then names the layers and blobs
@@ -6883,6 +6969,11 @@ def collect_garbage(store: Store, grace: float, progress: ProgressSink, dry_run:
         deleted, young = delete_units(store, [u for u in plan.units if u.kind == kind], grace, stop_at, clock)
         done.extend(deleted)
         spared += young
+    # Chunks last: only the recipes deleted for good above no longer keep theirs.
+    chunks = chunk_units(store, plan, deleted_blobs(done), grace, progress)
+    deleted, young = delete_units(store, chunks, grace, stop_at, clock)
+    done.extend(deleted)
+    spared += young
     deleted, young = delete_units(store, uploads, grace, stop_at, clock)
     done.extend(deleted)
     spared += young
@@ -13067,8 +13158,9 @@ def cmd_gc(ctx: Context) -> int:
         ctx.stdout.write("%s %s %s (%s)\n" % (verb, kind, printable(name), human_size(size)))
     counts = collections.Counter(kind for kind, _, _ in parts)
     plan = report.plan
-    ctx.stdout.write("gc %s: %s %d images, %d layer records, %d blobs, %s%s%s%s%s%s\n" % (
+    ctx.stdout.write("gc %s: %s %d images, %d layer records, %d blobs, %s%s%s%s%s%s%s\n" % (
         store.url, verb, counts["image"], counts["layer"], counts["blob"],
+        "%d chunks, " % counts["chunk"] if counts["chunk"] or plan.chunks else "",
         "%d manifests, %d other records, " % (counts["manifest"], counts["record"])
         if counts["manifest"] or counts["record"] else "",
         human_size(sum(u.size for u in report.deleted)),

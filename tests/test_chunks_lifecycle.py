@@ -1,0 +1,196 @@
+"""Chunked layers through a store's lifecycle: gc keeps every chunk a recipe it keeps names and
+deletes the rest once older than the grace; stats shows the chunks and their dedup ratio; copy
+keeps a layer chunked (the same recipe) and sends only the chunks DST lacks; migrate leaves
+chunked layers as they are (README: Store layout, Garbage collection, retention, stats).
+
+Two images of ~24 MiB of files each, one file apart, so that they share all but a chunk or two.
+Directory-store tests make objects old by moving file times back (as tests/test_gc.py does).
+"""
+
+import gzip
+import json
+import os
+import zlib
+from pathlib import Path
+
+import pytest
+
+from realdocker import build_image
+from test_chunks import tree
+from test_gc import MIN_GRACE, age_store, ok, pulls_back, s3_client, wait_until_older_than
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def docker_env(docker_env):
+    return dict(docker_env, DOGESTRY_GC_MIN_GRACE=MIN_GRACE)
+
+
+@pytest.fixture
+def s3_env(s3_env):
+    return dict(s3_env, DOGESTRY_GC_MIN_GRACE=MIN_GRACE)
+
+
+class Images:
+    """dgchunklc/app:1 and dgchunklc/app:2: the same tree, one file edited in the second."""
+
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+
+@pytest.fixture(scope="module")
+def images(docker_host):
+    return Images(build_image(docker_host, "dgchunklc/app:1", [tree()]),
+                  build_image(docker_host, "dgchunklc/app:2", [tree(edit="app/doc/t07.txt")]))
+
+
+def layer_record(store, image):
+    """The one layer record of IMAGE in a directory store."""
+    [record] = json.loads((Path(store) / "images" / image[7:] / "manifest.json").read_text())["layers"]
+    return record
+
+
+def recipe_blob(store, image):
+    return Path(store) / "blobs" / "sha256" / layer_record(store, image)["digest"][7:]
+
+
+def recipe_line(data):
+    """The JSON line of a recipe: its first gzip member."""
+    return json.loads(zlib.decompressobj(31).decompress(data).split(b"\n")[0])
+
+
+def recipe(store, image):
+    """The JSON line of IMAGE's recipe in a directory store."""
+    return recipe_line(recipe_blob(store, image).read_bytes())
+
+
+def chunks_of(store, image):
+    """The chunks (hex) IMAGE's recipe names."""
+    return {chunk for chunk, _ in recipe(store, image)["chunks"]}
+
+
+def stored_chunks(store):
+    return {p.name for p in (Path(store) / "chunks" / "sha256").iterdir()}
+
+
+def chunk_path(store, chunk):
+    return Path(store) / "chunks" / "sha256" / chunk
+
+
+def make_young(path):
+    os.utime(str(path), None)
+
+
+def pushed_both(env, store, images):
+    """Push both images; (chunks only the second names, chunks of the first)."""
+    ok(env, "push", store, "dgchunklc/app:1")
+    ok(env, "push", store, "dgchunklc/app:2")
+    first, second = chunks_of(store, images.first), chunks_of(store, images.second)
+    assert layer_record(store, images.second)["compression"] == "chunked"
+    assert 1 <= len(second - first) <= 2 and stored_chunks(store) == first | second
+    return second - first, first
+
+
+# --- gc ------------------------------------------------------------------------------------------
+
+def test_gc_deletes_the_chunks_only_an_unreachable_recipe_named_and_the_other_image_still_pulls(
+        docker_host, docker_env, images, tmp_path):
+    store = tmp_path / "store"
+    only_second, first = pushed_both(docker_env, store, images)
+    second_recipe = recipe_blob(store, images.second)
+    ok(docker_env, "rm", store, "dgchunklc/app:2")
+    age_store(store)
+
+    dry = json.loads(ok(docker_env, "gc", "--dry-run", "--json", store).stdout)
+    assert {d["name"] for d in dry["deleted"] if d["kind"] == "chunk"} == {"sha256:" + c for c in only_second}
+    assert dry["counts"]["chunk"] == len(only_second)
+    assert stored_chunks(store) == first | only_second
+
+    real = ok(docker_env, "gc", store)
+
+    assert "deleted 1 images, 1 layer records, 1 blobs, %d chunks, " % len(only_second) in real.stdout
+    assert {l.split()[2] for l in real.stdout.splitlines() if l.startswith("deleted chunk ")} == \
+        {"sha256:" + c for c in only_second}
+    assert stored_chunks(store) == first and not second_recipe.exists()
+    assert pulls_back(docker_host, docker_env, store, "dgchunklc/app:1", images.first)
+
+
+def test_gc_on_s3_deletes_the_chunks_only_an_unreachable_recipe_named(docker_host, rgw, s3_env, images, bucket):
+    store, client = "s3://%s/team/" % bucket, s3_client(rgw, bucket)
+
+    def chunks(image):
+        manifest = json.loads(client.get("team/images/%s/manifest.json" % image[7:]).read())
+        return {c for c, _ in recipe_line(client.get("team/blobs/sha256/" + manifest["layers"][0]["digest"][7:]).read())
+                ["chunks"]}
+
+    ok(s3_env, "push", store, "dgchunklc/app:1")
+    ok(s3_env, "push", store, "dgchunklc/app:2")
+    first, second = chunks(images.first), chunks(images.second)
+    ok(s3_env, "rm", store, "dgchunklc/app:2")
+    wait_until_older_than(client, "team/gc/untagged/" + images.second[7:], 11)
+
+    proc = ok(s3_env, "gc", store, "--grace", "10s")
+
+    assert "deleted 1 images, 1 layer records, 1 blobs, %d chunks, " % len(second - first) in proc.stdout
+    assert {k[len("team/chunks/sha256/"):] for k, _ in client.list("team/chunks/")} == first
+    assert pulls_back(docker_host, s3_env, store, "dgchunklc/app:1", images.first)
+
+
+def test_a_fresh_chunk_of_an_untagged_push_is_kept_until_it_is_older_than_the_grace(docker_env, images, tmp_path):
+    store = tmp_path / "store"
+    ok(docker_env, "push", store, "dgchunklc/app:1")
+    age_store(store)
+    ok(docker_env, "push", store, images.second)  # by ID: stored, and no tag names it
+    first, fresh = chunks_of(store, images.first), chunks_of(store, images.second) - chunks_of(store, images.first)
+    ok(docker_env, "gc", store)  # the untagged image and its chunks are seconds old
+    assert stored_chunks(store) == first | fresh
+
+    age_store(store)
+    found = sorted(fresh)[0]
+    make_young(chunk_path(store, found))  # as a push that has just found it (and refreshed it) does
+    ok(docker_env, "gc", store)
+    assert not (store / "images" / images.second[7:]).exists()
+    assert stored_chunks(store) == first | {found}
+
+    age_store(store, prefix="chunks")
+    ok(docker_env, "gc", store)
+    assert stored_chunks(store) == first
+
+
+def test_a_recipe_stored_before_its_push_names_it_keeps_its_chunks_while_it_is_young(docker_env, images, tmp_path):
+    """A push stores a layer's chunks, its recipe, then the layer's index entry: a gc that runs in
+    between finds a young blob nothing names yet, and keeps every chunk it names."""
+    store = tmp_path / "store"
+    only_second, first = pushed_both(docker_env, store, images)
+    record, second_recipe = layer_record(store, images.second), recipe_blob(store, images.second)
+    for path in [store / "repositories" / "dgchunklc" / "app" / "2", store / "layers" / (record["diffID"][7:] + ".json")]:
+        path.unlink()
+    for path in (store / "images" / images.second[7:]).iterdir():
+        path.unlink()
+    age_store(store)
+    make_young(second_recipe)
+
+    ok(docker_env, "gc", store)
+    assert stored_chunks(store) == first | only_second
+
+    age_store(store, prefix="blobs")
+    ok(docker_env, "gc", store)
+    assert stored_chunks(store) == first and not second_recipe.exists()
+
+
+def test_a_recipe_gc_cannot_read_keeps_every_chunk_and_gc_says_so(docker_env, images, tmp_path):
+    store = tmp_path / "store"
+    only_second, first = pushed_both(docker_env, store, images)
+    ok(docker_env, "rm", store, "dgchunklc/app:2")
+    hostile = recipe_blob(store, images.first)  # a tag reaches it: gc keeps it, and must read it
+    hostile.write_bytes(gzip.compress(b'{"mediaType":"application/vnd.dogestry.layer.recipe.v1+json",'
+                                      b'"chunks":"all"}\n'))
+    age_store(store)
+
+    proc = ok(docker_env, "gc", store)
+
+    assert stored_chunks(store) == first | only_second
+    assert not (store / "images" / images.second[7:]).exists()  # the rest of gc's work is done
+    [line] = [l for l in proc.stderr.splitlines() if "chunk" in l]
+    assert "gc kept every chunk" in line and hostile.name in line
