@@ -7004,6 +7004,11 @@ class StoreStats(NamedTuple):
     indexes: int          # the image indexes they name
     platform_images: int  # the images those indexes name (attestations not counted)
     platforms: Dict[str, int]  # how many of those images are of each platform
+    chunked_layers: int        # layers stored as chunks (their blobs, counted above: their recipes)
+    chunks: int                # chunk objects (chunks/sha256/)
+    chunk_bytes: int           # ... their bytes as stored
+    chunk_content_bytes: int   # the chunked layers' file contents, as their recipes name them
+    chunk_distinct_bytes: int  # ... the distinct chunks of those contents, unpacked
 
     @property
     def dedup_ratio(self) -> Optional[float]:
@@ -7011,13 +7016,22 @@ class StoreStats(NamedTuple):
         referenced = self.stored_bytes - self.unreferenced_bytes
         return self.unshared_bytes / referenced if referenced > 0 else None
 
+    @property
+    def chunk_dedup_ratio(self) -> Optional[float]:
+        """How many times the chunked layers' contents would be stored without sharing chunks."""
+        return self.chunk_content_bytes / self.chunk_distinct_bytes if self.chunk_distinct_bytes > 0 else None
+
 
 def store_stats(store: Store, progress: ProgressSink, grace: float = 3600.0) -> StoreStats:
     """Count what a store holds (the tags' images read once each, every manifest pushed through
-    the registry once; blobs from one listing), and what a gc with that grace period would free
-    now and later."""
+    the registry once, every recipe's JSON line once; blobs and chunks from one listing each), and
+    what a gc with that grace period would free now and later."""
     store.check()
     plan = plan_gc(store, grace, progress)
+    named, unreadable = recipe_chunks(store, plan.recipes, (), plan.blobs)
+    if unreadable is not None:
+        progress.note("stats counts no contents of a recipe it cannot read: %s" % unreadable)
+    distinct = {chunk: size for chunks in named.values() for chunk, size in chunks}
     indexes = {}  # type: Dict[str, PushedManifest]
     index_tags = 0
     for _, target in plan.targets:
@@ -7031,7 +7045,9 @@ def store_stats(store: Store, progress: ProgressSink, grace: float = 3600.0) -> 
                       plan.index_entries, len(plan.blobs), sum(e.size for e in plan.blobs.values()),
                       plan.marks.image_bytes(plan.tag_images), plan.unreferenced_bytes,
                       plan.unreferenced_bytes - plan.held_bytes, plan.held_bytes, plan.held_for, grace,
-                      index_tags, len(indexes), len(images), dict(sorted(platforms.items())))
+                      index_tags, len(indexes), len(images), dict(sorted(platforms.items())),
+                      len(plan.recipes), len(plan.chunks), sum(e.size for e in plan.chunks.values()),
+                      sum(size for chunks in named.values() for _, size in chunks), sum(distinct.values()))
 
 
 class PrunePlan(NamedTuple):
@@ -13294,6 +13310,7 @@ def cmd_stats(ctx: Context) -> int:
     if ctx.options.json:
         doc = stats._asdict()
         doc["dedup_ratio"] = round(stats.dedup_ratio, 3) if stats.dedup_ratio else None
+        doc["chunk_dedup_ratio"] = round(stats.chunk_dedup_ratio, 3) if stats.chunk_dedup_ratio else None
         doc["held_until"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now + stats.held_for)) \
             if stats.held_bytes else None
         ctx.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
@@ -13308,7 +13325,11 @@ def cmd_stats(ctx: Context) -> int:
             ("Without sharing", "%s (dedup %s)" % (human_size(stats.unshared_bytes), ratio)),
             ("Unreferenced", unreferenced),
             ("Indexes", "%d (named by %d tags), of %d images" % (stats.indexes, stats.index_tags, stats.platform_images)),
-            ("Platforms", ", ".join("%s %d" % item for item in stats.platforms.items()) or "-")]
+            ("Platforms", ", ".join("%s %d" % item for item in stats.platforms.items()) or "-"),
+            ("Chunks", "%d (%s stored)" % (stats.chunks, human_size(stats.chunk_bytes))),
+            ("Chunked layers", "%d: %s of file contents in %s of distinct chunks (dedup %s)" % (
+                stats.chunked_layers, human_size(stats.chunk_content_bytes), human_size(stats.chunk_distinct_bytes),
+                "%.2fx" % stats.chunk_dedup_ratio if stats.chunk_dedup_ratio else "-"))]
     for label, value in rows:
         ctx.stdout.write("%-16s %s\n" % (label + ":", value))
     return 0

@@ -194,3 +194,24 @@ def test_a_recipe_gc_cannot_read_keeps_every_chunk_and_gc_says_so(docker_env, im
     assert not (store / "images" / images.second[7:]).exists()  # the rest of gc's work is done
     [line] = [l for l in proc.stderr.splitlines() if "chunk" in l]
     assert "gc kept every chunk" in line and hostile.name in line
+
+
+# --- stats ---------------------------------------------------------------------------------------
+
+def test_stats_shows_chunked_layers_chunk_objects_and_the_chunk_dedup_ratio(docker_env, images, tmp_path):
+    store = tmp_path / "store"
+    pushed_both(docker_env, store, images)
+    recipes = [recipe(store, images.first)["chunks"], recipe(store, images.second)["chunks"]]
+    content = sum(size for chunks in recipes for _, size in chunks)
+    distinct = sum(dict(c for chunks in recipes for c in chunks).values())
+
+    stats = json.loads(ok(docker_env, "stats", "--json", store).stdout)
+
+    paths = list((store / "chunks" / "sha256").iterdir())
+    assert stats["chunked_layers"] == 2
+    assert stats["chunks"] == len(paths) and stats["chunk_bytes"] == sum(p.stat().st_size for p in paths)
+    assert stats["chunk_content_bytes"] == content and stats["chunk_distinct_bytes"] == distinct
+    assert stats["chunk_dedup_ratio"] == round(content / distinct, 3) and stats["chunk_dedup_ratio"] > 1.8
+    table = ok(docker_env, "stats", store).stdout
+    assert "Chunks:          %d (" % len(paths) in table
+    assert "Chunked layers:  2: " in table and "(dedup %.2fx)" % (content / distinct) in table
