@@ -10583,8 +10583,9 @@ def same_store(a: Store, b: Store) -> bool:
 
 
 class BlobCopier:
-    """Copies blobs from one store to another: server-side between S3 buckets on one endpoint
-    (falling back to streaming if dst's keys may not read src), else streamed and verified."""
+    """Copies blobs (and a chunked layer's chunks) from one store to another: server-side between
+    S3 buckets on one endpoint (falling back to streaming if dst's keys may not read src), else
+    streamed and verified."""
 
     def __init__(self, src: Store, dst: Store, work_dir: str, progress: ProgressSink,
                  report: Optional[TransferReport] = None):
@@ -10608,6 +10609,73 @@ class BlobCopier:
             self._stream(key, record, task)
             task.finish("copied")
         self.report.add(record.digest, record.size)
+
+    def copy_chunks(self, record: LayerRecord, freshness: Freshness) -> None:
+        """Make dst hold every chunk a chunked layer's recipe (in src) names, CHUNK_FETCHES at a
+        time: kept (relied on, as a push does) if there, else copied."""
+        chunks = dict(read_recipe(self.src, record).chunks)  # each chunk once
+        task = self.progress.task(record.diff_id[7:19], "copying chunks", sum(chunks.values()))
+        with thread_pool(CHUNK_FETCHES, "dogestry-chunks") as pool:
+            futures = [pool.submit(self._copy_chunk, record, chunk_hex, size, freshness, task)
+                       for chunk_hex, size in sorted(chunks.items())]
+            try:
+                copied = sum(future.result() for future in futures)
+            finally:
+                for future in futures:
+                    future.cancel()
+        task.finish("%d chunks, %d copied" % (len(chunks), copied))
+
+    def _copy_chunk(self, record: LayerRecord, chunk_hex: str, size: int, freshness: Freshness,
+                    task: TaskSink) -> bool:
+        """Copy one chunk unless dst has it; whether it was copied."""
+        key = chunk_key(chunk_hex)
+        age = self.dst.age(key)
+        if age is not None:
+            freshness.relied_on(key, age)
+            self.report.add_chunk(key, None)
+        else:
+            stored = self._server_side_chunk(key, record) if self.server_side else None
+            if stored is None:
+                stored = self._stream_chunk(key, record, chunk_hex, size)
+            freshness.written(key)
+            self.report.add_chunk(key, stored)
+        task.advance(size)
+        return age is None
+
+    def missing_chunk(self, key: str, record: LayerRecord) -> IntegrityError:
+        """The error of a chunk src lacks."""
+        return IntegrityError("%s: chunk %s of layer %s is missing (deleted by hand?); nothing was tagged"
+                              % (self.src.url, key[len(CHUNK_PREFIX):][:12], record.diff_id))
+
+    def _server_side_chunk(self, key: str, record: LayerRecord) -> Optional[int]:
+        """Copy a chunk server-side; its size (None: dst may not read src, stream it)."""
+        stored = self.src.stat(key)
+        if stored is None:
+            raise self.missing_chunk(key, record)
+        try:
+            if self._server_side(key, record._replace(size=stored)):
+                return stored
+        except S3Error as e:
+            if e.status == 404 or e.code == "NoSuchKey":
+                raise self.missing_chunk(key, record)
+            raise
+        return None
+
+    def _stream_chunk(self, key: str, record: LayerRecord, chunk_hex: str, size: int) -> int:
+        """Copy a chunk through this machine, checked against its name and size; its stored size."""
+        try:
+            data = self.src.get_bytes(key, limit=CHUNK_MAX + (CHUNK_MAX >> 6) + 4096)
+        except NotFound:
+            raise self.missing_chunk(key, record)
+        try:
+            unpacked = data if len(data) == size else inflate_member(data)
+        except zlib.error:
+            unpacked = b""
+        if len(unpacked) != size or hashlib.sha256(unpacked).hexdigest() != chunk_hex:
+            raise IntegrityError("%s: chunk %s of layer %s is corrupt; nothing was tagged"
+                                 % (self.src.url, chunk_hex[:12], record.diff_id))
+        self.dst.put_bytes(key, data, if_absent=True)
+        return len(data)
 
     def _server_side(self, key: str, record: LayerRecord) -> bool:
         src, dst = self.src, self.dst
@@ -10677,6 +10745,8 @@ def copy_image(found: FoundImage, dst: Store, copier: BlobCopier, progress: Prog
         stored = reused_layer(dst, record.diff_id, freshness)
         if stored is not None:
             return stored
+        if record.chunked:  # its chunks, then its recipe, then its index entry
+            copier.copy_chunks(record, freshness)
         copier.copy(record, freshness)
         name_layer(dst, record, freshness)
         return record
@@ -10783,9 +10853,13 @@ def _manifest_image(store: Store, manifest: PushedManifest) -> Optional[str]:
 
 
 def copy_blob(src: Store, dst: Store, digest: str, size: int, copier: BlobCopier, freshness: Freshness) -> str:
-    """Store a blob a manifest names in dst under blobs/ (checked against its digest); its key."""
+    """Store a blob a manifest names in dst under blobs/ (checked against its digest); its key (a
+    chunked layer's uncompressed tar: its index entry's, copy_chunked_tar)."""
     source = stored_blob_key(src, digest, size)
     if source is None:
+        chunked = copy_chunked_tar(src, dst, digest, size, copier, freshness)
+        if chunked is not None:
+            return chunked
         raise NotFound("%s: blob %s (%d bytes) is not stored; nothing was tagged" % (src.url, digest, size))
     key = blob_key(digest)
     if source == key:
@@ -10796,6 +10870,25 @@ def copy_blob(src: Store, dst: Store, digest: str, size: int, copier: BlobCopier
             raise IntegrityError("%s: %s is not blob %s" % (src.url, source, digest))
         dst.put_bytes(key, data)
     freshness.written(key)
+    return key
+
+
+def copy_chunked_tar(src: Store, dst: Store, digest: str, size: int, copier: BlobCopier,
+                     freshness: Freshness) -> Optional[str]:
+    """For a blob a manifest names that is a chunked layer's uncompressed tar (its diffID, of the
+    tar's size, as manifests made from images name it): make dst hold the layer, chunked as in
+    src (kept if dst has it so), and return its index entry's key; None if it is no such layer."""
+    key = layer_index_key(digest)
+    held = stored_layer(dst, digest)
+    if held is not None and held.chunked and held.raw_size == size:
+        freshness.seen(key, dst.age(key))
+        return key
+    record = stored_layer(src, digest)
+    if record is None or not record.chunked or record.raw_size != size:
+        return None
+    copier.copy_chunks(record, freshness)
+    copier.copy(record, freshness)
+    name_layer(dst, record, freshness)
     return key
 
 
@@ -10818,7 +10911,7 @@ def copy_manifests(src: Store, dst: Store, manifests: Sequence[PushedManifest], 
             key = copy_blob(src, dst, digest, size, copier, freshness)
         else:
             freshness.seen(key, dst.age(key))
-        must_exist[key] = size
+        must_exist[key] = None if key == layer_index_key(digest) else size  # an entry is no blob's size
     for manifest in manifests:
         key = manifest_key(manifest.digest)
         rewrite[key] = functools.partial(dst.put_bytes, key, manifest.data)
@@ -12903,7 +12996,8 @@ def cmd_copy(ctx: Context) -> int:
                 ctx.stdout.write("Copied %s (%s)\n" % (printable(str(item.ref or item.text)), what))
     if wants_json(ctx):
         emit_json(ctx, {"source": src.url, "destination": dst.url, "images": done,
-                        "bytes_sent": sum(report.sent.values())})
+                        "bytes_sent": sum(report.sent.values()) + sum(report.chunks_sent.values()),
+                        "chunks_sent": len(report.chunks_sent), "chunks_skipped": report.chunks_kept})
     return 0
 
 

@@ -10,12 +10,13 @@ Directory-store tests make objects old by moving file times back (as tests/test_
 import gzip
 import json
 import os
+import urllib.parse
 import zlib
 from pathlib import Path
 
 import pytest
 
-from realdocker import build_image
+from realdocker import build_image, one_error_line, run_dogestry
 from test_chunks import tree
 from test_gc import MIN_GRACE, age_store, ok, pulls_back, s3_client, wait_until_older_than
 
@@ -215,3 +216,81 @@ def test_stats_shows_chunked_layers_chunk_objects_and_the_chunk_dedup_ratio(dock
     table = ok(docker_env, "stats", store).stdout
     assert "Chunks:          %d (" % len(paths) in table
     assert "Chunked layers:  2: " in table and "(dedup %.2fx)" % (content / distinct) in table
+
+
+# --- copy ----------------------------------------------------------------------------------------
+
+def copy_json(env, src, dst, ref):
+    return json.loads(ok(env, "copy", "--json", src, dst, ref).stdout)
+
+
+def test_copy_between_directories_keeps_layers_chunked_and_sends_only_the_chunks_dst_lacks(
+        docker_host, docker_env, images, tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    only_second, first = pushed_both(docker_env, src, images)
+
+    one = copy_json(docker_env, src, dst, "dgchunklc/app:1")
+
+    assert layer_record(dst, images.first) == layer_record(src, images.first)  # the same recipe, chunked
+    assert recipe_blob(dst, images.first).read_bytes() == recipe_blob(src, images.first).read_bytes()
+    assert (dst / "layers" / (layer_record(src, images.first)["diffID"][7:] + ".json")).exists()
+    assert stored_chunks(dst) == first and one["chunks_sent"] == len(first)
+    for chunk in first:
+        assert chunk_path(dst, chunk).read_bytes() == chunk_path(src, chunk).read_bytes()
+
+    two = copy_json(docker_env, src, dst, "dgchunklc/app:2")
+
+    assert two["chunks_sent"] == len(only_second) and two["chunks_skipped"] == len(chunks_of(src, images.second) & first)
+    assert stored_chunks(dst) == first | only_second
+    assert pulls_back(docker_host, docker_env, dst, "dgchunklc/app:1", images.first)
+    assert pulls_back(docker_host, docker_env, dst, "dgchunklc/app:2", images.second)
+
+
+def test_copy_of_a_multi_platform_tag_keeps_its_chunked_layer_and_pulls(docker_host, docker_env, images, tmp_path):
+    """The manifests of a multi-platform tag describe a chunked layer as its uncompressed tar (its
+    diffID): copy stores that layer chunked in DST, with its recipe and chunks, and the tag pulls."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    ok(docker_env, "push", "--multi-platform", src, "dgchunklc/app:1")
+    assert (src / "repositories" / "dgchunklc" / "app" / "1").read_text().startswith("@sha256:")
+
+    ok(docker_env, "copy", src, dst, "dgchunklc/app:1")
+
+    assert (dst / "repositories" / "dgchunklc" / "app" / "1").read_text() == \
+        (src / "repositories" / "dgchunklc" / "app" / "1").read_text()
+    assert layer_record(dst, images.first) == layer_record(src, images.first)
+    assert stored_chunks(dst) == chunks_of(src, images.first)
+    assert pulls_back(docker_host, docker_env, dst, "dgchunklc/app:1", images.first)
+
+
+def test_copy_to_s3_and_between_prefixes_of_one_endpoint_server_side_keeps_layers_chunked(
+        docker_host, s3_env, images, bucket, fault_proxy, tmp_path):
+    src = tmp_path / "src"
+    ok(s3_env, "push", src, "dgchunklc/app:1")
+    first = chunks_of(src, images.first)
+    ok(s3_env, "copy", src, "s3://%s/team/" % bucket, "dgchunklc/app:1")
+    proxy = fault_proxy()
+    endpoint = urllib.parse.quote(proxy.url, safe="")
+    team, other = ("s3://%s/%s/?endpoint=%s" % (bucket, prefix, endpoint) for prefix in ("team", "other"))
+
+    ok(s3_env, "copy", team, other, "dgchunklc/app:1")
+
+    chunk_writes = [e for e in proxy.log if e["method"] == "PUT" and "/chunks/sha256/" in e["path"]]
+    assert {e["key"] for e in chunk_writes} == {"other/chunks/sha256/" + c for c in first}
+    assert {urllib.parse.unquote(e["headers"].get("x-amz-copy-source", "")) for e in chunk_writes} == \
+        {"/%s/team/chunks/sha256/%s" % (bucket, c) for c in first}  # CopyObject: no chunk bytes through here
+    assert not [e for e in proxy.log if e["method"] == "GET" and "/chunks/sha256/" in e["path"]]
+    for url in ("s3://%s/team/" % bucket, "s3://%s/other/" % bucket):
+        assert pulls_back(docker_host, s3_env, url, "dgchunklc/app:1", images.first)
+
+
+def test_copy_of_an_image_whose_chunk_src_lacks_is_one_error_and_tags_nothing(docker_env, images, tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    ok(docker_env, "push", src, "dgchunklc/app:1")
+    gone = sorted(chunks_of(src, images.first))[3]
+    chunk_path(src, gone).unlink()
+
+    proc = run_dogestry("copy", src, dst, "dgchunklc/app:1", env=docker_env)
+
+    one_error_line(proc, "chunk %s of layer %s is missing" % (gone[:12], layer_record(src, images.first)["diffID"]),
+                   "nothing was tagged")
+    assert not (dst / "repositories").exists() and not (dst / "layers").exists()
