@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from realdocker import build_image, one_error_line, run_dogestry
+from realdocker import build_image, docker_cli, image_layers, one_error_line, run_dogestry
 from test_chunks import tree
 from test_gc import MIN_GRACE, age_store, ok, pulls_back, s3_client, wait_until_older_than
+from test_save_formats import original_layout
 
 pytestmark = pytest.mark.integration
 
@@ -294,3 +295,27 @@ def test_copy_of_an_image_whose_chunk_src_lacks_is_one_error_and_tags_nothing(do
     one_error_line(proc, "chunk %s of layer %s is missing" % (gone[:12], layer_record(src, images.first)["diffID"]),
                    "nothing was tagged")
     assert not (dst / "repositories").exists() and not (dst / "layers").exists()
+
+
+# --- migrate -------------------------------------------------------------------------------------
+
+def test_migrate_leaves_chunked_layers_as_they_are_and_both_images_pull(docker_host, docker_env, images, tmp_path):
+    """A store holding a chunked image and an image of the original layout (the same tree, one file
+    edited): migrate stores the second as a push would, its big layer chunked and sharing the
+    first's chunks, and rewrites nothing that was stored."""
+    store = tmp_path / "store"
+    original_layout(docker_host, "dgchunklc/app:2", store, "oldchunk/1")
+    ok(docker_env, "push", store, "dgchunklc/app:1")
+    tag = store / "repositories" / "oldchunk" / "1"
+    before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file() and p != tag}
+
+    ok(docker_env, "migrate", store)
+
+    assert {p: p.read_bytes() for p in before} == before
+    migrated = "sha256:" + tag.read_text().strip()
+    assert layer_record(store, migrated)["compression"] == "chunked"
+    assert layer_record(store, migrated)["diffID"] == image_layers(docker_host, images.second)[0]
+    assert stored_chunks(store) == chunks_of(store, images.first) | chunks_of(store, migrated)
+    assert pulls_back(docker_host, docker_env, store, "dgchunklc/app:1", images.first)
+    assert pulls_back(docker_host, docker_env, store, "oldchunk:1", migrated)
+    docker_cli(docker_host, "rmi", "oldchunk:1")
