@@ -10879,12 +10879,12 @@ def copy_chunked_tar(src: Store, dst: Store, digest: str, size: int, copier: Blo
     tar's size, as manifests made from images name it): make dst hold the layer, chunked as in
     src (kept if dst has it so), and return its index entry's key; None if it is no such layer."""
     key = layer_index_key(digest)
-    held = stored_layer(dst, digest)
-    if held is not None and held.chunked and held.raw_size == size:
+    held = chunked_layer(dst, digest)
+    if held is not None and held.tar_size == size:
         freshness.seen(key, dst.age(key))
         return key
-    record = stored_layer(src, digest)
-    if record is None or not record.chunked or record.raw_size != size:
+    record = chunked_layer(src, digest)
+    if record is None or record.tar_size != size:
         return None
     copier.copy_chunks(record, freshness)
     copier.copy(record, freshness)
