@@ -536,12 +536,14 @@ class TransferReport:
             else:
                 self.chunks_sent[key] = size
 
-    def to_json(self) -> Dict[str, Any]:
-        """The image's part of a --json document (README: JSON output)."""
+    def to_json(self, chunks: bool = True) -> Dict[str, Any]:
+        """The image's part of a --json document (README: JSON output); chunks: with the counts of
+        chunks written and found (a command that writes to stores)."""
         doc = {"image_id": self.image_id, "tag": self.tag, "index": self.index, "platform": self.platform,
                **layers_json(self.layers, self.sent)}  # type: Dict[str, Any]
-        doc["bytes_sent"] += sum(self.chunks_sent.values())
-        doc["chunks_sent"], doc["chunks_skipped"] = len(self.chunks_sent), self.chunks_kept
+        if chunks:
+            doc["bytes_sent"] += sum(self.chunks_sent.values())
+            doc["chunks_sent"], doc["chunks_skipped"] = len(self.chunks_sent), self.chunks_kept
         return doc
 
 
@@ -12478,7 +12480,7 @@ def cmd_pull(ctx: Context) -> int:
     for image in ctx.options.images:
         report = TransferReport()
         pull_image(docker, store, image, ctx.progress, platform=ctx.options.platform, report=report)
-        pulled.append(dict(report.to_json(), image=image))
+        pulled.append(dict(report.to_json(chunks=False), image=image))
     if wants_json(ctx):
         emit_json(ctx, {"store": store.url, "images": pulled, "bytes_sent": sum(p["bytes_sent"] for p in pulled)})
     return 0

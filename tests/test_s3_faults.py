@@ -34,10 +34,17 @@ BIG = dogestry.S3_SINGLE_PUT_MAX + (1 << 20)  # a random layer this big is store
 
 
 def via(env, proxy, **extra):
-    """A copy of ENV that sends dogestry's S3 requests through PROXY."""
-    out = dict(env, AWS_ENDPOINT_URL=proxy.url)
+    """A copy of ENV that sends dogestry's S3 requests through PROXY.  Layers are stored whole
+    (DOGESTRY_CHUNKS=0): these tests are about multipart uploads and ranged reads of big blobs;
+    tests/test_chunks_faults.py puts chunked pushes and pulls through faults."""
+    out = dict(env, AWS_ENDPOINT_URL=proxy.url, DOGESTRY_CHUNKS="0")
     out.update({k: str(v) for k, v in extra.items()})
     return out
+
+
+def whole(env):
+    """A copy of ENV whose pushes store layers whole (see via)."""
+    return dict(env, DOGESTRY_CHUNKS="0")
 
 
 def store_url(bucket):
@@ -168,7 +175,7 @@ def test_periodic_slowdown_push_and_pull_succeed(docker_host, s3_env, rgw, bucke
 def test_pull_resumes_after_resets_mid_body(docker_host, s3_env, rgw, bucket, fault_proxy, tmp_path):
     """The first GET of each object (or of each range) is reset half-way; S3Reader resumes with Range."""
     ref, image = unique_image(docker_host, tmp_path, big=True)
-    ok(run_dogestry("push", store_url(bucket), ref, env=s3_env))
+    ok(run_dogestry("push", store_url(bucket), ref, env=whole(s3_env)))
     forget(docker_host, ref)
 
     def rule(req):
@@ -204,7 +211,7 @@ def range_start(entry):
 def test_pull_recovers_from_truncated_bodies(docker_host, s3_env, rgw, bucket, fault_proxy, tmp_path):
     """First GETs declare the full Content-Length but stop half-way (FIN); the image is still exact."""
     ref, image = unique_image(docker_host, tmp_path, big=True)
-    ok(run_dogestry("push", store_url(bucket), ref, env=s3_env))
+    ok(run_dogestry("push", store_url(bucket), ref, env=whole(s3_env)))
     forget(docker_host, ref)
 
     def rule(req):
@@ -225,7 +232,7 @@ def test_pull_recovers_from_truncated_bodies(docker_host, s3_env, rgw, bucket, f
 def test_always_truncated_blob_is_never_loaded(docker_host, s3_env, rgw, bucket, fault_proxy, tmp_path):
     """When every blob GET comes back short, the pull fails cleanly and the engine gets nothing."""
     ref, image = unique_image(docker_host, tmp_path)
-    ok(run_dogestry("push", store_url(bucket), ref, env=s3_env))
+    ok(run_dogestry("push", store_url(bucket), ref, env=whole(s3_env)))
     forget(docker_host, ref)
 
     def rule(req):
@@ -477,7 +484,7 @@ def test_push_leaves_no_multipart_upload_behind(docker_host, s3_env, rgw, bucket
 
 def test_list_survives_a_reset_listing(docker_host, s3_env, rgw, bucket, fault_proxy, tmp_path):
     ref, _ = unique_image(docker_host, tmp_path)
-    ok(run_dogestry("push", store_url(bucket), ref, env=s3_env))
+    ok(run_dogestry("push", store_url(bucket), ref, env=whole(s3_env)))
 
     def rule(req):
         if req.method == "GET" and ("list-type", "2") in req.query and req.attempt == 1:
@@ -669,7 +676,7 @@ def test_a_ranged_read_answered_from_the_wrong_offset_is_refused(docker_host, s3
                                                                  tmp_path):
     """A 206 that does not start at the byte asked for would splice the wrong bytes in: one clean error."""
     ref, _ = unique_image(docker_host, tmp_path, big=True)
-    ok(run_dogestry("push", store_url(bucket), ref, env=s3_env))
+    ok(run_dogestry("push", store_url(bucket), ref, env=whole(s3_env)))
     forget(docker_host, ref)
 
     def rule(req):
