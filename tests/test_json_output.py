@@ -108,7 +108,7 @@ def test_import_json_of_a_multi_platform_archive_and_list_json_show_the_index_an
     doc, _ = run_json("import", store, archive, env=docker_env)
     listed, _ = run_json("list", store, env=docker_env)
 
-    assert set(doc) == {"store", "images", "indexes", "bytes_sent"}
+    assert set(doc) == {"store", "images", "indexes", "bytes_sent", "chunks_sent", "chunks_skipped"}
     [index] = doc["indexes"]
     assert index["tags"] == ["dgjson/mp:1"]
     assert sorted(p["platform"] for p in index["platforms"]) == ["linux/amd64", "linux/arm64"]
@@ -153,7 +153,7 @@ def test_copy_json_reports_the_layers_sent_and_a_copy_again_sends_none(images, d
     doc, _ = run_json("copy", tmp_path / "a", tmp_path / "b", "dgjson/base:1", env=docker_env)
     again, _ = run_json("copy", tmp_path / "a", tmp_path / "b", "dgjson/base:1", env=docker_env)
 
-    assert set(doc) == {"source", "destination", "images", "bytes_sent"}
+    assert set(doc) == {"source", "destination", "images", "bytes_sent", "chunks_sent", "chunks_skipped"}
     [copied] = doc["images"]
     assert (copied["image"], copied["tag"], copied["image_id"], copied["manifest"]) == \
         ("dgjson/base:1", "dgjson/base:1", images["base"], None)

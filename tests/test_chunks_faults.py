@@ -1,0 +1,111 @@
+"""Chunked layers under S3 faults: dogestry against radosgw through the fault-injecting proxy
+(tests/faultproxy.py), as tests/test_s3_faults.py does for layers stored whole."""
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+
+from faultproxy import Reset, s3_error
+from realdocker import DOGESTRY, build_image, docker_cli, image_id, ok, one_error_line, random_bytes, run_dogestry
+
+pytestmark = pytest.mark.integration
+
+
+def via(env, proxy):
+    """A copy of ENV that sends dogestry's S3 requests through PROXY."""
+    return dict(env, AWS_ENDPOINT_URL=proxy.url)
+
+
+def chunked_image(docker_host, tmp_path):
+    """A new image whose one layer (~24 MiB of files) is stored chunked; (ref, image ID)."""
+    token = uuid.uuid4().hex[:10]
+    files = {"data/f%02d.bin" % n: random_bytes(768 << 10, int(token, 16) + n) for n in range(32)}
+    ref = "dgchunkfault/app%s:1" % token[:6]
+    return ref, build_image(docker_host, ref, [files], workdir=tmp_path)
+
+
+def chunk_puts(proxy):
+    return [e for e in proxy.log if e["method"] == "PUT" and "/chunks/sha256/" in e["path"]]
+
+
+def tags(rgw_keys):
+    return [k for k in rgw_keys if "/repositories/" in k]
+
+
+def test_chunk_uploads_that_fail_once_are_retried_and_the_image_pulls_back(docker_host, s3_env, bucket,
+                                                                          fault_proxy, tmp_path):
+    """Every chunk's first PUT gets a 500 or a reset: the push retries each and succeeds; a pull whose
+    first GET of each chunk is reset resumes, and loads the same image."""
+    ref, image = chunked_image(docker_host, tmp_path)
+    url = "s3://%s/chunkfaults/" % bucket
+
+    def flaky(req):
+        if "/chunks/sha256/" in req.path and req.attempt == 1:
+            if req.method == "PUT":
+                return s3_error(500, "InternalError", "try again") if hash(req.path) % 2 else Reset(0.0)
+            if req.method == "GET":
+                return Reset(0.5)
+        return None
+
+    proxy = fault_proxy(flaky)
+    ok(run_dogestry("push", url, ref, env=via(s3_env, proxy)))
+    puts = chunk_puts(proxy)
+    refused = {e["path"] for e in puts if e["attempt"] == 1 and e["status"] == 500}
+    assert len({e["path"] for e in puts}) >= 12 and refused
+    assert all(any(e["path"] == path and e["attempt"] > 1 for e in puts) for path in refused)  # each sent again
+    docker_cli(docker_host, "rmi", "-f", ref)
+    ok(run_dogestry("pull", url, ref, env=via(s3_env, proxy)))
+    assert image_id(docker_host, ref) == image
+
+
+def test_a_chunk_refused_for_good_fails_the_push_with_one_line_and_no_tag(docker_host, s3_env, rgw, bucket,
+                                                                          fault_proxy, tmp_path):
+    ref, _ = chunked_image(docker_host, tmp_path)
+    url = "s3://%s/chunkdenied/" % bucket
+
+    def deny(req):
+        if req.method == "PUT" and "/chunks/sha256/" in req.path:
+            return s3_error(403, "AccessDenied", "Access Denied", req.path)
+        return None
+
+    proc = run_dogestry("push", url, ref, env=via(s3_env, fault_proxy(deny)))
+    one_error_line(proc, "AccessDenied")
+    listed = ok(run_dogestry("list", url, env=s3_env)).stdout
+    assert ref.split(":")[0] not in listed
+
+
+def test_ctrl_c_during_a_chunked_push_ends_in_two_seconds_with_no_tag(docker_host, s3_env, bucket, fault_proxy,
+                                                                      tmp_path):
+    """Ctrl-C with chunk uploads in flight and more queued: exit 130 within 2 s, no tag."""
+    started = threading.Event()
+
+    def slow_chunks(req):
+        if req.method == "PUT" and "/chunks/sha256/" in req.path:
+            started.set()
+            time.sleep(3.0)
+        return None
+
+    proxy = fault_proxy(slow_chunks)
+    ref, _ = chunked_image(docker_host, tmp_path)
+    url = "s3://%s/chunkint/" % bucket
+    proc = subprocess.Popen([sys.executable, str(DOGESTRY), "push", url, ref], env=via(s3_env, proxy),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    try:
+        assert started.wait(120), "no chunk upload began"
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert took < 2.0, (took, err)
+    assert "Traceback" not in err and err.rstrip().endswith("dogestry: interrupted"), err
+    listed = ok(run_dogestry("list", url, env=s3_env)).stdout
+    assert ref.split(":")[0] not in listed
