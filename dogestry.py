@@ -6640,7 +6640,6 @@ def plan_gc(store: Store, grace: float, progress: ProgressSink) -> GcPlan:
         raise GcError("cannot read manifest sha256:%s, which is kept; nothing was deleted" % unreadable[0])
     manifest_blobs = {h: {digest_hex(d) for d, _ in graph.manifests[h].blobs} for h in kept  # type: ignore[union-attr]
                       if graph.manifests.get(h) is not None}
-    marks = marks._replace(blobs=marks.blobs.union(*manifest_blobs.values()))
 
     units = []  # type: List[GcUnit]
     for image_hex, leaves in sorted(dirs.items()):
@@ -6657,14 +6656,16 @@ def plan_gc(store: Store, grace: float, progress: ProgressSink) -> GcPlan:
     pointing = collections.defaultdict(list)  # type: Dict[str, List[str]]
     young_blobs = set()  # type: Set[str]
 
-    def blob_of(key: str) -> Optional[str]:
+    def record_of(key: str) -> Optional[LayerRecord]:
         with contextlib.suppress(DogestryError):
-            return digest_hex(LayerRecord.from_json(read_json(store, key)).digest)
+            return LayerRecord.from_json(read_json(store, key))
         return None
 
     index_names = sorted(readable)
     with thread_pool(min(GC_THREADS, max(1, len(index_names))), "dogestry-index") as pool:
-        blobs_of = dict(zip(index_names, pool.map(blob_of, index_names)))
+        records = dict(zip(index_names, pool.map(record_of, index_names)))
+    blobs_of = {key: None if r is None else digest_hex(r.digest) for key, r in records.items()}
+    marks = _mark_manifest_blobs(marks, manifest_blobs, records)
     for key, blob in blobs_of.items():
         if blob is not None:
             pointing[blob].append(key)
@@ -6720,6 +6721,21 @@ def plan_gc(store: Store, grace: float, progress: ProgressSink) -> GcPlan:
         held_for = max([held_for] + waits)
     return GcPlan(units, expired, foreign, marks, tags, set(dirs), blob_keys, len(index_keys), unreferenced,
                   held, held_for, targets, tag_images, graph.manifests)
+
+
+def _mark_manifest_blobs(marks: StoreMarks, manifest_blobs: Dict[str, Set[str]],
+                         records: Mapping[str, Optional[LayerRecord]]) -> StoreMarks:
+    """Marks with the blobs kept manifests name (manifest_blobs: hex -> blob hexes) and, where one
+    is a chunked layer's tar (its diffID: no blob key), that layer's index entry and recipe (added
+    to the manifest's blobs too).  records: the layer index entries read, by key."""
+    tars = set()  # type: Set[str]
+    for named in manifest_blobs.values():
+        for blob in list(named):
+            record = records.get("layers/%s.json" % blob)
+            if record is not None and record.chunked and record.diff_id == "sha256:" + blob:
+                named.add(digest_hex(record.digest))
+                tars.add(blob)
+    return marks._replace(blobs=marks.blobs.union(*manifest_blobs.values()), diff_ids=marks.diff_ids | tars)
 
 
 def made_by_images(marks: StoreMarks) -> Dict[str, str]:
@@ -7701,7 +7717,10 @@ def page(items: Sequence[str], query: Mapping[str, List[str]]) -> Tuple[List[str
 # holds the image ID, as always) and manifests/tags/<name>/<tag> the manifest it was pushed with,
 # which the registry serves for the tag as long as that manifest is of the tag's image.  A tag of
 # anything else (an index, an artifact) holds @sha256:<hex>.  A manifest with a subject is listed
-# under manifests/referrers/<subject hex>/<hex> (its descriptor), for the referrers API.
+# under manifests/referrers/<subject hex>/<hex> (its descriptor), for the referrers API.  A blob
+# a manifest names may be a chunked layer's uncompressed tar (a client pushing back an image it
+# pulled): its digest is the diffID, no blob key; it is that stored layer (stored_blob), which
+# the image record holds, and gc keeps it while a kept manifest names it (_mark_manifest_blobs).
 
 INDEX_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
 MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST) + INDEX_TYPES
@@ -7816,9 +7835,11 @@ def read_pushed_manifest(store: Store, digest: str) -> Optional[PushedManifest]:
         raise FormatError(str(e))
 
 
-def pushed_image_layers(manifest: PushedManifest, config: bytes) -> Optional[List[LayerRecord]]:
+def pushed_image_layers(manifest: PushedManifest, config: bytes,
+                        chunked: Optional[Mapping[str, LayerRecord]] = None) -> Optional[List[LayerRecord]]:
     """The layer records of the image an image manifest describes (its diffIDs the config's word:
-    unchecked), or None if it is no image dogestry can store (an artifact, foreign layers)."""
+    unchecked; a layer that is a chunked layer's tar, `chunked` by digest: that stored layer), or
+    None if it is no image dogestry can store (an artifact, foreign layers)."""
     if manifest.is_index or manifest.doc["config"]["mediaType"] not in IMAGE_CONFIG_TYPES or \
             any(d["mediaType"] not in LAYER_COMPRESSION for d in manifest.doc["layers"]):
         return None
@@ -7829,16 +7850,49 @@ def pushed_image_layers(manifest: PushedManifest, config: bytes) -> Optional[Lis
     if len(diff_ids) != len(manifest.doc["layers"]):
         raise RegistryError(400, "MANIFEST_INVALID", "the manifest names %d layers, its config %d"
                             % (len(manifest.doc["layers"]), len(diff_ids)))
-    return [LayerRecord(diff_id, d["digest"], d["size"], LAYER_COMPRESSION[d["mediaType"]], unchecked=True)
-            for diff_id, d in zip(diff_ids, manifest.doc["layers"])]
+    layers = []
+    for index, (diff_id, d) in enumerate(zip(diff_ids, manifest.doc["layers"])):
+        record = (chunked or {}).get(d["digest"])
+        if record is not None and record.diff_id != diff_id:
+            raise RegistryError(400, "MANIFEST_INVALID", "layer %d is the uncompressed layer %s, but the config "
+                                "names diffID %s for it" % (index, d["digest"], str(diff_id)[:100]))
+        layers.append(record or LayerRecord(diff_id, d["digest"], d["size"], LAYER_COMPRESSION[d["mediaType"]],
+                                            unchecked=True))
+    return layers
+
+
+class StoredBlob(NamedTuple):
+    """Where a store holds a blob a manifest names: its key (under blobs/, an image's config.json,
+    or for a chunked layer's uncompressed tar, the layer's index entry) and that layer's record."""
+
+    key: str
+    layer: Optional[LayerRecord] = None  # the chunked layer whose tar (its diffID) the blob is
+
+    def must_exist(self, size: int) -> Dict[str, Optional[int]]:
+        """The keys that must be there for a blob of that size to stay served, with their sizes
+        (None: any): the blob; or a chunked layer's index entry and its recipe."""
+        if self.layer is None:
+            return {self.key: size}
+        return {self.key: None, blob_key(self.layer.digest): self.layer.size}
+
+
+def stored_blob(store: Store, digest: str, size: int) -> Optional[StoredBlob]:
+    """Where the store holds a blob of that digest and size: blobs/, (an image config) images/,
+    or a chunked layer whose uncompressed tar it is (chunked_layer: its diffID, of its rawSize),
+    which the registry assembles from its chunks."""
+    for key in (blob_key(digest), image_key(digest_hex(digest), "config.json")):
+        if store.stat(key) == size:
+            return StoredBlob(key)
+    layer = chunked_layer(store, digest)
+    if layer is not None and layer.tar_size == size:
+        return StoredBlob(layer_index_key(digest), layer)
+    return None
 
 
 def stored_blob_key(store: Store, digest: str, size: int) -> Optional[str]:
-    """Where the store holds a blob of that digest and size: blobs/, or (an image config) images/."""
-    for key in (blob_key(digest), image_key(digest_hex(digest), "config.json")):
-        if store.stat(key) == size:
-            return key
-    return None
+    """The key of stored_blob() (a chunked layer's tar: its index entry's), or None."""
+    found = stored_blob(store, digest, size)
+    return None if found is None else found.key
 
 
 def store_pushed_manifest(store: Store, manifest: PushedManifest, ref: Optional[ImageRef],
@@ -7851,17 +7905,17 @@ def store_pushed_manifest(store: Store, manifest: PushedManifest, ref: Optional[
     if ref is not None and tag_is_immutable(store, ref):  # refused before anything is written
         config = manifest.blobs[0][0] if manifest.blobs else ""
         check_tag_may_move(store, ref, "@" + manifest.digest, [digest_hex(config)] if config else [])
-    keys = _stored_blob_keys(store, manifest, "blob %s is not stored (push it first)")
+    found = _stored_blobs(store, manifest, "blob %s is not stored (push it first)")
     children = [known_manifest(digest) for digest in manifest.children]
     unknown = [digest for digest, child in zip(manifest.children, children) if child is None]
     if unknown:
         raise RegistryError(400, "MANIFEST_UNKNOWN", "manifest %s, which the index names, is not stored" % unknown[0])
-    _seen_ages(store, keys, freshness)
-    must_exist = {key: size for key, (_, size) in zip(keys, manifest.blobs)}  # type: Dict[str, Optional[int]]
+    _seen_ages(store, [blob.key for blob in found], freshness)
+    must_exist = _blobs_must_exist(found, manifest)
     must_exist.update(_keep_index_children(store, [c for c in children if c is not None], freshness))
     store.put_bytes(manifest_key(manifest.digest), manifest.data, if_absent=True)
     freshness.written(manifest_key(manifest.digest))
-    image_hex = _pushed_image_record(store, manifest, keys[0] if keys else None, freshness)
+    image_hex = _pushed_image_record(store, manifest, found, freshness)
     if manifest.subject:
         write_json(store, referrer_key(manifest.subject, manifest.digest), manifest.descriptor())
     freshness.secure({}, must_exist)
@@ -7872,16 +7926,24 @@ def store_pushed_manifest(store: Store, manifest: PushedManifest, ref: Optional[
     return image_hex
 
 
-def _stored_blob_keys(store: Store, manifest: PushedManifest, missing: str) -> List[str]:
-    """Where the blobs a manifest names are stored (RegistryError MANIFEST_BLOB_UNKNOWN, the
-    `missing` message with the digest, if one is not)."""
+def _stored_blobs(store: Store, manifest: PushedManifest, missing: str) -> List[StoredBlob]:
+    """Where the blobs a manifest names are stored, in its order (RegistryError MANIFEST_BLOB_UNKNOWN,
+    the `missing` message with the digest, if one is not)."""
     blobs = manifest.blobs
     with thread_pool(min(8, max(1, len(blobs))), "dogestry-check") as pool:
-        keys = list(pool.map(lambda blob: stored_blob_key(store, *blob), blobs))
-    gone = [digest for (digest, _), key in zip(blobs, keys) if key is None]
+        found = list(pool.map(lambda blob: stored_blob(store, *blob), blobs))
+    gone = [digest for (digest, _), place in zip(blobs, found) if place is None]
     if gone:
         raise RegistryError(400, "MANIFEST_BLOB_UNKNOWN", missing % gone[0])
-    return [str(key) for key in keys]
+    return [place for place in found if place is not None]
+
+
+def _blobs_must_exist(found: Sequence[StoredBlob], manifest: PushedManifest) -> Dict[str, Optional[int]]:
+    """The keys (and sizes) that must be there before a tag of the manifest (found: its _stored_blobs)."""
+    must_exist = {}  # type: Dict[str, Optional[int]]
+    for place, (_, size) in zip(found, manifest.blobs):
+        must_exist.update(place.must_exist(size))
+    return must_exist
 
 
 def _seen_ages(store: Store, keys: Sequence[str], freshness: Freshness) -> None:
@@ -7898,7 +7960,7 @@ def _keep_index_children(store: Store, children: Sequence[PushedManifest],
     there now), it and its blobs refreshed if a gc may reach them (nothing named them: a gc may
     be deleting them), its image record kept or written again.  The keys that must be there
     before the tag, with their sizes."""
-    must_exist, records = {}, []  # type: Dict[str, Optional[int]], List[Tuple[PushedManifest, Optional[str]]]
+    must_exist, records = {}, []  # type: Dict[str, Optional[int]], List[Tuple[PushedManifest, List[StoredBlob]]]
     for child in children:
         key = manifest_key(child.digest)
         age = store.age(key)
@@ -7907,16 +7969,16 @@ def _keep_index_children(store: Store, children: Sequence[PushedManifest],
             freshness.written(key)
         else:
             freshness.seen(key, age)
-        keys = _stored_blob_keys(store, child, "blob %%s of manifest %s, which the index names, is not stored"
-                                 % child.digest)
-        _seen_ages(store, keys, freshness)
+        found = _stored_blobs(store, child, "blob %%s of manifest %s, which the index names, is not stored"
+                              % child.digest)
+        _seen_ages(store, [blob.key for blob in found], freshness)
         must_exist[key] = len(child.data)
-        must_exist.update({k: size for k, (_, size) in zip(keys, child.blobs)})
-        records.append((child, keys[0] if keys else None))
+        must_exist.update(_blobs_must_exist(found, child))
+        records.append((child, found))
     if records:
         freshness.refresh(freshness.min_grace / 2, {})  # every child at once, before a gc re-checks more of them
-    for child, config_key in records:
-        _pushed_image_record(store, child, config_key, freshness)
+    for child, blobs in records:
+        _pushed_image_record(store, child, blobs, freshness)
     return must_exist
 
 
@@ -7933,13 +7995,15 @@ def tag_pushed_manifest(store: Store, ref: ImageRef, image_hex: str) -> Optional
     return pushed
 
 
-def _pushed_image_record(store: Store, manifest: PushedManifest, config_key: Optional[str],
+def _pushed_image_record(store: Store, manifest: PushedManifest, found: Sequence[StoredBlob],
                          freshness: Freshness) -> Optional[str]:
-    """The image record of an image manifest (written unless the image is stored already); its ID hex."""
-    if config_key is None or manifest.is_index:
+    """The image record of an image manifest (found: its _stored_blobs; written unless the image is
+    stored already, a layer that is a chunked layer's tar as that layer); its ID hex."""
+    if not found or found[0].layer is not None or manifest.is_index:
         return None
-    config = store.get_bytes(config_key, limit=DOCUMENT_LIMIT)
-    layers = pushed_image_layers(manifest, config)
+    config = store.get_bytes(found[0].key, limit=DOCUMENT_LIMIT)
+    layers = pushed_image_layers(manifest, config, {blob.layer.diff_id: blob.layer for blob in found[1:]
+                                                    if blob.layer is not None})
     if layers is None:
         return None
     image_id = manifest.doc["config"]["digest"]
@@ -10266,9 +10330,6 @@ def stored_manifest_tree(store: Store, manifest: PushedManifest,
         for digest, size in manifest.blobs:
             key = stored_blob_key(store, digest, size) if digest not in blobs else blobs[digest][2]
             if key is None:
-                layer = chunked_layer(store, digest)
-                key = layer_index_key(digest) if layer is not None and layer.tar_size == size else None
-            if key is None:
                 raise NotFound("%s: blob %s is not stored (manifest %s names it)"
                                % (store.url, digest, manifest.digest))
             blobs[digest] = (digest, size, key)
@@ -10668,10 +10729,14 @@ def _manifest_image(store: Store, manifest: PushedManifest) -> Optional[str]:
 
 def copy_blob(src: Store, dst: Store, digest: str, size: int, copier: BlobCopier, freshness: Freshness) -> str:
     """Store a blob a manifest names in dst under blobs/ (checked against its digest); its key."""
-    source = stored_blob_key(src, digest, size)
-    if source is None:
+    found = stored_blob(src, digest, size)
+    if found is None:
         raise NotFound("%s: blob %s (%d bytes) is not stored; nothing was tagged" % (src.url, digest, size))
-    key = blob_key(digest)
+    if found.layer is not None:  # an image's chunked layers are copied with it (copy_image), not as blobs
+        raise DogestryError("%s: blob %s is a chunked layer's tar, which copy takes only with an image of this "
+                         "store that holds it (a manifest names it that is no such image); nothing was tagged"
+                         % (src.url, digest))
+    source, key = found.key, blob_key(digest)
     if source == key:
         copier.copy(LayerRecord(digest, digest, size, "none"), freshness)
     else:  # an image config, kept only in its image record
@@ -10697,12 +10762,12 @@ def copy_manifests(src: Store, dst: Store, manifests: Sequence[PushedManifest], 
             copied[(src.url, image_hex)] = copy_image(found, dst, copier, progress, options, freshness)
     must_exist, rewrite = {}, {}  # type: Dict[str, Optional[int]], Dict[str, Callable[[], None]]
     for digest, size in sorted({blob for manifest in manifests for blob in manifest.blobs}):
-        key = stored_blob_key(dst, digest, size)
-        if key is None:
-            key = copy_blob(src, dst, digest, size, copier, freshness)
+        held = stored_blob(dst, digest, size)
+        if held is None:
+            held = StoredBlob(copy_blob(src, dst, digest, size, copier, freshness))
         else:
-            freshness.seen(key, dst.age(key))
-        must_exist[key] = size
+            freshness.seen(held.key, dst.age(held.key))
+        must_exist.update(held.must_exist(size))
     for manifest in manifests:
         key = manifest_key(manifest.digest)
         rewrite[key] = functools.partial(dst.put_bytes, key, manifest.data)
@@ -11992,14 +12057,14 @@ class RegistryWriteHandler(RegistryHandler):
 
     def _mount(self, registry: Registry, name: str, query: Mapping[str, List[str]]) -> bool:
         """?mount=<digest>&from=<name>: 201 if the store has the blob (the store is content
-        addressed: any repository's blob, or an image's config, as GET serves them; not a chunked
-        layer's tar, which GET assembles: no manifest could name it); False, to start a session
-        instead, if it has not or the arguments are not valid (the spec's fallback)."""
+        addressed: any repository's blob, an image's config, or a chunked layer's tar, as GET
+        serves them, which a pushed manifest may name); False, to start a session instead, if it
+        has not or the arguments are not valid (the spec's fallback)."""
         source = (query.get("from") or [""])[0]
         try:
             if source:
                 self._require("pull", repository_name(source))
-            registry.blob(query["mount"][0])
+            registry.served_blob(query["mount"][0])
         except RegistryError as e:
             if e.status in (401, 403):
                 raise
