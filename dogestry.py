@@ -1925,6 +1925,28 @@ def presign_url(method: str, scheme: str, host: str, path: str, creds: Credentia
                              + "&X-Amz-Signature=" + params[-1][1])
 
 
+def presign_signatures(method: str, host: str, paths: Sequence[str], creds: Credentials, region: str,
+                       now: datetime.datetime, expires: int) -> Tuple[str, List[str]]:
+    """presign_url of many S3 paths at one time: the query their URLs share (without
+    X-Amz-Signature) and each path's signature; the URL of a path is
+    SCHEME://HOST<uri_encode(path, safe="/")>?<query>&X-Amz-Signature=<signature>.  The query is
+    encoded and the signing key derived once, so each path costs one hash and one HMAC."""
+    import hmac  # lazy (start-up time): only signatures and password checks need it
+    if not paths:
+        return "", []
+    query = canonical_query(presign_query(method, host, paths[0], None, creds, region, "s3", now, expires)[:-1])
+    timestamp = amz_date(now)
+    scope = credential_scope(timestamp, region, "s3")
+    key = signing_key(creds.secret_key, timestamp, region, "s3")
+    block, signed = canonical_headers([("host", host)])
+    signatures = []
+    for path in paths:
+        canonical = "\n".join([method.upper(), canonical_uri(path), query, block, signed, UNSIGNED_PAYLOAD])
+        signatures.append(hmac.new(key, string_to_sign(timestamp, scope, canonical).encode("utf-8"),
+                                   hashlib.sha256).hexdigest())
+    return query, signatures
+
+
 # === 7. AWS configuration and credentials ===
 #
 # The AWS SDKs' order: environment, shared profile files, web identity (STS),
@@ -2561,6 +2583,16 @@ class S3Client:
         now = datetime.datetime.fromtimestamp(self.now(), datetime.timezone.utc)
         return presign_url("GET", scheme, netloc, base + "/" + key, self.credentials.get(), self.region,
                            now, expires)
+
+    def presign_many(self, keys: Sequence[str], expires: int) -> Tuple[str, List[str]]:
+        """Presigned GETs of many keys, valid for `expires` seconds: the query their URLs share
+        and each key's signature (presign_signatures; each URL is the one presign() would make)."""
+        import datetime  # lazy (start-up time): only dated documents and signatures need it
+        _, host, port, base = self._target()
+        netloc = host if port in (80, 443) else "%s:%d" % (host, port)
+        now = datetime.datetime.fromtimestamp(self.now(), datetime.timezone.utc)
+        return presign_signatures("GET", netloc, [base + "/" + key for key in keys], self.credentials.get(),
+                                  self.region, now, expires)
 
     def may_retry(self, attempt: int, started: float, cancellable: bool = True) -> bool:
         """Try a failing request once more, after `attempt` tries since `started`? Once cancelled,
@@ -7359,12 +7391,24 @@ class HostProgress:
 # the server answers which image it pulled (Docker's "aux" progress line: ID and Platform).
 # Servers that take such requests say so in a header of GET /status/check (older ones do not:
 # their hosts get a regular pull).
+#
+# An image with chunked layers needs its chunks too: the client reads each chunked layer's
+# recipe and presigns every chunk it names.  Those URLs differ only in their path and signature,
+# so the request carries them as "chunks": {"query": the query they share, "signatures": {chunk
+# hex: its X-Amz-Signature}} (some 136 bytes a chunk), and the server makes each URL for its own
+# S3 location (so they read nothing else).  At most DELEGATION_CHUNKS_MAX chunks a request
+# (about 7.5 GiB of chunked layers at their 1.3 MiB average, 2.9 GiB at the least), and the whole
+# request at most SERVER_BODY_LIMIT: a bigger image is pulled directly.  Servers that take
+# chunks say so in a header of GET /status/check (others get their hosts a regular pull).
 
 DELEGATION_ROUTE = "/dogestry/v1/pull"
 DELEGATION_HEADER = "Dogestry-Delegation"
 DELEGATION_PROTOCOL = "presigned-v1"
 DELEGATION_INDEX_HEADER = "Dogestry-Delegation-Index"
 DELEGATION_INDEX_PROTOCOL = "presigned-index-v1"
+DELEGATION_CHUNKS_HEADER = "Dogestry-Delegation-Chunks"
+DELEGATION_CHUNKS_PROTOCOL = "presigned-chunks-v1"
+DELEGATION_CHUNKS_MAX = 6000  # chunks one delegated pull carries URLs of (their signatures: ~800 KiB)
 DELEGATION_URL_TTL = 900
 DELEGATION_READ_TIMEOUT = 600.0
 SERVER_LINE_LIMIT = 64 << 10  # the longest progress line read from a server
@@ -7393,53 +7437,92 @@ def server_status(url: str, tls: Optional[ssl.SSLContext] = None, timeout: float
         conn.close()
     if resp.status != 200 or body.strip() != b"OK":
         return None
-    return frozenset(p for p in (resp.getheader(DELEGATION_HEADER), resp.getheader(DELEGATION_INDEX_HEADER)) if p)
+    return frozenset(p for p in (resp.getheader(h) for h in (DELEGATION_HEADER, DELEGATION_INDEX_HEADER,
+                                                             DELEGATION_CHUNKS_HEADER)) if p)
 
 
 class Delegation(NamedTuple):
     """One image as a server is asked to pull it: the request body, and what to check after.
     Of a multi-platform tag, the images the server may pick (ID -> platform); image_id is the
-    one it must pick when --platform chose it ('' when the server's engine chooses)."""
+    one it must pick when --platform chose it ('' when the server's engine chooses).  chunks:
+    how many chunks it carries URLs of; direct: why it must be pulled directly ('' if it may be
+    delegated; then the body is empty)."""
 
     image_id: str
     tag: Optional[ImageRef]
     body: bytes
     platforms: Mapping[str, str] = {}
+    chunks: int = 0
+    direct: str = ""
 
 
-def plan_delegation(store: "S3Store", text: str, progress: ProgressSink,
-                    platform: Optional[Platform] = None) -> Optional[Delegation]:
+def plan_delegation(store: "S3Store", text: str, progress: ProgressSink, platform: Optional[Platform] = None,
+                    chunk_limit: int = DELEGATION_CHUNKS_MAX) -> Optional[Delegation]:
     """Resolve an image and presign the objects a server needs to pull it (None: legacy layout);
-    of a multi-platform tag, those of every platform's image (only the platform's, if given)."""
+    of a multi-platform tag, those of every platform's image (only the platform's, if given).
+    An image with more than chunk_limit chunks, or a request larger than a server takes, is
+    planned as one to pull directly (Delegation.direct)."""
     store.check()
     tagged = index_tag(store, text)
     if tagged is not None:
-        return _plan_index_delegation(store, tagged[0], tagged[1], platform)
+        return _plan_index_delegation(store, tagged[0], tagged[1], platform, chunk_limit)
     _, image_hex, ref, image, _ = find_image(store, text, progress)
     if image.legacy:
         return None
     sizes = _image_object_sizes(store, image_hex, image)
     doc = {"store": store.url, "image": image.image_id, "tag": str(ref) if ref else None,
            "objects": _presigned_objects(store, sizes)}
-    return Delegation(image.image_id, ref, json.dumps(doc).encode())
+    return _with_chunks(store, doc, image.layers, chunk_limit, Delegation(image.image_id, ref, b"", {}))
 
 
 def _plan_index_delegation(store: "S3Store", ref: ImageRef, index: "PushedManifest",
-                           platform: Optional[Platform]) -> Delegation:
+                           platform: Optional[Platform], chunk_limit: int) -> Delegation:
     entries = index_images(index)
     if platform is not None:
         entries = [choose_platform(entries, platform, "%s in %s" % (ref, store.url))]
     sizes = {manifest_key(index.digest): len(index.data)}
     platforms = {}  # type: Dict[str, str]
+    layers = []  # type: List[LayerRecord]
     for entry in entries:
         image_hex = image_of_manifest(store, entry.digest)
+        image = load_stored_image(store, image_hex)
         sizes[manifest_key(entry.digest)] = entry.size
-        sizes.update(_image_object_sizes(store, image_hex, load_stored_image(store, image_hex)))
+        sizes.update(_image_object_sizes(store, image_hex, image))
         platforms["sha256:" + image_hex] = str(entry.platform)
+        layers += image.layers
     doc = {"store": store.url, "index": index.digest, "tag": str(ref), "objects": _presigned_objects(store, sizes)}
     if platform is not None:
         doc["platform"] = str(platform)
-    return Delegation(next(iter(platforms)) if platform is not None else "", ref, json.dumps(doc).encode(), platforms)
+    plan = Delegation(next(iter(platforms)) if platform is not None else "", ref, b"", platforms)
+    return _with_chunks(store, doc, layers, chunk_limit, plan)
+
+
+def _with_chunks(store: "S3Store", doc: Dict[str, Any], layers: Sequence[LayerRecord], chunk_limit: int,
+                 plan: Delegation) -> Delegation:
+    """The plan with its request body: doc and the presigned chunks of the chunked layers (their
+    recipes read), or a reason to pull directly if they are too many or the request too large."""
+    what = str(plan.tag) if plan.tag else plan.image_id[7:19]
+    chunks = list(dict.fromkeys(h for recipe in _recipes(store, layers) for h, _ in recipe.chunks))
+    if len(chunks) > chunk_limit:
+        return plan._replace(chunks=len(chunks), direct="%s has %d chunks, more than the %d a delegated pull carries"
+                                                        % (what, len(chunks), chunk_limit))
+    if chunks:
+        query, signatures = store.client.presign_many([store.location.prefix + chunk_key(h) for h in chunks],
+                                                      DELEGATION_URL_TTL)
+        doc["chunks"] = {"query": query, "signatures": dict(zip(chunks, signatures))}
+    body = json.dumps(doc).encode()
+    if len(body) > SERVER_BODY_LIMIT:
+        return plan._replace(chunks=len(chunks), direct="the request to pull %s would be %s, more than a server "
+                                                        "takes (%s)" % (what, human_size(len(body)),
+                                                                        human_size(SERVER_BODY_LIMIT)))
+    return plan._replace(body=body, chunks=len(chunks))
+
+
+def _recipes(store: Store, layers: Sequence[LayerRecord]) -> List[LayerRecipe]:
+    """The recipes of the chunked layers among these (each read once, a few at a time)."""
+    chunked = list({r.digest: r for r in layers if r.chunked}.values())
+    with thread_pool(min(8, max(1, len(chunked))), "dogestry-recipes") as pool:
+        return list(pool.map(functools.partial(read_recipe, store), chunked))
 
 
 def _image_object_sizes(store: Store, image_hex: str, image: StoredImage) -> Dict[str, int]:
@@ -7545,12 +7628,21 @@ def delegate_to_servers(endpoints: Sequence[DockerEndpoint], store: "S3Store", i
     if any(plan is None for plan in plans):
         progress.note("images in the original dogestry layout are pulled directly, not through servers")
         return
-    if any(plan is not None and plan.platforms for plan in plans):
+    direct = [plan.direct for plan in plans if plan is not None and plan.direct]
+    if direct:
+        progress.note("%s: pulling directly, not through servers" % direct[0])
+        return
+    for needed, protocol, what in ((any(p is not None and p.platforms for p in plans), DELEGATION_INDEX_PROTOCOL,
+                                    "multi-platform tags"),
+                                   (any(p is not None and p.chunks for p in plans), DELEGATION_CHUNKS_PROTOCOL,
+                                    "chunked layers")):
+        if not needed:
+            continue
         for endpoint, url, protocols in servers:
-            if DELEGATION_INDEX_PROTOCOL not in protocols:
-                progress.note("%s: the dogestry server at %s is too old for multi-platform tags: pulling directly"
-                              % (endpoint.url, url))
-        servers = [server for server in servers if DELEGATION_INDEX_PROTOCOL in server[2]]
+            if protocol not in protocols:
+                progress.note("%s: the dogestry server at %s is too old for %s: pulling directly"
+                              % (endpoint.url, url, what))
+        servers = [server for server in servers if protocol in server[2]]
 
     def run(server: Tuple[DockerEndpoint, str, FrozenSet[str]]) -> None:
         endpoint, url, _ = server
@@ -11026,6 +11118,37 @@ class ServerPolicy:
                           % (key, location.bucket, location.prefix))
         return scope[2]
 
+    def presigned_chunks(self, location: S3Location, chunks: Any) -> Tuple[Dict[str, str], str]:
+        """The URLs of a delegated pull's chunks (key -> URL), made for `location` from the query
+        they share and each chunk's signature (section 15), checked as presigned_region checks
+        any; and their region."""
+        if not isinstance(chunks, dict) or not isinstance(chunks.get("query"), str) or \
+                not isinstance(chunks.get("signatures"), dict):
+            raise UsageError("a delegated pull's chunks need a query and signatures")
+        signatures = chunks["signatures"]  # type: Dict[Any, Any]
+        if len(signatures) > DELEGATION_CHUNKS_MAX:
+            raise UsageError("a delegated pull carries at most %d chunks (not %d)"
+                             % (DELEGATION_CHUNKS_MAX, len(signatures)))
+        if not all(isinstance(h, str) and _HEX64.match(h) and isinstance(v, str) and _HEX64.match(v)
+                   for h, v in signatures.items()):
+            raise UsageError("a delegated pull's chunks are sha256 hex digests, each with a signature of 64 hex "
+                             "digits")
+        query = chunks["query"]  # type: str
+        scope = dict(urllib.parse.parse_qsl(query)).get("X-Amz-Credential", "").split("/")
+        if len(scope) != 5 or not _REGION_RE.match(scope[2]):
+            raise Refused("bad presigned URL for the chunks")
+        region = scope[2]
+        scheme, host, port, base = s3_target(location.bucket, region, location.endpoint)
+        netloc = "[%s]" % host if ":" in host else host
+        if port != (443 if scheme == "https" else 80):
+            netloc += ":%d" % port
+        urls = {chunk_key(h): "%s://%s%s?%s&X-Amz-Signature=%s" % (
+            scheme, netloc, uri_encode(base + "/" + location.prefix + chunk_key(h), safe="/"), query, signature)
+            for h, signature in signatures.items()}
+        for key, url in itertools.islice(urls.items(), 1):  # they differ only in the chunk and the signature
+            region = self.presigned_region(url, location, key)
+        return urls, region
+
 
 class JsonProgress:
     """Progress as docker's JSON lines, written to an HTTP response."""
@@ -11613,7 +11736,8 @@ class DockerApiHandler(RequestHandler):
                        {"Docker-Experimental": "false", "OSType": "linux", "Cache-Control": "no-cache"})
         elif route == "/status/check":
             self._send(200, b"OK", "text/plain; charset=utf-8", {DELEGATION_HEADER: DELEGATION_PROTOCOL,
-                                                                 DELEGATION_INDEX_HEADER: DELEGATION_INDEX_PROTOCOL})
+                                                                 DELEGATION_INDEX_HEADER: DELEGATION_INDEX_PROTOCOL,
+                                                                 DELEGATION_CHUNKS_HEADER: DELEGATION_CHUNKS_PROTOCOL})
         elif route == "/version":
             platform = self.server.engine_platform()  # a -pullhosts client reads the host's platform here
             self._send(200, json.dumps({
@@ -11786,6 +11910,10 @@ class DockerApiHandler(RequestHandler):
                 raise UsageError("objects in a delegated pull need a url and a size")
             regions.add(policy.presigned_region(entry["url"], location, key))
             urls[location.prefix + key], sizes[key] = entry["url"], entry["size"]
+        if doc.get("chunks") is not None:
+            chunk_urls, region = policy.presigned_chunks(location, doc["chunks"])
+            urls.update((location.prefix + key, url) for key, url in chunk_urls.items())
+            regions.update([region] if chunk_urls else [])
         if len(regions) > 1:
             raise Refused("the presigned URLs of one pull name several regions")
         located = location._replace(region=regions.pop() if regions else location.region)
