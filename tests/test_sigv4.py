@@ -231,7 +231,8 @@ def test_s3_presigned_url_example():
 def test_presigned_signatures_of_many_paths_make_the_urls_presign_url_makes():
     """presign_signatures (delegated pulls' chunks): one shared query and a signature per path, which
     make for each path exactly the URL presign_url makes at that time (a session token included)."""
-    paths = ["/examplebucket/test.txt", "/examplebucket/a dir/\u00fc+x.txt", "/examplebucket/chunks/sha256/" + "ab" * 32]
+    paths = ["/examplebucket/test.txt", "/examplebucket/a dir/\u00fc+x.txt",
+             "/examplebucket/chunks/sha256/" + "ab" * 32]
     for creds in (S3_CREDS, Credentials(S3_CREDS.access_key, S3_CREDS.secret_key, "tok/en+=" * 100)):
         query, signatures = dogestry.presign_signatures("GET", S3_HOST, paths, creds, "us-east-1", S3_NOW, 900)
         assert "X-Amz-Signature" not in query and len(signatures) == len(paths)
