@@ -1927,6 +1927,28 @@ def presign_url(method: str, scheme: str, host: str, path: str, creds: Credentia
                              + "&X-Amz-Signature=" + params[-1][1])
 
 
+def presign_signatures(method: str, host: str, paths: Sequence[str], creds: Credentials, region: str,
+                       now: datetime.datetime, expires: int) -> Tuple[str, List[str]]:
+    """presign_url of many S3 paths at one time: the query their URLs share (without
+    X-Amz-Signature) and each path's signature; the URL of a path is
+    SCHEME://HOST<uri_encode(path, safe="/")>?<query>&X-Amz-Signature=<signature>.  The query is
+    encoded and the signing key derived once, so each path costs one hash and one HMAC."""
+    import hmac  # lazy (start-up time): only signatures and password checks need it
+    if not paths:
+        return "", []
+    query = canonical_query(presign_query(method, host, paths[0], None, creds, region, "s3", now, expires)[:-1])
+    timestamp = amz_date(now)
+    scope = credential_scope(timestamp, region, "s3")
+    key = signing_key(creds.secret_key, timestamp, region, "s3")
+    block, signed = canonical_headers([("host", host)])
+    signatures = []
+    for path in paths:
+        canonical = "\n".join([method.upper(), canonical_uri(path), query, block, signed, UNSIGNED_PAYLOAD])
+        signatures.append(hmac.new(key, string_to_sign(timestamp, scope, canonical).encode("utf-8"),
+                                   hashlib.sha256).hexdigest())
+    return query, signatures
+
+
 # === 7. AWS configuration and credentials ===
 #
 # The AWS SDKs' order: environment, shared profile files, web identity (STS),
@@ -2563,6 +2585,16 @@ class S3Client:
         now = datetime.datetime.fromtimestamp(self.now(), datetime.timezone.utc)
         return presign_url("GET", scheme, netloc, base + "/" + key, self.credentials.get(), self.region,
                            now, expires)
+
+    def presign_many(self, keys: Sequence[str], expires: int) -> Tuple[str, List[str]]:
+        """Presigned GETs of many keys, valid for `expires` seconds: the query their URLs share
+        and each key's signature (presign_signatures; each URL is the one presign() would make)."""
+        import datetime  # lazy (start-up time): only dated documents and signatures need it
+        _, host, port, base = self._target()
+        netloc = host if port in (80, 443) else "%s:%d" % (host, port)
+        now = datetime.datetime.fromtimestamp(self.now(), datetime.timezone.utc)
+        return presign_signatures("GET", netloc, [base + "/" + key for key in keys], self.credentials.get(),
+                                  self.region, now, expires)
 
     def may_retry(self, attempt: int, started: float, cancellable: bool = True) -> bool:
         """Try a failing request once more, after `attempt` tries since `started`? Once cancelled,
@@ -6662,7 +6694,6 @@ def plan_gc(store: Store, grace: float, progress: ProgressSink) -> GcPlan:
         raise GcError("cannot read manifest sha256:%s, which is kept; nothing was deleted" % unreadable[0])
     manifest_blobs = {h: {digest_hex(d) for d, _ in graph.manifests[h].blobs} for h in kept  # type: ignore[union-attr]
                       if graph.manifests.get(h) is not None}
-    marks = marks._replace(blobs=marks.blobs.union(*manifest_blobs.values()))
 
     units = []  # type: List[GcUnit]
     for image_hex, leaves in sorted(dirs.items()):
@@ -6688,6 +6719,7 @@ def plan_gc(store: Store, grace: float, progress: ProgressSink) -> GcPlan:
     with thread_pool(min(GC_THREADS, max(1, len(index_names))), "dogestry-index") as pool:
         records = dict(zip(index_names, pool.map(record_of, index_names)))
     blobs_of = {key: None if r is None else digest_hex(r.digest) for key, r in records.items()}
+    marks = _mark_manifest_blobs(marks, manifest_blobs, records)
     for key, blob in blobs_of.items():
         if blob is not None:
             pointing[blob].append(key)
@@ -6747,6 +6779,21 @@ def plan_gc(store: Store, grace: float, progress: ProgressSink) -> GcPlan:
     unnamed = {k[len("blobs/sha256/"):] for k in blob_keys} - named - set(recipes)
     return GcPlan(units, expired, foreign, marks, tags, set(dirs), blob_keys, len(index_keys), unreferenced,
                   held, held_for, targets, tag_images, graph.manifests, chunk_keys, stored_recipes, unnamed)
+
+
+def _mark_manifest_blobs(marks: StoreMarks, manifest_blobs: Dict[str, Set[str]],
+                         records: Mapping[str, Optional[LayerRecord]]) -> StoreMarks:
+    """Marks with the blobs kept manifests name (manifest_blobs: hex -> blob hexes) and, where one
+    is a chunked layer's tar (its diffID: no blob key), that layer's index entry and recipe (added
+    to the manifest's blobs too).  records: the layer index entries read, by key."""
+    tars = set()  # type: Set[str]
+    for named in manifest_blobs.values():
+        for blob in list(named):
+            record = records.get("layers/%s.json" % blob)
+            if record is not None and record.chunked and record.diff_id == "sha256:" + blob:
+                named.add(digest_hex(record.digest))
+                tars.add(blob)
+    return marks._replace(blobs=marks.blobs.union(*manifest_blobs.values()), diff_ids=marks.diff_ids | tars)
 
 
 def made_by_images(marks: StoreMarks) -> Dict[str, str]:
@@ -7461,12 +7508,24 @@ class HostProgress:
 # the server answers which image it pulled (Docker's "aux" progress line: ID and Platform).
 # Servers that take such requests say so in a header of GET /status/check (older ones do not:
 # their hosts get a regular pull).
+#
+# An image with chunked layers needs its chunks too: the client reads each chunked layer's
+# recipe and presigns every chunk it names.  Those URLs differ only in their path and signature,
+# so the request carries them as "chunks": {"query": the query they share, "signatures": {chunk
+# hex: its X-Amz-Signature}} (some 136 bytes a chunk), and the server makes each URL for its own
+# S3 location (so they read nothing else).  At most DELEGATION_CHUNKS_MAX chunks a request
+# (about 7.5 GiB of chunked layers at their 1.3 MiB average, 2.9 GiB at the least), and the whole
+# request at most SERVER_BODY_LIMIT: a bigger image is pulled directly.  Servers that take
+# chunks say so in a header of GET /status/check (others get their hosts a regular pull).
 
 DELEGATION_ROUTE = "/dogestry/v1/pull"
 DELEGATION_HEADER = "Dogestry-Delegation"
 DELEGATION_PROTOCOL = "presigned-v1"
 DELEGATION_INDEX_HEADER = "Dogestry-Delegation-Index"
 DELEGATION_INDEX_PROTOCOL = "presigned-index-v1"
+DELEGATION_CHUNKS_HEADER = "Dogestry-Delegation-Chunks"
+DELEGATION_CHUNKS_PROTOCOL = "presigned-chunks-v1"
+DELEGATION_CHUNKS_MAX = 6000  # chunks one delegated pull carries URLs of (their signatures: ~800 KiB)
 DELEGATION_URL_TTL = 900
 DELEGATION_READ_TIMEOUT = 600.0
 SERVER_LINE_LIMIT = 64 << 10  # the longest progress line read from a server
@@ -7495,53 +7554,92 @@ def server_status(url: str, tls: Optional[ssl.SSLContext] = None, timeout: float
         conn.close()
     if resp.status != 200 or body.strip() != b"OK":
         return None
-    return frozenset(p for p in (resp.getheader(DELEGATION_HEADER), resp.getheader(DELEGATION_INDEX_HEADER)) if p)
+    return frozenset(p for p in (resp.getheader(h) for h in (DELEGATION_HEADER, DELEGATION_INDEX_HEADER,
+                                                             DELEGATION_CHUNKS_HEADER)) if p)
 
 
 class Delegation(NamedTuple):
     """One image as a server is asked to pull it: the request body, and what to check after.
     Of a multi-platform tag, the images the server may pick (ID -> platform); image_id is the
-    one it must pick when --platform chose it ('' when the server's engine chooses)."""
+    one it must pick when --platform chose it ('' when the server's engine chooses).  chunks:
+    how many chunks it carries URLs of; direct: why it must be pulled directly ('' if it may be
+    delegated; then the body is empty)."""
 
     image_id: str
     tag: Optional[ImageRef]
     body: bytes
     platforms: Mapping[str, str] = {}
+    chunks: int = 0
+    direct: str = ""
 
 
-def plan_delegation(store: "S3Store", text: str, progress: ProgressSink,
-                    platform: Optional[Platform] = None) -> Optional[Delegation]:
+def plan_delegation(store: "S3Store", text: str, progress: ProgressSink, platform: Optional[Platform] = None,
+                    chunk_limit: int = DELEGATION_CHUNKS_MAX) -> Optional[Delegation]:
     """Resolve an image and presign the objects a server needs to pull it (None: legacy layout);
-    of a multi-platform tag, those of every platform's image (only the platform's, if given)."""
+    of a multi-platform tag, those of every platform's image (only the platform's, if given).
+    An image with more than chunk_limit chunks, or a request larger than a server takes, is
+    planned as one to pull directly (Delegation.direct)."""
     store.check()
     tagged = index_tag(store, text)
     if tagged is not None:
-        return _plan_index_delegation(store, tagged[0], tagged[1], platform)
+        return _plan_index_delegation(store, tagged[0], tagged[1], platform, chunk_limit)
     _, image_hex, ref, image, _ = find_image(store, text, progress)
     if image.legacy:
         return None
     sizes = _image_object_sizes(store, image_hex, image)
     doc = {"store": store.url, "image": image.image_id, "tag": str(ref) if ref else None,
            "objects": _presigned_objects(store, sizes)}
-    return Delegation(image.image_id, ref, json.dumps(doc).encode())
+    return _with_chunks(store, doc, image.layers, chunk_limit, Delegation(image.image_id, ref, b"", {}))
 
 
 def _plan_index_delegation(store: "S3Store", ref: ImageRef, index: "PushedManifest",
-                           platform: Optional[Platform]) -> Delegation:
+                           platform: Optional[Platform], chunk_limit: int) -> Delegation:
     entries = index_images(index)
     if platform is not None:
         entries = [choose_platform(entries, platform, "%s in %s" % (ref, store.url))]
     sizes = {manifest_key(index.digest): len(index.data)}
     platforms = {}  # type: Dict[str, str]
+    layers = []  # type: List[LayerRecord]
     for entry in entries:
         image_hex = image_of_manifest(store, entry.digest)
+        image = load_stored_image(store, image_hex)
         sizes[manifest_key(entry.digest)] = entry.size
-        sizes.update(_image_object_sizes(store, image_hex, load_stored_image(store, image_hex)))
+        sizes.update(_image_object_sizes(store, image_hex, image))
         platforms["sha256:" + image_hex] = str(entry.platform)
+        layers += image.layers
     doc = {"store": store.url, "index": index.digest, "tag": str(ref), "objects": _presigned_objects(store, sizes)}
     if platform is not None:
         doc["platform"] = str(platform)
-    return Delegation(next(iter(platforms)) if platform is not None else "", ref, json.dumps(doc).encode(), platforms)
+    plan = Delegation(next(iter(platforms)) if platform is not None else "", ref, b"", platforms)
+    return _with_chunks(store, doc, layers, chunk_limit, plan)
+
+
+def _with_chunks(store: "S3Store", doc: Dict[str, Any], layers: Sequence[LayerRecord], chunk_limit: int,
+                 plan: Delegation) -> Delegation:
+    """The plan with its request body: doc and the presigned chunks of the chunked layers (their
+    recipes read), or a reason to pull directly if they are too many or the request too large."""
+    what = str(plan.tag) if plan.tag else plan.image_id[7:19]
+    chunks = list(dict.fromkeys(h for recipe in _recipes(store, layers) for h, _ in recipe.chunks))
+    if len(chunks) > chunk_limit:
+        return plan._replace(chunks=len(chunks), direct="%s has %d chunks, more than the %d a delegated pull carries"
+                                                        % (what, len(chunks), chunk_limit))
+    if chunks:
+        query, signatures = store.client.presign_many([store.location.prefix + chunk_key(h) for h in chunks],
+                                                      DELEGATION_URL_TTL)
+        doc["chunks"] = {"query": query, "signatures": dict(zip(chunks, signatures))}
+    body = json.dumps(doc).encode()
+    if len(body) > SERVER_BODY_LIMIT:
+        return plan._replace(chunks=len(chunks), direct="the request to pull %s would be %s, more than a server "
+                                                        "takes (%s)" % (what, human_size(len(body)),
+                                                                        human_size(SERVER_BODY_LIMIT)))
+    return plan._replace(body=body, chunks=len(chunks))
+
+
+def _recipes(store: Store, layers: Sequence[LayerRecord]) -> List[LayerRecipe]:
+    """The recipes of the chunked layers among these (each read once, a few at a time)."""
+    chunked = list({r.digest: r for r in layers if r.chunked}.values())
+    with thread_pool(min(8, max(1, len(chunked))), "dogestry-recipes") as pool:
+        return list(pool.map(functools.partial(read_recipe, store), chunked))
 
 
 def _image_object_sizes(store: Store, image_hex: str, image: StoredImage) -> Dict[str, int]:
@@ -7647,12 +7745,21 @@ def delegate_to_servers(endpoints: Sequence[DockerEndpoint], store: "S3Store", i
     if any(plan is None for plan in plans):
         progress.note("images in the original dogestry layout are pulled directly, not through servers")
         return
-    if any(plan is not None and plan.platforms for plan in plans):
+    direct = [plan.direct for plan in plans if plan is not None and plan.direct]
+    if direct:
+        progress.note("%s: pulling directly, not through servers" % direct[0])
+        return
+    for needed, protocol, what in ((any(p is not None and p.platforms for p in plans), DELEGATION_INDEX_PROTOCOL,
+                                    "multi-platform tags"),
+                                   (any(p is not None and p.chunks for p in plans), DELEGATION_CHUNKS_PROTOCOL,
+                                    "chunked layers")):
+        if not needed:
+            continue
         for endpoint, url, protocols in servers:
-            if DELEGATION_INDEX_PROTOCOL not in protocols:
-                progress.note("%s: the dogestry server at %s is too old for multi-platform tags: pulling directly"
-                              % (endpoint.url, url))
-        servers = [server for server in servers if DELEGATION_INDEX_PROTOCOL in server[2]]
+            if protocol not in protocols:
+                progress.note("%s: the dogestry server at %s is too old for %s: pulling directly"
+                              % (endpoint.url, url, what))
+        servers = [server for server in servers if protocol in server[2]]
 
     def run(server: Tuple[DockerEndpoint, str, FrozenSet[str]]) -> None:
         endpoint, url, _ = server
@@ -7819,7 +7926,10 @@ def page(items: Sequence[str], query: Mapping[str, List[str]]) -> Tuple[List[str
 # holds the image ID, as always) and manifests/tags/<name>/<tag> the manifest it was pushed with,
 # which the registry serves for the tag as long as that manifest is of the tag's image.  A tag of
 # anything else (an index, an artifact) holds @sha256:<hex>.  A manifest with a subject is listed
-# under manifests/referrers/<subject hex>/<hex> (its descriptor), for the referrers API.
+# under manifests/referrers/<subject hex>/<hex> (its descriptor), for the referrers API.  A blob
+# a manifest names may be a chunked layer's uncompressed tar (a client pushing back an image it
+# pulled): its digest is the diffID, no blob key; it is that stored layer (stored_blob), which
+# the image record holds, and gc keeps it while a kept manifest names it (_mark_manifest_blobs).
 
 INDEX_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
 MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST) + INDEX_TYPES
@@ -7934,9 +8044,11 @@ def read_pushed_manifest(store: Store, digest: str) -> Optional[PushedManifest]:
         raise FormatError(str(e))
 
 
-def pushed_image_layers(manifest: PushedManifest, config: bytes) -> Optional[List[LayerRecord]]:
+def pushed_image_layers(manifest: PushedManifest, config: bytes,
+                        chunked: Optional[Mapping[str, LayerRecord]] = None) -> Optional[List[LayerRecord]]:
     """The layer records of the image an image manifest describes (its diffIDs the config's word:
-    unchecked), or None if it is no image dogestry can store (an artifact, foreign layers)."""
+    unchecked; a layer that is a chunked layer's tar, `chunked` by digest: that stored layer), or
+    None if it is no image dogestry can store (an artifact, foreign layers)."""
     if manifest.is_index or manifest.doc["config"]["mediaType"] not in IMAGE_CONFIG_TYPES or \
             any(d["mediaType"] not in LAYER_COMPRESSION for d in manifest.doc["layers"]):
         return None
@@ -7947,16 +8059,49 @@ def pushed_image_layers(manifest: PushedManifest, config: bytes) -> Optional[Lis
     if len(diff_ids) != len(manifest.doc["layers"]):
         raise RegistryError(400, "MANIFEST_INVALID", "the manifest names %d layers, its config %d"
                             % (len(manifest.doc["layers"]), len(diff_ids)))
-    return [LayerRecord(diff_id, d["digest"], d["size"], LAYER_COMPRESSION[d["mediaType"]], unchecked=True)
-            for diff_id, d in zip(diff_ids, manifest.doc["layers"])]
+    layers = []
+    for index, (diff_id, d) in enumerate(zip(diff_ids, manifest.doc["layers"])):
+        record = (chunked or {}).get(d["digest"])
+        if record is not None and record.diff_id != diff_id:
+            raise RegistryError(400, "MANIFEST_INVALID", "layer %d is the uncompressed layer %s, but the config "
+                                "names diffID %s for it" % (index, d["digest"], str(diff_id)[:100]))
+        layers.append(record or LayerRecord(diff_id, d["digest"], d["size"], LAYER_COMPRESSION[d["mediaType"]],
+                                            unchecked=True))
+    return layers
+
+
+class StoredBlob(NamedTuple):
+    """Where a store holds a blob a manifest names: its key (under blobs/, an image's config.json,
+    or for a chunked layer's uncompressed tar, the layer's index entry) and that layer's record."""
+
+    key: str
+    layer: Optional[LayerRecord] = None  # the chunked layer whose tar (its diffID) the blob is
+
+    def must_exist(self, size: int) -> Dict[str, Optional[int]]:
+        """The keys that must be there for a blob of that size to stay served, with their sizes
+        (None: any): the blob; or a chunked layer's index entry and its recipe."""
+        if self.layer is None:
+            return {self.key: size}
+        return {self.key: None, blob_key(self.layer.digest): self.layer.size}
+
+
+def stored_blob(store: Store, digest: str, size: int) -> Optional[StoredBlob]:
+    """Where the store holds a blob of that digest and size: blobs/, (an image config) images/,
+    or a chunked layer whose uncompressed tar it is (chunked_layer: its diffID, of its rawSize),
+    which the registry assembles from its chunks."""
+    for key in (blob_key(digest), image_key(digest_hex(digest), "config.json")):
+        if store.stat(key) == size:
+            return StoredBlob(key)
+    layer = chunked_layer(store, digest)
+    if layer is not None and layer.tar_size == size:
+        return StoredBlob(layer_index_key(digest), layer)
+    return None
 
 
 def stored_blob_key(store: Store, digest: str, size: int) -> Optional[str]:
-    """Where the store holds a blob of that digest and size: blobs/, or (an image config) images/."""
-    for key in (blob_key(digest), image_key(digest_hex(digest), "config.json")):
-        if store.stat(key) == size:
-            return key
-    return None
+    """The key of stored_blob() (a chunked layer's tar: its index entry's), or None."""
+    found = stored_blob(store, digest, size)
+    return None if found is None else found.key
 
 
 def store_pushed_manifest(store: Store, manifest: PushedManifest, ref: Optional[ImageRef],
@@ -7969,17 +8114,17 @@ def store_pushed_manifest(store: Store, manifest: PushedManifest, ref: Optional[
     if ref is not None and tag_is_immutable(store, ref):  # refused before anything is written
         config = manifest.blobs[0][0] if manifest.blobs else ""
         check_tag_may_move(store, ref, "@" + manifest.digest, [digest_hex(config)] if config else [])
-    keys = _stored_blob_keys(store, manifest, "blob %s is not stored (push it first)")
+    found = _stored_blobs(store, manifest, "blob %s is not stored (push it first)")
     children = [known_manifest(digest) for digest in manifest.children]
     unknown = [digest for digest, child in zip(manifest.children, children) if child is None]
     if unknown:
         raise RegistryError(400, "MANIFEST_UNKNOWN", "manifest %s, which the index names, is not stored" % unknown[0])
-    _seen_ages(store, keys, freshness)
-    must_exist = {key: size for key, (_, size) in zip(keys, manifest.blobs)}  # type: Dict[str, Optional[int]]
+    _seen_ages(store, [blob.key for blob in found], freshness)
+    must_exist = _blobs_must_exist(found, manifest)
     must_exist.update(_keep_index_children(store, [c for c in children if c is not None], freshness))
     store.put_bytes(manifest_key(manifest.digest), manifest.data, if_absent=True)
     freshness.written(manifest_key(manifest.digest))
-    image_hex = _pushed_image_record(store, manifest, keys[0] if keys else None, freshness)
+    image_hex = _pushed_image_record(store, manifest, found, freshness)
     if manifest.subject:
         write_json(store, referrer_key(manifest.subject, manifest.digest), manifest.descriptor())
     freshness.secure({}, must_exist)
@@ -7990,16 +8135,24 @@ def store_pushed_manifest(store: Store, manifest: PushedManifest, ref: Optional[
     return image_hex
 
 
-def _stored_blob_keys(store: Store, manifest: PushedManifest, missing: str) -> List[str]:
-    """Where the blobs a manifest names are stored (RegistryError MANIFEST_BLOB_UNKNOWN, the
-    `missing` message with the digest, if one is not)."""
+def _stored_blobs(store: Store, manifest: PushedManifest, missing: str) -> List[StoredBlob]:
+    """Where the blobs a manifest names are stored, in its order (RegistryError MANIFEST_BLOB_UNKNOWN,
+    the `missing` message with the digest, if one is not)."""
     blobs = manifest.blobs
     with thread_pool(min(8, max(1, len(blobs))), "dogestry-check") as pool:
-        keys = list(pool.map(lambda blob: stored_blob_key(store, *blob), blobs))
-    gone = [digest for (digest, _), key in zip(blobs, keys) if key is None]
+        found = list(pool.map(lambda blob: stored_blob(store, *blob), blobs))
+    gone = [digest for (digest, _), place in zip(blobs, found) if place is None]
     if gone:
         raise RegistryError(400, "MANIFEST_BLOB_UNKNOWN", missing % gone[0])
-    return [str(key) for key in keys]
+    return [place for place in found if place is not None]
+
+
+def _blobs_must_exist(found: Sequence[StoredBlob], manifest: PushedManifest) -> Dict[str, Optional[int]]:
+    """The keys (and sizes) that must be there before a tag of the manifest (found: its _stored_blobs)."""
+    must_exist = {}  # type: Dict[str, Optional[int]]
+    for place, (_, size) in zip(found, manifest.blobs):
+        must_exist.update(place.must_exist(size))
+    return must_exist
 
 
 def _seen_ages(store: Store, keys: Sequence[str], freshness: Freshness) -> None:
@@ -8016,7 +8169,7 @@ def _keep_index_children(store: Store, children: Sequence[PushedManifest],
     there now), it and its blobs refreshed if a gc may reach them (nothing named them: a gc may
     be deleting them), its image record kept or written again.  The keys that must be there
     before the tag, with their sizes."""
-    must_exist, records = {}, []  # type: Dict[str, Optional[int]], List[Tuple[PushedManifest, Optional[str]]]
+    must_exist, records = {}, []  # type: Dict[str, Optional[int]], List[Tuple[PushedManifest, List[StoredBlob]]]
     for child in children:
         key = manifest_key(child.digest)
         age = store.age(key)
@@ -8025,16 +8178,16 @@ def _keep_index_children(store: Store, children: Sequence[PushedManifest],
             freshness.written(key)
         else:
             freshness.seen(key, age)
-        keys = _stored_blob_keys(store, child, "blob %%s of manifest %s, which the index names, is not stored"
-                                 % child.digest)
-        _seen_ages(store, keys, freshness)
+        found = _stored_blobs(store, child, "blob %%s of manifest %s, which the index names, is not stored"
+                              % child.digest)
+        _seen_ages(store, [blob.key for blob in found], freshness)
         must_exist[key] = len(child.data)
-        must_exist.update({k: size for k, (_, size) in zip(keys, child.blobs)})
-        records.append((child, keys[0] if keys else None))
+        must_exist.update(_blobs_must_exist(found, child))
+        records.append((child, found))
     if records:
         freshness.refresh(freshness.min_grace / 2, {})  # every child at once, before a gc re-checks more of them
-    for child, config_key in records:
-        _pushed_image_record(store, child, config_key, freshness)
+    for child, blobs in records:
+        _pushed_image_record(store, child, blobs, freshness)
     return must_exist
 
 
@@ -8051,13 +8204,15 @@ def tag_pushed_manifest(store: Store, ref: ImageRef, image_hex: str) -> Optional
     return pushed
 
 
-def _pushed_image_record(store: Store, manifest: PushedManifest, config_key: Optional[str],
+def _pushed_image_record(store: Store, manifest: PushedManifest, found: Sequence[StoredBlob],
                          freshness: Freshness) -> Optional[str]:
-    """The image record of an image manifest (written unless the image is stored already); its ID hex."""
-    if config_key is None or manifest.is_index:
+    """The image record of an image manifest (found: its _stored_blobs; written unless the image is
+    stored already, a layer that is a chunked layer's tar as that layer); its ID hex."""
+    if not found or found[0].layer is not None or manifest.is_index:
         return None
-    config = store.get_bytes(config_key, limit=DOCUMENT_LIMIT)
-    layers = pushed_image_layers(manifest, config)
+    config = store.get_bytes(found[0].key, limit=DOCUMENT_LIMIT)
+    layers = pushed_image_layers(manifest, config, {blob.layer.diff_id: blob.layer for blob in found[1:]
+                                                    if blob.layer is not None})
     if layers is None:
         return None
     image_id = manifest.doc["config"]["digest"]
@@ -10384,9 +10539,6 @@ def stored_manifest_tree(store: Store, manifest: PushedManifest,
         for digest, size in manifest.blobs:
             key = stored_blob_key(store, digest, size) if digest not in blobs else blobs[digest][2]
             if key is None:
-                layer = chunked_layer(store, digest)
-                key = layer_index_key(digest) if layer is not None and layer.tar_size == size else None
-            if key is None:
                 raise NotFound("%s: blob %s is not stored (manifest %s names it)"
                                % (store.url, digest, manifest.digest))
             blobs[digest] = (digest, size, key)
@@ -10854,16 +11006,16 @@ def _manifest_image(store: Store, manifest: PushedManifest) -> Optional[str]:
     return image_hex if store.stat(image_key(image_hex, "manifest.json")) is not None else None
 
 
-def copy_blob(src: Store, dst: Store, digest: str, size: int, copier: BlobCopier, freshness: Freshness) -> str:
-    """Store a blob a manifest names in dst under blobs/ (checked against its digest); its key (a
-    chunked layer's uncompressed tar: its index entry's, copy_chunked_tar)."""
-    source = stored_blob_key(src, digest, size)
-    if source is None:
-        chunked = copy_chunked_tar(src, dst, digest, size, copier, freshness)
-        if chunked is not None:
-            return chunked
+def copy_blob(src: Store, dst: Store, digest: str, size: int, copier: BlobCopier,
+              freshness: Freshness) -> StoredBlob:
+    """Store a blob a manifest names in dst under blobs/ (checked against its digest), or for a
+    chunked layer's uncompressed tar the layer, chunked as in src (copy_chunked_tar); where dst holds it."""
+    found = stored_blob(src, digest, size)
+    if found is None:
         raise NotFound("%s: blob %s (%d bytes) is not stored; nothing was tagged" % (src.url, digest, size))
-    key = blob_key(digest)
+    if found.layer is not None:
+        return StoredBlob(copy_chunked_tar(src, dst, found.layer, copier, freshness), found.layer)
+    source, key = found.key, blob_key(digest)
     if source == key:
         copier.copy(LayerRecord(digest, digest, size, "none"), freshness)
     else:  # an image config, kept only in its image record
@@ -10872,22 +11024,18 @@ def copy_blob(src: Store, dst: Store, digest: str, size: int, copier: BlobCopier
             raise IntegrityError("%s: %s is not blob %s" % (src.url, source, digest))
         dst.put_bytes(key, data)
     freshness.written(key)
-    return key
+    return StoredBlob(key)
 
 
-def copy_chunked_tar(src: Store, dst: Store, digest: str, size: int, copier: BlobCopier,
-                     freshness: Freshness) -> Optional[str]:
-    """For a blob a manifest names that is a chunked layer's uncompressed tar (its diffID, of the
-    tar's size, as manifests made from images name it): make dst hold the layer, chunked as in
-    src (kept if dst has it so), and return its index entry's key; None if it is no such layer."""
-    key = layer_index_key(digest)
-    held = chunked_layer(dst, digest)
-    if held is not None and held.tar_size == size:
+def copy_chunked_tar(src: Store, dst: Store, record: LayerRecord, copier: BlobCopier, freshness: Freshness) -> str:
+    """For a blob a manifest names that is a chunked layer's uncompressed tar (its diffID, as
+    manifests made from images name it): make dst hold the layer, chunked as in src (kept if dst
+    has it so); return its index entry's key."""
+    key = layer_index_key(record.diff_id)
+    held = chunked_layer(dst, record.diff_id)
+    if held is not None and held.tar_size == record.tar_size:
         freshness.seen(key, dst.age(key))
         return key
-    record = chunked_layer(src, digest)
-    if record is None or record.tar_size != size:
-        return None
     copier.copy_chunks(record, freshness)
     copier.copy(record, freshness)
     name_layer(dst, record, freshness)
@@ -10908,12 +11056,12 @@ def copy_manifests(src: Store, dst: Store, manifests: Sequence[PushedManifest], 
             copied[(src.url, image_hex)] = copy_image(found, dst, copier, progress, options, freshness)
     must_exist, rewrite = {}, {}  # type: Dict[str, Optional[int]], Dict[str, Callable[[], None]]
     for digest, size in sorted({blob for manifest in manifests for blob in manifest.blobs}):
-        key = stored_blob_key(dst, digest, size)
-        if key is None:
-            key = copy_blob(src, dst, digest, size, copier, freshness)
+        held = stored_blob(dst, digest, size)
+        if held is None:
+            held = copy_blob(src, dst, digest, size, copier, freshness)
         else:
-            freshness.seen(key, dst.age(key))
-        must_exist[key] = None if key == layer_index_key(digest) else size  # an entry is no blob's size
+            freshness.seen(held.key, dst.age(held.key))
+        must_exist.update(held.must_exist(size))
     for manifest in manifests:
         key = manifest_key(manifest.digest)
         rewrite[key] = functools.partial(dst.put_bytes, key, manifest.data)
@@ -11171,6 +11319,37 @@ class ServerPolicy:
             raise Refused("the presigned URL for %s does not point to s3://%s/%s on this server's S3 endpoint"
                           % (key, location.bucket, location.prefix))
         return scope[2]
+
+    def presigned_chunks(self, location: S3Location, chunks: Any) -> Tuple[Dict[str, str], str]:
+        """The URLs of a delegated pull's chunks (key -> URL), made for `location` from the query
+        they share and each chunk's signature (section 15), checked as presigned_region checks
+        any; and their region."""
+        if not isinstance(chunks, dict) or not isinstance(chunks.get("query"), str) or \
+                not isinstance(chunks.get("signatures"), dict):
+            raise UsageError("a delegated pull's chunks need a query and signatures")
+        signatures = chunks["signatures"]  # type: Dict[Any, Any]
+        if len(signatures) > DELEGATION_CHUNKS_MAX:
+            raise UsageError("a delegated pull carries at most %d chunks (not %d)"
+                             % (DELEGATION_CHUNKS_MAX, len(signatures)))
+        if not all(isinstance(h, str) and _HEX64.match(h) and isinstance(v, str) and _HEX64.match(v)
+                   for h, v in signatures.items()):
+            raise UsageError("a delegated pull's chunks are sha256 hex digests, each with a signature of 64 hex "
+                             "digits")
+        query = chunks["query"]  # type: str
+        scope = dict(urllib.parse.parse_qsl(query)).get("X-Amz-Credential", "").split("/")
+        if len(scope) != 5 or not _REGION_RE.match(scope[2]):
+            raise Refused("bad presigned URL for the chunks")
+        region = scope[2]
+        scheme, host, port, base = s3_target(location.bucket, region, location.endpoint)
+        netloc = "[%s]" % host if ":" in host else host
+        if port != (443 if scheme == "https" else 80):
+            netloc += ":%d" % port
+        urls = {chunk_key(h): "%s://%s%s?%s&X-Amz-Signature=%s" % (
+            scheme, netloc, uri_encode(base + "/" + location.prefix + chunk_key(h), safe="/"), query, signature)
+            for h, signature in signatures.items()}
+        for key, url in itertools.islice(urls.items(), 1):  # they differ only in the chunk and the signature
+            region = self.presigned_region(url, location, key)
+        return urls, region
 
 
 class JsonProgress:
@@ -11759,7 +11938,8 @@ class DockerApiHandler(RequestHandler):
                        {"Docker-Experimental": "false", "OSType": "linux", "Cache-Control": "no-cache"})
         elif route == "/status/check":
             self._send(200, b"OK", "text/plain; charset=utf-8", {DELEGATION_HEADER: DELEGATION_PROTOCOL,
-                                                                 DELEGATION_INDEX_HEADER: DELEGATION_INDEX_PROTOCOL})
+                                                                 DELEGATION_INDEX_HEADER: DELEGATION_INDEX_PROTOCOL,
+                                                                 DELEGATION_CHUNKS_HEADER: DELEGATION_CHUNKS_PROTOCOL})
         elif route == "/version":
             platform = self.server.engine_platform()  # a -pullhosts client reads the host's platform here
             self._send(200, json.dumps({
@@ -11932,6 +12112,10 @@ class DockerApiHandler(RequestHandler):
                 raise UsageError("objects in a delegated pull need a url and a size")
             regions.add(policy.presigned_region(entry["url"], location, key))
             urls[location.prefix + key], sizes[key] = entry["url"], entry["size"]
+        if doc.get("chunks") is not None:
+            chunk_urls, region = policy.presigned_chunks(location, doc["chunks"])
+            urls.update((location.prefix + key, url) for key, url in chunk_urls.items())
+            regions.update([region] if chunk_urls else [])
         if len(regions) > 1:
             raise Refused("the presigned URLs of one pull name several regions")
         located = location._replace(region=regions.pop() if regions else location.region)
@@ -12203,14 +12387,14 @@ class RegistryWriteHandler(RegistryHandler):
 
     def _mount(self, registry: Registry, name: str, query: Mapping[str, List[str]]) -> bool:
         """?mount=<digest>&from=<name>: 201 if the store has the blob (the store is content
-        addressed: any repository's blob, or an image's config, as GET serves them; not a chunked
-        layer's tar, which GET assembles: no manifest could name it); False, to start a session
-        instead, if it has not or the arguments are not valid (the spec's fallback)."""
+        addressed: any repository's blob, an image's config, or a chunked layer's tar, as GET
+        serves them, which a pushed manifest may name); False, to start a session instead, if it
+        has not or the arguments are not valid (the spec's fallback)."""
         source = (query.get("from") or [""])[0]
         try:
             if source:
                 self._require("pull", repository_name(source))
-            registry.blob(query["mount"][0])
+            registry.served_blob(query["mount"][0])
         except RegistryError as e:
             if e.status in (401, 403):
                 raise

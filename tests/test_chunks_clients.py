@@ -264,11 +264,13 @@ def test_a_changed_chunk_cuts_the_blob_short(chunky, servers, base_env, puller, 
     server.assert_no_traceback()
 
 
-def test_a_chunked_layers_diffid_is_not_mounted_into_another_repository(chunky, servers, base_env, puller):  # noqa: F811
-    """No stored object is that blob, so no pushed manifest could name it: the mount starts a session."""
+def test_a_chunked_layers_diffid_is_mounted_into_another_repository(chunky, servers, base_env, puller):  # noqa: F811
+    """The store has that blob (GET assembles it), and a pushed manifest may name it: 201, as for
+    any stored blob, so docker pushing the image under another name sends nothing."""
     serve(servers, base_env, puller, chunky.store, "-anonymous-push")
     mount = call(HOSTS[0], "POST", "/v2/other/app/blobs/uploads/?mount=%s&from=%s" % (chunky.diff_id, NAME))
-    assert mount.status == 202, mount
+    assert mount.status == 201, mount
+    assert mount.headers.getheader("Docker-Content-Digest") == chunky.diff_id
 
 
 def test_the_accelerator_docker_api_pulls_a_chunked_image(chunky, servers, base_env, puller, tmp_path):  # noqa: F811

@@ -12,6 +12,7 @@ s3://ops-goodies/docker-repo/, `dogestry login opsgoodies.com`, then
 import collections
 import fcntl
 import http.client
+import io
 import json
 import os
 import select
@@ -33,7 +34,7 @@ import pytest
 
 import dogestry
 from conftest import make_bucket
-from faultproxy import Overlap
+from faultproxy import FaultProxy, Overlap, Reply, started_servers
 from realdocker import (DOGESTRY, build_image, docker_cli, image_id, loopback_addresses, random_bytes, run_dogestry,
                         text_bytes)
 from serverkit import (PORT, assert_json_refusal, auth_header, b64, call, docker_user, login,
@@ -813,6 +814,171 @@ def test_pullhosts_pull_directly_to_a_host_without_a_server(fleet, pushed, aws_e
     blobs = collections.Counter({k: 1 for k in blob_keys(pushed, "hipache")})
     assert blob_reads(proxy, pushed.bucket, by_presigned_url=True) == blobs    # the server's reads
     assert blob_reads(proxy, pushed.bucket, by_presigned_url=False) == blobs   # the client's, for HOSTS[1]
+
+
+# --- delegation of images with chunked layers -----------------------------------------------------
+
+CHUNKED = "dgchunkfleet"  # an image whose first layer (18 MiB of files) is stored as chunks
+
+
+class ChunkedImage:
+    """The chunked image in the module's bucket: its ID, and the store keys (under docker-repo/)
+    of its chunks and of its chunked layer's recipe."""
+
+    def __init__(self, image, chunks, recipe):
+        self.image, self.chunks, self.recipe = image, chunks, recipe
+
+
+def bucket_store(rgw, bucket, prefix="docker-repo/"):
+    """The bucket's store as a dogestry S3Store, read with the radosgw keys."""
+    env = {"AWS_ACCESS_KEY_ID": rgw.access_key, "AWS_SECRET_ACCESS_KEY": rgw.secret_key}
+    config = dogestry.AwsConfig(env, "/nonexistent")
+    location = dogestry.S3Location(bucket, prefix, "us-east-1", rgw.endpoint)
+    return dogestry.S3Store(location, dogestry.S3Client(location, dogestry.CredentialChain(config), config))
+
+
+@pytest.fixture(scope="module")
+def chunked(docker_host, rgw, aws_env, pushed, tmp_path_factory):
+    """dgchunkfleet pushed into the module's bucket: a layer of 18 MiB of text and random files
+    (stored chunked), and a small one."""
+    image = build_image(docker_host, CHUNKED, [
+        {"big/notes.txt": text_bytes(10 << 20, 41), "big/data.bin": random_bytes(8 << 20, 42)},
+        {"etc/chunked.conf": b"fleet\n"}], workdir=tmp_path_factory.mktemp("chunked"))
+    proc = run_dogestry("push", pushed.store, CHUNKED, env=aws_env)
+    assert proc.returncode == 0, proc.stderr
+    store = bucket_store(rgw, pushed.bucket)
+    record = dogestry.load_stored_image(store, image[7:]).layers[0]
+    assert record.chunked
+    recipe = dogestry.read_recipe(store, record)
+    yield ChunkedImage(image, sorted({"docker-repo/chunks/sha256/" + h for h, _ in recipe.chunks}),
+                       "docker-repo/" + dogestry.blob_key(record.digest))
+    docker_cli(docker_host, "rmi", CHUNKED, check=False)
+
+
+def chunk_reads(proxy, bucket, by_presigned_url):
+    """Counter of chunk GETs in BUCKET seen by PROXY, made with presigned URLs or with signed headers."""
+    return collections.Counter(e["key"] for e in proxy.log
+                               if e["method"] == "GET" and e["path"].startswith("/%s/" % bucket)
+                               and "/chunks/" in e["key"] and presigned(e) == by_presigned_url)
+
+
+def test_pullhosts_delegate_a_chunked_image_and_the_servers_read_its_chunks_through_presigned_urls(
+        fleet, pushed, chunked, aws_env, delegation):
+    """The client reads the chunked layer's recipe and presigns every chunk it names: each server
+    reads the recipe and every chunk itself (once each), the client reads none, and every host
+    gets the image through its server, with no server error."""
+    proxy, start = delegation
+    running = start([0, 1])
+    env = dict(aws_env, AWS_ENDPOINT_URL=proxy.url)
+
+    proc = run_dogestry("-pullhosts", PULLHOSTS, pushed.store, CHUNKED, env=env, timeout=240)
+
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [{"Host": "tcp://%s:2375" % a, "Status": "ok", "Server": "http://%s:%d"
+                                        % (a, PORT)} for a in HOSTS]
+    assert all(len(server.delegated_posts()) == 1 for server in running)
+    for handle in fleet:
+        assert image_id(handle.host, CHUNKED) == chunked.image
+    assert not chunk_reads(proxy, pushed.bucket, by_presigned_url=False)  # the client downloaded no chunk
+    assert chunk_reads(proxy, pushed.bucket, by_presigned_url=True) == collections.Counter(
+        {k: 2 for k in chunked.chunks})
+    assert blob_reads(proxy, pushed.bucket, by_presigned_url=True)[chunked.recipe] == 2
+
+
+def test_pullhosts_delegate_a_multi_platform_tag_of_a_chunked_image_with_its_chunks(fleet, pushed, chunked, aws_env,
+                                                                                  docker_host, delegation):
+    """A tag holding an index (push --multi-platform) of the chunked image: the request presigns
+    the chunks of the index's images too, and the server pulls its engine's platform with them."""
+    proxy, start = delegation
+    (running,) = start([0])
+    docker_cli(docker_host, "tag", CHUNKED, CHUNKED + "-multi")
+    assert run_dogestry("push", "--multi-platform", pushed.store, CHUNKED + "-multi", env=aws_env).returncode == 0
+    env = dict(aws_env, AWS_ENDPOINT_URL=proxy.url)
+
+    proc = run_dogestry("-pullhosts", "tcp://%s:2375" % HOSTS[0], pushed.store, CHUNKED + "-multi", env=env,
+                        timeout=240)
+
+    assert proc.returncode == 0, proc.stderr
+    [status] = json.loads(proc.stdout)
+    assert (status["Status"], status.get("Server"), "ServerError" in status) == ("ok", running.url, False), status
+    assert image_id(fleet[0].host, CHUNKED + "-multi") == chunked.image
+    assert not chunk_reads(proxy, pushed.bucket, by_presigned_url=False)
+    assert set(chunk_reads(proxy, pushed.bucket, by_presigned_url=True)) == set(chunked.chunks)
+
+
+def test_a_server_too_old_for_chunked_layers_gets_its_host_a_direct_pull(fleet, pushed, chunked, aws_env, base_env,
+                                                                         rgw, servers):
+    """A real server of today behind a relay that answers GET /status/check as servers before
+    chunked layers did (the delegation and index protocols, no chunks): the client sends it no
+    request it cannot serve, says why, and pulls the host itself, without a server error."""
+    wipe(fleet[0])
+    server = servers(HOSTS[0], server_env(base_env, fleet[0], rgw.endpoint))
+
+    def older(req):
+        if req.path == "/status/check":
+            return Reply(200, b"OK", {"Content-Type": "text/plain; charset=utf-8",
+                                      dogestry.DELEGATION_HEADER: dogestry.DELEGATION_PROTOCOL,
+                                      dogestry.DELEGATION_INDEX_HEADER: dogestry.DELEGATION_INDEX_PROTOCOL})
+        return None
+
+    with started_servers(lambda: FaultProxy(server.url, older, address=HOSTS[0])) as start_relay:
+        relay = start_relay()
+        proc = run_dogestry("-port", relay.port, "-pullhosts", "tcp://%s:2375" % HOSTS[0], pushed.store, CHUNKED,
+                            env=aws_env, timeout=240)
+        assert [e["path"] for e in relay.log] == ["/status/check"]
+
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [{"Host": "tcp://%s:2375" % HOSTS[0], "Status": "ok"}]
+    assert "too old for chunked layers: pulling directly" in proc.stderr
+    assert server.delegated_posts() == []
+    assert image_id(fleet[0].host, CHUNKED) == chunked.image
+
+
+def test_an_image_with_more_chunks_than_a_delegated_pull_carries_is_planned_as_a_direct_pull(pushed, chunked, rgw):
+    """The planner presigns at most chunk_limit chunks (DELEGATION_CHUNKS_MAX by default): an image
+    with more is planned as one to pull directly, and says why; up to the limit, the request names
+    the query the chunks' URLs share and each chunk's signature."""
+    store = bucket_store(rgw, pushed.bucket)
+    progress = dogestry.Progress(io.StringIO(), quiet=True)
+    count = len(chunked.chunks)
+
+    over = dogestry.plan_delegation(store, CHUNKED, progress, chunk_limit=count - 1)
+    within = dogestry.plan_delegation(store, CHUNKED, progress, chunk_limit=count)
+
+    assert over.body == b"" and over.direct == "%s:latest has %d chunks, more than the %d a delegated pull carries" % (
+        CHUNKED, count, count - 1)
+    doc = json.loads(within.body)
+    assert within.direct == "" and within.chunks == count
+    assert sorted("docker-repo/chunks/sha256/" + h for h in doc["chunks"]["signatures"]) == chunked.chunks
+    assert "X-Amz-Credential=" in doc["chunks"]["query"] and "X-Amz-Signature" not in doc["chunks"]["query"]
+
+
+@pytest.mark.parametrize("change,status,needle", [
+    ("too many", 400, "at most"), ("not hex", 400, "sha256 hex digests"),
+    ("no credential", 403, "bad presigned URL for the chunks"), ("not a dict", 400, "need a query and signatures")])
+def test_a_delegated_pull_with_bad_chunks_is_refused_before_anything_is_read(change, status, needle, fleet, pushed,
+                                                                            chunked, rgw, base_env, servers):
+    """More chunks than a request may carry, a chunk or signature that is not 64 hex digits, a
+    query without a credential, chunks of the wrong shape: refused, nothing pulled."""
+    wipe(fleet[0])
+    servers(HOSTS[0], server_env(base_env, fleet[0], rgw.endpoint))
+    plan = json.loads(dogestry.plan_delegation(bucket_store(rgw, pushed.bucket), CHUNKED,
+                                               dogestry.Progress(io.StringIO(), quiet=True)).body)
+    chunks = plan["chunks"]
+    some_hex, some_signature = next(iter(chunks["signatures"].items()))
+    changed = {
+        "too many": dict(chunks, signatures={"%064x" % i: some_signature
+                                             for i in range(dogestry.DELEGATION_CHUNKS_MAX + 1)}),
+        "not hex": dict(chunks, signatures={some_hex: "xyz"}),
+        "no credential": dict(chunks, query="X-Amz-Algorithm=AWS4-HMAC-SHA256"),
+        "not a dict": [chunks["query"]],
+    }[change]
+
+    answer = call(HOSTS[0], "POST", dogestry.DELEGATION_ROUTE, {"Content-Type": "application/json"},
+                  json.dumps(dict(plan, chunks=changed)).encode())
+
+    assert_json_refusal(answer, status, needle)
+    assert image_id(fleet[0].host, CHUNKED) is None
 
 
 # --- login ----------------------------------------------------------------------------------------------

@@ -228,6 +228,20 @@ def test_s3_presigned_url_example():
                                   86400)[-1][1].startswith("aeeed9bb")
 
 
+def test_presigned_signatures_of_many_paths_make_the_urls_presign_url_makes():
+    """presign_signatures (delegated pulls' chunks): one shared query and a signature per path, which
+    make for each path exactly the URL presign_url makes at that time (a session token included)."""
+    paths = ["/examplebucket/test.txt", "/examplebucket/a dir/\u00fc+x.txt",
+             "/examplebucket/chunks/sha256/" + "ab" * 32]
+    for creds in (S3_CREDS, Credentials(S3_CREDS.access_key, S3_CREDS.secret_key, "tok/en+=" * 100)):
+        query, signatures = dogestry.presign_signatures("GET", S3_HOST, paths, creds, "us-east-1", S3_NOW, 900)
+        assert "X-Amz-Signature" not in query and len(signatures) == len(paths)
+        for path, signature in zip(paths, signatures):
+            assert "https://%s%s?%s&X-Amz-Signature=%s" % (S3_HOST, dogestry.uri_encode(path, safe="/"), query,
+                                                            signature) == \
+                dogestry.presign_url("GET", "https", S3_HOST, path, creds, "us-east-1", S3_NOW, 900)
+
+
 def test_iam_signing_key_example():
     """AWS General Reference, "Derive a signing key": secret, 20150830, us-east-1, iam."""
     key = dogestry.signing_key("wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", "20150830", "us-east-1", "iam")
