@@ -4600,13 +4600,16 @@ def compressed_sample(sample: bytes, level: int = GZIP_LEVEL) -> Optional[bytes]
     return packed if len(sample) < 4096 or len(packed) < INCOMPRESSIBLE_RATIO * len(sample) else None
 
 
-CHUNK_SAMPLE = 32 << 10  # the bytes of a chunk whose gzip decides whether the chunk is gzipped
+CHUNK_SAMPLES = 4  # pieces of a chunk, spread over it, whose gzip decides whether the chunk is gzipped
+CHUNK_SAMPLE = 8 << 10  # ... each this big
 
 
 def chunk_compresses(chunk: bytes, level: int = GZIP_LEVEL) -> bool:
-    """Does gzip pay for this chunk, judged by a sample from its middle (its start is often a header)?"""
-    start = max(0, len(chunk) // 2 - CHUNK_SAMPLE // 2)
-    return compressed_sample(chunk[start:start + CHUNK_SAMPLE], level) is not None
+    """Does gzip pay for this chunk, judged by CHUNK_SAMPLES samples spread over it (a chunk often
+    holds several files: a random one and a text one)?"""
+    step = max(1, len(chunk) // CHUNK_SAMPLES)
+    sample = b"".join(chunk[start:start + CHUNK_SAMPLE] for start in range(0, len(chunk), step))
+    return compressed_sample(sample, level) is not None
 
 
 def detect_compression(head: bytes) -> str:
