@@ -2954,12 +2954,13 @@ def main(argv=None):
                         help="with S3: skip gc of a store of 2,000 tags and 20,000 small blobs")
     parser.add_argument("--startup-runs", type=int, default=STARTUP_RUNS,
                         help="runs of each command in the start-up stage (default %d)" % STARTUP_RUNS)
-    parser.add_argument("--startup-only", action="store_true",
-                        help="only the start-up stage (needs no Docker engine)")
-    parser.add_argument("--no-chunks", dest="chunks", action="store_false", default=True,
-                        help="skip the sub-layer dedup stage (scenarios A-D of chunked layers)")
-    parser.add_argument("--chunks-only", action="store_true",
-                        help="only the sub-layer dedup stage (no start-up stage, no bench image)")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--startup-only", action="store_true",
+                      help="only the start-up stage (needs no Docker engine)")
+    only.add_argument("--no-chunks", dest="chunks", action="store_false", default=True,
+                      help="skip the sub-layer dedup stage (scenarios A-D of chunked layers)")
+    only.add_argument("--chunks-only", action="store_true",
+                      help="only the sub-layer dedup stage (no start-up stage, no bench image)")
     parser.add_argument("--chunk-size-mib", type=int, default=CHUNK_SIZE_MIB,
                         help="the sub-layer dedup stage's tree layer in MiB; C's file is 500/1024 of it"
                         " (default %d)" % CHUNK_SIZE_MIB)
