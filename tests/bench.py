@@ -3,6 +3,7 @@
 
     python3 tests/bench.py [--size-mib 512] [--keep] [--repeat N] [--workdir DIR] [--s3 | --no-s3]
                            [--fleet | --no-fleet] [--startup-runs N] [--startup-only]
+                           [--no-chunks | --chunks-only] [--chunk-size-mib 1024] [--chunks-s3]
 
 Starts its own dockerd (unless DOCKER_HOST is set) in a temp dir on the same disk as the
 stores, builds a FROM-scratch image of three roughly equal layers (random, text, mixed)
@@ -68,6 +69,29 @@ from a build context written in 4 MiB pieces, and measures:
             progress lines mapped to the stored blob sizes as a cross-check.  3 hosts must
             fetch exactly the bytes 1 host does (the union of missing layers is downloaded
             once, and every blob exactly once): two targets per store
+  chunks    (last; --no-chunks skips it, --chunks-only runs only it: no start-up stage, no bench
+            image) sub-layer dedup, issue 23's scenarios, each image built FROM scratch by one
+            `COPY` with docker build --no-cache (classic builder) and pushed with `push --json`
+            into two directory stores: chunked (DOGESTRY_CHUNKS=1) and layer-level
+            (DOGESTRY_CHUNKS=0: whole layers, today's dedup).  The tree: --chunk-size-mib (1024)
+            MiB in ~3,000 files (sizes around 350 KiB; text, binary-ish code, incompressible),
+            pushed first; A: 4 KiB rewritten in place in the middle of one 512 KiB text file,
+            rebuilt, re-pushed; B: every mtime under the tree set anew, rebuilt, re-pushed; the
+            image of B pulled back from each store after docker rmi (same image ID); C: one file
+            of 500/1024 of --chunk-size-mib (random) pushed, then 1 KiB inserted at 40% of it,
+            rebuilt, re-pushed.  Every re-push starts from the same store (a hard-linked copy
+            is put back before each --repeat run; chunked and layer-level in turns), and docker
+            save of the rebuilt image > /dev/null is timed for reference (no push is faster).
+            For each push: bytes uploaded (--json bytes_sent, chunk bytes included), the
+            store's growth (sum of file sizes after - before), objects written (files created
+            or replaced in the store: what S3 would PUT), chunks new/found, seconds; and the
+            objects per GiB of the tree's first push.  Targets: A uploads <= 2 MiB + the edited
+            file and the store grows no more; B the same for <= 2% of the layer's tar; A's and
+            B's re-push >= 3x faster than the layer-level one (the check prints the most any
+            push can gain here: layer-level / docker save).  C is reported.  --chunks-s3: the
+            first push, A and B again into radosgw (the S3 stage's, or one started for it),
+            chunked and layer-level, with each push's requests by method from radosgw's access
+            log and the requests per GiB of the first push; the 3x target again on S3
 
 then prints a table (seconds, MB/s of the saved image, peak RSS, CPU of the process and of
 dockerd+containerd, bytes fetched from the store by fleet pulls, ratio to the floor), the
@@ -93,6 +117,7 @@ import itertools
 import json
 import os
 import platform
+import random
 import re
 import resource
 import shutil
@@ -1273,6 +1298,360 @@ def measure_startup(workdir, runs):
     return rows, checks
 
 
+# --- sub-layer dedup: chunked layers against whole layers ----------------------------------
+
+CHUNK_REPO = "dogestry-bench/chunks-%d" % os.getpid()  # tags v1, v2 (A), v3 (B), c1, c2 (C)
+CHUNK_SIZE_MIB = 1024        # the A/B layer (--chunk-size-mib); C's file is 500/1024 of it
+CHUNK_FILE_MEAN = 350 << 10  # the A/B layer's files: sizes drawn around this (exponential) ...
+CHUNK_FILE_MIN, CHUNK_FILE_MAX = 4 << 10, 4 << 20  # ... and kept within these
+CHUNK_FILE_KINDS = (("txt", 45), ("so", 40), ("gz", 15))  # text, binary-ish code, incompressible: weights
+EDIT_FILE_SIZE = 512 << 10   # A: the edited file (a text file in the middle of the tree) ...
+EDIT_BYTES = 4 << 10         # ... gets this many bytes in its middle rewritten in place
+INSERT_BYTES, INSERT_AT = 1 << 10, 0.4  # C: bytes inserted into the big file, where (share of its size)
+TOUCH_MTIME = FIXED_MTIME + 30 * 86400  # B: every file's and directory's new mtime
+TARGET_EDIT_SLACK = 2 * MiB  # A: re-push uploads <= this + the edited file
+TARGET_TOUCH_SHARE = 0.02    # B: re-push uploads <= this share of the layer (its uncompressed tar)
+TARGET_REPUSH_SPEEDUP = 3.0  # A and B: re-push at least this much faster than the layer-level one
+CHUNK_PREFIXES = ("chunks", "blobs", "layers", "images", "repositories")  # objects written, by kind
+
+
+def write_chunk_tree(root, total):
+    """About TOTAL bytes in a few thousand files under ROOT/dNN/ (text, binary-ish code and
+    incompressible data; sizes drawn around CHUNK_FILE_MEAN), fixed modes and mtimes; the file
+    of EDIT_FILE_SIZE text in the middle of the tree that scenario A edits, and the file count."""
+    rng = random.Random(23)
+    makers = {"txt": text_bytes, "so": binaryish_bytes, "gz": random_bytes}
+    kinds, weights = zip(*CHUNK_FILE_KINDS)
+    written, index, edit = 0, 0, None
+    while written < total:
+        kind = rng.choices(kinds, weights)[0]
+        size = min(max(int(rng.expovariate(1.0 / CHUNK_FILE_MEAN)), CHUNK_FILE_MIN), CHUNK_FILE_MAX)
+        if edit is None and written >= total // 2:
+            kind, size = "txt", EDIT_FILE_SIZE
+        size = min(size, total - written)
+        path = root / ("d%02d" % (index % 32)) / ("f%05d.%s" % (index, kind))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(makers[kind](size, 23000 + index))
+        os.chmod(str(path), 0o644)
+        if kind == "txt" and size == EDIT_FILE_SIZE and edit is None:
+            edit = path
+        written += size
+        index += 1
+    set_mtimes(root, FIXED_MTIME)
+    return edit, index
+
+
+def set_mtimes(root, mtime):
+    """Every file's and directory's mtime under ROOT (and ROOT's) to MTIME."""
+    for path in sorted(root.rglob("*"), reverse=True) + [root]:
+        os.utime(str(path), (mtime, mtime))
+
+
+def edit_in_place(path):
+    """Rewrite EDIT_BYTES of text in the middle of the file (its size stays; its mtime is now's, as an editor's)."""
+    with open(str(path), "r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        f.write(text_bytes(EDIT_BYTES, 424242))
+
+
+def write_big_file(path, size):
+    """SIZE incompressible bytes (C's file), GEN_CHUNK at a time."""
+    path.parent.mkdir(parents=True)
+    with open(str(path), "wb") as f:
+        for offset in range(0, size, GEN_CHUNK):
+            f.write(random_bytes(min(GEN_CHUNK, size - offset), 5000 + offset // GEN_CHUNK))
+    os.chmod(str(path), 0o644)
+    set_mtimes(path.parent, FIXED_MTIME)
+
+
+def insert_into(path, offset, data):
+    """Insert DATA into the file at OFFSET (written anew beside it, then renamed over it)."""
+    tmp = path.with_name(path.name + ".new")
+    with open(str(path), "rb") as src, open(str(tmp), "wb") as dst:
+        left = offset
+        while left:
+            piece = src.read(min(GEN_CHUNK, left))
+            dst.write(piece)
+            left -= len(piece)
+        dst.write(data)
+        shutil.copyfileobj(src, dst, GEN_CHUNK)
+    os.chmod(str(tmp), 0o644)
+    os.replace(str(tmp), str(path))
+
+
+def build_context(host, ctx, tag, copy_line):
+    """docker build --no-cache of CTX (FROM scratch + COPY_LINE) as TAG; its image ID and diffIDs."""
+    (ctx / "Dockerfile").write_text("FROM scratch\n%s\n" % copy_line)
+    t = time.perf_counter()
+    docker_cli(host, "build", "--no-cache", "-q", "-t", tag, str(ctx), timeout=1800)
+    diff_ids = json.loads(docker_cli(host, "image", "inspect", "-f", "{{json .RootFS.Layers}}", tag).stdout)
+    log("built %s (%s) in %.1f s" % (tag, image_id(host, tag)[7:19], time.perf_counter() - t))
+    return image_id(host, tag), diff_ids
+
+
+def store_files(root):
+    """{key: (inode, size)} of every file in a directory store (a file a push wrote anew has a new inode)."""
+    files, root = {}, str(root)
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            with contextlib.suppress(FileNotFoundError):
+                st = os.stat(path)
+                files[os.path.relpath(path, root).replace(os.sep, "/")] = (st.st_ino, st.st_size)
+    return files
+
+
+def written_objects(before, after):
+    """{top directory: count} of the files (store objects) created or replaced between two store_files()."""
+    counts = collections.Counter()
+    for key, (inode, _) in after.items():
+        if key not in before or before[key][0] != inode:
+            counts[key.split("/", 1)[0]] += 1
+    return counts
+
+
+def snapshot_store(store, snap):
+    """A copy of a directory store made of hard links (dogestry writes files anew and renames them into
+    place, so the copy keeps what the store held)."""
+    remove_tree(snap)
+    subprocess.run(["cp", "-al", str(store), str(snap)], check=True)
+
+
+def restore_store(store, snap):
+    """The store as snapshot_store() saw it."""
+    remove_tree(store)
+    subprocess.run(["cp", "-al", str(snap), str(store)], check=True)
+
+
+def chunk_record(store, img):
+    """The layer record of a one-layer image in a directory store."""
+    [record] = json.loads((store / "images" / img[7:] / "manifest.json").read_text())["layers"]
+    return record
+
+
+class ChunkStage:
+    """Scenarios A-D of issue 23: an image rebuilt after one file's edit (A), after every mtime
+    changed (B), after 1 KiB inserted into a big file (C), pushed with chunked layers and with
+    DOGESTRY_CHUNKS=0 (whole layers: today's layer-level dedup) into directory stores that hold
+    the image as first built; D: the re-pushes' times.  rows: Results for the main table; lines:
+    its own table; checks: (ok, text)."""
+
+    def __init__(self, args, state, workdir, host, handle, env):
+        self.args, self.state, self.workdir = args, state, workdir
+        self.host, self.handle, self.env = host, handle, env
+        self.rows, self.lines, self.checks, self.facts = [], [], [], []
+        self.stores = {True: workdir / "store-chunked", False: workdir / "store-layers"}
+        self.images = {}  # label -> (image ID, diffIDs)
+        self.raw = None    # bytes of the tree layer's tar
+
+    def tag(self, label):
+        return "%s:%s" % (CHUNK_REPO, label)
+
+    def build(self, ctx, label, copy_line):
+        self.state.setdefault("chunk_tags", []).append(self.tag(label))
+        self.images[label] = build_context(self.host, ctx, self.tag(label), copy_line)
+
+    def push(self, label, chunked, snap=None):
+        """Push image LABEL into the chunked or whole-layer store (restored from SNAP first): a Result
+        noting --json's bytes_sent, chunks_sent and chunks_skipped, the store's growth and the objects written."""
+        store = self.stores[chunked]
+        if snap is not None:
+            restore_store(store, snap)
+        before = store_files(store)
+        out = self.workdir / "push.json"
+        with open(str(out), "wb") as f:
+            run = timed_process(dogestry_cmd(self.workdir, "push", "--json", store, self.tag(label)),
+                                dict(self.env, DOGESTRY_CHUNKS="1" if chunked else "0"), sink=f)
+        [doc] = json.loads(out.read_text())["images"]
+        after = store_files(store)
+        img, diff_ids = self.images[label]
+        check_stored("the %s store" % ("chunked" if chunked else "layer-level"), dir_listing(store),
+                     lambda key: (store / key).read_bytes(), img, self.tag(label), diff_ids)
+        result = Result("", run.wall, None, run.rss_kib, run.cpu, lines=run.lines)
+        result.sent, result.chunks = doc["bytes_sent"], (doc["chunks_sent"], doc["chunks_skipped"])
+        result.growth = sum(n for _, n in after.values()) - sum(n for _, n in before.values())
+        result.objects = written_objects(before, after)
+        result.note = "uploaded %s B, store grew %s B; %d objects written (%s); chunks sent %d, found %d" % (
+            "{:,}".format(result.sent), "{:,}".format(result.growth), sum(result.objects.values()),
+            ", ".join("%s %d" % (k, result.objects[k]) for k in CHUNK_PREFIXES if result.objects[k]),
+            result.chunks[0], result.chunks[1])
+        return result
+
+    def repush(self, label, stage):
+        """Both stores' re-push of LABEL, from the same start each time (--repeat: best of N, in turns)."""
+        snaps = {c: self.workdir / ("snap-%s" % ("chunked" if c else "layers")) for c in self.stores}
+        for chunked, snap in snaps.items():
+            snapshot_store(self.stores[chunked], snap)
+        firsts = {c: True for c in snaps}
+
+        def measure(chunked):
+            first, firsts[chunked] = firsts[chunked], False
+            return self.push(label, chunked, None if first else snaps[chunked])
+
+        chunked, whole = best_of_interleaved(self.args.repeat, lambda: measure(True), lambda: measure(False))
+        for snap in snaps.values():
+            remove_tree(snap)
+        return self.add(stage, chunked, whole)
+
+    def add(self, stage, chunked, whole):
+        self.rows.append(named_result("%s, chunked" % stage, chunked))
+        self.rows.append(named_result("%s, layer-level" % stage, whole))
+        return chunked, whole
+
+    def save_floor(self, label):
+        """docker save of LABEL > /dev/null: the engine's export, which every push waits for."""
+        run = timed_process([find_docker(), "-H", self.host, "save", self.tag(label)], self.env, sink=None)
+        self.rows.append(Result("  (docker save %s > /dev/null)" % label, run.wall,
+                                note="the engine's export every push of it reads"))
+        return run.wall
+
+    def pull(self, label, chunked):
+        """dogestry pull of LABEL after docker rmi; the image ID must come back."""
+        img, diff_ids = self.images[label]
+        remove_image(self.host, self.tag(label), diff_ids, self.handle)
+        run = timed_process(dogestry_cmd(self.workdir, "pull", self.stores[chunked], self.tag(label)), self.env)
+        if image_id(self.host, self.tag(label)) != img:
+            raise BenchError("dogestry pull gave image %s, not %s" % (image_id(self.host, self.tag(label)), img))
+        return Result("", run.wall, self.raw, run.rss_kib, run.cpu, lines=run.lines, note="image ID after pull: the same")
+
+    def run(self):
+        size = self.args.chunk_size_mib * MiB
+        big = max(self.args.chunk_size_mib * 500 // 1024, 17) * MiB
+        for store in self.stores.values():
+            remove_tree(store)
+        ctx, ctx_c = self.workdir / "ctx-chunks", self.workdir / "ctx-big"
+        log("chunks: writing a %d MiB tree and a %d MiB file" % (size // MiB, big // MiB))
+        edited, count = write_chunk_tree(ctx / "tree", size)
+        write_big_file(ctx_c / "big" / "data.bin", big)
+        self.build(ctx, "v1", "COPY tree/ /srv/tree/")
+        self.build(ctx_c, "c1", "COPY big/ /srv/big/")
+
+        first = self.add("first push (tree)", self.push("v1", True), self.push("v1", False))
+        self.raw = raw = chunk_record(self.stores[True], self.images["v1"][0])["rawSize"]
+        self.facts += [
+            "tree layer: %d files, %.1f MiB of content (text, binary-ish, incompressible: weights %s), tar %s B;"
+            % (count, size / MiB, "/".join(str(w) for _, w in CHUNK_FILE_KINDS), "{:,}".format(raw)),
+            "  A edits %d B in the middle of %s (%d KiB, text) in place; B sets every mtime anew;"
+            " C: one %d MiB file (random), %d B inserted at %.0f%%"
+            % (EDIT_BYTES, edited.relative_to(ctx), EDIT_FILE_SIZE >> 10, big // MiB, INSERT_BYTES, INSERT_AT * 100),
+            "  each rebuild: docker build --no-cache (classic builder); re-pushes into a store holding what was"
+            " pushed before (chunked: DOGESTRY_CHUNKS=1; layer-level: DOGESTRY_CHUNKS=0, today's dedup)",
+            "  objects counted in the directory store: files created or replaced (S3 would PUT each once)",
+        ]
+        edit_in_place(edited)
+        self.build(ctx, "v2", "COPY tree/ /srv/tree/")
+        save_a = self.save_floor("v2")
+        a = self.repush("v2", "A: one file edited")
+        set_mtimes(ctx / "tree", TOUCH_MTIME)
+        self.build(ctx, "v3", "COPY tree/ /srv/tree/")
+        save_b = self.save_floor("v3")
+        b = self.repush("v3", "B: every mtime new")
+        shutil.rmtree(str(ctx), ignore_errors=True)
+        pulls = [named_result("pull of B's image, %s (after rmi)" % name, self.pull("v3", chunked))
+                 for chunked, name in ((True, "chunked"), (False, "layer-level"))]
+        self.rows.extend(pulls)
+
+        c_first = self.add("first push (C's file)", self.push("c1", True), self.push("c1", False))
+        insert_into(ctx_c / "big" / "data.bin", int(big * INSERT_AT), text_bytes(INSERT_BYTES, 99))
+        self.build(ctx_c, "c2", "COPY big/ /srv/big/")
+        shutil.rmtree(str(ctx_c), ignore_errors=True)
+        c = self.repush("c2", "C: 1 KiB inserted")
+        self.report(raw, big, first, a, b, c_first, c, save_a, save_b)
+        if self.args.chunks_s3:
+            self.run_s3()
+
+    def report(self, raw, big, first, a, b, c_first, c, save_a, save_b):
+        edit_target = TARGET_EDIT_SLACK + EDIT_FILE_SIZE
+        touch_target = TARGET_TOUCH_SHARE * raw
+        head = "%-24s %-12s %15s %15s %8s %13s %8s" % ("scenario", "store", "uploaded B", "store growth B",
+                                                        "objects", "chunks new/old", "seconds")
+        lines = [head, "-" * len(head)]
+        for name, pair in (("first push (tree)", first), ("A: one file edited", a), ("B: every mtime new", b),
+                           ("first push (C's file)", c_first), ("C: 1 KiB inserted", c)):
+            for how, r in zip(("chunked", "layer-level"), pair):
+                lines.append("%-24s %-12s %15s %15s %8d %13s %8.2f" % (
+                    name if how == "chunked" else "", how, "{:,}".format(r.sent), "{:,}".format(r.growth),
+                    sum(r.objects.values()), "%d/%d" % r.chunks, r.seconds))
+            lines.append("%-24s %-12s %15s %15s %8s %13s %8s" % (
+                "", "layer/chunked", ratio(pair[1].sent, pair[0].sent), ratio(pair[1].growth, pair[0].growth),
+                "", "", ratio(pair[1].seconds, pair[0].seconds)))
+        per_gib = sum(first[0].objects.values()) * float(1 << 30) / raw
+        lines.append("objects per GiB of the tree's first push: chunked %.0f (%d objects for a %.1f MiB tar;"
+                     " chunks %d), layer-level %.0f" % (per_gib, sum(first[0].objects.values()), raw / MiB,
+                                                        first[0].objects["chunks"],
+                                                        sum(first[1].objects.values()) * float(1 << 30) / raw))
+        lines.append("C (no target): chunked uploads %s B = %.2f%% of the %d MiB file (layer-level %s B);"
+                     " %d new chunk(s)" % ("{:,}".format(c[0].sent), 100.0 * c[0].sent / big, big // MiB,
+                                            "{:,}".format(c[1].sent), c[0].chunks[0]))
+        lines.append("engine export (docker save > /dev/null) of A's image %.2f s, of B's %.2f s: no push of"
+                     " them is faster" % (save_a, save_b))
+        self.lines = lines
+        for name, (chunked, whole) in (("A", a), ("B", b)):
+            target = edit_target if name == "A" else touch_target
+            what = ("<= 2 MiB + the edited file (%d KiB) = %s B" % (EDIT_FILE_SIZE >> 10, "{:,}".format(int(target)))
+                    if name == "A" else "<= %.0f%% of the layer's %s B = %s B"
+                    % (TARGET_TOUCH_SHARE * 100, "{:,}".format(raw), "{:,}".format(int(target))))
+            for measure, value in (("uploaded (--json bytes_sent)", chunked.sent), ("store growth", chunked.growth)):
+                self.checks.append((value <= target, "chunks %s: re-push %s %s B %s  [%.2fx the target;"
+                                    " layer-level %s B]" % (name, measure, "{:,}".format(value), what,
+                                                            value / target, "{:,}".format(
+                                                                whole.sent if "sent" in measure else whole.growth))))
+            save = save_a if name == "A" else save_b
+            self.checks.append((whole.seconds >= TARGET_REPUSH_SPEEDUP * chunked.seconds,
+                                "chunks %s: re-push %.2f s, %.1fx faster than layer-level %.2f s (>= %.0fx; at most"
+                                " %.1fx here: no push beats the engine's export, docker save %.2f s)"
+                                % (name, chunked.seconds, whole.seconds / chunked.seconds, whole.seconds,
+                                   TARGET_REPUSH_SPEEDUP, whole.seconds / save, save)))
+
+    def run_s3(self):
+        """The first push and A's and B's re-pushes again into radosgw, chunked and layer-level: the
+        requests each sends (radosgw's access log, checked against its request counter)."""
+        gw = self.state.get("rgw")
+        if gw is None:
+            log("chunks: starting radosgw in %s" % (self.workdir / "rgw"))
+            gw = self.state["rgw"] = start_radosgw(str(self.workdir / "rgw"))
+        bucket = "dgchunks-%d-%s" % (os.getpid(), os.urandom(4).hex())
+        make_bucket(s3_client(load_dogestry(), gw, bucket))
+        s3_env = {k: v for k, v in self.env.items() if not k.startswith("AWS_")}
+        home = self.workdir / "home"
+        home.mkdir(exist_ok=True)
+        s3_env.update(HOME=str(home), AWS_ACCESS_KEY_ID=gw.access_key, AWS_SECRET_ACCESS_KEY=gw.secret_key,
+                      AWS_ENDPOINT_URL=gw.endpoint, AWS_EC2_METADATA_DISABLED="true")
+        meter, seconds = RgwMeter(gw), {}
+        self.lines.append("")
+        self.lines.append("S3 (radosgw %s, bucket %s): each push's requests, from radosgw's access log"
+                          % (gw.endpoint, bucket))
+        for label, name in (("v1", "first push (tree)"), ("v2", "A: one file edited"), ("v3", "B: every mtime new")):
+            for chunked, how in ((True, "chunked"), (False, "layer-level")):
+                mark = meter.mark()
+                run = timed_process(dogestry_cmd(self.workdir, "push", "s3://%s/%s/" % (bucket, how), self.tag(label)),
+                                    dict(s3_env, DOGESTRY_CHUNKS="1" if chunked else "0"))
+                traffic = meter.traffic(mark)
+                seconds[label, chunked] = run.wall
+                self.rows.append(Result("S3 %s, %s" % (name, how), run.wall, None, run.rss_kib, run.cpu,
+                                        lines=run.lines, note=traffic.describe()))
+                self.lines.append("  %-24s %-12s %6.2f s %6d requests (%s), %s B in PUT/POST bodies" % (
+                    name if chunked else "", how, run.wall, traffic.requests,
+                    ", ".join("%s %d" % kv for kv in sorted(traffic.methods.items())), "{:,}".format(traffic.put_bytes)))
+                if label == "v1":
+                    self.lines[-1] += "; %.0f requests per GiB" % (traffic.requests * float(1 << 30) / self.raw)
+        for label, name in (("v2", "A"), ("v3", "B")):
+            chunked, whole = seconds[label, True], seconds[label, False]
+            self.checks.append((whole >= TARGET_REPUSH_SPEEDUP * chunked,
+                                "chunks %s, S3: re-push %.2f s, %.1fx faster than layer-level %.2f s (>= %.0fx)"
+                                % (name, chunked, whole / chunked, whole, TARGET_REPUSH_SPEEDUP)))
+
+
+def named_result(stage, result):
+    """RESULT with its stage name set."""
+    result.stage = stage
+    return result
+
+
+def ratio(numerator, denominator):
+    return "%.1fx" % (numerator / denominator) if denominator else "-"
+
+
 # --- report -----------------------------------------------------------------------------
 
 def fmt(value, spec, missing="-"):
@@ -1287,7 +1666,7 @@ def loadavg():
         return "?"
 
 
-def print_report(facts, image, results, floors, checks):
+def print_report(facts, image, results, floors, checks, chunks=None):
     print()
     print("=" * 108)
     print("dogestry benchmark")
@@ -1326,6 +1705,8 @@ def print_report(facts, image, results, floors, checks):
           " eng CPU: dockerd + containerd,")
     print(" of every host a fleet pull loads; fetch MB: bytes fetched from the store, see each fleet row's note)")
     print()
+    if chunks is not None:
+        print_chunk_table(chunks)
     print("targets")
     print("-------")
     for ok, text in checks:
@@ -1338,6 +1719,39 @@ def print_report(facts, image, results, floors, checks):
             print("  %s:" % r.stage)
             for t, line in r.lines:
                 print("    %6.2f  %s" % (t, line))
+    sys.stdout.flush()
+
+
+def print_chunk_table(stage):
+    """The chunk stage's own table: what each push uploaded and wrote, chunked beside layer-level."""
+    print("sub-layer dedup (directory stores)")
+    print("----------------------------------")
+    for line in stage.facts + [""] + stage.lines:
+        print("  " + line)
+    print()
+
+
+def print_chunks(facts, stage):
+    """The chunk stage alone (--chunks-only)."""
+    print()
+    for line in facts:
+        print("  " + line)
+    print("  load average at end: %s" % loadavg())
+    print()
+    head = "%-44s %8s %8s %7s  %s" % ("stage", "seconds", "RSS MiB", "CPU s", "")
+    print(head)
+    print("-" * len(head))
+    for r in stage.rows:
+        print("%-44s %8.2f %8s %7s" % (r.stage, r.seconds, fmt(r.rss_kib and r.rss_kib / 1024, "%.1f"),
+                                      fmt(r.cpu, "%.2f")))
+        for line in r.note.split("\n") if r.note else ():
+            print("%-46s%s" % ("", line))
+    print()
+    print_chunk_table(stage)
+    print("targets")
+    print("-------")
+    for ok, text in stage.checks:
+        print("  %s  %s" % ("PASS" if ok else "FAIL", text))
     sys.stdout.flush()
 
 
@@ -1354,23 +1768,10 @@ def print_startup(rows, checks):
 
 # --- main -------------------------------------------------------------------------------
 
-def run(args, state):
-    """The whole benchmark; STATE records what to clean up."""
-    base = args.workdir or tempfile.gettempdir()
-    workdir = Path(tempfile.mkdtemp(prefix="dgstbench", dir=base)).resolve()
-    state["workdir"] = workdir
-    (workdir / "tmp").mkdir()
-    build_zipapp(workdir)
-    log("start-up: python3 -c pass against dogestry.pyz version, help, a usage error, list (%d runs each)"
-        % args.startup_runs)
-    startup, startup_checks = measure_startup(workdir, args.startup_runs)
-    if args.startup_only:
-        print_startup(startup, startup_checks)
-        return
-    size_bytes = args.size_mib * MiB
+def start_engine(state, workdir):
+    """DOCKER_HOST's engine, or our own dockerd in the work dir: (host, handle or None)."""
     if not find_docker():
         raise BenchError("docker CLI not found on PATH (install docker.io)")
-
     if os.environ.get("DOCKER_HOST"):
         host, handle = os.environ["DOCKER_HOST"], None
         log("using DOCKER_HOST=%s" % host)
@@ -1380,6 +1781,39 @@ def run(args, state):
         state["dockerd"] = handle
         host = handle.host
     state["host"] = host
+    return host, handle
+
+
+def run_chunks(args, state, workdir, host, handle):
+    """The sub-layer dedup stage (ChunkStage); it, run."""
+    log("chunks: scenarios A-D at %d MiB (tree layer) and %d MiB (C's file)"
+        % (args.chunk_size_mib, max(args.chunk_size_mib * 500 // 1024, 17)))
+    stage = ChunkStage(args, state, workdir, host, handle, client_env(host))
+    stage.run()
+    return stage
+
+
+def run(args, state):
+    """The whole benchmark; STATE records what to clean up."""
+    base = args.workdir or tempfile.gettempdir()
+    workdir = Path(tempfile.mkdtemp(prefix="dgstbench", dir=base)).resolve()
+    state["workdir"] = workdir
+    (workdir / "tmp").mkdir()
+    build_zipapp(workdir)
+    if args.chunks_only:
+        host, handle = start_engine(state, workdir)
+        facts = machine_facts(host, workdir)
+        stage = run_chunks(args, state, workdir, host, handle)
+        print_chunks(facts, stage)
+        return
+    log("start-up: python3 -c pass against dogestry.pyz version, help, a usage error, list (%d runs each)"
+        % args.startup_runs)
+    startup, startup_checks = measure_startup(workdir, args.startup_runs)
+    if args.startup_only:
+        print_startup(startup, startup_checks)
+        return
+    size_bytes = args.size_mib * MiB
+    host, handle = start_engine(state, workdir)
     env = client_env(host)
     engine = EngineCpu(handle)
     docker = find_docker()
@@ -2433,6 +2867,11 @@ def run(args, state):
     if args.s3:
         s3_checks = run_s3()
     stop_fleet(state, args.keep)
+    chunks = None
+    if args.chunks:
+        chunks = run_chunks(args, state, workdir, host, handle)
+        results.append("-- chunks: sub-layer dedup, scenarios A-D (bytes and objects: the table after this one)")
+        results.extend(chunks.rows)
 
     checks = [
         (push.seconds <= TARGET_PUSH_BOUND_RATIO * push_bound,
@@ -2465,8 +2904,8 @@ def run(args, state):
          "export -o FILE %.2f s <= %.1f x docker save > file %.2f s = %.2f s  [%.2fx; --format oci %.2f s, %.2fx]"
          % (exported.seconds, TARGET_EXPORT_RATIO, save_file.seconds, TARGET_EXPORT_RATIO * save_file.seconds,
             exported.seconds / save_file.seconds, exported_oci.seconds, exported_oci.seconds / save_file.seconds)),
-    ] + fleet_checks + s3_checks + startup_checks
-    print_report(facts, image, results, floors, checks)
+    ] + fleet_checks + s3_checks + (chunks.checks if chunks else []) + startup_checks
+    print_report(facts, image, results, floors, checks, chunks)
 
 
 def cleanup(state, keep):
@@ -2478,6 +2917,8 @@ def cleanup(state, keep):
         state["rgw"].stop(keep_workdir=keep)
     if host and handle is None and state.get("image_built"):
         docker_cli(host, "rmi", "-f", TAG, check=False)
+    if host and handle is None and state.get("chunk_tags"):
+        docker_cli(host, "rmi", "-f", *state["chunk_tags"], check=False)
     if handle is not None:
         log("stopping dockerd")
         handle.stop(remove_data=not keep)
@@ -2513,8 +2954,18 @@ def main(argv=None):
                         help="with S3: skip gc of a store of 2,000 tags and 20,000 small blobs")
     parser.add_argument("--startup-runs", type=int, default=STARTUP_RUNS,
                         help="runs of each command in the start-up stage (default %d)" % STARTUP_RUNS)
-    parser.add_argument("--startup-only", action="store_true",
-                        help="only the start-up stage (needs no Docker engine)")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--startup-only", action="store_true",
+                      help="only the start-up stage (needs no Docker engine)")
+    only.add_argument("--no-chunks", dest="chunks", action="store_false", default=True,
+                      help="skip the sub-layer dedup stage (scenarios A-D of chunked layers)")
+    only.add_argument("--chunks-only", action="store_true",
+                      help="only the sub-layer dedup stage (no start-up stage, no bench image)")
+    parser.add_argument("--chunk-size-mib", type=int, default=CHUNK_SIZE_MIB,
+                        help="the sub-layer dedup stage's tree layer in MiB; C's file is 500/1024 of it"
+                        " (default %d)" % CHUNK_SIZE_MIB)
+    parser.add_argument("--chunks-s3", action="store_true",
+                        help="the sub-layer dedup stage also pushes to radosgw and counts the requests")
     args = parser.parse_args(argv)
     args.s3_auto = args.s3 is None
     if args.s3 is None:
@@ -2527,6 +2978,10 @@ def main(argv=None):
         parser.error("--repeat must be at least 1")
     if args.startup_runs < 1:
         parser.error("--startup-runs must be at least 1")
+    if args.chunk_size_mib < 32:
+        parser.error("--chunk-size-mib must be at least 32 (layers under 16 MiB are not chunked)")
+    if args.chunks_s3 and not radosgw_installed():
+        parser.error("--chunks-s3 needs radosgw, ceph-mon, ceph-osd, ceph and radosgw-admin on PATH")
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
