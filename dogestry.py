@@ -4781,6 +4781,33 @@ def _octal(field: bytes) -> int:
         return -1
 
 
+class PieceReader:
+    """Exact reads of a stream served from its pieces of CHUNK bytes (the first given), each piece
+    handed to on_piece once, as it is read: small reads (tar headers) cost no call to the stream."""
+
+    def __init__(self, first: bytes, source: Callable[[int], bytes], on_piece: Callable[[bytes], None]):
+        self.piece, self.pos = first, 0
+        self.source, self.on_piece = source, on_piece
+        on_piece(first)
+
+    def read(self, n: int) -> bytes:
+        """Exactly n bytes (FormatError if the stream ends first)."""
+        end = self.pos + n
+        if end <= len(self.piece):
+            self.pos = end
+            return self.piece[end - n:end]
+        parts, got = [self.piece[self.pos:]], len(self.piece) - self.pos
+        while got < n:
+            self.piece = self.source(CHUNK)
+            if not self.piece:
+                raise FormatError("docker save stream ended inside a layer")
+            self.on_piece(self.piece)
+            self.pos = min(len(self.piece), n - got)
+            parts.append(self.piece[:self.pos])
+            got += self.pos
+        return b"".join(parts)
+
+
 class LayerSplitter:
     """Splits a layer's tar into its files' contents (chunked by a ContentChunker) and the rest
     (headers, padding, the end: metadata kept in the layer's recipe), as runs that alternate
@@ -5213,23 +5240,14 @@ class LayerPipeline:
         level = self.options.level
         futures = []  # type: List[concurrent.futures.Future]
         tar_hash = PieceHasher("dogestry-diffid")
-        pending = [first]
 
-        def read(n: int) -> bytes:
+        def took(piece: bytes) -> None:
             if self.abort.is_set():
                 raise Interrupted("stopped")
-            if pending:
-                data = pending.pop()
-                if len(data) > n:
-                    pending.append(data[n:])
-                    data = data[:n]
-                if len(data) < n:
-                    data += reader.read(n - len(data))
-            else:
-                data = reader.read(n)
-            tar_hash.put(data)
-            task.advance(len(data))
-            return data
+            tar_hash.put(piece)
+            task.advance(len(piece))
+
+        read = PieceReader(first, reader.read, took).read
 
         def on_chunk(chunk: bytes) -> None:
             self._chunk_slots.acquire()

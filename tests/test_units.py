@@ -587,3 +587,30 @@ def test_each_chunk_is_gzipped_only_if_a_sample_of_it_compresses(tmp_path):
     assert packed and len(packed) < len(objects)
     assert sum(len(o) for o in packed) < len(text) // 4  # the text went gzipped
     assert sum(len(o) for o in objects if o[:2] != b"\x1f\x8b") >= len(noise)  # the noise as it is
+
+
+def test_a_chunked_layer_of_many_small_files_reads_back_byte_for_byte(tmp_path):
+    """Thousands of small files (headers every few hundred bytes), a big file and an empty one:
+    the recipe and chunks a push stores make the very tar again, and the recipe holds only metadata."""
+    rng = random.Random(9)
+    files = {"etc/f%04d" % i: b"x" * rng.randint(0, 900) for i in range(6000)}
+    files["big/blob"] = rng.getrandbits(8 * (20 << 20)).to_bytes(20 << 20, "little")
+    files["empty"] = b""
+    layer = tar_bytes(files)
+    store = dogestry.LocalStore(str(tmp_path / "store"))
+    quiet = dogestry.Progress(io.StringIO(), quiet=True)
+    pipeline = dogestry.LayerPipeline(store, str(tmp_path), quiet, dogestry.PushOptions(workers=2))
+    stream, reads = io.BytesIO(layer), []
+    counted = type("Counted", (), {"read": lambda self, n=-1: reads.append(n) or stream.read(n)})()
+    try:
+        spool = pipeline.spool(dogestry.MemberReader(counted, len(layer)), len(layer), "x", True)
+        pipeline.upload(spool.raw_digest, spool)
+        records = pipeline.finish()
+    finally:
+        pipeline.close()
+    record = records[spool.raw_digest]
+    assert record.chunked and record.diff_id == "sha256:" + hashlib.sha256(layer).hexdigest()
+    assert b"".join(dogestry.layer_tar_chunks(store, record, lambda n: None)) == layer
+    recipe = dogestry.read_recipe(store, record)
+    assert recipe.metadata_size < 6002 * 512 * 3 and sum(size for _, size in recipe.chunks) >= 20 << 20
+    assert len(reads) < len(layer) // (1 << 20) + 8  # read in pieces of 1 MiB, not a read per tar header
