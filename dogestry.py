@@ -4676,7 +4676,7 @@ CUT_WINDOW = 48            # the bytes before a candidate that decide whether it
 # so candidates stay rare enough for Python to test each and common enough to cut.
 CUT_MARKERS = (b"\x9e\x37", b"\n\n", b"}\n", b";\n", b".\n", b"\n#", b"\n\t", b"\n ", b"=\"", b"e ", b"\n",
                b"\x00\x00\x00\x00\x00\x00\x00\x01", b"\x00\x01", b"\x01\x00")
-MARKER_SAMPLE = 256 << 10  # the first bytes of a file its marker is chosen by
+MARKER_SAMPLE = 1 << 20  # the first bytes of a file its marker is chosen by
 MARKER_RATE_MAX = 128  # each occurrence costs a Python-level test: at most this many per CHUNK_SPACING
 MARKER_FILE_MIN = 1 << 20  # smaller files cut only where they end (a file of CHUNK_SPACING or more always may)
 
@@ -4686,7 +4686,8 @@ def cut_marker(sample: bytes) -> Tuple[bytes, int]:
     for marker in itertools.chain(CUT_MARKERS, _sampled_markers(sample)):
         per_spacing = sample.count(marker) * CHUNK_SPACING / max(len(sample), 1)
         if 4 <= per_spacing <= MARKER_RATE_MAX:
-            return marker, (1 << (int(per_spacing * 1.4142135).bit_length() - 1)) - 1  # ~ 2 ** round(log2)
+            # 1 to 2 candidates per CHUNK_SPACING: a chunk rarely reaches CHUNK_MAX (a cut an insertion shifts)
+            return marker, (1 << (int(per_spacing).bit_length() - 1)) - 1
     return b"", 0
 
 
