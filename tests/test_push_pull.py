@@ -455,8 +455,11 @@ def test_tag_pointing_to_a_missing_image_fails_cleanly(docker_env, tmp_path):
     one_error_line(proc, "missing")
 
 
-def spooling(spool):
-    """Is a push writing a layer into its temp dir under SPOOL right now?"""
+def spooling(spool, store=None, chunks_before=()):
+    """Is a push writing a layer into its temp dir under SPOOL right now (or, for a layer it
+    stores as chunks, writing into STORE chunks other than CHUNKS_BEFORE)?"""
+    if store is not None and set(store.glob("chunks/sha256/*")) - set(chunks_before):
+        return True
     for member in spool.glob("*/member-*"):
         try:
             if member.stat().st_size > 0:
@@ -473,11 +476,12 @@ def test_interrupted_push_writes_no_tag_and_cleans_its_temp_dir(docker_host, doc
     cmd = [sys.executable, str(Path(__file__).resolve().parent.parent / "dogestry.py"),
            "-tempdir", str(spool), "push", str(store), "dgtest/big:1"]
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL):
+        before = set(store.glob("chunks/sha256/*"))  # what pushes interrupted before left
         proc = subprocess.Popen(cmd, env=docker_env, stderr=subprocess.PIPE, universal_newlines=True)
         deadline = time.monotonic() + 30
-        while not spooling(spool) and time.monotonic() < deadline:  # mid-push: a layer is being written
+        while not spooling(spool, store, before) and time.monotonic() < deadline:  # mid-push: a layer is being written
             time.sleep(0.02)
-        assert spooling(spool), "the push never started spooling"
+        assert spooling(spool, store, before), "the push never started spooling"
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode != 0
