@@ -5238,6 +5238,7 @@ class LayerPipeline:
         path = os.path.join(self.work_dir, "recipe-%d" % self._count)
         self._count += 1
         task = self.progress.task(label, "chunking", size)
+        started = time.monotonic()
         level = self.options.level
         futures = []  # type: List[concurrent.futures.Future]
         tar_hash = PieceHasher("dogestry-diffid")
@@ -5277,8 +5278,10 @@ class LayerPipeline:
             with contextlib.suppress(OSError):
                 os.unlink(path + ".meta")
         written = [n for _, _, n in stored_chunks if n is not None]
-        task.phase("read", None, "%s as %d chunks, %d new (%s%s)" % (
-            human_size(size), len(chunks), len(written), human_size(sum(written)), " gzip" if level else ""))
+        seconds = max(time.monotonic() - started, 1e-6)
+        task.phase("read", None, "%s as %d chunks, %d new (%s written) in %.1fs (%s/s)" % (
+            human_size(size), len(chunks), len(written), human_size(sum(written)), seconds,
+            human_size(size / seconds)))
         self._rows[path] = task
         return Spool(path, digest, stored, diff_id, size, "chunked")
 
@@ -5352,10 +5355,12 @@ class LayerPipeline:
         self.progress.task(diff_id[7:19], "already stored", None).finish("already stored")
 
     def _upload(self, record: LayerRecord, path: str, task: TaskSink, layer: bool = True) -> None:
-        task.phase("uploading", record.size)
+        if not record.chunked:  # a chunked layer's row says what its chunks took; its recipe is small
+            task.phase("uploading", record.size)
         try:
             key = blob_key(record.digest)
-            if self.store.put_file(key, path, record.size, record.digest, task.advance, if_absent=True,
+            advance = (lambda n: None) if record.chunked else task.advance
+            if self.store.put_file(key, path, record.size, record.digest, advance, if_absent=True,
                                    consume=True):
                 self.report.add(record.digest, record.size)
             else:

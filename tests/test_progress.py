@@ -245,7 +245,7 @@ def test_a_piped_push_names_each_layer_once_by_its_diffid(docker_env, docker_hos
     assert sorted(labelled) == sorted(two_layer_image)
     assert "waiting for the Docker engine to export image" in lines[0]
     # a layer of 16 MiB or more is stored as chunks: the row says how many, how many were new, their bytes
-    assert re.search(r"^%s: pushed 25\.2MB as \d+ chunks, \d+ new \(\S+ gzip\) in " % two_layer_image[1],
+    assert re.search(r"^%s: pushed 25\.2MB as \d+ chunks, \d+ new \(\S+ written\) in [\d.]+s \(\S+/s\)$" % two_layer_image[1],
                      first.stderr, re.M)
     rows = [line for line in second.stderr.splitlines() if HEX_LABEL.match(line)]
     assert rows_with(rows, shared) == ["%s: already stored" % shared]
