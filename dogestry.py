@@ -4676,9 +4676,10 @@ CUT_WINDOW = 48            # the bytes before a candidate that decide whether it
 # so candidates stay rare enough for Python to test each and common enough to cut.
 CUT_MARKERS = (b"\x9e\x37", b"\n\n", b"}\n", b";\n", b".\n", b"\n#", b"\n\t", b"\n ", b"=\"", b"e ", b"\n",
                b"\x00\x00\x00\x00\x00\x00\x00\x01", b"\x00\x01", b"\x01\x00")
-MARKER_SAMPLE = 1 << 20  # the first bytes of a file its marker is chosen by
+MARKER_SAMPLE = 256 << 10  # the first bytes of a file its marker is chosen by
 MARKER_RATE_MAX = 128  # each occurrence costs a Python-level test: at most this many per CHUNK_SPACING
-MARKER_FILE_MIN = 1 << 20  # smaller files cut only where they end (a file of CHUNK_SPACING or more always may)
+MARKER_FILE_MIN = 4 << 20  # smaller files cut only where they end (a file of CHUNK_SPACING or more always
+                           # may) and at CHUNK_MAX: choosing a marker costs up to ~6 ms, too much for each small file
 
 
 def cut_marker(sample: bytes) -> Tuple[bytes, int]:
@@ -4692,9 +4693,9 @@ def cut_marker(sample: bytes) -> Tuple[bytes, int]:
 
 
 def _sampled_markers(sample: bytes) -> Iterator[bytes]:
-    """Markers for content none of CUT_MARKERS suits: strings of 3, 4 and 6 bytes taken from the sample."""
-    step = max(len(sample) // 16, 1)
-    for length in (3, 4, 6):
+    """Markers for content none of CUT_MARKERS suits: strings of 3 and 4 bytes taken from the sample."""
+    step = max(len(sample) // 8, 1)
+    for length in (3, 4):
         for start in range(0, len(sample) - length, step):
             yield sample[start:start + length]
 
