@@ -5258,7 +5258,7 @@ class LayerPipeline:
                 if done.done() and done.exception() is not None:
                     self._chunk_slots.release()
                     raise cast(BaseException, done.exception())
-            futures.append(self._chunk_pool.submit(self._store_chunk, chunk, level))
+            futures.append(self._chunk_pool.submit(self._store_chunk, [chunk], level))
 
         meta_packer = zlib.compressobj(self.options.level, zlib.DEFLATED, 31)
         try:
@@ -5286,9 +5286,11 @@ class LayerPipeline:
         self._rows[path] = task
         return Spool(path, digest, stored, diff_id, size, "chunked")
 
-    def _store_chunk(self, chunk: bytes, level: int) -> Tuple[str, int, Optional[int]]:
-        """Store a chunk unless the store has it: (its hex, its size, the bytes written or None)."""
+    def _store_chunk(self, box: List[bytes], level: int) -> Tuple[str, int, Optional[int]]:
+        """Store the chunk in box unless the store has it: (its hex, its size, the bytes written or
+        None).  The box is emptied, so a gzipped chunk's bytes are freed while it is being written."""
         try:
+            chunk = box.pop()
             if self.abort.is_set():
                 raise Interrupted("stopped")
             chunk_hex = hashlib.sha256(chunk).hexdigest()
@@ -5298,13 +5300,15 @@ class LayerPipeline:
                 self.freshness.relied_on(key, age)
                 self.report.add_chunk(key, None)
                 return chunk_hex, len(chunk), None
+            size = len(chunk)
             packed = gzip_member(chunk, level) if chunk_compresses(chunk, level) else chunk
-            if len(packed) >= len(chunk):  # a chunk object as big as its chunk is the bytes themselves
+            if len(packed) >= size:  # a chunk object as big as its chunk is the bytes themselves
                 packed = chunk
+            del chunk
             self.store.put_bytes(key, packed, if_absent=True)
             self.freshness.written(key)
             self.report.add_chunk(key, len(packed))
-            return chunk_hex, len(chunk), len(packed)
+            return chunk_hex, size, len(packed)
         finally:
             self._chunk_slots.release()
 
