@@ -4667,7 +4667,7 @@ class GzipInflater:
 # 500 MiB random file, or of a 190 MiB text: one new chunk.
 
 CHUNKED_LAYER_MIN = 16 << 20  # smaller layers are stored whole, as before
-CHUNK_TASKS = 8  # chunks hashed, looked for, compressed and written at once (each holds at most 2 CHUNK_MAX)
+CHUNK_TASKS = 6  # chunks hashed, looked for, compressed and written at once (each holds at most 2 CHUNK_MAX)
 CHUNK_MIN = 512 << 10      # no cut closer than this to the chunk's start (bounds objects per GiB)
 CHUNK_SPACING = 512 << 10  # the mean distance between cut candidates (a chunk averages about MIN + SPACING)
 CUT_WINDOW = 48            # the bytes before a candidate that decide whether it is a cut
