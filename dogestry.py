@@ -5726,22 +5726,28 @@ class BlobFeeder:
 
     def _run(self) -> None:
         try:
-            record = self.record
-            self.stored, self.stored_size = hashlib.sha256(), 0
-            with contextlib.closing(self.store.open(self.key, record.size)) as f:
-                if self.inflate and record.members:
-                    self._inflate_members(f, record.members)
-                else:
-                    self._read(f, GzipInflater() if self.inflate else None)
+            self._feed()
             self._put(("end", self._verify()))
         except zlib.error as e:
-            self._put(("error", IntegrityError("%s: blob %s is corrupt (%s); nothing was loaded"
-                                               % (self.store.url, self.record.digest, e))))
+            self._put(("error", self._corrupt(e)))
         except BaseException as e:  # handed to the consumer, which raises it
             self._put(("error", e))
         finally:
             if self.unpacked is not None:
                 self.unpacked.join()
+
+    def _feed(self) -> None:
+        """Read the blob and give out its bytes (gunzipped if asked)."""
+        record = self.record
+        self.stored, self.stored_size = hashlib.sha256(), 0
+        with contextlib.closing(self.store.open(self.key, record.size)) as f:
+            if self.inflate and record.members:
+                self._inflate_members(f, record.members)
+            else:
+                self._read(f, GzipInflater() if self.inflate else None)
+
+    def _corrupt(self, e: zlib.error) -> IntegrityError:
+        return IntegrityError("%s: blob %s is corrupt (%s); nothing was loaded" % (self.store.url, self.record.digest, e))
 
     def _took(self, data: bytes) -> None:
         """Count bytes read from the store."""
@@ -5838,24 +5844,18 @@ class ChunkedFeeder(BlobFeeder):
         self.window, self.recipe_path = window, recipe_path
         super().__init__(store, record, window is None)
 
-    def _run(self) -> None:
-        try:
-            local = open(self.recipe_path, "rb") if self.recipe_path else None
-            recipe, metadata = open_recipe(self.store, self.record, local)
-            with contextlib.closing(metadata.stream):
-                if self.window is None:
-                    self._assemble(recipe, metadata)
-                else:
-                    self._assemble_window(recipe, metadata, *self.window)
-            self._put(("end", self._verify()))
-        except zlib.error as e:
-            self._put(("error", IntegrityError("%s: a chunk of layer %s is corrupt (%s); nothing was loaded"
-                                               % (self.store.url, self.record.diff_id, e))))
-        except BaseException as e:  # handed to the consumer, which raises it
-            self._put(("error", e))
-        finally:
-            if self.unpacked is not None:
-                self.unpacked.join()
+    def _feed(self) -> None:
+        local = open(self.recipe_path, "rb") if self.recipe_path else None
+        recipe, metadata = open_recipe(self.store, self.record, local)
+        with contextlib.closing(metadata.stream):
+            if self.window is None:
+                self._assemble(recipe, metadata)
+            else:
+                self._assemble_window(recipe, metadata, *self.window)
+
+    def _corrupt(self, e: zlib.error) -> IntegrityError:
+        return IntegrityError("%s: a chunk of layer %s is corrupt (%s); nothing was loaded"
+                              % (self.store.url, self.record.diff_id, e))
 
     def _took(self, data: bytes) -> None:
         """Nothing to count: the tar's bytes are checked against the diffID."""

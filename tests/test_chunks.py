@@ -20,15 +20,16 @@ MIB = 1 << 20
 HOSTS = loopback_addresses(1)  # the module's fleet (conftest `fleet`): a dockerd on HOST:2375
 
 
-def tree(edit=None):
-    """~24 MiB of files: 40 random ones of 256 KiB, 40 text ones of 256 KiB, 8 random ones of 1 MiB;
-    edit: the name of a file to change in its middle."""
+def tree(edit=None, text_first=False, seed=100):
+    """~24 MiB of files: 40 random ones of 256 KiB, 40 text ones of 256 KiB, 8 random ones of 1 MiB
+    (text_first: the text files first in the tar); edit: the name of a file to change in its middle."""
+    binaries = "app/zbin" if text_first else "app/bin"
     files = {}
     for i in range(40):
-        files["app/bin/b%02d" % i] = random_bytes(256 << 10, 100 + i)
-        files["app/doc/t%02d.txt" % i] = text_bytes(256 << 10, 200 + i)
+        files["%s/b%02d" % (binaries, i)] = random_bytes(256 << 10, seed + i)
+        files["app/doc/t%02d.txt" % i] = text_bytes(256 << 10, seed + 100 + i)
     for i in range(8):
-        files["app/big/m%d" % i] = random_bytes(MIB, 300 + i)
+        files["%s/m%d" % ("app/zbig" if text_first else "app/big", i)] = random_bytes(MIB, seed + 200 + i)
     if edit is not None:
         data = bytearray(files[edit])
         data[len(data) // 2:len(data) // 2 + 16] = b"edited by a test"

@@ -26,6 +26,7 @@ from conftest import make_bucket, skip_or_fail
 from realdocker import (REPO_ROOT, build_image, docker_cli, image_id, image_layers, is_ci, loopback_addresses, ok,
                         one_error_line, random_bytes, remove_tree, run_dogestry, text_bytes)
 from serverkit import PORT, call, docker_user, raw_exchange, raw_status, server_env
+from test_chunks import tree as chunk_tree
 from test_registry import puller  # noqa: F401  (a dockerd of that module's own, pulling from the registry)
 
 pytestmark = pytest.mark.integration
@@ -45,20 +46,8 @@ def sha(data):
 
 def tree(edit=None):
     """~24 MiB of files, text first (so the layer's chunks are gzip'ed, but for the random ones,
-    stored as they are): 40 text files of 256 KiB, 40 random ones, 8 random ones of 1 MiB;
-    edit: the name of a file to change in its middle."""
-    files = {}
-    for i in range(40):
-        files["app/doc/t%02d.txt" % i] = text_bytes(256 << 10, 500 + i)
-    for i in range(40):
-        files["app/zbin/b%02d" % i] = random_bytes(256 << 10, 600 + i)
-    for i in range(8):
-        files["app/zbig/m%d" % i] = random_bytes(MIB, 700 + i)
-    if edit is not None:
-        data = bytearray(files[edit])
-        data[len(data) // 2:len(data) // 2 + 16] = b"edited by a test"
-        files[edit] = bytes(data)
-    return files
+    stored as they are): test_chunks.tree with its text files first."""
+    return chunk_tree(edit, text_first=True, seed=400)
 
 
 class Chunky:

@@ -18,20 +18,11 @@ import pytest
 
 from realdocker import build_image, docker_cli, image_layers, one_error_line, run_dogestry
 from test_chunks import tree
-from test_gc import MIN_GRACE, age_store, ok, pulls_back, s3_client, wait_until_older_than
+from test_gc import (MIN_GRACE, age_store, docker_env, ok, pulls_back, s3_client, s3_env,  # noqa: F401 (fixtures)
+                     wait_until_older_than)
 from test_save_formats import original_layout
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def docker_env(docker_env):
-    return dict(docker_env, DOGESTRY_GC_MIN_GRACE=MIN_GRACE)
-
-
-@pytest.fixture
-def s3_env(s3_env):
-    return dict(s3_env, DOGESTRY_GC_MIN_GRACE=MIN_GRACE)
 
 
 class Images:
