@@ -10988,11 +10988,14 @@ class ReferrerLister:
         return ["sha256:" + p[3] for p in parts if len(p) == 4 and _HEX64.match(p[2]) and _HEX64.match(p[3])]
 
 
+COPY_MANIFESTS_LIMIT = 20000  # the most manifests one copy reads (a store a hostile writer made may hold more)
+
+
 def manifests_reached(store: Store, roots: Sequence[str], subjects: Sequence[str],
                       lister: ReferrerLister) -> List[PushedManifest]:
     """Every manifest of store the roots reach (the manifests an index names, recursively) and
     the referrers of those and of `subjects` (recursively), each once, the manifests an index
-    names before it; NotFound if one is not stored."""
+    names before it; NotFound if one is not stored, FormatError past COPY_MANIFESTS_LIMIT."""
     found = collections.OrderedDict()  # type: collections.OrderedDict[str, PushedManifest]
     todo = collections.deque((digest, "the tag") for digest in roots)
     todo.extend((digest, "the referrers of %s" % subject) for subject in subjects for digest in lister.referrers(subject))
@@ -11000,6 +11003,9 @@ def manifests_reached(store: Store, roots: Sequence[str], subjects: Sequence[str
         digest, named_by = todo.popleft()
         if digest in found:
             continue
+        if len(found) >= COPY_MANIFESTS_LIMIT:
+            raise FormatError("%s: what is copied reaches more than %d manifests (indexes, their manifests and "
+                              "referrers); nothing was copied" % (store.url, COPY_MANIFESTS_LIMIT))
         manifest = read_pushed_manifest(store, digest)
         if manifest is None:
             raise NotFound("%s: manifest %s, which %s names, is not stored; nothing was copied"
@@ -11007,17 +11013,25 @@ def manifests_reached(store: Store, roots: Sequence[str], subjects: Sequence[str
         found[digest] = manifest
         todo.extend((child, digest) for child in manifest.children)
         todo.extend((referrer, "the referrers of %s" % digest) for referrer in lister.referrers(digest))
+    return children_first(found)
+
+
+def children_first(found: Mapping[str, PushedManifest]) -> List[PushedManifest]:
+    """The manifests, each after every manifest it names (without recursion: a chain of nested
+    indexes may be deeper than Python's stack)."""
     ordered, placed = [], set()  # type: List[PushedManifest], Set[str]
-
-    def place(manifest: PushedManifest) -> None:
-        if manifest.digest not in placed:
-            placed.add(manifest.digest)
-            for child in manifest.children:
-                place(found[child])
-            ordered.append(manifest)
-
     for manifest in found.values():
-        place(manifest)
+        stack = [(manifest, False)]
+        while stack:
+            current, expanded = stack.pop()
+            if current.digest in placed:
+                continue
+            if expanded:
+                placed.add(current.digest)
+                ordered.append(current)
+                continue
+            stack.append((current, True))
+            stack.extend((found[child], False) for child in reversed(current.children) if child not in placed)
     return ordered
 
 

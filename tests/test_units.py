@@ -614,3 +614,19 @@ def test_a_chunked_layer_of_many_small_files_reads_back_byte_for_byte(tmp_path):
     recipe = dogestry.read_recipe(store, record)
     assert recipe.metadata_size < 6002 * 512 * 3 and sum(size for _, size in recipe.chunks) >= 20 << 20
     assert len(reads) < len(layer) // (1 << 20) + 8  # read in pieces of 1 MiB, not a read per tar header
+
+
+def test_copy_orders_a_chain_of_nested_indexes_deeper_than_pythons_stack(tmp_path):
+    """A store a hostile writer filled with 3,000 indexes each naming the one before: copy's walk
+    lists them children first, no RecursionError (it used to place them recursively)."""
+    store = dogestry.LocalStore(str(tmp_path / "store"))
+    below = []
+    for n in range(3000):
+        data = json.dumps({"schemaVersion": 2, "mediaType": dogestry.OCI_INDEX, "manifests": below,
+                           "annotations": {"n": str(n)}}).encode()
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        store.put_bytes(dogestry.manifest_key(digest), data)
+        below = [{"mediaType": dogestry.OCI_INDEX, "digest": digest, "size": len(data)}]
+    reached = dogestry.manifests_reached(store, [digest], [], dogestry.ReferrerLister(store))
+    assert len(reached) == 3000 and reached[-1].digest == digest
+    assert [m.doc["annotations"]["n"] for m in reached[:3]] == ["0", "1", "2"]
