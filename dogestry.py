@@ -14078,5 +14078,17 @@ def main(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, st
             signal.signal(signal.SIGTERM, previous_sigterm)
 
 
+def run_as_program() -> None:
+    """Run main() and exit with its status; an interrupted run exits at once, not waiting on
+    threads still blocked on the network (its work is stopped and cleaned up by then)."""
+    status = main()
+    if status == Interrupted.exit_code:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_as_program()

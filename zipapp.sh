@@ -16,7 +16,7 @@ with open(tmp, "wb") as f:
             info.external_attr = 0o644 << 16
             info.compress_type = compress
             z.writestr(info, data)
-        add("__main__.py", "import sys\nimport dogestry\nsys.exit(dogestry.main())\n")
+        add("__main__.py", "import dogestry\ndogestry.run_as_program()\n")
         with open(src, "rb") as s:
             add("dogestry.py", s.read())
         # The module compiled by this python3, so it is not compiled again at every start; a
