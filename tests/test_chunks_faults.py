@@ -1,9 +1,6 @@
 """Chunked layers under S3 faults: dogestry against radosgw through the fault-injecting proxy
 (tests/faultproxy.py), as tests/test_s3_faults.py does for layers stored whole."""
 
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -11,7 +8,8 @@ import uuid
 import pytest
 
 from faultproxy import Reset, s3_error
-from realdocker import DOGESTRY, build_image, docker_cli, image_id, ok, one_error_line, random_bytes, run_dogestry
+from realdocker import build_image, docker_cli, image_id, ok, one_error_line, random_bytes, run_dogestry
+from test_s3_faults import push_interrupted_at_once
 
 pytestmark = pytest.mark.integration
 
@@ -93,19 +91,6 @@ def test_ctrl_c_during_a_chunked_push_ends_in_two_seconds_with_no_tag(docker_hos
     proxy = fault_proxy(slow_chunks)
     ref, _ = chunked_image(docker_host, tmp_path)
     url = "s3://%s/chunkint/" % bucket
-    proc = subprocess.Popen([sys.executable, str(DOGESTRY), "push", url, ref], env=via(s3_env, proxy),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
-    try:
-        assert started.wait(120), "no chunk upload began"
-        sent = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
-        took = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err
-    assert took < 2.0, (took, err)
-    assert "Traceback" not in err and err.rstrip().endswith("dogestry: interrupted"), err
+    push_interrupted_at_once(url, ref, via(s3_env, proxy), started, "no chunk upload began")
     listed = ok(run_dogestry("list", url, env=s3_env)).stdout
     assert ref.split(":")[0] not in listed

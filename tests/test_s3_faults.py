@@ -553,6 +553,25 @@ def test_the_next_push_of_a_blob_aborts_its_abandoned_uploads(rgw, bucket, tmp_p
     assert client.head_size(key) == BIG
 
 
+def push_interrupted_at_once(url, ref, env, started, never_started):
+    """Start `dogestry push URL REF`, send it SIGINT once `started` is set (else fail with
+    never_started) and insist it ends within 2 s: exit 130, 'dogestry: interrupted', no traceback."""
+    proc = subprocess.Popen([sys.executable, str(DOGESTRY), "push", url, ref], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    try:
+        assert started.wait(120), never_started
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert took < 2.0, (took, err)
+    assert "Traceback" not in err and err.rstrip().endswith("dogestry: interrupted"), err
+
+
 def test_ctrl_c_during_a_big_push_ends_in_two_seconds_and_leaves_nothing(docker_host, s3_env, rgw, bucket,
                                                                         fault_proxy, tmp_path):
     """Ctrl-C with parts in flight and layers queued: exit 130 within 2 s, no tag, no open upload."""
@@ -569,21 +588,7 @@ def test_ctrl_c_during_a_big_push_ends_in_two_seconds_and_leaves_nothing(docker_
     layers = [{"data/%d.bin" % n: random_bytes(3 * PART, int(token, 16) + n)} for n in range(3)]
     ref = "dgfault/big%s:t1" % token[:6]
     build_image(docker_host, ref, layers, workdir=tmp_path)
-    proc = subprocess.Popen([sys.executable, str(DOGESTRY), "push", store_url(bucket), ref],
-                            env=via(s3_env, proxy), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            universal_newlines=True)
-    try:
-        assert started.wait(120), "no part upload began"
-        sent = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
-        took = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err
-    assert took < 2.0, (took, err)
-    assert "Traceback" not in err and err.rstrip().endswith("dogestry: interrupted"), err
+    push_interrupted_at_once(store_url(bucket), ref, via(s3_env, proxy), started, "no part upload began")
     assert not [k for k in keys(rgw, bucket) if k.startswith("faults/repositories/")]
     assert open_uploads(rgw, bucket) == []
 
