@@ -3764,6 +3764,8 @@ V1_JSON_SHAPE = {"parent?": OrNull(str), "created?": OrNull(str), "author?": OrN
 
 RECIPE_MEDIA_TYPE = "application/vnd.dogestry.layer.recipe.v1+json"
 CHUNK_MAX = 2 << 20  # the most bytes a chunk holds (unpacked)
+CHUNK_OBJECT_MAX = CHUNK_MAX + (CHUNK_MAX >> 6) + 4096  # the most bytes a chunk object is read with: a gzip
+                                                        # member of CHUNK_MAX incompressible bytes and more
 RECIPE_HEADER_LIMIT = 64 << 20  # the largest recipe JSON line read (some 700,000 files' runs)
 
 
@@ -5865,7 +5867,7 @@ class ChunkedFeeder(BlobFeeder):
         if self.stop.is_set():
             raise Interrupted("stopped")
         try:
-            data = self.store.get_bytes(chunk_key(chunk_hex), limit=CHUNK_MAX + (CHUNK_MAX >> 6) + 4096)
+            data = self.store.get_bytes(chunk_key(chunk_hex), limit=CHUNK_OBJECT_MAX)
         except NotFound:
             raise IntegrityError("%s: chunk %s of layer %s is missing (deleted by hand?); nothing was loaded"
                                  % (self.store.url, chunk_hex[:12], self.record.diff_id))
@@ -7462,7 +7464,7 @@ def _spool_chunks(store: Store, spool: "LocalStore", recipe: LayerRecipe) -> Non
     def copy(chunk_hex: str) -> None:
         key = chunk_key(chunk_hex)
         if spool.stat(key) is None:
-            spool.put_bytes(key, store.get_bytes(key, limit=CHUNK_MAX + (CHUNK_MAX >> 6) + 4096))
+            spool.put_bytes(key, store.get_bytes(key, limit=CHUNK_OBJECT_MAX))
 
     with thread_pool(CHUNK_FETCHES, "dogestry-chunk") as pool:
         list(pool.map(copy, dict.fromkeys(h for h, _ in recipe.chunks)))
@@ -10850,7 +10852,7 @@ class BlobCopier:
     def _stream_chunk(self, key: str, record: LayerRecord, chunk_hex: str, size: int) -> int:
         """Copy a chunk through this machine, checked against its name and size; its stored size."""
         try:
-            data = self.src.get_bytes(key, limit=CHUNK_MAX + (CHUNK_MAX >> 6) + 4096)
+            data = self.src.get_bytes(key, limit=CHUNK_OBJECT_MAX)
         except NotFound:
             raise self.missing_chunk(key, record)
         try:
