@@ -1454,7 +1454,7 @@ class LocalStore(Store):
 
     def put_bytes(self, key: str, data: bytes, if_absent: bool = False) -> None:
         if not (if_absent and self.stat(key) is not None):
-            self._put(key, io.BytesIO(data), len(data))
+            self._put(key, lambda out: out.write(data), len(data))
 
     def put_file(self, key: str, path: str, size: int, digest: Optional[str] = None,
                  on_progress: Callable[[int], None] = lambda n: None, if_absent: bool = False,
@@ -1465,7 +1465,8 @@ class LocalStore(Store):
             on_progress(size)
             return True
         with open(path, "rb") as f:
-            self._put(key, HashingReader(f, on_progress), size)  # type: ignore
+            self._put(key, lambda out: copy_stream(HashingReader(f, on_progress), WriteThrough(out), size),  # type: ignore
+                      size)
         return True
 
     def spool_dir(self) -> Optional[str]:
@@ -1486,7 +1487,8 @@ class LocalStore(Store):
             raise StoreError("%s: cannot write %s: %s" % (self.url, key, _os_reason(e)))
         return True
 
-    def _put(self, key: str, src: BinaryIO, size: int) -> None:
+    def _put(self, key: str, write: Callable[[BinaryIO], int], size: int) -> None:
+        """Write a key's file via a temp file: write(out) writes its bytes and says how many."""
         import tempfile  # lazy (start-up time): only writes and work directories need it
         path = self._path(key)
         tmp = None
@@ -1494,7 +1496,7 @@ class LocalStore(Store):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
             with os.fdopen(fd, "wb") as out:
-                copied = copy_stream(src, WriteThrough(out), size)
+                copied = write(out)
                 out.flush()
                 os.fsync(out.fileno())
             if copied != size:
@@ -4603,7 +4605,7 @@ def compressed_sample(sample: bytes, level: int = GZIP_LEVEL) -> Optional[bytes]
 
 
 CHUNK_SAMPLES = 4  # pieces of a chunk, spread over it, whose gzip decides whether the chunk is gzipped
-CHUNK_SAMPLE = 8 << 10  # ... each this big
+CHUNK_SAMPLE = 4 << 10  # ... each this big
 
 
 def chunk_compresses(chunk: bytes, level: int = GZIP_LEVEL) -> bool:
@@ -4717,7 +4719,7 @@ class ContentChunker:
         self.file_start = self.searched = len(self.buf)
         self.marker, self.mask = cut_marker(sample) if size >= MARKER_FILE_MIN else (b"", 0)
 
-    def feed(self, data: bytes) -> List[bytes]:
+    def feed(self, data: Union[bytes, memoryview]) -> List[bytes]:
         """More of the current file's data; the chunks it completes."""
         self.buf += data
         out = []  # type: List[bytes]
@@ -4800,16 +4802,20 @@ class PieceReader:
         if end <= len(self.piece):
             self.pos = end
             return self.piece[end - n:end]
-        parts, got = [self.piece[self.pos:]], len(self.piece) - self.pos
-        while got < n:
-            self.piece = self.source(CHUNK)
-            if not self.piece:
-                raise FormatError("docker save stream ended inside a layer")
-            self.on_piece(self.piece)
-            self.pos = min(len(self.piece), n - got)
-            parts.append(self.piece[:self.pos])
-            got += self.pos
-        return b"".join(parts)
+        return b"".join(self.views(n))
+
+    def views(self, n: int) -> Iterator[memoryview]:
+        """Exactly n bytes as views of the pieces, copied nowhere (FormatError if the stream ends first)."""
+        while n:
+            if self.pos == len(self.piece):
+                self.piece, self.pos = self.source(CHUNK), 0
+                if not self.piece:
+                    raise FormatError("docker save stream ended inside a layer")
+                self.on_piece(self.piece)
+            take = min(n, len(self.piece) - self.pos)
+            yield memoryview(self.piece)[self.pos:self.pos + take]
+            self.pos += take
+            n -= take
 
 
 class LayerSplitter:
@@ -4829,25 +4835,23 @@ class LayerSplitter:
             self.runs[-1] += len(data)
             self.on_meta(data)
 
-    def _content(self, read: Callable[[int], bytes], size: int) -> None:
+    def _content(self, reader: PieceReader, size: int) -> None:
         if len(self.runs) % 2:
             self.runs.append(0)
         self.runs[-1] += size
-        first = True
-        left = size
-        while left:
-            data = read(min(CHUNK, left))
-            left -= len(data)
-            if first:
-                self.chunker.start_file(data[:MARKER_SAMPLE], size)
-                first = False
-            for chunk in self.chunker.feed(data):
+        sample = reader.read(min(MARKER_SAMPLE, size))  # the file's first bytes choose its marker
+        self.chunker.start_file(sample, size)
+        for chunk in self.chunker.feed(sample):
+            self.on_chunk(chunk)
+        for view in reader.views(size - len(sample)):
+            for chunk in self.chunker.feed(view):
                 self.on_chunk(chunk)
         for chunk in self.chunker.end_file(size):
             self.on_chunk(chunk)
 
-    def split(self, read: Callable[[int], bytes], size: int) -> None:
-        """Read a tar of `size` bytes with read(n) (exactly n bytes each call) and split it."""
+    def split(self, reader: PieceReader, size: int) -> None:
+        """Read a tar of `size` bytes from reader and split it."""
+        read = reader.read
         left = size
         header = None
         while left >= TAR_BLOCK:
@@ -4861,7 +4865,7 @@ class LayerSplitter:
             padding = -data_size % TAR_BLOCK
             if header[156:157] in CONTENT_TYPES or data_size > TAR_META_LIMIT:
                 if data_size:
-                    self._content(read, data_size)
+                    self._content(reader, data_size)
             else:
                 self._meta(read(data_size))
             self._meta(read(padding))
@@ -4869,7 +4873,7 @@ class LayerSplitter:
         if left and left <= TAR_META_LIMIT and header is not None and not any(header):
             self._meta(read(left))
         elif left:
-            self._content(read, left)
+            self._content(reader, left)
         for chunk in self.chunker.finish():
             self.on_chunk(chunk)
 
@@ -5169,6 +5173,8 @@ class LayerPipeline:
         self._upload_pool = thread_pool(options.uploads, "dogestry-upload")
         self._chunk_pool = thread_pool(CHUNK_TASKS, "dogestry-chunk")
         self._chunk_slots = threading.Semaphore(CHUNK_TASKS)
+        self.chunk_hints = {}  # type: Dict[str, ChunkHint]  # chunks known stored, not asked about again
+        self._hints_coming = None  # type: Optional[concurrent.futures.Future]
         self._futures = []  # type: List[concurrent.futures.Future]
         self._count = 0
         self._rows = {}  # type: Dict[str, TaskSink]  # a spooled member's progress row, by its file
@@ -5234,10 +5240,16 @@ class LayerPipeline:
         self._rows[path] = task
         return Spool(path, writer.digest, writer.size, raw_digest, raw_size, "gzip", tuple(writer.pieces))
 
+    def learn_chunks(self, find: Callable[[], Dict[str, ChunkHint]]) -> None:
+        """Find chunks known stored (chunk_hints) in the background; the first chunked layer waits for them."""
+        self._hints_coming = self._chunk_pool.submit(find)
+
     def _spool_chunked(self, first: bytes, reader: MemberReader, size: int, label: str) -> Spool:
         """Store a layer's chunks the store lacks, on all cores, and spool its recipe (section 11):
         a Spool of the recipe, compression "chunked", whose raw digest is the layer's.  Each chunk
         is gzipped if a sample of it compresses (chunk_compresses), else stored as it is."""
+        if self._hints_coming is not None:
+            self.chunk_hints, self._hints_coming = self._hints_coming.result(), None
         path = os.path.join(self.work_dir, "recipe-%d" % self._count)
         self._count += 1
         task = self.progress.task(label, "chunking", size)
@@ -5252,7 +5264,7 @@ class LayerPipeline:
             tar_hash.put(piece)
             task.advance(len(piece))
 
-        read = PieceReader(first, reader.read, took).read
+        pieces = PieceReader(first, reader.read, took)
 
         def on_chunk(chunk: bytes) -> None:
             self._chunk_slots.acquire()
@@ -5269,7 +5281,7 @@ class LayerPipeline:
                     meta.write(meta_packer.compress(data))
 
                 splitter = LayerSplitter(on_meta, on_chunk)
-                splitter.split(read, size)
+                splitter.split(pieces, size)
                 meta.write(meta_packer.flush())
             stored_chunks = [future.result() for future in futures]
             chunks = [(chunk_hex, chunk_size) for chunk_hex, chunk_size, _ in stored_chunks]
@@ -5297,6 +5309,11 @@ class LayerPipeline:
                 raise Interrupted("stopped")
             chunk_hex = hashlib.sha256(chunk).hexdigest()
             key = chunk_key(chunk_hex)
+            hint = self.chunk_hints.get(chunk_hex)
+            if hint is not None:  # a recipe names it: the recipe is relied on instead (see chunk_hints)
+                self.freshness.relied_on(hint.recipe_key, hint.age + self.freshness.clock() - hint.seen_at)
+                self.report.add_chunk(key, None)
+                return chunk_hex, len(chunk), None
             age = self.store.age(key)
             if age is not None:
                 self.freshness.relied_on(key, age)
@@ -5452,6 +5469,64 @@ def reused_layer(store: Store, diff_id: str, freshness: Freshness) -> Optional[L
     return record
 
 
+class ChunkHint(NamedTuple):
+    """A chunk a stored recipe names: the recipe's key, its age, and when (monotonic) that was seen."""
+
+    recipe_key: str
+    age: float
+    seen_at: float
+
+
+HINT_RECIPES_MAX = 16      # recipes a push reads to learn which chunks the store has
+HINT_TAGS_LISTED = 10000   # ... at most this many of the repository's tags listed to find its newest
+
+
+def chunk_hints(store: Store, ref: ImageRef, platform: Platform, clock: Callable[[], float]) -> Dict[str, ChunkHint]:
+    """The chunks the recipes of the images that `ref` and its repository's newest tag name (an
+    image, or an index's entry for platform) hold, so a rebuilt image's push asks the store about
+    none of them.  A push relies on such a recipe as on any object (Freshness) and gc keeps every
+    chunk a recipe it keeps names, so the chunks stay while the recipe does.  Best effort: what
+    cannot be read gives no hints."""
+    prefix = "repositories/%s/" % ref.name
+    try:  # (a store may allow no listing: then the tag alone)
+        tags = [e for e in itertools.islice(store.list_entries(prefix), HINT_TAGS_LISTED)
+                if "/" not in e.key[len(prefix):]]
+    except DogestryError:
+        tags = []
+    refs = [ref] + [ImageRef(ref.name, e.key[len(prefix):]) for e in sorted(tags, key=lambda e: e.age)[:1]]
+    records = {}  # type: Dict[str, LayerRecord]
+    for image_hex in dict.fromkeys(filter(None, (_hinted_image(store, r, platform) for r in refs))):
+        with contextlib.suppress(DogestryError):
+            records.update((r.digest, r) for r in load_stored_image(store, image_hex).layers if r.chunked)
+
+    def read(record: LayerRecord) -> Tuple[Optional[ChunkHint], List[Tuple[str, int]]]:
+        seen_at = clock()  # before the age is asked: the age is then over-, never under-estimated
+        try:
+            age = store.age(blob_key(record.digest))
+            chunks = read_recipe(store, record).chunks
+        except DogestryError:
+            return None, []
+        return (None if age is None else ChunkHint(blob_key(record.digest), age, seen_at)), chunks
+
+    hints = {}  # type: Dict[str, ChunkHint]
+    chosen = sorted(records.values(), key=lambda r: r.digest)[:HINT_RECIPES_MAX]
+    with thread_pool(min(8, max(1, len(chosen))), "dogestry-hints") as pool:
+        for hint, chunks in pool.map(read, chosen):
+            if hint is not None:
+                hints.update((chunk_hex, hint) for chunk_hex, _ in chunks)
+    return hints
+
+
+def _hinted_image(store: Store, ref: ImageRef, platform: Platform) -> Optional[str]:
+    """The image hex a tag names (an index: its entry for platform); None if there is none."""
+    try:
+        target = read_tag_target(store, ref)
+        index = target_index(store, ref, target)
+        return target.image_hex if index is None else index_entry_image(store, index, platform)
+    except DogestryError:
+        return None
+
+
 def push_image(docker: DockerClient, store: Store, text: str, progress: ProgressSink,
                options: PushOptions, report: Optional[TransferReport] = None) -> str:
     """Push one local image (NAME[:TAG] or ID) and its tag; return the image ID (report: what was sent)."""
@@ -5478,7 +5553,8 @@ def push_image(docker: DockerClient, store: Store, text: str, progress: Progress
         progress.note("%s: image %s is already stored" % (str(ref or text), image_hex[:12]))
     else:
         freshness = options.freshness(store)
-        stored = _push_new_image(docker, store, image_id, diff_ids, progress, options, freshness, report)
+        stored = _push_new_image(docker, store, image_id, diff_ids, progress, options, freshness, report,
+                                 None if ref is None else (ref, platform))
     report.image_id, report.layers = image_id, stored.layers
     report.platform = str(platform) if platform.architecture else None
     if ref is not None:
@@ -5557,19 +5633,23 @@ def _index_rewriters(store: Store, records: Sequence[LayerRecord]) -> Dict[str, 
 
 def _push_new_image(docker: DockerClient, store: Store, image_id: str, diff_ids: List[str],
                     progress: ProgressSink, options: PushOptions, freshness: Freshness,
-                    report: Optional[TransferReport] = None) -> StoredImage:
-    """Store an image the store lacks from the engine's docker save; return it as stored."""
+                    report: Optional[TransferReport] = None,
+                    tagged: Optional[Tuple[ImageRef, Platform]] = None) -> StoredImage:
+    """Store an image the store lacks from the engine's docker save; return it as stored
+    (tagged: the tag it is pushed to, and its platform, whose images' chunks it may reuse)."""
     known = {}  # type: Dict[str, LayerRecord]
     for diff_id in set(diff_ids):
         record = reused_layer(store, diff_id, freshness)
         if record is not None:
             known[diff_id] = record
+    wanted = set(diff_ids) - set(known)
     freshness.refresh(freshness.min_grace / 2, _index_rewriters(store, list(known.values())))  # the wait hides here
     if known:
         progress.note("%d of %d layers already stored" % (len(set(known)), len(set(diff_ids))))
-    wanted = set(diff_ids) - set(known)
     with work_directory(options.tempdir or store.spool_dir()) as work:
         pipeline = LayerPipeline(store, work, progress, options, freshness, report=report)
+        if wanted and tagged and options.chunked:  # while the engine exports
+            pipeline.learn_chunks(functools.partial(chunk_hints, store, tagged[0], tagged[1], freshness.clock))
         try:
             def spool(entry: TarEntry, reader: MemberReader) -> Optional[Spool]:
                 return _spool_member(entry, reader, image_id, wanted, known, pipeline)

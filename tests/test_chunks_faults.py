@@ -1,6 +1,7 @@
 """Chunked layers under S3 faults: dogestry against radosgw through the fault-injecting proxy
 (tests/faultproxy.py), as tests/test_s3_faults.py does for layers stored whole."""
 
+import json
 import threading
 import time
 import uuid
@@ -94,3 +95,78 @@ def test_ctrl_c_during_a_chunked_push_ends_in_two_seconds_with_no_tag(docker_hos
     push_interrupted_at_once(url, ref, via(s3_env, proxy), started, "no chunk upload began")
     listed = ok(run_dogestry("list", url, env=s3_env)).stdout
     assert ref.split(":")[0] not in listed
+
+
+# --- A rebuilt image: the chunks its repository's newest image names are not asked about -----
+
+def s3_store(rgw, bucket, prefix):
+    """An in-process S3Store straight to radosgw (no proxy)."""
+    import dogestry
+    config = dogestry.AwsConfig({"AWS_ACCESS_KEY_ID": rgw.access_key, "AWS_SECRET_ACCESS_KEY": rgw.secret_key},
+                                "/nonexistent")
+    location = dogestry.S3Location(bucket, prefix, "us-east-1", rgw.endpoint)
+    return dogestry.S3Store(location, dogestry.S3Client(location, dogestry.CredentialChain(config), config))
+
+
+def rebuilt_pair(docker_host, tmp_path):
+    """Two builds of one repository's ~24 MiB layer, the second with one file edited: (ref1, ref2, its ID)."""
+    token = uuid.uuid4().hex[:10]
+    files = {"data/f%02d.bin" % n: random_bytes(768 << 10, int(token, 16) + n) for n in range(32)}
+    first = "dgchunkhint/app%s:1" % token[:6]
+    build_image(docker_host, first, [files], workdir=tmp_path)
+    edited = bytearray(files["data/f09.bin"])
+    edited[1000:1016] = b"edited by a test"
+    second = first[:-1] + "2"
+    return first, second, build_image(docker_host, second, [dict(files, **{"data/f09.bin": bytes(edited)})],
+                                      workdir=tmp_path)
+
+
+def chunk_requests(proxy, method):
+    return [e for e in proxy.log if e["method"] == method and "/chunks/sha256/" in e["path"]]
+
+
+def test_a_rebuilt_image_asks_s3_only_about_the_chunks_its_repositorys_newest_image_lacks(
+        docker_host, s3_env, bucket, fault_proxy, tmp_path):
+    """app:2 differs from app:1 in one file: its push reads app:1's recipe, asks about (HEAD) and
+    sends only the chunks that recipe does not name, and the image pulls back the same."""
+    first, second, image = rebuilt_pair(docker_host, tmp_path)
+    url = "s3://%s/hints/" % bucket
+    ok(run_dogestry("push", url, first, env=s3_env))
+    proxy = fault_proxy()
+    pushed = ok(run_dogestry("push", "--json", url, second, env=via(s3_env, proxy)))
+    [doc] = json.loads(pushed.stdout)["images"]
+    heads, puts = chunk_requests(proxy, "HEAD"), chunk_requests(proxy, "PUT")
+    assert doc["chunks_skipped"] >= 20 and 1 <= doc["chunks_sent"] <= 2
+    assert len(puts) == doc["chunks_sent"]
+    assert len(heads) == doc["chunks_sent"], [e["path"] for e in heads]  # only the new chunks were asked about
+    docker_cli(docker_host, "rmi", "-f", second)
+    ok(run_dogestry("pull", url, second, env=s3_env))
+    assert image_id(docker_host, second) == image
+
+
+def test_a_push_relying_on_a_recipe_a_gc_deletes_meanwhile_writes_no_tag(docker_host, s3_env, rgw, bucket,
+                                                                         fault_proxy, tmp_path):
+    """The recipe app:2's push relies on (app:1's, older than a quarter of the gc grace) and its chunks
+    are deleted while app:2's new chunk is being sent: the push checks the recipe before its tag,
+    fails with one line, and writes no tag (never a tag whose chunks are gone)."""
+    first, second, _ = rebuilt_pair(docker_host, tmp_path)
+    url = "s3://%s/hintgone/" % bucket
+    env = dict(s3_env, DOGESTRY_GC_MIN_GRACE="10")
+    ok(run_dogestry("push", url, first, env=env))
+    store = s3_store(rgw, bucket, "hintgone/")
+    [recipe] = [k for k in store.list("blobs/sha256/") if store.stat(k) < (1 << 20)
+                and store.get_bytes(k, limit=1 << 20)[:2] == b"\x1f\x8b"]
+    while store.age(recipe) < 4.0:  # older than a quarter of the grace: a push must check it
+        time.sleep(0.2)
+    gone = threading.Event()
+
+    def gc_meanwhile(req):
+        if req.method == "PUT" and "/chunks/sha256/" in req.path and not gone.is_set():
+            store.delete_many([recipe] + list(store.list("chunks/sha256/")))
+            gone.set()
+        return None
+
+    proc = run_dogestry("push", url, second, env=via(env, fault_proxy(gc_meanwhile)))
+    assert gone.is_set()
+    one_error_line(proc, recipe)
+    assert store.stat("repositories/%s" % second.replace(":", "/")) is None
