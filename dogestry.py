@@ -5485,14 +5485,10 @@ def chunk_hints(store: Store, ref: ImageRef, platform: Platform, clock: Callable
     """The chunks the recipes of the images that `ref` and its repository's newest tag name (an
     image, or an index's entry for platform) hold, so a rebuilt image's push asks the store about
     none of them.  A push relies on such a recipe as on any object (Freshness) and gc keeps every
-    chunk a recipe it keeps names, so the chunks stay while the recipe does.  Best effort: what
-    cannot be read gives no hints."""
+    chunk a recipe it keeps names, so the chunks stay while the recipe does.  A tag, image or
+    recipe that cannot be read gives no hints."""
     prefix = "repositories/%s/" % ref.name
-    try:  # (a store may allow no listing: then the tag alone)
-        tags = [e for e in itertools.islice(store.list_entries(prefix), HINT_TAGS_LISTED)
-                if "/" not in e.key[len(prefix):]]
-    except DogestryError:
-        tags = []
+    tags = [e for e in itertools.islice(store.list_entries(prefix), HINT_TAGS_LISTED) if "/" not in e.key[len(prefix):]]
     refs = [ref] + [ImageRef(ref.name, e.key[len(prefix):]) for e in sorted(tags, key=lambda e: e.age)[:1]]
     records = {}  # type: Dict[str, LayerRecord]
     for image_hex in dict.fromkeys(filter(None, (_hinted_image(store, r, platform) for r in refs))):
@@ -5553,8 +5549,10 @@ def push_image(docker: DockerClient, store: Store, text: str, progress: Progress
         progress.note("%s: image %s is already stored" % (str(ref or text), image_hex[:12]))
     else:
         freshness = options.freshness(store)
+        size = info.get("Size")
+        chunkable = not (isinstance(size, int) and size < CHUNKED_LAYER_MIN)  # (a layer may be chunked)
         stored = _push_new_image(docker, store, image_id, diff_ids, progress, options, freshness, report,
-                                 None if ref is None else (ref, platform))
+                                 (ref, platform) if ref is not None and chunkable else None)
     report.image_id, report.layers = image_id, stored.layers
     report.platform = str(platform) if platform.architecture else None
     if ref is not None:

@@ -170,3 +170,4 @@ def test_a_push_relying_on_a_recipe_a_gc_deletes_meanwhile_writes_no_tag(docker_
     assert gone.is_set()
     one_error_line(proc, recipe)
     assert store.stat("repositories/%s" % second.replace(":", "/")) is None
+
