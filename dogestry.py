@@ -5477,7 +5477,8 @@ class ChunkHint(NamedTuple):
     seen_at: float
 
 
-HINT_RECIPES_MAX = 16      # recipes a push reads to learn which chunks the store has
+HINT_RECIPES_MAX = 16      # recipes a push reads to learn which chunks the store has (2 at a time) ...
+HINT_CHUNKS_MAX = 200000   # ... until they name this many chunks (some 200 GiB of layers)
 HINT_TAGS_LISTED = 10000   # ... at most this many of the repository's tags listed to find its newest
 
 
@@ -5506,10 +5507,13 @@ def chunk_hints(store: Store, ref: ImageRef, platform: Platform, clock: Callable
 
     hints = {}  # type: Dict[str, ChunkHint]
     chosen = sorted(records.values(), key=lambda r: r.digest)[:HINT_RECIPES_MAX]
-    with thread_pool(min(8, max(1, len(chosen))), "dogestry-hints") as pool:
-        for hint, chunks in pool.map(read, chosen):
-            if hint is not None:
-                hints.update((chunk_hex, hint) for chunk_hex, _ in chunks)
+    with thread_pool(2, "dogestry-hints") as pool:
+        for start in range(0, len(chosen), 2):
+            if len(hints) >= HINT_CHUNKS_MAX:
+                break
+            for hint, chunks in pool.map(read, chosen[start:start + 2]):
+                if hint is not None:
+                    hints.update((chunk_hex, hint) for chunk_hex, _ in chunks)
     return hints
 
 
