@@ -108,8 +108,10 @@ def s3_store(rgw, bucket, prefix):
     return dogestry.S3Store(location, dogestry.S3Client(location, dogestry.CredentialChain(config), config))
 
 
-def rebuilt_pair(docker_host, tmp_path):
+@pytest.fixture(scope="module")
+def rebuilt(docker_host, tmp_path_factory):
     """Two builds of one repository's ~24 MiB layer, the second with one file edited: (ref1, ref2, its ID)."""
+    tmp_path = tmp_path_factory.mktemp("rebuilt")
     token = uuid.uuid4().hex[:10]
     files = {"data/f%02d.bin" % n: random_bytes(768 << 10, int(token, 16) + n) for n in range(32)}
     first = "dgchunkhint/app%s:1" % token[:6]
@@ -126,10 +128,10 @@ def chunk_requests(proxy, method):
 
 
 def test_a_rebuilt_image_asks_s3_only_about_the_chunks_its_repositorys_newest_image_lacks(
-        docker_host, s3_env, bucket, fault_proxy, tmp_path):
+        docker_host, s3_env, bucket, fault_proxy, rebuilt):
     """app:2 differs from app:1 in one file: its push reads app:1's recipe, asks about (HEAD) and
     sends only the chunks that recipe does not name, and the image pulls back the same."""
-    first, second, image = rebuilt_pair(docker_host, tmp_path)
+    first, second, image = rebuilt
     url = "s3://%s/hints/" % bucket
     ok(run_dogestry("push", url, first, env=s3_env))
     proxy = fault_proxy()
@@ -144,12 +146,11 @@ def test_a_rebuilt_image_asks_s3_only_about_the_chunks_its_repositorys_newest_im
     assert image_id(docker_host, second) == image
 
 
-def test_a_push_relying_on_a_recipe_a_gc_deletes_meanwhile_writes_no_tag(docker_host, s3_env, rgw, bucket,
-                                                                         fault_proxy, tmp_path):
+def test_a_push_relying_on_a_recipe_a_gc_deletes_meanwhile_writes_no_tag(s3_env, rgw, bucket, fault_proxy, rebuilt):
     """The recipe app:2's push relies on (app:1's, older than a quarter of the gc grace) and its chunks
     are deleted while app:2's new chunk is being sent: the push checks the recipe before its tag,
     fails with one line, and writes no tag (never a tag whose chunks are gone)."""
-    first, second, _ = rebuilt_pair(docker_host, tmp_path)
+    first, second, _ = rebuilt
     url = "s3://%s/hintgone/" % bucket
     env = dict(s3_env, DOGESTRY_GC_MIN_GRACE="10")
     ok(run_dogestry("push", url, first, env=env))
