@@ -616,6 +616,39 @@ def test_a_chunked_layer_of_many_small_files_reads_back_byte_for_byte(tmp_path):
     assert len(reads) < len(layer) // (1 << 20) + 8  # read in pieces of 1 MiB, not a read per tar header
 
 
+def chunk_keys_of(layer, stream, workdir):
+    """The chunk keys (in recipe order) a push of layer read from stream stores."""
+    workdir.mkdir()
+    store = dogestry.LocalStore(str(workdir / "store"))
+    quiet = dogestry.Progress(io.StringIO(), quiet=True)
+    pipeline = dogestry.LayerPipeline(store, str(workdir), quiet, dogestry.PushOptions(workers=2))
+    try:
+        spool = pipeline.spool(dogestry.MemberReader(stream, len(layer)), len(layer), "x", True)
+        pipeline.upload(spool.raw_digest, spool)
+        record = pipeline.finish()[spool.raw_digest]
+    finally:
+        pipeline.close()
+    assert b"".join(dogestry.layer_tar_chunks(store, record, lambda n: None)) == layer
+    return [chunk for chunk, _ in dogestry.read_recipe(store, record).chunks]
+
+
+def test_a_layers_chunks_do_not_depend_on_how_its_stream_arrives(tmp_path):
+    """The engine's stream arrives in pieces of any size (a socket gives what came): read whole or
+    in odd short pieces, a layer of text, JSON and random files cuts into the very same chunks."""
+    rng = random.Random(11)
+    files = {"doc/big.txt": b"".join(b"%d some words, a line of text %x\n" % (i, rng.getrandbits(32))
+                                     for i in range(300000)),
+             "data/big.json": json.dumps([{"id": i, "name": "n%d" % rng.getrandbits(40)} for i in range(150000)]).encode(),
+             "bin/blob": rng.getrandbits(8 * (9 << 20)).to_bytes(9 << 20, "little")}
+    files.update(("small/f%03d" % i, rng.getrandbits(8 * 3000).to_bytes(3000, "little")) for i in range(300))
+    layer = tar_bytes(files)
+    whole = chunk_keys_of(layer, io.BytesIO(layer), tmp_path / "whole")
+    source, sizes = io.BytesIO(layer), random.Random(3)
+    dribble = type("Dribble", (), {"read": lambda self, n=-1: source.read(min(n, sizes.choice((1, 511, 4097, 65536))))})()
+    assert len(whole) >= 8
+    assert chunk_keys_of(layer, dribble, tmp_path / "dribbled") == whole
+
+
 def test_copy_orders_a_chain_of_nested_indexes_deeper_than_pythons_stack(tmp_path):
     """A store a hostile writer filled with 3,000 indexes each naming the one before: copy's walk
     lists them children first, no RecursionError (it used to place them recursively)."""
