@@ -10862,6 +10862,7 @@ class BlobCopier:
         self.src, self.dst, self.work_dir, self.progress = src, dst, work_dir, progress
         self.server_side = same_s3_endpoint(src, dst)
         self.report = report or TransferReport()  # the blobs copied
+        self.chunk_hints = {}  # type: Dict[str, ChunkHint]  # chunks dst's recipes name: not asked about
 
     def copy(self, record: LayerRecord, freshness: Freshness) -> None:
         """Make dst hold record's blob: kept (and refreshed) if there, else copied and checked."""
@@ -10899,6 +10900,12 @@ class BlobCopier:
                     task: TaskSink) -> bool:
         """Copy one chunk unless dst has it; whether it was copied."""
         key = chunk_key(chunk_hex)
+        hint = self.chunk_hints.get(chunk_hex)
+        if hint is not None:  # relied on through its recipe, as a push does
+            freshness.relied_on(hint.recipe_key, hint.age + freshness.clock() - hint.seen_at)
+            self.report.add_chunk(key, None)
+            task.advance(size)
+            return False
         age = self.dst.age(key)
         if age is not None:
             freshness.relied_on(key, age)
@@ -11277,6 +11284,11 @@ def copy_image_tag(item: CopyItem, dst: Store, copier: BlobCopier, progress: Pro
     freshness = options.freshness(dst)
     key = (image.store.url, image.image_hex)
     if key not in copied:
+        copier.chunk_hints = {}
+        if item.ref is not None and any(r.chunked for r in image.image.layers):
+            with contextlib.suppress(DogestryError):  # (hints only)
+                platform = config_platform(parse_json(verified_config(image.store, image.image), "the image config"))
+                copier.chunk_hints = chunk_hints(dst, item.ref, platform, freshness.clock)
         copied[key] = copy_image(image, dst, copier, progress, options, freshness)
     image_id = copied[key]
     if item.manifests:

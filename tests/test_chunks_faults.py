@@ -172,3 +172,23 @@ def test_a_push_relying_on_a_recipe_a_gc_deletes_meanwhile_writes_no_tag(s3_env,
     one_error_line(proc, recipe)
     assert store.stat("repositories/%s" % second.replace(":", "/")) is None
 
+
+
+def test_copy_of_a_rebuilt_image_asks_the_destination_only_about_chunks_it_lacks(docker_host, s3_env, bucket,
+                                                                                fault_proxy, rebuilt):
+    """copy of app:2 into a bucket that holds app:1 reads app:1's recipe there and asks about (HEAD)
+    and copies only the chunks it does not name; the copied tag pulls the same image."""
+    first, second, image = rebuilt
+    src, dst = "s3://%s/copysrc/" % bucket, "s3://%s/copydst/" % bucket
+    for ref in (first, second):
+        ok(run_dogestry("push", src, ref, env=s3_env))
+    ok(run_dogestry("copy", src, dst, first, env=s3_env))
+    proxy = fault_proxy()
+    copied = ok(run_dogestry("copy", "--json", src, dst, second, env=via(s3_env, proxy)))
+    doc = json.loads(copied.stdout)
+    asked = [e for e in chunk_requests(proxy, "HEAD") if "/copydst/" in e["path"]]
+    assert doc["chunks_skipped"] >= 20 and 1 <= doc["chunks_sent"] <= 2
+    assert len(asked) == doc["chunks_sent"], [e["path"] for e in asked]
+    docker_cli(docker_host, "rmi", "-f", second)
+    ok(run_dogestry("pull", dst, second, env=s3_env))
+    assert image_id(docker_host, second) == image
