@@ -5482,9 +5482,10 @@ HINT_CHUNKS_MAX = 200000   # ... until they name this many chunks (some 200 GiB 
 HINT_TAGS_LISTED = 10000   # ... at most this many of the repository's tags listed to find its newest
 
 
-def chunk_hints(store: Store, ref: ImageRef, platform: Platform, clock: Callable[[], float]) -> Dict[str, ChunkHint]:
+def chunk_hints(store: Store, ref: ImageRef, platform: Optional[Platform],
+                clock: Callable[[], float]) -> Dict[str, ChunkHint]:
     """The chunks the recipes of the images that `ref` and its repository's newest tag name (an
-    image, or an index's entry for platform) hold, so a rebuilt image's push asks the store about
+    image, or an index's entry for platform, if known) hold, so a rebuilt image's push asks the store about
     none of them.  A push relies on such a recipe as on any object (Freshness) and gc keeps every
     chunk a recipe it keeps names, so the chunks stay while the recipe does.  A tag, image or
     recipe that cannot be read gives no hints."""
@@ -5517,12 +5518,14 @@ def chunk_hints(store: Store, ref: ImageRef, platform: Platform, clock: Callable
     return hints
 
 
-def _hinted_image(store: Store, ref: ImageRef, platform: Platform) -> Optional[str]:
+def _hinted_image(store: Store, ref: ImageRef, platform: Optional[Platform]) -> Optional[str]:
     """The image hex a tag names (an index: its entry for platform); None if there is none."""
     try:
         target = read_tag_target(store, ref)
         index = target_index(store, ref, target)
-        return target.image_hex if index is None else index_entry_image(store, index, platform)
+        if index is None:
+            return target.image_hex
+        return None if platform is None else index_entry_image(store, index, platform)
     except DogestryError:
         return None
 
@@ -10503,6 +10506,10 @@ def import_archive(store: Store, stream: IO[bytes], names: Sequence[str], progre
     freshness = options.freshness(store)
     with work_directory(options.tempdir or store.spool_dir()) as work:
         pipeline = LayerPipeline(store, work, progress, options, freshness, write_index=False, report=report)
+        if names and options.chunked:  # the tag the archive is given: its repository's chunks need no asking
+            with contextlib.suppress(UsageError):  # (choose_archived says what is wrong with it)
+                pipeline.learn_chunks(functools.partial(chunk_hints, store, parse_image_ref(names[0]), platform,
+                                                        freshness.clock))
         reader = ArchiveReader(store, pipeline, freshness)
         try:
             contents = read_save_stream(archive_tar(stream), reader.spool, pipeline.abort, what="archive")

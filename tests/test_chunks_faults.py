@@ -192,3 +192,22 @@ def test_copy_of_a_rebuilt_image_asks_the_destination_only_about_chunks_it_lacks
     docker_cli(docker_host, "rmi", "-f", second)
     ok(run_dogestry("pull", dst, second, env=s3_env))
     assert image_id(docker_host, second) == image
+
+
+def test_import_of_a_rebuilt_image_given_its_tag_asks_only_about_chunks_the_store_lacks(
+        docker_host, s3_env, bucket, fault_proxy, rebuilt, tmp_path):
+    """`import STORE app2.tar app:2` into a store holding app:1: the import reads app:1's recipe (the
+    repository's newest tag) and asks about (HEAD) only the chunks it does not name."""
+    first, second, image = rebuilt
+    url = "s3://%s/hintimport/" % bucket
+    ok(run_dogestry("push", url, first, env=s3_env))
+    archive = tmp_path / "app2.tar"
+    docker_cli(docker_host, "save", "-o", str(archive), second)
+    proxy = fault_proxy()
+    ok(run_dogestry("import", url, str(archive), second, env=via(s3_env, proxy)))
+    heads, puts = chunk_requests(proxy, "HEAD"), chunk_requests(proxy, "PUT")
+    assert 1 <= len(puts) <= 2
+    assert len(heads) == len(puts), [e["path"] for e in heads]
+    docker_cli(docker_host, "rmi", "-f", second)
+    ok(run_dogestry("pull", url, second, env=s3_env))
+    assert image_id(docker_host, second) == image
