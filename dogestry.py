@@ -5311,7 +5311,7 @@ class LayerPipeline:
             key = chunk_key(chunk_hex)
             hint = self.chunk_hints.get(chunk_hex)
             if hint is not None:  # a recipe names it: the recipe is relied on instead (see chunk_hints)
-                self.freshness.relied_on(hint.recipe_key, hint.age + self.freshness.clock() - hint.seen_at)
+                hint.rely(self.freshness)
                 self.report.add_chunk(key, None)
                 return chunk_hex, len(chunk), None
             age = self.store.age(key)
@@ -5476,6 +5476,10 @@ class ChunkHint(NamedTuple):
     age: float
     seen_at: float
 
+    def rely(self, freshness: Freshness) -> None:
+        """Tell freshness that the command relies on the recipe (as old as it is by now)."""
+        freshness.relied_on(self.recipe_key, self.age + freshness.clock() - self.seen_at)
+
 
 HINT_RECIPES_MAX = 16      # recipes a push reads to learn which chunks the store has (2 at a time) ...
 HINT_CHUNKS_MAX = 200000   # ... until they name this many chunks (some 200 GiB of layers)
@@ -5485,10 +5489,10 @@ HINT_TAGS_LISTED = 10000   # ... at most this many of the repository's tags list
 def chunk_hints(store: Store, ref: ImageRef, platform: Optional[Platform],
                 clock: Callable[[], float]) -> Dict[str, ChunkHint]:
     """The chunks the recipes of the images that `ref` and its repository's newest tag name (an
-    image, or an index's entry for platform, if known) hold, so a rebuilt image's push asks the store about
-    none of them.  A push relies on such a recipe as on any object (Freshness) and gc keeps every
-    chunk a recipe it keeps names, so the chunks stay while the recipe does.  A tag, image or
-    recipe that cannot be read gives no hints."""
+    image, or an index's entry for platform, if known) hold, so a rebuilt image's push (import,
+    copy) asks the store about none of them.  It relies on such a recipe as on any object
+    (Freshness), and gc keeps every chunk a recipe it keeps names, so the chunks stay while the
+    recipe does.  A tag, image or recipe that cannot be read gives no hints."""
     prefix = "repositories/%s/" % ref.name
     tags = [e for e in itertools.islice(store.list_entries(prefix), HINT_TAGS_LISTED) if "/" not in e.key[len(prefix):]]
     refs = [ref] + [ImageRef(ref.name, e.key[len(prefix):]) for e in sorted(tags, key=lambda e: e.age)[:1]]
@@ -10909,7 +10913,7 @@ class BlobCopier:
         key = chunk_key(chunk_hex)
         hint = self.chunk_hints.get(chunk_hex)
         if hint is not None:  # relied on through its recipe, as a push does
-            freshness.relied_on(hint.recipe_key, hint.age + freshness.clock() - hint.seen_at)
+            hint.rely(freshness)
             self.report.add_chunk(key, None)
             task.advance(size)
             return False
