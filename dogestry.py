@@ -5960,7 +5960,7 @@ class ChunkedFeeder(BlobFeeder):
         except NotFound:
             raise IntegrityError("%s: chunk %s of layer %s is missing (deleted by hand?); nothing was loaded"
                                  % (self.store.url, chunk_hex[:12], self.record.diff_id))
-        data = data if len(data) == size else inflate_member(data)
+        data = unpack_chunk(data, size)
         if len(data) != size:
             raise IntegrityError("%s: chunk %s of layer %s is %d bytes, not %d; nothing was loaded"
                                  % (self.store.url, chunk_hex[:12], self.record.diff_id, len(data), size))
@@ -6122,6 +6122,12 @@ def chunked_layer(store: Store, digest: str) -> Optional[LayerRecord]:
     if not record.chunked or record.diff_id != digest:
         return None
     return record if store.stat(blob_key(record.digest)) == record.size else None
+
+
+def unpack_chunk(data: bytes, size: int) -> bytes:
+    """A chunk object's chunk (size: the chunk's, from its recipe): the object itself if it is as
+    big as the chunk, else its one gzip member gunzipped (zlib.error if it is none; section 9)."""
+    return data if len(data) == size else inflate_member(data)
 
 
 def inflate_member(data: bytes) -> bytes:
@@ -6369,11 +6375,16 @@ def pull_image(docker: DockerClient, store: Store, text: str, progress: Progress
     return image_id
 
 
+def stored_image_platform(store: Store, image: StoredImage) -> Platform:
+    """The platform a stored image's config (checked against its digest) names."""
+    return config_platform(parse_json(verified_config(store, image), "the image config"))
+
+
 def check_image_platform(store: Store, image: StoredImage, platform: Platform, what: str) -> None:
     """NoMatchingPlatform if a single image asked for with --platform is of a platform that
     cannot run there (as docker pull --platform refuses it); an image whose config names no
     platform passes."""
-    offered = config_platform(parse_json(verified_config(store, image), "the image config"))
+    offered = stored_image_platform(store, image)
     if offered.architecture and platform_fits(platform, offered) is None:
         raise NoMatchingPlatform("%s in %s is an image for %s only, not %s" % (what, store.url, offered, platform))
 
@@ -10956,7 +10967,7 @@ class BlobCopier:
         except NotFound:
             raise self.missing_chunk(key, record)
         try:
-            unpacked = data if len(data) == size else inflate_member(data)
+            unpacked = unpack_chunk(data, size)
         except zlib.error:
             unpacked = b""
         if len(unpacked) != size or hashlib.sha256(unpacked).hexdigest() != chunk_hex:
@@ -11298,7 +11309,7 @@ def copy_image_tag(item: CopyItem, dst: Store, copier: BlobCopier, progress: Pro
         copier.chunk_hints = {}
         if item.ref is not None and any(r.chunked for r in image.image.layers):
             with contextlib.suppress(DogestryError):  # (hints only)
-                platform = config_platform(parse_json(verified_config(image.store, image.image), "the image config"))
+                platform = stored_image_platform(image.store, image.image)
                 copier.chunk_hints = chunk_hints(dst, item.ref, platform, freshness.clock)
         copied[key] = copy_image(image, dst, copier, progress, options, freshness)
     image_id = copied[key]
