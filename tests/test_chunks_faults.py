@@ -10,6 +10,7 @@ import pytest
 
 from faultproxy import Reset, s3_error
 from realdocker import build_image, docker_cli, image_id, ok, one_error_line, random_bytes, run_dogestry
+from test_command_line import s3_store
 from test_s3_faults import push_interrupted_at_once
 
 pytestmark = pytest.mark.integration
@@ -20,20 +21,21 @@ def via(env, proxy):
     return dict(env, AWS_ENDPOINT_URL=proxy.url)
 
 
+def layer_files():
+    """A new layer's files (~24 MiB, stored chunked), and the token that names its image."""
+    token = uuid.uuid4().hex[:10]
+    return {"data/f%02d.bin" % n: random_bytes(768 << 10, int(token, 16) + n) for n in range(32)}, token
+
+
 def chunked_image(docker_host, tmp_path):
     """A new image whose one layer (~24 MiB of files) is stored chunked; (ref, image ID)."""
-    token = uuid.uuid4().hex[:10]
-    files = {"data/f%02d.bin" % n: random_bytes(768 << 10, int(token, 16) + n) for n in range(32)}
+    files, token = layer_files()
     ref = "dgchunkfault/app%s:1" % token[:6]
     return ref, build_image(docker_host, ref, [files], workdir=tmp_path)
 
 
-def chunk_puts(proxy):
-    return [e for e in proxy.log if e["method"] == "PUT" and "/chunks/sha256/" in e["path"]]
-
-
-def tags(rgw_keys):
-    return [k for k in rgw_keys if "/repositories/" in k]
+def chunk_requests(proxy, method):
+    return [e for e in proxy.log if e["method"] == method and "/chunks/sha256/" in e["path"]]
 
 
 def test_chunk_uploads_that_fail_once_are_retried_and_the_image_pulls_back(docker_host, s3_env, bucket,
@@ -53,7 +55,7 @@ def test_chunk_uploads_that_fail_once_are_retried_and_the_image_pulls_back(docke
 
     proxy = fault_proxy(flaky)
     ok(run_dogestry("push", url, ref, env=via(s3_env, proxy)))
-    puts = chunk_puts(proxy)
+    puts = chunk_requests(proxy, "PUT")
     refused = {e["path"] for e in puts if e["attempt"] == 1 and e["status"] == 500}
     assert len({e["path"] for e in puts}) >= 12 and refused
     assert all(any(e["path"] == path and e["attempt"] > 1 for e in puts) for path in refused)  # each sent again
@@ -99,21 +101,11 @@ def test_ctrl_c_during_a_chunked_push_ends_in_two_seconds_with_no_tag(docker_hos
 
 # --- A rebuilt image: the chunks its repository's newest image names are not asked about -----
 
-def s3_store(rgw, bucket, prefix):
-    """An in-process S3Store straight to radosgw (no proxy)."""
-    import dogestry
-    config = dogestry.AwsConfig({"AWS_ACCESS_KEY_ID": rgw.access_key, "AWS_SECRET_ACCESS_KEY": rgw.secret_key},
-                                "/nonexistent")
-    location = dogestry.S3Location(bucket, prefix, "us-east-1", rgw.endpoint)
-    return dogestry.S3Store(location, dogestry.S3Client(location, dogestry.CredentialChain(config), config))
-
-
 @pytest.fixture(scope="module")
 def rebuilt(docker_host, tmp_path_factory):
     """Two builds of one repository's ~24 MiB layer, the second with one file edited: (ref1, ref2, its ID)."""
     tmp_path = tmp_path_factory.mktemp("rebuilt")
-    token = uuid.uuid4().hex[:10]
-    files = {"data/f%02d.bin" % n: random_bytes(768 << 10, int(token, 16) + n) for n in range(32)}
+    files, token = layer_files()
     first = "dgchunkhint/app%s:1" % token[:6]
     build_image(docker_host, first, [files], workdir=tmp_path)
     edited = bytearray(files["data/f09.bin"])
@@ -121,10 +113,6 @@ def rebuilt(docker_host, tmp_path_factory):
     second = first[:-1] + "2"
     return first, second, build_image(docker_host, second, [dict(files, **{"data/f09.bin": bytes(edited)})],
                                       workdir=tmp_path)
-
-
-def chunk_requests(proxy, method):
-    return [e for e in proxy.log if e["method"] == method and "/chunks/sha256/" in e["path"]]
 
 
 def test_a_rebuilt_image_asks_s3_only_about_the_chunks_its_repositorys_newest_image_lacks(

@@ -103,10 +103,11 @@ def test_list_of_a_directory_holding_stores_names_them(small_image, docker_env, 
     assert ok(run_dogestry("list", stores, env=docker_env)).stderr == ""
 
 
-def s3_store(rgw, bucket):
+def s3_store(rgw, bucket, prefix=""):
+    """An in-process S3Store straight to radosgw (no proxy)."""
     env = {"AWS_ACCESS_KEY_ID": rgw.access_key, "AWS_SECRET_ACCESS_KEY": rgw.secret_key}
     config = dogestry.AwsConfig(env, "/nonexistent")
-    location = dogestry.S3Location(bucket, "", "us-east-1", rgw.endpoint)
+    location = dogestry.S3Location(bucket, prefix, "us-east-1", rgw.endpoint)
     return dogestry.S3Store(location, dogestry.S3Client(location, dogestry.CredentialChain(config), config))
 
 
